@@ -1,0 +1,98 @@
+"""wsgate's native core (Rust): limits, ``?body=`` decoding, session tokens and the relay engine.
+
+Private: users import :mod:`wsgate`. This stub is the whole typed surface between the Python
+control plane and the Rust data plane; ``python -m mypy.stubtest wsgate._core`` keeps it honest.
+"""
+
+from typing import final
+
+#: Largest ``?body=`` JSON document, in bytes after base64 decoding (SPEC §4).
+MAX_BODY_BYTES: int
+#: Largest request line plus headers of an upgrade request, in bytes (SPEC §2: over it, 431).
+MAX_HEADER_BYTES: int
+#: Default cap on one WebSocket message (all fragments), in bytes.
+DEFAULT_MAX_MESSAGE_SIZE: int
+#: Lifetime of a session token, in seconds (SPEC §3).
+TOKEN_TTL_SECONDS: int
+
+class BodyError(ValueError):
+    """A ``?body=`` value that cannot be used; ``status`` is 400 or 413."""
+
+    status: int
+    reason: str
+
+def decode_body(raw: str) -> tuple[str, str]:
+    """Check and decode a ``?body=`` value exactly as it appeared in the request target.
+
+    The value is percent-decoded, a space is read as ``+``, and standard or URL-safe base64 with
+    or without padding is accepted. The decoded bytes must be at most :data:`MAX_BODY_BYTES` of
+    JSON. Returns ``(json_text, upstream_value)``: the document the client encoded, and the same
+    bytes re-encoded as padded standard base64, percent-encoded for a query string (what the
+    upstream bot's ``/ws?body=`` expects). Raises :class:`BodyError` otherwise.
+    """
+
+@final
+class Outcome:
+    """How one relayed session ended, reported once by :meth:`Engine.drain`."""
+
+    session_id: int
+    #: ``(code, reason)`` of the close frame the client sent, if it sent one.
+    client_close: tuple[int, str] | None
+    #: ``(code, reason)`` of the close frame the bot sent, if it sent one.
+    bot_close: tuple[int, str] | None
+    #: ``"client"``, ``"bot"`` or ``"gateway"``: who ended the session.
+    ended_by: str
+    #: One line for the log, e.g. ``"client closed"``, ``"bot lost"``, ``"client message too big"``.
+    detail: str
+    messages_in: int
+    messages_out: int
+    bytes_in: int
+    bytes_out: int
+
+@final
+class Engine:
+    """The relay: moves frames between sockets on Rust threads, with the GIL released.
+
+    Sessions are handed over as connected, non-blocking-capable TCP file descriptors whose
+    WebSocket handshakes Python already completed; the engine owns (and closes) them from then on.
+    Finished sessions are queued; the :meth:`doorbell` descriptor turns readable when the queue is
+    not empty, and :meth:`drain` empties it (one wake-up for many outcomes).
+    """
+
+    def __init__(self, threads: int = 0) -> None:
+        """Start the engine with ``threads`` worker threads (0: one per CPU)."""
+
+    def doorbell(self) -> int:
+        """A file descriptor that is readable while outcomes wait to be drained."""
+
+    def relay(
+        self,
+        session_id: int,
+        client_fd: int,
+        bot_fd: int,
+        client_pending: bytes,
+        bot_pending: bytes,
+        max_message_size: int,
+    ) -> None:
+        """Relay a session between a client (we are its server) and a bot (we are its client).
+
+        ``*_pending`` are bytes already read from each socket past its HTTP handshake: they are
+        the start of that side's frame stream. Takes ownership of both descriptors.
+        """
+
+    def echo(
+        self, session_id: int, client_fd: int, client_pending: bytes, max_message_size: int
+    ) -> None:
+        """Serve a client with the built-in echo bot: every message comes back unchanged."""
+
+    def close(self, session_id: int, code: int, reason: str) -> bool:
+        """Close both sides of a live session with ``code`` and ``reason``; False if unknown."""
+
+    def drain(self) -> list[Outcome]:
+        """Take every outcome queued since the last call and clear the doorbell."""
+
+    def active(self) -> int:
+        """Number of sessions the engine is relaying now."""
+
+    def shutdown(self) -> None:
+        """Drop every session at once (their sockets are closed) and stop the threads."""

@@ -1,0 +1,12 @@
+//! wsgate's native core: the data plane of the gateway.
+//!
+//! Plain Rust modules own the work (`frame`, `pump`, `relay`); only `py` knows Python, so
+//! `cargo test --no-default-features` runs everything without an interpreter.
+#![deny(missing_docs)]
+
+pub mod frame;
+pub mod pump;
+pub mod relay;
+
+#[cfg(feature = "python")]
+mod py;

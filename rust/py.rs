@@ -1,0 +1,175 @@
+//! The Python binding: `wsgate._core`. Thin wrappers that convert arguments and errors; the
+//! work happens in the plain-Rust modules. Its typed surface is `python/wsgate/_core.pyi`.
+
+use std::os::fd::{FromRawFd, RawFd};
+
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::relay;
+
+/// How one relayed session ended.
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+struct Outcome {
+    session_id: u64,
+    client_close: Option<(u16, String)>,
+    bot_close: Option<(u16, String)>,
+    ended_by: &'static str,
+    detail: String,
+    messages_in: u64,
+    messages_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+#[pymethods]
+impl Outcome {
+    fn __repr__(&self) -> String {
+        format!(
+            "Outcome(session_id={}, ended_by={:?}, detail={:?}, client_close={:?}, bot_close={:?})",
+            self.session_id, self.ended_by, self.detail, self.client_close, self.bot_close
+        )
+    }
+}
+
+impl From<relay::Outcome> for Outcome {
+    fn from(o: relay::Outcome) -> Self {
+        Self {
+            session_id: o.session_id,
+            client_close: o.client_close,
+            bot_close: o.bot_close,
+            ended_by: o.ended_by.as_str(),
+            detail: o.detail,
+            messages_in: o.messages_in,
+            messages_out: o.messages_out,
+            bytes_in: o.bytes_in,
+            bytes_out: o.bytes_out,
+        }
+    }
+}
+
+/// The relay engine.
+#[pyclass(module = "wsgate._core", frozen)]
+struct Engine {
+    inner: std::sync::Mutex<relay::Engine>,
+}
+
+fn os_err(e: std::io::Error) -> PyErr {
+    PyOSError::new_err(e.to_string())
+}
+
+/// Takes ownership of a descriptor that Python detached from its socket object.
+fn tcp_from_fd(fd: RawFd) -> PyResult<std::net::TcpStream> {
+    if fd < 0 {
+        return Err(PyValueError::new_err("invalid file descriptor"));
+    }
+    // SAFETY: the caller detached `fd` from its Python socket, so nothing else owns or closes
+    // it; from here on the engine does.
+    Ok(unsafe { std::net::TcpStream::from_raw_fd(fd) })
+}
+
+fn check_size(max_message_size: u64) -> PyResult<u64> {
+    if max_message_size == 0 {
+        return Err(PyValueError::new_err("max_message_size must be positive"));
+    }
+    Ok(max_message_size)
+}
+
+impl Engine {
+    fn engine(&self) -> std::sync::MutexGuard<'_, relay::Engine> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (threads = 0))]
+    fn new(threads: usize) -> PyResult<Self> {
+        let e = relay::Engine::new(threads).map_err(os_err)?;
+        Ok(Self {
+            inner: std::sync::Mutex::new(e),
+        })
+    }
+
+    fn doorbell(&self) -> RawFd {
+        self.engine().doorbell_fd()
+    }
+
+    fn relay(
+        &self,
+        session_id: u64,
+        client_fd: RawFd,
+        bot_fd: RawFd,
+        client_pending: &Bound<'_, PyBytes>,
+        bot_pending: &Bound<'_, PyBytes>,
+        max_message_size: u64,
+    ) -> PyResult<()> {
+        let client = tcp_from_fd(client_fd)?;
+        let bot = tcp_from_fd(bot_fd)?;
+        let max = check_size(max_message_size)?;
+        self.engine()
+            .relay(
+                session_id,
+                client,
+                bot,
+                client_pending.as_bytes().to_vec(),
+                bot_pending.as_bytes().to_vec(),
+                max,
+            )
+            .map_err(os_err)
+    }
+
+    fn echo(
+        &self,
+        session_id: u64,
+        client_fd: RawFd,
+        client_pending: &Bound<'_, PyBytes>,
+        max_message_size: u64,
+    ) -> PyResult<()> {
+        let client = tcp_from_fd(client_fd)?;
+        let max = check_size(max_message_size)?;
+        self.engine()
+            .echo(session_id, client, client_pending.as_bytes().to_vec(), max)
+            .map_err(os_err)
+    }
+
+    fn close(&self, session_id: u64, code: u16, reason: &str) -> bool {
+        self.engine().close(session_id, code, reason)
+    }
+
+    fn drain(&self) -> Vec<Outcome> {
+        self.engine()
+            .drain()
+            .into_iter()
+            .map(Outcome::from)
+            .collect()
+    }
+
+    fn active(&self) -> usize {
+        self.engine().active()
+    }
+
+    fn shutdown(&self, py: Python<'_>) {
+        // Waits for the worker threads: without the GIL, so Python threads go on meanwhile.
+        let inner = &self.inner;
+        py.detach(|| {
+            inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .shutdown()
+        });
+    }
+}
+
+/// wsgate's native core.
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add_class::<Outcome>()?;
+    Ok(())
+}

@@ -1,0 +1,462 @@
+//! The relay engine: sessions handed over by the control plane as two connected sockets, pumped
+//! both ways on tokio worker threads until they end, and their outcomes queued for Python.
+//!
+//! Python learns of finished sessions through one doorbell (a socketpair) per engine: a byte is
+//! written when the outcome queue turns non-empty, so one event-loop wake-up drains many
+//! outcomes. Nothing here touches Python or holds its GIL.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+
+use crate::pump::{Event, Pump, Transform};
+
+/// How long a session may take to finish once one side closed (a close handshake, or the
+/// other side noticing), before the gateway drops both connections.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who ended a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndedBy {
+    /// The client closed or left.
+    Client,
+    /// The bot closed or was lost.
+    Bot,
+    /// The gateway: a protocol violation, a size limit, a shutdown or a time limit.
+    Gateway,
+}
+
+impl EndedBy {
+    /// `"client"`, `"bot"` or `"gateway"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Bot => "bot",
+            Self::Gateway => "gateway",
+        }
+    }
+}
+
+/// How one session ended. Payloads never appear here, only counts.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The id the control plane gave the session.
+    pub session_id: u64,
+    /// The close frame the client sent: code and reason (1005 for a close without a code).
+    pub client_close: Option<(u16, String)>,
+    /// The close frame the bot sent (for the echo bot: the close it echoed).
+    pub bot_close: Option<(u16, String)>,
+    /// Who ended the session.
+    pub ended_by: EndedBy,
+    /// One line for the log.
+    pub detail: String,
+    /// Data messages client → bot.
+    pub messages_in: u64,
+    /// Data messages bot → client.
+    pub messages_out: u64,
+    /// Payload bytes client → bot.
+    pub bytes_in: u64,
+    /// Payload bytes bot → client.
+    pub bytes_out: u64,
+}
+
+impl Outcome {
+    fn new(session_id: u64) -> Self {
+        Self {
+            session_id,
+            client_close: None,
+            bot_close: None,
+            ended_by: EndedBy::Gateway,
+            detail: "engine stopped".into(),
+            messages_in: 0,
+            messages_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    fn end(&mut self, by: EndedBy, detail: impl Into<String>, ended: &mut bool) {
+        if !*ended {
+            *ended = true;
+            self.ended_by = by;
+            self.detail = detail.into();
+        }
+    }
+}
+
+/// A request from the control plane to a live session.
+#[derive(Debug)]
+enum Command {
+    Close(u16, String),
+}
+
+#[derive(Default)]
+struct Queue {
+    outcomes: Vec<Outcome>,
+    rung: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    bell: UnixStream,
+    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Command>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn push(&self, outcome: Outcome) {
+        lock(&self.sessions).remove(&outcome.session_id);
+        let mut q = lock(&self.queue);
+        q.outcomes.push(outcome);
+        if !q.rung {
+            q.rung = true;
+            // A full socketpair already holds a byte, which is all the doorbell needs.
+            let _ = (&self.bell).write(&[1]);
+        }
+    }
+}
+
+/// Reports a session's outcome when its task ends, however it ends (also when the runtime is
+/// shut down mid-session, or a bug panics), so no waiter in Python is left hanging.
+struct Report {
+    shared: Arc<Shared>,
+    outcome: Option<Outcome>,
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if let Some(o) = self.outcome.take() {
+            self.shared.push(o);
+        }
+    }
+}
+
+/// The relay engine. See the module docs.
+pub struct Engine {
+    rt: Option<Runtime>,
+    shared: Arc<Shared>,
+    bell_rx: UnixStream,
+}
+
+impl Engine {
+    /// Starts `threads` worker threads (0: one per CPU).
+    pub fn new(threads: usize) -> io::Result<Self> {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 0 {
+            b.worker_threads(threads);
+        }
+        let rt = b.enable_all().thread_name("wsgate-relay").build()?;
+        let (bell, bell_rx) = UnixStream::pair()?;
+        bell.set_nonblocking(true)?;
+        bell_rx.set_nonblocking(true)?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            bell,
+            sessions: Mutex::new(HashMap::new()),
+        });
+        Ok(Self {
+            rt: Some(rt),
+            shared,
+            bell_rx,
+        })
+    }
+
+    /// The descriptor that is readable while outcomes wait in the queue.
+    pub fn doorbell_fd(&self) -> RawFd {
+        self.bell_rx.as_raw_fd()
+    }
+
+    fn runtime(&self) -> io::Result<&Runtime> {
+        self.rt
+            .as_ref()
+            .ok_or_else(|| io::Error::other("engine is shut down"))
+    }
+
+    fn register(&self, id: u64) -> io::Result<mpsc::UnboundedReceiver<Command>> {
+        let mut sessions = lock(&self.shared.sessions);
+        if sessions.contains_key(&id) {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "session id already in use",
+            ));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        sessions.insert(id, tx);
+        Ok(rx)
+    }
+
+    /// Relays between a client (we are its server) and a bot (we are its client), both past
+    /// their handshakes. `*_pending`: bytes already read past each handshake.
+    pub fn relay(
+        &self,
+        id: u64,
+        client: std::net::TcpStream,
+        bot: std::net::TcpStream,
+        client_pending: Vec<u8>,
+        bot_pending: Vec<u8>,
+        max_message_size: u64,
+    ) -> io::Result<()> {
+        let rt = self.runtime()?;
+        let (client, bot) = {
+            let _guard = rt.enter();
+            (adopt(client)?, adopt(bot)?)
+        };
+        let rx = self.register(id)?;
+        let report = Report {
+            shared: self.shared.clone(),
+            outcome: Some(Outcome::new(id)),
+        };
+        rt.spawn(async move {
+            let mut report = report;
+            let s = RelaySession {
+                client_pending,
+                bot_pending,
+                max_message_size,
+            };
+            let outcome = s.run(id, &client, &bot, rx).await;
+            report.outcome = Some(outcome);
+        });
+        Ok(())
+    }
+
+    /// Serves a client with the built-in echo bot.
+    pub fn echo(
+        &self,
+        id: u64,
+        client: std::net::TcpStream,
+        client_pending: Vec<u8>,
+        max_message_size: u64,
+    ) -> io::Result<()> {
+        let rt = self.runtime()?;
+        let client = {
+            let _guard = rt.enter();
+            adopt(client)?
+        };
+        let rx = self.register(id)?;
+        let report = Report {
+            shared: self.shared.clone(),
+            outcome: Some(Outcome::new(id)),
+        };
+        rt.spawn(async move {
+            let mut report = report;
+            let outcome = echo_session(id, &client, client_pending, max_message_size, rx).await;
+            report.outcome = Some(outcome);
+        });
+        Ok(())
+    }
+
+    /// Closes both sides of a live session with `code` and `reason`. False if it is unknown.
+    pub fn close(&self, id: u64, code: u16, reason: &str) -> bool {
+        match lock(&self.shared.sessions).get(&id) {
+            Some(tx) => tx.send(Command::Close(code, reason.to_owned())).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Takes every queued outcome and silences the doorbell.
+    pub fn drain(&self) -> Vec<Outcome> {
+        let mut sink = [0u8; 64];
+        while matches!((&self.bell_rx).read(&mut sink), Ok(n) if n > 0) {}
+        let mut q = lock(&self.shared.queue);
+        q.rung = false;
+        std::mem::take(&mut q.outcomes)
+    }
+
+    /// Sessions being relayed now.
+    pub fn active(&self) -> usize {
+        lock(&self.shared.sessions).len()
+    }
+
+    /// Drops every session (closing its sockets) and stops the worker threads.
+    pub fn shutdown(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Takes a handed-over socket into tokio: non-blocking first (a blocking fd would stall a worker
+/// thread), Nagle off (small audio frames must not wait for ACKs).
+fn adopt(s: std::net::TcpStream) -> io::Result<TcpStream> {
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    TcpStream::from_std(s)
+}
+
+struct RelaySession {
+    client_pending: Vec<u8>,
+    bot_pending: Vec<u8>,
+    max_message_size: u64,
+}
+
+impl RelaySession {
+    async fn run(
+        self,
+        id: u64,
+        client: &TcpStream,
+        bot: &TcpStream,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Outcome {
+        let max = self.max_message_size;
+        let mut up = Pump::new(client, bot, Transform::Remask, max, self.client_pending);
+        let mut down = Pump::new(bot, client, Transform::Keep, max, self.bot_pending);
+        let mut o = Outcome::new(id);
+        let mut ended = false;
+        let mut deadline: Option<Instant> = None;
+        let mut commands_open = true;
+        while up.wants_poll() || down.wants_poll() {
+            tokio::select! {
+                cmd = commands.recv(), if commands_open => match cmd {
+                    Some(Command::Close(code, reason)) => {
+                        o.end(EndedBy::Gateway, reason.clone(), &mut ended);
+                        up.queue_close(code, &reason, false);
+                        down.queue_close(code, &reason, false);
+                    }
+                    None => commands_open = false,
+                },
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    o.end(EndedBy::Gateway, "close timeout", &mut ended);
+                    break;
+                }
+                ev = up.step(), if up.wants_poll() => match ev {
+                    Event::Progress => {}
+                    Event::Close(c) => {
+                        o.client_close = Some(c.unwrap_or((1005, String::new())));
+                        o.end(EndedBy::Client, "client closed", &mut ended);
+                        // The client answered (or opened) a close handshake: when a close went
+                        // to it too, the handshake on its hop is complete.
+                        if down.dst_done {
+                            down.shutdown_dst();
+                        }
+                    }
+                    Event::Eof => {
+                        o.end(EndedBy::Client, "client gone", &mut ended);
+                        down.abandon_dst();
+                        up.queue_close(1001, "client gone", false);
+                    }
+                    Event::Violation(v) => {
+                        o.end(EndedBy::Gateway, format!("client: {v}"), &mut ended);
+                        up.discard = true;
+                        down.queue_close(v.close_code(), &v.to_string(), true);
+                        up.queue_close(1001, "client error", false);
+                    }
+                    Event::DstLost => {
+                        o.end(EndedBy::Bot, "bot lost", &mut ended);
+                        down.queue_close(1011, "bot lost", true);
+                    }
+                },
+                ev = down.step(), if down.wants_poll() => match ev {
+                    Event::Progress => {}
+                    Event::Close(c) => {
+                        o.bot_close = Some(c.unwrap_or((1005, String::new())));
+                        o.end(EndedBy::Bot, "bot closed", &mut ended);
+                        if up.discard {
+                            // The client closed first: this was the reply, the hop is done.
+                            down.shutdown_dst();
+                        }
+                    }
+                    Event::Eof => {
+                        o.end(EndedBy::Bot, "bot lost", &mut ended);
+                        up.abandon_dst();
+                        down.queue_close(1011, "bot lost", true);
+                    }
+                    Event::Violation(v) => {
+                        o.end(EndedBy::Gateway, format!("bot: {v}"), &mut ended);
+                        down.discard = true;
+                        up.queue_close(v.close_code(), &v.to_string(), false);
+                        down.queue_close(1001, "bot error", true);
+                    }
+                    Event::DstLost => {
+                        o.end(EndedBy::Client, "client gone", &mut ended);
+                        up.queue_close(1001, "client gone", false);
+                    }
+                },
+            }
+            if ended && deadline.is_none() {
+                deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+            }
+        }
+        o.messages_in = up.messages;
+        o.bytes_in = up.bytes;
+        o.messages_out = down.messages;
+        o.bytes_out = down.bytes;
+        o
+    }
+}
+
+async fn echo_session(
+    id: u64,
+    client: &TcpStream,
+    pending: Vec<u8>,
+    max: u64,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) -> Outcome {
+    let mut pump = Pump::new(client, client, Transform::Echo, max, pending);
+    let mut o = Outcome::new(id);
+    let mut ended = false;
+    let mut deadline: Option<Instant> = None;
+    let mut commands_open = true;
+    while pump.wants_poll() {
+        tokio::select! {
+            cmd = commands.recv(), if commands_open => match cmd {
+                Some(Command::Close(code, reason)) => {
+                    o.end(EndedBy::Gateway, reason.clone(), &mut ended);
+                    pump.queue_close(code, &reason, false);
+                }
+                None => commands_open = false,
+            },
+            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                o.end(EndedBy::Gateway, "close timeout", &mut ended);
+                break;
+            }
+            ev = pump.step() => match ev {
+                Event::Progress => {}
+                Event::Close(c) => {
+                    // Echoed back as the bot's reply: the handshake is complete.
+                    let c = c.unwrap_or((1005, String::new()));
+                    o.client_close = Some(c.clone());
+                    o.bot_close = Some(c);
+                    o.end(EndedBy::Client, "client closed", &mut ended);
+                    pump.shutdown_dst();
+                }
+                Event::Eof | Event::DstLost => {
+                    o.end(EndedBy::Client, "client gone", &mut ended);
+                    break;
+                }
+                Event::Violation(v) => {
+                    o.end(EndedBy::Gateway, format!("client: {v}"), &mut ended);
+                    pump.discard = true;
+                    pump.queue_close(v.close_code(), &v.to_string(), true);
+                }
+            },
+        }
+        if ended && deadline.is_none() {
+            deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+        }
+    }
+    o.messages_in = pump.messages;
+    o.bytes_in = pump.bytes;
+    o.messages_out = pump.messages;
+    o.bytes_out = pump.bytes;
+    o
+}
