@@ -7,7 +7,7 @@ use std::fmt;
 /// Largest frame header: 2 bytes, an 8-byte extended length and a 4-byte masking key.
 pub const MAX_HEADER_LEN: usize = 14;
 /// RFC 6455 §5.5: "All control frames MUST have a payload length of 125 bytes or less".
-pub const MAX_CONTROL_PAYLOAD: usize = 125;
+pub use crate::limits::MAX_CONTROL_PAYLOAD;
 
 /// A frame's opcode, as a typed tree rather than a raw nibble.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

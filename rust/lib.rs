@@ -4,9 +4,12 @@
 //! `cargo test --no-default-features` runs everything without an interpreter.
 #![deny(missing_docs)]
 
+pub mod body;
 pub mod frame;
+pub mod limits;
 pub mod pump;
 pub mod relay;
+pub mod token;
 
 #[cfg(feature = "python")]
 mod py;

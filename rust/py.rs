@@ -7,7 +7,30 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::relay;
+use crate::{body, limits, relay};
+
+pyo3::create_exception!(
+    _core,
+    BodyError,
+    PyValueError,
+    "A `?body=` value that cannot be used; `status` is 400 or 413."
+);
+
+/// Checks and decodes a `?body=` value: `(json_text, upstream_value)`.
+#[pyfunction]
+fn decode_body(py: Python<'_>, raw: &str) -> PyResult<(String, String)> {
+    match body::decode_body(raw) {
+        Ok(b) => Ok((b.json, b.upstream_value)),
+        Err(e) => {
+            let (status, reason) = (e.status(), e.reason());
+            let err = BodyError::new_err(reason.clone());
+            let value = err.value(py);
+            value.setattr("status", status)?;
+            value.setattr("reason", reason)?;
+            Err(err)
+        }
+    }
+}
 
 /// How one relayed session ended.
 #[pyclass(module = "wsgate._core", frozen, get_all)]
@@ -169,6 +192,13 @@ impl Engine {
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("MAX_BODY_BYTES", limits::MAX_BODY_BYTES)?;
+    m.add("MAX_HEADER_BYTES", limits::MAX_HEADER_BYTES)?;
+    m.add("DEFAULT_MAX_MESSAGE_SIZE", limits::DEFAULT_MAX_MESSAGE_SIZE)?;
+    m.add("TOKEN_TTL_SECONDS", limits::TOKEN_TTL_SECONDS)?;
+    m.add("MAX_TOKEN_BYTES", limits::MAX_TOKEN_BYTES)?;
+    m.add("BodyError", m.py().get_type::<BodyError>())?;
+    m.add_function(wrap_pyfunction!(decode_body, m)?)?;
     m.add_class::<Engine>()?;
     m.add_class::<Outcome>()?;
     Ok(())

@@ -14,6 +14,8 @@ MAX_HEADER_BYTES: int
 DEFAULT_MAX_MESSAGE_SIZE: int
 #: Lifetime of a session token, in seconds (SPEC §3).
 TOKEN_TTL_SECONDS: int
+#: Longest token accepted; longer ones are refused before any work.
+MAX_TOKEN_BYTES: int
 
 class BodyError(ValueError):
     """A ``?body=`` value that cannot be used; ``status`` is 400 or 413."""
