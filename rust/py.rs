@@ -7,7 +7,14 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::{body, limits, relay};
+use crate::{body, limits, relay, token};
+
+pyo3::create_exception!(
+    _core,
+    TokenError,
+    PyValueError,
+    "A session token that is refused (HTTP 403); the message never holds the token."
+);
 
 pyo3::create_exception!(
     _core,
@@ -30,6 +37,38 @@ fn decode_body(py: Python<'_>, raw: &str) -> PyResult<(String, String)> {
             Err(err)
         }
     }
+}
+
+/// Mints a token bound to `service_host`, valid until `exp` (Unix seconds).
+#[pyfunction]
+fn mint_token(secret: &[u8], service_host: &str, exp: u64, nonce: &str) -> PyResult<String> {
+    if secret.is_empty() {
+        return Err(PyValueError::new_err("the signing secret must not be empty"));
+    }
+    Ok(token::mint(secret, service_host, exp, nonce))
+}
+
+/// Verifies a token against every secret in turn: `(service_host, exp, nonce)` of a good one.
+#[pyfunction]
+fn verify_token(
+    py: Python<'_>,
+    secrets: Vec<Vec<u8>>,
+    token: &str,
+    service_host: &str,
+    now: u64,
+) -> PyResult<(String, u64, String)> {
+    let keys: Vec<&[u8]> = secrets.iter().map(Vec::as_slice).filter(|k| !k.is_empty()).collect();
+    let result = py.detach(|| token::verify(&keys, token, service_host, now));
+    match result {
+        Ok(c) => Ok((c.sh, c.exp, c.nonce)),
+        Err(e) => Err(TokenError::new_err(e.reason())),
+    }
+}
+
+/// A fresh random nonce from the operating system's CSPRNG (safe after `fork`).
+#[pyfunction]
+fn new_nonce() -> String {
+    token::new_nonce()
 }
 
 /// How one relayed session ended.
@@ -199,6 +238,10 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_TOKEN_BYTES", limits::MAX_TOKEN_BYTES)?;
     m.add("BodyError", m.py().get_type::<BodyError>())?;
     m.add_function(wrap_pyfunction!(decode_body, m)?)?;
+    m.add("TokenError", m.py().get_type::<TokenError>())?;
+    m.add_function(wrap_pyfunction!(mint_token, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_token, m)?)?;
+    m.add_function(wrap_pyfunction!(new_nonce, m)?)?;
     m.add_class::<Engine>()?;
     m.add_class::<Outcome>()?;
     Ok(())

@@ -33,6 +33,23 @@ def decode_body(raw: str) -> tuple[str, str]:
     upstream bot's ``/ws?body=`` expects). Raises :class:`BodyError` otherwise.
     """
 
+class TokenError(ValueError):
+    """A refused session token (HTTP 403). The message is a reason, never the token."""
+
+def mint_token(secret: bytes, service_host: str, exp: int, nonce: str) -> str:
+    """Mint ``base64url(payload).base64url(HMAC-SHA256)`` bound to ``service_host`` until
+    ``exp`` (Unix seconds). ``secret`` must not be empty."""
+
+def verify_token(
+    secrets: list[bytes], token: str, service_host: str, now: int
+) -> tuple[str, int, str]:
+    """Verify a token (signature in constant time against each secret, then service host and
+    expiry): ``(service_host, exp, nonce)``. Raises :class:`TokenError`. Replay is the caller's
+    check: record the nonce."""
+
+def new_nonce() -> str:
+    """16 random bytes from the OS, base64url: a token's nonce."""
+
 @final
 class Outcome:
     """How one relayed session ended, reported once by :meth:`Engine.drain`."""
