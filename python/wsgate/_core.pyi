@@ -6,6 +6,22 @@ control plane and the Rust data plane; ``python -m mypy.stubtest wsgate._core`` 
 
 from typing import final
 
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "MAX_BODY_BYTES",
+    "MAX_HEADER_BYTES",
+    "MAX_TOKEN_BYTES",
+    "TOKEN_TTL_SECONDS",
+    "BodyError",
+    "Engine",
+    "Outcome",
+    "TokenError",
+    "decode_body",
+    "mint_token",
+    "new_nonce",
+    "verify_token",
+]
+
 #: Largest ``?body=`` JSON document, in bytes after base64 decoding (SPEC §4).
 MAX_BODY_BYTES: int
 #: Largest request line plus headers of an upgrade request, in bytes (SPEC §2: over it, 431).
@@ -78,7 +94,7 @@ class Engine:
     not empty, and :meth:`drain` empties it (one wake-up for many outcomes).
     """
 
-    def __init__(self, threads: int = 0) -> None:
+    def __new__(cls, threads: int = 0) -> Engine:
         """Start the engine with ``threads`` worker threads (0: one per CPU)."""
 
     def doorbell(self) -> int:
@@ -96,7 +112,8 @@ class Engine:
         """Relay a session between a client (we are its server) and a bot (we are its client).
 
         ``*_pending`` are bytes already read from each socket past its HTTP handshake: they are
-        the start of that side's frame stream. Takes ownership of both descriptors.
+        the start of that side's frame stream. Takes ownership of both descriptors, also when
+        it raises (they are closed then).
         """
 
     def echo(

@@ -1,0 +1,46 @@
+"""wsgate: a self-hostable WebSocket relay gateway, wire-compatible with Pipecat Cloud's generic
+WebSocket endpoint. Python control plane on anyio (asyncio or trio), Rust data plane.
+
+    import anyio, wsgate
+
+    async def main() -> None:
+        gateway = wsgate.Gateway(wsgate.default_config().replace_gateway(port=0))
+        async with gateway.running():
+            print(gateway.url + "/ws/generic/echo.demo")
+            ...
+
+    anyio.run(main)
+"""
+
+from .config import (
+    AgentConfig,
+    Config,
+    GatewaySettings,
+    OrgConfig,
+    default_config,
+    load_config,
+    loads_config,
+)
+from .errors import ConfigError, HttpError, WsgateError
+from .server import Gateway
+
+__all__ = [
+    "AgentConfig",
+    "Config",
+    "ConfigError",
+    "Gateway",
+    "GatewaySettings",
+    "HttpError",
+    "OrgConfig",
+    "WsgateError",
+    "default_config",
+    "load_config",
+    "loads_config",
+]
+
+# Show public names as wsgate.X (in reprs, tracebacks and docs), as anyio and httpx do.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("wsgate."):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -1,0 +1,84 @@
+"""``wsgate serve [--config FILE] [--host H] [--port P]``: run a gateway until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .config import Config, default_config, load_config
+from .errors import ConfigError
+from .server import Gateway
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsgate", description="Self-hostable WebSocket relay gateway."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument(
+        "--config", metavar="FILE", help="TOML settings (default: the built-in echo.demo agent)"
+    )
+    serve.add_argument("--host", help="address to listen on (overrides [gateway] host)")
+    serve.add_argument("--port", type=int, help="TCP port, 0 for any (overrides [gateway] port)")
+    serve.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wsgate`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config) if args.config else default_config()
+        changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        if changes:
+            config = config.replace_gateway(**changes)
+    except ConfigError as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        anyio.run(_serve, config, args.config is None, backend=args.backend)
+    except OSError as exc:  # e.g. the port is taken
+        print(
+            f"wsgate: cannot listen on {config.gateway.host}:{config.gateway.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+async def _serve(config: Config, is_default: bool) -> None:
+    gateway = Gateway(config)
+    async with anyio.create_task_group() as signal_tasks:
+        await signal_tasks.start(_stop_on_signals, gateway)
+        async with anyio.create_task_group() as serving:
+            await serving.start(gateway.serve)
+            print(f"wsgate serving on {gateway.url}", flush=True)
+            if is_default:
+                print(
+                    "try the built-in echo bot: "
+                    f"python -m websockets {gateway.url}/ws/generic/echo.demo",
+                    flush=True,
+                )
+        signal_tasks.cancel_scope.cancel()
+
+
+async def _stop_on_signals(
+    gateway: Gateway, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """First SIGTERM/SIGINT: graceful drain. A second one: close the remaining sessions now."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            logging.getLogger("wsgate").info("%s: stopping", signal.Signals(signum).name)
+            gateway.stop()

@@ -1,0 +1,332 @@
+"""Settings: frozen dataclasses, built in Python or loaded from a TOML file.
+
+Every check lives in the dataclasses' ``__post_init__``, so a ``Config`` built in code is held to
+the same rules as one loaded from a file; :func:`load_config` only adds the file's name and the
+table's position to the message of a :class:`~wsgate.errors.ConfigError`.
+
+File layout::
+
+    [gateway]            # GatewaySettings, every key optional
+    [[org]]              # OrgConfig, one table per organisation
+    [[agent]]            # AgentConfig, one table per agent
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from . import _core
+from .errors import ConfigError
+from .handshake import UpstreamURL, parse_upstream_url
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "AgentConfig",
+    "Config",
+    "GatewaySettings",
+    "OrgConfig",
+    "default_config",
+    "load_config",
+    "loads_config",
+]
+
+# SPEC §1 (ours): agent and organisation names.
+_NAME = re.compile(r"[a-z0-9-]{1,63}")
+BUILTINS = frozenset({"echo"})
+WebsocketAuth = Literal["none", "token"]
+_T = TypeVar("_T")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def check_name(kind: str, name: object) -> None:
+    """Raise ConfigError unless ``name`` is a valid agent or organisation name."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{kind} name {name!r} must be 1-63 lowercase letters, digits or '-'")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The ``[gateway]`` table: where to listen and the limits of every session."""
+
+    host: str = "127.0.0.1"
+    #: 0 picks a free port; :attr:`wsgate.Gateway.port` tells which.
+    port: int = 8765
+    #: Base of the ``wsUrl`` that ``/start`` returns (a later issue).
+    public_url: str = "ws://127.0.0.1:8765"
+    region: str = "local"
+    #: Largest WebSocket message (all fragments), in bytes; over it the sender gets 1009.
+    max_message_size: int = _core.DEFAULT_MAX_MESSAGE_SIZE
+    #: Seconds a client has to send its whole upgrade request.
+    handshake_timeout: float = 10.0
+    #: Seconds to connect to the bot and get its 101.
+    dial_timeout: float = 5.0
+    #: Seconds that sessions may run on after a stop before they are closed with 1001.
+    drain_timeout: float = 30.0
+    #: Seconds a session may last (SPEC §6: 60-14400); then both sides get 1000.
+    max_session_duration: float = 7200.0
+    #: Relay threads of the Rust engine; 0 means one per CPU.
+    relay_threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("host", "public_url", "region"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string")
+        if not self.region:
+            raise ConfigError("region must not be empty")
+        if not self.public_url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"public_url {self.public_url!r} must start with ws:// or wss://")
+        for name, low in (("port", 0), ("max_message_size", 1), ("relay_threads", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.port > 65535:
+            raise ConfigError(f"port must be at most 65535, got {self.port}")
+        for name in ("handshake_timeout", "dial_timeout", "drain_timeout"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
+        value = self.max_session_duration
+        if not _is_number(value) or not 60 <= value <= 14400:
+            raise ConfigError(f"max_session_duration must be 60 to 14400 seconds, got {value!r}")
+
+
+@dataclass(frozen=True)
+class OrgConfig:
+    """An organisation: a name and the public API keys (``pk_…``) that may call its ``/start``."""
+
+    name: str
+    #: Secrets: never shown in a repr or a log.
+    public_keys: Sequence[str] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        check_name("organisation", self.name)
+        keys = self.public_keys
+        if isinstance(keys, str) or not isinstance(keys, Sequence):
+            raise ConfigError(f"org {self.name!r}: public_keys must be a list of strings")
+        for key in keys:
+            if not isinstance(key, str) or not key or key != key.strip():
+                raise ConfigError(f"org {self.name!r}: every public key must be a non-empty string")
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"org {self.name!r}: a public key is listed twice")
+        object.__setattr__(self, "public_keys", tuple(keys))
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """An agent, reached as service host ``{name}.{org}``: a ``ws://`` upstream or a builtin."""
+
+    name: str
+    org: str
+    websocket_auth: WebsocketAuth = "none"
+    #: The bot's full ``ws://`` URL; the gateway dials it for each session.
+    upstream: str | None = None
+    #: A bot built into wsgate instead of an upstream: ``"echo"``.
+    builtin: str | None = None
+    #: Sessions this agent may have open at once (on this gateway); more get 503.
+    max_sessions: int = 50
+
+    def __post_init__(self) -> None:
+        check_name("agent", self.name)
+        check_name("organisation", self.org)
+        if self.websocket_auth not in ("none", "token"):
+            raise ConfigError(
+                f"agent {self.service_host!r}: websocket_auth must be 'none' or 'token', "
+                f"got {self.websocket_auth!r}"
+            )
+        if (self.upstream is None) == (self.builtin is None):
+            raise ConfigError(
+                f"agent {self.service_host!r}: set exactly one of upstream or builtin"
+            )
+        if self.upstream is not None:
+            self.upstream_url  # noqa: B018 (parses and checks the URL)
+        if self.builtin is not None and self.builtin not in BUILTINS:
+            raise ConfigError(
+                f"agent {self.service_host!r}: unknown builtin {self.builtin!r} "
+                f"(known: {', '.join(sorted(BUILTINS))})"
+            )
+        if not _is_int(self.max_sessions) or self.max_sessions < 1:
+            raise ConfigError(
+                f"agent {self.service_host!r}: max_sessions must be an integer >= 1, "
+                f"got {self.max_sessions!r}"
+            )
+
+    @property
+    def service_host(self) -> str:
+        """``{agent}.{org}``: the name clients use to reach this agent."""
+        return f"{self.name}.{self.org}"
+
+    @property
+    def upstream_url(self) -> UpstreamURL | None:
+        """The parsed upstream URL, or None for a builtin agent."""
+        if self.upstream is None:
+            return None
+        if not isinstance(self.upstream, str):
+            raise ConfigError(f"agent {self.service_host!r}: upstream must be a string")
+        try:
+            return parse_upstream_url(self.upstream)
+        except ValueError as exc:
+            raise ConfigError(
+                f"agent {self.service_host!r}: upstream {self.upstream!r} {exc}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a :class:`~wsgate.Gateway` serves. Lists are stored as tuples."""
+
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    orgs: Sequence[OrgConfig] = ()
+    agents: Sequence[AgentConfig] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gateway, GatewaySettings):
+            raise ConfigError("gateway must be a GatewaySettings")
+        object.__setattr__(self, "orgs", tuple(self.orgs))
+        object.__setattr__(self, "agents", tuple(self.agents))
+        org_names: set[str] = set()
+        for org in self.orgs:
+            if not isinstance(org, OrgConfig):
+                raise ConfigError(f"orgs must hold OrgConfig objects, got {org!r}")
+            if org.name in org_names:
+                raise ConfigError(f"org {org.name!r} is defined twice")
+            org_names.add(org.name)
+        hosts: set[str] = set()
+        for agent in self.agents:
+            if not isinstance(agent, AgentConfig):
+                raise ConfigError(f"agents must hold AgentConfig objects, got {agent!r}")
+            if agent.org not in org_names:
+                raise ConfigError(f"agent {agent.service_host!r}: unknown org {agent.org!r}")
+            if agent.service_host in hosts:
+                raise ConfigError(f"agent {agent.service_host!r} is defined twice")
+            hosts.add(agent.service_host)
+
+    def agents_by_host(self) -> dict[str, AgentConfig]:
+        """The agents keyed by service host, as :func:`wsgate.routing.route` takes them."""
+        return {agent.service_host: agent for agent in self.agents}
+
+    def replace_gateway(self, **changes: Any) -> Config:
+        """A copy with some ``[gateway]`` settings changed (e.g. ``port=0``), checked again."""
+        return dataclasses.replace(self, gateway=dataclasses.replace(self.gateway, **changes))
+
+
+def default_config() -> Config:
+    """The embedded default: agent ``echo.demo`` answered by the built-in echo bot."""
+    return Config(orgs=[OrgConfig("demo")], agents=[AgentConfig("echo", "demo", builtin="echo")])
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML settings file; raises :class:`ConfigError` naming the file and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    return loads_config(text, source=str(path))
+
+
+def loads_config(text: str, *, source: str = "<config>") -> Config:
+    """Parse settings from TOML text; ``source`` names it in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        return _from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _from_dict(data: Mapping[str, Any]) -> Config:
+    _check_keys("top level", data, {"gateway", "org", "agent"})
+    gateway = data.get("gateway", {})
+    if not isinstance(gateway, dict):
+        raise ConfigError("[gateway] must be a table")
+    return Config(
+        gateway=_build("[gateway]", gateway, GatewaySettings),
+        orgs=_build_all("org", data.get("org", []), OrgConfig),
+        agents=_build_all("agent", data.get("agent", []), AgentConfig),
+    )
+
+
+def _build_all(kind: str, value: object, cls: type[_T]) -> list[_T]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{kind} must be an array of tables ([[{kind}]])")
+    return [_build(f"[[{kind}]] #{i + 1}", t, cls) for i, t in enumerate(value)]
+
+
+def _build(where: str, table: dict[str, Any], cls: type[_T]) -> _T:
+    """Check a table's keys and value types against the dataclass ``cls``, then build it."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    _check_keys(where, table, set(fields))
+    missing = [name for name, f in fields.items() if _required(f) and name not in table]
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r}")
+    for key, value in table.items():
+        expected = _TYPES[cls.__name__, key]
+        if not _has_type(value, expected):
+            # Never echo a secret (public_keys) back in an error message.
+            shown = "" if key == "public_keys" else f" {value!r}"
+            raise ConfigError(
+                f"{where}: {key} must be {expected}, got {type(value).__name__}{shown}"
+            )
+    try:
+        return cls(**table)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _check_keys(where: str, table: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+
+
+_TYPES: dict[tuple[str, str], str] = {
+    **{("GatewaySettings", k): "a string" for k in ("host", "public_url", "region")},
+    **{("GatewaySettings", k): "an integer" for k in ("port", "max_message_size", "relay_threads")},
+    **{
+        ("GatewaySettings", k): "a number"
+        for k in ("handshake_timeout", "dial_timeout", "drain_timeout", "max_session_duration")
+    },
+    ("OrgConfig", "name"): "a string",
+    ("OrgConfig", "public_keys"): "a list of strings",
+    **{
+        ("AgentConfig", k): "a string"
+        for k in ("name", "org", "websocket_auth", "upstream", "builtin")
+    },
+    ("AgentConfig", "max_sessions"): "an integer",
+}
+
+
+def _has_type(value: object, expected: str) -> bool:
+    if expected == "a string":
+        return isinstance(value, str)
+    if expected == "an integer":
+        return _is_int(value)
+    if expected == "a number":
+        return _is_int(value) or isinstance(value, float)
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)

@@ -1,0 +1,193 @@
+"""The checks of SPEC §2 that need nothing but the request: path, upgrade, service host, agent,
+token and body, in that order. Pure functions; the first failing check raises its ``HttpError``.
+
+Capacity (503) and the bot's own upgrade (502) need live state and I/O, so the server applies
+them after :func:`route` succeeds. Nothing here starts a bot.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from . import _core
+from .config import AgentConfig
+from .errors import HttpError
+from .request import Request, is_token, split_list
+
+__all__ = [
+    "GENERIC_PATH",
+    "Route",
+    "TokenCheck",
+    "find_token",
+    "no_token_auth_yet",
+    "route",
+]
+
+GENERIC_PATH = "/ws/generic"
+# SPEC §1: {agent}.{org}, each 1-63 of [a-z0-9-].
+_SERVICE_HOST = re.compile(r"[a-z0-9-]{1,63}\.[a-z0-9-]{1,63}")
+
+
+@dataclass(frozen=True)
+class Route:
+    """A request that passed every pure check: where it goes and what it carries."""
+
+    service_host: str
+    agent: AgentConfig
+    #: The client's body JSON document, or None without ``?body=``. Never logged.
+    body_json: str | None = field(repr=False)
+    #: The same body as the bot's ``?body=`` value (standard base64, percent-encoded).
+    upstream_body: str | None = field(repr=False)
+    #: Sec-WebSocket-Protocol values the client offered, in order.
+    subprotocols: tuple[str, ...]
+    #: The client's Sec-WebSocket-Key, needed for its 101 answer.
+    client_key: str
+    #: A trailing ``/ws/generic/{host}/{token}`` path segment, if the client sent one.
+    path_token: str | None = field(default=None, repr=False)
+
+
+#: Called after the agent is known: raises ``HttpError(403, ...)`` to refuse the request.
+#: Arguments: the request, the path's token segment (if any), the agent.
+TokenCheck = Callable[[Request, str | None, AgentConfig], None]
+
+
+def no_token_auth_yet(request: Request, path_token: str | None, agent: AgentConfig) -> None:
+    """The token check until tokens are implemented: ``none`` agents pass, ``token`` agents never.
+
+    Refusing every token agent keeps them unreachable without authentication meanwhile.
+    """
+    if agent.websocket_auth != "none":
+        raise HttpError(403, "token auth not available yet")
+
+
+def find_token(request: Request, path_token: str | None) -> str | None:
+    """The token the client attached, from the first place present (SPEC §3): the
+    ``Authorization: Bearer`` header, the ``token`` query parameter, the trailing path segment.
+    """
+    authorization = request.header("authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.partition(" ")
+        return credentials.strip() if scheme.lower() == "bearer" else ""
+    for name, value in request.query_params():
+        if name == "token":
+            return unquote(value)
+    return path_token
+
+
+def route(
+    request: Request,
+    agents: Mapping[str, AgentConfig],
+    check_token: TokenCheck = no_token_auth_yet,
+) -> Route:
+    """Apply SPEC §2's pure checks in order; ``agents`` maps service hosts to agents.
+
+    Raises ``HttpError``: 404 (path, unknown agent), 400 (upgrade, service host, body),
+    403 (token, via ``check_token``), 413 (body over the size cap).
+    """
+    path_host, path_token = _match_path(request.path)
+    client_key, subprotocols = _check_upgrade(request)
+    params = request.query_params()
+    service_host = _service_host(path_host, params)
+    agent = agents.get(service_host)
+    if agent is None:
+        raise HttpError(404, f"unknown service host {service_host}")
+    check_token(request, path_token, agent)
+    body_json, upstream_body = _body(params)
+    return Route(
+        service_host=service_host,
+        agent=agent,
+        body_json=body_json,
+        upstream_body=upstream_body,
+        subprotocols=subprotocols,
+        client_key=client_key,
+        path_token=path_token,
+    )
+
+
+def _match_path(path: str) -> tuple[str | None, str | None]:
+    """``/ws/generic[/{host}[/{token}]]`` -> (host, token); anything else is 404."""
+    if path == GENERIC_PATH:
+        return None, None
+    if not path.startswith(GENERIC_PATH + "/"):
+        raise HttpError(404, "not found")
+    segments = path[len(GENERIC_PATH) + 1 :].split("/")
+    if len(segments) > 2 or not all(segments):
+        raise HttpError(404, "not found")
+    try:
+        decoded = [unquote(segment, errors="strict") for segment in segments]
+    except UnicodeDecodeError:
+        raise HttpError(404, "not found") from None
+    return decoded[0], decoded[1] if len(decoded) == 2 else None
+
+
+def _check_upgrade(request: Request) -> tuple[str, tuple[str, ...]]:
+    """RFC 6455 §4.2.1: returns the client's key and offered subprotocols, or raises 400."""
+    if request.method != "GET":
+        raise HttpError(400, "method must be GET for a WebSocket upgrade")
+    if request.version != "HTTP/1.1":
+        raise HttpError(400, "a WebSocket upgrade needs HTTP/1.1")
+    if len(request.headers_all("host")) != 1:
+        raise HttpError(400, "exactly one Host header is required")
+    # Bytes after the head are WebSocket frames: an HTTP body there would be misread as frames.
+    has_body = request.headers_all("content-length") not in ([], ["0"])
+    if has_body or request.headers_all("transfer-encoding"):
+        raise HttpError(400, "an upgrade request must not have a body")
+    upgrade = [v.lower() for v in split_list(request.headers_all("upgrade"))]
+    if "websocket" not in upgrade:
+        raise HttpError(400, "not a WebSocket upgrade (Upgrade: websocket missing)")
+    connection = [v.lower() for v in split_list(request.headers_all("connection"))]
+    if "upgrade" not in connection:
+        raise HttpError(400, "not a WebSocket upgrade (Connection: upgrade missing)")
+    if request.headers_all("sec-websocket-version") != ["13"]:
+        raise HttpError(400, "Sec-WebSocket-Version must be 13")
+    keys = request.headers_all("sec-websocket-key")
+    if len(keys) != 1 or not _valid_key(keys[0]):
+        raise HttpError(400, "Sec-WebSocket-Key must be base64 of 16 bytes")
+    subprotocols = split_list(request.headers_all("sec-websocket-protocol"))
+    if not all(is_token(p) for p in subprotocols):
+        raise HttpError(400, "malformed Sec-WebSocket-Protocol")
+    return keys[0], tuple(subprotocols)
+
+
+def _valid_key(key: str) -> bool:
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _service_host(path_host: str | None, params: list[tuple[str, str]]) -> str:
+    query_hosts = [value for name, value in params if name == "serviceHost"]
+    if len(query_hosts) > 1:
+        raise HttpError(400, "serviceHost given more than once")
+    if path_host is not None and query_hosts:
+        raise HttpError(400, "service host given both in the path and as serviceHost")
+    if path_host is not None:
+        host = path_host
+    elif query_hosts:
+        try:
+            host = unquote(query_hosts[0], errors="strict")
+        except UnicodeDecodeError:
+            raise HttpError(400, "malformed service host") from None
+    else:
+        raise HttpError(400, "missing service host (/ws/generic/{agent}.{org} or ?serviceHost=)")
+    if not _SERVICE_HOST.fullmatch(host):
+        raise HttpError(400, "malformed service host (expected {agent}.{org})")
+    return host
+
+
+def _body(params: list[tuple[str, str]]) -> tuple[str | None, str | None]:
+    bodies = [value for name, value in params if name == "body"]
+    if not bodies:
+        return None, None
+    if len(bodies) > 1:
+        raise HttpError(400, "body given more than once")
+    try:
+        return _core.decode_body(bodies[0])
+    except _core.BodyError as exc:
+        raise HttpError(exc.status, exc.reason) from None

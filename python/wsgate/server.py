@@ -1,0 +1,388 @@
+"""The gateway: accept TCP, run both handshakes, hand sessions to the Rust engine, drain on stop.
+
+A connection's path: read the request head (``handshake_timeout``, ``MAX_HEADER_BYTES``) ->
+parse -> health check or :func:`~wsgate.routing.route` -> capacity -> dial the bot (or the builtin
+echo) -> 101 to the client -> :class:`~wsgate.relay.Relay` until the outcome. Every refusal is an
+``HttpError`` answered here, in one place, before anything is started.
+
+Sockets stay raw and non-blocking (no anyio streams) because they are finally detached and owned
+by Rust; see :mod:`wsgate.upstream`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from . import _core
+from .config import AgentConfig, Config, default_config, load_config
+from .errors import HttpError
+from .handshake import plain_response, switching_protocols
+from .relay import Relay, RelaySession
+from .request import parse_request
+from .routing import Route, TokenCheck, no_token_auth_yet, route
+from .upstream import HeadTooLarge, dial, read_head, send_all
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("wsgate")
+
+HEALTH_PATHS = frozenset({"/livez", "/readyz"})
+# After the drain timeout, sessions get a close frame; this is how long their peers may take to
+# answer it before the engine drops them.
+_CLOSE_GRACE = 5.0
+# How long a refused client may take to read its error response before the socket is closed.
+_LINGER = 1.0
+_ACCEPT_BATCH = 64
+_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+@dataclass
+class _Opened:
+    """A session handed to the engine, with what its end-of-session log line needs."""
+
+    relay: RelaySession
+    service_host: str
+    session_uuid: str
+    started: float
+
+
+class Gateway:
+    """A wsgate server. Embed it in an anyio (asyncio or trio) program::
+
+        gateway = Gateway(config)
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            print(gateway.url)
+            ...
+            gateway.stop()  # serve() returns once sessions are drained
+
+    ``check_token`` is the token hook of :func:`wsgate.routing.route`.
+    """
+
+    def __init__(
+        self, config: Config | None = None, *, check_token: TokenCheck = no_token_auth_yet
+    ) -> None:
+        self.config = default_config() if config is None else config
+        self._agents = self.config.agents_by_host()
+        self._check_token = check_token
+        self._reserved: dict[str, int] = {}
+        self._handshakes: set[anyio.CancelScope] = set()
+        self._connections = 0
+        self._port: int | None = None
+        self._served = False
+        self._stop_requested = False
+        self._drain_now = False
+        self._stop_event: anyio.Event | None = None
+        self._wake: anyio.Event | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Gateway:
+        """A gateway serving the settings of a TOML file (see :func:`wsgate.load_config`)."""
+        return cls(load_config(path))
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with ``port = 0``); only once :meth:`serve` has started."""
+        if self._port is None:
+            raise RuntimeError("the gateway is not listening yet")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port`` of this gateway, for local clients (a wildcard host shows as
+        loopback)."""
+        host = self.config.gateway.host
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}"
+
+    def sessions(self, service_host: str | None = None) -> int:
+        """Sessions open or being opened (past routing): of one service host, or in all."""
+        if service_host is not None:
+            return self._reserved.get(service_host, 0)
+        return sum(self._reserved.values())
+
+    def stop(self) -> None:
+        """Begin a graceful stop: stop accepting, let sessions run up to ``drain_timeout``,
+        then close the rest with 1001. A second call ends the wait at once. :meth:`serve`
+        returns when done. Call it from the event loop's thread."""
+        if self._stop_requested:
+            self._drain_now = True
+        self._stop_requested = True
+        if self._stop_event is not None:
+            self._stop_event.set()
+        self._poke()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Gateway]:
+        """Serve for the duration of an ``async with`` block, then stop and drain."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.serve)
+            try:
+                yield self
+            finally:
+                self.stop()
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen, report started through ``task_status``, and serve until :meth:`stop`."""
+        if self._served:
+            raise RuntimeError("a Gateway serves only once; create a new one")
+        self._served = True
+        settings = self.config.gateway
+        self._stop_event = anyio.Event()
+        if self._stop_requested:
+            self._stop_event.set()
+        listener = await _listen(settings.host, settings.port)
+        relay: Relay | None = None
+        try:
+            self._port = listener.getsockname()[1]
+            relay = Relay(settings.relay_threads)
+            async with anyio.create_task_group() as engine_tasks:
+                await engine_tasks.start(relay.run)
+                async with anyio.create_task_group() as connections:
+                    async with anyio.create_task_group() as accepting:
+                        accepting.start_soon(self._accept, listener, connections, relay)
+                        log.info("wsgate listening on %s", self.url)
+                        task_status.started()
+                        await self._stop_event.wait()
+                        accepting.cancel_scope.cancel()
+                    listener.close()
+                    await self._drain(relay)
+                    connections.cancel_scope.cancel()
+                engine_tasks.cancel_scope.cancel()
+        finally:
+            listener.close()
+            if relay is not None:
+                relay.shutdown()
+        log.info("wsgate stopped")
+
+    async def _drain(self, relay: Relay) -> None:
+        settings = self.config.gateway
+        live = self._connections
+        if live:
+            log.info("draining %d connection(s), up to %g s", live, settings.drain_timeout)
+        with anyio.move_on_after(settings.drain_timeout):
+            await self._until_idle(stop_on_drain_now=True)
+        if not self._connections:
+            return
+        log.info("closing %d connection(s) with 1001", self._connections)
+        for scope in list(self._handshakes):
+            scope.cancel()
+        for session in relay.live:
+            session.close(1001, "gateway shutting down")
+        with anyio.move_on_after(_CLOSE_GRACE):
+            await self._until_idle(stop_on_drain_now=False)
+
+    async def _until_idle(self, *, stop_on_drain_now: bool) -> None:
+        while self._connections and not (stop_on_drain_now and self._drain_now):
+            self._wake = anyio.Event()
+            await self._wake.wait()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _accept(self, listener: socket.socket, connections: TaskGroup, relay: Relay) -> None:
+        while True:
+            await anyio.wait_readable(listener)
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    sock, _address = listener.accept()
+                except BlockingIOError:
+                    break
+                except ConnectionAbortedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_PAUSE_ERRNOS:
+                        raise
+                    log.warning("accept failed (%s); pausing 100 ms", exc.strerror)
+                    await anyio.sleep(0.1)
+                    break
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._connections += 1
+                connections.start_soon(self._connection, sock, relay)
+
+    async def _connection(self, sock: socket.socket, relay: Relay) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                self._handshakes.add(scope)
+                try:
+                    opened = await self._open(sock, relay)
+                finally:
+                    self._handshakes.discard(scope)
+                    # Closes the socket unless it was handed (detached) to the engine.
+                    sock.close()
+            if scope.cancelled_caught or opened is None:
+                return
+            await self._supervise(opened)
+        finally:
+            self._connections -= 1
+            if not self._connections:
+                self._poke()
+
+    async def _open(self, sock: socket.socket, relay: Relay) -> _Opened | None:
+        """Run the client's upgrade; returns the relayed session, or None if refused."""
+        settings = self.config.gateway
+        try:
+            received: tuple[bytes, bytes] | None = None
+            with anyio.move_on_after(settings.handshake_timeout):
+                received = await read_head(sock, _core.MAX_HEADER_BYTES)
+            if received is None:
+                return None  # handshake timeout: drop the connection without an answer
+            return await self._upgrade(sock, *received, relay)
+        except HeadTooLarge:
+            await _respond(sock, 431, "request header fields too large")
+        except HttpError as exc:
+            # 5xx is the gateway's or the bot's trouble: worth an operator's attention.
+            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+            log.log(level, "refused with %d: %s", exc.status, exc.reason)
+            await _respond(sock, exc.status, exc.reason)
+        except (EOFError, OSError):
+            pass  # the client went away during its handshake
+        return None
+
+    async def _upgrade(
+        self, sock: socket.socket, head: bytes, pending: bytes, relay: Relay
+    ) -> _Opened | None:
+        request = parse_request(head)
+        if request.path in HEALTH_PATHS and request.method == "GET":
+            ready = request.path == "/livez" or not self._stop_requested
+            await _respond(sock, *((200, "ok") if ready else (503, "draining")))
+            return None
+        target = route(request, self._agents, self._check_token)
+        self._reserve(target.agent)
+        try:
+            return await self._start(sock, pending, target, relay)
+        except BaseException:
+            self._release(target.service_host)
+            raise
+
+    async def _start(
+        self, sock: socket.socket, pending: bytes, target: Route, relay: Relay
+    ) -> _Opened:
+        """Dial the bot (or pick the builtin), answer 101, hand both sockets to the engine."""
+        settings = self.config.gateway
+        session_id = relay.new_session_id()
+        session_uuid = str(uuid.uuid4())
+        upstream = target.agent.upstream_url
+        if upstream is None:  # builtin echo
+            await send_all(sock, switching_protocols(target.client_key, None))
+            session = relay.start_echo(session_id, sock, pending, settings.max_message_size)
+        else:
+            bot = await dial(
+                upstream,
+                session_uuid=session_uuid,
+                body_value=target.upstream_body,
+                subprotocols=target.subprotocols,
+                timeout=settings.dial_timeout,
+            )
+            try:
+                await send_all(sock, switching_protocols(target.client_key, bot.subprotocol))
+                session = relay.start_upstream(
+                    session_id, sock, bot.sock, pending, bot.pending, settings.max_message_size
+                )
+            finally:
+                bot.sock.close()  # no-op once detached
+        return _Opened(session, target.service_host, session_uuid, anyio.current_time())
+
+    async def _supervise(self, opened: _Opened) -> None:
+        """Wait for the session's outcome, enforcing ``max_session_duration``; log its end."""
+        session = opened.relay
+        try:
+            with anyio.move_on_after(self.config.gateway.max_session_duration):
+                await session.wait()
+            if not session.done:
+                session.close(1000, "session time limit")
+            outcome = await session.wait()
+        except BaseException:
+            session.close(1001, "gateway shutting down")
+            raise
+        finally:
+            self._release(opened.service_host)
+        _log_outcome(opened, outcome)
+
+    def _reserve(self, agent: AgentConfig) -> None:
+        count = self._reserved.get(agent.service_host, 0)
+        if count >= agent.max_sessions:
+            raise HttpError(503, "agent at capacity")
+        self._reserved[agent.service_host] = count + 1
+
+    def _release(self, service_host: str) -> None:
+        count = self._reserved[service_host] - 1
+        if count:
+            self._reserved[service_host] = count
+        else:
+            del self._reserved[service_host]
+
+
+async def _listen(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket bound to ``host:port`` (port 0: any free port)."""
+    infos = await anyio.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _respond(sock: socket.socket, status: int, text: str) -> None:
+    """Answer with a plain-text response, then close without resetting the answer away."""
+    try:
+        with anyio.move_on_after(_LINGER):
+            await send_all(sock, plain_response(status, text))
+            sock.shutdown(socket.SHUT_WR)
+            # Read until the client closes: closing with unread input would send a RST, which
+            # can destroy the response before the client reads it.
+            while True:
+                try:
+                    if not sock.recv(65536):
+                        break
+                except BlockingIOError:
+                    await anyio.wait_readable(sock)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _log_outcome(opened: _Opened, outcome: _core.Outcome) -> None:
+    # Codes only: close reasons, bodies and tokens come from users and stay out of the log.
+    def code(close: tuple[int, str] | None) -> str:
+        return "-" if close is None else str(close[0])
+
+    log.info(
+        "session %d %s %s ended by %s (%s) after %.1f s; client close %s, bot close %s; "
+        "in %d msgs %d B, out %d msgs %d B",
+        outcome.session_id,
+        opened.service_host,
+        opened.session_uuid,
+        outcome.ended_by,
+        outcome.detail,
+        anyio.current_time() - opened.started,
+        code(outcome.client_close),
+        code(outcome.bot_close),
+        outcome.messages_in,
+        outcome.bytes_in,
+        outcome.messages_out,
+        outcome.bytes_out,
+    )
