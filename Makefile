@@ -1,0 +1,31 @@
+# One documented line per target. `make test` is the README's (and CI's) test command.
+.PHONY: install-dev test test-py test-rust lint bench
+
+# Build the extension in place (editable): replaces any stale _core*.so under python/wsgate/.
+install-dev:
+	rm -f python/wsgate/_core*.so
+	python -m pip install -q -e '.[test]'
+
+# Everything CI runs: build, Python tests on asyncio and trio, Rust tests, linters and types.
+test: install-dev test-rust test-py lint
+
+# pytest on real sockets (both anyio backends).
+test-py:
+	python -m pytest -q
+
+# Plain-Rust tests, no interpreter needed.
+test-rust:
+	cargo test -q --no-default-features
+
+# ruff, mypy --strict, the stub checked against the built module, clippy.
+lint:
+	python -m ruff check python tests benches
+	python -m ruff format --check python tests benches
+	python -m mypy
+	python -m mypy.stubtest wsgate._core
+	cargo clippy -q --all-targets --no-default-features -- -D warnings
+	cargo clippy -q --all-targets -- -D warnings
+
+# pytest-benchmark functions (the load bench is `python benches/load.py`, see benches/README.md).
+bench:
+	python -m pytest benches -q --benchmark-only
