@@ -19,8 +19,8 @@ test-rust:
 
 # ruff, mypy --strict, the stub checked against the built module, clippy.
 lint:
-	python -m ruff check python tests benches
-	python -m ruff format --check python tests benches
+	python -m ruff check .
+	python -m ruff format --check .
 	python -m mypy
 	python -m mypy.stubtest wsgate._core
 	cargo clippy -q --all-targets --no-default-features -- -D warnings
