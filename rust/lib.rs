@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod frame;
+pub mod inproc;
 pub mod limits;
 pub mod pump;
 pub mod relay;

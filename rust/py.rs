@@ -5,8 +5,9 @@ use std::os::fd::{FromRawFd, RawFd};
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyString};
 
+use crate::inproc::Delivery;
 use crate::{body, limits, relay, token};
 
 pyo3::create_exception!(
@@ -43,7 +44,9 @@ fn decode_body(py: Python<'_>, raw: &str) -> PyResult<(String, String)> {
 #[pyfunction]
 fn mint_token(secret: &[u8], service_host: &str, exp: u64, nonce: &str) -> PyResult<String> {
     if secret.is_empty() {
-        return Err(PyValueError::new_err("the signing secret must not be empty"));
+        return Err(PyValueError::new_err(
+            "the signing secret must not be empty",
+        ));
     }
     Ok(token::mint(secret, service_host, exp, nonce))
 }
@@ -57,7 +60,11 @@ fn verify_token(
     service_host: &str,
     now: u64,
 ) -> PyResult<(String, u64, String)> {
-    let keys: Vec<&[u8]> = secrets.iter().map(Vec::as_slice).filter(|k| !k.is_empty()).collect();
+    let keys: Vec<&[u8]> = secrets
+        .iter()
+        .map(Vec::as_slice)
+        .filter(|k| !k.is_empty())
+        .collect();
     let result = py.detach(|| token::verify(&keys, token, service_host, now));
     match result {
         Ok(c) => Ok((c.sh, c.exp, c.nonce)),
@@ -109,6 +116,48 @@ impl From<relay::Outcome> for Outcome {
             bytes_out: o.bytes_out,
         }
     }
+}
+
+/// A whole message from an in-process session's client (`data` is `str` or `bytes`), or
+/// `data = None`: the session's outbox drained, sending may go on.
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+struct Message {
+    session_id: u64,
+    data: Option<Py<PyAny>>,
+}
+
+#[pymethods]
+impl Message {
+    fn __repr__(&self) -> String {
+        // Never the payload: only its kind.
+        let kind = if self.data.is_some() {
+            "message"
+        } else {
+            "drained"
+        };
+        format!("Message(session_id={}, {kind})", self.session_id)
+    }
+}
+
+fn item_to_py(py: Python<'_>, item: relay::Item) -> PyResult<Py<PyAny>> {
+    Ok(match item {
+        relay::Item::Outcome(o) => Py::new(py, Outcome::from(o))?.into_any(),
+        relay::Item::Message(m) => {
+            let data = match m.data {
+                Delivery::Text(s) => Some(PyString::new(py, &s).into_any().unbind()),
+                Delivery::Binary(b) => Some(PyBytes::new(py, &b).into_any().unbind()),
+                Delivery::Drained => None,
+            };
+            Py::new(
+                py,
+                Message {
+                    session_id: m.session_id,
+                    data,
+                },
+            )?
+            .into_any()
+        }
+    })
 }
 
 /// The relay engine.
@@ -203,12 +252,50 @@ impl Engine {
         self.engine().close(session_id, code, reason)
     }
 
-    fn drain(&self) -> Vec<Outcome> {
+    fn drain(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+        let items = self.engine().drain();
+        items.into_iter().map(|i| item_to_py(py, i)).collect()
+    }
+
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit))]
+    fn attach(
+        &self,
+        session_id: u64,
+        client_fd: RawFd,
+        client_pending: &Bound<'_, PyBytes>,
+        max_message_size: u64,
+        inbox_limit: usize,
+        send_buffer_limit: usize,
+    ) -> PyResult<()> {
+        let client = tcp_from_fd(client_fd)?;
+        let max = check_size(max_message_size)?;
         self.engine()
-            .drain()
-            .into_iter()
-            .map(Outcome::from)
-            .collect()
+            .attach(
+                session_id,
+                client,
+                client_pending.as_bytes().to_vec(),
+                max,
+                inbox_limit,
+                send_buffer_limit,
+            )
+            .map_err(os_err)
+    }
+
+    fn send(&self, session_id: u64, data: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+        let engine = self.engine();
+        if let Ok(s) = data.cast::<PyString>() {
+            Ok(engine.send(session_id, true, s.to_str()?.as_bytes()))
+        } else if let Ok(b) = data.cast::<PyBytes>() {
+            Ok(engine.send(session_id, false, b.as_bytes()))
+        } else {
+            Err(pyo3::exceptions::PyTypeError::new_err(
+                "send() takes str or bytes",
+            ))
+        }
+    }
+
+    fn consumed(&self, session_id: u64, nbytes: usize) {
+        self.engine().consumed(session_id, nbytes);
     }
 
     fn active(&self) -> usize {
@@ -244,5 +331,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(new_nonce, m)?)?;
     m.add_class::<Engine>()?;
     m.add_class::<Outcome>()?;
+    m.add_class::<Message>()?;
     Ok(())
 }

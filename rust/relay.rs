@@ -17,6 +17,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
+use crate::inproc::{self, Handle, Message};
 use crate::pump::{Event, Pump, Transform};
 
 /// How long a session may take to finish once one side closed (a close handshake, or the
@@ -69,7 +70,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn new(session_id: u64) -> Self {
+    pub(crate) fn new(session_id: u64) -> Self {
         Self {
             session_id,
             client_close: None,
@@ -83,7 +84,7 @@ impl Outcome {
         }
     }
 
-    fn end(&mut self, by: EndedBy, detail: impl Into<String>, ended: &mut bool) {
+    pub(crate) fn end(&mut self, by: EndedBy, detail: impl Into<String>, ended: &mut bool) {
         if !*ended {
             *ended = true;
             self.ended_by = by;
@@ -94,13 +95,22 @@ impl Outcome {
 
 /// A request from the control plane to a live session.
 #[derive(Debug)]
-enum Command {
+pub(crate) enum Command {
     Close(u16, String),
+}
+
+/// News for Python, in the order it happened: a session's messages come before its outcome.
+#[derive(Debug)]
+pub enum Item {
+    /// A session ended.
+    Outcome(Outcome),
+    /// A message of an in-process session.
+    Message(Message),
 }
 
 #[derive(Default)]
 struct Queue {
-    outcomes: Vec<Outcome>,
+    items: Vec<Item>,
     rung: bool,
 }
 
@@ -108,6 +118,7 @@ struct Shared {
     queue: Mutex<Queue>,
     bell: UnixStream,
     sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Command>>>,
+    inproc: Mutex<HashMap<u64, Arc<Handle>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,10 +127,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn push(&self, outcome: Outcome) {
-        lock(&self.sessions).remove(&outcome.session_id);
+    fn push(&self, item: Item) {
+        if let Item::Outcome(o) = &item {
+            lock(&self.sessions).remove(&o.session_id);
+            lock(&self.inproc).remove(&o.session_id);
+        }
         let mut q = lock(&self.queue);
-        q.outcomes.push(outcome);
+        q.items.push(item);
         if !q.rung {
             q.rung = true;
             // A full socketpair already holds a byte, which is all the doorbell needs.
@@ -138,7 +152,7 @@ struct Report {
 impl Drop for Report {
     fn drop(&mut self) {
         if let Some(o) = self.outcome.take() {
-            self.shared.push(o);
+            self.shared.push(Item::Outcome(o));
         }
     }
 }
@@ -165,6 +179,7 @@ impl Engine {
             queue: Mutex::new(Queue::default()),
             bell,
             sessions: Mutex::new(HashMap::new()),
+            inproc: Mutex::new(HashMap::new()),
         });
         Ok(Self {
             rt: Some(rt),
@@ -257,6 +272,62 @@ impl Engine {
         Ok(())
     }
 
+    /// Serves a client for an in-process Python bot: messages go to Python through
+    /// [`drain`](Self::drain), Python's go out through [`send`](Self::send).
+    pub fn attach(
+        &self,
+        id: u64,
+        client: std::net::TcpStream,
+        client_pending: Vec<u8>,
+        max_message_size: u64,
+        inbox_limit: usize,
+        send_buffer_limit: usize,
+    ) -> io::Result<()> {
+        let rt = self.runtime()?;
+        let client = {
+            let _guard = rt.enter();
+            adopt(client)?
+        };
+        let rx = self.register(id)?;
+        let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit));
+        lock(&self.shared.inproc).insert(id, handle.clone());
+        let report = Report {
+            shared: self.shared.clone(),
+            outcome: Some(Outcome::new(id)),
+        };
+        rt.spawn(async move {
+            let mut report = report;
+            let shared = report.shared.clone();
+            let deliver = |m: Message| shared.push(Item::Message(m));
+            let outcome = inproc::run(
+                id,
+                &client,
+                client_pending,
+                max_message_size,
+                &handle,
+                rx,
+                deliver,
+            )
+            .await;
+            report.outcome = Some(outcome);
+        });
+        Ok(())
+    }
+
+    /// Queues a message for an in-process session's client: the bytes now queued, or `None`
+    /// when the session is closing or gone.
+    pub fn send(&self, id: u64, text: bool, data: &[u8]) -> Option<usize> {
+        let handle = lock(&self.shared.inproc).get(&id).cloned()?;
+        handle.send(text, data)
+    }
+
+    /// Python's bot consumed `n` bytes of an in-process session's messages.
+    pub fn consumed(&self, id: u64, n: usize) {
+        if let Some(h) = lock(&self.shared.inproc).get(&id) {
+            h.consumed(n);
+        }
+    }
+
     /// Closes both sides of a live session with `code` and `reason`. False if it is unknown.
     pub fn close(&self, id: u64, code: u16, reason: &str) -> bool {
         match lock(&self.shared.sessions).get(&id) {
@@ -265,13 +336,13 @@ impl Engine {
         }
     }
 
-    /// Takes every queued outcome and silences the doorbell.
-    pub fn drain(&self) -> Vec<Outcome> {
+    /// Takes everything queued, in order, and silences the doorbell.
+    pub fn drain(&self) -> Vec<Item> {
         let mut sink = [0u8; 64];
         while matches!((&self.bell_rx).read(&mut sink), Ok(n) if n > 0) {}
         let mut q = lock(&self.shared.queue);
         q.rung = false;
-        std::mem::take(&mut q.outcomes)
+        std::mem::take(&mut q.items)
     }
 
     /// Sessions being relayed now.

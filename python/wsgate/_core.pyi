@@ -14,6 +14,7 @@ __all__ = [
     "TOKEN_TTL_SECONDS",
     "BodyError",
     "Engine",
+    "Message",
     "Outcome",
     "TokenError",
     "decode_body",
@@ -85,6 +86,15 @@ class Outcome:
     bytes_out: int
 
 @final
+class Message:
+    """News of an in-process session, reported by :meth:`Engine.drain`."""
+
+    session_id: int
+    #: A whole message from the client (``str`` for text, ``bytes`` for binary), or ``None``:
+    #: the session's send buffer, once over its limit, has drained to half of it.
+    data: str | bytes | None
+
+@final
 class Engine:
     """The relay: moves frames between sockets on Rust threads, with the GIL released.
 
@@ -121,11 +131,33 @@ class Engine:
     ) -> None:
         """Serve a client with the built-in echo bot: every message comes back unchanged."""
 
+    def attach(
+        self,
+        session_id: int,
+        client_fd: int,
+        client_pending: bytes,
+        max_message_size: int,
+        inbox_limit: int,
+        send_buffer_limit: int,
+    ) -> None:
+        """Serve a client for an in-process bot: the engine speaks WebSocket (reassembly, UTF-8
+        checks, pongs, closes) and reports whole messages through :meth:`drain`. Past
+        ``inbox_limit`` bytes delivered and not :meth:`consumed`, it stops reading the client."""
+
+    def send(self, session_id: int, data: str | bytes) -> int | None:
+        """Queue a text (``str``) or binary (``bytes``) message for an in-process session's
+        client. Returns the bytes now queued (over ``send_buffer_limit``: wait for a drained
+        :class:`Message`), or ``None`` when the session is closing or gone (nothing sent)."""
+
+    def consumed(self, session_id: int, nbytes: int) -> None:
+        """Python's bot took ``nbytes`` of an in-process session's messages."""
+
     def close(self, session_id: int, code: int, reason: str) -> bool:
         """Close both sides of a live session with ``code`` and ``reason``; False if unknown."""
 
-    def drain(self) -> list[Outcome]:
-        """Take every outcome queued since the last call and clear the doorbell."""
+    def drain(self) -> list[Outcome | Message]:
+        """Take everything queued since the last call, in order (a session's messages before
+        its outcome), and clear the doorbell."""
 
     def active(self) -> int:
         """Number of sessions the engine is relaying now."""

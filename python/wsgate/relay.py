@@ -68,10 +68,12 @@ class Relay:
         task_status.started()
         while True:
             await anyio.wait_readable(doorbell)
-            for outcome in self.engine.drain():
-                session = self._live.pop(outcome.session_id, None)
+            for item in self.engine.drain():
+                if isinstance(item, _core.Message):
+                    continue  # in-process sessions: not served yet
+                session = self._live.pop(item.session_id, None)
                 if session is not None:
-                    session._outcome = outcome
+                    session._outcome = item
                     session._done.set()
 
     def start_upstream(
