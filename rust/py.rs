@@ -198,9 +198,15 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (threads = 0))]
-    fn new(threads: usize) -> PyResult<Self> {
-        let e = relay::Engine::new(threads).map_err(os_err)?;
+    #[pyo3(signature = (threads = 0, dead_peer_timeout = 60.0))]
+    fn new(threads: usize, dead_peer_timeout: f64) -> PyResult<Self> {
+        if !(dead_peer_timeout.is_finite() && dead_peer_timeout >= 1.0) {
+            return Err(PyValueError::new_err(
+                "dead_peer_timeout must be at least 1 second",
+            ));
+        }
+        let dpt = std::time::Duration::from_secs_f64(dead_peer_timeout);
+        let e = relay::Engine::new(threads, dpt).map_err(os_err)?;
         Ok(Self {
             inner: std::sync::Mutex::new(e),
         })

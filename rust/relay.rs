@@ -157,16 +157,23 @@ impl Drop for Report {
     }
 }
 
+/// Default for [`Engine::new`]'s `dead_peer_timeout`.
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The relay engine. See the module docs.
 pub struct Engine {
     rt: Option<Runtime>,
     shared: Arc<Shared>,
     bell_rx: UnixStream,
+    dead_peer_timeout: Duration,
 }
 
 impl Engine {
-    /// Starts `threads` worker threads (0: one per CPU).
-    pub fn new(threads: usize) -> io::Result<Self> {
+    /// Starts `threads` worker threads (0: one per CPU). A peer that vanishes without a FIN
+    /// (power cut, NAT timeout) is detected within `dead_peer_timeout` by the kernel: TCP
+    /// keepalive probes while the connection is idle, `TCP_USER_TIMEOUT` while data waits
+    /// for its ACK. Either costs nothing per message, unlike pings of our own.
+    pub fn new(threads: usize, dead_peer_timeout: Duration) -> io::Result<Self> {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         if threads > 0 {
             b.worker_threads(threads);
@@ -185,6 +192,7 @@ impl Engine {
             rt: Some(rt),
             shared,
             bell_rx,
+            dead_peer_timeout,
         })
     }
 
@@ -226,7 +234,10 @@ impl Engine {
         let rt = self.runtime()?;
         let (client, bot) = {
             let _guard = rt.enter();
-            (adopt(client)?, adopt(bot)?)
+            (
+                adopt(client, self.dead_peer_timeout)?,
+                adopt(bot, self.dead_peer_timeout)?,
+            )
         };
         let rx = self.register(id)?;
         let report = Report {
@@ -257,7 +268,7 @@ impl Engine {
         let rt = self.runtime()?;
         let client = {
             let _guard = rt.enter();
-            adopt(client)?
+            adopt(client, self.dead_peer_timeout)?
         };
         let rx = self.register(id)?;
         let report = Report {
@@ -286,7 +297,7 @@ impl Engine {
         let rt = self.runtime()?;
         let client = {
             let _guard = rt.enter();
-            adopt(client)?
+            adopt(client, self.dead_peer_timeout)?
         };
         let rx = self.register(id)?;
         let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit));
@@ -367,10 +378,21 @@ impl Drop for Engine {
 }
 
 /// Takes a handed-over socket into tokio: non-blocking first (a blocking fd would stall a worker
-/// thread), Nagle off (small audio frames must not wait for ACKs).
-fn adopt(s: std::net::TcpStream) -> io::Result<TcpStream> {
+/// thread), Nagle off (small audio frames must not wait for ACKs), dead-peer detection on.
+fn adopt(s: std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<TcpStream> {
     s.set_nonblocking(true)?;
     s.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(&s);
+    // Half the budget idle, then three probes spread over the other half.
+    let probes = 3;
+    let interval = (dead_peer_timeout / 2 / probes).max(Duration::from_secs(1));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time((dead_peer_timeout / 2).max(Duration::from_secs(1)))
+        .with_interval(interval)
+        .with_retries(probes);
+    sock.set_tcp_keepalive(&keepalive)?;
+    #[cfg(target_os = "linux")]
+    sock.set_tcp_user_timeout(Some(dead_peer_timeout))?;
     TcpStream::from_std(s)
 }
 
