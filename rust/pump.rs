@@ -141,20 +141,25 @@ impl<'a> Pump<'a> {
             return Event::Progress;
         }
         let mut buf = if self.pending_in.is_empty() {
-            let mut buf = Vec::with_capacity(self.carry.len() + READ_BUF);
-            buf.extend_from_slice(&self.carry);
-            self.carry.clear();
             loop {
                 if self.src.readable().await.is_err() {
                     self.src_done = true;
                     return Event::Eof;
                 }
+                // Built only now that the socket is readable: an idle pump holds no buffer, and
+                // `carry` stays in `self` until a read succeeds, so a `select!` that drops this
+                // future while it waits loses nothing.
+                let mut buf = Vec::with_capacity(self.carry.len() + READ_BUF);
+                buf.extend_from_slice(&self.carry);
                 match self.src.try_read_buf(&mut buf) {
                     Ok(0) => {
                         self.src_done = true;
                         return Event::Eof;
                     }
-                    Ok(_) => break,
+                    Ok(_) => {
+                        self.carry.clear();
+                        break buf;
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
                     Err(_) => {
                         self.src_done = true;
@@ -162,7 +167,6 @@ impl<'a> Pump<'a> {
                     }
                 }
             }
-            buf
         } else {
             std::mem::take(&mut self.pending_in)
         };
