@@ -11,9 +11,12 @@ from collections.abc import Sequence
 import anyio
 from anyio.abc import TaskStatus
 
-from .config import Config, default_config, load_config
+from .config import default_config, load_config
 from .errors import ConfigError
 from .server import Gateway
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["main"]
 
@@ -46,19 +49,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wsgate: {exc}", file=sys.stderr)
         return 2
+    gateway = Gateway(config)
     try:
-        anyio.run(_serve, config, args.config is None, backend=args.backend)
-    except OSError as exc:  # e.g. the port is taken
+        anyio.run(_serve, gateway, args.config is None, backend=args.backend)
+    except Exception as exc:
+        error = _sole_error(exc)
+        if gateway.bound or not isinstance(error, OSError):
+            raise
+        # The gateway never listened: e.g. the port is taken or the host is not ours.
         print(
-            f"wsgate: cannot listen on {config.gateway.host}:{config.gateway.port}: {exc}",
+            f"wsgate: cannot listen on {config.gateway.host}:{config.gateway.port}: {error}",
             file=sys.stderr,
         )
         return 1
     return 0
 
 
-async def _serve(config: Config, is_default: bool) -> None:
-    gateway = Gateway(config)
+def _sole_error(exc: BaseException) -> BaseException:
+    """The one error inside (nested) task-group exception groups, else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _serve(gateway: Gateway, is_default: bool) -> None:
     async with anyio.create_task_group() as signal_tasks:
         await signal_tasks.start(_stop_on_signals, gateway)
         async with anyio.create_task_group() as serving:

@@ -80,7 +80,8 @@ class GatewaySettings:
     dial_timeout: float = 5.0
     #: Seconds that sessions may run on after a stop before they are closed with 1001.
     drain_timeout: float = 30.0
-    #: Seconds a session may last (SPEC §6: 60-14400); then both sides get 1000.
+    #: Seconds a session may last (SPEC §6: 60-14400); then both sides get 1000. (Tests and
+    #: embedders may go below the range with ``Gateway(..., session_time_limit=...)``.)
     max_session_duration: float = 7200.0
     #: Relay threads of the Rust engine; 0 means one per CPU.
     relay_threads: int = 0

@@ -18,19 +18,21 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from math import inf
 from pathlib import Path
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from . import _core
+from ._sockets import HeadTooLarge, read_head, send_all
 from .config import AgentConfig, Config, default_config, load_config
 from .errors import HttpError
 from .handshake import plain_response, switching_protocols
 from .relay import Relay, RelaySession
 from .request import parse_request
 from .routing import Route, TokenCheck, no_token_auth_yet, route
-from .upstream import HeadTooLarge, dial, read_head, send_all
+from .upstream import dial
 
 __all__ = ["Gateway"]
 
@@ -67,12 +69,33 @@ class Gateway:
             gateway.stop()  # serve() returns once sessions are drained
 
     ``check_token`` is the token hook of :func:`wsgate.routing.route`.
+
+    ``session_time_limit`` (seconds) replaces ``config.gateway.max_session_duration`` for this
+    gateway *without* that setting's 60-14400 s range, which stays the rule for settings (SPEC §6).
+    It exists for tests and embedders that need sessions shorter than a minute; any number > 0 is
+    taken. Sessions over it are closed like those over the setting: 1000 "session time limit".
     """
 
     def __init__(
-        self, config: Config | None = None, *, check_token: TokenCheck = no_token_auth_yet
+        self,
+        config: Config | None = None,
+        *,
+        check_token: TokenCheck = no_token_auth_yet,
+        session_time_limit: float | None = None,
     ) -> None:
         self.config = default_config() if config is None else config
+        if session_time_limit is None:
+            session_time_limit = self.config.gateway.max_session_duration
+        elif (
+            isinstance(session_time_limit, bool)
+            or not isinstance(session_time_limit, (int, float))
+            or not 0 < session_time_limit < inf
+        ):
+            raise ValueError(
+                f"session_time_limit must be a number of seconds > 0, got {session_time_limit!r}"
+            )
+        #: Seconds a session may last on this gateway (see ``session_time_limit``).
+        self.session_time_limit: float = session_time_limit
         self._agents = self.config.agents_by_host()
         self._check_token = check_token
         self._reserved: dict[str, int] = {}
@@ -89,6 +112,11 @@ class Gateway:
     def from_file(cls, path: str | Path) -> Gateway:
         """A gateway serving the settings of a TOML file (see :func:`wsgate.load_config`)."""
         return cls(load_config(path))
+
+    @property
+    def bound(self) -> bool:
+        """Whether :meth:`serve` has bound its listening socket (so :attr:`port` is known)."""
+        return self._port is not None
 
     @property
     def port(self) -> int:
@@ -298,10 +326,10 @@ class Gateway:
         return _Opened(session, target.service_host, session_uuid, anyio.current_time())
 
     async def _supervise(self, opened: _Opened) -> None:
-        """Wait for the session's outcome, enforcing ``max_session_duration``; log its end."""
+        """Wait for the session's outcome, enforcing the session time limit; log its end."""
         session = opened.relay
         try:
-            with anyio.move_on_after(self.config.gateway.max_session_duration):
+            with anyio.move_on_after(self.session_time_limit):
                 await session.wait()
             if not session.done:
                 session.close(1000, "session time limit")

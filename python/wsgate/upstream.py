@@ -1,8 +1,7 @@
-"""Raw non-blocking socket I/O of the handshakes, and the dial of an upstream bot.
+"""The dial of an upstream bot: TCP connect, its WebSocket upgrade, every failure as one 502.
 
-Sockets of a session are never wrapped in anyio streams: they end up handed to the Rust engine
-by file descriptor, so the event loop may only watch them while we wait
-(``anyio.wait_readable``/``wait_writable`` unregister when they return).
+The bot's socket stays raw and non-blocking (see :mod:`wsgate._sockets`): it is handed to the Rust
+engine by file descriptor once the client's upgrade is answered.
 """
 
 from __future__ import annotations
@@ -16,56 +15,12 @@ from dataclasses import dataclass, field
 import anyio
 
 from . import _core
+from ._sockets import HeadTooLarge, read_head, send_all
 from .errors import HttpError
 from .handshake import BotHandshakeError, UpstreamURL, check_upstream_response, new_key
 from .handshake import upstream_request as build_upstream_request
 
-__all__ = ["BotConnection", "HeadTooLarge", "dial", "read_head", "send_all"]
-
-_RECV_SIZE = 65536
-
-
-class HeadTooLarge(Exception):
-    """An HTTP head longer than the limit (the client gets 431)."""
-
-
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    """Send every byte of ``data`` on a non-blocking socket."""
-    view = memoryview(data)
-    while view:
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            await anyio.wait_writable(sock)
-            continue
-        view = view[sent:]
-
-
-async def read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
-    """Read an HTTP head from a non-blocking socket: returns ``(head, rest)``.
-
-    ``head`` ends with its empty line (``b"\\r\\n\\r\\n"``); ``rest`` holds the bytes read past it
-    (the start of that side's WebSocket frames). The head without its final CRLF CRLF may be at
-    most ``limit`` bytes, else :class:`HeadTooLarge`; memory stays under ``limit`` plus one read.
-    Raises ``EOFError`` if the peer closes first.
-    """
-    buf = bytearray()
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            if end > limit:
-                raise HeadTooLarge
-            return bytes(buf[: end + 4]), bytes(buf[end + 4 :])
-        if len(buf) >= limit + 4:
-            raise HeadTooLarge
-        try:
-            chunk = sock.recv(_RECV_SIZE)
-        except BlockingIOError:
-            await anyio.wait_readable(sock)
-            continue
-        if not chunk:
-            raise EOFError("connection closed during the handshake")
-        buf += chunk
+__all__ = ["BotConnection", "dial"]
 
 
 @dataclass

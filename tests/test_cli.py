@@ -1,0 +1,204 @@
+"""``wsgate serve`` as a user runs it: a real subprocess, driven through its output and its port.
+
+Synchronisation is on events only: a line the process prints (read by a thread into a queue,
+waited for with a timeout), a socket answer, or the process's exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from .conftest import connect
+
+TIMEOUT = 20.0
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The event loop the ``wsgate`` process runs on (its ``--backend`` option)."""
+    return str(request.param)
+
+
+class Wsgate:
+    """A ``python -m wsgate`` process whose stdout and stderr lines are read into queues."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wsgate", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stdout: queue.Queue[str | None] = queue.Queue()
+        self.stderr: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        for stream, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
+            assert stream is not None
+            threading.Thread(target=self._pump, args=(stream, lines), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)  # end of the stream
+
+    def expect(self, pattern: str, *, stream: str = "stdout") -> re.Match[str]:
+        """Wait for a line of ``stream`` matching ``pattern``; fail on EOF or timeout."""
+        lines = self.stdout if stream == "stdout" else self.stderr
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern!r} within {TIMEOUT} s; saw {self.seen}")
+            if line is None:
+                pytest.fail(f"wsgate exited before printing {pattern!r}; saw {self.seen}")
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def url(self) -> str:
+        """The URL the process announces once it is listening."""
+        return self.expect(r"^wsgate serving on (ws://\S+)$")[1]
+
+    def finish(self) -> tuple[int, str]:
+        """Wait for the exit: ``(exit code, rest of stderr)``."""
+        code = self.proc.wait(TIMEOUT)
+        rest: list[str] = []
+        while (line := self.stderr.get(timeout=TIMEOUT)) is not None:
+            rest.append(line)
+        return code, "\n".join(rest)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            assert stream is not None
+            stream.close()
+
+
+@pytest.fixture
+def run() -> Iterator[type[Wsgate]]:
+    """Start ``wsgate`` processes with ``run(*args)``; each is killed at the end if still alive."""
+    started: list[Wsgate] = []
+
+    class Started(Wsgate):
+        def __init__(self, *args: str) -> None:
+            super().__init__(*args)
+            started.append(self)
+
+    yield Started
+    for process in started:
+        process.kill()
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_serve_with_no_config_announces_its_url_and_echo_demo_echoes(
+    run: type[Wsgate], backend: str
+) -> None:
+    gateway = run("serve", "--port", "0", "--backend", backend)
+    url = gateway.url()
+    assert re.fullmatch(r"ws://127\.0\.0\.1:\d+", url) and port_of(url) > 0
+    gateway.expect(re.escape(f"python -m websockets {url}/ws/generic/echo.demo"))
+    with connect(f"{url}/ws/generic/echo.demo") as ws:
+        ws.send("hello")
+        assert ws.recv(TIMEOUT) == "hello"
+        ws.send(b"\x00\xffbinary")
+        assert ws.recv(TIMEOUT) == b"\x00\xffbinary"
+    gateway.proc.send_signal(signal.SIGINT)
+    code, _ = gateway.finish()
+    assert code == 0
+
+
+def test_sigterm_drains_then_closes_the_open_session_1001_and_exits_0(
+    run: type[Wsgate], backend: str, tmp_path: Path
+) -> None:
+    drain = 1.5
+    config = tmp_path / "wsgate.toml"
+    config.write_text(
+        f"[gateway]\nport = 0\ndrain_timeout = {drain}\n"
+        '[[org]]\nname = "demo"\n'
+        '[[agent]]\nname = "echo"\norg = "demo"\nbuiltin = "echo"\n'
+    )
+    gateway = run("serve", "--config", str(config), "--backend", backend)
+    url = gateway.url()
+    with connect(f"{url}/ws/generic/echo.demo") as ws:
+        ws.send("before")
+        assert ws.recv(TIMEOUT) == "before"
+        signalled = time.monotonic()
+        gateway.proc.send_signal(signal.SIGTERM)
+        # Logged once the listener is closed and the drain has begun.
+        gateway.expect(r"draining 1 connection", stream="stderr")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port_of(url)), timeout=TIMEOUT).close()
+        # The live session keeps working while the drain lasts...
+        ws.send("during the drain")
+        assert ws.recv(TIMEOUT) == "during the drain"
+        # ...and is closed with 1001 once drain_timeout has passed.
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(TIMEOUT)
+        waited = time.monotonic() - signalled
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "gateway shutting down")
+    assert drain - 0.1 <= waited < drain + 5
+    code, _ = gateway.finish()
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[gateway]\nport = 'eighty'\n", "port must be an integer"),
+        ("[gateway]\nprot = 8765\n", "unknown key 'prot'"),
+        ("[gateway]\ndrain_timeout = -1\n", "drain_timeout must be a number of seconds > 0"),
+        ("[gateway\n", "not valid TOML"),
+        ('[[agent]]\nname = "a"\norg = "nowhere"\nbuiltin = "echo"\n', "unknown org 'nowhere'"),
+    ],
+    ids=["wrong type", "unknown key", "bad value", "not toml", "unknown org"],
+)
+def test_a_bad_config_file_exits_2_with_one_line_naming_the_problem(
+    run: type[Wsgate], tmp_path: Path, text: str, named: str
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    code, stderr = run("serve", "--config", str(config)).finish()
+    assert code == 2
+    assert len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith(f"wsgate: {config}: ") and named in stderr
+
+
+def test_a_missing_config_file_exits_2_naming_the_file(run: type[Wsgate], tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    code, stderr = run("serve", "--config", str(missing)).finish()
+    assert code == 2
+    assert len(stderr.splitlines()) == 1 and f"{missing}: cannot read" in stderr
+
+
+def test_a_port_in_use_exits_1_naming_the_address(run: type[Wsgate], backend: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, stderr = run("serve", "--port", str(port), "--backend", backend).finish()
+    assert code == 1
+    assert f"wsgate: cannot listen on 127.0.0.1:{port}" in stderr
+    assert "address already in use" in stderr.lower() or str(errno.EADDRINUSE) in stderr
