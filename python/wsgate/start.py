@@ -1,0 +1,204 @@
+"""The ``/start`` service (SPEC §5), Sans-I/O: a request's parts in, a status and JSON out.
+
+``POST /v1/public/{agent}/start`` with ``Authorization: Bearer pk_…`` and
+``{"transport": "websocket", "body": {…}}``. Checks, in order; the first failure is the answer:
+
+| check | failure |
+| --- | --- |
+| path is ``/v1/public/{agent}/start`` | 404 ``Not found`` |
+| method POST | 405 |
+| request body at most :data:`MAX_REQUEST_BYTES` | 413 |
+| a public key that one organisation lists (constant-time compare against every key) | 401 |
+| ``{agent}.{org}`` is an agent, for an organisation of that key | 404 ``Service not found`` |
+| request is a JSON object with ``"transport": "websocket"`` | 400 |
+| its ``body`` at most 4096 bytes of JSON (``_core.MAX_BODY_BYTES``) | 413 |
+| no ``body`` for an agent with ``websocket_auth = "none"`` | 400 |
+| the agent can take another session (``capacity_check``) | 429 |
+
+The URL names the agent only; the key names the organisation. A valid key of an organisation
+without that agent gets 404, so a key reveals nothing about other organisations' agents.
+
+The bot's session id is derived from the token's nonce (:func:`wsgate.tokens.session_id_for`),
+so the ``sessionId`` answered here is the ``X-Daily-Session-Id`` that the bot receives. A ``none``
+agent's session takes no token, so nothing ties its later session to this answer: the
+``sessionId`` is informational there.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from . import _core
+from .config import AgentConfig, OrgConfig
+from .tokens import TokenAuthority
+
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "START_PATH",
+    "encode_body",
+    "handle_start",
+    "is_start_path",
+    "render_response",
+]
+
+#: Largest ``/start`` request body read; over it, 413 and the connection is cut off.
+MAX_REQUEST_BYTES = 64 * 1024
+#: ``/v1/public/{agent}/start``.
+START_PATH = re.compile(r"/v1/public/([a-z0-9-]{1,63})/start")
+_START_PREFIX = "/v1/public/"
+
+JSON = dict[str, Any]
+CapacityCheck = Callable[[AgentConfig], bool]
+
+
+def is_start_path(path: str) -> bool:
+    """Whether the server should hand this request path to :func:`handle_start`.
+
+    True for anything under ``/v1/public/``, so that a malformed agent name is answered 404
+    in this service's JSON format.
+    """
+    return path.startswith(_START_PREFIX)
+
+
+def encode_body(body: Any) -> tuple[bytes, str]:
+    """A session body as compact JSON bytes and as the standard padded base64 that the
+    client appends as ``?body=`` (and the upstream bot decodes). Raises ``ValueError`` for a
+    value that JSON cannot hold (NaN, a set…)."""
+    document = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    data = document.encode()
+    return data, base64.b64encode(data).decode("ascii")
+
+
+def handle_start(
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    agents: Mapping[str, AgentConfig],
+    orgs: Sequence[OrgConfig],
+    authority: TokenAuthority | None,
+    capacity_check: CapacityCheck,
+    *,
+    public_url: str,
+) -> tuple[int, JSON]:
+    """Answer one ``/start`` request: ``(status, JSON document)``.
+
+    ``headers``: ``(lower-cased name, value)`` pairs (``Request.headers``). ``agents``: by
+    service host (``Config.agents_by_host()``). ``authority`` mints tokens; it may be None only
+    when no agent uses token auth. ``capacity_check(agent)``: True if the agent can take
+    another session. ``public_url``: the gateway's public ``ws(s)://`` base.
+    """
+    match = START_PATH.fullmatch(path)
+    if match is None:
+        return _error(404, "Not found")
+    if method != "POST":
+        return _error(405, "Method not allowed: use POST")
+    if len(body) > MAX_REQUEST_BYTES:
+        return _error(413, "Request too large")
+    key = _bearer(headers)
+    if key is None:
+        return _error(401, "Missing public API key (Authorization: Bearer pk_...)")
+    key_orgs = _orgs_of_key(key, orgs)
+    if not key_orgs:
+        return _error(401, "Invalid public API key")
+    agent = next(
+        (agents[host] for org in key_orgs if (host := f"{match.group(1)}.{org}") in agents),
+        None,
+    )
+    if agent is None:
+        return _error(404, "Service not found")
+    try:
+        request = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return _error(400, "Request body must be JSON")
+    if not isinstance(request, dict):
+        return _error(400, "Request body must be a JSON object")
+    if request.get("transport") != "websocket":
+        return _error(400, 'transport must be "websocket" (other transports are not served)')
+    session_body = request.get("body")
+    encoded: str | None = None
+    if session_body is not None:
+        try:
+            document, encoded = encode_body(session_body)
+        except (ValueError, RecursionError):
+            return _error(400, "body must be JSON")
+        if len(document) > _core.MAX_BODY_BYTES:
+            return _error(413, f"body over {_core.MAX_BODY_BYTES} bytes of JSON")
+        if agent.websocket_auth == "none":
+            return _error(
+                400, "body is not taken for an agent without token auth: send it as ?body="
+            )
+    if not capacity_check(agent):
+        return _error(429, "Agent at capacity")
+    ws_url = f"{public_url.rstrip('/')}/ws/generic/{agent.service_host}"
+    if agent.websocket_auth == "none":
+        return 200, {"wsUrl": ws_url, "sessionId": str(uuid.uuid4())}
+    if authority is None:
+        raise RuntimeError(f"agent {agent.service_host} uses token auth but no authority is set")
+    minted = authority.mint(agent.service_host)
+    answer: JSON = {"token": minted.token, "wsUrl": ws_url, "sessionId": minted.session_id}
+    if encoded is not None:
+        answer["body"] = encoded
+    return 200, answer
+
+
+def render_response(status: int, document: JSON) -> bytes:
+    """The HTTP/1.1 response for :func:`handle_start`'s answer (``Connection: close``).
+
+    ``Cache-Control: no-store``: a 200 holds a bearer token (SPEC §5).
+    """
+    payload = json.dumps(document, separators=(",", ":")).encode()
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(payload)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    if status == 405:
+        lines.append("Allow: POST")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + payload
+
+
+def _error(status: int, reason: str) -> tuple[int, JSON]:
+    return status, {"error": reason, "code": str(status)}
+
+
+def _bearer(headers: Sequence[tuple[str, str]]) -> str | None:
+    values = [value for name, value in headers if name == "authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, credentials = values[0].strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials
+
+
+def _orgs_of_key(key: str, orgs: Sequence[OrgConfig]) -> list[str]:
+    """The organisations listing ``key``. Every key is compared, in constant time each, so the
+    time taken depends on neither where nor whether the key matched."""
+    given = key.encode("utf-8", "surrogateescape")
+    matched: list[str] = []
+    for org in orgs:
+        found = False
+        for candidate in org.public_keys:
+            found |= hmac.compare_digest(given, candidate.encode())
+        if found:
+            matched.append(org.name)
+    return matched
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

@@ -1,0 +1,266 @@
+"""One-time session tokens (SPEC §3): minting for ``/start`` and the gateway's verdict on them.
+
+The token format and its stateless checks (canonical encoding, signature in constant time,
+service host, expiry) live in the Rust core (``rust/token.rs``); this module adds what needs
+state or I/O: the secrets, the clock, the replay store, and the mapping to HTTP answers.
+
+Invariants:
+- Checks run in this order, and the first failure is the answer: missing token (403),
+  the Rust checks (403), the replay store (403 "token already used", 503 when it cannot
+  answer). A token refused by the Rust checks never costs a store round trip.
+- Tokens, nonces and secrets never appear in a repr, an exception message or a log line.
+- The session id of a token is derived from its nonce (:func:`session_id_for`): the token
+  format is fixed at ``{sh, exp, nonce}``, and a derived id needs no shared state, so a token
+  minted by one gateway instance opens a session with the same id on any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote
+
+from . import _core
+from .config import AgentConfig
+from .errors import ConfigError, HttpError
+from .replay import MemoryReplayStore, ReplayStore, ReplayStoreUnavailable
+from .request import Request
+
+__all__ = [
+    "SECRETS_ENV",
+    "MintedToken",
+    "TokenAuthority",
+    "VerifiedToken",
+    "load_secrets",
+    "session_id_for",
+    "token_from_request",
+]
+
+#: Environment variable holding the secrets, comma-separated, the signing one first.
+SECRETS_ENV = "WSGATE_SECRETS"
+_MAX_TTL = 86_400
+
+
+@dataclass(frozen=True)
+class MintedToken:
+    """A freshly minted token and what ``/start`` answers with it."""
+
+    token: str = field(repr=False)
+    #: Expiry, Unix seconds.
+    exp: int
+    nonce: str = field(repr=False)
+
+    @property
+    def session_id(self) -> str:
+        """The id the bot will see for the session this token opens."""
+        return session_id_for(self.nonce)
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    """A token that passed every check and is now used up."""
+
+    service_host: str
+    exp: int
+    #: The session id that ``/start`` announced for this token (``X-Daily-Session-Id``).
+    session_id: str
+
+
+def session_id_for(nonce: str) -> str:
+    """The session id of the token with this nonce: a uuid4 made of SHA-256 of the nonce.
+
+    One-way, so the session id (which reaches logs and the bot) does not reveal the nonce
+    (the replay store's key); deterministic, so every gateway instance derives the same id.
+    """
+    digest = hashlib.sha256(b"wsgate session id\x00" + nonce.encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+def token_from_request(request: Request, path_token: str | None) -> str | None:
+    """The token the client attached, from the first place present (SPEC §3), or None.
+
+    1. ``Authorization`` header: the credentials of a ``Bearer`` scheme; any other scheme
+       gives ``""``, which is judged (and refused) rather than skipped.
+    2. The first ``token`` query parameter, percent-decoded.
+    3. The trailing path segment (``/ws/generic/{host}/{token}``), as routing found it.
+    """
+    authorization = request.header("authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        return credentials.strip() if scheme.lower() == "bearer" else ""
+    for name, value in request.query_params():
+        if name == "token":
+            return unquote(value)
+    return path_token
+
+
+def load_secrets(
+    secrets: Sequence[str | bytes] | None = None,
+    *,
+    secrets_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[bytes, ...]:
+    """The token secrets from exactly one source, the signing secret first:
+
+    - ``secrets``: a list (the settings file's ``secrets``), used as given;
+    - ``secrets_file``: a file with one secret per line (blank lines and ``#`` comments
+      skipped), e.g. a mounted Kubernetes or Docker secret;
+    - the environment variable ``WSGATE_SECRETS``: comma-separated.
+
+    Items from a file or the environment are stripped of surrounding whitespace. Raises
+    :class:`ConfigError` when no source or more than one is set, or a secret is empty; the
+    message never holds a secret.
+    """
+    env_value = (os.environ if environ is None else environ).get(SECRETS_ENV)
+    given = [
+        name
+        for name, value in (
+            ("secrets", secrets),
+            ("secrets_file", secrets_file),
+            (SECRETS_ENV, env_value),
+        )
+        if value is not None
+    ]
+    if not given:
+        raise ConfigError(
+            f"token auth needs secrets: set secrets or secrets_file, or {SECRETS_ENV}"
+        )
+    if len(given) > 1:
+        raise ConfigError(f"secrets given more than once ({' and '.join(given)}); keep one")
+    items: list[str | bytes]
+    if secrets is not None:
+        if isinstance(secrets, (str, bytes)):
+            raise ConfigError("secrets must be a list of strings")
+        items = list(secrets)
+        source = "secrets"
+    elif secrets_file is not None:
+        try:
+            text = Path(secrets_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"secrets_file {secrets_file}: cannot read: {exc}") from None
+        items = [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        source = f"secrets_file {secrets_file}"
+    else:
+        assert env_value is not None
+        items = [item.strip() for item in env_value.split(",")]
+        source = SECRETS_ENV
+    return _check_secrets(items, source)
+
+
+def _check_secrets(items: Sequence[object], source: str) -> tuple[bytes, ...]:
+    keys: list[bytes] = []
+    for position, item in enumerate(items, 1):
+        if isinstance(item, str):
+            key = item.encode()
+        elif isinstance(item, bytes):
+            key = item
+        else:
+            raise ConfigError(f"{source}: secret #{position} must be a string")
+        if not key:
+            raise ConfigError(f"{source}: secret #{position} is empty")
+        keys.append(key)
+    if not keys:
+        raise ConfigError(f"{source}: no secret given")
+    return tuple(keys)
+
+
+class TokenAuthority:
+    """Mints tokens for ``/start`` and judges them at the WebSocket upgrade.
+
+    ``secrets``: the first signs, all verify (rotation: add the new secret first, drop the old
+    one a token lifetime later). ``ttl``: token lifetime in seconds. ``clock``: Unix seconds
+    (injectable for tests). ``store``: the replay store, by default one in memory on the same
+    clock.
+    """
+
+    def __init__(
+        self,
+        secrets: Sequence[str | bytes],
+        ttl: int = _core.TOKEN_TTL_SECONDS,
+        clock: Callable[[], float] = time.time,
+        *,
+        store: ReplayStore | None = None,
+    ) -> None:
+        if isinstance(secrets, (str, bytes)):
+            raise ConfigError("secrets must be a list of strings")
+        self._secrets = list(_check_secrets(list(secrets), "secrets"))
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= _MAX_TTL:
+            raise ConfigError(f"token_ttl must be an integer of 1 to {_MAX_TTL} seconds")
+        self.ttl = ttl
+        self._clock = clock
+        self.store: ReplayStore = MemoryReplayStore(clock=clock) if store is None else store
+
+    def __repr__(self) -> str:
+        return f"<TokenAuthority {len(self._secrets)} secret(s), ttl {self.ttl} s, {self.store!r}>"
+
+    def _now(self) -> int:
+        return math.floor(self._clock())
+
+    def mint(self, service_host: str) -> MintedToken:
+        """A new token for ``service_host``, valid for ``ttl`` seconds from now."""
+        exp = self._now() + self.ttl
+        nonce = _core.new_nonce()
+        token = _core.mint_token(self._secrets[0], service_host, exp, nonce)
+        return MintedToken(token=token, exp=exp, nonce=nonce)
+
+    def check(self, token: str | None, service_host: str) -> tuple[int, str]:
+        """The stateless checks only (no replay store): ``(exp, nonce)`` of a token that is
+        well formed, signed by one of the secrets, for ``service_host`` and not expired.
+
+        Raises ``HttpError(403, reason)``; the reason never holds the token.
+        """
+        if token is None:
+            raise HttpError(403, "token missing")
+        try:
+            _, exp, nonce = _core.verify_token(self._secrets, token, service_host, self._now())
+        except _core.TokenError as exc:
+            raise HttpError(403, str(exc)) from None
+        return exp, nonce
+
+    async def verify(self, token: str | None, service_host: str) -> VerifiedToken:
+        """Judge a token and use it up: the stateless checks, then the replay store.
+
+        Raises ``HttpError`` 403 (missing, malformed, bad signature, other service host,
+        expired, already used) or 503 (replay store unavailable: fail closed).
+        """
+        exp, nonce = self.check(token, service_host)
+        try:
+            first_use = await self.store.claim(nonce, exp)
+        except ReplayStoreUnavailable:
+            raise HttpError(503, "token store unavailable") from None
+        if not first_use:
+            raise HttpError(403, "token already used")
+        return VerifiedToken(service_host=service_host, exp=exp, session_id=session_id_for(nonce))
+
+    def check_request(self, request: Request, path_token: str | None, agent: AgentConfig) -> None:
+        """The stateless part as a :data:`wsgate.routing.TokenCheck` hook: ``none`` agents
+        pass; a ``token`` agent's request needs a token passing :meth:`check`.
+
+        Routing then refuses bad tokens with 403 before it looks at the body; the server calls
+        :meth:`verify_request` after routing to use the token up.
+        """
+        if agent.websocket_auth == "token":
+            self.check(token_from_request(request, path_token), agent.service_host)
+
+    async def verify_request(
+        self, request: Request, path_token: str | None, agent: AgentConfig
+    ) -> VerifiedToken | None:
+        """:meth:`verify` of the request's token for a ``token`` agent; None for a ``none``
+        agent (its session gets a fresh id, and the replay store is not consulted)."""
+        if agent.websocket_auth != "token":
+            return None
+        return await self.verify(token_from_request(request, path_token), agent.service_host)
+
+    async def aclose(self) -> None:
+        """Close the replay store."""
+        await self.store.aclose()
