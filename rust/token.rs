@@ -117,6 +117,10 @@ struct PayloadIn {
 /// `nonce` should come from [`new_nonce`]; an empty one yields a token [`verify`] refuses.
 #[must_use]
 pub fn mint(secret: &[u8], service_host: &str, exp: u64, nonce: &str) -> String {
+    mint_with(&keyed(secret), service_host, exp, nonce)
+}
+
+fn mint_with(key: &HmacSha256, service_host: &str, exp: u64, nonce: &str) -> String {
     let payload = serde_json::to_vec(&PayloadOut {
         sh: service_host,
         exp,
@@ -124,7 +128,9 @@ pub fn mint(secret: &[u8], service_host: &str, exp: u64, nonce: &str) -> String 
     })
     .expect("two strings and an integer always serialise");
     let mut token = STRICT.encode(payload);
-    let mac = hmac(secret, token.as_bytes()).finalize().into_bytes();
+    let mut mac = key.clone();
+    mac.update(token.as_bytes());
+    let mac = mac.finalize().into_bytes();
     token.push('.');
     STRICT.encode_string(mac, &mut token);
     token
@@ -144,6 +150,16 @@ pub fn verify(
     service_host: &str,
     now: u64,
 ) -> Result<Claims, TokenError> {
+    let keys: Vec<HmacSha256> = secrets.iter().map(|s| keyed(s)).collect();
+    verify_with(&keys, token, service_host, now)
+}
+
+fn verify_with(
+    keys: &[HmacSha256],
+    token: &str,
+    service_host: &str,
+    now: u64,
+) -> Result<Claims, TokenError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(TokenError::Malformed);
     }
@@ -159,10 +175,10 @@ pub fn verify(
         return Err(TokenError::Malformed);
     }
     // `verify_slice` compares in constant time.
-    let signed = secrets.iter().any(|secret| {
-        hmac(secret, payload_part.as_bytes())
-            .verify_slice(&mac)
-            .is_ok()
+    let signed = keys.iter().any(|key| {
+        let mut m = key.clone();
+        m.update(payload_part.as_bytes());
+        m.verify_slice(&mac).is_ok()
     });
     if !signed {
         return Err(TokenError::BadSignature);
@@ -196,10 +212,50 @@ pub fn new_nonce() -> String {
     STRICT.encode(bytes)
 }
 
-fn hmac(secret: &[u8], message: &[u8]) -> HmacSha256 {
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(message);
-    mac
+/// An HMAC keyed with `secret`: its inner and outer pads hashed once, cloned per token.
+fn keyed(secret: &[u8]) -> HmacSha256 {
+    HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length")
+}
+
+/// The signing secrets of a deployment, keyed once: the first signs, all verify (rotation).
+/// Its `Debug` shows only how many there are.
+#[derive(Clone)]
+pub struct Keys {
+    keys: Vec<HmacSha256>,
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Keys({} secrets)", self.keys.len())
+    }
+}
+
+impl Keys {
+    /// Keys for `secrets`; `None` if there are none or one is empty (HMAC would accept an
+    /// empty key, which signs nothing worth checking).
+    pub fn new<S: AsRef<[u8]>>(secrets: &[S]) -> Option<Self> {
+        if secrets.is_empty() || secrets.iter().any(|s| s.as_ref().is_empty()) {
+            return None;
+        }
+        Some(Self {
+            keys: secrets.iter().map(|s| keyed(s.as_ref())).collect(),
+        })
+    }
+
+    /// [`mint`] with the first secret.
+    #[must_use]
+    pub fn mint(&self, service_host: &str, exp: u64, nonce: &str) -> String {
+        mint_with(&self.keys[0], service_host, exp, nonce)
+    }
+
+    /// [`verify`] against every secret.
+    ///
+    /// # Errors
+    ///
+    /// As [`verify`].
+    pub fn verify(&self, token: &str, service_host: &str, now: u64) -> Result<Claims, TokenError> {
+        verify_with(&self.keys, token, service_host, now)
+    }
 }
 
 fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
@@ -232,14 +288,28 @@ mod tests {
 
     /// A token whose first part is `payload_part` verbatim, correctly signed with [`SECRET`].
     fn signed(payload_part: &str) -> String {
-        let mac = hmac(SECRET, payload_part.as_bytes())
-            .finalize()
-            .into_bytes();
+        let mut mac = keyed(SECRET);
+        mac.update(payload_part.as_bytes());
+        let mac = mac.finalize().into_bytes();
         format!("{payload_part}.{}", STRICT.encode(mac))
     }
 
     fn signed_json(json: &str) -> String {
         signed(&STRICT.encode(json))
+    }
+
+    #[test]
+    fn prepared_keys_mint_and_verify_like_the_plain_functions() {
+        let keys = Keys::new(&[b"new".as_slice(), SECRET]).unwrap();
+        assert_eq!(keys.mint(HOST, EXP, "n"), mint(b"new", HOST, EXP, "n"));
+        let old = token();
+        assert_eq!(
+            keys.verify(&old, HOST, EXP - 1),
+            verify(&[SECRET], &old, HOST, EXP - 1)
+        );
+        assert!(Keys::new::<&[u8]>(&[]).is_none());
+        assert!(Keys::new(&[b"".as_slice()]).is_none());
+        assert_eq!(format!("{keys:?}"), "Keys(2 secrets)");
     }
 
     #[test]

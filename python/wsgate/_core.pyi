@@ -17,6 +17,7 @@ __all__ = [
     "Message",
     "Outcome",
     "TokenError",
+    "TokenKeys",
     "decode_body",
     "mint_token",
     "new_nonce",
@@ -63,6 +64,20 @@ def verify_token(
     """Verify a token (signature in constant time against each secret, then service host and
     expiry): ``(service_host, exp, nonce)``. Raises :class:`TokenError`. Replay is the caller's
     check: record the nonce."""
+
+@final
+class TokenKeys:
+    """A deployment's signing secrets, keyed once (what the gateway uses per request): the
+    first signs, all verify. Its repr shows only how many there are."""
+
+    def __new__(cls, secrets: list[bytes]) -> TokenKeys:
+        """Raises ``ValueError`` for an empty list or an empty secret."""
+
+    def mint(self, service_host: str, exp: int, nonce: str) -> str:
+        """As :func:`mint_token`, with the first secret."""
+
+    def verify(self, token: str, service_host: str, now: int) -> tuple[str, int, str]:
+        """As :func:`verify_token`, against every secret."""
 
 def new_nonce() -> str:
     """16 random bytes from the OS, base64url: a token's nonce."""

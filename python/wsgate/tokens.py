@@ -194,6 +194,7 @@ class TokenAuthority:
         if isinstance(secrets, (str, bytes)):
             raise ConfigError("secrets must be a list of strings")
         self._secrets = list(_check_secrets(list(secrets), "secrets"))
+        self._keys = _core.TokenKeys(self._secrets)
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= _MAX_TTL:
             raise ConfigError(f"token_ttl must be an integer of 1 to {_MAX_TTL} seconds")
         self.ttl = ttl
@@ -210,7 +211,7 @@ class TokenAuthority:
         """A new token for ``service_host``, valid for ``ttl`` seconds from now."""
         exp = self._now() + self.ttl
         nonce = _core.new_nonce()
-        token = _core.mint_token(self._secrets[0], service_host, exp, nonce)
+        token = self._keys.mint(service_host, exp, nonce)
         return MintedToken(token=token, exp=exp, nonce=nonce)
 
     def check(self, token: str | None, service_host: str) -> tuple[int, str]:
@@ -222,7 +223,7 @@ class TokenAuthority:
         if token is None:
             raise HttpError(403, "token missing")
         try:
-            _, exp, nonce = _core.verify_token(self._secrets, token, service_host, self._now())
+            _, exp, nonce = self._keys.verify(token, service_host, self._now())
         except _core.TokenError as exc:
             raise HttpError(403, str(exc)) from None
         return exp, nonce
