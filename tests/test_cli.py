@@ -7,90 +7,24 @@ waited for with a timeout), a socket answer, or the process's exit.
 from __future__ import annotations
 
 import errno
-import queue
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import connect
-
-TIMEOUT = 20.0
+from .processes import TIMEOUT, Wsgate, port_of
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def backend(request: pytest.FixtureRequest) -> str:
     """The event loop the ``wsgate`` process runs on (its ``--backend`` option)."""
     return str(request.param)
-
-
-class Wsgate:
-    """A ``python -m wsgate`` process whose stdout and stderr lines are read into queues."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wsgate", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.stdout: queue.Queue[str | None] = queue.Queue()
-        self.stderr: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        for stream, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
-            assert stream is not None
-            threading.Thread(target=self._pump, args=(stream, lines), daemon=True).start()
-
-    @staticmethod
-    def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
-        for line in stream:
-            lines.put(line.rstrip("\n"))
-        lines.put(None)  # end of the stream
-
-    def expect(self, pattern: str, *, stream: str = "stdout") -> re.Match[str]:
-        """Wait for a line of ``stream`` matching ``pattern``; fail on EOF or timeout."""
-        lines = self.stdout if stream == "stdout" else self.stderr
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"no line matching {pattern!r} within {TIMEOUT} s; saw {self.seen}")
-            if line is None:
-                pytest.fail(f"wsgate exited before printing {pattern!r}; saw {self.seen}")
-            self.seen.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def url(self) -> str:
-        """The URL the process announces once it is listening."""
-        return self.expect(r"^wsgate serving on (ws://\S+)$")[1]
-
-    def finish(self) -> tuple[int, str]:
-        """Wait for the exit: ``(exit code, rest of stderr)``."""
-        code = self.proc.wait(TIMEOUT)
-        rest: list[str] = []
-        while (line := self.stderr.get(timeout=TIMEOUT)) is not None:
-            rest.append(line)
-        return code, "\n".join(rest)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(TIMEOUT)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            assert stream is not None
-            stream.close()
 
 
 @pytest.fixture
@@ -106,10 +40,6 @@ def run() -> Iterator[type[Wsgate]]:
     yield Started
     for process in started:
         process.kill()
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
 
 
 def test_serve_with_no_config_announces_its_url_and_echo_demo_echoes(

@@ -96,7 +96,7 @@ async def stack(
     """A gateway that checks tokens (stateless part) and a /start service minting for it."""
     config = make_config(upstream)
     gateway_auth = TokenAuthority(["secret"])
-    async with Gateway(config, check_token=gateway_auth.check_request).running() as gateway:
+    async with Gateway(config, authority=gateway_auth).running() as gateway:
         minting = TokenAuthority([start_secret])
         async with tcp_server(start_handler(config, minting, gateway.url)) as (port, seen):
             yield gateway, f"http://127.0.0.1:{port}", seen

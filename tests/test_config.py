@@ -77,7 +77,7 @@ def test_every_setting_has_the_documented_default() -> None:
     assert (settings.host, settings.port, settings.public_url, settings.region) == (
         "127.0.0.1",
         8765,
-        "ws://127.0.0.1:8765",
+        None,  # the listening address
         "local",
     )
     assert settings.max_message_size == _core.DEFAULT_MAX_MESSAGE_SIZE == 1048576
@@ -87,6 +87,12 @@ def test_every_setting_has_the_documented_default() -> None:
         30,
     )
     assert (settings.max_session_duration, settings.relay_threads) == (7200, 0)
+    assert (settings.dead_peer_timeout, settings.token_ttl, settings.replay_store) == (
+        60,
+        300,
+        "memory",
+    )
+    assert (settings.secrets, settings.secrets_file) == (None, None)
     agent = AgentConfig("a", "b", builtin="echo")
     assert (agent.websocket_auth, agent.max_sessions) == ("none", 50)
 
@@ -146,6 +152,12 @@ def test_a_file_is_read_from_disk_and_named_in_errors(tmp_path: Path) -> None:
         ("[gateway]\nrelay_threads = -1", "relay_threads must be an integer >= 0"),
         ("[gateway]\npublic_url = 'http://x'", "public_url 'http://x' must start with ws://"),
         ("[gateway]\nregion = ''", "region must not be empty"),
+        ("[gateway]\ndead_peer_timeout = 0.5", "dead_peer_timeout must be at least 1 second"),
+        ("[gateway]\ntoken_ttl = 0", "token_ttl must be 1 to 86400 seconds"),
+        ("[gateway]\ntoken_ttl = 1.5", "token_ttl must be an integer"),
+        ("[gateway]\nreplay_store = 'mysql://x'", "replay_store must be 'memory' or a redis://"),
+        ("[gateway]\nsecrets = 's'", "secrets must be a list of strings"),
+        ("[gateway]\nsecrets_file = 3", "secrets_file must be a string"),
         ("org = 1", "org must be an array of tables"),
         ("[[org]]\npublic_keys = []", r"\[\[org\]\] #1: missing key 'name'"),
         ("[[org]]\nname = 'My_Org'", "organisation name 'My_Org' must be 1-63 lowercase"),
@@ -158,6 +170,17 @@ def test_a_file_is_read_from_disk_and_named_in_errors(tmp_path: Path) -> None:
 def test_a_bad_file_is_refused_with_a_message_naming_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         loads_config(text, source="gw.toml")
+
+
+def test_secrets_and_a_replay_store_url_are_never_echoed() -> None:
+    for text in ("[gateway]\nsecrets = 'hunter2'", "[gateway]\nreplay_store = 7"):
+        with pytest.raises(ConfigError) as caught:
+            loads_config(text)
+        assert "hunter2" not in str(caught.value) and " 7" not in str(caught.value)
+    settings = loads_config(
+        "[gateway]\nsecrets = ['hunter2']\nreplay_store = 'redis://:pw@h:6379'"
+    ).gateway
+    assert "hunter2" not in repr(settings) and "pw@" not in repr(settings)
 
 
 def test_a_public_key_of_the_wrong_type_is_not_echoed() -> None:

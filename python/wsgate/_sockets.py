@@ -13,7 +13,7 @@ import socket
 
 import anyio
 
-__all__ = ["HeadTooLarge", "read_head", "send_all"]
+__all__ = ["HeadTooLarge", "read_exactly", "read_head", "send_all"]
 
 _RECV_SIZE = 65536
 
@@ -59,3 +59,19 @@ async def read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
         if not chunk:
             raise EOFError("connection closed during the handshake")
         buf += chunk
+
+
+async def read_exactly(sock: socket.socket, n: int, already: bytes = b"") -> bytes:
+    """``n`` bytes of a request body, of which ``already`` arrived with the head. Bytes past
+    ``n`` are dropped (a ``/start`` request is answered and closed). Raises ``EOFError``."""
+    buf = bytearray(already[:n])
+    while len(buf) < n:
+        try:
+            chunk = sock.recv(min(_RECV_SIZE, n - len(buf)))
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        if not chunk:
+            raise EOFError("connection closed during the request body")
+        buf += chunk
+    return bytes(buf)

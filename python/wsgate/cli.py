@@ -1,19 +1,32 @@
-"""``wsgate serve [--config FILE] [--host H] [--port P]``: run a gateway until SIGTERM or Ctrl-C."""
+"""The ``wsgate`` command, a thin layer over the library:
+
+- ``wsgate serve [--config FILE] [--host H] [--port P]``: run a gateway until SIGTERM or Ctrl-C;
+- ``wsgate start --url URL --agent NAME [--key pk_…] [--body JSON]``: call ``/start`` and print
+  its JSON (what a telephony webhook hands on); the key may come from ``WSGATE_PUBLIC_KEY``;
+- ``wsgate token mint|verify``: for operators, with the secrets of ``--config`` (or
+  ``WSGATE_SECRETS``). ``verify`` reads the token from standard input, so it stays out of the
+  process list and shell history.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 import anyio
 from anyio.abc import TaskStatus
 
+from .client import StartError, start_sync
 from .config import default_config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, HttpError, WsgateError
 from .server import Gateway
+from .tokens import TokenAuthority, load_secrets
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -34,12 +47,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="TCP port, 0 for any (overrides [gateway] port)")
     serve.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    start = commands.add_parser("start", help="call /start and print its JSON")
+    start.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8765")
+    start.add_argument("--agent", required=True, help="agent name (the org is the key's)")
+    start.add_argument("--key", help="public API key pk_… (default: $WSGATE_PUBLIC_KEY)")
+    start.add_argument("--body", help="session body: a JSON document of at most 4 KB")
+    token = commands.add_parser("token", help="mint or check session tokens (operators)")
+    token.add_argument("action", choices=("mint", "verify"))
+    token.add_argument("--agent", required=True, help="service host {agent}.{org}")
+    token.add_argument("--config", metavar="FILE", help="settings with secrets/secrets_file")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsgate`` command; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "start":
+        return _start(args)
+    if args.command == "token":
+        return _token(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         config = load_config(args.config) if args.config else default_config()
@@ -62,6 +88,58 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    key = args.key or os.environ.get("WSGATE_PUBLIC_KEY")
+    if not key:
+        print("wsgate: give --key or set WSGATE_PUBLIC_KEY", file=sys.stderr)
+        return 2
+    try:
+        body = None if args.body is None else json.loads(args.body)
+    except ValueError:
+        print("wsgate: --body is not JSON", file=sys.stderr)
+        return 2
+    try:
+        result = start_sync(args.url, args.agent, key, body)
+    except StartError as exc:
+        print(f"wsgate: /start answered {exc.status}: {exc.reason}", file=sys.stderr)
+        return 1
+    except (WsgateError, OSError, ValueError) as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
+        return 1
+    answer = {"token": result.token, "wsUrl": result.ws_url, "sessionId": result.session_id,
+              "body": result.body}  # fmt: skip
+    print(json.dumps({k: v for k, v in answer.items() if v is not None}))
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    try:
+        settings = load_config(args.config).gateway if args.config else None
+        secrets = load_secrets(
+            settings.secrets if settings else None,
+            secrets_file=settings.secrets_file if settings else None,
+        )
+        authority = TokenAuthority(secrets, settings.token_ttl if settings else 300)
+    except ConfigError as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
+        return 2
+    if args.action == "mint":
+        minted = authority.mint(args.agent)
+        print(
+            json.dumps({"token": minted.token, "exp": minted.exp, "sessionId": minted.session_id})
+        )
+        return 0
+    token = sys.stdin.read().strip()
+    try:
+        exp, _nonce = authority.check(token, args.agent)
+    except HttpError as exc:
+        print(f"wsgate: refused: {exc.reason}", file=sys.stderr)
+        return 1
+    print(json.dumps({"valid": True, "serviceHost": args.agent, "exp": exp,
+                      "expiresIn": exp - int(time.time())}))  # fmt: skip
     return 0
 
 

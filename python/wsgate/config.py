@@ -69,8 +69,9 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     #: 0 picks a free port; :attr:`wsgate.Gateway.port` tells which.
     port: int = 8765
-    #: Base of the ``wsUrl`` that ``/start`` returns (a later issue).
-    public_url: str = "ws://127.0.0.1:8765"
+    #: Base of the ``wsUrl`` that ``/start`` returns, as clients reach this gateway (e.g.
+    #: ``wss://gw.example.com`` behind a TLS load balancer). Unset: the listening address.
+    public_url: str | None = None
     region: str = "local"
     #: Largest WebSocket message (all fragments), in bytes; over it the sender gets 1009.
     max_message_size: int = _core.DEFAULT_MAX_MESSAGE_SIZE
@@ -85,14 +86,29 @@ class GatewaySettings:
     max_session_duration: float = 7200.0
     #: Relay threads of the Rust engine; 0 means one per CPU.
     relay_threads: int = 0
+    #: Seconds within which a peer that vanished without a FIN (power cut, NAT timeout) is
+    #: detected, by TCP keepalive and ``TCP_USER_TIMEOUT``; the other side then gets 1011/1001.
+    dead_peer_timeout: float = 60.0
+    #: Token signing secrets (the first signs, all verify). Only one source: this list,
+    #: ``secrets_file``, or the ``WSGATE_SECRETS`` environment variable. Never in a repr.
+    secrets: Sequence[str] | None = field(default=None, repr=False)
+    #: A file with one secret per line (e.g. a mounted Kubernetes secret).
+    secrets_file: str | None = None
+    #: Seconds a token minted by ``/start`` stays valid (SPEC §3: 300).
+    token_ttl: int = _core.TOKEN_TTL_SECONDS
+    #: Where spent token nonces are kept: ``"memory"`` (this process) or a ``redis://`` URL
+    #: (shared by several gateways). May hold a password: never in a repr or a log.
+    replay_store: str = field(default="memory", repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("host", "public_url", "region"):
+        for name in ("host", "region"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string")
+        if self.public_url is not None and not isinstance(self.public_url, str):
+            raise ConfigError("public_url must be a string")
         if not self.region:
             raise ConfigError("region must not be empty")
-        if not self.public_url.startswith(("ws://", "wss://")):
+        if self.public_url is not None and not self.public_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"public_url {self.public_url!r} must start with ws:// or wss://")
         for name, low in (("port", 0), ("max_message_size", 1), ("relay_threads", 0)):
             value = getattr(self, name)
@@ -104,6 +120,23 @@ class GatewaySettings:
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if not _is_number(self.dead_peer_timeout) or self.dead_peer_timeout < 1:
+            raise ConfigError(
+                f"dead_peer_timeout must be at least 1 second, got {self.dead_peer_timeout!r}"
+            )
+        if not _is_int(self.token_ttl) or not 1 <= self.token_ttl <= 86400:
+            raise ConfigError(f"token_ttl must be 1 to 86400 seconds, got {self.token_ttl!r}")
+        if not isinstance(self.replay_store, str) or not (
+            self.replay_store == "memory"
+            or self.replay_store.startswith(("redis://", "rediss://", "valkey://"))
+        ):
+            raise ConfigError("replay_store must be 'memory' or a redis:// URL")
+        if self.secrets is not None:
+            if isinstance(self.secrets, str) or not isinstance(self.secrets, Sequence):
+                raise ConfigError("secrets must be a list of strings")
+            object.__setattr__(self, "secrets", tuple(self.secrets))
+        if self.secrets_file is not None and not isinstance(self.secrets_file, str):
+            raise ConfigError("secrets_file must be a string")
         value = self.max_session_duration
         if not _is_number(value) or not 60 <= value <= 14400:
             raise ConfigError(f"max_session_duration must be 60 to 14400 seconds, got {value!r}")
@@ -283,8 +316,8 @@ def _build(where: str, table: dict[str, Any], cls: type[_T]) -> _T:
     for key, value in table.items():
         expected = _TYPES[cls.__name__, key]
         if not _has_type(value, expected):
-            # Never echo a secret (public_keys) back in an error message.
-            shown = "" if key == "public_keys" else f" {value!r}"
+            # Never echo a secret back in an error message.
+            shown = "" if key in ("public_keys", "secrets", "replay_store") else f" {value!r}"
             raise ConfigError(
                 f"{where}: {key} must be {expected}, got {type(value).__name__}{shown}"
             )
@@ -307,12 +340,25 @@ def _check_keys(where: str, table: Mapping[str, Any], known: set[str]) -> None:
 
 
 _TYPES: dict[tuple[str, str], str] = {
-    **{("GatewaySettings", k): "a string" for k in ("host", "public_url", "region")},
-    **{("GatewaySettings", k): "an integer" for k in ("port", "max_message_size", "relay_threads")},
+    **{
+        ("GatewaySettings", k): "a string"
+        for k in ("host", "public_url", "region", "secrets_file", "replay_store")
+    },
+    **{
+        ("GatewaySettings", k): "an integer"
+        for k in ("port", "max_message_size", "relay_threads", "token_ttl")
+    },
     **{
         ("GatewaySettings", k): "a number"
-        for k in ("handshake_timeout", "dial_timeout", "drain_timeout", "max_session_duration")
+        for k in (
+            "handshake_timeout",
+            "dial_timeout",
+            "drain_timeout",
+            "max_session_duration",
+            "dead_peer_timeout",
+        )
     },
+    ("GatewaySettings", "secrets"): "a list of strings",
     ("OrgConfig", "name"): "a string",
     ("OrgConfig", "public_keys"): "a list of strings",
     **{

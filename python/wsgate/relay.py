@@ -48,8 +48,8 @@ class RelaySession:
 class Relay:
     """Owns the engine and the doorbell task; :meth:`run` must be running in a task group."""
 
-    def __init__(self, threads: int = 0) -> None:
-        self.engine = _core.Engine(threads)
+    def __init__(self, threads: int = 0, dead_peer_timeout: float = 60.0) -> None:
+        self.engine = _core.Engine(threads, dead_peer_timeout)
         self._ids = itertools.count(1)
         self._live: dict[int, RelaySession] = {}
 

@@ -25,13 +25,16 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from . import _core
-from ._sockets import HeadTooLarge, read_head, send_all
+from ._sockets import HeadTooLarge, read_exactly, read_head, send_all
 from .config import AgentConfig, Config, default_config, load_config
 from .errors import HttpError
 from .handshake import plain_response, switching_protocols
 from .relay import Relay, RelaySession
-from .request import parse_request
-from .routing import Route, TokenCheck, no_token_auth_yet, route
+from .replay import open_replay_store
+from .request import Request, parse_request
+from .routing import Route, no_token_auth_yet, route
+from .start import MAX_REQUEST_BYTES, handle_start, is_start_path, render_response
+from .tokens import TokenAuthority, load_secrets
 from .upstream import dial
 
 __all__ = ["Gateway"]
@@ -68,7 +71,9 @@ class Gateway:
             ...
             gateway.stop()  # serve() returns once sessions are drained
 
-    ``check_token`` is the token hook of :func:`wsgate.routing.route`.
+    ``authority`` judges and mints session tokens; by default it is built from the settings
+    (``secrets``/``secrets_file``/``WSGATE_SECRETS``, ``token_ttl``, ``replay_store``) when an
+    agent uses ``websocket_auth = "token"``. Pass one to share it or to inject a clock.
 
     ``session_time_limit`` (seconds) replaces ``config.gateway.max_session_duration`` for this
     gateway *without* that setting's 60-14400 s range, which stays the rule for settings (SPEC §6).
@@ -80,10 +85,12 @@ class Gateway:
         self,
         config: Config | None = None,
         *,
-        check_token: TokenCheck = no_token_auth_yet,
+        authority: TokenAuthority | None = None,
         session_time_limit: float | None = None,
     ) -> None:
         self.config = default_config() if config is None else config
+        self._own_authority = authority is None
+        self.authority = _authority_for(self.config) if authority is None else authority
         if session_time_limit is None:
             session_time_limit = self.config.gateway.max_session_duration
         elif (
@@ -97,7 +104,9 @@ class Gateway:
         #: Seconds a session may last on this gateway (see ``session_time_limit``).
         self.session_time_limit: float = session_time_limit
         self._agents = self.config.agents_by_host()
-        self._check_token = check_token
+        self._check_token = (
+            no_token_auth_yet if self.authority is None else self.authority.check_request
+        )
         self._reserved: dict[str, int] = {}
         self._handshakes: set[anyio.CancelScope] = set()
         self._connections = 0
@@ -175,7 +184,7 @@ class Gateway:
         relay: Relay | None = None
         try:
             self._port = listener.getsockname()[1]
-            relay = Relay(settings.relay_threads)
+            relay = Relay(settings.relay_threads, settings.dead_peer_timeout)
             async with anyio.create_task_group() as engine_tasks:
                 await engine_tasks.start(relay.run)
                 async with anyio.create_task_group() as connections:
@@ -193,6 +202,9 @@ class Gateway:
             listener.close()
             if relay is not None:
                 relay.shutdown()
+            if self.authority is not None and self._own_authority:
+                with anyio.CancelScope(shield=True):
+                    await self.authority.aclose()
         log.info("wsgate stopped")
 
     async def _drain(self, relay: Relay) -> None:
@@ -289,21 +301,67 @@ class Gateway:
             ready = request.path == "/livez" or not self._stop_requested
             await _respond(sock, *((200, "ok") if ready else (503, "draining")))
             return None
+        if is_start_path(request.path):
+            await self._start_service(sock, request, pending)
+            return None
+        # Bad tokens are refused here (403, stateless: no replay store round trip).
         target = route(request, self._agents, self._check_token)
         self._reserve(target.agent)
         try:
-            return await self._start(sock, pending, target, relay)
+            session_uuid = str(uuid.uuid4())
+            if self.authority is not None:
+                # Uses the token up; after the capacity check, so a 503 does not burn it.
+                verified = await self.authority.verify_request(
+                    request, target.path_token, target.agent
+                )
+                if verified is not None:
+                    session_uuid = verified.session_id  # the sessionId /start returned
+            return await self._start(sock, pending, target, relay, session_uuid)
         except BaseException:
             self._release(target.service_host)
             raise
 
+    async def _start_service(self, sock: socket.socket, request: Request, pending: bytes) -> None:
+        """``POST /v1/public/{agent}/start`` (SPEC §5) on the same listener."""
+        settings = self.config.gateway
+        if request.headers_all("transfer-encoding"):
+            await _respond_with(sock, render_response(411, _json_error(411, "send Content-Length")))
+            return
+        try:
+            length = int(request.header("content-length") or "0")
+        except ValueError:
+            length = -1
+        if length < 0:
+            await _respond_with(sock, render_response(400, _json_error(400, "bad Content-Length")))
+            return
+        if length > MAX_REQUEST_BYTES:
+            await _respond_with(sock, render_response(413, _json_error(413, "Request too large")))
+            return
+        body: bytes | None = None
+        with anyio.move_on_after(settings.handshake_timeout):
+            body = await read_exactly(sock, length, pending)
+        if body is None:
+            return  # too slow: dropped like a slow upgrade request
+        status, document = handle_start(
+            request.method,
+            request.path,
+            request.headers,
+            body,
+            self._agents,
+            self.config.orgs,
+            self.authority,
+            lambda agent: self.sessions(agent.service_host) < agent.max_sessions,
+            # Unset: the address this gateway listens on (right for local use only).
+            public_url=settings.public_url or self.url,
+        )
+        await _respond_with(sock, render_response(status, document))
+
     async def _start(
-        self, sock: socket.socket, pending: bytes, target: Route, relay: Relay
+        self, sock: socket.socket, pending: bytes, target: Route, relay: Relay, session_uuid: str
     ) -> _Opened:
         """Dial the bot (or pick the builtin), answer 101, hand both sockets to the engine."""
         settings = self.config.gateway
         session_id = relay.new_session_id()
-        session_uuid = str(uuid.uuid4())
         upstream = target.agent.upstream_url
         if upstream is None:  # builtin echo
             await send_all(sock, switching_protocols(target.client_key, None))
@@ -373,11 +431,30 @@ async def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _authority_for(config: Config) -> TokenAuthority | None:
+    """The token authority the settings describe, if an agent uses token auth."""
+    if not any(agent.websocket_auth == "token" for agent in config.agents):
+        return None
+    settings = config.gateway
+    secrets = load_secrets(settings.secrets, secrets_file=settings.secrets_file)
+    store = open_replay_store(settings.replay_store)
+    return TokenAuthority(secrets, settings.token_ttl, store=store)
+
+
+def _json_error(status: int, reason: str) -> dict[str, str]:
+    return {"error": reason, "code": str(status)}
+
+
 async def _respond(sock: socket.socket, status: int, text: str) -> None:
     """Answer with a plain-text response, then close without resetting the answer away."""
+    await _respond_with(sock, plain_response(status, text))
+
+
+async def _respond_with(sock: socket.socket, response: bytes) -> None:
+    """Send a whole response, then close without resetting the answer away."""
     try:
         with anyio.move_on_after(_LINGER):
-            await send_all(sock, plain_response(status, text))
+            await send_all(sock, response)
             sock.shutdown(socket.SHUT_WR)
             # Read until the client closes: closing with unread input would send a RST, which
             # can destroy the response before the client reads it.

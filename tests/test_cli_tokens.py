@@ -1,0 +1,74 @@
+"""``wsgate start`` and ``wsgate token`` as an operator or a telephony webhook runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import anyio
+import pytest
+
+from wsgate.tokens import TokenAuthority
+
+from .conftest import Sentinel
+from .test_token_gateway import SECRET, gateway
+
+pytestmark = pytest.mark.anyio
+
+
+async def wsgate(*args: str, stdin: bytes = b"", **env: str) -> tuple[int, str, str]:
+    result = await anyio.run_process(
+        [sys.executable, "-m", "wsgate", *args],
+        input=stdin,
+        check=False,
+        env={**os.environ, **env},
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_start_prints_the_start_json_a_webhook_needs(sentinel: Sentinel) -> None:
+    async with gateway(sentinel.url) as gw:
+        url = f"http://127.0.0.1:{gw.port}"
+        code, out, _ = await wsgate(
+            "start", "--url", url, "--agent", "talk", "--body", '{"caller": "+1555"}',
+            WSGATE_PUBLIC_KEY="pk_test",
+        )  # fmt: skip
+        assert code == 0
+        answer = json.loads(out)
+        assert set(answer) == {"token", "wsUrl", "sessionId", "body"}
+        assert gw.authority is not None
+        gw.authority.check(answer["token"], "talk.test")  # a token this gateway accepts
+
+        code, _, err = await wsgate("start", "--url", url, "--agent", "talk", "--key", "pk_no")
+        assert code == 1
+        assert "401" in err
+        code, _, err = await wsgate("start", "--url", url, "--agent", "talk", "--body", "{oops")
+        assert code == 2
+    assert not sentinel.dialled()
+
+
+async def test_token_mint_and_verify_with_secrets_from_the_environment() -> None:
+    code, out, _ = await wsgate("token", "mint", "--agent", "a.b", WSGATE_SECRETS=SECRET)
+    assert code == 0
+    token = json.loads(out)["token"]
+    TokenAuthority([SECRET]).check(token, "a.b")
+    code, out, _ = await wsgate(
+        "token", "verify", "--agent", "a.b", stdin=token.encode(), WSGATE_SECRETS=SECRET
+    )
+    assert code == 0
+    assert json.loads(out)["valid"] is True
+    code, out, err = await wsgate(
+        "token", "verify", "--agent", "c.d", stdin=token.encode(), WSGATE_SECRETS=SECRET
+    )
+    assert code == 1
+    assert token not in err and token not in out
+
+
+async def test_token_commands_without_secrets_exit_2_with_a_reason() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "WSGATE_SECRETS"}
+    result = await anyio.run_process(
+        [sys.executable, "-m", "wsgate", "token", "mint", "--agent", "a.b"], check=False, env=env
+    )
+    assert result.returncode == 2
+    assert b"secrets" in result.stderr
