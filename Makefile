@@ -4,7 +4,7 @@
 # Build the extension in place (editable): replaces any stale _core*.so under python/wsgate/.
 install-dev:
 	rm -f python/wsgate/_core*.so
-	python -m pip install -q -e '.[test]'
+	python -m pip install -q -e '.[test,pipecat]'
 
 # Everything CI runs: build, Python tests on asyncio and trio, Rust tests, linters and types.
 test: install-dev test-rust test-py lint

@@ -199,7 +199,7 @@ ORG = "[[org]]\nname = 'o'\n[[agent]]\n"
         ("name = 'a'\norg = 'x'\nbuiltin = 'echo'", "agent 'a.x': unknown org 'x'"),
         ("name = 'A'\norg = 'o'\nbuiltin = 'echo'", "agent name 'A' must be"),
         ("name = 'a'\nbuiltin = 'echo'", "missing key 'org'"),
-        ("name = 'a'\norg = 'o'", "set exactly one of upstream or builtin"),
+        ("name = 'a'\norg = 'o'", "set exactly one of upstream, builtin or bot"),
         ("name = 'a'\norg = 'o'\nbuiltin = 'echo'\nupstream = 'ws://b/'", "exactly one of"),
         ("name = 'a'\norg = 'o'\nbuiltin = 'chat'", "unknown builtin 'chat'"),
         (

@@ -22,16 +22,21 @@ from .config import (
     loads_config,
 )
 from .errors import ConfigError, HttpError, WsgateError
+from .inprocess import BotArguments, InProcessWebSocket, WebSocketDisconnect, WebSocketState
 from .server import Gateway
 
 __all__ = [
     "AgentConfig",
+    "BotArguments",
     "Config",
     "ConfigError",
     "Gateway",
     "GatewaySettings",
     "HttpError",
+    "InProcessWebSocket",
     "OrgConfig",
+    "WebSocketDisconnect",
+    "WebSocketState",
     "WsgateError",
     "default_config",
     "load_config",

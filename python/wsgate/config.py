@@ -25,6 +25,13 @@ from typing import Any, Literal, TypeVar
 from . import _core
 from .errors import ConfigError
 from .handshake import UpstreamURL, parse_upstream_url
+from .inprocess import (
+    DEFAULT_BOT_GRACE_PERIOD,
+    DEFAULT_INBOX_LIMIT,
+    DEFAULT_SEND_BUFFER_LIMIT,
+    Bot,
+    load_bot,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +50,8 @@ __all__ = [
 
 # SPEC §1 (ours): agent and organisation names.
 _NAME = re.compile(r"[a-z0-9-]{1,63}")
+# "package.module:function" (the attribute may be dotted), as uvicorn names an app.
+_BOT_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 BUILTINS = frozenset({"echo"})
 WebsocketAuth = Literal["none", "token"]
 _T = TypeVar("_T")
@@ -86,6 +95,13 @@ class GatewaySettings:
     max_session_duration: float = 7200.0
     #: Relay threads of the Rust engine; 0 means one per CPU.
     relay_threads: int = 0
+    #: In-process bots: bytes of client messages delivered and not yet taken by the bot past
+    #: which the gateway stops reading that client (TCP backpressure).
+    inbox_limit: int = DEFAULT_INBOX_LIMIT
+    #: In-process bots: bytes queued for a client past which the bot's sends wait.
+    send_buffer_limit: int = DEFAULT_SEND_BUFFER_LIMIT
+    #: In-process bots: seconds a bot may run on after its client left before it is cancelled.
+    bot_grace_period: float = DEFAULT_BOT_GRACE_PERIOD
     #: Seconds within which a peer that vanished without a FIN (power cut, NAT timeout) is
     #: detected, by TCP keepalive and ``TCP_USER_TIMEOUT``; the other side then gets 1011/1001.
     dead_peer_timeout: float = 60.0
@@ -110,13 +126,19 @@ class GatewaySettings:
             raise ConfigError("region must not be empty")
         if self.public_url is not None and not self.public_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"public_url {self.public_url!r} must start with ws:// or wss://")
-        for name, low in (("port", 0), ("max_message_size", 1), ("relay_threads", 0)):
+        for name, low in (
+            ("port", 0),
+            ("max_message_size", 1),
+            ("relay_threads", 0),
+            ("inbox_limit", 1),
+            ("send_buffer_limit", 1),
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
-        for name in ("handshake_timeout", "dial_timeout", "drain_timeout"):
+        for name in ("handshake_timeout", "dial_timeout", "drain_timeout", "bot_grace_period"):
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
@@ -165,7 +187,8 @@ class OrgConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """An agent, reached as service host ``{name}.{org}``: a ``ws://`` upstream or a builtin."""
+    """An agent, reached as service host ``{name}.{org}``: a ``ws://`` upstream, a builtin, or an
+    in-process bot."""
 
     name: str
     org: str
@@ -174,6 +197,9 @@ class AgentConfig:
     upstream: str | None = None
     #: A bot built into wsgate instead of an upstream: ``"echo"``.
     builtin: str | None = None
+    #: An in-process bot: an async callable taking :class:`wsgate.BotArguments`, or its name
+    #: ``"package.module:function"`` (imported when a :class:`~wsgate.Gateway` is built).
+    bot: Bot | str | None = None
     #: Sessions this agent may have open at once (on this gateway); more get 503.
     max_sessions: int = 50
 
@@ -185,9 +211,20 @@ class AgentConfig:
                 f"agent {self.service_host!r}: websocket_auth must be 'none' or 'token', "
                 f"got {self.websocket_auth!r}"
             )
-        if (self.upstream is None) == (self.builtin is None):
+        if sum(x is not None for x in (self.upstream, self.builtin, self.bot)) != 1:
             raise ConfigError(
-                f"agent {self.service_host!r}: set exactly one of upstream or builtin"
+                f"agent {self.service_host!r}: set exactly one of upstream, builtin or bot"
+            )
+        if isinstance(self.bot, str):
+            if not _BOT_SPEC.fullmatch(self.bot):
+                raise ConfigError(
+                    f"agent {self.service_host!r}: bot {self.bot!r} must be written "
+                    "'package.module:function'"
+                )
+        elif self.bot is not None and not callable(self.bot):
+            raise ConfigError(
+                f"agent {self.service_host!r}: bot must be an async callable or "
+                "'package.module:function'"
             )
         if self.upstream is not None:
             self.upstream_url  # noqa: B018 (parses and checks the URL)
@@ -207,9 +244,19 @@ class AgentConfig:
         """``{agent}.{org}``: the name clients use to reach this agent."""
         return f"{self.name}.{self.org}"
 
+    def load_bot(self) -> Bot | None:
+        """The in-process bot as a callable (importing a ``"module:function"`` name), or None.
+        Raises :class:`ConfigError` if the name cannot be imported."""
+        if self.bot is None or not isinstance(self.bot, str):
+            return self.bot
+        try:
+            return load_bot(self.bot)
+        except ConfigError as exc:
+            raise ConfigError(f"agent {self.service_host!r}: {exc}") from None
+
     @property
     def upstream_url(self) -> UpstreamURL | None:
-        """The parsed upstream URL, or None for a builtin agent."""
+        """The parsed upstream URL, or None for a builtin or in-process agent."""
         if self.upstream is None:
             return None
         if not isinstance(self.upstream, str):
@@ -346,7 +393,14 @@ _TYPES: dict[tuple[str, str], str] = {
     },
     **{
         ("GatewaySettings", k): "an integer"
-        for k in ("port", "max_message_size", "relay_threads", "token_ttl")
+        for k in (
+            "port",
+            "max_message_size",
+            "relay_threads",
+            "token_ttl",
+            "inbox_limit",
+            "send_buffer_limit",
+        )
     },
     **{
         ("GatewaySettings", k): "a number"
@@ -356,6 +410,7 @@ _TYPES: dict[tuple[str, str], str] = {
             "drain_timeout",
             "max_session_duration",
             "dead_peer_timeout",
+            "bot_grace_period",
         )
     },
     ("GatewaySettings", "secrets"): "a list of strings",
@@ -363,7 +418,7 @@ _TYPES: dict[tuple[str, str], str] = {
     ("OrgConfig", "public_keys"): "a list of strings",
     **{
         ("AgentConfig", k): "a string"
-        for k in ("name", "org", "websocket_auth", "upstream", "builtin")
+        for k in ("name", "org", "websocket_auth", "upstream", "builtin", "bot")
     },
     ("AgentConfig", "max_sessions"): "an integer",
 }

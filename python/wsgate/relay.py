@@ -4,6 +4,10 @@ One :class:`_core.Engine` per gateway. Finished sessions queue up in Rust; a sin
 task wakes when the engine's doorbell descriptor turns readable, drains every queued outcome at
 once and completes each session's waiter. A wake-up of the event loop costs 40-60 µs, so there
 is at most one per batch of finished sessions and none per frame.
+
+In-process sessions (:meth:`Relay.start_inprocess`) report through the same doorbell: each
+``_core.Message`` (a whole client message, or ``data=None``: the send buffer drained) goes to the
+session's :class:`Inbox` in order, before its outcome.
 """
 
 from __future__ import annotations
@@ -11,13 +15,24 @@ from __future__ import annotations
 import itertools
 import socket
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 from anyio.abc import TaskStatus
 
 from . import _core
 
-__all__ = ["Relay", "RelaySession"]
+__all__ = ["Inbox", "Relay", "RelaySession"]
+
+
+class Inbox(Protocol):
+    """Where an in-process session's news goes (see :class:`wsgate.inprocess.SessionChannel`)."""
+
+    def deliver(self, data: str | bytes | None) -> None:
+        """A whole client message, or None: the session's send buffer drained."""
+
+    def ended(self, outcome: _core.Outcome) -> None:
+        """The session is over."""
 
 
 @dataclass(eq=False)
@@ -26,6 +41,8 @@ class RelaySession:
 
     relay: Relay
     id: int
+    #: For an in-process session: what receives its messages and its end.
+    inbox: Inbox | None = None
     _done: anyio.Event = field(default_factory=anyio.Event, repr=False)
     _outcome: _core.Outcome | None = field(default=None, repr=False)
 
@@ -70,11 +87,16 @@ class Relay:
             await anyio.wait_readable(doorbell)
             for item in self.engine.drain():
                 if isinstance(item, _core.Message):
-                    continue  # in-process sessions: not served yet
+                    live = self._live.get(item.session_id)
+                    if live is not None and live.inbox is not None:
+                        live.inbox.deliver(item.data)
+                    continue
                 session = self._live.pop(item.session_id, None)
                 if session is not None:
                     session._outcome = item
                     session._done.set()
+                    if session.inbox is not None:
+                        session.inbox.ended(item)
 
     def start_upstream(
         self,
@@ -113,6 +135,34 @@ class Relay:
             raise
         return session
 
+    def start_inprocess(
+        self,
+        session_id: int,
+        client_sock: socket.socket,
+        client_pending: bytes,
+        max_message_size: int,
+        inbox: Inbox,
+        *,
+        inbox_limit: int,
+        send_buffer_limit: int,
+    ) -> RelaySession:
+        """Hand a client to the engine for an in-process bot; the socket is detached. The
+        session's messages and its end go to ``inbox``."""
+        session = self._register(session_id, inbox)
+        try:
+            self.engine.attach(
+                session_id,
+                client_sock.detach(),
+                client_pending,
+                max_message_size,
+                inbox_limit,
+                send_buffer_limit,
+            )
+        except BaseException:
+            self._live.pop(session_id, None)
+            raise
+        return session
+
     async def run_upstream(
         self,
         client_sock: socket.socket,
@@ -145,11 +195,11 @@ class Relay:
         """Drop every session at once and stop the engine's threads."""
         self.engine.shutdown()
 
-    def _register(self, session_id: int) -> RelaySession:
+    def _register(self, session_id: int, inbox: Inbox | None = None) -> RelaySession:
         # Registered before the hand-over: the outcome may be queued before relay() returns.
         if session_id in self._live:
             raise ValueError(f"session {session_id} is already live")
-        session = RelaySession(self, session_id)
+        session = RelaySession(self, session_id, inbox)
         self._live[session_id] = session
         return session
 

@@ -2,7 +2,9 @@
 
 A connection's path: read the request head (``handshake_timeout``, ``MAX_HEADER_BYTES``) ->
 parse -> health check or :func:`~wsgate.routing.route` -> capacity -> dial the bot (or the builtin
-echo) -> 101 to the client -> :class:`~wsgate.relay.Relay` until the outcome. Every refusal is an
+echo) -> 101 to the client -> :class:`~wsgate.relay.Relay` until the outcome. An agent served by an
+in-process bot gets its 101 without a dial; the engine attaches the client and
+:func:`~wsgate.inprocess.serve_bot` runs the bot until the outcome. Every refusal is an
 ``HttpError`` answered here, in one place, before anything is started.
 
 Sockets stay raw and non-blocking (no anyio streams) because they are finally detached and owned
@@ -11,24 +13,28 @@ by Rust; see :mod:`wsgate.upstream`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from math import inf
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from . import _core
 from ._sockets import HeadTooLarge, read_exactly, read_head, send_all
-from .config import AgentConfig, Config, default_config, load_config
+from .config import AgentConfig, Config, OrgConfig, check_name, default_config, load_config
 from .errors import HttpError
 from .handshake import plain_response, switching_protocols
+from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
 from .relay import Relay, RelaySession
 from .replay import open_replay_store
 from .request import Request, parse_request
@@ -38,6 +44,8 @@ from .tokens import TokenAuthority, load_secrets
 from .upstream import dial
 
 __all__ = ["Gateway"]
+
+_BotT = TypeVar("_BotT", bound=Bot)
 
 log = logging.getLogger("wsgate")
 
@@ -59,6 +67,8 @@ class _Opened:
     service_host: str
     session_uuid: str
     started: float
+    #: For an in-process bot: the bot, its arguments and the session's channel.
+    bot: tuple[Bot, BotArguments, SessionChannel] | None = None
 
 
 class Gateway:
@@ -104,6 +114,12 @@ class Gateway:
         #: Seconds a session may last on this gateway (see ``session_time_limit``).
         self.session_time_limit: float = session_time_limit
         self._agents = self.config.agents_by_host()
+        # Imported now, so that a bad "module:function" fails here, not at the first session.
+        self._bots: dict[str, Bot] = {}
+        for agent in self.config.agents:
+            bot = agent.load_bot()
+            if bot is not None:
+                self._bots[agent.service_host] = bot
         self._check_token = (
             no_token_auth_yet if self.authority is None else self.authority.check_request
         )
@@ -121,6 +137,42 @@ class Gateway:
     def from_file(cls, path: str | Path) -> Gateway:
         """A gateway serving the settings of a TOML file (see :func:`wsgate.load_config`)."""
         return cls(load_config(path))
+
+    def bot(self, service_host: str) -> Callable[[_BotT], _BotT]:
+        """Serve ``service_host`` (``"agent.org"``) with an in-process bot, as a decorator::
+
+            @gateway.bot("my-agent.my-org")
+            async def my_bot(args: wsgate.BotArguments) -> None:
+                async for message in args.websocket:
+                    await args.websocket.send_text(f"you said {message!r}")
+
+        An agent of that name in the settings keeps its other settings and is served by the bot
+        from now on; otherwise the agent (and its organisation, if new) is added. Only before
+        :meth:`serve`.
+        """
+        name, _, org = service_host.partition(".")
+        check_name("agent", name)
+        check_name("organisation", org)
+
+        def register(bot: _BotT) -> _BotT:
+            if self._served:
+                raise RuntimeError("register bots before the gateway serves")
+            agents = list(self.config.agents)
+            orgs = list(self.config.orgs)
+            existing = self._agents.get(service_host)
+            if existing is not None:
+                agent = dataclasses.replace(existing, upstream=None, builtin=None, bot=bot)
+                agents[agents.index(existing)] = agent
+            else:
+                agents.append(AgentConfig(name, org, bot=bot))
+                if all(o.name != org for o in orgs):
+                    orgs.append(OrgConfig(org))
+            self.config = dataclasses.replace(self.config, orgs=orgs, agents=agents)
+            self._agents = self.config.agents_by_host()
+            self._bots[service_host] = bot
+            return bot
+
+        return register
 
     @property
     def bound(self) -> bool:
@@ -316,7 +368,7 @@ class Gateway:
                 )
                 if verified is not None:
                     session_uuid = verified.session_id  # the sessionId /start returned
-            return await self._start(sock, pending, target, relay, session_uuid)
+            return await self._start(sock, pending, target, relay, session_uuid, request)
         except BaseException:
             self._release(target.service_host)
             raise
@@ -357,11 +409,22 @@ class Gateway:
         await _respond_with(sock, render_response(status, document))
 
     async def _start(
-        self, sock: socket.socket, pending: bytes, target: Route, relay: Relay, session_uuid: str
+        self,
+        sock: socket.socket,
+        pending: bytes,
+        target: Route,
+        relay: Relay,
+        session_uuid: str,
+        request: Request,
     ) -> _Opened:
         """Dial the bot (or pick the builtin), answer 101, hand both sockets to the engine."""
         settings = self.config.gateway
         session_id = relay.new_session_id()
+        inprocess = self._bots.get(target.service_host)
+        if inprocess is not None:
+            return await self._start_inprocess(
+                sock, pending, target, relay, request, inprocess, session_id, session_uuid
+            )
         upstream = target.agent.upstream_url
         if upstream is None:  # builtin echo
             await send_all(sock, switching_protocols(target.client_key, None))
@@ -383,15 +446,64 @@ class Gateway:
                 bot.sock.close()  # no-op once detached
         return _Opened(session, target.service_host, session_uuid, anyio.current_time())
 
+    async def _start_inprocess(
+        self,
+        sock: socket.socket,
+        pending: bytes,
+        target: Route,
+        relay: Relay,
+        request: Request,
+        bot: Bot,
+        session_id: int,
+        session_uuid: str,
+    ) -> _Opened:
+        """Answer 101 and attach the client to the engine; the bot is called by _supervise."""
+        settings = self.config.gateway
+        body = None if target.body_json is None else json.loads(target.body_json)
+        channel = SessionChannel(
+            relay.engine,
+            session_id,
+            inbox_limit=settings.inbox_limit,
+            send_buffer_limit=settings.send_buffer_limit,
+        )
+        websocket = InProcessWebSocket(
+            channel, headers=request.headers, query=request.query, path=request.path
+        )
+        await send_all(sock, switching_protocols(target.client_key, None))
+        session = relay.start_inprocess(
+            session_id,
+            sock,
+            pending,
+            settings.max_message_size,
+            channel,
+            inbox_limit=settings.inbox_limit,
+            send_buffer_limit=settings.send_buffer_limit,
+        )
+        arguments = BotArguments(session_uuid, websocket, body)
+        started = anyio.current_time()
+        return _Opened(
+            session, target.service_host, session_uuid, started, (bot, arguments, channel)
+        )
+
     async def _supervise(self, opened: _Opened) -> None:
         """Wait for the session's outcome, enforcing the session time limit; log its end."""
         session = opened.relay
         try:
-            with anyio.move_on_after(self.session_time_limit):
-                await session.wait()
-            if not session.done:
-                session.close(1000, "session time limit")
-            outcome = await session.wait()
+            if opened.bot is not None:
+                bot, arguments, channel = opened.bot
+                outcome = await serve_bot(
+                    bot,
+                    arguments,
+                    channel,
+                    grace_period=self.config.gateway.bot_grace_period,
+                    time_limit=self.session_time_limit,
+                )
+            else:
+                with anyio.move_on_after(self.session_time_limit):
+                    await session.wait()
+                if not session.done:
+                    session.close(1000, "session time limit")
+                outcome = await session.wait()
         except BaseException:
             session.close(1001, "gateway shutting down")
             raise
