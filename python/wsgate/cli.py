@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -75,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wsgate: {exc}", file=sys.stderr)
         return 2
+    _raise_open_files_limit()
     gateway = Gateway(config)
     try:
         anyio.run(_serve, gateway, args.config is None, backend=args.backend)
@@ -89,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Lift the soft open-files limit to the hard one, as nginx's worker_rlimit_nofile does: a
+    session holds two descriptors, and a soft limit of 1024 would cap a gateway at ~500."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _start(args: argparse.Namespace) -> int:

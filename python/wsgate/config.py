@@ -95,6 +95,14 @@ class GatewaySettings:
     max_session_duration: float = 7200.0
     #: Relay threads of the Rust engine; 0 means one per CPU.
     relay_threads: int = 0
+    #: TCP connections held at once (upgrading, or sessions); past it the gateway stops
+    #: accepting until one ends and new ones wait in the kernel's backlog. Each session holds
+    #: two descriptors (client and bot): raise the process's open-files limit to match.
+    max_connections: int = 10000
+    #: Connections still in their upgrade (request, checks, bot dial) at once; a new one past it
+    #: evicts the oldest, so slow or idle connections (slowloris) cannot crowd out real clients,
+    #: which finish their upgrade in milliseconds.
+    max_pending_upgrades: int = 1000
     #: In-process bots: bytes of client messages delivered and not yet taken by the bot past
     #: which the gateway stops reading that client (TCP backpressure).
     inbox_limit: int = DEFAULT_INBOX_LIMIT

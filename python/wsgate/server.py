@@ -124,8 +124,12 @@ class Gateway:
             no_token_auth_yet if self.authority is None else self.authority.check_request
         )
         self._reserved: dict[str, int] = {}
-        self._handshakes: set[anyio.CancelScope] = set()
+        # Connections in their upgrade, oldest first (a dict keeps insertion order).
+        self._handshakes: dict[anyio.CancelScope, None] = {}
         self._connections = 0
+        self._slot_freed: anyio.Event | None = None
+        #: Upgrades dropped to make room for newer ones (see ``max_pending_upgrades``).
+        self.evicted_upgrades = 0
         self._port: int | None = None
         self._served = False
         self._stop_requested = False
@@ -286,7 +290,12 @@ class Gateway:
             self._wake.set()
 
     async def _accept(self, listener: socket.socket, connections: TaskGroup, relay: Relay) -> None:
+        limit = self.config.gateway.max_connections
         while True:
+            while self._connections >= limit:
+                # Full: leave new connections in the kernel's backlog until one ends.
+                self._slot_freed = anyio.Event()
+                await self._slot_freed.wait()
             await anyio.wait_readable(listener)
             for _ in range(_ACCEPT_BATCH):
                 try:
@@ -305,15 +314,22 @@ class Gateway:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._connections += 1
                 connections.start_soon(self._connection, sock, relay)
+                if self._connections >= limit:
+                    break
 
     async def _connection(self, sock: socket.socket, relay: Relay) -> None:
         try:
             with anyio.CancelScope() as scope:
-                self._handshakes.add(scope)
+                self._handshakes[scope] = None
+                if len(self._handshakes) > self.config.gateway.max_pending_upgrades:
+                    oldest = next(iter(self._handshakes))
+                    del self._handshakes[oldest]
+                    oldest.cancel()
+                    self.evicted_upgrades += 1
                 try:
                     opened = await self._open(sock, relay)
                 finally:
-                    self._handshakes.discard(scope)
+                    self._handshakes.pop(scope, None)
                     # Closes the socket unless it was handed (detached) to the engine.
                     sock.close()
             if scope.cancelled_caught or opened is None:
@@ -321,6 +337,8 @@ class Gateway:
             await self._supervise(opened)
         finally:
             self._connections -= 1
+            if self._slot_freed is not None:
+                self._slot_freed.set()
             if not self._connections:
                 self._poke()
 
