@@ -27,6 +27,32 @@ use crate::frame::{
 /// Bytes read from a socket at once. While the destination is slow, the pump holds at most this
 /// much and stops reading its source: backpressure reaches the sender through TCP.
 pub const READ_BUF: usize = 16 * 1024;
+/// A read buffer's capacity: a read plus the largest carry (a whole control frame).
+const BUF_CAPACITY: usize = READ_BUF + MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD;
+/// Spare read buffers kept per relay thread: a busy thread reuses them instead of calling the
+/// allocator on every read, and idle sessions still hold none.
+const POOL_SIZE: usize = 64;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Vec<u8> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(BUF_CAPACITY))
+}
+
+fn give_back(mut buf: Vec<u8>) {
+    if buf.capacity() == BUF_CAPACITY {
+        buf.clear();
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_SIZE {
+                p.push(buf);
+            }
+        });
+    }
+}
 
 /// How frames leave the pump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,10 +175,11 @@ impl<'a> Pump<'a> {
                 // Built only now that the socket is readable: an idle pump holds no buffer, and
                 // `carry` stays in `self` until a read succeeds, so a `select!` that drops this
                 // future while it waits loses nothing.
-                let mut buf = Vec::with_capacity(self.carry.len() + READ_BUF);
+                let mut buf = take_buffer();
                 buf.extend_from_slice(&self.carry);
                 match self.src.try_read_buf(&mut buf) {
                     Ok(0) => {
+                        give_back(buf);
                         self.src_done = true;
                         return Event::Eof;
                     }
@@ -160,8 +187,12 @@ impl<'a> Pump<'a> {
                         self.carry.clear();
                         break buf;
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        give_back(buf);
+                        continue;
+                    }
                     Err(_) => {
+                        give_back(buf);
                         self.src_done = true;
                         return Event::Eof;
                     }
@@ -171,14 +202,41 @@ impl<'a> Pump<'a> {
             std::mem::take(&mut self.pending_in)
         };
         if self.discard {
+            give_back(buf);
             return Event::Progress;
         }
         let ev = self.process(&mut buf);
         if self.dst_open {
             self.out = buf;
             self.out_pos = 0;
+            if ev == Event::Progress {
+                // Write now, in this same poll: the usual case needs no second trip through
+                // the session's select!. What does not fit waits in `out` for `flush`.
+                if let Err(lost) = self.write_some() {
+                    return lost;
+                }
+            }
+        } else {
+            give_back(buf);
         }
         ev
+    }
+
+    /// Writes what the destination takes without waiting; frees the buffer once all is out.
+    fn write_some(&mut self) -> Result<(), Event> {
+        while self.out_pos < self.out.len() {
+            match self.dst.try_write(&self.out[self.out_pos..]) {
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(_) => {
+                    self.abandon_dst();
+                    return Err(Event::DstLost);
+                }
+            }
+        }
+        give_back(std::mem::take(&mut self.out));
+        self.out_pos = 0;
+        Ok(())
     }
 
     /// Queues a close frame of the gateway's own for the destination, unless one went already.
@@ -207,7 +265,7 @@ impl<'a> Pump<'a> {
     pub fn abandon_dst(&mut self) {
         self.dst_open = false;
         self.dst_done = true;
-        self.out = Vec::new();
+        give_back(std::mem::take(&mut self.out));
         self.out_pos = 0;
     }
 
@@ -227,8 +285,8 @@ impl<'a> Pump<'a> {
                 }
             }
         }
-        // Free the buffer: an idle session holds none.
-        self.out = Vec::new();
+        // Back to the pool: an idle session holds no buffer.
+        give_back(std::mem::take(&mut self.out));
         self.out_pos = 0;
         if self.shutdown_after_flush && self.dst_open {
             self.dst_open = false;

@@ -221,6 +221,17 @@ fn check_size(max_message_size: u64) -> PyResult<u64> {
     Ok(max_message_size)
 }
 
+/// A session time limit in seconds: `None` for none, else a positive finite number.
+fn check_limit(seconds: Option<f64>) -> PyResult<Option<std::time::Duration>> {
+    match seconds {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 => Ok(Some(std::time::Duration::from_secs_f64(s))),
+        Some(_) => Err(PyValueError::new_err(
+            "time_limit must be a positive number of seconds",
+        )),
+    }
+}
+
 impl Engine {
     fn engine(&self) -> std::sync::MutexGuard<'_, relay::Engine> {
         self.inner
@@ -250,6 +261,8 @@ impl Engine {
         self.engine().doorbell_fd()
     }
 
+    #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn relay(
         &self,
         session_id: u64,
@@ -258,10 +271,12 @@ impl Engine {
         client_pending: &Bound<'_, PyBytes>,
         bot_pending: &Bound<'_, PyBytes>,
         max_message_size: u64,
+        time_limit: Option<f64>,
     ) -> PyResult<()> {
         let client = tcp_from_fd(client_fd)?;
         let bot = tcp_from_fd(bot_fd)?;
         let max = check_size(max_message_size)?;
+        let limit = check_limit(time_limit)?;
         self.engine()
             .relay(
                 session_id,
@@ -269,22 +284,36 @@ impl Engine {
                 bot,
                 client_pending.as_bytes().to_vec(),
                 bot_pending.as_bytes().to_vec(),
-                max,
+                relay::Limits {
+                    max_message_size: max,
+                    time_limit: limit,
+                },
             )
             .map_err(os_err)
     }
 
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None))]
     fn echo(
         &self,
         session_id: u64,
         client_fd: RawFd,
         client_pending: &Bound<'_, PyBytes>,
         max_message_size: u64,
+        time_limit: Option<f64>,
     ) -> PyResult<()> {
         let client = tcp_from_fd(client_fd)?;
         let max = check_size(max_message_size)?;
+        let limit = check_limit(time_limit)?;
         self.engine()
-            .echo(session_id, client, client_pending.as_bytes().to_vec(), max)
+            .echo(
+                session_id,
+                client,
+                client_pending.as_bytes().to_vec(),
+                relay::Limits {
+                    max_message_size: max,
+                    time_limit: limit,
+                },
+            )
             .map_err(os_err)
     }
 

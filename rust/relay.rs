@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::runtime::Runtime;
+use tokio::runtime::Handle as Runtime;
 use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
 
 use crate::inproc::{self, Handle, Message};
@@ -93,6 +94,15 @@ impl Outcome {
     }
 }
 
+/// The limits of one relayed session.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest message (all fragments); over it the sender gets 1009.
+    pub max_message_size: u64,
+    /// After it both sides get 1000 "session time limit"; `None`: no limit.
+    pub time_limit: Option<Duration>,
+}
+
 /// A request from the control plane to a live session.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -160,9 +170,53 @@ impl Drop for Report {
 /// Default for [`Engine::new`]'s `dead_peer_timeout`.
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One relay thread: a single-threaded tokio runtime that owns its sessions from start to end.
+struct Worker {
+    handle: Runtime,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    fn start(index: usize) -> io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("wsgate-relay-{index}"))
+            .spawn(move || {
+                let _ = rt.block_on(stopped);
+                // Dropping the runtime drops its sessions: each one's Report queues an outcome.
+                drop(rt);
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The relay engine. See the module docs.
+///
+/// Threads work like nginx's workers: each runs its own single-threaded runtime, and a session
+/// (both its sockets) lives on one of them, handed out in turn. No work stealing, no wake-ups
+/// across threads on the hot path: measured cheaper per message than tokio's multi-threaded
+/// scheduler for this workload of many independent sessions.
 pub struct Engine {
-    rt: Option<Runtime>,
+    workers: Vec<Worker>,
+    next: std::sync::atomic::AtomicUsize,
     shared: Arc<Shared>,
     bell_rx: UnixStream,
     dead_peer_timeout: Duration,
@@ -174,11 +228,12 @@ impl Engine {
     /// keepalive probes while the connection is idle, `TCP_USER_TIMEOUT` while data waits
     /// for its ACK. Either costs nothing per message, unlike pings of our own.
     pub fn new(threads: usize, dead_peer_timeout: Duration) -> io::Result<Self> {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if threads > 0 {
-            b.worker_threads(threads);
-        }
-        let rt = b.enable_all().thread_name("wsgate-relay").build()?;
+        let n = if threads > 0 {
+            threads
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        };
+        let workers = (0..n).map(Worker::start).collect::<io::Result<Vec<_>>>()?;
         let (bell, bell_rx) = UnixStream::pair()?;
         bell.set_nonblocking(true)?;
         bell_rx.set_nonblocking(true)?;
@@ -189,7 +244,8 @@ impl Engine {
             inproc: Mutex::new(HashMap::new()),
         });
         Ok(Self {
-            rt: Some(rt),
+            workers,
+            next: std::sync::atomic::AtomicUsize::new(0),
             shared,
             bell_rx,
             dead_peer_timeout,
@@ -201,10 +257,13 @@ impl Engine {
         self.bell_rx.as_raw_fd()
     }
 
+    /// The runtime of the worker whose turn it is.
     fn runtime(&self) -> io::Result<&Runtime> {
-        self.rt
-            .as_ref()
-            .ok_or_else(|| io::Error::other("engine is shut down"))
+        if self.workers.is_empty() {
+            return Err(io::Error::other("engine is shut down"));
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(&self.workers[i % self.workers.len()].handle)
     }
 
     fn register(&self, id: u64) -> io::Result<mpsc::UnboundedReceiver<Command>> {
@@ -229,7 +288,7 @@ impl Engine {
         bot: std::net::TcpStream,
         client_pending: Vec<u8>,
         bot_pending: Vec<u8>,
-        max_message_size: u64,
+        limits: Limits,
     ) -> io::Result<()> {
         let rt = self.runtime()?;
         let (client, bot) = {
@@ -249,7 +308,7 @@ impl Engine {
             let s = RelaySession {
                 client_pending,
                 bot_pending,
-                max_message_size,
+                limits,
             };
             let outcome = s.run(id, &client, &bot, rx).await;
             report.outcome = Some(outcome);
@@ -263,7 +322,7 @@ impl Engine {
         id: u64,
         client: std::net::TcpStream,
         client_pending: Vec<u8>,
-        max_message_size: u64,
+        limits: Limits,
     ) -> io::Result<()> {
         let rt = self.runtime()?;
         let client = {
@@ -277,7 +336,7 @@ impl Engine {
         };
         rt.spawn(async move {
             let mut report = report;
-            let outcome = echo_session(id, &client, client_pending, max_message_size, rx).await;
+            let outcome = echo_session(id, &client, client_pending, limits, rx).await;
             report.outcome = Some(outcome);
         });
         Ok(())
@@ -363,17 +422,16 @@ impl Engine {
 
     /// Drops every session (closing its sockets) and stops the worker threads.
     pub fn shutdown(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
+        for w in &mut self.workers {
+            w.stop();
         }
+        self.workers.clear();
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
+        self.shutdown();
     }
 }
 
@@ -399,8 +457,18 @@ fn adopt(s: std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<TcpS
 struct RelaySession {
     client_pending: Vec<u8>,
     bot_pending: Vec<u8>,
-    max_message_size: u64,
+    limits: Limits,
 }
+
+/// A session's one timer: first its time limit, then, once it is ending, the close timeout.
+/// Created once and reset, rather than a fresh `Sleep` on every turn of the `select!`.
+fn first_deadline(time_limit: Option<Duration>) -> Instant {
+    // Far enough to never fire; tokio's wheel clamps it.
+    Instant::now() + time_limit.unwrap_or(Duration::from_secs(365 * 86400))
+}
+
+/// The close both sides get at the session time limit (SPEC §6).
+const TIME_LIMIT_CLOSE: (u16, &str) = (1000, "session time limit");
 
 impl RelaySession {
     async fn run(
@@ -410,12 +478,14 @@ impl RelaySession {
         bot: &TcpStream,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Outcome {
-        let max = self.max_message_size;
+        let max = self.limits.max_message_size;
         let mut up = Pump::new(client, bot, Transform::Remask, max, self.client_pending);
         let mut down = Pump::new(bot, client, Transform::Keep, max, self.bot_pending);
         let mut o = Outcome::new(id);
         let mut ended = false;
-        let mut deadline: Option<Instant> = None;
+        let mut closing = false;
+        let timer = sleep_until(first_deadline(self.limits.time_limit));
+        tokio::pin!(timer);
         let mut commands_open = true;
         while up.wants_poll() || down.wants_poll() {
             tokio::select! {
@@ -427,9 +497,15 @@ impl RelaySession {
                     }
                     None => commands_open = false,
                 },
-                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    o.end(EndedBy::Gateway, "close timeout", &mut ended);
-                    break;
+                () = &mut timer => {
+                    if closing {
+                        o.end(EndedBy::Gateway, "close timeout", &mut ended);
+                        break;
+                    }
+                    let (code, reason) = TIME_LIMIT_CLOSE;
+                    o.end(EndedBy::Gateway, reason, &mut ended);
+                    up.queue_close(code, reason, false);
+                    down.queue_close(code, reason, false);
                 }
                 ev = up.step(), if up.wants_poll() => match ev {
                     Event::Progress => {}
@@ -485,8 +561,9 @@ impl RelaySession {
                     }
                 },
             }
-            if ended && deadline.is_none() {
-                deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+            if ended && !closing {
+                closing = true;
+                timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
             }
         }
         o.messages_in = up.messages;
@@ -501,13 +578,21 @@ async fn echo_session(
     id: u64,
     client: &TcpStream,
     pending: Vec<u8>,
-    max: u64,
+    limits: Limits,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) -> Outcome {
-    let mut pump = Pump::new(client, client, Transform::Echo, max, pending);
+    let mut pump = Pump::new(
+        client,
+        client,
+        Transform::Echo,
+        limits.max_message_size,
+        pending,
+    );
     let mut o = Outcome::new(id);
     let mut ended = false;
-    let mut deadline: Option<Instant> = None;
+    let mut closing = false;
+    let timer = sleep_until(first_deadline(limits.time_limit));
+    tokio::pin!(timer);
     let mut commands_open = true;
     while pump.wants_poll() {
         tokio::select! {
@@ -518,9 +603,14 @@ async fn echo_session(
                 }
                 None => commands_open = false,
             },
-            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                o.end(EndedBy::Gateway, "close timeout", &mut ended);
-                break;
+            () = &mut timer => {
+                if closing {
+                    o.end(EndedBy::Gateway, "close timeout", &mut ended);
+                    break;
+                }
+                let (code, reason) = TIME_LIMIT_CLOSE;
+                o.end(EndedBy::Gateway, reason, &mut ended);
+                pump.queue_close(code, reason, false);
             }
             ev = pump.step() => match ev {
                 Event::Progress => {}
@@ -543,8 +633,9 @@ async fn echo_session(
                 }
             },
         }
-        if ended && deadline.is_none() {
-            deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+        if ended && !closing {
+            closing = true;
+            timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
         }
     }
     o.messages_in = pump.messages;

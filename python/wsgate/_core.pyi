@@ -135,8 +135,10 @@ class Engine:
         client_pending: bytes,
         bot_pending: bytes,
         max_message_size: int,
+        time_limit: float | None = None,
     ) -> None:
         """Relay a session between a client (we are its server) and a bot (we are its client).
+        After ``time_limit`` seconds both sides get 1000 "session time limit".
 
         ``*_pending`` are bytes already read from each socket past its HTTP handshake: they are
         the start of that side's frame stream. Takes ownership of both descriptors, also when
@@ -144,7 +146,12 @@ class Engine:
         """
 
     def echo(
-        self, session_id: int, client_fd: int, client_pending: bytes, max_message_size: int
+        self,
+        session_id: int,
+        client_fd: int,
+        client_pending: bytes,
+        max_message_size: int,
+        time_limit: float | None = None,
     ) -> None:
         """Serve a client with the built-in echo bot: every message comes back unchanged."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 import anyio
@@ -35,20 +35,32 @@ class Inbox(Protocol):
         """The session is over."""
 
 
-@dataclass(eq=False)
 class RelaySession:
-    """A session the engine is relaying: close it, or wait for its :class:`_core.Outcome`."""
+    """A session the engine is relaying: close it, wait for its :class:`_core.Outcome`, or have
+    ``on_done`` called with it.
 
-    relay: Relay
-    id: int
-    #: For an in-process session: what receives its messages and its end.
-    inbox: Inbox | None = None
-    _done: anyio.Event = field(default_factory=anyio.Event, repr=False)
-    _outcome: _core.Outcome | None = field(default=None, repr=False)
+    Small on purpose (slots, the waiter's Event made only when someone waits): a gateway holds
+    one per live session, and upstream sessions need no Python task while they run.
+    """
+
+    __slots__ = ("_done", "_outcome", "id", "inbox", "on_done", "relay")
+
+    def __init__(self, relay: Relay, id: int, inbox: Inbox | None = None) -> None:
+        self.relay = relay
+        self.id = id
+        #: For an in-process session: what receives its messages and its end.
+        self.inbox = inbox
+        #: Called with the outcome when it arrives, from the doorbell task.
+        self.on_done: Callable[[_core.Outcome], None] | None = None
+        self._done: anyio.Event | None = None
+        self._outcome: _core.Outcome | None = None
 
     async def wait(self) -> _core.Outcome:
         """Wait until the engine reports how the session ended."""
-        await self._done.wait()
+        if self._outcome is None:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
         assert self._outcome is not None
         return self._outcome
 
@@ -59,7 +71,16 @@ class RelaySession:
     @property
     def done(self) -> bool:
         """Whether the outcome has arrived."""
-        return self._done.is_set()
+        return self._outcome is not None
+
+    def _finish(self, outcome: _core.Outcome) -> None:
+        self._outcome = outcome
+        if self._done is not None:
+            self._done.set()
+        if self.inbox is not None:
+            self.inbox.ended(outcome)
+        if self.on_done is not None:
+            self.on_done(outcome)
 
 
 class Relay:
@@ -93,10 +114,7 @@ class Relay:
                     continue
                 session = self._live.pop(item.session_id, None)
                 if session is not None:
-                    session._outcome = item
-                    session._done.set()
-                    if session.inbox is not None:
-                        session.inbox.ended(item)
+                    session._finish(item)
 
     def start_upstream(
         self,
@@ -106,13 +124,21 @@ class Relay:
         client_pending: bytes,
         bot_pending: bytes,
         max_message_size: int,
+        time_limit: float | None = None,
     ) -> RelaySession:
-        """Hand a client and its bot to the engine; both sockets are detached (owned by Rust)."""
+        """Hand a client and its bot to the engine; both sockets are detached (owned by Rust).
+        After ``time_limit`` seconds the engine closes both with 1000 "session time limit"."""
         session = self._register(session_id)
         client_fd, bot_fd = client_sock.detach(), bot_sock.detach()
         try:
             self.engine.relay(
-                session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size
+                session_id,
+                client_fd,
+                bot_fd,
+                client_pending,
+                bot_pending,
+                max_message_size,
+                time_limit,
             )
         except BaseException:
             self._live.pop(session_id, None)
@@ -125,11 +151,14 @@ class Relay:
         client_sock: socket.socket,
         client_pending: bytes,
         max_message_size: int,
+        time_limit: float | None = None,
     ) -> RelaySession:
         """Hand a client to the engine's built-in echo bot; the socket is detached."""
         session = self._register(session_id)
         try:
-            self.engine.echo(session_id, client_sock.detach(), client_pending, max_message_size)
+            self.engine.echo(
+                session_id, client_sock.detach(), client_pending, max_message_size, time_limit
+            )
         except BaseException:
             self._live.pop(session_id, None)
             raise

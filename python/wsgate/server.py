@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import socket
@@ -59,7 +60,7 @@ _ACCEPT_BATCH = 64
 _ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-@dataclass
+@dataclass(slots=True)
 class _Opened:
     """A session handed to the engine, with what its end-of-session log line needs."""
 
@@ -318,6 +319,7 @@ class Gateway:
                     break
 
     async def _connection(self, sock: socket.socket, relay: Relay) -> None:
+        handed_off = False
         try:
             with anyio.CancelScope() as scope:
                 self._handshakes[scope] = None
@@ -334,13 +336,28 @@ class Gateway:
                     sock.close()
             if scope.cancelled_caught or opened is None:
                 return
-            await self._supervise(opened)
+            if opened.bot is not None:
+                await self._supervise(opened)  # an in-process bot runs in this task
+                return
+            # Relayed in Rust: no Python task waits on it. The doorbell task reports its end.
+            handed_off = True
+            opened.relay.on_done = functools.partial(self._session_done, opened)
         finally:
-            self._connections -= 1
-            if self._slot_freed is not None:
-                self._slot_freed.set()
-            if not self._connections:
-                self._poke()
+            if not handed_off:
+                self._connection_closed()
+
+    def _session_done(self, opened: _Opened, outcome: _core.Outcome) -> None:
+        """A relayed session ended (called from the relay's doorbell task)."""
+        self._release(opened.service_host)
+        _log_outcome(opened, outcome)
+        self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        self._connections -= 1
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+        if not self._connections:
+            self._poke()
 
     async def _open(self, sock: socket.socket, relay: Relay) -> _Opened | None:
         """Run the client's upgrade; returns the relayed session, or None if refused."""
@@ -446,7 +463,9 @@ class Gateway:
         upstream = target.agent.upstream_url
         if upstream is None:  # builtin echo
             await send_all(sock, switching_protocols(target.client_key, None))
-            session = relay.start_echo(session_id, sock, pending, settings.max_message_size)
+            session = relay.start_echo(
+                session_id, sock, pending, settings.max_message_size, self.session_time_limit
+            )
         else:
             bot = await dial(
                 upstream,
@@ -458,7 +477,13 @@ class Gateway:
             try:
                 await send_all(sock, switching_protocols(target.client_key, bot.subprotocol))
                 session = relay.start_upstream(
-                    session_id, sock, bot.sock, pending, bot.pending, settings.max_message_size
+                    session_id,
+                    sock,
+                    bot.sock,
+                    pending,
+                    bot.pending,
+                    settings.max_message_size,
+                    self.session_time_limit,
                 )
             finally:
                 bot.sock.close()  # no-op once detached
@@ -504,24 +529,18 @@ class Gateway:
         )
 
     async def _supervise(self, opened: _Opened) -> None:
-        """Wait for the session's outcome, enforcing the session time limit; log its end."""
+        """Run an in-process bot until its session ends (time limit included); log its end."""
         session = opened.relay
+        assert opened.bot is not None
+        bot, arguments, channel = opened.bot
         try:
-            if opened.bot is not None:
-                bot, arguments, channel = opened.bot
-                outcome = await serve_bot(
-                    bot,
-                    arguments,
-                    channel,
-                    grace_period=self.config.gateway.bot_grace_period,
-                    time_limit=self.session_time_limit,
-                )
-            else:
-                with anyio.move_on_after(self.session_time_limit):
-                    await session.wait()
-                if not session.done:
-                    session.close(1000, "session time limit")
-                outcome = await session.wait()
+            outcome = await serve_bot(
+                bot,
+                arguments,
+                channel,
+                grace_period=self.config.gateway.bot_grace_period,
+                time_limit=self.session_time_limit,
+            )
         except BaseException:
             session.close(1001, "gateway shutting down")
             raise
