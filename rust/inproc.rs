@@ -23,7 +23,7 @@ use crate::frame::{
     apply_mask, close_frame, parse_close, parse_header, write_header, MessageState, Opcode,
     MAX_HEADER_LEN,
 };
-use crate::pump::{shutdown_write, READ_BUF};
+use crate::pump::READ_BUF;
 use crate::relay::{Command, EndedBy, Outcome, CLOSE_TIMEOUT};
 
 /// What an in-process session tells Python, besides its outcome.
@@ -354,7 +354,7 @@ pub(crate) async fn run(
             } else if st.closed && (client_closed || !reading) {
                 // Our close is written and the client's came (or it broke the protocol).
                 drop(st);
-                let _ = shutdown_write(client);
+                let _ = socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write);
                 break;
             }
         }

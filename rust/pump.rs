@@ -13,11 +13,10 @@
 //! Memory per pump is bounded: at most one read buffer ([`READ_BUF`]) is held, and only while
 //! its bytes wait for the destination to accept them; an idle pump holds no buffer at all.
 
-use std::io::{self, ErrorKind};
-use std::net::Shutdown;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
 
-use socket2::SockRef;
-use tokio::net::TcpStream;
+use tokio::io::unix::AsyncFd;
 
 use crate::frame::{
     apply_mask, close_frame, parse_close, parse_header, write_header, Header, MessageState, Opcode,
@@ -37,13 +36,22 @@ thread_local! {
     static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A read buffer of `BUF_CAPACITY` bytes, every one of them initialized: new ones are zeroed,
+/// pooled ones were, and nothing but in-bounds writes touched them since.
 fn take_buffer() -> Vec<u8> {
-    POOL.with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| Vec::with_capacity(BUF_CAPACITY))
+    let mut buf = POOL
+        .with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0; BUF_CAPACITY]);
+    // SAFETY: see above: the whole capacity is initialized, so the bytes past `len` may be
+    // exposed. `give_back` only takes buffers that came from here and kept their allocation.
+    unsafe { buf.set_len(BUF_CAPACITY) };
+    buf
 }
 
-fn give_back(mut buf: Vec<u8>) {
-    if buf.capacity() == BUF_CAPACITY {
+/// Returns a buffer from [`take_buffer`] to the pool. `pooled` says it came from there; a
+/// buffer that grew was reallocated (its tail uninitialized) and is freed instead.
+fn give_back(mut buf: Vec<u8>, pooled: bool) {
+    if pooled && buf.capacity() == BUF_CAPACITY {
         buf.clear();
         POOL.with(|p| {
             let mut p = p.borrow_mut();
@@ -93,8 +101,8 @@ struct InFlight {
 
 /// One direction of a session.
 pub struct Pump<'a> {
-    src: &'a TcpStream,
-    dst: &'a TcpStream,
+    src: &'a AsyncFd<TcpStream>,
+    dst: &'a AsyncFd<TcpStream>,
     from_client: bool,
     transform: Transform,
     max_message_size: u64,
@@ -106,6 +114,8 @@ pub struct Pump<'a> {
     message: MessageState,
     out: Vec<u8>,
     out_pos: usize,
+    /// `out` came from the buffer pool.
+    out_pooled: bool,
     /// The source ended; nothing more will be read.
     pub src_done: bool,
     /// Read and drop whatever the source still sends (after its close or a violation).
@@ -123,8 +133,8 @@ pub struct Pump<'a> {
 impl<'a> Pump<'a> {
     /// A pump reading `src` and writing `dst` (the same socket for the echo bot).
     pub fn new(
-        src: &'a TcpStream,
-        dst: &'a TcpStream,
+        src: &'a AsyncFd<TcpStream>,
+        dst: &'a AsyncFd<TcpStream>,
         transform: Transform,
         max_message_size: u64,
         pending_in: Vec<u8>,
@@ -141,6 +151,7 @@ impl<'a> Pump<'a> {
             message: MessageState::default(),
             out: Vec::new(),
             out_pos: 0,
+            out_pooled: false,
             src_done: false,
             discard: false,
             dst_done: false,
@@ -166,49 +177,58 @@ impl<'a> Pump<'a> {
         if self.src_done {
             return Event::Progress;
         }
-        let mut buf = if self.pending_in.is_empty() {
+        let (mut buf, pooled) = if self.pending_in.is_empty() {
             loop {
-                if self.src.readable().await.is_err() {
+                let Ok(mut ready) = self.src.readable().await else {
                     self.src_done = true;
                     return Event::Eof;
-                }
-                // Built only now that the socket is readable: an idle pump holds no buffer, and
+                };
+                // Taken only now that the socket is readable: an idle pump holds no buffer, and
                 // `carry` stays in `self` until a read succeeds, so a `select!` that drops this
                 // future while it waits loses nothing.
                 let mut buf = take_buffer();
-                buf.extend_from_slice(&self.carry);
-                match self.src.try_read_buf(&mut buf) {
+                let c = self.carry.len();
+                buf[..c].copy_from_slice(&self.carry);
+                match self.src.get_ref().read(&mut buf[c..]) {
                     Ok(0) => {
-                        give_back(buf);
+                        give_back(buf, true);
                         self.src_done = true;
                         return Event::Eof;
                     }
-                    Ok(_) => {
+                    Ok(n) => {
+                        if c + n < BUF_CAPACITY {
+                            // A short read emptied the socket: skip the read that would only
+                            // say EAGAIN (as nginx does). Data arriving meanwhile re-arms it.
+                            ready.clear_ready();
+                        }
+                        buf.truncate(c + n);
                         self.carry.clear();
-                        break buf;
+                        break (buf, true);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        give_back(buf);
-                        continue;
+                        ready.clear_ready();
+                        give_back(buf, true);
                     }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => give_back(buf, true),
                     Err(_) => {
-                        give_back(buf);
+                        give_back(buf, true);
                         self.src_done = true;
                         return Event::Eof;
                     }
                 }
             }
         } else {
-            std::mem::take(&mut self.pending_in)
+            (std::mem::take(&mut self.pending_in), false)
         };
         if self.discard {
-            give_back(buf);
+            give_back(buf, pooled);
             return Event::Progress;
         }
         let ev = self.process(&mut buf);
         if self.dst_open {
             self.out = buf;
             self.out_pos = 0;
+            self.out_pooled = pooled;
             if ev == Event::Progress {
                 // Write now, in this same poll: the usual case needs no second trip through
                 // the session's select!. What does not fit waits in `out` for `flush`.
@@ -217,7 +237,7 @@ impl<'a> Pump<'a> {
                 }
             }
         } else {
-            give_back(buf);
+            give_back(buf, pooled);
         }
         ev
     }
@@ -225,18 +245,24 @@ impl<'a> Pump<'a> {
     /// Writes what the destination takes without waiting; frees the buffer once all is out.
     fn write_some(&mut self) -> Result<(), Event> {
         while self.out_pos < self.out.len() {
-            match self.dst.try_write(&self.out[self.out_pos..]) {
+            match self.dst.get_ref().write(&self.out[self.out_pos..]) {
                 Ok(n) => self.out_pos += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.abandon_dst();
                     return Err(Event::DstLost);
                 }
             }
         }
-        give_back(std::mem::take(&mut self.out));
-        self.out_pos = 0;
+        self.release_out();
         Ok(())
+    }
+
+    fn release_out(&mut self) {
+        give_back(std::mem::take(&mut self.out), self.out_pooled);
+        self.out_pos = 0;
+        self.out_pooled = false;
     }
 
     /// Queues a close frame of the gateway's own for the destination, unless one went already.
@@ -265,29 +291,27 @@ impl<'a> Pump<'a> {
     pub fn abandon_dst(&mut self) {
         self.dst_open = false;
         self.dst_done = true;
-        give_back(std::mem::take(&mut self.out));
-        self.out_pos = 0;
+        self.release_out();
     }
 
     async fn flush(&mut self) -> Result<(), Event> {
         while self.dst_open && self.out_pos < self.out.len() {
-            match self.dst.try_write(&self.out[self.out_pos..]) {
-                Ok(n) => self.out_pos += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if self.dst.writable().await.is_err() {
-                        self.abandon_dst();
-                        return Err(Event::DstLost);
-                    }
-                }
-                Err(_) => {
+            let Ok(mut ready) = self.dst.writable().await else {
+                self.abandon_dst();
+                return Err(Event::DstLost);
+            };
+            match ready.try_io(|fd| fd.get_ref().write(&self.out[self.out_pos..])) {
+                Ok(Ok(n)) => self.out_pos += n,
+                Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
+                Ok(Err(_)) => {
                     self.abandon_dst();
                     return Err(Event::DstLost);
                 }
+                Err(_would_block) => {} // readiness cleared: wait again
             }
         }
         // Back to the pool: an idle session holds no buffer.
-        give_back(std::mem::take(&mut self.out));
-        self.out_pos = 0;
+        self.release_out();
         if self.shutdown_after_flush && self.dst_open {
             self.dst_open = false;
             let _ = shutdown_write(self.dst);
@@ -443,6 +467,6 @@ impl<'a> Pump<'a> {
 }
 
 /// Half-closes a socket: the peer reads EOF, we may still read what it sends.
-pub fn shutdown_write(s: &TcpStream) -> io::Result<()> {
-    SockRef::from(s).shutdown(Shutdown::Write)
+pub fn shutdown_write(s: &AsyncFd<TcpStream>) -> io::Result<()> {
+    s.get_ref().shutdown(Shutdown::Write)
 }

@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::runtime::Handle as Runtime;
 use tokio::sync::mpsc;
@@ -356,7 +357,7 @@ impl Engine {
         let rt = self.runtime()?;
         let client = {
             let _guard = rt.enter();
-            adopt(client, self.dead_peer_timeout)?
+            adopt_stream(client, self.dead_peer_timeout)?
         };
         let rx = self.register(id)?;
         let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit));
@@ -437,10 +438,28 @@ impl Drop for Engine {
 
 /// Takes a handed-over socket into tokio: non-blocking first (a blocking fd would stall a worker
 /// thread), Nagle off (small audio frames must not wait for ACKs), dead-peer detection on.
-fn adopt(s: std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<TcpStream> {
+fn adopt(
+    s: std::net::TcpStream,
+    dead_peer_timeout: Duration,
+) -> io::Result<AsyncFd<std::net::TcpStream>> {
+    prepare(&s, dead_peer_timeout)?;
+    // Raw readiness (not tokio's TcpStream) so a pump can drop readiness after a short read,
+    // sparing the read that would only return EAGAIN.
+    // SAFETY: the AsyncFd owns `s`, an open socket whose descriptor stays the same and open
+    // until the AsyncFd is dropped (nothing else holds it: Python detached it).
+    unsafe { AsyncFd::register(s) }.map_err(|e| e.into_parts().1)
+}
+
+/// [`adopt`] for in-process sessions, which use tokio's own stream.
+fn adopt_stream(s: std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<TcpStream> {
+    prepare(&s, dead_peer_timeout)?;
+    TcpStream::from_std(s)
+}
+
+fn prepare(s: &std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<()> {
     s.set_nonblocking(true)?;
     s.set_nodelay(true)?;
-    let sock = socket2::SockRef::from(&s);
+    let sock = socket2::SockRef::from(s);
     // Half the budget idle, then three probes spread over the other half.
     let probes = 3;
     let interval = (dead_peer_timeout / 2 / probes).max(Duration::from_secs(1));
@@ -451,7 +470,7 @@ fn adopt(s: std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<TcpS
     sock.set_tcp_keepalive(&keepalive)?;
     #[cfg(target_os = "linux")]
     sock.set_tcp_user_timeout(Some(dead_peer_timeout))?;
-    TcpStream::from_std(s)
+    Ok(())
 }
 
 struct RelaySession {
@@ -474,8 +493,8 @@ impl RelaySession {
     async fn run(
         self,
         id: u64,
-        client: &TcpStream,
-        bot: &TcpStream,
+        client: &AsyncFd<std::net::TcpStream>,
+        bot: &AsyncFd<std::net::TcpStream>,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Outcome {
         let max = self.limits.max_message_size;
@@ -576,7 +595,7 @@ impl RelaySession {
 
 async fn echo_session(
     id: u64,
-    client: &TcpStream,
+    client: &AsyncFd<std::net::TcpStream>,
     pending: Vec<u8>,
     limits: Limits,
     mut commands: mpsc::UnboundedReceiver<Command>,
