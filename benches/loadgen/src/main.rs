@@ -1,0 +1,1216 @@
+//! loadgen: the load generator and upstream echo server of wsgate's relay load bench.
+//!
+//! A hand-rolled RFC 6455 client and server (no extensions, no compression), kept small and
+//! cheap so that neither the generator nor the upstream is what a relay bench measures:
+//! every read is drained of all complete frames and answered with one write.
+//!
+//! Subcommands (see `usage()`):
+//!   echo-server  an upstream that echoes every frame on /ws (any path is accepted)
+//!   saturate     N connections, each keeping K binary messages in flight; round trips/s
+//!   telephony    N connections, each sending one message every T ms; round-trip latency
+//!   idle         open N sessions, print "ready", hold them until stdin closes
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const OP_CONT: u8 = 0;
+const OP_BIN: u8 = 2;
+const OP_CLOSE: u8 = 8;
+const OP_PING: u8 = 9;
+const OP_PONG: u8 = 10;
+
+// ---------------------------------------------------------------------------------------------
+// clock: nanoseconds since process start (one base shared by all tasks)
+
+static BASE: OnceLock<Instant> = OnceLock::new();
+fn now_ns() -> u64 {
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// frames
+
+struct Frame {
+    fin: bool,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    hdr: usize,
+    len: usize,
+}
+
+/// Parse one frame header at the start of `b`; None when the whole frame is not there yet.
+fn parse(b: &[u8]) -> Option<Frame> {
+    if b.len() < 2 {
+        return None;
+    }
+    let fin = b[0] & 0x80 != 0;
+    let opcode = b[0] & 0x0f;
+    let masked = b[1] & 0x80 != 0;
+    let mut hdr = 2;
+    let len = match b[1] & 0x7f {
+        126 => {
+            if b.len() < 4 {
+                return None;
+            }
+            hdr = 4;
+            u16::from_be_bytes([b[2], b[3]]) as usize
+        }
+        127 => {
+            if b.len() < 10 {
+                return None;
+            }
+            hdr = 10;
+            u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize
+        }
+        n => n as usize,
+    };
+    let mask = if masked {
+        if b.len() < hdr + 4 {
+            return None;
+        }
+        let m = [b[hdr], b[hdr + 1], b[hdr + 2], b[hdr + 3]];
+        hdr += 4;
+        Some(m)
+    } else {
+        None
+    };
+    if b.len() < hdr + len {
+        return None;
+    }
+    Some(Frame {
+        fin,
+        opcode,
+        mask,
+        hdr,
+        len,
+    })
+}
+
+fn push_header(out: &mut Vec<u8>, fin: bool, opcode: u8, len: usize, mask: Option<[u8; 4]>) {
+    out.push(if fin { 0x80 } else { 0 } | opcode);
+    let mbit = if mask.is_some() { 0x80 } else { 0 };
+    if len < 126 {
+        out.push(mbit | len as u8);
+    } else if len <= 0xffff {
+        out.push(mbit | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(mbit | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    if let Some(m) = mask {
+        out.extend_from_slice(&m);
+    }
+}
+
+fn xor_mask(data: &mut [u8], m: [u8; 4]) {
+    let word = u32::from_ne_bytes(m);
+    let mut chunks = data.chunks_exact_mut(4);
+    for c in &mut chunks {
+        let v = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) ^ word;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= m[i];
+    }
+}
+
+/// xorshift64*: a fresh masking key per client frame without a syscall.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn key(&mut self) -> [u8; 4] {
+        (self.next() as u32).to_ne_bytes()
+    }
+}
+
+/// Append one masked client frame carrying `payload`.
+fn push_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], rng: &mut Rng) {
+    let key = rng.key();
+    push_header(out, true, opcode, payload.len(), Some(key));
+    let start = out.len();
+    out.extend_from_slice(payload);
+    xor_mask(&mut out[start..], key);
+}
+
+// ---------------------------------------------------------------------------------------------
+// handshakes
+
+fn accept_key(key: &str) -> String {
+    let mut h = sha1_smol::Sha1::new();
+    h.update(key.trim().as_bytes());
+    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(h.digest().bytes())
+}
+
+fn find_crlf2(b: &[u8]) -> Option<usize> {
+    b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+struct Url {
+    addr: String,
+    host: String,
+    path: String,
+}
+
+fn parse_url(u: &str) -> Res<Url> {
+    let rest = u
+        .strip_prefix("ws://")
+        .ok_or("only ws:// URLs are supported")?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    Ok(Url {
+        addr,
+        host: hostport.to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// Connect and upgrade; returns the stream and any bytes read past the 101 response.
+async fn connect(url: &Url, seed: u64) -> Res<(TcpStream, Vec<u8>)> {
+    let mut s = TcpStream::connect(&url.addr).await?;
+    s.set_nodelay(true)?;
+    let mut rng = Rng::new(seed.wrapping_add(now_ns()));
+    let mut keyb = [0u8; 16];
+    keyb[..8].copy_from_slice(&rng.next().to_ne_bytes());
+    keyb[8..].copy_from_slice(&rng.next().to_ne_bytes());
+    let key = base64::engine::general_purpose::STANDARD.encode(keyb);
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        url.path, url.host, key
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut tmp = [0u8; 1024];
+    loop {
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Err("connection closed during the handshake".into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(end) = find_crlf2(&buf) {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let status = head.lines().next().unwrap_or("");
+            if !status.contains(" 101") {
+                return Err(format!("upgrade refused: {status}").into());
+            }
+            let want = accept_key(&key);
+            let ok = head.lines().any(|l| {
+                let mut it = l.splitn(2, ':');
+                let name = it.next().unwrap_or("").trim();
+                name.eq_ignore_ascii_case("sec-websocket-accept")
+                    && it.next().unwrap_or("").trim() == want
+            });
+            if !ok {
+                return Err("bad Sec-WebSocket-Accept".into());
+            }
+            return Ok((s, buf[end..].to_vec()));
+        }
+        if buf.len() > 16384 {
+            return Err("response headers too long".into());
+        }
+    }
+}
+
+/// Open `n` connections, at most `par` handshakes at a time.
+async fn connect_many(url: Arc<Url>, n: usize, par: usize) -> Vec<Res<(TcpStream, Vec<u8>)>> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(par.max(1)));
+    let mut hs = Vec::with_capacity(n);
+    for i in 0..n {
+        let url = url.clone();
+        let sem = sem.clone();
+        hs.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.unwrap();
+            let mut last = None;
+            for attempt in 0..3 {
+                match connect(&url, i as u64 * 7919 + attempt).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) => {
+                        last = Some(e);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            Err(last.unwrap())
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for h in hs {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// echo server
+
+async fn echo_conn(mut s: TcpStream) -> Res<()> {
+    s.set_nodelay(true)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut tmp = vec![0u8; 65536];
+    // handshake
+    let end = loop {
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(end) = find_crlf2(&buf) {
+            break end;
+        }
+        if buf.len() > 16384 {
+            return Err("request headers too long".into());
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let key = head.lines().find_map(|l| {
+        let mut it = l.splitn(2, ':');
+        let name = it.next()?.trim();
+        if name.eq_ignore_ascii_case("sec-websocket-key") {
+            Some(it.next()?.trim().to_string())
+        } else {
+            None
+        }
+    });
+    let Some(key) = key else {
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await?;
+        return Ok(());
+    };
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        accept_key(&key)
+    );
+    s.write_all(resp.as_bytes()).await?;
+    buf.drain(..end);
+    let mut out: Vec<u8> = Vec::with_capacity(65536);
+    loop {
+        // drain every complete frame, answer them with one write
+        let mut pos = 0;
+        let mut closing = false;
+        while let Some(f) = parse(&buf[pos..]) {
+            let p0 = pos + f.hdr;
+            let p1 = p0 + f.len;
+            let op = if f.opcode == OP_PING {
+                OP_PONG
+            } else {
+                f.opcode
+            };
+            if f.opcode != OP_PONG {
+                push_header(&mut out, f.fin, op, f.len, None);
+                let st = out.len();
+                out.extend_from_slice(&buf[p0..p1]);
+                if let Some(m) = f.mask {
+                    xor_mask(&mut out[st..], m);
+                }
+            }
+            pos = p1;
+            if f.opcode == OP_CLOSE {
+                closing = true;
+                break;
+            }
+        }
+        if pos > 0 {
+            buf.drain(..pos);
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            out.clear();
+        }
+        if closing {
+            let _ = s.shutdown().await;
+            return Ok(());
+        }
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+async fn echo_server(port: u16) -> Res<()> {
+    let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    eprintln!(
+        "echo-server listening on 127.0.0.1:{}",
+        l.local_addr()?.port()
+    );
+    println!("listening {}", l.local_addr()?.port());
+    std::io::stdout().flush().ok();
+    loop {
+        let (s, _) = l.accept().await?;
+        tokio::spawn(async move {
+            let _ = echo_conn(s).await;
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// client side: a frame reader that reports whole messages (first 16 payload bytes + length)
+
+struct MsgReader {
+    buf: Vec<u8>,
+    head: [u8; 16],
+    head_len: usize,
+    in_msg: bool,
+}
+
+enum Ev {
+    Msg([u8; 16], usize),
+    Ping(Vec<u8>),
+    Close,
+}
+
+impl MsgReader {
+    fn new(initial: Vec<u8>) -> Self {
+        let mut buf = initial;
+        buf.reserve(65536);
+        MsgReader {
+            buf,
+            head: [0; 16],
+            head_len: 0,
+            in_msg: false,
+        }
+    }
+    /// Parse all complete frames in the buffer.
+    fn drain(&mut self, mut on: impl FnMut(Ev)) -> Res<()> {
+        let mut pos = 0;
+        while let Some(f) = parse(&self.buf[pos..]) {
+            let p0 = pos + f.hdr;
+            let p1 = p0 + f.len;
+            let mut payload_small = [0u8; 16];
+            let take = f.len.min(16);
+            payload_small[..take].copy_from_slice(&self.buf[p0..p0 + take]);
+            if let Some(m) = f.mask {
+                // a server must not mask, but tolerate it
+                let mut tmp = self.buf[p0..p1].to_vec();
+                xor_mask(&mut tmp, m);
+                payload_small[..take].copy_from_slice(&tmp[..take]);
+            }
+            match f.opcode {
+                OP_PING => on(Ev::Ping(self.buf[p0..p1].to_vec())),
+                OP_PONG => {}
+                OP_CLOSE => {
+                    on(Ev::Close);
+                }
+                op => {
+                    if op != OP_CONT {
+                        if self.in_msg {
+                            return Err("new message inside a fragmented one".into());
+                        }
+                        self.in_msg = true;
+                        self.head_len = 0;
+                    } else if !self.in_msg {
+                        return Err("continuation without a message".into());
+                    }
+                    let room = 16 - self.head_len;
+                    let t = take.min(room);
+                    self.head[self.head_len..self.head_len + t]
+                        .copy_from_slice(&payload_small[..t]);
+                    self.head_len += t;
+                    if f.fin {
+                        self.in_msg = false;
+                        on(Ev::Msg(self.head, self.head_len));
+                    }
+                }
+            }
+            pos = p1;
+        }
+        if pos > 0 {
+            self.buf.drain(..pos);
+        }
+        Ok(())
+    }
+}
+
+fn percentile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc CPU sampling (so that the window is exactly the measured one)
+
+fn clk_tck() -> f64 {
+    100.0 // USER_HZ on Linux
+}
+
+/// utime+stime in seconds of one process (all its threads).
+fn proc_cpu(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // fields after ")": state(3) ... utime is field 14, stime 15 (1-based) => index 11, 12 here
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / clk_tck())
+}
+
+/// Busy CPU seconds of the whole machine (all CPUs), from /proc/stat.
+fn machine_cpu() -> f64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = s.lines().next().unwrap_or("");
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if f.len() < 8 {
+        return f64::NAN;
+    }
+    // user nice system idle iowait irq softirq steal: all but idle and iowait
+    (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / clk_tck()
+}
+
+fn self_cpu() -> f64 {
+    proc_cpu(std::process::id()).unwrap_or(f64::NAN)
+}
+
+fn sum_cpu(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|p| proc_cpu(*p)).sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// saturate
+
+async fn saturate(a: &Args) -> Res<()> {
+    let url = Arc::new(parse_url(&a.url)?);
+    let size = a.size.max(16);
+    let conns = connect_many(url, a.conns, 64).await;
+    let mut streams = Vec::new();
+    let mut errors = 0usize;
+    let mut first_err = None;
+    for c in conns {
+        match c {
+            Ok(v) => streams.push(v),
+            Err(e) => {
+                errors += 1;
+                first_err.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if streams.is_empty() {
+        return Err(format!("no connection opened: {}", first_err.unwrap_or_default()).into());
+    }
+    // warm-up: a short run that is not counted
+    let warm = Duration::from_millis(a.warmup_ms);
+    let dur = Duration::from_secs_f64(a.seconds);
+    let t_warm = Instant::now();
+    let start = t_warm + warm;
+    let deadline = start + dur;
+    let relay0 = Arc::new(std::sync::Mutex::new((0.0f64, 0.0f64, 0.0f64, 0.0f64)));
+    {
+        // sample CPU at the exact window start
+        let relay0 = relay0.clone();
+        let rp = a.relay_pids.clone();
+        let up = a.upstream_pids.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            *relay0.lock().unwrap() = (sum_cpu(&rp), sum_cpu(&up), self_cpu(), machine_cpu());
+        });
+    }
+    let mut hs = Vec::new();
+    for (i, (s, extra)) in streams.into_iter().enumerate() {
+        let inflight = a.inflight;
+        let each = a.write_each;
+        hs.push(tokio::spawn(async move {
+            sat_conn(s, extra, i as u64, inflight, size, start, deadline, each).await
+        }));
+    }
+    let mut total = 0u64;
+    let mut lats: Vec<u32> = Vec::new();
+    for h in hs {
+        match h.await.unwrap() {
+            Ok((n, l)) => {
+                total += n;
+                lats.extend(l);
+            }
+            Err(e) => {
+                errors += 1;
+                first_err.get_or_insert(e.to_string());
+            }
+        }
+    }
+    let (r1, u1, s1, m1) = (
+        sum_cpu(&a.relay_pids),
+        sum_cpu(&a.upstream_pids),
+        self_cpu(),
+        machine_cpu(),
+    );
+    let elapsed = Instant::now().min(deadline + Duration::from_millis(500)) - start;
+    let el = elapsed.as_secs_f64().max(dur.as_secs_f64());
+    let (r0, u0, s0, m0) = *relay0.lock().unwrap();
+    lats.sort_unstable();
+    let mut o = format!(
+        "{{\"mode\":\"saturate\",\"conns\":{},\"inflight\":{},\"size\":{},\"seconds\":{:.3},\
+         \"round_trips\":{},\"write\":\"{}\",\"msgs_per_s\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"errors\":{}",
+        a.conns,
+        a.inflight,
+        size,
+        el,
+        total,
+        if a.write_each { "each" } else { "batch" },
+        total as f64 / el,
+        percentile(&lats, 0.50) / 1000.0,
+        percentile(&lats, 0.99) / 1000.0,
+        errors
+    );
+    if !a.relay_pids.is_empty() {
+        o += &format!(",\"relay_cpu_s\":{:.3}", r1 - r0);
+    }
+    if !a.upstream_pids.is_empty() {
+        o += &format!(",\"upstream_cpu_s\":{:.3}", u1 - u0);
+    }
+    o += &format!(
+        ",\"loadgen_cpu_s\":{:.3},\"machine_cpu_s\":{:.3}",
+        s1 - s0,
+        m1 - m0
+    );
+    if let Some(e) = first_err {
+        o += &format!(",\"first_error\":{:?}", e);
+    }
+    o += "}";
+    println!("{o}");
+    Ok(())
+}
+
+/// One saturating connection: keep `inflight` messages outstanding; each reply sends one more.
+/// Counts replies that arrive inside [start, deadline); returns (count, latencies in ns).
+#[allow(clippy::too_many_arguments)]
+async fn sat_conn(
+    mut s: TcpStream,
+    extra: Vec<u8>,
+    id: u64,
+    inflight: usize,
+    size: usize,
+    start: Instant,
+    deadline: Instant,
+    write_each: bool,
+) -> Res<(u64, Vec<u32>)> {
+    let mut rng = Rng::new(id + 1);
+    let mut payload = vec![0u8; size];
+    for (i, b) in payload.iter_mut().enumerate().skip(16) {
+        *b = (i * 31 + id as usize) as u8;
+    }
+    let mut out = Vec::with_capacity(inflight * (size + 14));
+    let start_ns = start.duration_since(*BASE.get().unwrap()).as_nanos() as u64;
+    let end_ns = deadline.duration_since(*BASE.get().unwrap()).as_nanos() as u64;
+    let mut seq = 0u64;
+    let mut mk = |out: &mut Vec<u8>, rng: &mut Rng, seq: &mut u64| {
+        payload[..8].copy_from_slice(&now_ns().to_le_bytes());
+        payload[8..16].copy_from_slice(&seq.to_le_bytes());
+        *seq += 1;
+        push_client_frame(out, OP_BIN, &payload, rng);
+    };
+    for _ in 0..inflight {
+        mk(&mut out, &mut rng, &mut seq);
+    }
+    s.write_all(&out).await?;
+    out.clear();
+    let mut rd = MsgReader::new(extra);
+    let mut count = 0u64;
+    let mut lats = Vec::with_capacity(1 << 16);
+    let mut tmp = vec![0u8; 65536];
+    let mut closed = false;
+    loop {
+        let mut replies = 0usize;
+        let mut pongs: Vec<Vec<u8>> = Vec::new();
+        rd.drain(|ev| match ev {
+            Ev::Msg(h, hl) => {
+                replies += 1;
+                if hl >= 8 {
+                    let t = u64::from_le_bytes(h[..8].try_into().unwrap());
+                    let now = now_ns();
+                    if now >= start_ns && now < end_ns {
+                        // a round trip completed inside the window
+                        count += 1;
+                        if t >= start_ns {
+                            lats.push((now.saturating_sub(t)).min(u32::MAX as u64) as u32);
+                        }
+                    }
+                }
+            }
+            Ev::Ping(p) => pongs.push(p),
+            Ev::Close => closed = true,
+        })?;
+        if closed {
+            return Err("server closed the connection".into());
+        }
+        for p in pongs {
+            push_client_frame(&mut out, OP_PONG, &p, &mut rng);
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        if write_each {
+            // one write (one TCP segment, normally) per message, as independent senders do
+            if !out.is_empty() {
+                s.write_all(&out).await?;
+                out.clear();
+            }
+            for _ in 0..replies {
+                mk(&mut out, &mut rng, &mut seq);
+                s.write_all(&out).await?;
+                out.clear();
+            }
+        } else {
+            // every reply of one read answered with one write
+            for _ in 0..replies {
+                mk(&mut out, &mut rng, &mut seq);
+            }
+            if !out.is_empty() {
+                s.write_all(&out).await?;
+                out.clear();
+            }
+        }
+        let n = match tokio::time::timeout_at(deadline.into(), s.read(&mut tmp)).await {
+            Ok(r) => r?,
+            Err(_) => break,
+        };
+        if n == 0 {
+            return Err("connection closed by the server".into());
+        }
+        rd.buf.extend_from_slice(&tmp[..n]);
+    }
+    // close politely, do not wait long
+    out.clear();
+    push_client_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), &mut rng);
+    let _ = tokio::time::timeout(Duration::from_millis(200), s.write_all(&out)).await;
+    Ok((count, lats))
+}
+
+// ---------------------------------------------------------------------------------------------
+// telephony
+
+async fn telephony(a: &Args) -> Res<()> {
+    let url = Arc::new(parse_url(&a.url)?);
+    let size = a.size.max(16);
+    let conns = connect_many(url, a.conns, 64).await;
+    let mut streams = Vec::new();
+    let mut errors = 0usize;
+    let mut first_err = None;
+    for c in conns {
+        match c {
+            Ok(v) => streams.push(v),
+            Err(e) => {
+                errors += 1;
+                first_err.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if streams.is_empty() {
+        return Err(format!("no connection opened: {}", first_err.unwrap_or_default()).into());
+    }
+    let interval = Duration::from_secs_f64(a.interval_ms / 1000.0);
+    let warm = Duration::from_millis(a.warmup_ms);
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let start = t0 + warm; // latencies of messages sent from here on are recorded
+    let stop = start + Duration::from_secs_f64(a.seconds); // no send from here on
+    let drain = Duration::from_millis(a.drain_ms);
+    let n = streams.len();
+    let relay0 = Arc::new(std::sync::Mutex::new((0.0f64, 0.0f64, 0.0f64, 0.0f64)));
+    {
+        let relay0 = relay0.clone();
+        let rp = a.relay_pids.clone();
+        let up = a.upstream_pids.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            *relay0.lock().unwrap() = (sum_cpu(&rp), sum_cpu(&up), self_cpu(), machine_cpu());
+        });
+    }
+    let stop_sample = Arc::new(std::sync::Mutex::new(None));
+    {
+        let stop_sample = stop_sample.clone();
+        let rp = a.relay_pids.clone();
+        let up = a.upstream_pids.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(stop.into()).await;
+            *stop_sample.lock().unwrap() =
+                Some((sum_cpu(&rp), sum_cpu(&up), self_cpu(), machine_cpu()));
+        });
+    }
+    // Readers run on the runtime; all sends come from one paced OS thread that writes to a
+    // dup of each socket at its exact slot: connection i sends at t0 + (i/n + k) * interval.
+    // (tokio's timer wheel has 1 ms resolution, so per-connection intervals would fire in
+    // clumps of n*1ms/interval messages; pacing keeps the offered load smooth.)
+    let pace = Duration::from_micros(a.pace_us);
+    let mut writers = Vec::with_capacity(n);
+    let mut hs = Vec::with_capacity(n);
+    for (s, extra) in streams {
+        let std_s = s.into_std()?;
+        let w = std_s.try_clone()?; // shares O_NONBLOCK with the reader's fd
+        writers.push(w);
+        let s = TcpStream::from_std(std_s)?;
+        hs.push(tokio::spawn(tel_reader(
+            s,
+            extra,
+            start,
+            stop,
+            stop + drain,
+        )));
+    }
+    let sender =
+        std::thread::spawn(move || tel_sender(writers, size, t0, interval, start, stop, pace));
+    let mut lats: Vec<u32> = Vec::new();
+    let mut recv_counted = 0u64;
+    for h in hs {
+        match h.await.unwrap() {
+            Ok((rc, l)) => {
+                recv_counted += rc;
+                lats.extend(l);
+            }
+            Err(e) => {
+                errors += 1;
+                first_err.get_or_insert(e.to_string());
+            }
+        }
+    }
+    let st = sender.join().unwrap();
+    if let Some(e) = st.error {
+        errors += 1;
+        first_err.get_or_insert(e);
+    }
+    let (r0, u0, s0, m0) = *relay0.lock().unwrap();
+    let at_stop = *stop_sample.lock().unwrap();
+    let (r1, u1, s1, m1) = at_stop.unwrap_or_else(|| {
+        (
+            sum_cpu(&a.relay_pids),
+            sum_cpu(&a.upstream_pids),
+            self_cpu(),
+            machine_cpu(),
+        )
+    });
+    lats.sort_unstable();
+    let mut o = format!(
+        "{{\"mode\":\"telephony\",\"conns\":{},\"size\":{},\"interval_ms\":{},\"seconds\":{:.3},\
+         \"sent\":{},\"received\":{},\"lost\":{},\"late_sends\":{},\"blocked_sends\":{},\
+         \"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\
+         \"errors\":{}",
+        a.conns,
+        size,
+        a.interval_ms,
+        a.seconds,
+        st.counted,
+        recv_counted,
+        st.counted.saturating_sub(recv_counted),
+        st.late,
+        st.blocked,
+        percentile(&lats, 0.50) / 1000.0,
+        percentile(&lats, 0.90) / 1000.0,
+        percentile(&lats, 0.99) / 1000.0,
+        percentile(&lats, 0.999) / 1000.0,
+        lats.last().map(|v| *v as f64).unwrap_or(f64::NAN) / 1000.0,
+        errors
+    );
+    if !a.relay_pids.is_empty() {
+        o += &format!(",\"relay_cpu_s\":{:.3}", r1 - r0);
+    }
+    if !a.upstream_pids.is_empty() {
+        o += &format!(",\"upstream_cpu_s\":{:.3}", u1 - u0);
+    }
+    o += &format!(
+        ",\"loadgen_cpu_s\":{:.3},\"machine_cpu_s\":{:.3}",
+        s1 - s0,
+        m1 - m0
+    );
+    if let Some(e) = first_err {
+        o += &format!(",\"first_error\":{:?}", e);
+    }
+    o += "}";
+    println!("{o}");
+    Ok(())
+}
+
+struct SenderStats {
+    counted: u64,
+    late: u64,
+    blocked: u64,
+    error: Option<String>,
+}
+
+/// The paced sender: one thread, a slot every interval/n, a nanosleep between slots.
+fn tel_sender(
+    mut ws: Vec<std::net::TcpStream>,
+    size: usize,
+    t0: Instant,
+    interval: Duration,
+    start: Instant,
+    stop: Instant,
+    pace: Duration,
+) -> SenderStats {
+    use std::io::ErrorKind;
+    // default timer slack is 50 us; ask for 1 us so the slots keep their spacing
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64);
+    }
+    let n = ws.len();
+    let slot = interval.as_secs_f64() / n as f64;
+    let start_ns = start.duration_since(*BASE.get().unwrap()).as_nanos() as u64;
+    let stop_ns = stop.duration_since(*BASE.get().unwrap()).as_nanos() as u64;
+    let mut rng = Rng::new(0x7e1e);
+    let mut payload = vec![0x55u8; size];
+    let mut seq = vec![0u64; n];
+    let mut pending: Vec<Vec<u8>> = vec![Vec::new(); n];
+    let mut st = SenderStats {
+        counted: 0,
+        late: 0,
+        blocked: 0,
+        error: None,
+    };
+    let mut frame = Vec::with_capacity(size + 14);
+    let mut j: u64 = 0;
+    loop {
+        let due = t0 + Duration::from_secs_f64(slot * j as f64);
+        if due >= stop {
+            break;
+        }
+        let now = Instant::now();
+        if due > now {
+            // sleep at least `pace`: slots closer than that go out together (bounded clumps,
+            // far fewer wake-ups than one per slot)
+            std::thread::sleep((due - now).max(pace));
+        } else if now - due > interval / 2 {
+            st.late += 1;
+        }
+        let i = (j % n as u64) as usize;
+        j += 1;
+        let ts = now_ns();
+        payload[..8].copy_from_slice(&ts.to_le_bytes());
+        payload[8..16].copy_from_slice(&seq[i].to_le_bytes());
+        seq[i] += 1;
+        frame.clear();
+        push_client_frame(&mut frame, OP_BIN, &payload, &mut rng);
+        if ts >= start_ns && ts < stop_ns {
+            st.counted += 1; // the readers count the same window
+        }
+        // a socket that cannot take the frame now keeps it for its next slot
+        let buf = &mut pending[i];
+        if !buf.is_empty() {
+            st.blocked += 1;
+        }
+        buf.extend_from_slice(&frame);
+        let w = &mut ws[i];
+        while !buf.is_empty() {
+            match w.write(buf) {
+                Ok(k) => {
+                    buf.drain(..k);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    st.error.get_or_insert(format!("send: {e}"));
+                    buf.clear();
+                    break;
+                }
+            }
+        }
+    }
+    // the readers send the close frames at their own deadline
+    st
+}
+
+/// Reads one connection's echoes: counts those sent in [start, stop) and their latency.
+async fn tel_reader(
+    mut r: TcpStream,
+    extra: Vec<u8>,
+    start: Instant,
+    stop: Instant,
+    end: Instant,
+) -> Res<(u64, Vec<u32>)> {
+    let start_ns = start.duration_since(*BASE.get().unwrap()).as_nanos() as u64;
+    let stop_ns = stop.duration_since(*BASE.get().unwrap()).as_nanos() as u64;
+    let mut rd = MsgReader::new(extra);
+    let mut lats = Vec::with_capacity(4096);
+    let mut received = 0u64;
+    let mut tmp = vec![0u8; 16384];
+    let mut closed = false;
+    loop {
+        rd.drain(|ev| match ev {
+            Ev::Msg(h, hl) => {
+                if hl >= 8 {
+                    let t = u64::from_le_bytes(h[..8].try_into().unwrap());
+                    if t >= start_ns && t < stop_ns {
+                        received += 1;
+                        lats.push(now_ns().saturating_sub(t).min(u32::MAX as u64) as u32);
+                    }
+                }
+            }
+            Ev::Ping(_) => {} // none of the relays pings; pings are not answered here
+            Ev::Close => closed = true,
+        })?;
+        if closed {
+            break;
+        }
+        let n = match tokio::time::timeout_at(end.into(), r.read(&mut tmp)).await {
+            Ok(r) => r?,
+            Err(_) => break,
+        };
+        if n == 0 {
+            break;
+        }
+        rd.buf.extend_from_slice(&tmp[..n]);
+    }
+    if !closed {
+        let mut rng = Rng::new(now_ns());
+        let mut out = Vec::new();
+        push_client_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), &mut rng);
+        let _ = tokio::time::timeout(Duration::from_millis(200), r.write_all(&out)).await;
+    } else {
+        return Err(format!("server closed the connection early ({received} received)").into());
+    }
+    Ok((received, lats))
+}
+
+// ---------------------------------------------------------------------------------------------
+// idle
+
+async fn idle(a: &Args) -> Res<()> {
+    let url = Arc::new(parse_url(&a.url)?);
+    let conns = connect_many(url, a.conns, a.parallel).await;
+    let mut open = 0usize;
+    let mut failed = 0usize;
+    let mut first_err = None;
+    let closed = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for c in conns {
+        match c {
+            Ok((s, extra)) => {
+                open += 1;
+                let closed = closed.clone();
+                let (mut r, w) = s.into_split();
+                writers.push(w);
+                // read (and drop) whatever arrives, so pings and closes are seen
+                tokio::spawn(async move {
+                    let _ = extra;
+                    let mut tmp = [0u8; 512];
+                    loop {
+                        match r.read(&mut tmp).await {
+                            Ok(0) | Err(_) => {
+                                closed.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                failed += 1;
+                first_err.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if let Some(e) = &first_err {
+        eprintln!("idle: {failed} connections failed; first error: {e}");
+    }
+    println!("ready open={open} failed={failed}");
+    std::io::stdout().flush().ok();
+    // hold until stdin closes
+    let mut stdin = tokio::io::stdin();
+    let mut b = [0u8; 256];
+    loop {
+        match stdin.read(&mut b).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let lost = closed.load(Ordering::Relaxed);
+    let mut rng = Rng::new(99);
+    for w in writers {
+        let mut out = Vec::new();
+        push_client_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), &mut rng);
+        let _ = w.try_write(&out);
+    }
+    println!(
+        "{{\"mode\":\"idle\",\"open\":{open},\"failed\":{failed},\"closed_while_idle\":{lost}}}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// arguments
+
+#[derive(Clone)]
+struct Args {
+    cmd: String,
+    url: String,
+    port: u16,
+    conns: usize,
+    inflight: usize,
+    size: usize,
+    seconds: f64,
+    interval_ms: f64,
+    warmup_ms: u64,
+    drain_ms: u64,
+    threads: usize,
+    parallel: usize,
+    pace_us: u64,
+    write_each: bool,
+    relay_pids: Vec<u32>,
+    upstream_pids: Vec<u32>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage:
+  loadgen echo-server --port P [--threads N]
+  loadgen saturate  --url U [--conns 32] [--inflight 8] [--size 256] [--seconds 10] [--warmup-ms 1000]
+                    [--write batch|each] (batch: the replies of one read answered with one write)
+  loadgen telephony --url U [--conns 500] [--size 320] [--interval-ms 20] [--seconds 10] [--warmup-ms 1000] [--drain-ms 1000] [--pace-us 100]
+  loadgen idle      --url U [--conns 2000] [--parallel 64]
+common: [--threads N] (runtime worker threads, default 1)
+        [--relay-pids P,P..] [--upstream-pids P,..] (saturate/telephony: CPU seconds of these
+        processes over the measured window, from /proc/PID/stat)"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.is_empty() {
+        usage();
+    }
+    let mut a = Args {
+        cmd: argv[0].clone(),
+        url: String::new(),
+        port: 0,
+        conns: 0,
+        inflight: 8,
+        size: 0,
+        seconds: 10.0,
+        interval_ms: 20.0,
+        warmup_ms: 1000,
+        drain_ms: 1000,
+        threads: 1,
+        parallel: 64,
+        pace_us: 100,
+        write_each: false,
+        relay_pids: vec![],
+        upstream_pids: vec![],
+    };
+    let mut kv: HashMap<String, String> = HashMap::new();
+    let mut i = 1;
+    while i < argv.len() {
+        let k = argv[i].trim_start_matches("--").to_string();
+        let v = argv.get(i + 1).cloned().unwrap_or_else(|| usage());
+        kv.insert(k, v);
+        i += 2;
+    }
+    let pids = |s: &str| -> Vec<u32> {
+        s.split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().unwrap_or_else(|_| usage()))
+            .collect()
+    };
+    for (k, v) in kv {
+        match k.as_str() {
+            "url" => a.url = v,
+            "port" => a.port = v.parse().unwrap_or_else(|_| usage()),
+            "conns" => a.conns = v.parse().unwrap_or_else(|_| usage()),
+            "inflight" => a.inflight = v.parse().unwrap_or_else(|_| usage()),
+            "size" => a.size = v.parse().unwrap_or_else(|_| usage()),
+            "seconds" => a.seconds = v.parse().unwrap_or_else(|_| usage()),
+            "interval-ms" => a.interval_ms = v.parse().unwrap_or_else(|_| usage()),
+            "warmup-ms" => a.warmup_ms = v.parse().unwrap_or_else(|_| usage()),
+            "drain-ms" => a.drain_ms = v.parse().unwrap_or_else(|_| usage()),
+            "threads" => a.threads = v.parse().unwrap_or_else(|_| usage()),
+            "write" => {
+                a.write_each = match v.as_str() {
+                    "each" => true,
+                    "batch" => false,
+                    _ => usage(),
+                }
+            }
+            "pace-us" => a.pace_us = v.parse().unwrap_or_else(|_| usage()),
+            "parallel" => a.parallel = v.parse().unwrap_or_else(|_| usage()),
+            "relay-pids" => a.relay_pids = pids(&v),
+            "upstream-pids" => a.upstream_pids = pids(&v),
+            _ => {
+                eprintln!("unknown option --{k}");
+                usage()
+            }
+        }
+    }
+    match a.cmd.as_str() {
+        "saturate" => {
+            a.conns = if a.conns == 0 { 32 } else { a.conns };
+            a.size = if a.size == 0 { 256 } else { a.size };
+        }
+        "telephony" => {
+            a.conns = if a.conns == 0 { 500 } else { a.conns };
+            a.size = if a.size == 0 { 320 } else { a.size };
+        }
+        "idle" => {
+            a.conns = if a.conns == 0 { 2000 } else { a.conns };
+        }
+        "echo-server" => {}
+        _ => usage(),
+    }
+    if a.cmd != "echo-server" && a.url.is_empty() {
+        usage();
+    }
+    a
+}
+
+fn main() {
+    let a = parse_args();
+    BASE.get_or_init(Instant::now);
+    let rt = if a.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(a.threads)
+            .enable_all()
+            .build()
+    }
+    .expect("tokio runtime");
+    let r = rt.block_on(async {
+        match a.cmd.as_str() {
+            "echo-server" => echo_server(a.port).await,
+            "saturate" => saturate(&a).await,
+            "telephony" => telephony(&a).await,
+            "idle" => idle(&a).await,
+            _ => unreachable!(),
+        }
+    });
+    if let Err(e) = r {
+        eprintln!("loadgen {}: {e}", a.cmd);
+        std::process::exit(1);
+    }
+    // do not wait for lingering tasks
+    std::process::exit(0);
+}
