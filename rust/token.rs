@@ -106,8 +106,10 @@ struct PayloadOut<'a> {
 
 // Unknown fields are ignored (the public service may add some); duplicates are refused by serde.
 #[derive(Deserialize)]
-struct PayloadIn {
-    sh: String,
+struct PayloadIn<'a> {
+    // Borrowed when it has no escapes (always, for tokens we mint): no allocation to compare.
+    #[serde(borrow)]
+    sh: std::borrow::Cow<'a, str>,
     exp: u64,
     nonce: String,
 }
@@ -268,7 +270,7 @@ fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
     if nonce.is_empty() {
         return Err(TokenError::Malformed);
     }
-    Ok(Claims { sh, exp, nonce })
+    Ok(Claims { sh: sh.into_owned(), exp, nonce })
 }
 
 #[cfg(test)]

@@ -76,8 +76,9 @@ class TokenKeys:
     def mint(self, service_host: str, exp: int, nonce: str) -> str:
         """As :func:`mint_token`, with the first secret."""
 
-    def verify(self, token: str, service_host: str, now: int) -> tuple[str, int, str]:
-        """As :func:`verify_token`, against every secret."""
+    def verify(self, token: str, service_host: str, now: int) -> tuple[int, str]:
+        """As :func:`verify_token`, against every secret: ``(exp, nonce)`` (the service host is
+        the one asked for)."""
 
 def new_nonce() -> str:
     """16 random bytes from the OS, base64url: a token's nonce."""

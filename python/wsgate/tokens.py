@@ -223,7 +223,7 @@ class TokenAuthority:
         if token is None:
             raise HttpError(403, "token missing")
         try:
-            _, exp, nonce = self._keys.verify(token, service_host, self._now())
+            exp, nonce = self._keys.verify(token, service_host, self._now())
         except _core.TokenError as exc:
             raise HttpError(403, str(exc)) from None
         return exp, nonce
