@@ -280,6 +280,37 @@ impl Engine {
         Ok(rx)
     }
 
+    /// Runs one session on the next worker: `adopt` takes its sockets into that worker's
+    /// runtime, `session` relays them until the end. Its outcome is queued however it ends.
+    fn launch<S, F, Fut>(
+        &self,
+        id: u64,
+        adopt: impl FnOnce() -> io::Result<S>,
+        session: F,
+    ) -> io::Result<()>
+    where
+        S: Send + 'static,
+        F: FnOnce(S, mpsc::UnboundedReceiver<Command>, Arc<Shared>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Outcome> + Send,
+    {
+        let rt = self.runtime()?;
+        let sockets = {
+            let _guard = rt.enter();
+            adopt()?
+        };
+        let rx = self.register(id)?;
+        let mut report = Report {
+            shared: self.shared.clone(),
+            outcome: Some(Outcome::new(id)),
+        };
+        rt.spawn(async move {
+            let shared = report.shared.clone();
+            report.outcome = Some(session(sockets, rx, shared).await);
+            drop(report); // queues the outcome
+        });
+        Ok(())
+    }
+
     /// Relays between a client (we are its server) and a bot (we are its client), both past
     /// their handshakes. `*_pending`: bytes already read past each handshake.
     pub fn relay(
@@ -291,30 +322,19 @@ impl Engine {
         bot_pending: Vec<u8>,
         limits: Limits,
     ) -> io::Result<()> {
-        let rt = self.runtime()?;
-        let (client, bot) = {
-            let _guard = rt.enter();
-            (
-                adopt(client, self.dead_peer_timeout)?,
-                adopt(bot, self.dead_peer_timeout)?,
-            )
-        };
-        let rx = self.register(id)?;
-        let report = Report {
-            shared: self.shared.clone(),
-            outcome: Some(Outcome::new(id)),
-        };
-        rt.spawn(async move {
-            let mut report = report;
-            let s = RelaySession {
-                client_pending,
-                bot_pending,
-                limits,
-            };
-            let outcome = s.run(id, &client, &bot, rx).await;
-            report.outcome = Some(outcome);
-        });
-        Ok(())
+        let dpt = self.dead_peer_timeout;
+        self.launch(
+            id,
+            || Ok((adopt(client, dpt)?, adopt(bot, dpt)?)),
+            move |(client, bot), rx, _| async move {
+                let s = RelaySession {
+                    client_pending,
+                    bot_pending,
+                    limits,
+                };
+                s.run(id, &client, &bot, rx).await
+            },
+        )
     }
 
     /// Serves a client with the built-in echo bot.
@@ -325,22 +345,14 @@ impl Engine {
         client_pending: Vec<u8>,
         limits: Limits,
     ) -> io::Result<()> {
-        let rt = self.runtime()?;
-        let client = {
-            let _guard = rt.enter();
-            adopt(client, self.dead_peer_timeout)?
-        };
-        let rx = self.register(id)?;
-        let report = Report {
-            shared: self.shared.clone(),
-            outcome: Some(Outcome::new(id)),
-        };
-        rt.spawn(async move {
-            let mut report = report;
-            let outcome = echo_session(id, &client, client_pending, limits, rx).await;
-            report.outcome = Some(outcome);
-        });
-        Ok(())
+        let dpt = self.dead_peer_timeout;
+        self.launch(
+            id,
+            || adopt(client, dpt),
+            move |client, rx, _| async move {
+                echo_session(id, &client, client_pending, limits, rx).await
+            },
+        )
     }
 
     /// Serves a client for an in-process Python bot: messages go to Python through
@@ -354,34 +366,28 @@ impl Engine {
         inbox_limit: usize,
         send_buffer_limit: usize,
     ) -> io::Result<()> {
-        let rt = self.runtime()?;
-        let client = {
-            let _guard = rt.enter();
-            adopt_stream(client, self.dead_peer_timeout)?
-        };
-        let rx = self.register(id)?;
+        let dpt = self.dead_peer_timeout;
         let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit));
-        lock(&self.shared.inproc).insert(id, handle.clone());
-        let report = Report {
-            shared: self.shared.clone(),
-            outcome: Some(Outcome::new(id)),
-        };
-        rt.spawn(async move {
-            let mut report = report;
-            let shared = report.shared.clone();
-            let deliver = |m: Message| shared.push(Item::Message(m));
-            let outcome = inproc::run(
-                id,
-                &client,
-                client_pending,
-                max_message_size,
-                &handle,
-                rx,
-                deliver,
-            )
-            .await;
-            report.outcome = Some(outcome);
-        });
+        let ours = handle.clone();
+        self.launch(
+            id,
+            || adopt_stream(client, dpt),
+            move |client, rx, shared| async move {
+                let deliver = |m: Message| shared.push(Item::Message(m));
+                inproc::run(
+                    id,
+                    &client,
+                    client_pending,
+                    max_message_size,
+                    &ours,
+                    rx,
+                    deliver,
+                )
+                .await
+            },
+        )?;
+        // Registered after the launch: a session that failed to start has no handle to leak.
+        lock(&self.shared.inproc).insert(id, handle);
         Ok(())
     }
 
