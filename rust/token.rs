@@ -270,7 +270,11 @@ fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
     if nonce.is_empty() {
         return Err(TokenError::Malformed);
     }
-    Ok(Claims { sh: sh.into_owned(), exp, nonce })
+    Ok(Claims {
+        sh: sh.into_owned(),
+        exp,
+        nonce,
+    })
 }
 
 #[cfg(test)]
