@@ -23,6 +23,7 @@ lint:
 	python -m ruff format --check .
 	python -m mypy
 	python -m mypy.stubtest wsgate._core
+	cargo fmt --check
 	cargo clippy -q --all-targets --no-default-features -- -D warnings
 	cargo clippy -q --all-targets -- -D warnings
 

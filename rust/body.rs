@@ -22,7 +22,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 
-use crate::limits::MAX_BODY_BYTES;
+use crate::limits::{MAX_BODY_BYTES, MAX_BODY_DEPTH};
 
 /// Standard alphabet (URL-safe symbols are mapped onto it first), no padding (stripped and
 /// checked first), trailing bits ignored.
@@ -79,6 +79,12 @@ pub enum BodyError {
     /// The decoded bytes are not a UTF-8 JSON document (400).
     #[error("body is not a UTF-8 JSON document")]
     NotJson,
+    /// The document nests arrays and objects deeper than [`MAX_BODY_DEPTH`] (400).
+    #[error("body nests deeper than {max} levels")]
+    TooDeep {
+        /// The cap, [`MAX_BODY_DEPTH`].
+        max: usize,
+    },
 }
 
 impl BodyError {
@@ -87,7 +93,7 @@ impl BodyError {
     pub fn status(&self) -> u16 {
         match self {
             Self::TooLarge { .. } => 413,
-            Self::NotBase64 | Self::NotJson => 400,
+            Self::NotBase64 | Self::NotJson | Self::TooDeep { .. } => 400,
         }
     }
 
@@ -96,6 +102,32 @@ impl BodyError {
     pub fn reason(&self) -> String {
         self.to_string()
     }
+}
+
+/// The deepest nesting of arrays and objects in a valid JSON text (strings skipped).
+fn nesting_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Decodes a `?body=` value, `raw` being exactly as it appeared in the query string (still
@@ -128,6 +160,11 @@ pub fn decode_body(raw: &str) -> Result<DecodedBody, BodyError> {
     let bytes = LENIENT.decode(data).map_err(|_| BodyError::NotBase64)?;
     let json = String::from_utf8(bytes).map_err(|_| BodyError::NotJson)?;
     serde_json::from_str::<serde::de::IgnoredAny>(&json).map_err(|_| BodyError::NotJson)?;
+    if nesting_depth(json.as_bytes()) > MAX_BODY_DEPTH {
+        return Err(BodyError::TooDeep {
+            max: MAX_BODY_DEPTH,
+        });
+    }
     let upstream_value = query_escape(&STANDARD.encode(json.as_bytes()));
     Ok(DecodedBody {
         json,
@@ -392,6 +429,30 @@ mod tests {
     fn invalid_utf8_is_400_even_inside_a_json_string() {
         let err = decode_body(&STANDARD.encode(b"\"\xff\"")).unwrap_err();
         assert_eq!(err, BodyError::NotJson);
+    }
+
+    #[test]
+    fn nesting_is_capped_and_brackets_inside_strings_do_not_count() {
+        let ok = format!(
+            "{}{}",
+            "[".repeat(MAX_BODY_DEPTH),
+            "]".repeat(MAX_BODY_DEPTH)
+        );
+        assert!(decode_body(&STANDARD.encode(&ok)).is_ok());
+        let deep = format!("[{ok}]");
+        let err = decode_body(&STANDARD.encode(&deep)).unwrap_err();
+        assert_eq!(
+            err,
+            BodyError::TooDeep {
+                max: MAX_BODY_DEPTH
+            }
+        );
+        assert_eq!(err.status(), 400);
+        let in_string = format!("{{\"a\": \"{}\\\"\"}}", "[".repeat(500));
+        assert!(
+            decode_body(&STANDARD.encode(&in_string)).is_ok(),
+            "{in_string}"
+        );
     }
 
     #[test]

@@ -10,6 +10,11 @@ pub const MAX_BODY_BYTES: usize = 4096;
 /// Largest upgrade request line plus headers, in bytes (SPEC §2); larger is a 431.
 pub const MAX_HEADER_BYTES: usize = 8192;
 
+/// Deepest nesting of arrays and objects in a `?body=` document; deeper is a 400. JSON allows any
+/// depth, but the bot parses the body (Python's `json.loads` fails from depth ~1000 with a
+/// `RecursionError`, not a `ValueError`), so a 4 KB body of 2,000 brackets must not reach it.
+pub const MAX_BODY_DEPTH: usize = 64;
+
 /// Default largest WebSocket message relayed, in bytes, when a service sets none (1 MiB).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
 
@@ -35,5 +40,6 @@ mod tests {
         assert_eq!(TOKEN_TTL_SECONDS, 5 * 60);
         assert_eq!(MAX_CONTROL_PAYLOAD, 125);
         assert_eq!(MAX_TOKEN_BYTES, 2048);
+        assert_eq!(MAX_BODY_DEPTH, 64);
     }
 }

@@ -388,6 +388,7 @@ impl Engine {
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_BODY_BYTES", limits::MAX_BODY_BYTES)?;
+    m.add("MAX_BODY_DEPTH", limits::MAX_BODY_DEPTH)?;
     m.add("MAX_HEADER_BYTES", limits::MAX_HEADER_BYTES)?;
     m.add("DEFAULT_MAX_MESSAGE_SIZE", limits::DEFAULT_MAX_MESSAGE_SIZE)?;
     m.add("TOKEN_TTL_SECONDS", limits::TOKEN_TTL_SECONDS)?;

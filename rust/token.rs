@@ -265,8 +265,11 @@ fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
     if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(TokenError::Malformed);
     }
+    // UTF-8 first: serde_json does not check strings it skips (unknown fields), and the spec's
+    // reference refuses a payload that is not UTF-8 anywhere (found by fuzz/token_claims).
+    let text = std::str::from_utf8(payload).map_err(|_| TokenError::Malformed)?;
     let PayloadIn { sh, exp, nonce } =
-        serde_json::from_slice(payload).map_err(|_| TokenError::Malformed)?;
+        serde_json::from_str(text).map_err(|_| TokenError::Malformed)?;
     if nonce.is_empty() {
         return Err(TokenError::Malformed);
     }
@@ -302,6 +305,17 @@ mod tests {
 
     fn signed_json(json: &str) -> String {
         signed(&STRICT.encode(json))
+    }
+
+    #[test]
+    fn a_signed_payload_that_is_not_utf8_anywhere_is_malformed() {
+        let payload =
+            b"{\"x\":\"\xff\",\"sh\":\"my-agent.my-org\",\"exp\":1900000000,\"nonce\":\"n\"}";
+        let token = signed(&STRICT.encode(payload));
+        assert_eq!(
+            verify(&[SECRET], &token, "my-agent.my-org", 0),
+            Err(TokenError::Malformed)
+        );
     }
 
     #[test]

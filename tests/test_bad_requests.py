@@ -62,6 +62,11 @@ CASES = [
     pytest.param(
         upgrade_request(f"/ws/generic/bot.test?body={body_of(4097)}"), 413, id="body over 4 KB"
     ),
+    pytest.param(
+        upgrade_request(f"/ws/generic/bot.test?body={B64(b'[' * 2000 + b']' * 2000).decode()}"),
+        400,
+        id="body nested 2000 deep",
+    ),
     pytest.param(upgrade_request("/ws/generic/bot.test?body=e30=&body=e30="), 400, id="body twice"),
     pytest.param(
         upgrade_request("/ws/generic/bot.test", "X-Filler: " + "a" * 9000), 431, id="huge header"

@@ -36,6 +36,30 @@ Verdict = str | tuple[int, str]  # the JSON text, or a refusal
 TOO_LARGE = (413, "too large")
 NOT_BASE64 = (400, "not base64")
 NOT_JSON = (400, "not JSON")
+TOO_DEEP = (400, "too deep")
+DEPTH = _core.MAX_BODY_DEPTH
+
+
+def nesting_depth(document: str) -> int:
+    """Deepest nesting of arrays and objects, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in document:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 class BeyondReference(Exception):
@@ -82,11 +106,13 @@ def reference_decision(raw: str) -> Verdict:
         # JSON as RFC 8259 has it: Python's extensions (NaN, Infinity, -Infinity) are refused.
         json.loads(document, parse_constant=_reject_constant)
     except RecursionError:
-        # The Rust decoder skips the document without recursing, so any depth that fits the
-        # limit is JSON to it; Python's parser gives up near depth 1000.
+        # Python's parser gives up near depth 1000; the decoder's cap is far below that, but a
+        # document it cannot parse it cannot judge as JSON either.
         raise BeyondReference from None
     except ValueError:  # UnicodeDecodeError and JSONDecodeError included
         return NOT_JSON
+    if nesting_depth(document) > DEPTH:
+        return TOO_DEEP
     return document
 
 
@@ -94,8 +120,11 @@ def rust_decision(raw: str) -> Verdict:
     try:
         document, _ = _core.decode_body(raw)
     except _core.BodyError as exc:
-        kinds = {413: TOO_LARGE, 400: NOT_BASE64 if "base64" in exc.reason else NOT_JSON}
-        return kinds[exc.status]
+        if exc.status == 413:
+            return TOO_LARGE
+        if "base64" in exc.reason:
+            return NOT_BASE64
+        return TOO_DEEP if "nests" in exc.reason else NOT_JSON
     return document
 
 
@@ -225,13 +254,18 @@ def test_a_document_of_exactly_the_limit_is_accepted_in_every_encoding() -> None
         assert _core.decode_body(raw)[0] == document, name
 
 
-def test_nesting_deeper_than_pythons_json_is_accepted_up_to_the_size_limit() -> None:
-    # serde_json skips an ignored document without recursion: no depth limit, only the size one.
-    depth = LIMIT // 2
-    document = "[" * depth + "]" * depth
-    assert _core.decode_body(padded_standard(document.encode()))[0] == document
-    with pytest.raises(RecursionError):
-        json.loads(document)
+def test_nesting_up_to_the_cap_is_accepted_and_deeper_is_400() -> None:
+    # Valid JSON, but a bot parsing 2,000 brackets with json.loads would crash (RecursionError).
+    at_cap = "[" * DEPTH + "]" * DEPTH
+    assert _core.decode_body(padded_standard(at_cap.encode()))[0] == at_cap
+    for depth in (DEPTH + 1, LIMIT // 2):
+        document = "[" * depth + "]" * depth
+        with pytest.raises(_core.BodyError) as refused:
+            _core.decode_body(padded_standard(document.encode()))
+        assert refused.value.status == 400
+        assert f"deeper than {DEPTH} levels" in refused.value.reason
+    quoted = json.dumps({"a": "[" * 500})  # brackets inside a string do not nest
+    assert _core.decode_body(padded_standard(quoted.encode()))[0] == quoted
 
 
 # --- refusals -----------------------------------------------------------------------------------

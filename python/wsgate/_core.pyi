@@ -9,6 +9,7 @@ from typing import final
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_BODY_BYTES",
+    "MAX_BODY_DEPTH",
     "MAX_HEADER_BYTES",
     "MAX_TOKEN_BYTES",
     "TOKEN_TTL_SECONDS",
@@ -26,6 +27,8 @@ __all__ = [
 
 #: Largest ``?body=`` JSON document, in bytes after base64 decoding (SPEC §4).
 MAX_BODY_BYTES: int
+#: Deepest nesting of arrays and objects in a ``?body=`` document (deeper: 400).
+MAX_BODY_DEPTH: int
 #: Largest request line plus headers of an upgrade request, in bytes (SPEC §2: over it, 431).
 MAX_HEADER_BYTES: int
 #: Default cap on one WebSocket message (all fragments), in bytes.

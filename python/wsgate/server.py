@@ -378,6 +378,10 @@ class Gateway:
             await _respond(sock, exc.status, exc.reason)
         except (EOFError, OSError):
             pass  # the client went away during its handshake
+        except Exception:
+            # A bug must cost this one connection, never the gateway's task group.
+            log.exception("unexpected error during an upgrade; connection dropped")
+            await _respond(sock, 500, "internal error")
         return None
 
     async def _upgrade(
