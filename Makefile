@@ -1,5 +1,5 @@
 # One documented line per target. `make test` is the README's (and CI's) test command.
-.PHONY: install-dev test test-py test-rust lint bench
+.PHONY: install-dev test test-py test-rust lint bench fuzz-smoke
 
 # Build the extension in place (editable): replaces any stale _core*.so under python/wsgate/.
 install-dev:
@@ -7,7 +7,7 @@ install-dev:
 	python -m pip install -q -e '.[test,pipecat]'
 
 # Everything CI runs: build, Python tests on asyncio and trio, Rust tests, linters and types.
-test: install-dev test-rust test-py lint
+test: install-dev test-rust test-py lint fuzz-smoke
 
 # pytest on real sockets (both anyio backends).
 test-py:
@@ -26,6 +26,16 @@ lint:
 	cargo fmt --check
 	cargo clippy -q --all-targets --no-default-features -- -D warnings
 	cargo clippy -q --all-targets -- -D warnings
+
+# cargo-fuzz smoke: every target, 20,000 inputs from its seeds (see fuzz/README.md). cargo-fuzz
+# needs -Zsanitizer, which the stable toolchain takes with RUSTC_BOOTSTRAP=1.
+FUZZ_TARGETS = frame_header token_verify token_claims token_mutate body_decode
+fuzz-smoke:
+	command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run $$t "$$(mktemp -d)" corpus/$$t -- \
+	    -runs=20000 -max_len=17000 -print_final_stats=0 2>&1 | tail -n 1 || exit 1; \
+	done
 
 # pytest-benchmark functions (the load bench is `python benches/load.py`, see benches/README.md).
 bench:
