@@ -1,5 +1,6 @@
 """Settings (wsgate.config): dataclasses, TOML loading and the messages of ConfigError."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,7 @@ def test_every_setting_has_the_documented_default() -> None:
         "memory",
     )
     assert (settings.secrets, settings.secrets_file) == (None, None)
+    assert (settings.max_connections, settings.max_pending_upgrades) == (10000, 1000)
     agent = AgentConfig("a", "b", builtin="echo")
     assert (agent.websocket_auth, agent.max_sessions) == ("none", 50)
 
@@ -153,6 +155,8 @@ def test_a_file_is_read_from_disk_and_named_in_errors(tmp_path: Path) -> None:
         ("[gateway]\npublic_url = 'http://x'", "public_url 'http://x' must start with ws://"),
         ("[gateway]\nregion = ''", "region must not be empty"),
         ("[gateway]\ndead_peer_timeout = 0.5", "dead_peer_timeout must be at least 1 second"),
+        ("[gateway]\nmax_connections = 0", "max_connections must be an integer >= 1"),
+        ("[gateway]\nmax_pending_upgrades = 'x'", "max_pending_upgrades must be an integer"),
         ("[gateway]\ntoken_ttl = 0", "token_ttl must be 1 to 86400 seconds"),
         ("[gateway]\ntoken_ttl = 1.5", "token_ttl must be an integer"),
         ("[gateway]\nreplay_store = 'mysql://x'", "replay_store must be 'memory' or a redis://"),
@@ -170,6 +174,24 @@ def test_a_file_is_read_from_disk_and_named_in_errors(tmp_path: Path) -> None:
 def test_a_bad_file_is_refused_with_a_message_naming_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         loads_config(text, source="gw.toml")
+
+
+def test_every_gateway_setting_can_be_written_in_the_file() -> None:
+    # Each [gateway] key has a TOML type to check against; a missing one was a KeyError once.
+    text = "[gateway]\n" + "\n".join(
+        f"{f.name} = {value}"
+        for f in dataclasses.fields(GatewaySettings)
+        if (value := _toml_value(getattr(GatewaySettings(), f.name))) is not None
+    )
+    assert loads_config(text).gateway == GatewaySettings()
+
+
+def _toml_value(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return f"'{value}'"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def test_secrets_and_a_replay_store_url_are_never_echoed() -> None:

@@ -140,6 +140,8 @@ class GatewaySettings:
             ("relay_threads", 0),
             ("inbox_limit", 1),
             ("send_buffer_limit", 1),
+            ("max_connections", 1),
+            ("max_pending_upgrades", 1),
         ):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
@@ -408,6 +410,8 @@ _TYPES: dict[tuple[str, str], str] = {
             "token_ttl",
             "inbox_limit",
             "send_buffer_limit",
+            "max_connections",
+            "max_pending_upgrades",
         )
     },
     **{
