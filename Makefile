@@ -33,8 +33,10 @@ FUZZ_TARGETS = frame_header token_verify token_claims token_mutate body_decode
 fuzz-smoke:
 	command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  log=$$(mktemp); \
 	  RUSTC_BOOTSTRAP=1 cargo fuzz run $$t "$$(mktemp -d)" corpus/$$t -- \
-	    -runs=20000 -max_len=17000 -print_final_stats=0 2>&1 | tail -n 1 || exit 1; \
+	    -runs=20000 -max_len=17000 >$$log 2>&1 || { cat $$log; exit 1; }; \
+	  echo "$$t: $$(tail -n 1 $$log)"; \
 	done
 
 # pytest-benchmark functions (the load bench is `python benches/load.py`, see benches/README.md).
