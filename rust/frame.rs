@@ -306,29 +306,26 @@ pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
     let mut payload = Vec::with_capacity(2 + end);
     payload.extend_from_slice(&code.to_be_bytes());
     payload.extend_from_slice(&reason.as_bytes()[..end]);
-    let mut out = vec![0u8; MAX_HEADER_LEN + payload.len()];
-    let n = write_header(&mut out, 0x88, mask, payload.len() as u64);
-    if let Some(key) = mask {
-        apply_mask(&mut payload, key, 0);
-    }
+    encode_frame(0x88, &payload, mask)
+}
+
+/// A whole frame: header (`first_byte` holds FIN, RSV and opcode) and `payload`, masked with
+/// `mask` when given.
+pub fn encode_frame(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![0u8; MAX_HEADER_LEN];
+    let n = write_header(&mut out, first_byte, mask, payload.len() as u64);
     out.truncate(n);
-    out.extend_from_slice(&payload);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    if let Some(key) = mask {
+        apply_mask(&mut out[start..], key, 0);
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn masked(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![0u8; MAX_HEADER_LEN];
-        let n = write_header(&mut out, first, Some(key), payload.len() as u64);
-        out.truncate(n);
-        let mut p = payload.to_vec();
-        apply_mask(&mut p, key, 0);
-        out.extend_from_slice(&p);
-        out
-    }
 
     #[test]
     fn header_lengths_of_every_size_class_round_trip() {
@@ -486,6 +483,6 @@ mod tests {
         let (code, reason) = parse_close(&p).unwrap().unwrap();
         assert_eq!(code, 1001);
         assert!(long.starts_with(&reason));
-        assert_eq!(masked(0x88, &p, key), f);
+        assert_eq!(encode_frame(0x88, &p, Some(key)), f);
     }
 }

@@ -432,14 +432,7 @@ mod tests {
     use super::*;
 
     fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-        let key = [7, 7, 9, 1];
-        let mut out = vec![0u8; MAX_HEADER_LEN];
-        let n = write_header(&mut out, first, Some(key), payload.len() as u64);
-        out.truncate(n);
-        let mut p = payload.to_vec();
-        apply_mask(&mut p, key, 0);
-        out.extend_from_slice(&p);
-        out
+        crate::frame::encode_frame(first, payload, Some([7, 7, 9, 1]))
     }
 
     #[test]
