@@ -9,7 +9,8 @@ from wsgate import _core
 from wsgate.config import AgentConfig
 from wsgate.errors import HttpError
 from wsgate.request import Request, parse_request
-from wsgate.routing import find_token, no_token_auth_yet, route
+from wsgate.routing import no_token_auth_yet, route
+from wsgate.tokens import token_from_request as find_token
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 ECHO = AgentConfig("echo", "demo", builtin="echo")

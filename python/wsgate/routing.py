@@ -23,7 +23,6 @@ __all__ = [
     "GENERIC_PATH",
     "Route",
     "TokenCheck",
-    "find_token",
     "no_token_auth_yet",
     "route",
 ]
@@ -57,26 +56,13 @@ TokenCheck = Callable[[Request, str | None, AgentConfig], None]
 
 
 def no_token_auth_yet(request: Request, path_token: str | None, agent: AgentConfig) -> None:
-    """The token check until tokens are implemented: ``none`` agents pass, ``token`` agents never.
-
-    Refusing every token agent keeps them unreachable without authentication meanwhile.
+    """The token check of a gateway without a token authority: ``none`` agents pass,
+    ``token`` agents never (a gateway builds an authority whenever an agent uses tokens, so this
+    only guards routing used on its own). The real check is
+    :meth:`wsgate.tokens.TokenAuthority.check_request`.
     """
     if agent.websocket_auth != "none":
         raise HttpError(403, "token auth not available yet")
-
-
-def find_token(request: Request, path_token: str | None) -> str | None:
-    """The token the client attached, from the first place present (SPEC §3): the
-    ``Authorization: Bearer`` header, the ``token`` query parameter, the trailing path segment.
-    """
-    authorization = request.header("authorization")
-    if authorization is not None:
-        scheme, _, credentials = authorization.partition(" ")
-        return credentials.strip() if scheme.lower() == "bearer" else ""
-    for name, value in request.query_params():
-        if name == "token":
-            return unquote(value)
-    return path_token
 
 
 def route(
