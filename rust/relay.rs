@@ -168,9 +168,6 @@ impl Drop for Report {
     }
 }
 
-/// Default for [`Engine::new`]'s `dead_peer_timeout`.
-pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// One relay thread: a single-threaded tokio runtime that owns its sessions from start to end.
 struct Worker {
     handle: Runtime,

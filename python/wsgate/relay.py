@@ -192,34 +192,6 @@ class Relay:
             raise
         return session
 
-    async def run_upstream(
-        self,
-        client_sock: socket.socket,
-        bot_sock: socket.socket,
-        client_pending: bytes,
-        bot_pending: bytes,
-        max_message_size: int,
-    ) -> _core.Outcome:
-        """Relay a client and its bot until the session ends; cancelling closes it with 1001."""
-        session = self.start_upstream(
-            self.new_session_id(),
-            client_sock,
-            bot_sock,
-            client_pending,
-            bot_pending,
-            max_message_size,
-        )
-        return await self._wait_or_close(session)
-
-    async def run_echo(
-        self, client_sock: socket.socket, client_pending: bytes, max_message_size: int
-    ) -> _core.Outcome:
-        """Serve a client with the echo bot until it ends; cancelling closes it with 1001."""
-        session = self.start_echo(
-            self.new_session_id(), client_sock, client_pending, max_message_size
-        )
-        return await self._wait_or_close(session)
-
     def shutdown(self) -> None:
         """Drop every session at once and stop the engine's threads."""
         self.engine.shutdown()
@@ -231,10 +203,3 @@ class Relay:
         session = RelaySession(self, session_id, inbox)
         self._live[session_id] = session
         return session
-
-    async def _wait_or_close(self, session: RelaySession) -> _core.Outcome:
-        try:
-            return await session.wait()
-        except BaseException:
-            session.close(1001, "gateway shutting down")
-            raise
