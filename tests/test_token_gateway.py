@@ -330,3 +330,43 @@ def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
             os.environ.pop("WSGATE_SECRETS", None)
         else:
             os.environ["WSGATE_SECRETS"] = env_before
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        pytest.param("Transfer-Encoding: chunked", 411, id="chunked body"),
+        pytest.param("Content-Length: abc", 400, id="content-length not a number"),
+        pytest.param("Content-Length: -5", 400, id="negative content-length"),
+    ],
+)
+async def test_a_start_request_with_a_body_it_cannot_read_gets_a_json_error(
+    sentinel: Sentinel, extra: str, status: int
+) -> None:
+    async with gateway(sentinel.url) as gw:
+        request = (
+            f"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer pk_test\r\n{extra}\r\n\r\n"
+        ).encode()
+        got, body = await http_exchange(gw.port, request)
+        assert got == status
+        assert json.loads(body)["code"] == str(status)
+        # The gateway goes on serving /start.
+        assert (await start_json(gw, "talk", "pk_test"))[0] == 200
+    assert not sentinel.dialled()
+
+
+async def test_a_start_body_slower_than_the_handshake_timeout_is_cut_off(
+    sentinel: Sentinel,
+) -> None:
+    async with gateway(sentinel.url, handshake_timeout=0.5) as gw:
+        async with await anyio.connect_tcp("127.0.0.1", gw.port) as s:
+            await s.send(
+                b"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer pk_test\r\nContent-Length: 100\r\n\r\n{"
+            )
+            with anyio.fail_after(10):
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await s.receive()  # dropped without an answer, like a slow upgrade
+        assert (await start_json(gw, "talk", "pk_test"))[0] == 200
+    assert not sentinel.dialled()
