@@ -72,3 +72,14 @@ async def test_token_commands_without_secrets_exit_2_with_a_reason() -> None:
     )
     assert result.returncode == 2
     assert b"secrets" in result.stderr
+
+
+async def test_start_without_a_key_exits_2_before_any_request(sentinel: Sentinel) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "WSGATE_PUBLIC_KEY"}
+    result = await anyio.run_process(
+        [sys.executable, "-m", "wsgate", "start", "--url", "http://127.0.0.1:9", "--agent", "a"],
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert b"WSGATE_PUBLIC_KEY" in result.stderr
