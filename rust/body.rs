@@ -158,18 +158,37 @@ pub fn decode_body(raw: &str) -> Result<DecodedBody, BodyError> {
         });
     }
     let bytes = LENIENT.decode(data).map_err(|_| BodyError::NotBase64)?;
+    check_json(&bytes)?;
     let json = String::from_utf8(bytes).map_err(|_| BodyError::NotJson)?;
-    serde_json::from_str::<serde::de::IgnoredAny>(&json).map_err(|_| BodyError::NotJson)?;
-    if nesting_depth(json.as_bytes()) > MAX_BODY_DEPTH {
-        return Err(BodyError::TooDeep {
-            max: MAX_BODY_DEPTH,
-        });
-    }
     let upstream_value = query_escape(&STANDARD.encode(json.as_bytes()));
     Ok(DecodedBody {
         json,
         upstream_value,
     })
+}
+
+/// Checks a body document's bytes: at most [`MAX_BODY_BYTES`], UTF-8 JSON, nested at most
+/// [`MAX_BODY_DEPTH`] levels. The one check of a body, whether it came as `?body=` (after
+/// [`decode_body`]'s base64 step) or in a `/start` request, so both refuse the same documents.
+///
+/// # Errors
+///
+/// [`BodyError::TooLarge`], then [`BodyError::NotJson`], then [`BodyError::TooDeep`].
+pub fn check_json(document: &[u8]) -> Result<(), BodyError> {
+    if document.len() > MAX_BODY_BYTES {
+        return Err(BodyError::TooLarge {
+            size: document.len(),
+            max: MAX_BODY_BYTES,
+        });
+    }
+    let text = std::str::from_utf8(document).map_err(|_| BodyError::NotJson)?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|_| BodyError::NotJson)?;
+    if nesting_depth(document) > MAX_BODY_DEPTH {
+        return Err(BodyError::TooDeep {
+            max: MAX_BODY_DEPTH,
+        });
+    }
+    Ok(())
 }
 
 /// Exact decoded length of `n` base64 symbols without padding (`n % 4 != 1`): six bits each,
@@ -453,6 +472,28 @@ mod tests {
             decode_body(&STANDARD.encode(&in_string)).is_ok(),
             "{in_string}"
         );
+    }
+
+    #[test]
+    fn a_document_checked_directly_is_judged_like_a_decoded_one() {
+        let at_cap = format!("\"{}\"", "a".repeat(MAX_BODY_BYTES - 2));
+        let over = format!("\"{}\"", "a".repeat(MAX_BODY_BYTES - 1));
+        let deep = format!("{}{}", "[".repeat(102), "]".repeat(102));
+        for doc in [
+            at_cap.as_str(),
+            &over,
+            &deep,
+            "{\"a\":1}",
+            "not json",
+            "\"\\ud800\"",
+        ] {
+            assert_eq!(
+                check_json(doc.as_bytes()),
+                decode_body(&STANDARD.encode(doc)).map(|_| ()),
+                "{doc:?}"
+            );
+        }
+        assert_eq!(check_json(b"\"\xff\""), Err(BodyError::NotJson));
     }
 
     #[test]

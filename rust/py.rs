@@ -27,28 +27,43 @@ pyo3::create_exception!(
 /// Checks and decodes a `?body=` value: `(json_text, upstream_value)`.
 #[pyfunction]
 fn decode_body(py: Python<'_>, raw: &str) -> PyResult<(String, String)> {
-    match body::decode_body(raw) {
-        Ok(b) => Ok((b.json, b.upstream_value)),
-        Err(e) => {
-            let (status, reason) = (e.status(), e.reason());
-            let err = BodyError::new_err(reason.clone());
-            let value = err.value(py);
-            value.setattr("status", status)?;
-            value.setattr("reason", reason)?;
-            Err(err)
-        }
-    }
+    body::decode_body(raw)
+        .map(|b| (b.json, b.upstream_value))
+        .map_err(|e| body_error(py, &e))
 }
 
-/// Mints a token bound to `service_host`, valid until `exp` (Unix seconds).
+/// Checks a body document's bytes (size, UTF-8 JSON, nesting) as `?body=` is checked.
 #[pyfunction]
-fn mint_token(secret: &[u8], service_host: &str, exp: u64, nonce: &str) -> PyResult<String> {
+fn check_body_json(py: Python<'_>, document: &[u8]) -> PyResult<()> {
+    body::check_json(document).map_err(|e| body_error(py, &e))
+}
+
+fn body_error(py: Python<'_>, e: &body::BodyError) -> PyErr {
+    let (status, reason) = (e.status(), e.reason());
+    let err = BodyError::new_err(reason.clone());
+    let value = err.value(py);
+    // Setting two attributes on a fresh exception instance cannot fail.
+    let _ = value.setattr("status", status);
+    let _ = value.setattr("reason", reason);
+    err
+}
+
+/// Mints a token bound to `service_host`, valid until `exp` (Unix seconds), binding `body`.
+#[pyfunction]
+#[pyo3(signature = (secret, service_host, exp, nonce, body=None))]
+fn mint_token(
+    secret: &[u8],
+    service_host: &str,
+    exp: u64,
+    nonce: &str,
+    body: Option<&[u8]>,
+) -> PyResult<String> {
     if secret.is_empty() {
         return Err(PyValueError::new_err(
             "the signing secret must not be empty",
         ));
     }
-    Ok(token::mint(secret, service_host, exp, nonce))
+    Ok(token::mint(secret, service_host, exp, nonce, body))
 }
 
 /// Verifies a token against every secret in turn: `(service_host, exp, nonce)` of a good one.
@@ -89,20 +104,55 @@ impl TokenKeys {
             })
     }
 
-    fn mint(&self, service_host: &str, exp: u64, nonce: &str) -> String {
-        self.keys.mint(service_host, exp, nonce)
+    #[pyo3(signature = (service_host, exp, nonce, body=None))]
+    fn mint(&self, service_host: &str, exp: u64, nonce: &str, body: Option<&[u8]>) -> String {
+        self.keys.mint(service_host, exp, nonce, body)
     }
 
     // About a microsecond of work: releasing the GIL would cost more than it frees.
-    fn verify(&self, token: &str, service_host: &str, now: u64) -> PyResult<(u64, String)> {
-        match self.keys.verify(token, service_host, now) {
-            Ok(c) => Ok((c.exp, c.nonce)),
-            Err(e) => Err(TokenError::new_err(e.reason())),
-        }
+    fn verify(&self, token: &str, service_host: &str, now: u64) -> PyResult<TokenClaims> {
+        self.keys
+            .verify(token, service_host, now)
+            .map(|claims| TokenClaims { claims })
+            .map_err(|e| TokenError::new_err(e.reason()))
     }
 
     fn __repr__(&self) -> String {
         format!("{:?}", self.keys)
+    }
+}
+
+/// The claims of a verified token; its repr leaves out the nonce.
+#[pyclass(module = "wsgate._core", frozen)]
+struct TokenClaims {
+    claims: token::Claims,
+}
+
+#[pymethods]
+impl TokenClaims {
+    #[getter]
+    fn exp(&self) -> u64 {
+        self.claims.exp
+    }
+
+    #[getter]
+    fn nonce(&self) -> &str {
+        &self.claims.nonce
+    }
+
+    #[getter]
+    fn binds_body(&self) -> bool {
+        self.claims.body.is_some()
+    }
+
+    fn check_body(&self, body: Option<&[u8]>) -> PyResult<()> {
+        self.claims
+            .check_body(body)
+            .map_err(|e| TokenError::new_err(e.reason()))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.claims)
     }
 }
 
@@ -395,11 +445,13 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_TOKEN_BYTES", limits::MAX_TOKEN_BYTES)?;
     m.add("BodyError", m.py().get_type::<BodyError>())?;
     m.add_function(wrap_pyfunction!(decode_body, m)?)?;
+    m.add_function(wrap_pyfunction!(check_body_json, m)?)?;
     m.add("TokenError", m.py().get_type::<TokenError>())?;
     m.add_function(wrap_pyfunction!(mint_token, m)?)?;
     m.add_function(wrap_pyfunction!(verify_token, m)?)?;
     m.add_function(wrap_pyfunction!(new_nonce, m)?)?;
     m.add_class::<TokenKeys>()?;
+    m.add_class::<TokenClaims>()?;
     m.add_class::<Engine>()?;
     m.add_class::<Outcome>()?;
     m.add_class::<Message>()?;

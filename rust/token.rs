@@ -1,8 +1,13 @@
 //! Session tokens (SPEC §3): minting and stateless verification.
 //!
-//! Wire format: `base64url(JSON {"sh","exp","nonce"}) + "." + base64url(HMAC-SHA256(secret,
-//! first part))`, both parts unpadded. The MAC covers the first part's ASCII text, not the
-//! decoded JSON.
+//! Wire format: `base64url(JSON {"sh","exp","nonce"[,"bd"]}) + "." +
+//! base64url(HMAC-SHA256(secret, first part))`, both parts unpadded. The MAC covers the first
+//! part's ASCII text, not the decoded JSON.
+//!
+//! `bd` (ours) binds the session body: base64url of SHA-256 of the body's JSON bytes, as
+//! `/start` was given them. A token without `bd` binds *no* body. [`Claims::check_body`] holds
+//! the `?body=` of the upgrade to the binding, so a token holder cannot swap the body that the
+//! backend which called `/start` vouched for.
 //!
 //! Invariants, all enforced by [`verify`] in this order:
 //! - work is bounded: a token over [`MAX_TOKEN_BYTES`] is refused before anything is decoded;
@@ -26,7 +31,7 @@ use hmac::{Hmac, Mac};
 use rand::rngs::OsRng;
 use rand::TryRngCore as _;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use sha2::{Digest as _, Sha256};
 
 use crate::limits::MAX_TOKEN_BYTES;
 
@@ -54,6 +59,46 @@ pub struct Claims {
     pub exp: u64,
     /// Random value unique to this token; the key for the replay store.
     pub nonce: String,
+    /// The `bd` claim: the digest ([`body_digest`]) of the only body this token opens a session
+    /// with, or `None`: no body at all.
+    pub body: Option<String>,
+}
+
+impl Claims {
+    /// Checks the session body of the upgrade (its JSON bytes, `None` without `?body=`) against
+    /// the body this token binds.
+    ///
+    /// # Errors
+    ///
+    /// [`TokenError::BodyMissing`], [`TokenError::BodyNotBound`] or [`TokenError::BodyMismatch`].
+    pub fn check_body(&self, body: Option<&[u8]>) -> Result<(), TokenError> {
+        match (&self.body, body) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(TokenError::BodyMissing),
+            (None, Some(_)) => Err(TokenError::BodyNotBound),
+            (Some(bound), Some(body)) => {
+                // Not a secret, but compared without early exit all the same.
+                let given = body_digest(body);
+                let differ = bound.len() != given.len()
+                    || bound
+                        .bytes()
+                        .zip(given.bytes())
+                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                        != 0;
+                if differ {
+                    Err(TokenError::BodyMismatch)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// The `bd` claim of a body: base64url (unpadded) of SHA-256 of its JSON bytes.
+#[must_use]
+pub fn body_digest(body: &[u8]) -> String {
+    STRICT.encode(Sha256::digest(body))
 }
 
 impl fmt::Debug for Claims {
@@ -62,6 +107,7 @@ impl fmt::Debug for Claims {
         f.debug_struct("Claims")
             .field("sh", &self.sh)
             .field("exp", &self.exp)
+            .field("binds_body", &self.body.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +128,15 @@ pub enum TokenError {
     /// Genuine, but past its expiry.
     #[error("token has expired")]
     Expired,
+    /// The token binds a body and the upgrade carries none.
+    #[error("token was issued with a body: ?body= is missing")]
+    BodyMissing,
+    /// The token binds no body and the upgrade carries one.
+    #[error("token was issued without a body: ?body= is not allowed")]
+    BodyNotBound,
+    /// The upgrade's body is not the one the token binds.
+    #[error("?body= differs from the body the token was issued with")]
+    BodyMismatch,
 }
 
 impl TokenError {
@@ -93,6 +148,9 @@ impl TokenError {
             Self::BadSignature => "token signature is invalid",
             Self::WrongServiceHost => "token is for another service host",
             Self::Expired => "token has expired",
+            Self::BodyMissing => "token was issued with a body: ?body= is missing",
+            Self::BodyNotBound => "token was issued without a body: ?body= is not allowed",
+            Self::BodyMismatch => "?body= differs from the body the token was issued with",
         }
     }
 }
@@ -102,6 +160,8 @@ struct PayloadOut<'a> {
     sh: &'a str,
     exp: u64,
     nonce: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bd: Option<&'a str>,
 }
 
 // Unknown fields are ignored (the public service may add some); duplicates are refused by serde.
@@ -112,21 +172,38 @@ struct PayloadIn<'a> {
     sh: std::borrow::Cow<'a, str>,
     exp: u64,
     nonce: String,
+    #[serde(default)]
+    bd: Option<String>,
 }
 
-/// Mints a token for `service_host`, valid until `exp` (Unix seconds), signed with `secret`.
+/// Mints a token for `service_host`, valid until `exp` (Unix seconds), signed with `secret`,
+/// binding `body` (a session body's JSON bytes; `None`: the token opens a session without one).
 ///
 /// `nonce` should come from [`new_nonce`]; an empty one yields a token [`verify`] refuses.
 #[must_use]
-pub fn mint(secret: &[u8], service_host: &str, exp: u64, nonce: &str) -> String {
-    mint_with(&keyed(secret), service_host, exp, nonce)
+pub fn mint(
+    secret: &[u8],
+    service_host: &str,
+    exp: u64,
+    nonce: &str,
+    body: Option<&[u8]>,
+) -> String {
+    mint_with(&keyed(secret), service_host, exp, nonce, body)
 }
 
-fn mint_with(key: &HmacSha256, service_host: &str, exp: u64, nonce: &str) -> String {
+fn mint_with(
+    key: &HmacSha256,
+    service_host: &str,
+    exp: u64,
+    nonce: &str,
+    body: Option<&[u8]>,
+) -> String {
+    let digest = body.map(body_digest);
     let payload = serde_json::to_vec(&PayloadOut {
         sh: service_host,
         exp,
         nonce,
+        bd: digest.as_deref(),
     })
     .expect("two strings and an integer always serialise");
     let mut token = STRICT.encode(payload);
@@ -246,8 +323,8 @@ impl Keys {
 
     /// [`mint`] with the first secret.
     #[must_use]
-    pub fn mint(&self, service_host: &str, exp: u64, nonce: &str) -> String {
-        mint_with(&self.keys[0], service_host, exp, nonce)
+    pub fn mint(&self, service_host: &str, exp: u64, nonce: &str, body: Option<&[u8]>) -> String {
+        mint_with(&self.keys[0], service_host, exp, nonce, body)
     }
 
     /// [`verify`] against every secret.
@@ -268,7 +345,7 @@ fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
     // UTF-8 first: serde_json does not check strings it skips (unknown fields), and the spec's
     // reference refuses a payload that is not UTF-8 anywhere (found by fuzz/token_claims).
     let text = std::str::from_utf8(payload).map_err(|_| TokenError::Malformed)?;
-    let PayloadIn { sh, exp, nonce } =
+    let PayloadIn { sh, exp, nonce, bd } =
         serde_json::from_str(text).map_err(|_| TokenError::Malformed)?;
     if nonce.is_empty() {
         return Err(TokenError::Malformed);
@@ -277,6 +354,7 @@ fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
         sh: sh.into_owned(),
         exp,
         nonce,
+        body: bd,
     })
 }
 
@@ -292,7 +370,7 @@ mod tests {
     const URL_SAFE: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
     fn token() -> String {
-        mint(SECRET, HOST, EXP, "abc123")
+        mint(SECRET, HOST, EXP, "abc123", None)
     }
 
     /// A token whose first part is `payload_part` verbatim, correctly signed with [`SECRET`].
@@ -321,7 +399,10 @@ mod tests {
     #[test]
     fn prepared_keys_mint_and_verify_like_the_plain_functions() {
         let keys = Keys::new(&[b"new".as_slice(), SECRET]).unwrap();
-        assert_eq!(keys.mint(HOST, EXP, "n"), mint(b"new", HOST, EXP, "n"));
+        assert_eq!(
+            keys.mint(HOST, EXP, "n", None),
+            mint(b"new", HOST, EXP, "n", None)
+        );
         let old = token();
         assert_eq!(
             keys.verify(&old, HOST, EXP - 1),
@@ -350,8 +431,44 @@ mod tests {
             Claims {
                 sh: HOST.into(),
                 exp: EXP,
-                nonce: "abc123".into()
+                nonce: "abc123".into(),
+                body: None
             }
+        );
+    }
+
+    #[test]
+    fn a_token_binds_the_body_it_was_minted_with_and_only_that_one() {
+        let body: &[u8] = br#"{"who":"A"}"#;
+        let bound = mint(SECRET, HOST, EXP, "n", Some(body));
+        let claims = verify(&[SECRET], &bound, HOST, 0).unwrap();
+        assert_eq!(claims.body.as_deref(), Some(body_digest(body).as_str()));
+        assert_eq!(claims.check_body(Some(body)), Ok(()));
+        assert_eq!(
+            claims.check_body(Some(br#"{"who":"EVIL","admin":true}"#)),
+            Err(TokenError::BodyMismatch)
+        );
+        assert_eq!(
+            claims.check_body(Some(br#"{"who": "A"}"#)),
+            Err(TokenError::BodyMismatch),
+            "the bytes are bound, not a re-serialisation"
+        );
+        assert_eq!(claims.check_body(None), Err(TokenError::BodyMissing));
+        let unbound = verify(&[SECRET], &token(), HOST, 0).unwrap();
+        assert_eq!(unbound.check_body(None), Ok(()));
+        assert_eq!(
+            unbound.check_body(Some(b"{}")),
+            Err(TokenError::BodyNotBound)
+        );
+    }
+
+    #[test]
+    fn a_token_without_a_body_keeps_the_public_three_claim_payload() {
+        let payload = token().split_once('.').unwrap().0.to_owned();
+        let json = STRICT.decode(payload).unwrap();
+        assert_eq!(
+            json,
+            br#"{"sh":"my-agent.my-org","exp":1712800000,"nonce":"abc123"}"#
         );
     }
 
@@ -386,8 +503,8 @@ mod tests {
     #[test]
     fn during_rotation_a_token_signed_with_the_old_secret_still_verifies() {
         let new: &[u8] = b"new secret";
-        let old = mint(SECRET, HOST, EXP, "n");
-        let fresh = mint(new, HOST, EXP, "n");
+        let old = mint(SECRET, HOST, EXP, "n", None);
+        let fresh = mint(new, HOST, EXP, "n", None);
         assert!(verify(&[new, SECRET], &old, HOST, 0).is_ok());
         assert!(verify(&[new, SECRET], &fresh, HOST, 0).is_ok());
         assert_eq!(verify(&[new], &old, HOST, 0), Err(TokenError::BadSignature));
@@ -420,7 +537,7 @@ mod tests {
 
     #[test]
     fn an_overlong_token_is_malformed_even_when_correctly_signed() {
-        let long = mint(SECRET, &"h".repeat(MAX_TOKEN_BYTES), EXP, "n");
+        let long = mint(SECRET, &"h".repeat(MAX_TOKEN_BYTES), EXP, "n", None);
         assert_eq!(
             verify(&[SECRET], &long, HOST, 0),
             Err(TokenError::Malformed)
@@ -485,6 +602,9 @@ mod tests {
             TokenError::BadSignature,
             TokenError::WrongServiceHost,
             TokenError::Expired,
+            TokenError::BodyMissing,
+            TokenError::BodyNotBound,
+            TokenError::BodyMismatch,
         ] {
             assert_eq!(err.reason(), err.to_string());
             assert!(!err.reason().contains('\n'));
@@ -493,7 +613,13 @@ mod tests {
 
     #[test]
     fn debug_of_claims_leaves_out_the_nonce() {
-        let claims = verify(&[SECRET], &mint(SECRET, HOST, EXP, "zznoncezz"), HOST, 0).unwrap();
+        let claims = verify(
+            &[SECRET],
+            &mint(SECRET, HOST, EXP, "zznoncezz", None),
+            HOST,
+            0,
+        )
+        .unwrap();
         let debug = format!("{claims:?}");
         assert!(
             debug.contains(HOST) && debug.contains("1712800000"),
@@ -519,7 +645,7 @@ mod tests {
             ".{1,30}",
         )
             .prop_map(|(secret, sh, exp, nonce)| {
-                let token = mint(&secret, &sh, exp, &nonce);
+                let token = mint(&secret, &sh, exp, &nonce, None);
                 (secret, sh, token)
             })
     }
@@ -534,9 +660,9 @@ mod tests {
             now_before in any::<u64>(),
         ) {
             let now = now_before % exp;
-            let token = mint(&secret, &sh, exp, &nonce);
+            let token = mint(&secret, &sh, exp, &nonce, None);
             let claims = verify(&[b"another".as_slice(), &secret], &token, &sh, now).unwrap();
-            prop_assert_eq!(claims, Claims { sh, exp, nonce });
+            prop_assert_eq!(claims, Claims { sh, exp, nonce, body: None });
         }
 
         #[test]

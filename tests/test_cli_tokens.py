@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -63,6 +64,23 @@ async def test_token_mint_and_verify_with_secrets_from_the_environment() -> None
     )
     assert code == 1
     assert token not in err and token not in out
+
+
+async def test_a_token_minted_with_a_body_verifies_only_with_that_body() -> None:
+    code, out, _ = await wsgate(
+        "token", "mint", "--agent", "a.b", "--body", '{"who": "A"}', WSGATE_SECRETS=SECRET
+    )
+    assert code == 0
+    minted = json.loads(out)
+    assert base64.b64decode(minted["body"]) == b'{"who":"A"}'  # as /start encodes it
+    for body, expected in [('{"who":"A"}', 0), ('{"who":"EVIL"}', 1), (None, 1)]:
+        args = ["token", "verify", "--agent", "a.b"] + ([] if body is None else ["--body", body])
+        code, _, err = await wsgate(*args, stdin=minted["token"].encode(), WSGATE_SECRETS=SECRET)
+        assert code == expected, (body, err)
+    code, _, err = await wsgate(
+        "token", "mint", "--agent", "a.b", "--body", "{oops", WSGATE_SECRETS=SECRET
+    )
+    assert (code, err.strip()) == (2, "wsgate: --body is not JSON")
 
 
 async def test_token_commands_without_secrets_exit_2_with_a_reason() -> None:

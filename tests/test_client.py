@@ -120,7 +120,8 @@ async def test_start_returns_a_typed_result_with_token_ws_url_session_id_and_bod
     assert result.ws_url == "wss://gw.example/ws/generic/talk.test"
     assert result.token is not None and result.body is not None
     assert json.loads(base64.b64decode(result.body)) == {"k": "é"}
-    assert (await auth.verify(result.token, "talk.test")).session_id == result.session_id
+    bound = base64.b64decode(result.body)  # the token binds the body it was minted for
+    assert (await auth.verify(result.token, "talk.test", bound)).session_id == result.session_id
     assert result.token not in repr(result)
 
 

@@ -291,10 +291,9 @@ async def test_a_good_path_token_does_not_rescue_a_bad_header_token() -> None:
     good = auth.mint(HOST).token
     req = request(f"/ws/generic/{HOST}/{good}", "Authorization: Bearer bad")
     agent = AgentConfig("my-agent", "my-org", websocket_auth="token", builtin="echo")
+    # The one check of a request's token: the server claims only what it returned.
     with pytest.raises(HttpError, match="malformed"):
         auth.check_request(req, good, agent)
-    with pytest.raises(HttpError, match="malformed"):
-        await auth.verify_request(req, good, agent)
 
 
 @pytest.mark.anyio
@@ -304,16 +303,18 @@ async def test_the_request_hooks_pass_none_agents_and_use_up_a_token_agents_toke
     open_agent = AgentConfig("open", "my-org", builtin="echo")
     token_agent = AgentConfig("my-agent", "my-org", websocket_auth="token", builtin="echo")
     bare = request("/ws/generic/open.my-org")
-    auth.check_request(bare, None, open_agent)
-    assert await auth.verify_request(bare, None, open_agent) is None
+    assert auth.check_request(bare, None, open_agent) is None
     with pytest.raises(HttpError, match="token missing"):
         auth.check_request(bare, None, token_agent)
     with_token = request(f"/ws/generic/{HOST}?token={token}")
-    auth.check_request(with_token, None, token_agent)
-    verified = await auth.verify_request(with_token, None, token_agent)
-    assert verified is not None and verified.service_host == HOST
+    claims = auth.check_request(with_token, None, token_agent)
+    assert claims is not None
+    verified = await auth.claim(claims, HOST)
+    assert verified.service_host == HOST
+    again = auth.check_request(with_token, None, token_agent)
+    assert again is not None
     with pytest.raises(HttpError, match="already used"):
-        await auth.verify_request(with_token, None, token_agent)
+        await auth.claim(again, HOST)
 
 
 @pytest.mark.anyio

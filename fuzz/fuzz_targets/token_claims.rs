@@ -56,6 +56,8 @@ fuzz_target!(|payload: &[u8]| {
             assert_eq!(field("sh"), Some(Value::from(claims.sh.as_str())));
             assert_eq!(field("exp"), Some(Value::from(claims.exp)));
             assert_eq!(field("nonce"), Some(Value::from(claims.nonce.as_str())));
+            let bd = field("bd").filter(|v| !v.is_null());
+            assert_eq!(bd, claims.body.clone().map(Value::from));
             assert!(claims.sh == HOST && NOW < claims.exp && !claims.nonce.is_empty());
         }
         Err(TokenError::Malformed) => {}
@@ -70,6 +72,9 @@ fuzz_target!(|payload: &[u8]| {
         Err(TokenError::Expired) => {
             let exp = field("exp").and_then(|e| e.as_u64());
             assert!(exp.is_some_and(|e| e <= NOW), "{exp:?}");
+        }
+        Err(TokenError::BodyMissing | TokenError::BodyNotBound | TokenError::BodyMismatch) => {
+            panic!("verify judged a body: that is Claims::check_body's work")
         }
     }
 });

@@ -17,8 +17,10 @@ __all__ = [
     "Engine",
     "Message",
     "Outcome",
+    "TokenClaims",
     "TokenError",
     "TokenKeys",
+    "check_body_json",
     "decode_body",
     "mint_token",
     "new_nonce",
@@ -54,12 +56,21 @@ def decode_body(raw: str) -> tuple[str, str]:
     upstream bot's ``/ws?body=`` expects). Raises :class:`BodyError` otherwise.
     """
 
+def check_body_json(document: bytes) -> None:
+    """Check a body document's bytes exactly as :func:`decode_body` checks a decoded ``?body=``:
+    at most :data:`MAX_BODY_BYTES`, UTF-8 JSON, nested at most :data:`MAX_BODY_DEPTH` levels.
+    Raises :class:`BodyError` (``status`` 413 or 400). ``/start`` uses it, so both refuse the
+    same documents."""
+
 class TokenError(ValueError):
     """A refused session token (HTTP 403). The message is a reason, never the token."""
 
-def mint_token(secret: bytes, service_host: str, exp: int, nonce: str) -> str:
+def mint_token(
+    secret: bytes, service_host: str, exp: int, nonce: str, body: bytes | None = None
+) -> str:
     """Mint ``base64url(payload).base64url(HMAC-SHA256)`` bound to ``service_host`` until
-    ``exp`` (Unix seconds). ``secret`` must not be empty."""
+    ``exp`` (Unix seconds), and to ``body`` (a session body's JSON bytes; None: no body, and no
+    ``bd`` claim). ``secret`` must not be empty."""
 
 def verify_token(
     secrets: list[bytes], token: str, service_host: str, now: int
@@ -76,12 +87,31 @@ class TokenKeys:
     def __new__(cls, secrets: list[bytes]) -> TokenKeys:
         """Raises ``ValueError`` for an empty list or an empty secret."""
 
-    def mint(self, service_host: str, exp: int, nonce: str) -> str:
+    def mint(self, service_host: str, exp: int, nonce: str, body: bytes | None = None) -> str:
         """As :func:`mint_token`, with the first secret."""
 
-    def verify(self, token: str, service_host: str, now: int) -> tuple[int, str]:
-        """As :func:`verify_token`, against every secret: ``(exp, nonce)`` (the service host is
-        the one asked for)."""
+    def verify(self, token: str, service_host: str, now: int) -> TokenClaims:
+        """As :func:`verify_token`, against every secret: the token's claims (the service host
+        is the one asked for). The body binding is checked apart, by
+        :meth:`TokenClaims.check_body`, once the request's ``?body=`` is decoded."""
+
+@final
+class TokenClaims:
+    """What a verified token says. Its repr leaves out the nonce."""
+
+    #: Expiry, Unix seconds.
+    @property
+    def exp(self) -> int: ...
+    #: The replay store's key for this token.
+    @property
+    def nonce(self) -> str: ...
+    #: Whether the token names a body (``bd``); a token that names none opens no body.
+    @property
+    def binds_body(self) -> bool: ...
+    def check_body(self, body: bytes | None) -> None:
+        """Check the upgrade's body (its JSON bytes; None without ``?body=``) against the one
+        this token binds. Raises :class:`TokenError` (403) when it is missing, not allowed, or
+        different."""
 
 def new_nonce() -> str:
     """16 random bytes from the OS, base64url: a token's nonce."""

@@ -3,9 +3,9 @@
 - ``wsgate serve [--config FILE] [--host H] [--port P]``: run a gateway until SIGTERM or Ctrl-C;
 - ``wsgate start --url URL --agent NAME [--key pk_…] [--body JSON]``: call ``/start`` and print
   its JSON (what a telephony webhook hands on); the key may come from ``WSGATE_PUBLIC_KEY``;
-- ``wsgate token mint|verify``: for operators, with the secrets of ``--config`` (or
-  ``WSGATE_SECRETS``). ``verify`` reads the token from standard input, so it stays out of the
-  process list and shell history.
+- ``wsgate token mint|verify [--body JSON]``: for operators, with the secrets of ``--config``
+  (or ``WSGATE_SECRETS``). ``verify`` reads the token from standard input, so it stays out of
+  the process list and shell history. A token binds its body exactly as one from ``/start``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from .client import StartError, start_sync
 from .config import default_config, load_config
 from .errors import ConfigError, HttpError, WsgateError
 from .server import Gateway
-from .tokens import TokenAuthority, load_secrets
+from .start import encode_body
+from .tokens import TokenAuthority, check_body, load_secrets
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("action", choices=("mint", "verify"))
     token.add_argument("--agent", required=True, help="service host {agent}.{org}")
     token.add_argument("--config", metavar="FILE", help="settings with secrets/secrets_file")
+    token.add_argument(
+        "--body",
+        help="mint: bind this session body (JSON), as /start does; verify: the body to hold the "
+        "token to (without it: no body)",
+    )
     return parser
 
 
@@ -73,11 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         if changes:
             config = config.replace_gateway(**changes)
+        # Builds the token authority too: a missing or empty secrets file is a settings error.
+        gateway = Gateway(config)
     except ConfigError as exc:
         print(f"wsgate: {exc}", file=sys.stderr)
         return 2
     _raise_open_files_limit()
-    gateway = Gateway(config)
     try:
         anyio.run(_serve, gateway, args.config is None, backend=args.backend)
     except Exception as exc:
@@ -136,15 +143,26 @@ def _token(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"wsgate: {exc}", file=sys.stderr)
         return 2
+    document: bytes | None = None
+    encoded: str | None = None
+    if args.body is not None:
+        try:
+            document, encoded = encode_body(json.loads(args.body))
+        except ValueError:
+            print("wsgate: --body is not JSON", file=sys.stderr)
+            return 2
     if args.action == "mint":
-        minted = authority.mint(args.agent)
-        print(
-            json.dumps({"token": minted.token, "exp": minted.exp, "sessionId": minted.session_id})
-        )
+        minted = authority.mint(args.agent, document)
+        answer = {"token": minted.token, "exp": minted.exp, "sessionId": minted.session_id}
+        if encoded is not None:
+            answer["body"] = encoded  # append as ?body=, like /start's
+        print(json.dumps(answer))
         return 0
     token = sys.stdin.read().strip()
     try:
-        exp, _nonce = authority.check(token, args.agent)
+        claims = authority.check(token, args.agent)
+        check_body(claims, document)
+        exp = claims.exp
     except HttpError as exc:
         print(f"wsgate: refused: {exc.reason}", file=sys.stderr)
         return 1

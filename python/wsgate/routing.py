@@ -18,6 +18,7 @@ from . import _core
 from .config import AgentConfig
 from .errors import HttpError
 from .request import Request, is_token, split_list
+from .tokens import check_body
 
 __all__ = [
     "GENERIC_PATH",
@@ -48,14 +49,20 @@ class Route:
     client_key: str
     #: A trailing ``/ws/generic/{host}/{token}`` path segment, if the client sent one.
     path_token: str | None = field(default=None, repr=False)
+    #: For a ``token`` agent: the claims of its token, checked (body binding included) but not
+    #: yet used up; the server claims it once capacity allows. None for a ``none`` agent.
+    token: _core.TokenClaims | None = field(default=None, repr=False)
 
 
-#: Called after the agent is known: raises ``HttpError(403, ...)`` to refuse the request.
+#: Called after the agent is known: raises ``HttpError(403, ...)`` to refuse the request, and
+#: returns the token's claims for a ``token`` agent (None for a ``none`` agent).
 #: Arguments: the request, the path's token segment (if any), the agent.
-TokenCheck = Callable[[Request, str | None, AgentConfig], None]
+TokenCheck = Callable[[Request, str | None, AgentConfig], "_core.TokenClaims | None"]
 
 
-def no_token_auth_yet(request: Request, path_token: str | None, agent: AgentConfig) -> None:
+def no_token_auth_yet(
+    request: Request, path_token: str | None, agent: AgentConfig
+) -> _core.TokenClaims | None:
     """The token check of a gateway without a token authority: ``none`` agents pass,
     ``token`` agents never (a gateway builds an authority whenever an agent uses tokens, so this
     only guards routing used on its own). The real check is
@@ -63,6 +70,7 @@ def no_token_auth_yet(request: Request, path_token: str | None, agent: AgentConf
     """
     if agent.websocket_auth != "none":
         raise HttpError(403, "token auth not available yet")
+    return None
 
 
 def route(
@@ -73,7 +81,8 @@ def route(
     """Apply SPEC §2's pure checks in order; ``agents`` maps service hosts to agents.
 
     Raises ``HttpError``: 404 (path, unknown agent), 400 (upgrade, service host, body),
-    403 (token, via ``check_token``), 413 (body over the size cap).
+    403 (token, via ``check_token``; then a body the token does not bind), 413 (body over the
+    size cap).
     """
     path_host, path_token = _match_path(request.path)
     client_key, subprotocols = _check_upgrade(request)
@@ -82,8 +91,10 @@ def route(
     agent = agents.get(service_host)
     if agent is None:
         raise HttpError(404, f"unknown service host {service_host}")
-    check_token(request, path_token, agent)
+    claims = check_token(request, path_token, agent)
     body_json, upstream_body = _body(params)
+    if claims is not None:
+        check_body(claims, None if body_json is None else body_json.encode())
     return Route(
         service_host=service_host,
         agent=agent,
@@ -92,6 +103,7 @@ def route(
         subprotocols=subprotocols,
         client_key=client_key,
         path_token=path_token,
+        token=claims,
     )
 
 

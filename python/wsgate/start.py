@@ -9,14 +9,19 @@
 | method POST | 405 |
 | request body at most :data:`MAX_REQUEST_BYTES` | 413 |
 | a public key that one organisation lists (constant-time compare against every key) | 401 |
+| that key under ``start_rate_per_key`` (off by default) | 429 |
 | ``{agent}.{org}`` is an agent, for an organisation of that key | 404 ``Service not found`` |
 | request is a JSON object with ``"transport": "websocket"`` | 400 |
-| its ``body`` at most 4096 bytes of JSON (``_core.MAX_BODY_BYTES``) | 413 |
+| its ``body`` passes the upgrade's own check (``_core.check_body_json``) | 413 or 400 |
 | no ``body`` for an agent with ``websocket_auth = "none"`` | 400 |
 | the agent can take another session (``capacity_check``) | 429 |
 
 The URL names the agent only; the key names the organisation. A valid key of an organisation
 without that agent gets 404, so a key reveals nothing about other organisations' agents.
+
+A token minted here binds the request's ``body`` (or binds no body): the upgrade refuses it with
+any other ``?body=`` (403), so a backend that calls ``/start`` with its caller's identity can trust
+what its bot receives. The ``body`` answered here, appended as ``?body=``, always matches.
 
 The bot's session id is derived from the token's nonce (:func:`wsgate.tokens.session_id_for`),
 so the ``sessionId`` answered here is the ``X-Daily-Session-Id`` that the bot receives. A ``none``
@@ -37,6 +42,7 @@ from typing import Any
 
 from . import _core
 from .config import AgentConfig, OrgConfig
+from .errors import HttpError
 from .tokens import TokenAuthority
 
 __all__ = [
@@ -46,6 +52,7 @@ __all__ = [
     "handle_start",
     "is_start_path",
     "render_response",
+    "request_body_length",
 ]
 
 #: Largest ``/start`` request body read; over it, 413 and the connection is cut off.
@@ -87,6 +94,7 @@ def handle_start(
     capacity_check: CapacityCheck,
     *,
     public_url: str,
+    key_rate_check: Callable[[str], bool] | None = None,
 ) -> tuple[int, JSON]:
     """Answer one ``/start`` request: ``(status, JSON document)``.
 
@@ -94,6 +102,7 @@ def handle_start(
     service host (``Config.agents_by_host()``). ``authority`` mints tokens; it may be None only
     when no agent uses token auth. ``capacity_check(agent)``: True if the agent can take
     another session. ``public_url``: the gateway's public ``ws(s)://`` base.
+    ``key_rate_check(key)``: False when that (valid) key is over its request rate (429).
     """
     match = START_PATH.fullmatch(path)
     if match is None:
@@ -108,6 +117,8 @@ def handle_start(
     key_orgs = _orgs_of_key(key, orgs)
     if not key_orgs:
         return _error(401, "Invalid public API key")
+    if key_rate_check is not None and not key_rate_check(key):
+        return _error(429, "Too many requests for this key")
     agent = next(
         (agents[host] for org in key_orgs if (host := f"{match.group(1)}.{org}") in agents),
         None,
@@ -123,14 +134,19 @@ def handle_start(
     if request.get("transport") != "websocket":
         return _error(400, 'transport must be "websocket" (other transports are not served)')
     session_body = request.get("body")
+    document: bytes | None = None
     encoded: str | None = None
     if session_body is not None:
         try:
             document, encoded = encode_body(session_body)
         except (ValueError, RecursionError):
             return _error(400, "body must be JSON")
-        if len(document) > _core.MAX_BODY_BYTES:
-            return _error(413, f"body over {_core.MAX_BODY_BYTES} bytes of JSON")
+        try:
+            # The very check the upgrade applies to ?body=, so a token is never minted for a
+            # body that its session would then refuse.
+            _core.check_body_json(document)
+        except _core.BodyError as exc:
+            return _error(exc.status, exc.reason)
         if agent.websocket_auth == "none":
             return _error(
                 400, "body is not taken for an agent without token auth: send it as ?body="
@@ -142,11 +158,33 @@ def handle_start(
         return 200, {"wsUrl": ws_url, "sessionId": str(uuid.uuid4())}
     if authority is None:
         raise RuntimeError(f"agent {agent.service_host} uses token auth but no authority is set")
-    minted = authority.mint(agent.service_host)
+    # The token binds the body: its holder cannot open the session with another one.
+    minted = authority.mint(agent.service_host, document)
     answer: JSON = {"token": minted.token, "wsUrl": ws_url, "sessionId": minted.session_id}
     if encoded is not None:
         answer["body"] = encoded
     return 200, answer
+
+
+def request_body_length(headers: Sequence[tuple[str, str]]) -> int:
+    """The length of a ``/start`` request's body from its framing headers, or ``HttpError``:
+    411 for ``Transfer-Encoding`` (send Content-Length), 400 for a Content-Length that is not
+    ``1*DIGIT`` (RFC 9110 §8.6: no sign, no ``_``, no spaces inside) or differs between
+    repeats, 413 over :data:`MAX_REQUEST_BYTES`. No Content-Length: an empty body."""
+    if any(name == "transfer-encoding" for name, _ in headers):
+        raise HttpError(411, "send Content-Length")
+    values = {value.strip() for name, value in headers if name == "content-length"}
+    if not values:
+        return 0
+    if len(values) > 1:
+        raise HttpError(400, "bad Content-Length")
+    (text,) = values
+    if not (text.isascii() and text.isdigit()):
+        raise HttpError(400, "bad Content-Length")
+    # Judged by its digits before int(): a 10,000-digit length costs nothing to refuse.
+    if len(text.lstrip("0")) > len(str(MAX_REQUEST_BYTES)) or int(text) > MAX_REQUEST_BYTES:
+        raise HttpError(413, "Request too large")
+    return int(text)
 
 
 def render_response(status: int, document: JSON) -> bytes:

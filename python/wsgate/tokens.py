@@ -6,8 +6,15 @@ state or I/O: the secrets, the clock, the replay store, and the mapping to HTTP 
 
 Invariants:
 - Checks run in this order, and the first failure is the answer: missing token (403),
-  the Rust checks (403), the replay store (403 "token already used", 503 when it cannot
-  answer). A token refused by the Rust checks never costs a store round trip.
+  the Rust checks (403), the body binding (403, once routing has decoded ``?body=``), the
+  replay store (403 "token already used", 503 when it cannot answer). A token refused by the
+  Rust checks or its body never costs a store round trip.
+- A token is used up by :meth:`TokenAuthority.claim` just before its session's bot is reached,
+  and given back by :meth:`TokenAuthority.release` when the session does not start (the bot
+  cannot be reached, the gateway gives up): the client may retry with the same token while it
+  lives. Of any number of concurrent claims, exactly one wins.
+- A token minted for a body binds it (the ``bd`` claim, see ``rust/token.rs``); one minted
+  without binds *no* body.
 - Tokens, nonces and secrets never appear in a repr, an exception message or a log line.
 - The session id of a token is derived from its nonce (:func:`session_id_for`): the token
   format is fixed at ``{sh, exp, nonce}``, and a derived id needs no shared state, so a token
@@ -17,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -37,6 +45,7 @@ __all__ = [
     "MintedToken",
     "TokenAuthority",
     "VerifiedToken",
+    "check_body",
     "load_secrets",
     "session_id_for",
     "token_from_request",
@@ -45,6 +54,8 @@ __all__ = [
 #: Environment variable holding the secrets, comma-separated, the signing one first.
 SECRETS_ENV = "WSGATE_SECRETS"
 _MAX_TTL = 86_400
+
+log = logging.getLogger("wsgate")
 
 
 @dataclass(frozen=True)
@@ -64,12 +75,13 @@ class MintedToken:
 
 @dataclass(frozen=True)
 class VerifiedToken:
-    """A token that passed every check and is now used up."""
+    """A token that passed every check and is now used up (until it is released)."""
 
     service_host: str
     exp: int
     #: The session id that ``/start`` announced for this token (``X-Daily-Session-Id``).
     session_id: str
+    nonce: str = field(repr=False)
 
 
 def session_id_for(nonce: str) -> str:
@@ -98,6 +110,15 @@ def token_from_request(request: Request, path_token: str | None) -> str | None:
         if name == "token":
             return unquote(value)
     return path_token
+
+
+def check_body(claims: _core.TokenClaims, body: bytes | None) -> None:
+    """Hold a session's body (its JSON bytes; None without ``?body=``) to the token's binding:
+    raises ``HttpError(403, reason)`` for a missing, unexpected or different body."""
+    try:
+        claims.check_body(body)
+    except _core.TokenError as exc:
+        raise HttpError(403, str(exc)) from None
 
 
 def load_secrets(
@@ -207,15 +228,16 @@ class TokenAuthority:
     def _now(self) -> int:
         return math.floor(self._clock())
 
-    def mint(self, service_host: str) -> MintedToken:
-        """A new token for ``service_host``, valid for ``ttl`` seconds from now."""
+    def mint(self, service_host: str, body: bytes | None = None) -> MintedToken:
+        """A new token for ``service_host``, valid for ``ttl`` seconds from now, that opens a
+        session with exactly ``body`` (a body document's JSON bytes) or, for None, without one."""
         exp = self._now() + self.ttl
         nonce = _core.new_nonce()
-        token = self._keys.mint(service_host, exp, nonce)
+        token = self._keys.mint(service_host, exp, nonce, body)
         return MintedToken(token=token, exp=exp, nonce=nonce)
 
-    def check(self, token: str | None, service_host: str) -> tuple[int, str]:
-        """The stateless checks only (no replay store): ``(exp, nonce)`` of a token that is
+    def check(self, token: str | None, service_host: str) -> _core.TokenClaims:
+        """The stateless checks only (no replay store, no body): the claims of a token that is
         well formed, signed by one of the secrets, for ``service_host`` and not expired.
 
         Raises ``HttpError(403, reason)``; the reason never holds the token.
@@ -223,44 +245,58 @@ class TokenAuthority:
         if token is None:
             raise HttpError(403, "token missing")
         try:
-            exp, nonce = self._keys.verify(token, service_host, self._now())
+            return self._keys.verify(token, service_host, self._now())
         except _core.TokenError as exc:
             raise HttpError(403, str(exc)) from None
-        return exp, nonce
 
-    async def verify(self, token: str | None, service_host: str) -> VerifiedToken:
-        """Judge a token and use it up: the stateless checks, then the replay store.
-
-        Raises ``HttpError`` 403 (missing, malformed, bad signature, other service host,
-        expired, already used) or 503 (replay store unavailable: fail closed).
-        """
-        exp, nonce = self.check(token, service_host)
+    async def claim(self, claims: _core.TokenClaims, service_host: str) -> VerifiedToken:
+        """Use up a checked token (the replay store): raises ``HttpError`` 403 "token already
+        used", or 503 when the store cannot answer (fail closed). Give it back with
+        :meth:`release` if its session does not start."""
         try:
-            first_use = await self.store.claim(nonce, exp)
+            first_use = await self.store.claim(claims.nonce, claims.exp)
         except ReplayStoreUnavailable:
             raise HttpError(503, "token store unavailable") from None
         if not first_use:
             raise HttpError(403, "token already used")
-        return VerifiedToken(service_host=service_host, exp=exp, session_id=session_id_for(nonce))
+        return VerifiedToken(
+            service_host=service_host,
+            exp=claims.exp,
+            session_id=session_id_for(claims.nonce),
+            nonce=claims.nonce,
+        )
 
-    def check_request(self, request: Request, path_token: str | None, agent: AgentConfig) -> None:
-        """The stateless part as a :data:`wsgate.routing.TokenCheck` hook: ``none`` agents
-        pass; a ``token`` agent's request needs a token passing :meth:`check`.
+    async def release(self, verified: VerifiedToken) -> None:
+        """Give back a claimed token whose session did not start, so the client may retry
+        with it. If the store cannot answer, the token stays used (logged): failing closed."""
+        try:
+            await self.store.release(verified.nonce)
+        except ReplayStoreUnavailable as exc:
+            log.warning("a token of %s stays used: %s", verified.service_host, exc)
 
-        Routing then refuses bad tokens with 403 before it looks at the body; the server calls
-        :meth:`verify_request` after routing to use the token up.
+    async def verify(
+        self, token: str | None, service_host: str, body: bytes | None = None
+    ) -> VerifiedToken:
+        """Judge a token and use it up: the stateless checks, the body binding (``body``: the
+        session body's JSON bytes, None without one), then the replay store.
+
+        Raises ``HttpError`` 403 (missing, malformed, bad signature, other service host,
+        expired, other body, already used) or 503 (replay store unavailable: fail closed).
         """
-        if agent.websocket_auth == "token":
-            self.check(token_from_request(request, path_token), agent.service_host)
+        claims = self.check(token, service_host)
+        check_body(claims, body)
+        return await self.claim(claims, service_host)
 
-    async def verify_request(
+    def check_request(
         self, request: Request, path_token: str | None, agent: AgentConfig
-    ) -> VerifiedToken | None:
-        """:meth:`verify` of the request's token for a ``token`` agent; None for a ``none``
-        agent (its session gets a fresh id, and the replay store is not consulted)."""
+    ) -> _core.TokenClaims | None:
+        """The stateless part as a :data:`wsgate.routing.TokenCheck` hook: None for a ``none``
+        agent; a ``token`` agent's request needs a token passing :meth:`check`, whose claims
+        are returned for routing to hold the body to (:func:`check_body`) and for the server to
+        :meth:`claim` once capacity allows."""
         if agent.websocket_auth != "token":
             return None
-        return await self.verify(token_from_request(request, path_token), agent.service_host)
+        return self.check(token_from_request(request, path_token), agent.service_host)
 
     async def aclose(self) -> None:
         """Close the replay store."""
