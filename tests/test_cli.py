@@ -123,6 +123,21 @@ def test_a_missing_config_file_exits_2_naming_the_file(run: type[Wsgate], tmp_pa
     assert len(stderr.splitlines()) == 1 and f"{missing}: cannot read" in stderr
 
 
+def test_a_secrets_file_without_a_secret_exits_2_with_one_line(
+    run: type[Wsgate], tmp_path: Path
+) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.write_text("# only a comment: the placeholder a deployment ships\n")
+    config = tmp_path / "wsgate.toml"
+    config.write_text(
+        f'[gateway]\nsecrets_file = "{secrets}"\n[[org]]\nname = "o"\n'
+        '[[agent]]\nname = "a"\norg = "o"\nwebsocket_auth = "token"\nbuiltin = "echo"\n'
+    )
+    code, stderr = run("serve", "--config", str(config)).finish()
+    assert code == 2
+    assert stderr.strip() == f"wsgate: secrets_file {secrets}: no secret given"
+
+
 def test_a_port_in_use_exits_1_naming_the_address(run: type[Wsgate], backend: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

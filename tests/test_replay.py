@@ -49,6 +49,32 @@ async def test_a_nonce_is_claimed_once_and_refused_afterwards() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_released_claim_may_be_claimed_again_once() -> None:
+    store = MemoryReplayStore(clock=Clock())
+    assert await store.claim("n1", T0 + 300)
+    await store.release("n1")
+    assert len(store) == 0
+    assert await store.claim("n1", T0 + 300)
+    assert not await store.claim("n1", T0 + 300)
+    await store.release("never-claimed")  # nothing to give back: no error, nothing kept
+    assert len(store) == 1
+
+
+@pytest.mark.anyio
+async def test_claim_release_cycles_keep_one_entry_per_nonce() -> None:
+    clock = Clock()
+    store = MemoryReplayStore(clock=clock, max_entries=2)
+    for _ in range(1000):
+        assert await store.claim("retried", T0 + 10)
+        await store.release("retried")
+    assert len(store._heap) == 1
+    assert await store.claim("other", T0 + 10)
+    clock.now = T0 + 10
+    assert await store.claim("after", T0 + 20)  # the released nonce expired on time
+    assert len(store._heap) == 1
+
+
+@pytest.mark.anyio
 async def test_entries_leave_the_memory_store_when_their_token_expires() -> None:
     clock = Clock()
     store = MemoryReplayStore(clock=clock)
@@ -184,6 +210,23 @@ async def test_a_redis_entry_expires_with_its_token(redis: RedisServer) -> None:
 
 
 @requires_redis
+@pytest.mark.anyio
+async def test_a_claim_released_in_redis_may_be_claimed_again_by_another_gateway(
+    redis: RedisServer,
+) -> None:
+    one, two = RedisReplayStore(redis.url), RedisReplayStore(redis.url)
+    try:
+        nonce = new_nonce()
+        assert await one.claim(nonce, 2**40)
+        assert not await two.claim(nonce, 2**40)
+        await one.release(nonce)
+        assert await two.claim(nonce, 2**40)
+        assert not await one.claim(nonce, 2**40)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
 @pytest.mark.anyio
 async def test_concurrent_claims_of_one_nonce_let_exactly_one_through(redis: RedisServer) -> None:
     store = RedisReplayStore(redis.url, pool_size=4)

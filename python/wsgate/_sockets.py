@@ -10,6 +10,7 @@ start of that side's WebSocket frames.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import anyio
 
@@ -34,13 +35,15 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
-async def read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
+async def read_head(
+    sock: socket.socket, limit: int, progress: Callable[[], None] | None = None
+) -> tuple[bytes, bytes]:
     """Read an HTTP head from a non-blocking socket: returns ``(head, rest)``.
 
     ``head`` ends with its empty line (``b"\\r\\n\\r\\n"``); ``rest`` holds the bytes read past it
     (the start of that side's WebSocket frames). The head without its final CRLF CRLF may be at
     most ``limit`` bytes, else :class:`HeadTooLarge`; memory stays under ``limit`` plus one read.
-    Raises ``EOFError`` if the peer closes first.
+    Raises ``EOFError`` if the peer closes first. ``progress`` is called when bytes arrive.
     """
     buf = bytearray()
     while True:
@@ -58,6 +61,8 @@ async def read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
             continue
         if not chunk:
             raise EOFError("connection closed during the handshake")
+        if progress is not None:
+            progress()
         buf += chunk
 
 

@@ -99,10 +99,20 @@ class GatewaySettings:
     #: accepting until one ends and new ones wait in the kernel's backlog. Each session holds
     #: two descriptors (client and bot): raise the process's open-files limit to match.
     max_connections: int = 10000
-    #: Connections still in their upgrade (request, checks, bot dial) at once; a new one past it
-    #: evicts the oldest, so slow or idle connections (slowloris) cannot crowd out real clients,
-    #: which finish their upgrade in milliseconds.
+    #: Connections still sending their request (head, ``/start`` body, a Twilio opening) at
+    #: once; a new one past it evicts the oldest that sent nothing, else the oldest, so slow or
+    #: idle connections (slowloris) cannot crowd out real clients, which send their request in
+    #: one round trip. A connection past its request (bot being dialled) is never evicted.
     max_pending_upgrades: int = 1000
+    #: Requests per second (upgrades and ``/start``) from one client address (an IPv6 /64), in
+    #: bursts of as many; over it, 429. 0: off (the default: telephony providers connect from
+    #: few addresses, so a per-address limit would throttle a provider, not an attacker).
+    client_request_rate: float = 0
+    #: Sessions at once from one client address (an IPv6 /64); over it, 429. 0: off.
+    client_max_sessions: int = 0
+    #: ``/start`` requests per second with one public key, in bursts of as many; over it, 429.
+    #: 0: off.
+    start_rate_per_key: float = 0
     #: In-process bots: bytes of client messages delivered and not yet taken by the bot past
     #: which the gateway stops reading that client (TCP backpressure).
     inbox_limit: int = DEFAULT_INBOX_LIMIT
@@ -142,12 +152,17 @@ class GatewaySettings:
             ("send_buffer_limit", 1),
             ("max_connections", 1),
             ("max_pending_upgrades", 1),
+            ("client_max_sessions", 0),
         ):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
+        for name in ("client_request_rate", "start_rate_per_key"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ConfigError(f"{name} must be a number >= 0 (0: off), got {value!r}")
         for name in ("handshake_timeout", "dial_timeout", "drain_timeout", "bot_grace_period"):
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
@@ -412,6 +427,7 @@ _TYPES: dict[tuple[str, str], str] = {
             "send_buffer_limit",
             "max_connections",
             "max_pending_upgrades",
+            "client_max_sessions",
         )
     },
     **{
@@ -423,6 +439,8 @@ _TYPES: dict[tuple[str, str], str] = {
             "max_session_duration",
             "dead_peer_timeout",
             "bot_grace_period",
+            "client_request_rate",
+            "start_rate_per_key",
         )
     },
     ("GatewaySettings", "secrets"): "a list of strings",

@@ -3,7 +3,8 @@ opens at most one session (SPEC §3).
 
 Hierarchy::
 
-    ReplayStore (protocol)     async claim(nonce, exp) -> bool, async aclose()
+    ReplayStore (protocol)     async claim(nonce, exp) -> bool, async release(nonce),
+                               async aclose()
     ├── MemoryReplayStore      one process: a TTL set in memory
     └── RedisReplayStore       several processes or hosts: Redis or Valkey, SET NX EX
 
@@ -11,6 +12,10 @@ Hierarchy::
 
 Invariants:
 - ``claim`` is atomic: of any number of concurrent claims of one nonce, exactly one returns True.
+- A claim is a reservation until the session it admits really starts: ``release`` gives it back
+  (the bot could not be reached, the gateway gave up), so the client may retry with the same
+  token. Only the caller whose claim returned True releases it, and nobody else can hold that
+  nonce meanwhile, so ``release`` needs no owner check.
 - An entry lives until its token expires and no longer, so memory is bounded by the tokens
   minted per token lifetime; a refused claim never needs the entry after that, because the
   token itself is refused as expired from then on.
@@ -19,7 +24,7 @@ Invariants:
 
 The Redis client is ours: a minimal RESP2 client over anyio streams, so it runs on asyncio and
 trio alike (redis-py is asyncio-only). It speaks only what a replay store needs: AUTH, SELECT,
-SET … NX EX, and PING.
+SET … NX EX, and DEL.
 """
 
 from __future__ import annotations
@@ -71,6 +76,11 @@ class ReplayStore(Protocol):
         False if it was claimed before. Raises :class:`ReplayStoreUnavailable`."""
         ...
 
+    async def release(self, nonce: str) -> None:
+        """Give back a claim that returned True, so ``nonce`` may be claimed again (until its
+        token expires). Raises :class:`ReplayStoreUnavailable`."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections; the store is not used afterwards."""
         ...
@@ -94,26 +104,37 @@ class MemoryReplayStore:
             raise ValueError("max_entries must be at least 1")
         self._clock = clock
         self._max_entries = max_entries
-        self._expiry: dict[str, int] = {}
+        # nonce -> (exp, claimed). A released nonce stays, unclaimed, until it expires: it keeps
+        # its one heap entry, so claim-release cycles add nothing.
+        self._expiry: dict[str, tuple[int, bool]] = {}
         # (exp, nonce) in expiry order: expired entries are dropped from the front.
         self._heap: list[tuple[int, str]] = []
 
     def __len__(self) -> int:
         """Nonces held now (expired ones included until the next claim)."""
-        return len(self._expiry)
+        return sum(1 for _, claimed in self._expiry.values() if claimed)
 
     def __repr__(self) -> str:
-        return f"<MemoryReplayStore {len(self._expiry)} nonces>"
+        return f"<MemoryReplayStore {len(self)} nonces>"
 
     async def claim(self, nonce: str, exp: int) -> bool:
         self._expire(math.floor(self._clock()))
-        if nonce in self._expiry:
-            return False
+        entry = self._expiry.get(nonce)
+        if entry is not None:
+            if entry[1]:
+                return False
+            self._expiry[nonce] = (entry[0], True)
+            return True
         if len(self._expiry) >= self._max_entries:
             raise ReplayStoreUnavailable("replay store full")
-        self._expiry[nonce] = exp
+        self._expiry[nonce] = (exp, True)
         heapq.heappush(self._heap, (exp, nonce))
         return True
+
+    async def release(self, nonce: str) -> None:
+        entry = self._expiry.get(nonce)
+        if entry is not None:
+            self._expiry[nonce] = (entry[0], False)
 
     async def aclose(self) -> None:
         self._expiry.clear()
@@ -322,10 +343,8 @@ class RedisReplayStore:
             return False
         raise ReplayStoreUnavailable("replay store gave an unexpected answer to SET")
 
-    async def ping(self) -> None:
-        """Check that the server answers (for a readiness probe)."""
-        if await self.execute("PING") != "PONG":
-            raise ReplayStoreUnavailable("replay store gave an unexpected answer to PING")
+    async def release(self, nonce: str) -> None:
+        await self.execute("DEL", KEY_PREFIX + nonce)
 
     async def execute(self, *args: str | bytes | int) -> Reply:
         """Run one command on a pooled connection and return its reply.

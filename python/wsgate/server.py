@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from . import _core
 from ._sockets import HeadTooLarge, read_exactly, read_head, send_all
+from .admission import PendingReads, RateLimiter, client_key
 from .config import AgentConfig, Config, OrgConfig, check_name, default_config, load_config
 from .errors import HttpError
 from .handshake import plain_response, switching_protocols
@@ -40,8 +41,8 @@ from .relay import Relay, RelaySession
 from .replay import open_replay_store
 from .request import Request, parse_request
 from .routing import Route, no_token_auth_yet, route
-from .start import MAX_REQUEST_BYTES, handle_start, is_start_path, render_response
-from .tokens import TokenAuthority, load_secrets
+from .start import handle_start, is_start_path, render_response, request_body_length
+from .tokens import TokenAuthority, VerifiedToken, load_secrets
 from .upstream import dial
 
 __all__ = ["Gateway"]
@@ -70,6 +71,8 @@ class _Opened:
     started: float
     #: For an in-process bot: the bot, its arguments and the session's channel.
     bot: tuple[Bot, BotArguments, SessionChannel] | None = None
+    #: The client's address key (see :func:`~wsgate.admission.client_key`).
+    client: str = ""
 
 
 class Gateway:
@@ -125,12 +128,19 @@ class Gateway:
             no_token_auth_yet if self.authority is None else self.authority.check_request
         )
         self._reserved: dict[str, int] = {}
-        # Connections in their upgrade, oldest first (a dict keeps insertion order).
-        self._handshakes: dict[anyio.CancelScope, None] = {}
+        settings = self.config.gateway
+        # Per-client limits (off by default; docs/SECURITY.md).
+        self._client_sessions: dict[str, int] = {}
+        self._client_rate = (
+            RateLimiter(settings.client_request_rate) if settings.client_request_rate else None
+        )
+        self._key_rate = (
+            RateLimiter(settings.start_rate_per_key) if settings.start_rate_per_key else None
+        )
+        # Connections still sending their request: the only ones that may be evicted.
+        self._pending = PendingReads(self.config.gateway.max_pending_upgrades)
         self._connections = 0
         self._slot_freed: anyio.Event | None = None
-        #: Upgrades dropped to make room for newer ones (see ``max_pending_upgrades``).
-        self.evicted_upgrades = 0
         self._port: int | None = None
         self._served = False
         self._stop_requested = False
@@ -178,6 +188,12 @@ class Gateway:
             return bot
 
         return register
+
+    @property
+    def evicted_upgrades(self) -> int:
+        """Connections dropped while still sending their request, to make room for newer ones
+        (see ``max_pending_upgrades``)."""
+        return self._pending.evicted
 
     @property
     def bound(self) -> bool:
@@ -274,8 +290,7 @@ class Gateway:
         if not self._connections:
             return
         log.info("closing %d connection(s) with 1001", self._connections)
-        for scope in list(self._handshakes):
-            scope.cancel()
+        self._pending.cancel_all()
         for session in relay.live:
             session.close(1001, "gateway shutting down")
         with anyio.move_on_after(_CLOSE_GRACE):
@@ -300,7 +315,7 @@ class Gateway:
             await anyio.wait_readable(listener)
             for _ in range(_ACCEPT_BATCH):
                 try:
-                    sock, _address = listener.accept()
+                    sock, address = listener.accept()
                 except BlockingIOError:
                     break
                 except ConnectionAbortedError:
@@ -314,27 +329,19 @@ class Gateway:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._connections += 1
-                connections.start_soon(self._connection, sock, relay)
+                connections.start_soon(self._connection, sock, relay, client_key(address))
                 if self._connections >= limit:
                     break
 
-    async def _connection(self, sock: socket.socket, relay: Relay) -> None:
+    async def _connection(self, sock: socket.socket, relay: Relay, client: str) -> None:
         handed_off = False
         try:
-            with anyio.CancelScope() as scope:
-                self._handshakes[scope] = None
-                if len(self._handshakes) > self.config.gateway.max_pending_upgrades:
-                    oldest = next(iter(self._handshakes))
-                    del self._handshakes[oldest]
-                    oldest.cancel()
-                    self.evicted_upgrades += 1
-                try:
-                    opened = await self._open(sock, relay)
-                finally:
-                    self._handshakes.pop(scope, None)
-                    # Closes the socket unless it was handed (detached) to the engine.
-                    sock.close()
-            if scope.cancelled_caught or opened is None:
+            try:
+                opened = await self._open(sock, relay, client)
+            finally:
+                # Closes the socket unless it was handed (detached) to the engine.
+                sock.close()
+            if opened is None:
                 return
             if opened.bot is not None:
                 await self._supervise(opened)  # an in-process bot runs in this task
@@ -348,7 +355,7 @@ class Gateway:
 
     def _session_done(self, opened: _Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (called from the relay's doorbell task)."""
-        self._release(opened.service_host)
+        self._release(opened.service_host, opened.client)
         _log_outcome(opened, outcome)
         self._connection_closed()
 
@@ -359,16 +366,17 @@ class Gateway:
         if not self._connections:
             self._poke()
 
-    async def _open(self, sock: socket.socket, relay: Relay) -> _Opened | None:
+    async def _open(self, sock: socket.socket, relay: Relay, client: str) -> _Opened | None:
         """Run the client's upgrade; returns the relayed session, or None if refused."""
-        settings = self.config.gateway
+        # handshake_timeout covers the whole request: head, and a /start body.
+        deadline = anyio.current_time() + self.config.gateway.handshake_timeout
         try:
             received: tuple[bytes, bytes] | None = None
-            with anyio.move_on_after(settings.handshake_timeout):
-                received = await read_head(sock, _core.MAX_HEADER_BYTES)
+            with self._pending.reading(deadline) as reading:
+                received = await read_head(sock, _core.MAX_HEADER_BYTES, reading.progress)
             if received is None:
-                return None  # handshake timeout: drop the connection without an answer
-            return await self._upgrade(sock, *received, relay)
+                return None  # too slow, or evicted: dropped without an answer
+            return await self._upgrade(sock, *received, relay, deadline, client)
         except HeadTooLarge:
             await _respond(sock, 431, "request header fields too large")
         except HttpError as exc:
@@ -385,54 +393,74 @@ class Gateway:
         return None
 
     async def _upgrade(
-        self, sock: socket.socket, head: bytes, pending: bytes, relay: Relay
+        self,
+        sock: socket.socket,
+        head: bytes,
+        pending: bytes,
+        relay: Relay,
+        deadline: float,
+        client: str,
     ) -> _Opened | None:
         request = parse_request(head)
         if request.path in HEALTH_PATHS and request.method == "GET":
             ready = request.path == "/livez" or not self._stop_requested
             await _respond(sock, *((200, "ok") if ready else (503, "draining")))
             return None
+        limited = self._client_rate is not None and not self._client_rate.allow(
+            client, anyio.current_time()
+        )
         if is_start_path(request.path):
-            await self._start_service(sock, request, pending)
+            if limited:
+                error = _json_error(429, "Too many requests from this address")
+                await _respond_with(sock, render_response(429, error))
+            else:
+                await self._start_service(sock, request, pending, deadline)
             return None
-        # Bad tokens are refused here (403, stateless: no replay store round trip).
+        if limited:
+            raise HttpError(429, "too many requests from this address")
+        # Bad tokens and bodies the token does not bind are refused here (403, stateless: no
+        # replay store round trip).
         target = route(request, self._agents, self._check_token)
-        self._reserve(target.agent)
+        self._reserve(target.agent, client)
         try:
             session_uuid = str(uuid.uuid4())
-            if self.authority is not None:
+            authority = self.authority
+            verified: VerifiedToken | None = None
+            if target.token is not None:
+                assert authority is not None  # routing checked the token with it
                 # Uses the token up; after the capacity check, so a 503 does not burn it.
-                verified = await self.authority.verify_request(
-                    request, target.path_token, target.agent
-                )
-                if verified is not None:
-                    session_uuid = verified.session_id  # the sessionId /start returned
-            return await self._start(sock, pending, target, relay, session_uuid, request)
+                verified = await authority.claim(target.token, target.service_host)
+                session_uuid = verified.session_id  # the sessionId /start returned
+            try:
+                opened = await self._start(sock, pending, target, relay, session_uuid, request)
+            except BaseException:
+                if authority is not None and verified is not None:
+                    # The session did not start: the client may retry with the same token.
+                    with anyio.CancelScope(shield=True):
+                        await authority.release(verified)
+                raise
         except BaseException:
-            self._release(target.service_host)
+            self._release(target.service_host, client)
             raise
+        opened.client = client
+        return opened
 
-    async def _start_service(self, sock: socket.socket, request: Request, pending: bytes) -> None:
+    async def _start_service(
+        self, sock: socket.socket, request: Request, pending: bytes, deadline: float
+    ) -> None:
         """``POST /v1/public/{agent}/start`` (SPEC §5) on the same listener."""
         settings = self.config.gateway
-        if request.headers_all("transfer-encoding"):
-            await _respond_with(sock, render_response(411, _json_error(411, "send Content-Length")))
-            return
         try:
-            length = int(request.header("content-length") or "0")
-        except ValueError:
-            length = -1
-        if length < 0:
-            await _respond_with(sock, render_response(400, _json_error(400, "bad Content-Length")))
-            return
-        if length > MAX_REQUEST_BYTES:
-            await _respond_with(sock, render_response(413, _json_error(413, "Request too large")))
+            length = request_body_length(request.headers)
+        except HttpError as exc:
+            document = _json_error(exc.status, exc.reason)
+            await _respond_with(sock, render_response(exc.status, document))
             return
         body: bytes | None = None
-        with anyio.move_on_after(settings.handshake_timeout):
+        with self._pending.reading(deadline, started=True):
             body = await read_exactly(sock, length, pending)
         if body is None:
-            return  # too slow: dropped like a slow upgrade request
+            return  # too slow, or evicted: dropped like a slow upgrade request
         status, document = handle_start(
             request.method,
             request.path,
@@ -442,6 +470,11 @@ class Gateway:
             self.config.orgs,
             self.authority,
             lambda agent: self.sessions(agent.service_host) < agent.max_sessions,
+            key_rate_check=(
+                None
+                if self._key_rate is None
+                else functools.partial(self._key_rate.allow, now=anyio.current_time())
+            ),
             # Unset: the address this gateway listens on (right for local use only).
             public_url=settings.public_url or self.url,
         )
@@ -549,21 +582,27 @@ class Gateway:
             session.close(1001, "gateway shutting down")
             raise
         finally:
-            self._release(opened.service_host)
+            self._release(opened.service_host, opened.client)
         _log_outcome(opened, outcome)
 
-    def _reserve(self, agent: AgentConfig) -> None:
+    def _reserve(self, agent: AgentConfig, client: str) -> None:
         count = self._reserved.get(agent.service_host, 0)
         if count >= agent.max_sessions:
             raise HttpError(503, "agent at capacity")
+        limit = self.config.gateway.client_max_sessions
+        mine = self._client_sessions.get(client, 0)
+        if limit and mine >= limit:
+            raise HttpError(429, "too many sessions from this address")
         self._reserved[agent.service_host] = count + 1
+        self._client_sessions[client] = mine + 1
 
-    def _release(self, service_host: str) -> None:
-        count = self._reserved[service_host] - 1
-        if count:
-            self._reserved[service_host] = count
-        else:
-            del self._reserved[service_host]
+    def _release(self, service_host: str, client: str) -> None:
+        for counts, key in ((self._reserved, service_host), (self._client_sessions, client)):
+            count = counts[key] - 1
+            if count:
+                counts[key] = count
+            else:
+                del counts[key]
 
 
 async def _listen(host: str, port: int) -> socket.socket:

@@ -1,0 +1,177 @@
+"""Admission: which connections may be dropped to make room, and how fast one client may come.
+
+Rate limits (:class:`RateLimiter`, keyed by :func:`client_key` or by public key) are off by
+default; they are for gateways on the open internet (see docs/SECURITY.md).
+
+Which connections may be dropped to make room: those still sending their request.
+
+A connection is *reading* while the client has not finished its request: the HTTP head, a
+``/start`` body, a Twilio stream's opening messages. Nothing has been decided for it yet, so it
+may be evicted when more than ``max_pending_upgrades`` are reading at once. A connection past its
+request (checked, its token claimed, its bot being dialled) is never evicted: it is bounded by
+``dial_timeout`` and ``max_connections`` instead. Evicting one of those would let a client that
+opens idle connections fast cancel other clients' sessions and burn their tokens.
+
+Eviction order: the oldest connection that has sent nothing at all, then the oldest that has
+sent part of its request; never the connection just accepted. A real client sends its request at
+once, so it leaves the reading state within a round trip; an idle flood evicts itself first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anyio
+
+__all__ = ["PendingReads", "RateLimiter", "Reading", "client_key"]
+
+log = logging.getLogger("wsgate")
+
+# Evictions are logged at most once per this many seconds, with their count.
+_LOG_INTERVAL = 1.0
+
+
+class Reading:
+    """One connection's reading phase; :meth:`progress` says its client has sent bytes."""
+
+    __slots__ = ("_owner", "scope")
+
+    def __init__(self, owner: PendingReads, scope: anyio.CancelScope) -> None:
+        self._owner = owner
+        self.scope = scope
+
+    def progress(self) -> None:
+        """The client sent part of its request: evict it only after every idle one."""
+        owner = self._owner
+        if self in owner._idle:
+            del owner._idle[self]
+            owner._partial[self] = None
+
+
+class PendingReads:
+    """The connections reading their request, at most ``limit`` at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        #: Connections evicted so far.
+        self.evicted = 0
+        # Insertion-ordered: the oldest first. A value of None: dicts as ordered sets.
+        self._idle: dict[Reading, None] = {}
+        self._partial: dict[Reading, None] = {}
+        self._unlogged = 0
+        self._last_log = -_LOG_INTERVAL
+
+    def __len__(self) -> int:
+        return len(self._idle) + len(self._partial)
+
+    @contextmanager
+    def reading(self, deadline: float, *, started: bool = False) -> Iterator[Reading]:
+        """Run the body as a reading phase ending at ``deadline`` (the event loop's clock).
+        Over the deadline or evicted, the body is cancelled and the block ends early: the
+        caller sees that from its own result (e.g. still None). ``started``: the client has
+        already sent part of its request."""
+        with anyio.CancelScope(deadline=deadline) as scope:
+            entry = Reading(self, scope)
+            (self._partial if started else self._idle)[entry] = None
+            try:
+                self._evict_over_limit(entry)
+                yield entry
+            finally:
+                self._idle.pop(entry, None)
+                self._partial.pop(entry, None)
+
+    def cancel_all(self) -> None:
+        """End every reading phase (the gateway is closing)."""
+        for entry in [*self._idle, *self._partial]:
+            entry.scope.cancel()
+        self._idle.clear()
+        self._partial.clear()
+
+    def _evict_over_limit(self, newcomer: Reading) -> None:
+        # The newcomer itself is never the victim: it has had no time to send anything yet.
+        while len(self) > self.limit:
+            victim = next((e for e in self._idle if e is not newcomer), None)
+            if victim is None:
+                victim = next(e for e in self._partial if e is not newcomer)
+            self._idle.pop(victim, None)
+            self._partial.pop(victim, None)
+            victim.scope.cancel()
+            self.evicted += 1
+            self._unlogged += 1
+        if self._unlogged:
+            now = anyio.current_time()
+            if now - self._last_log >= _LOG_INTERVAL:
+                log.warning(
+                    "evicted %d connection(s) still sending their request: more than "
+                    "max_pending_upgrades (%d) at once",
+                    self._unlogged,
+                    self.limit,
+                )
+                self._unlogged = 0
+                self._last_log = now
+
+
+def client_key(address: object) -> str:
+    """The key under which a client address is limited: the IPv4 address, or the /64 of an
+    IPv6 one (one subscriber's whole prefix, which an attacker can rotate through at will)."""
+    host = address[0] if isinstance(address, tuple) and address else address
+    if not isinstance(host, str):
+        return ""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class RateLimiter:
+    """Token buckets by key: ``rate`` events per second, in bursts of up to ``burst`` (default:
+    ``rate``, at least 1).
+
+    Memory: a key is forgotten once its bucket has refilled, so only keys active in the last
+    ``burst / rate`` seconds are held, and at most ``max_keys`` of them. Past that, new keys go
+    untracked (allowed): failing open, because failing closed would let an attacker with many
+    addresses lock every new client out.
+    """
+
+    def __init__(self, rate: float, burst: float | None = None, *, max_keys: int = 100_000) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self.rate = rate
+        self.burst = max(1.0, rate if burst is None else burst)
+        self.max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._calls = 0
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, key: str, now: float) -> bool:
+        """Take one token of ``key``'s bucket at ``now`` (seconds); False when it is empty."""
+        self._calls += 1
+        if self._calls % 1024 == 0:  # amortised: one sweep per 1024 calls
+            self._forget_full(now)
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return False
+        if key in self._buckets or len(self._buckets) < self.max_keys:
+            self._buckets[key] = (tokens - 1, now)
+        return True
+
+    def _forget_full(self, now: float) -> None:
+        full = [
+            key
+            for key, (tokens, at) in self._buckets.items()
+            if tokens + (now - at) * self.rate >= self.burst
+        ]
+        for key in full:
+            del self._buckets[key]

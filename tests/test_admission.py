@@ -1,0 +1,103 @@
+"""Admission on its own: rate limits by key, the key of a client address, and which reading
+connection is evicted first."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import pytest
+
+from wsgate.admission import PendingReads, RateLimiter, client_key
+
+
+def test_a_bucket_allows_its_burst_then_refills_at_its_rate() -> None:
+    limiter = RateLimiter(2)
+    assert [limiter.allow("a", 0.0) for _ in range(3)] == [True, True, False]
+    assert limiter.allow("b", 0.0)  # every key has its own bucket
+    assert not limiter.allow("a", 0.4)  # 0.8 of a token: not yet
+    assert limiter.allow("a", 0.6)
+    assert not limiter.allow("a", 0.6)
+
+
+def test_a_slow_rate_still_allows_one_request() -> None:
+    limiter = RateLimiter(0.01)
+    assert limiter.allow("a", 0.0)
+    assert not limiter.allow("a", 99.0)
+    assert limiter.allow("a", 100.0)
+
+
+def test_buckets_that_refilled_are_forgotten() -> None:
+    limiter = RateLimiter(1)
+    for i in range(1000):
+        limiter.allow(f"client-{i}", 0.0)
+    assert len(limiter) == 1000
+    for _ in range(24):
+        limiter.allow("late", 10.0)  # the 1024th call sweeps: the others refilled long ago
+    assert len(limiter) == 1
+
+
+def test_past_max_keys_new_keys_go_untracked_and_are_allowed() -> None:
+    limiter = RateLimiter(0.01, max_keys=2)
+    assert limiter.allow("a", 0.0) and limiter.allow("b", 0.0)
+    assert limiter.allow("c", 0.0) and limiter.allow("c", 0.0)
+    assert len(limiter) == 2
+    assert not limiter.allow("a", 0.0)  # tracked keys stay limited
+
+
+def test_a_rate_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        RateLimiter(0)
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        (("192.0.2.7", 40000), "192.0.2.7"),
+        (("2001:db8:1:2:aaaa::1", 40000, 0, 0), "2001:db8:1:2::/64"),
+        (("2001:db8:1:2:ffff::9", 1, 0, 0), "2001:db8:1:2::/64"),
+        (("::ffff:192.0.2.7", 1, 0, 0), "192.0.2.7"),
+        (("fe80::1%eth0", 1, 0, 2), "fe80::/64"),
+        ("/run/wsgate.sock", "/run/wsgate.sock"),
+        (None, ""),
+    ],
+)
+def test_a_client_is_limited_by_its_address_or_its_ipv6_64(address: object, key: str) -> None:
+    assert client_key(address) == key
+
+
+@pytest.mark.anyio
+async def test_an_idle_connection_is_evicted_before_one_that_sent_part_of_its_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="wsgate")
+    pending = PendingReads(2)
+    ended: list[str] = []
+    deadline = anyio.current_time() + 60
+
+    async def reader(name: str, sends: bool, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with pending.reading(deadline) as reading:
+            if sends:
+                reading.progress()
+            task_status.started()
+            await anyio.sleep_forever()
+        ended.append(name)  # only once its reading phase was cancelled
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(reader, "partial", True)
+        await tg.start(reader, "idle", False)
+        await tg.start(reader, "newcomer", False)  # evicts the idle one, not itself
+        await anyio.wait_all_tasks_blocked()
+        assert ended == ["idle"]
+        await tg.start(reader, "second newcomer", False)  # the older idle one goes next
+        await anyio.wait_all_tasks_blocked()
+        assert ended == ["idle", "newcomer"]
+        assert pending.evicted == 2 and len(pending) == 2
+        pending.cancel_all()
+    assert sorted(ended[2:]) == ["partial", "second newcomer"]
+    assert len(pending) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "evicted 1 connection(s) still sending their request: more than max_pending_upgrades "
+        "(2) at once"
+    ]
