@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 
-__all__ = ["HeadTooLarge", "read_exactly", "read_head", "send_all"]
+__all__ = ["HeadTooLarge", "read_exactly", "read_head", "read_until", "send_all"]
 
 _RECV_SIZE = 65536
+
+T = TypeVar("T")
 
 
 class HeadTooLarge(Exception):
@@ -80,3 +83,33 @@ async def read_exactly(sock: socket.socket, n: int, already: bytes = b"") -> byt
             raise EOFError("connection closed during the request body")
         buf += chunk
     return bytes(buf)
+
+
+async def read_until(
+    sock: socket.socket,
+    feed: Callable[[bytes], T | None],
+    already: bytes = b"",
+    progress: Callable[[], None] | None = None,
+) -> T:
+    """Give ``already``, then each read from ``sock``, to a Sans-I/O ``feed`` until it returns
+    a result (e.g. :meth:`wsgate.providers.OpeningReader.feed`); the feed keeps the bytes.
+    Raises ``EOFError`` if the peer closes first, and whatever ``feed`` raises."""
+    if already:
+        if progress is not None:
+            progress()
+        result = feed(already)
+        if result is not None:
+            return result
+    while True:
+        try:
+            chunk = sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        if not chunk:
+            raise EOFError("connection closed")
+        if progress is not None:
+            progress()
+        result = feed(chunk)
+        if result is not None:
+            return result

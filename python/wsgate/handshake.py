@@ -64,6 +64,14 @@ def switching_protocols(client_key: str, subprotocol: str | None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
+def close_frame(code: int, reason: str) -> bytes:
+    """A server's close frame (unmasked, RFC 6455 §5.5.1) with ``code`` and ``reason``, the
+    reason cut to the 123 bytes a control frame leaves it (at a character boundary)."""
+    data = reason.encode()[:123].decode("utf-8", "ignore").encode()
+    payload = code.to_bytes(2, "big") + data
+    return bytes([0x88, len(payload)]) + payload
+
+
 def plain_response(status: int, text: str) -> bytes:
     """A complete ``Connection: close`` response with a one-line plain-text body."""
     # The reason is one line by contract; make sure no CR/LF can split the response.

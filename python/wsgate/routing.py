@@ -1,6 +1,12 @@
 """The checks of SPEC §2 that need nothing but the request: path, upgrade, service host, agent,
 token and body, in that order. Pure functions; the first failing check raises its ``HttpError``.
 
+Endpoints: ``/ws/generic[/{host}[/{token}]]``, and the provider endpoints of SPEC §6b,
+``/ws/{telnyx,plivo,exotel}[/{token}]?serviceHost=`` (routed exactly like the generic one) and
+``/ws/twilio[/{token}]``, whose service host only arrives in the stream's ``start`` message:
+:func:`precheck` judges its request before the upgrade, and :func:`route` is called with
+``opening_host`` once the opening is read.
+
 Capacity (503) and the bot's own upgrade (502) need live state and I/O, so the server applies
 them after :func:`route` succeeds. Nothing here starts a bot.
 """
@@ -17,6 +23,7 @@ from urllib.parse import unquote
 from . import _core
 from .config import AgentConfig
 from .errors import HttpError
+from .providers import provider_of_path
 from .request import Request, is_token, split_list
 from .tokens import check_body
 
@@ -24,7 +31,9 @@ __all__ = [
     "GENERIC_PATH",
     "Route",
     "TokenCheck",
+    "Upgrade",
     "no_token_auth_yet",
+    "precheck",
     "route",
 ]
 
@@ -52,6 +61,8 @@ class Route:
     #: For a ``token`` agent: the claims of its token, checked (body binding included) but not
     #: yet used up; the server claims it once capacity allows. None for a ``none`` agent.
     token: _core.TokenClaims | None = field(default=None, repr=False)
+    #: ``"generic"``, or the telephony provider whose endpoint was used.
+    provider: str = "generic"
 
 
 #: Called after the agent is known: raises ``HttpError(403, ...)`` to refuse the request, and
@@ -73,21 +84,55 @@ def no_token_auth_yet(
     return None
 
 
+@dataclass(frozen=True)
+class Upgrade:
+    """What the request line and headers of an upgrade say, before any service is looked up."""
+
+    #: ``"generic"`` or a provider of :data:`wsgate.providers.PROVIDERS`.
+    provider: str
+    client_key: str
+    subprotocols: tuple[str, ...]
+    path_host: str | None
+    path_token: str | None = field(repr=False)
+
+
+def precheck(request: Request) -> Upgrade:
+    """The checks that need no service host: path (404) and upgrade (400); for ``/ws/twilio``
+    also its query, whose ``serviceHost`` Twilio cannot send (400) and ``body`` (400/413), so
+    that everything judged from the request is answered before the upgrade."""
+    provider, path_host, path_token = _match_path(request.path)
+    client_key, subprotocols = _check_upgrade(request)
+    if provider == "twilio":
+        params = request.query_params()
+        if any(name == "serviceHost" for name, _ in params):
+            raise HttpError(400, "serviceHost is not taken on /ws/twilio: send it in the start "
+                            "message's customParameters._pipecatCloudServiceHost")  # fmt: skip
+        _body(params)
+    return Upgrade(provider, client_key, subprotocols, path_host, path_token)
+
+
 def route(
     request: Request,
     agents: Mapping[str, AgentConfig],
     check_token: TokenCheck = no_token_auth_yet,
+    *,
+    opening_host: str | None = None,
 ) -> Route:
     """Apply SPEC §2's pure checks in order; ``agents`` maps service hosts to agents.
+    ``opening_host``: for ``/ws/twilio``, the service host its ``start`` message named (None
+    when it named none: 400).
 
     Raises ``HttpError``: 404 (path, unknown agent), 400 (upgrade, service host, body),
     403 (token, via ``check_token``; then a body the token does not bind), 413 (body over the
     size cap).
     """
-    path_host, path_token = _match_path(request.path)
-    client_key, subprotocols = _check_upgrade(request)
+    upgrade = precheck(request)
+    path_token = upgrade.path_token
     params = request.query_params()
-    service_host = _service_host(path_host, params)
+    if upgrade.provider == "twilio":
+        service_host = _checked_host(opening_host, "twilio")
+    else:
+        service_host = _service_host(upgrade.path_host, params, upgrade.provider)
     agent = agents.get(service_host)
     if agent is None:
         raise HttpError(404, f"unknown service host {service_host}")
@@ -100,17 +145,22 @@ def route(
         agent=agent,
         body_json=body_json,
         upstream_body=upstream_body,
-        subprotocols=subprotocols,
-        client_key=client_key,
+        subprotocols=upgrade.subprotocols,
+        client_key=upgrade.client_key,
         path_token=path_token,
         token=claims,
+        provider=upgrade.provider,
     )
 
 
-def _match_path(path: str) -> tuple[str | None, str | None]:
-    """``/ws/generic[/{host}[/{token}]]`` -> (host, token); anything else is 404."""
+def _match_path(path: str) -> tuple[str, str | None, str | None]:
+    """``/ws/generic[/{host}[/{token}]]`` -> ("generic", host, token); ``/ws/{provider}
+    [/{token}]`` -> (provider, None, token); anything else is 404."""
+    provider = provider_of_path(path)
+    if provider is not None:
+        return provider[0], None, provider[1]
     if path == GENERIC_PATH:
-        return None, None
+        return "generic", None, None
     if not path.startswith(GENERIC_PATH + "/"):
         raise HttpError(404, "not found")
     segments = path[len(GENERIC_PATH) + 1 :].split("/")
@@ -120,7 +170,7 @@ def _match_path(path: str) -> tuple[str | None, str | None]:
         decoded = [unquote(segment, errors="strict") for segment in segments]
     except UnicodeDecodeError:
         raise HttpError(404, "not found") from None
-    return decoded[0], decoded[1] if len(decoded) == 2 else None
+    return "generic", decoded[0], decoded[1] if len(decoded) == 2 else None
 
 
 def _check_upgrade(request: Request) -> tuple[str, tuple[str, ...]]:
@@ -159,7 +209,7 @@ def _valid_key(key: str) -> bool:
         return False
 
 
-def _service_host(path_host: str | None, params: list[tuple[str, str]]) -> str:
+def _service_host(path_host: str | None, params: list[tuple[str, str]], provider: str) -> str:
     query_hosts = [value for name, value in params if name == "serviceHost"]
     if len(query_hosts) > 1:
         raise HttpError(400, "serviceHost given more than once")
@@ -172,8 +222,17 @@ def _service_host(path_host: str | None, params: list[tuple[str, str]]) -> str:
             host = unquote(query_hosts[0], errors="strict")
         except UnicodeDecodeError:
             raise HttpError(400, "malformed service host") from None
-    else:
+    elif provider == "generic":
         raise HttpError(400, "missing service host (/ws/generic/{agent}.{org} or ?serviceHost=)")
+    else:
+        raise HttpError(400, f"missing service host (/ws/{provider}?serviceHost={{agent}}.{{org}})")
+    return _checked_host(host, provider)
+
+
+def _checked_host(host: str | None, provider: str) -> str:
+    if host is None:
+        # Only Twilio gets here without a host: its start message named none.
+        raise HttpError(400, "missing service host (customParameters._pipecatCloudServiceHost)")
     if not _SERVICE_HOST.fullmatch(host):
         raise HttpError(400, "malformed service host (expected {agent}.{org})")
     return host

@@ -31,16 +31,17 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from . import _core
-from ._sockets import HeadTooLarge, read_exactly, read_head, send_all
+from ._sockets import HeadTooLarge, read_exactly, read_head, read_until, send_all
 from .admission import PendingReads, RateLimiter, client_key
 from .config import AgentConfig, Config, OrgConfig, check_name, default_config, load_config
 from .errors import HttpError
-from .handshake import plain_response, switching_protocols
+from .handshake import close_frame, plain_response, switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
+from .providers import Opening, OpeningError, OpeningReader, close_for
 from .relay import Relay, RelaySession
 from .replay import open_replay_store
 from .request import Request, parse_request
-from .routing import Route, no_token_auth_yet, route
+from .routing import Route, no_token_auth_yet, precheck, route
 from .start import handle_start, is_start_path, render_response, request_body_length
 from .tokens import TokenAuthority, VerifiedToken, load_secrets
 from .upstream import dial
@@ -57,6 +58,9 @@ HEALTH_PATHS = frozenset({"/livez", "/readyz"})
 _CLOSE_GRACE = 5.0
 # How long a refused client may take to read its error response before the socket is closed.
 _LINGER = 1.0
+# How long the gateway waits for a Telnyx, Plivo or Exotel opening to learn the call's id; the
+# bot's first messages wait as long at most. Providers send it at once.
+_PEEK_TIME = 1.0
 _ACCEPT_BATCH = 64
 _ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -69,6 +73,8 @@ class _Opened:
     service_host: str
     session_uuid: str
     started: float
+    #: A telephony provider's opening (provider, call and stream ids), when one was read.
+    opening: Opening | None = None
     #: For an in-process bot: the bot, its arguments and the session's channel.
     bot: tuple[Bot, BotArguments, SessionChannel] | None = None
     #: The client's address key (see :func:`~wsgate.admission.client_key`).
@@ -418,9 +424,56 @@ class Gateway:
             return None
         if limited:
             raise HttpError(429, "too many requests from this address")
+        if request.path == "/ws/twilio" or request.path.startswith("/ws/twilio/"):
+            return await self._twilio(sock, request, pending, relay, client)
         # Bad tokens and bodies the token does not bind are refused here (403, stateless: no
         # replay store round trip).
         target = route(request, self._agents, self._check_token)
+        return await self._admit(sock, pending, target, relay, request, client, None)
+
+    async def _twilio(
+        self, sock: socket.socket, request: Request, pending: bytes, relay: Relay, client: str
+    ) -> _Opened | None:
+        """``/ws/twilio`` (SPEC §6b): answer the upgrade, read the stream's opening for its
+        service host, then route and admit as usual. Every refusal from here on is a close
+        frame (:func:`~wsgate.providers.close_for`); nothing is dialled before the route is
+        known."""
+        upgrade = precheck(request)  # what the request alone decides is still an HTTP answer
+        await send_all(sock, switching_protocols(upgrade.client_key, None))
+        reader = OpeningReader("twilio")
+        try:
+            opening: Opening | None = None
+            deadline = anyio.current_time() + self.config.gateway.handshake_timeout
+            # Still sending its request, in effect: evictable like a head being read.
+            with self._pending.reading(deadline, started=bool(pending)) as reading:
+                opening = await read_until(sock, reader.feed, pending, reading.progress)
+            if opening is None:
+                raise OpeningError(1008, "no start message in time")
+            target = route(
+                request, self._agents, self._check_token, opening_host=opening.service_host
+            )
+            return await self._admit(sock, reader.raw, target, relay, request, client, opening)
+        except OpeningError as exc:
+            log.debug("twilio opening refused with %d: %s", exc.code, exc.reason)
+            await _close(sock, exc.code, exc.reason)
+        except HttpError as exc:
+            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+            log.log(level, "twilio session refused with %d: %s", exc.status, exc.reason)
+            await _close(sock, *close_for(exc))
+        return None
+
+    async def _admit(
+        self,
+        sock: socket.socket,
+        pending: bytes,
+        target: Route,
+        relay: Relay,
+        request: Request,
+        client: str,
+        opening: Opening | None,
+    ) -> _Opened:
+        """Capacity, the token's claim, then :meth:`_start`; on any failure the capacity and
+        the token are given back."""
         self._reserve(target.agent, client)
         try:
             session_uuid = str(uuid.uuid4())
@@ -432,7 +485,9 @@ class Gateway:
                 verified = await authority.claim(target.token, target.service_host)
                 session_uuid = verified.session_id  # the sessionId /start returned
             try:
-                opened = await self._start(sock, pending, target, relay, session_uuid, request)
+                opened = await self._start(
+                    sock, pending, target, relay, session_uuid, request, opening
+                )
             except BaseException:
                 if authority is not None and verified is not None:
                     # The session did not start: the client may retry with the same token.
@@ -488,31 +543,42 @@ class Gateway:
         relay: Relay,
         session_uuid: str,
         request: Request,
+        opening: Opening | None,
     ) -> _Opened:
-        """Dial the bot (or pick the builtin), answer 101, hand both sockets to the engine."""
+        """Dial the bot (or pick the builtin or in-process bot), answer 101 unless the opening
+        was read after it already, and hand the client (and bot) sockets to the engine."""
         settings = self.config.gateway
         session_id = relay.new_session_id()
+        answered = opening is not None
         inprocess = self._bots.get(target.service_host)
-        if inprocess is not None:
-            return await self._start_inprocess(
-                sock, pending, target, relay, request, inprocess, session_id, session_uuid
-            )
-        upstream = target.agent.upstream_url
-        if upstream is None:  # builtin echo
-            await send_all(sock, switching_protocols(target.client_key, None))
-            session = relay.start_echo(
-                session_id, sock, pending, settings.max_message_size, self.session_time_limit
-            )
-        else:
+        upstream = None if inprocess is not None else target.agent.upstream_url
+        bot = None
+        if upstream is not None:
             bot = await dial(
                 upstream,
                 session_uuid=session_uuid,
                 body_value=target.upstream_body,
-                subprotocols=target.subprotocols,
+                # After a 101 already sent (Twilio), there is no subprotocol left to agree on.
+                subprotocols=() if answered else target.subprotocols,
                 timeout=settings.dial_timeout,
             )
-            try:
-                await send_all(sock, switching_protocols(target.client_key, bot.subprotocol))
+        try:
+            if not answered:
+                chosen = None if bot is None else bot.subprotocol
+                await send_all(sock, switching_protocols(target.client_key, chosen))
+                if target.provider != "generic":
+                    opening, pending = await _peek_opening(sock, pending, target.provider)
+            started = anyio.current_time()
+            where = (target.service_host, session_uuid, started, opening)
+            if inprocess is not None:
+                return self._attach_inprocess(
+                    sock, pending, target, relay, request, inprocess, session_id, where
+                )
+            if bot is None:  # builtin echo
+                session = relay.start_echo(
+                    session_id, sock, pending, settings.max_message_size, self.session_time_limit
+                )
+            else:
                 session = relay.start_upstream(
                     session_id,
                     sock,
@@ -522,11 +588,12 @@ class Gateway:
                     settings.max_message_size,
                     self.session_time_limit,
                 )
-            finally:
+        finally:
+            if bot is not None:
                 bot.sock.close()  # no-op once detached
-        return _Opened(session, target.service_host, session_uuid, anyio.current_time())
+        return _Opened(session, *where)
 
-    async def _start_inprocess(
+    def _attach_inprocess(
         self,
         sock: socket.socket,
         pending: bytes,
@@ -535,9 +602,9 @@ class Gateway:
         request: Request,
         bot: Bot,
         session_id: int,
-        session_uuid: str,
+        where: tuple[str, str, float, Opening | None],
     ) -> _Opened:
-        """Answer 101 and attach the client to the engine; the bot is called by _supervise."""
+        """Attach the client to the engine; the bot is called by _supervise."""
         settings = self.config.gateway
         body = None if target.body_json is None else json.loads(target.body_json)
         channel = SessionChannel(
@@ -549,7 +616,6 @@ class Gateway:
         websocket = InProcessWebSocket(
             channel, headers=request.headers, query=request.query, path=request.path
         )
-        await send_all(sock, switching_protocols(target.client_key, None))
         session = relay.start_inprocess(
             session_id,
             sock,
@@ -559,11 +625,8 @@ class Gateway:
             inbox_limit=settings.inbox_limit,
             send_buffer_limit=settings.send_buffer_limit,
         )
-        arguments = BotArguments(session_uuid, websocket, body)
-        started = anyio.current_time()
-        return _Opened(
-            session, target.service_host, session_uuid, started, (bot, arguments, channel)
-        )
+        arguments = BotArguments(where[1], websocket, body)
+        return _Opened(session, *where, bot=(bot, arguments, channel))
 
     async def _supervise(self, opened: _Opened) -> None:
         """Run an in-process bot until its session ends (time limit included); log its end."""
@@ -637,6 +700,32 @@ def _json_error(status: int, reason: str) -> dict[str, str]:
     return {"error": reason, "code": str(status)}
 
 
+async def _peek_opening(
+    sock: socket.socket, pending: bytes, provider: str
+) -> tuple[Opening | None, bytes]:
+    """Telnyx, Plivo, Exotel: read the opening messages that follow the upgrade, only to learn
+    the call's ids for the log. Whatever arrives (or not, within :data:`_PEEK_TIME`) is relayed
+    unchanged: these endpoints route from the URL and judge no payload, like the generic one."""
+    reader = OpeningReader(provider)
+    opening: Opening | None = None
+    try:
+        with anyio.move_on_after(_PEEK_TIME):
+            opening = await read_until(sock, reader.feed, pending)
+    except (OpeningError, EOFError):
+        pass  # not an opening we know (or the client left): the relay takes it from here
+    return opening, reader.raw
+
+
+async def _close(sock: socket.socket, code: int, reason: str) -> None:
+    """Close an upgraded client with a close frame, then the connection."""
+    try:
+        with anyio.move_on_after(_LINGER):
+            await send_all(sock, close_frame(code, reason))
+    except OSError:
+        pass
+    await _respond_with(sock, b"")
+
+
 async def _respond(sock: socket.socket, status: int, text: str) -> None:
     """Answer with a plain-text response, then close without resetting the answer away."""
     await _respond_with(sock, plain_response(status, text))
@@ -667,12 +756,15 @@ def _log_outcome(opened: _Opened, outcome: _core.Outcome) -> None:
     def code(close: tuple[int, str] | None) -> str:
         return "-" if close is None else str(close[0])
 
+    call = opened.opening
+    via = "" if call is None else f" via {call.provider} call {call.call_id or '-'}"
     log.info(
-        "session %d %s %s ended by %s (%s) after %.1f s; client close %s, bot close %s; "
+        "session %d %s %s%s ended by %s (%s) after %.1f s; client close %s, bot close %s; "
         "in %d msgs %d B, out %d msgs %d B",
         outcome.session_id,
         opened.service_host,
         opened.session_uuid,
+        via,
         outcome.ended_by,
         outcome.detail,
         anyio.current_time() - opened.started,
