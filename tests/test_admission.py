@@ -67,7 +67,7 @@ def test_a_client_is_limited_by_its_address_or_its_ipv6_64(address: object, key:
 
 
 @pytest.mark.anyio
-async def test_an_idle_connection_is_evicted_before_one_that_sent_part_of_its_request(
+async def test_the_oldest_reading_connection_is_evicted_never_the_newcomer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate")
@@ -75,26 +75,24 @@ async def test_an_idle_connection_is_evicted_before_one_that_sent_part_of_its_re
     ended: list[str] = []
     deadline = anyio.current_time() + 60
 
-    async def reader(name: str, sends: bool, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        with pending.reading(deadline) as reading:
-            if sends:
-                reading.progress()
+    async def reader(name: str, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with pending.reading(deadline):
             task_status.started()
             await anyio.sleep_forever()
         ended.append(name)  # only once its reading phase was cancelled
 
     async with anyio.create_task_group() as tg:
-        await tg.start(reader, "partial", True)
-        await tg.start(reader, "idle", False)
-        await tg.start(reader, "newcomer", False)  # evicts the idle one, not itself
+        await tg.start(reader, "first")
+        await tg.start(reader, "second")
+        await tg.start(reader, "third")  # evicts the first, not itself
         await anyio.wait_all_tasks_blocked()
-        assert ended == ["idle"]
-        await tg.start(reader, "second newcomer", False)  # the older idle one goes next
+        assert ended == ["first"]
+        await tg.start(reader, "fourth")
         await anyio.wait_all_tasks_blocked()
-        assert ended == ["idle", "newcomer"]
+        assert ended == ["first", "second"]
         assert pending.evicted == 2 and len(pending) == 2
         pending.cancel_all()
-    assert sorted(ended[2:]) == ["partial", "second newcomer"]
+    assert sorted(ended[2:]) == ["fourth", "third"]
     assert len(pending) == 0
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [

@@ -9,11 +9,11 @@ from wsgate.handshake import (
     accept_key,
     check_upstream_response,
     new_key,
-    parse_upstream_url,
     plain_response,
     switching_protocols,
     upstream_request,
 )
+from wsgate.urls import parse_upstream_url
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3's worked example

@@ -47,6 +47,8 @@ class GatedBot:
         self.delay = delay
         self.down = threading.Event()
         self.dials = 0
+        #: Released once per dial, before the handshake's delay.
+        self.dialled = threading.Semaphore(0)
         self.paths: list[str] = []
         self._server = ws_server.serve(
             self._handle, "127.0.0.1", 0, process_request=self._process, compression=None
@@ -60,6 +62,7 @@ class GatedBot:
 
     def _process(self, connection: ServerConnection, request: Request) -> Response | None:
         self.dials += 1
+        self.dialled.release()
         if self.down.is_set():
             return Response(503, "Service Unavailable", Headers(), b"cold\n")
         # The behaviour under test: a bot slow to answer its handshake.
@@ -161,34 +164,53 @@ def session(url: str, headers: dict[str, str] | None = None) -> str:
         return str(ws.recv())
 
 
+def open_idle(port: int, n: int, first_bytes: bytes) -> list[socket.socket]:
+    """``n`` connections that send ``first_bytes`` (or nothing) and never finish a request."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        if first_bytes:
+            s.sendall(first_bytes)
+        socks.append(s)
+    return socks
+
+
 @pytest.mark.parametrize("first_bytes", [b"", b"GET /ws/generic/open.test HTTP/1.1\r\n"])
-async def test_connection_churn_evicts_no_upgrade_that_is_dialling_its_bot(
+async def test_connections_flooding_in_evict_no_upgrade_that_is_dialling_its_bot(
     slow_bot: GatedBot, caplog: pytest.LogCaptureFixture, first_bytes: bytes
 ) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate")
-    async with gateway(slow_bot.url, max_pending_upgrades=50) as gw:
+    async with gateway(slow_bot.url, max_pending_upgrades=100) as gw:
         authority = gw.authority
         assert authority is not None
         tokens = [authority.mint("talk.test").token for _ in range(5)]
         results: list[str] = []
-        with Churn(gw.port, keep=3_000, first_bytes=first_bytes) as churn:
+        flood: list[socket.socket] = []
 
-            async def open_one(url: str, headers: dict[str, str] | None = None) -> None:
-                results.append(await in_thread(session, url, headers))
+        async def open_one(url: str, headers: dict[str, str] | None = None) -> None:
+            results.append(await in_thread(session, url, headers))
 
+        try:
             async with anyio.create_task_group() as tg:
                 for _ in range(8):
                     tg.start_soon(open_one, f"{gw.url}/ws/generic/open.test")
                 for token in tokens:
                     headers = {"Authorization": f"Bearer {token}"}
                     tg.start_soon(open_one, f"{gw.url}/ws/generic/talk.test", headers)
+                # Every session is now waiting for the bot's slow handshake (its token
+                # claimed): the oldest connections of the gateway. Flood in 300 more that
+                # never finish a request, over max_pending_upgrades.
+                for _ in range(13):
+                    assert await in_thread(slow_bot.dialled.acquire, True, 20)
+                flood = await in_thread(open_idle, gw.port, 300, first_bytes)
+        finally:
+            for s in flood:
+                s.close()
         assert results == ["legit"] * 13
-        # The churn really outran max_pending_upgrades while the bot was being dialled.
-        assert churn.connects > 200
-        assert gw.evicted_upgrades > 0
+        assert gw.evicted_upgrades >= 200 - 13  # the flood was really evicting
     evictions = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
     assert evictions, "evictions are logged"
-    assert all("max_pending_upgrades (50)" in line for line in evictions)
+    assert all("max_pending_upgrades (100)" in line for line in evictions)
 
 
 async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
@@ -197,8 +219,12 @@ async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
     caplog.set_level(logging.WARNING, logger="wsgate")
     async with gateway(sentinel.url, max_pending_upgrades=5) as gw:
         started = anyio.current_time()
-        with Churn(gw.port, keep=200, max_connects=3_000) as churn:
+        with Churn(gw.port, keep=2_000, max_connects=2_000) as churn:
             await in_thread(churn.wait)
+            # Accepted in order: once this answer is back, every churned connection was taken
+            # in (and all but the newest few evicted), while all were still open.
+            livez = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert (await http_exchange(gw.port, livez))[0] == 200
         evicted = gw.evicted_upgrades
         elapsed = anyio.current_time() - started
     lines = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from wsgate import _core
+from wsgate.body import encode_body
 from wsgate.config import AgentConfig, OrgConfig
 from wsgate.start import (
     MAX_REQUEST_BYTES,
-    encode_body,
     handle_start,
     is_start_path,
     render_response,

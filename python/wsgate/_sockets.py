@@ -15,15 +15,23 @@ from typing import TypeVar
 
 import anyio
 
-__all__ = ["HeadTooLarge", "read_exactly", "read_head", "read_until", "send_all"]
+from .errors import HeadTooLarge
+
+__all__ = [
+    "HeadTooLarge",
+    "listen",
+    "read_exactly",
+    "read_head",
+    "read_until",
+    "send_all",
+    "send_and_close",
+]
 
 _RECV_SIZE = 65536
+# How long a refused client may take to read its answer before the socket is closed.
+_LINGER = 1.0
 
 T = TypeVar("T")
-
-
-class HeadTooLarge(Exception):
-    """An HTTP head longer than the limit (a client gets 431, a bot's answer is a 502)."""
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
@@ -38,15 +46,13 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
-async def read_head(
-    sock: socket.socket, limit: int, progress: Callable[[], None] | None = None
-) -> tuple[bytes, bytes]:
+async def read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
     """Read an HTTP head from a non-blocking socket: returns ``(head, rest)``.
 
     ``head`` ends with its empty line (``b"\\r\\n\\r\\n"``); ``rest`` holds the bytes read past it
     (the start of that side's WebSocket frames). The head without its final CRLF CRLF may be at
     most ``limit`` bytes, else :class:`HeadTooLarge`; memory stays under ``limit`` plus one read.
-    Raises ``EOFError`` if the peer closes first. ``progress`` is called when bytes arrive.
+    Raises ``EOFError`` if the peer closes first.
     """
     buf = bytearray()
     while True:
@@ -64,8 +70,6 @@ async def read_head(
             continue
         if not chunk:
             raise EOFError("connection closed during the handshake")
-        if progress is not None:
-            progress()
         buf += chunk
 
 
@@ -89,14 +93,11 @@ async def read_until(
     sock: socket.socket,
     feed: Callable[[bytes], T | None],
     already: bytes = b"",
-    progress: Callable[[], None] | None = None,
 ) -> T:
     """Give ``already``, then each read from ``sock``, to a Sans-I/O ``feed`` until it returns
     a result (e.g. :meth:`wsgate.providers.OpeningReader.feed`); the feed keeps the bytes.
     Raises ``EOFError`` if the peer closes first, and whatever ``feed`` raises."""
     if already:
-        if progress is not None:
-            progress()
         result = feed(already)
         if result is not None:
             return result
@@ -108,8 +109,44 @@ async def read_until(
             continue
         if not chunk:
             raise EOFError("connection closed")
-        if progress is not None:
-            progress()
         result = feed(chunk)
         if result is not None:
             return result
+
+
+async def send_and_close(sock: socket.socket, data: bytes) -> None:
+    """Send a refusal (a response or a close frame) and close, without resetting it away."""
+    try:
+        with anyio.move_on_after(_LINGER):
+            await send_all(sock, data)
+            sock.shutdown(socket.SHUT_WR)
+            # Read until the client closes: closing with unread input would send a RST, which
+            # can destroy the answer before the client reads it.
+            while True:
+                try:
+                    if not sock.recv(_RECV_SIZE):
+                        break
+                except BlockingIOError:
+                    await anyio.wait_readable(sock)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+async def listen(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket bound to ``host:port`` (port 0: any free port)."""
+    infos = await anyio.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 import anyio
 from anyio.abc import TaskStatus
 
+from .body import encode_body
 from .client import StartError, start_sync
 from .config import default_config, load_config
 from .errors import ConfigError, HttpError, WsgateError
 from .server import Gateway
-from .start import encode_body
 from .tokens import TokenAuthority, check_body, load_secrets
 
 if sys.version_info < (3, 11):  # pragma: no cover

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -39,8 +38,15 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from . import _core
-from .errors import WsgateError
-from .start import encode_body
+from .body import encode_body
+from .errors import (
+    BodyTooLarge,
+    ClientError,
+    StartError,
+    StatusError,
+    UpgradeRefused,
+)
+from .names import is_name, is_service_host
 
 if TYPE_CHECKING:
     import websockets.asyncio.client
@@ -60,38 +66,8 @@ __all__ = [
     "start_sync",
 ]
 
-_AGENT = re.compile(r"[a-z0-9-]{1,63}")
-_SERVICE_HOST = re.compile(r"[a-z0-9-]{1,63}\.[a-z0-9-]{1,63}")
 _MAX_RESPONSE_HEAD = 16 * 1024
 _MAX_RESPONSE_BODY = 1024 * 1024
-
-
-class ClientError(WsgateError):
-    """Base of the client's errors."""
-
-
-class BodyTooLarge(ClientError, ValueError):
-    """A session body over ``_core.MAX_BODY_BYTES`` of JSON; no request was made."""
-
-
-class StatusError(ClientError):
-    """An HTTP error answer: ``status`` and the server's one-line ``reason``."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.reason}"
-
-
-class StartError(StatusError):
-    """``/start`` answered with an error (or with something that is not its JSON)."""
-
-
-class UpgradeRefused(StatusError):
-    """The gateway refused the WebSocket upgrade (403 token, 404 agent, 503 capacity…)."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +99,7 @@ async def start(
     value, at most 4 KB once encoded (else :class:`BodyTooLarge`, before any request).
     Raises :class:`StartError` for an error answer; ``TimeoutError`` after ``timeout``.
     """
-    if not _AGENT.fullmatch(agent):
+    if not is_name(agent):
         raise ValueError("agent must be 1-63 lowercase letters, digits or '-'")
     request: dict[str, Any] = {"transport": "websocket"}
     if body is not None:
@@ -157,7 +133,7 @@ def connection_target(
         if result.token is not None:
             headers["Authorization"] = f"Bearer {result.token}"
     else:
-        if not _SERVICE_HOST.fullmatch(service_host):
+        if not is_service_host(service_host):
             raise ValueError("service host must be {agent}.{org}")
         url = f"{_ws_base(base_url)}/ws/generic/{service_host}"
         encoded = None if body is None else _checked_body(body)

@@ -17,21 +17,15 @@ import dataclasses
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from . import _core
 from .errors import ConfigError
-from .handshake import UpstreamURL, parse_upstream_url
-from .inprocess import (
-    DEFAULT_BOT_GRACE_PERIOD,
-    DEFAULT_INBOX_LIMIT,
-    DEFAULT_SEND_BUFFER_LIMIT,
-    Bot,
-    load_bot,
-)
+from .names import check_name
+from .urls import UpstreamURL, parse_upstream_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,8 +42,15 @@ __all__ = [
     "loads_config",
 ]
 
-# SPEC §1 (ours): agent and organisation names.
-_NAME = re.compile(r"[a-z0-9-]{1,63}")
+#: In-process bots: bytes of client messages delivered and not yet taken by the bot past which
+#: the gateway stops reading that client.
+DEFAULT_INBOX_LIMIT = 1024 * 1024
+#: Bytes queued for a client past which a bot's send waits for them to drain to half.
+DEFAULT_SEND_BUFFER_LIMIT = 1024 * 1024
+#: Seconds a bot may run on after its client left before it is cancelled.
+DEFAULT_BOT_GRACE_PERIOD = 5.0
+#: An in-process bot: an async callable taking a :class:`wsgate.BotArguments`.
+BotFunction = Callable[[Any], Awaitable[Any]]
 # "package.module:function" (the attribute may be dotted), as uvicorn names an app.
 _BOT_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 BUILTINS = frozenset({"echo"})
@@ -63,12 +64,6 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
-
-
-def check_name(kind: str, name: object) -> None:
-    """Raise ConfigError unless ``name`` is a valid agent or organisation name."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"{kind} name {name!r} must be 1-63 lowercase letters, digits or '-'")
 
 
 @dataclass(frozen=True)
@@ -100,9 +95,9 @@ class GatewaySettings:
     #: two descriptors (client and bot): raise the process's open-files limit to match.
     max_connections: int = 10000
     #: Connections still sending their request (head, ``/start`` body, a Twilio opening) at
-    #: once; a new one past it evicts the oldest that sent nothing, else the oldest, so slow or
-    #: idle connections (slowloris) cannot crowd out real clients, which send their request in
-    #: one round trip. A connection past its request (bot being dialled) is never evicted.
+    #: once; a new one past it evicts the oldest, so slow or idle connections (slowloris)
+    #: cannot crowd out real clients, which send their request in one round trip. A connection
+    #: past its request (bot being dialled, token claimed) is never evicted.
     max_pending_upgrades: int = 1000
     #: Requests per second (upgrades and ``/start``) from one client address (an IPv6 /64), in
     #: bursts of as many; over it, 429. 0: off (the default: telephony providers connect from
@@ -224,7 +219,7 @@ class AgentConfig:
     builtin: str | None = None
     #: An in-process bot: an async callable taking :class:`wsgate.BotArguments`, or its name
     #: ``"package.module:function"`` (imported when a :class:`~wsgate.Gateway` is built).
-    bot: Bot | str | None = None
+    bot: BotFunction | str | None = None
     #: Sessions this agent may have open at once (on this gateway); more get 503.
     max_sessions: int = 50
 
@@ -268,16 +263,6 @@ class AgentConfig:
     def service_host(self) -> str:
         """``{agent}.{org}``: the name clients use to reach this agent."""
         return f"{self.name}.{self.org}"
-
-    def load_bot(self) -> Bot | None:
-        """The in-process bot as a callable (importing a ``"module:function"`` name), or None.
-        Raises :class:`ConfigError` if the name cannot be imported."""
-        if self.bot is None or not isinstance(self.bot, str):
-            return self.bot
-        try:
-            return load_bot(self.bot)
-        except ConfigError as exc:
-            raise ConfigError(f"agent {self.service_host!r}: {exc}") from None
 
     @property
     def upstream_url(self) -> UpstreamURL | None:
@@ -411,47 +396,28 @@ def _check_keys(where: str, table: Mapping[str, Any], known: set[str]) -> None:
         )
 
 
-_TYPES: dict[tuple[str, str], str] = {
-    **{
-        ("GatewaySettings", k): "a string"
-        for k in ("host", "public_url", "region", "secrets_file", "replay_store")
-    },
-    **{
-        ("GatewaySettings", k): "an integer"
-        for k in (
-            "port",
-            "max_message_size",
-            "relay_threads",
-            "token_ttl",
-            "inbox_limit",
-            "send_buffer_limit",
-            "max_connections",
-            "max_pending_upgrades",
-            "client_max_sessions",
-        )
-    },
-    **{
-        ("GatewaySettings", k): "a number"
-        for k in (
-            "handshake_timeout",
-            "dial_timeout",
-            "drain_timeout",
-            "max_session_duration",
-            "dead_peer_timeout",
-            "bot_grace_period",
-            "client_request_rate",
-            "start_rate_per_key",
-        )
-    },
-    ("GatewaySettings", "secrets"): "a list of strings",
-    ("OrgConfig", "name"): "a string",
-    ("OrgConfig", "public_keys"): "a list of strings",
-    **{
-        ("AgentConfig", k): "a string"
-        for k in ("name", "org", "websocket_auth", "upstream", "builtin", "bot")
-    },
-    ("AgentConfig", "max_sessions"): "an integer",
+# What a settings file may give for each annotation of the dataclasses: the file's schema is
+# derived from them, so a new setting needs no second declaration here (an annotation missing
+# from this table fails at import, not at the first file that uses it).
+_FILE_TYPES = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "Sequence[str]": "a list of strings",
+    "WebsocketAuth": "a string",
+    "BotFunction | str": "a string",  # a file names a bot; only code passes the callable
 }
+
+
+def _schema(*classes: type) -> dict[tuple[str, str], str]:
+    return {
+        (cls.__name__, f.name): _FILE_TYPES[str(f.type).removesuffix(" | None")]
+        for cls in classes
+        for f in dataclasses.fields(cls)
+    }
+
+
+_TYPES = _schema(GatewaySettings, OrgConfig, AgentConfig)
 
 
 def _has_type(value: object, expected: str) -> bool:

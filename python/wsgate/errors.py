@@ -1,19 +1,42 @@
-"""Errors that wsgate raises.
+"""Errors that wsgate raises: the whole tree, in one place.
 
 Hierarchy::
 
     WsgateError
-    ├── ConfigError       a settings file or Config object that cannot be served
-    └── HttpError         a request answered with an HTTP error instead of a WebSocket
+    ├── ConfigError            a settings file or Config object that cannot be served
+    ├── HttpError              a request answered with an HTTP error instead of a WebSocket
+    ├── OpeningError           after the upgrade (Twilio's opening): a close code and reason
+    ├── ReplayStoreUnavailable the replay store cannot answer: token sessions fail closed (503)
+    └── ClientError            the Python client's (wsgate.client)
+        ├── BodyTooLarge       a session body over 4 KB: no request was made
+        └── StatusError        an HTTP error answer, with its status and reason
+            ├── StartError     from /start
+            └── UpgradeRefused from the WebSocket upgrade
+    BotHandshakeError (ValueError)  a bot's answer to our upgrade that we cannot relay (502)
+    HeadTooLarge                    an HTTP head over its limit (431 from a client, 502 from a bot)
 
-``HttpError`` carries the status and the one-line plain-text reason that the client receives;
-it is raised by the Sans-I/O request checks and turned into a response in exactly one place,
-the server's connection handler.
+``HttpError`` and ``OpeningError`` carry what the client receives (a status or close code, and
+a one-line reason), so their reasons never hold a token, a key or a body; they are raised by the
+Sans-I/O checks and turned into a response or a close frame by the server. The native module's
+``_core.TokenError`` and ``_core.BodyError`` are mapped to ``HttpError`` where they are caught.
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "HttpError", "WsgateError"]
+__all__ = [
+    "BodyTooLarge",
+    "BotHandshakeError",
+    "ClientError",
+    "ConfigError",
+    "HeadTooLarge",
+    "HttpError",
+    "OpeningError",
+    "ReplayStoreUnavailable",
+    "StartError",
+    "StatusError",
+    "UpgradeRefused",
+    "WsgateError",
+]
 
 
 class WsgateError(Exception):
@@ -37,3 +60,60 @@ class HttpError(WsgateError):
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"
+
+
+class OpeningError(WsgateError):
+    """The client's opening cannot be accepted: close the WebSocket with ``code`` and ``reason``.
+
+    The reason goes to the client in a close frame (at most 123 bytes), so it is one fixed line
+    that never holds client data.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.reason}"
+
+
+class ReplayStoreUnavailable(WsgateError):
+    """The replay store cannot answer (unreachable, timed out, full or refusing): a token
+    session must be refused with 503 rather than risk a replay."""
+
+
+class ClientError(WsgateError):
+    """Base of the client's errors."""
+
+
+class BodyTooLarge(ClientError, ValueError):
+    """A session body over ``_core.MAX_BODY_BYTES`` of JSON; no request was made."""
+
+
+class StatusError(ClientError):
+    """An HTTP error answer: ``status`` and the server's one-line ``reason``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+class StartError(StatusError):
+    """``/start`` answered with an error (or with something that is not its JSON)."""
+
+
+class UpgradeRefused(StatusError):
+    """The gateway refused the WebSocket upgrade (403 token, 404 agent, 503 capacity…)."""
+
+
+class BotHandshakeError(ValueError):
+    """The bot's answer to our upgrade request is not one we can relay; the message says why."""
+
+
+class HeadTooLarge(Exception):
+    """An HTTP head longer than the limit (a client gets 431, a bot's answer is a 502)."""

@@ -11,22 +11,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from http import HTTPStatus
-from urllib.parse import urlsplit
 
-from .errors import HttpError
+from .errors import BotHandshakeError, HttpError
 from .request import parse_header_lines, split_list
+from .responses import plain_response
+from .urls import UpstreamURL
 
 __all__ = [
     "BotHandshakeError",
-    "UpstreamURL",
     "accept_key",
     "check_upstream_response",
     "new_key",
-    "parse_upstream_url",
     "plain_response",
     "switching_protocols",
     "upstream_request",
@@ -34,11 +30,6 @@ __all__ = [
 
 # RFC 6455 §1.3: the GUID appended to Sec-WebSocket-Key before hashing.
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_RESOURCE = re.compile(r"/[\x21-\x7e]*")
-
-
-class BotHandshakeError(ValueError):
-    """The bot's answer to our upgrade request is not one we can relay; the message says why."""
 
 
 def accept_key(key: str) -> str:
@@ -70,66 +61,6 @@ def close_frame(code: int, reason: str) -> bytes:
     data = reason.encode()[:123].decode("utf-8", "ignore").encode()
     payload = code.to_bytes(2, "big") + data
     return bytes([0x88, len(payload)]) + payload
-
-
-def plain_response(status: int, text: str) -> bytes:
-    """A complete ``Connection: close`` response with a one-line plain-text body."""
-    # The reason is one line by contract; make sure no CR/LF can split the response.
-    line = " ".join(text.split())
-    body = (line + "\n").encode("utf-8")
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    head = (
-        f"HTTP/1.1 {status} {phrase}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
-@dataclass(frozen=True)
-class UpstreamURL:
-    """A bot's ``ws://`` URL, split into what the dial needs."""
-
-    url: str
-    host: str
-    port: int
-    #: Path and query of the upgrade request, e.g. ``/ws`` or ``/ws?room=a``.
-    resource: str
-
-    @property
-    def host_header(self) -> str:
-        """The ``Host`` header value: the host, bracketed if IPv6, with a non-default port."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == 80 else f"{host}:{self.port}"
-
-
-def parse_upstream_url(url: str) -> UpstreamURL:
-    """Check and split an upstream URL; raises ``ValueError`` with a reason for a config error."""
-    parts = urlsplit(url)
-    if parts.scheme == "wss":
-        raise ValueError("wss:// upstreams are not supported yet; use ws://")
-    if parts.scheme != "ws":
-        raise ValueError("must be a ws:// URL")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("must not contain user information")
-    if parts.fragment or url.endswith("#"):
-        raise ValueError("must not contain a fragment")
-    if not parts.hostname:
-        raise ValueError("has no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    resource = parts.path or "/"
-    if parts.query:
-        resource += "?" + parts.query
-    if not _RESOURCE.fullmatch(resource):
-        raise ValueError("has a path with characters that must be percent-encoded")
-    return UpstreamURL(url, parts.hostname, 80 if port is None else port, resource)
 
 
 def upstream_request(

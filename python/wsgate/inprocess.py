@@ -44,6 +44,12 @@ import anyio
 
 from . import _core
 from ._websocket_state import Headers, QueryParams, WebSocketDisconnect, WebSocketState
+from .config import (
+    DEFAULT_BOT_GRACE_PERIOD,
+    DEFAULT_INBOX_LIMIT,
+    DEFAULT_SEND_BUFFER_LIMIT,
+    AgentConfig,
+)
 from .errors import ConfigError
 
 __all__ = [
@@ -58,18 +64,12 @@ __all__ = [
     "SessionChannel",
     "WebSocketDisconnect",
     "WebSocketState",
+    "bot_of",
     "load_bot",
     "serve_bot",
 ]
 
 log = logging.getLogger("wsgate")
-
-#: Bytes delivered to a bot and not yet taken before the engine stops reading its client.
-DEFAULT_INBOX_LIMIT = 1024 * 1024
-#: Bytes queued for a client past which a bot's send waits for them to drain to half.
-DEFAULT_SEND_BUFFER_LIMIT = 1024 * 1024
-#: Seconds a bot may run on after its client left before it is cancelled.
-DEFAULT_BOT_GRACE_PERIOD = 5.0
 
 # RFC 6455 §7.4: codes an endpoint may send (1004-1006 and 1015 are reserved for reporting).
 _SENDABLE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)})
@@ -116,6 +116,17 @@ def load_bot(spec: str) -> Bot:
         raise ConfigError(f"bot {spec!r} is not callable")
     bot: Bot = target
     return bot
+
+
+def bot_of(agent: AgentConfig) -> Bot | None:
+    """The agent's in-process bot as a callable (importing a ``"module:function"`` name), or
+    None. Raises :class:`ConfigError` naming the agent if the name cannot be imported."""
+    if agent.bot is None or not isinstance(agent.bot, str):
+        return agent.bot
+    try:
+        return load_bot(agent.bot)
+    except ConfigError as exc:
+        raise ConfigError(f"agent {agent.service_host!r}: {exc}") from None
 
 
 class SessionChannel:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from .errors import HttpError, WsgateError
+from .errors import HttpError, OpeningError
 
 __all__ = [
     "PROVIDERS",
@@ -77,22 +77,6 @@ def close_for(error: HttpError) -> tuple[int, str]:
     if error.status >= 500:
         return 1011, error.reason
     return 1008, error.reason
-
-
-class OpeningError(WsgateError):
-    """The client's opening cannot be accepted: close the WebSocket with ``code`` and ``reason``.
-
-    The reason goes to the client in a close frame (at most 123 bytes), so it is one fixed line
-    that never holds client data.
-    """
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.reason}"
 
 
 @dataclass(frozen=True)

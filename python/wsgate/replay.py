@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 import anyio
 import anyio.abc
 
-from .errors import ConfigError, WsgateError
+from .errors import ConfigError, ReplayStoreUnavailable
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
@@ -61,11 +61,6 @@ __all__ = [
 DEFAULT_MAX_ENTRIES = 1_000_000
 #: Prefix of the replay store's keys in Redis.
 KEY_PREFIX = "wsgate:nonce:"
-
-
-class ReplayStoreUnavailable(WsgateError):
-    """The replay store cannot answer (unreachable, timed out, full or refusing): a token
-    session must be refused with 503 rather than risk a replay."""
 
 
 class ReplayStore(Protocol):

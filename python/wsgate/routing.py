@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -23,6 +22,7 @@ from urllib.parse import unquote
 from . import _core
 from .config import AgentConfig
 from .errors import HttpError
+from .names import is_service_host
 from .providers import provider_of_path
 from .request import Request, is_token, split_list
 from .tokens import check_body
@@ -38,8 +38,6 @@ __all__ = [
 ]
 
 GENERIC_PATH = "/ws/generic"
-# SPEC §1: {agent}.{org}, each 1-63 of [a-z0-9-].
-_SERVICE_HOST = re.compile(r"[a-z0-9-]{1,63}\.[a-z0-9-]{1,63}")
 
 
 @dataclass(frozen=True)
@@ -233,7 +231,7 @@ def _checked_host(host: str | None, provider: str) -> str:
     if host is None:
         # Only Twilio gets here without a host: its start message named none.
         raise HttpError(400, "missing service host (customParameters._pipecatCloudServiceHost)")
-    if not _SERVICE_HOST.fullmatch(host):
+    if not is_service_host(host):
         raise HttpError(400, "malformed service host (expected {agent}.{org})")
     return host
 

@@ -31,18 +31,19 @@ agent's session takes no token, so nothing ties its later session to this answer
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from http import HTTPStatus
 from typing import Any
 
 from . import _core
+from .body import encode_body
 from .config import AgentConfig, OrgConfig
 from .errors import HttpError
+from .names import NAME
+from .responses import json_response
 from .tokens import TokenAuthority
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 #: Largest ``/start`` request body read; over it, 413 and the connection is cut off.
 MAX_REQUEST_BYTES = 64 * 1024
 #: ``/v1/public/{agent}/start``.
-START_PATH = re.compile(r"/v1/public/([a-z0-9-]{1,63})/start")
+START_PATH = re.compile(rf"/v1/public/({NAME.pattern})/start")
 _START_PREFIX = "/v1/public/"
 
 JSON = dict[str, Any]
@@ -72,15 +73,6 @@ def is_start_path(path: str) -> bool:
     in this service's JSON format.
     """
     return path.startswith(_START_PREFIX)
-
-
-def encode_body(body: Any) -> tuple[bytes, str]:
-    """A session body as compact JSON bytes and as the standard padded base64 that the
-    client appends as ``?body=`` (and the upstream bot decodes). Raises ``ValueError`` for a
-    value that JSON cannot hold (NaN, a set…)."""
-    document = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    data = document.encode()
-    return data, base64.b64encode(data).decode("ascii")
 
 
 def handle_start(
@@ -187,26 +179,8 @@ def request_body_length(headers: Sequence[tuple[str, str]]) -> int:
     return int(text)
 
 
-def render_response(status: int, document: JSON) -> bytes:
-    """The HTTP/1.1 response for :func:`handle_start`'s answer (``Connection: close``).
-
-    ``Cache-Control: no-store``: a 200 holds a bearer token (SPEC §5).
-    """
-    payload = json.dumps(document, separators=(",", ":")).encode()
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    lines = [
-        f"HTTP/1.1 {status} {phrase}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(payload)}",
-        "Cache-Control: no-store",
-        "Connection: close",
-    ]
-    if status == 405:
-        lines.append("Allow: POST")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + payload
+#: ``/start``'s HTTP response for :func:`handle_start`'s answer.
+render_response = json_response
 
 
 def _error(status: int, reason: str) -> tuple[int, JSON]:

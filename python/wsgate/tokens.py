@@ -35,9 +35,9 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from . import _core
-from .config import AgentConfig
+from .config import AgentConfig, Config
 from .errors import ConfigError, HttpError
-from .replay import MemoryReplayStore, ReplayStore, ReplayStoreUnavailable
+from .replay import MemoryReplayStore, ReplayStore, ReplayStoreUnavailable, open_replay_store
 from .request import Request
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "MintedToken",
     "TokenAuthority",
     "VerifiedToken",
+    "authority_for",
     "check_body",
     "load_secrets",
     "session_id_for",
@@ -301,3 +302,13 @@ class TokenAuthority:
     async def aclose(self) -> None:
         """Close the replay store."""
         await self.store.aclose()
+
+
+def authority_for(config: Config) -> TokenAuthority | None:
+    """The token authority the settings describe, if an agent uses token auth."""
+    if not any(agent.websocket_auth == "token" for agent in config.agents):
+        return None
+    settings = config.gateway
+    secrets = load_secrets(settings.secrets, secrets_file=settings.secrets_file)
+    store = open_replay_store(settings.replay_store)
+    return TokenAuthority(secrets, settings.token_ttl, store=store)

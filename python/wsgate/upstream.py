@@ -17,8 +17,9 @@ import anyio
 from . import _core
 from ._sockets import HeadTooLarge, read_head, send_all
 from .errors import HttpError
-from .handshake import BotHandshakeError, UpstreamURL, check_upstream_response, new_key
+from .handshake import BotHandshakeError, check_upstream_response, new_key
 from .handshake import upstream_request as build_upstream_request
+from .urls import UpstreamURL
 
 __all__ = ["BotConnection", "dial"]
 

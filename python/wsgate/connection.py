@@ -1,0 +1,198 @@
+"""One client connection's request, from its first byte to a session or a refusal.
+
+The path: read the request head (``handshake_timeout`` for the whole request, evictable while it
+is being sent: :class:`~wsgate.admission.PendingReads`) -> parse -> a health check, ``/start``
+(:mod:`wsgate.start`), ``/ws/twilio`` (answer the upgrade, read the opening, then route), or
+:func:`~wsgate.routing.route` -> :meth:`~wsgate.sessions.Sessions.admit`. Every refusal is
+answered here, in one place: an ``HttpError`` before the upgrade is a plain-text response, after
+it (Twilio) a close frame; nothing is started before every check has passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+from collections.abc import Callable, Mapping
+
+import anyio
+
+from . import _core
+from ._sockets import read_exactly, read_head, read_until, send_all, send_and_close
+from .admission import PendingReads, RateLimiter
+from .config import AgentConfig, Config
+from .errors import HeadTooLarge, HttpError, OpeningError
+from .handshake import close_frame, switching_protocols
+from .providers import Opening, OpeningReader, close_for
+from .request import Request, parse_request
+from .responses import json_response, plain_response
+from .routing import TokenCheck, precheck, route
+from .sessions import Opened, Sessions
+from .start import handle_start, is_start_path, request_body_length
+
+__all__ = ["HEALTH_PATHS", "Connections"]
+
+log = logging.getLogger("wsgate")
+
+HEALTH_PATHS = frozenset({"/livez", "/readyz"})
+
+
+class Connections:
+    """What every connection of one gateway shares: its settings and the places a request goes
+    (agents, the token check, sessions, limits). :meth:`handle` runs one connection."""
+
+    def __init__(
+        self,
+        config: Config,
+        agents: Mapping[str, AgentConfig],
+        check_token: TokenCheck,
+        sessions: Sessions,
+        pending: PendingReads,
+        *,
+        draining: Callable[[], bool],
+        public_url: Callable[[], str],
+    ) -> None:
+        self.config = config
+        #: The gateway's own mapping (registrations of in-process bots show here).
+        self.agents = agents
+        self.check_token = check_token
+        self.sessions = sessions
+        self.pending = pending
+        self._draining = draining
+        self._public_url = public_url
+        settings = config.gateway
+        # Per-client limits (off by default; docs/SECURITY.md).
+        rate, per_key = settings.client_request_rate, settings.start_rate_per_key
+        self._client_rate = RateLimiter(rate) if rate else None
+        self._key_rate = RateLimiter(per_key) if per_key else None
+
+    async def handle(self, sock: socket.socket, client: str) -> Opened | None:
+        """Run the client's request; returns the session it opened, or None if refused."""
+        # handshake_timeout covers the whole request: head, and a /start body.
+        deadline = anyio.current_time() + self.config.gateway.handshake_timeout
+        try:
+            received: tuple[bytes, bytes] | None = None
+            with self.pending.reading(deadline):
+                received = await read_head(sock, _core.MAX_HEADER_BYTES)
+            if received is None:
+                return None  # too slow, or evicted: dropped without an answer
+            return await self._request(sock, *received, deadline, client)
+        except HeadTooLarge:
+            await _respond(sock, 431, "request header fields too large")
+        except HttpError as exc:
+            # 5xx is the gateway's or the bot's trouble: worth an operator's attention.
+            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+            log.log(level, "refused with %d: %s", exc.status, exc.reason)
+            await _respond(sock, exc.status, exc.reason)
+        except (EOFError, OSError):
+            pass  # the client went away during its handshake
+        except Exception:
+            # A bug must cost this one connection, never the gateway's task group.
+            log.exception("unexpected error during an upgrade; connection dropped")
+            await _respond(sock, 500, "internal error")
+        return None
+
+    async def _request(
+        self, sock: socket.socket, head: bytes, pending: bytes, deadline: float, client: str
+    ) -> Opened | None:
+        request = parse_request(head)
+        if request.path in HEALTH_PATHS and request.method == "GET":
+            ready = request.path == "/livez" or not self._draining()
+            await _respond(sock, *((200, "ok") if ready else (503, "draining")))
+            return None
+        limited = self._client_rate is not None and not self._client_rate.allow(
+            client, anyio.current_time()
+        )
+        if is_start_path(request.path):
+            if limited:
+                await _respond_json(sock, 429, "Too many requests from this address")
+            else:
+                await self._start_service(sock, request, pending, deadline)
+            return None
+        if limited:
+            raise HttpError(429, "too many requests from this address")
+        if request.path == "/ws/twilio" or request.path.startswith("/ws/twilio/"):
+            return await self._twilio(sock, request, pending, client)
+        # Bad tokens and bodies the token does not bind are refused here (403, stateless: no
+        # replay store round trip).
+        target = route(request, self.agents, self.check_token)
+        return await self.sessions.admit(sock, pending, target, request, client, None)
+
+    async def _twilio(
+        self, sock: socket.socket, request: Request, pending: bytes, client: str
+    ) -> Opened | None:
+        """``/ws/twilio`` (SPEC §6b): answer the upgrade, read the stream's opening for its
+        service host, then route and admit as usual. Every refusal from here on is a close
+        frame (:func:`~wsgate.providers.close_for`); nothing is dialled before the route is
+        known."""
+        upgrade = precheck(request)  # what the request alone decides is still an HTTP answer
+        await send_all(sock, switching_protocols(upgrade.client_key, None))
+        reader = OpeningReader("twilio")
+        try:
+            opening: Opening | None = None
+            deadline = anyio.current_time() + self.config.gateway.handshake_timeout
+            # Still sending its request, in effect: evictable like a head being read.
+            with self.pending.reading(deadline):
+                opening = await read_until(sock, reader.feed, pending)
+            if opening is None:
+                raise OpeningError(1008, "no start message in time")
+            target = route(
+                request, self.agents, self.check_token, opening_host=opening.service_host
+            )
+            return await self.sessions.admit(sock, reader.raw, target, request, client, opening)
+        except OpeningError as exc:
+            log.debug("twilio opening refused with %d: %s", exc.code, exc.reason)
+            await _close(sock, exc.code, exc.reason)
+        except HttpError as exc:
+            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+            log.log(level, "twilio session refused with %d: %s", exc.status, exc.reason)
+            await _close(sock, *close_for(exc))
+        return None
+
+    async def _start_service(
+        self, sock: socket.socket, request: Request, pending: bytes, deadline: float
+    ) -> None:
+        """``POST /v1/public/{agent}/start`` (SPEC §5) on the same listener."""
+        try:
+            length = request_body_length(request.headers)
+        except HttpError as exc:
+            await _respond_json(sock, exc.status, exc.reason)
+            return
+        body: bytes | None = None
+        with self.pending.reading(deadline):
+            body = await read_exactly(sock, length, pending)
+        if body is None:
+            return  # too slow, or evicted: dropped like a slow upgrade request
+        sessions = self.sessions
+        status, document = handle_start(
+            request.method,
+            request.path,
+            request.headers,
+            body,
+            self.agents,
+            self.config.orgs,
+            sessions.authority,
+            lambda agent: sessions.count(agent.service_host) < agent.max_sessions,
+            key_rate_check=(
+                None
+                if self._key_rate is None
+                else functools.partial(self._key_rate.allow, now=anyio.current_time())
+            ),
+            public_url=self._public_url(),
+        )
+        await send_and_close(sock, json_response(status, document))
+
+
+async def _respond(sock: socket.socket, status: int, text: str) -> None:
+    """Answer with a plain-text response, then close."""
+    await send_and_close(sock, plain_response(status, text))
+
+
+async def _respond_json(sock: socket.socket, status: int, reason: str) -> None:
+    """Answer ``/start`` with its JSON error, then close."""
+    await send_and_close(sock, json_response(status, {"error": reason, "code": str(status)}))
+
+
+async def _close(sock: socket.socket, code: int, reason: str) -> None:
+    """Close an upgraded client with a close frame, then the connection."""
+    await send_and_close(sock, close_frame(code, reason))

@@ -1,0 +1,298 @@
+"""Sessions: capacity, and the one handover of a checked request to a running session.
+
+:meth:`Sessions.admit` takes a :class:`~wsgate.routing.Route` that passed every check of the
+request and: takes a place in the agent's capacity (503) and the client's (429), claims the
+token (403 replayed, 503 store down), dials the bot (502/504) or picks the builtin echo or the
+in-process bot, answers 101 (unless a Twilio opening was read after it), and hands the sockets to
+the Rust engine. Whatever fails gives back the place and the token. A session's end (its
+:class:`_core.Outcome`) is logged once, with the provider and call id where known, never a
+token, a body or a close reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import uuid
+from dataclasses import dataclass
+
+import anyio
+
+from . import _core
+from ._sockets import read_until, send_all
+from .config import AgentConfig, GatewaySettings
+from .errors import HttpError, OpeningError
+from .handshake import switching_protocols
+from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
+from .providers import Opening, OpeningReader
+from .relay import Relay, RelaySession
+from .request import Request
+from .routing import Route
+from .tokens import TokenAuthority, VerifiedToken
+from .upstream import dial
+
+__all__ = ["Opened", "Sessions", "log_outcome", "peek_opening"]
+
+log = logging.getLogger("wsgate")
+
+# How long the gateway waits for a Telnyx, Plivo or Exotel opening to learn the call's id; the
+# bot's first messages wait as long at most. Providers send it at once.
+_PEEK_TIME = 1.0
+
+
+@dataclass(slots=True)
+class Opened:
+    """A session handed to the engine, with what its end-of-session log line needs."""
+
+    relay: RelaySession
+    service_host: str
+    session_uuid: str
+    started: float
+    #: A telephony provider's opening (provider, call and stream ids), when one was read.
+    opening: Opening | None = None
+    #: For an in-process bot: the bot, its arguments and the session's channel.
+    bot: tuple[Bot, BotArguments, SessionChannel] | None = None
+    #: The client's address key (see :func:`~wsgate.admission.client_key`).
+    client: str = ""
+
+
+class Sessions:
+    """The sessions of one gateway: their capacity, their start, their end."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        relay: Relay,
+        bots: dict[str, Bot],
+        authority: TokenAuthority | None,
+        time_limit: float,
+    ) -> None:
+        self.settings = settings
+        self.relay = relay
+        #: In-process bots by service host (the gateway's own dict: registrations show here).
+        self.bots = bots
+        self.authority = authority
+        self.time_limit = time_limit
+        self._per_agent: dict[str, int] = {}
+        self._per_client: dict[str, int] = {}
+
+    def count(self, service_host: str | None = None) -> int:
+        """Sessions open or being opened (past routing): of one service host, or in all."""
+        if service_host is not None:
+            return self._per_agent.get(service_host, 0)
+        return sum(self._per_agent.values())
+
+    async def admit(
+        self,
+        sock: socket.socket,
+        pending: bytes,
+        target: Route,
+        request: Request,
+        client: str,
+        opening: Opening | None,
+    ) -> Opened:
+        """Capacity, the token's claim, then the start; on any failure the capacity and the
+        token are given back."""
+        self.reserve(target.agent, client)
+        try:
+            session_uuid = str(uuid.uuid4())
+            authority = self.authority
+            verified: VerifiedToken | None = None
+            if target.token is not None:
+                assert authority is not None  # routing checked the token with it
+                # Uses the token up; after the capacity check, so a 503 does not burn it.
+                verified = await authority.claim(target.token, target.service_host)
+                session_uuid = verified.session_id  # the sessionId /start returned
+            try:
+                opened = await self._start(sock, pending, target, session_uuid, request, opening)
+            except BaseException:
+                if authority is not None and verified is not None:
+                    # The session did not start: the client may retry with the same token.
+                    with anyio.CancelScope(shield=True):
+                        await authority.release(verified)
+                raise
+        except BaseException:
+            self.release(target.service_host, client)
+            raise
+        opened.client = client
+        return opened
+
+    async def _start(
+        self,
+        sock: socket.socket,
+        pending: bytes,
+        target: Route,
+        session_uuid: str,
+        request: Request,
+        opening: Opening | None,
+    ) -> Opened:
+        """Dial the bot (or pick the builtin or in-process bot), answer 101 unless the opening
+        was read after it already, and hand the client (and bot) sockets to the engine."""
+        settings = self.settings
+        session_id = self.relay.new_session_id()
+        answered = opening is not None
+        inprocess = self.bots.get(target.service_host)
+        upstream = None if inprocess is not None else target.agent.upstream_url
+        bot = None
+        if upstream is not None:
+            bot = await dial(
+                upstream,
+                session_uuid=session_uuid,
+                body_value=target.upstream_body,
+                # After a 101 already sent (Twilio), there is no subprotocol left to agree on.
+                subprotocols=() if answered else target.subprotocols,
+                timeout=settings.dial_timeout,
+            )
+        try:
+            if not answered:
+                chosen = None if bot is None else bot.subprotocol
+                await send_all(sock, switching_protocols(target.client_key, chosen))
+                if target.provider != "generic":
+                    opening, pending = await peek_opening(sock, pending, target.provider)
+            started = anyio.current_time()
+            where = (target.service_host, session_uuid, started, opening)
+            if inprocess is not None:
+                return self._attach_inprocess(
+                    sock, pending, target, request, inprocess, session_id, where
+                )
+            if bot is None:  # builtin echo
+                session = self.relay.start_echo(
+                    session_id, sock, pending, settings.max_message_size, self.time_limit
+                )
+            else:
+                session = self.relay.start_upstream(
+                    session_id,
+                    sock,
+                    bot.sock,
+                    pending,
+                    bot.pending,
+                    settings.max_message_size,
+                    self.time_limit,
+                )
+        finally:
+            if bot is not None:
+                bot.sock.close()  # no-op once detached
+        return Opened(session, *where)
+
+    def _attach_inprocess(
+        self,
+        sock: socket.socket,
+        pending: bytes,
+        target: Route,
+        request: Request,
+        bot: Bot,
+        session_id: int,
+        where: tuple[str, str, float, Opening | None],
+    ) -> Opened:
+        """Attach the client to the engine; the bot is called by _supervise."""
+        settings = self.settings
+        body = None if target.body_json is None else json.loads(target.body_json)
+        channel = SessionChannel(
+            self.relay.engine,
+            session_id,
+            inbox_limit=settings.inbox_limit,
+            send_buffer_limit=settings.send_buffer_limit,
+        )
+        websocket = InProcessWebSocket(
+            channel, headers=request.headers, query=request.query, path=request.path
+        )
+        session = self.relay.start_inprocess(
+            session_id,
+            sock,
+            pending,
+            settings.max_message_size,
+            channel,
+            inbox_limit=settings.inbox_limit,
+            send_buffer_limit=settings.send_buffer_limit,
+        )
+        arguments = BotArguments(where[1], websocket, body)
+        return Opened(session, *where, bot=(bot, arguments, channel))
+
+    async def supervise(self, opened: Opened) -> None:
+        """Run an in-process bot until its session ends (time limit included); log its end."""
+        session = opened.relay
+        assert opened.bot is not None
+        bot, arguments, channel = opened.bot
+        try:
+            outcome = await serve_bot(
+                bot,
+                arguments,
+                channel,
+                grace_period=self.settings.bot_grace_period,
+                time_limit=self.time_limit,
+            )
+        except BaseException:
+            session.close(1001, "gateway shutting down")
+            raise
+        finally:
+            self.release(opened.service_host, opened.client)
+        log_outcome(opened, outcome)
+
+    def reserve(self, agent: AgentConfig, client: str) -> None:
+        """Take a place in the agent's capacity (503) and the client's (429)."""
+        count = self._per_agent.get(agent.service_host, 0)
+        if count >= agent.max_sessions:
+            raise HttpError(503, "agent at capacity")
+        limit = self.settings.client_max_sessions
+        mine = self._per_client.get(client, 0)
+        if limit and mine >= limit:
+            raise HttpError(429, "too many sessions from this address")
+        self._per_agent[agent.service_host] = count + 1
+        self._per_client[client] = mine + 1
+
+    def release(self, service_host: str, client: str) -> None:
+        """Give back the places :meth:`reserve` took."""
+        for counts, key in ((self._per_agent, service_host), (self._per_client, client)):
+            count = counts[key] - 1
+            if count:
+                counts[key] = count
+            else:
+                del counts[key]
+
+    def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
+        """A relayed session ended (its outcome came through the doorbell): free its place."""
+        self.release(opened.service_host, opened.client)
+        log_outcome(opened, outcome)
+
+
+async def peek_opening(
+    sock: socket.socket, pending: bytes, provider: str
+) -> tuple[Opening | None, bytes]:
+    """Telnyx, Plivo, Exotel: read the opening messages that follow the upgrade, only to learn
+    the call's ids for the log. Whatever arrives (or not, within :data:`_PEEK_TIME`) is relayed
+    unchanged: these endpoints route from the URL and judge no payload, like the generic one."""
+    reader = OpeningReader(provider)
+    opening: Opening | None = None
+    try:
+        with anyio.move_on_after(_PEEK_TIME):
+            opening = await read_until(sock, reader.feed, pending)
+    except (OpeningError, EOFError):
+        pass  # not an opening we know (or the client left): the relay takes it from here
+    return opening, reader.raw
+
+
+def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
+    # Codes only: close reasons, bodies and tokens come from users and stay out of the log.
+    def code(close: tuple[int, str] | None) -> str:
+        return "-" if close is None else str(close[0])
+
+    call = opened.opening
+    via = "" if call is None else f" via {call.provider} call {call.call_id or '-'}"
+    log.info(
+        "session %d %s %s%s ended by %s (%s) after %.1f s; client close %s, bot close %s; "
+        "in %d msgs %d B, out %d msgs %d B",
+        outcome.session_id,
+        opened.service_host,
+        opened.session_uuid,
+        via,
+        outcome.ended_by,
+        outcome.detail,
+        anyio.current_time() - opened.started,
+        code(outcome.client_close),
+        code(outcome.bot_close),
+        outcome.messages_in,
+        outcome.bytes_in,
+        outcome.messages_out,
+        outcome.bytes_out,
+    )

@@ -1,0 +1,55 @@
+"""Bots' WebSocket URLs (an agent's ``upstream``): checked when settings are built, split into
+what the dial needs. Imports nothing of wsgate."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+__all__ = ["UpstreamURL", "parse_upstream_url"]
+
+# The request target sent to a bot: visible ASCII after the leading slash.
+_RESOURCE = re.compile(r"/[\x21-\x7e]*")
+
+
+@dataclass(frozen=True)
+class UpstreamURL:
+    """A bot's ``ws://`` URL, split into what the dial needs."""
+
+    url: str
+    host: str
+    port: int
+    #: Path and query of the upgrade request, e.g. ``/ws`` or ``/ws?room=a``.
+    resource: str
+
+    @property
+    def host_header(self) -> str:
+        """The ``Host`` header value: the host, bracketed if IPv6, with a non-default port."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == 80 else f"{host}:{self.port}"
+
+
+def parse_upstream_url(url: str) -> UpstreamURL:
+    """Check and split an upstream URL; raises ``ValueError`` with a reason for a config error."""
+    parts = urlsplit(url)
+    if parts.scheme == "wss":
+        raise ValueError("wss:// upstreams are not supported yet; use ws://")
+    if parts.scheme != "ws":
+        raise ValueError("must be a ws:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain user information")
+    if parts.fragment or url.endswith("#"):
+        raise ValueError("must not contain a fragment")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    resource = parts.path or "/"
+    if parts.query:
+        resource += "?" + parts.query
+    if not _RESOURCE.fullmatch(resource):
+        raise ValueError("has a path with characters that must be percent-encoded")
+    return UpstreamURL(url, parts.hostname, 80 if port is None else port, resource)
