@@ -11,9 +11,11 @@ What it does (details in benches/README.md, section "Relay load bench"):
      direct (no relay), nginx (generated from benches/nginx.conf.template), websocat, wsgate
      (skipped, with the reason, when `import wsgate._core` fails);
   3. idle memory: per target, RSS of the relay's processes with 0 and with N (2000) sessions;
-  4. saturation and telephony, interleaved: each round runs every target once, in an order
-     that rotates per round; the median over rounds is reported;
-  5. prints a table and the ratios to nginx and to direct; --json FILE keeps the raw figures.
+  4. saturation, telephony, Twilio-shaped telephony (/ws/twilio; wsgate also through
+     /ws/generic with the same bytes) and session opens, interleaved: each round runs every
+     target once, in an order that rotates per round; the median over rounds is reported;
+  5. prints tables and the ratios to nginx and to direct (and of wsgate's /ws/twilio to its
+     /ws/generic); --json FILE keeps the raw figures.
 
 Only the standard library is used; process figures come from /proc.
 """
@@ -247,6 +249,16 @@ class Target:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
+    @property
+    def twilio_url(self) -> str:
+        """Where a Twilio stream connects. The relays other than wsgate cannot read `start`:
+        they carry the path to the echo upstream, which answers on any path."""
+        return f"ws://127.0.0.1:{self.port}/ws/twilio"
+
+    def variants(self) -> list[tuple[str, str]]:
+        """(label, URL) of the Twilio-shaped runs: the same messages on every URL."""
+        return [(self.name, self.twilio_url)]
+
     def start(self) -> None:
         raise NotImplementedError
 
@@ -349,6 +361,9 @@ class Nginx(Target):
 class Websocat(Target):
     name = "websocat"
 
+    def variants(self) -> list[tuple[str, str]]:
+        return []  # not in the Twilio runs: with -b it turns Twilio's text messages into binary
+
     def start(self) -> None:
         import sysconfig
 
@@ -378,6 +393,11 @@ class Wsgate(Target):
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/generic/echo.bench"
+
+    def variants(self) -> list[tuple[str, str]]:
+        # /ws/twilio routes by the start message's service host; /ws/generic carries the same
+        # opening and media as ordinary messages (the generic session's cost, same bytes)
+        return [("wsgate /ws/generic", self.url), ("wsgate /ws/twilio", self.twilio_url)]
 
     def start(self) -> None:
         r = subprocess.run(
@@ -599,6 +619,55 @@ def telephony(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int) -> dict
     )
 
 
+def twilio(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, url: str) -> dict:
+    """The telephony run in Twilio's shape: each call sends `connected` and `start` right after
+    its upgrade, then a media message (160 B of μ-law, base64, in JSON) every interval."""
+    return run_json(
+        [
+            str(lg),
+            "twilio",
+            "--url",
+            url,
+            "--service-host",
+            "echo.bench",
+            "--conns",
+            str(a.twilio_calls),
+            "--interval-ms",
+            str(a.interval_ms),
+            "--seconds",
+            str(a.twilio_seconds),
+            "--warmup-ms",
+            str(a.warmup_ms),
+            "--pace-us",
+            str(a.pace_us),
+            *cpu_args(t, echo_pid),
+        ],
+        timeout=a.twilio_seconds + 120,
+    )
+
+
+def opens(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, url: str) -> dict:
+    """--opens sessions, --open-parallel at a time: upgrade, Twilio's opening, its echo, close."""
+    return run_json(
+        [
+            str(lg),
+            "opens",
+            "--url",
+            url,
+            "--service-host",
+            "echo.bench",
+            "--conns",
+            str(a.opens),
+            "--parallel",
+            str(a.open_parallel),
+            "--warmup-opens",
+            str(a.warmup_opens),
+            *cpu_args(t, echo_pid),
+        ],
+        timeout=600,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # report
 
@@ -685,6 +754,144 @@ def summarize(targets: list[Target], res: dict) -> dict:
     return s
 
 
+def summarize_twilio(tres: dict) -> dict:
+    """Medians over rounds of the Twilio-shaped runs and the opens, per (label, URL) variant."""
+    s: dict = {}
+
+    def per_msg(x: dict) -> float:
+        # as for telephony: each media message is relayed twice (to the bot and back)
+        if not x["received"] or "relay_cpu_s" not in x:
+            return float("nan")
+        return x["relay_cpu_s"] * 1e6 / (2 * x["received"])
+
+    for label, r in tres.items():
+        tw, op = r["twilio"], r["opens"]
+        quiet = min(tw, key=other_cpu) if tw else None
+        s[label] = {
+            "tw_p50_us": med([x["p50_us"] for x in tw]),
+            "tw_p99_us": med([x["p99_us"] for x in tw]),
+            "tw_p999_us": med([x["p999_us"] for x in tw]),
+            # the round with the least other work on the machine: a busy machine delays frames
+            # into batches, which lowers every relay's CPU per message, and makes the tails
+            "tw_quiet_p50_us": quietest(tw, "p50_us"),
+            "tw_quiet_p99_us": quietest(tw, "p99_us"),
+            "tw_quiet_cpu_us_per_msg": per_msg(quiet) if quiet else float("nan"),
+            "tw_quiet_others": quietest(tw, "others_cores"),
+            "tw_lost": sum(x["lost"] for x in tw) if tw else float("nan"),
+            "tw_late_sends": sum(x["late_sends"] for x in tw) if tw else float("nan"),
+            "tw_errors": sum(x["errors"] for x in tw) if tw else float("nan"),
+            "tw_msg_bytes": med([x["size"] for x in tw]),
+            "tw_cpu_us_per_msg": med([per_msg(x) for x in tw]),
+            "tw_relay_cpu_util": med(
+                [x["relay_cpu_s"] / x["seconds"] for x in tw if "relay_cpu_s" in x]
+            ),
+            "tw_other_cpu_util": med([other_cpu(x) for x in tw]),
+            "open_per_s": med([x["opens_per_s"] for x in op]),
+            "open_p50_us": med([x["p50_us"] for x in op]),
+            "open_p99_us": med([x["p99_us"] for x in op]),
+            # the relay's CPU from accept to close, per session
+            "open_cpu_us": med(
+                [
+                    x["relay_cpu_s"] * 1e6 / x["opened"]
+                    for x in op
+                    if x["opened"] and "relay_cpu_s" in x
+                ]
+            ),
+            "open_errors": sum(x["errors"] for x in op) if op else float("nan"),
+            "open_other_cpu_util": med([other_cpu(x) for x in op]),
+        }
+    return s
+
+
+def print_twilio_report(ts: dict, s: dict, a: argparse.Namespace) -> None:
+    names = list(ts)
+    if not names:
+        return
+    cols = [
+        ("media message bytes (JSON text)", "tw_msg_bytes", 0),
+        ("media p50 µs", "tw_p50_us", 0),
+        ("media p99 µs", "tw_p99_us", 0),
+        ("media p99.9 µs", "tw_p999_us", 0),
+        ("media p50 µs, quietest round", "tw_quiet_p50_us", 0),
+        ("media p99 µs, quietest round", "tw_quiet_p99_us", 0),
+        ("CPU µs per relayed media message, quietest round", "tw_quiet_cpu_us_per_msg", 2),
+        ("others' CPU in that round (cores)", "tw_quiet_others", 2),
+        ("media lost", "tw_lost", 0),
+        ("media late sends (generator starved)", "tw_late_sends", 0),
+        ("failed calls", "tw_errors", 0),
+        ("CPU µs per relayed media message", "tw_cpu_us_per_msg", 2),
+        ("relay CPU (cores)", "tw_relay_cpu_util", 2),
+        ("others' CPU during media (cores)", "tw_other_cpu_util", 2),
+        ("opens/s", "open_per_s", 0),
+        ("open p50 µs", "open_p50_us", 0),
+        ("open p99 µs", "open_p99_us", 0),
+        ("relay CPU µs per session (accept to close)", "open_cpu_us", 1),
+        ("failed opens", "open_errors", 0),
+        ("others' CPU during opens (cores)", "open_other_cpu_util", 2),
+    ]
+    print(
+        f"\nTwilio-shaped: {a.twilio_calls} calls x 1 media message / {a.interval_ms} ms, "
+        f"{a.twilio_seconds}s; opens: {a.opens} sessions, {a.open_parallel} at a time"
+    )
+    print("| metric | " + " | ".join(names) + " |")
+    print("| --- | " + " | ".join("---:" for _ in names) + " |")
+    for label, key, nd in cols:
+        cells = [fmt(ts[n].get(key, float("nan")), nd) for n in names]
+        if all(c == "-" for c in cells):
+            continue
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    tw, gen, ng = (ts.get(k) for k in ("wsgate /ws/twilio", "wsgate /ws/generic", "nginx"))
+    if not tw:
+        return
+    pairs = [("wsgate /ws/twilio ÷ /ws/generic", gen), ("wsgate /ws/twilio ÷ nginx", ng)]
+    pairs = [(lbl, b) for lbl, b in pairs if b]
+    rows = [
+        ("CPU per relayed media message", "tw_cpu_us_per_msg"),
+        ("media p50", "tw_p50_us"),
+        ("media p99", "tw_p99_us"),
+        ("CPU per relayed media message, quietest rounds", "tw_quiet_cpu_us_per_msg"),
+        ("media p50, quietest rounds", "tw_quiet_p50_us"),
+        ("media p99, quietest rounds", "tw_quiet_p99_us"),
+        ("open time p50", "open_p50_us"),
+        ("open time p99", "open_p99_us"),
+        ("relay CPU per session", "open_cpu_us"),
+    ]
+    print("\n| ratio | " + " | ".join(lbl for lbl, _ in pairs) + " |")
+    print("| --- | " + " | ".join("---:" for _ in pairs) + " |")
+    for label, key in rows:
+        print(f"| {label} | " + " | ".join(ratio(tw.get(key), b.get(key)) for _, b in pairs) + " |")
+    print(
+        "| 1 / opens per second | "
+        + " | ".join(ratio(b["open_per_s"], tw["open_per_s"]) for _, b in pairs)
+        + " |"
+    )
+    if gen:
+        print("\ntargets (wsgate /ws/twilio against a generic session, this run):")
+        for what, key in (
+            ("open time p50", "open_p50_us"),
+            ("relay CPU per session", "open_cpu_us"),
+        ):
+            r = tw[key] / gen[key] if gen[key] else float("nan")
+            if r != r:
+                continue  # the phase was not run
+            print(
+                f"- open, {what}: {r:.2f}x /ws/generic (target <= 2): "
+                f"{'met' if r <= 2 else 'missed'}"
+            )
+        r = tw["tw_cpu_us_per_msg"] / gen["tw_cpu_us_per_msg"]
+        if r == r:
+            print(
+                f"- CPU per relayed media message: {r:.2f}x /ws/generic with the same bytes "
+                f"(target: no dearer, within 10 %): {'met' if r <= 1.10 else 'missed'}"
+            )
+        tel = s.get("wsgate", {}).get("tel_cpu_us_per_msg", float("nan"))
+        if tel == tel and tw["tw_cpu_us_per_msg"] == tw["tw_cpu_us_per_msg"]:
+            print(
+                f"- CPU per relayed media message: {tw['tw_cpu_us_per_msg'] / tel:.2f}x the "
+                f"generic telephony phase's ({a.tel_size} B binary, {tel:.2f} µs)"
+            )
+
+
 def print_report(targets: list[Target], s: dict, a: argparse.Namespace, skipped: dict) -> None:
     names = [t.name for t in targets if t.name in s]
     cols = [
@@ -755,7 +962,9 @@ def main() -> int:
     ap.add_argument("--targets", default="direct,nginx,websocat,wsgate")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
-        "--phases", default="idle,sat,tel", help="any of idle (memory), sat, tel, comma-separated"
+        "--phases",
+        default="idle,sat,tel,twilio,open",
+        help="any of idle (memory), sat, tel, twilio (media), open, comma-separated",
     )
     ap.add_argument("--sat-seconds", type=float, default=10.0)
     ap.add_argument("--tel-seconds", type=float, default=15.0)
@@ -788,6 +997,11 @@ def main() -> int:
     ap.add_argument("--tel-size", type=int, default=320)
     ap.add_argument("--interval-ms", type=float, default=20.0)
     ap.add_argument("--idle-conns", type=int, default=2000)
+    ap.add_argument("--twilio-calls", type=int, default=500, help="twilio: concurrent calls")
+    ap.add_argument("--twilio-seconds", type=float, default=None, help="default: --tel-seconds")
+    ap.add_argument("--opens", type=int, default=2000, help="open: sessions per measurement")
+    ap.add_argument("--open-parallel", type=int, default=1, help="open: sessions at a time")
+    ap.add_argument("--warmup-opens", type=int, default=100, help="open: not counted")
     ap.add_argument(
         "--nginx-workers",
         type=int,
@@ -805,6 +1019,10 @@ def main() -> int:
         a.sat_seconds = 2.0
         a.tel_seconds = 3.0
         a.warmup_ms = 500
+        a.opens = 300
+        a.warmup_opens = 20
+    if a.twilio_seconds is None:
+        a.twilio_seconds = a.tel_seconds
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
@@ -825,7 +1043,7 @@ def main() -> int:
 
     want_t = [x.strip() for x in a.targets.split(",") if x.strip()]
     phases = {x.strip() for x in a.phases.split(",") if x.strip()}
-    if not phases <= {"idle", "sat", "tel"}:
+    if not phases <= {"idle", "sat", "tel", "twilio", "open"}:
         log(f"unknown phase in {a.phases}")
         return 2
     make = {
@@ -854,6 +1072,12 @@ def main() -> int:
         targets.append(t)
 
     res: dict = {t.name: {"saturate": [], "telephony": [], "note": t.note} for t in targets}
+    # Twilio-shaped media and opens, per variant (wsgate has two: /ws/twilio and /ws/generic)
+    tres: dict = {
+        label: {"twilio": [], "opens": [], "url": url}
+        for t in targets
+        for label, url in t.variants()
+    }
     try:
         if "idle" in phases:
             log(f"idle memory: {a.idle_conns} sessions per relay")
@@ -901,26 +1125,67 @@ def main() -> int:
                     f" others {other_cpu(r):.2f} cores, errors {r['errors']}"
                 )
                 time.sleep(1.0)
+            variants = [(t, label, url) for t in order for label, url in t.variants()]
+            if "twilio" in phases:
+                log(
+                    f"round {rnd + 1}/{a.rounds}: twilio {a.twilio_calls} calls x media"
+                    f" / {a.interval_ms} ms, {a.twilio_seconds}s each"
+                )
+            for t, label, url in variants if "twilio" in phases else []:
+                r = quiet_run(twilio, lg, t, a, echo.pid, url)
+                r["url"] = url
+                tres[label]["twilio"].append(r)
+                log(
+                    f"  {label}: p50 {r['p50_us']:.0f} p99 {r['p99_us']:.0f}"
+                    f" p99.9 {r['p999_us']:.0f} µs lost {r['lost']} late_sends {r['late_sends']}"
+                    f" relay_cpu {r.get('relay_cpu_s', '-')} received {r['received']}"
+                    f" others {other_cpu(r):.2f} cores, errors {r['errors']}"
+                    + (f" ({r['first_error']})" if r.get("first_error") else "")
+                )
+                time.sleep(1.0)
+            if "open" in phases:
+                log(
+                    f"round {rnd + 1}/{a.rounds}: opens, {a.opens} sessions"
+                    f" {a.open_parallel} at a time"
+                )
+            for t, label, url in variants if "open" in phases else []:
+                r = quiet_run(opens, lg, t, a, echo.pid, url)
+                r["url"] = url
+                tres[label]["opens"].append(r)
+                log(
+                    f"  {label}: {r['opens_per_s']:,.0f} opens/s p50 {r['p50_us']:.0f}"
+                    f" p99 {r['p99_us']:.0f} µs relay_cpu {r.get('relay_cpu_s', '-')}"
+                    f" others {other_cpu(r):.2f} cores, errors {r['errors']}"
+                    + (f" ({r['first_error']})" if r.get("first_error") else "")
+                )
+                time.sleep(1.0)
     finally:
         for t in targets:
             t.stop()
         stop_all()
 
     s = summarize(targets, res)
+    ts = summarize_twilio(tres) if phases & {"twilio", "open"} else {}
     print(
         f"\n## relay load bench: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
         f"rounds={a.rounds}, saturate {a.conns}x{a.inflight}x{a.size}B {a.sat_seconds}s, "
         f"telephony {a.tel_conns}x{a.tel_size}B/{a.interval_ms}ms {a.tel_seconds}s, "
-        f"idle {a.idle_conns}\n"
+        f"idle {a.idle_conns}, twilio {a.twilio_calls} calls {a.twilio_seconds}s, "
+        f"opens {a.opens} x{a.open_parallel}\n"
     )
     for t in targets:
         print(f"- {t.name}: {t.note}")
     print()
-    print_report(targets, s, a, skipped)
+    if phases & {"idle", "sat", "tel"}:
+        print_report(targets, s, a, skipped)
+    else:
+        for n, why in skipped.items():
+            print(f"skipped {n}: {why}")
+    print_twilio_report(ts, s, a)
     if a.json:
-        Path(a.json).write_text(
-            json.dumps({"args": vars(a), "raw": res, "summary": s, "skipped": skipped}, indent=1)
-        )
+        doc = {"args": vars(a), "raw": res, "summary": s, "skipped": skipped}
+        doc.update({"twilio_raw": tres, "twilio_summary": ts})
+        Path(a.json).write_text(json.dumps(doc, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -8,6 +8,8 @@
 //!   echo-server  an upstream that echoes every frame on /ws (any path is accepted)
 //!   saturate     N connections, each keeping K binary messages in flight; round trips/s
 //!   telephony    N connections, each sending one message every T ms; round-trip latency
+//!   twilio       telephony in Twilio's shape: `connected` and `start`, then JSON media messages
+//!   opens        N sessions opened (Twilio's opening, until its echo) and closed; time and CPU
 //!   idle         open N sessions, print "ready", hold them until stdin closes
 
 use std::collections::HashMap;
@@ -24,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const OP_CONT: u8 = 0;
+const OP_TEXT: u8 = 1;
 const OP_BIN: u8 = 2;
 const OP_CLOSE: u8 = 8;
 const OP_PING: u8 = 9;
@@ -240,18 +243,40 @@ async fn connect(url: &Url, seed: u64) -> Res<(TcpStream, Vec<u8>)> {
     }
 }
 
-/// Open `n` connections, at most `par` handshakes at a time.
-async fn connect_many(url: Arc<Url>, n: usize, par: usize) -> Vec<Res<(TcpStream, Vec<u8>)>> {
+/// Connect and upgrade, then send call `i`'s Twilio opening (`connected`, `start`) when given.
+async fn dial(
+    url: &Url,
+    i: usize,
+    seed: u64,
+    opening: Option<&Twilio>,
+) -> Res<(TcpStream, Vec<u8>)> {
+    let (mut s, extra) = connect(url, seed).await?;
+    if let Some(tw) = opening {
+        s.write_all(&tw.opening(i, &mut Rng::new(seed ^ 0x0be1)))
+            .await?;
+    }
+    Ok((s, extra))
+}
+
+/// Open `n` connections, at most `par` handshakes at a time; connection i sends `opening`'s
+/// messages for call i right after its upgrade.
+async fn connect_many(
+    url: Arc<Url>,
+    n: usize,
+    par: usize,
+    opening: Option<Arc<Twilio>>,
+) -> Vec<Res<(TcpStream, Vec<u8>)>> {
     let sem = Arc::new(tokio::sync::Semaphore::new(par.max(1)));
     let mut hs = Vec::with_capacity(n);
     for i in 0..n {
         let url = url.clone();
         let sem = sem.clone();
+        let opening = opening.clone();
         hs.push(tokio::spawn(async move {
             let _p = sem.acquire().await.unwrap();
             let mut last = None;
             for attempt in 0..3 {
-                match connect(&url, i as u64 * 7919 + attempt).await {
+                match dial(&url, i, i as u64 * 7919 + attempt, opening.as_deref()).await {
                     Ok(v) => return Ok(v),
                     Err(e) => {
                         last = Some(e);
@@ -267,6 +292,99 @@ async fn connect_many(url: Arc<Url>, n: usize, par: usize) -> Vec<Res<(TcpStream
         out.push(h.await.unwrap());
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Twilio's media streams: the messages of tests/telephony.py (opening_messages, media_message)
+
+/// 20 ms of 8 kHz μ-law silence: one inbound media message's audio, before base64.
+const MULAW_SILENCE: [u8; 160] = [0xff; 160];
+const TWILIO_ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+/// How an echoed media message starts, up to its sequence number's digits.
+const MEDIA_PREFIX: &[u8] = b"{\"event\":\"media\",\"sequenceNumber\":\"";
+const START_PREFIX: &[u8] = b"{\"event\":\"start\"";
+
+/// The calls of a Twilio-shaped run. Twilio's JSON has no room for a nanosecond timestamp, so
+/// the sender records when it sent each media message (`sent`, by call and message number) and
+/// the reader looks up the `sequenceNumber` of the echo.
+struct Twilio {
+    service_host: String,
+    interval_ms: f64,
+    payload: String,      // base64 of MULAW_SILENCE
+    streams: Vec<String>, // each call's streamSid
+    per_call: usize,      // media messages a call can send in the run
+    sent: Vec<AtomicU64>, // send time (now_ns) of message k of call i at i * per_call + k
+}
+
+impl Twilio {
+    fn new(service_host: &str, calls: usize, per_call: usize, interval_ms: f64) -> Self {
+        Twilio {
+            service_host: service_host.to_string(),
+            interval_ms,
+            payload: base64::engine::general_purpose::STANDARD.encode(MULAW_SILENCE),
+            streams: (0..calls).map(|i| Self::sid("MZ", i)).collect(),
+            per_call,
+            sent: (0..calls * per_call).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// An id in Twilio's format: two letters and 32 hex digits, distinct per call.
+    fn sid(prefix: &str, i: usize) -> String {
+        let mut r = Rng::new(i as u64 + 1);
+        format!("{prefix}{:016x}{:016x}", r.next(), r.next())
+    }
+
+    /// Call i's `connected` and `start` (the service host as a custom parameter), one masked
+    /// text frame each, in one buffer.
+    fn opening(&self, i: usize, rng: &mut Rng) -> Vec<u8> {
+        let stream = Self::sid("MZ", i);
+        let connected = r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#;
+        let start = format!(
+            "{{\"event\":\"start\",\"sequenceNumber\":\"1\",\"start\":{{\"accountSid\":\"{}\",\
+             \"streamSid\":\"{stream}\",\"callSid\":\"{}\",\"tracks\":[\"inbound\"],\
+             \"mediaFormat\":{{\"encoding\":\"audio/x-mulaw\",\"sampleRate\":8000,\"channels\":1}},\
+             \"customParameters\":{{\"_pipecatCloudServiceHost\":\"{}\"}}}},\"streamSid\":\"{stream}\"}}",
+            TWILIO_ACCOUNT,
+            Self::sid("CA", i),
+            self.service_host
+        );
+        let mut out = Vec::with_capacity(connected.len() + start.len() + 16);
+        push_client_frame(&mut out, OP_TEXT, connected.as_bytes(), rng);
+        push_client_frame(&mut out, OP_TEXT, start.as_bytes(), rng);
+        out
+    }
+
+    /// Media message k (from 0) of call i: sequenceNumber k + 2 (`start` is 1), chunk k + 1,
+    /// timestamp in ms since the stream began.
+    fn media(&self, out: &mut Vec<u8>, i: usize, k: u64) {
+        let ts = (k as f64 * self.interval_ms) as u64;
+        write!(
+            out,
+            "{{\"event\":\"media\",\"sequenceNumber\":\"{}\",\"media\":{{\"track\":\"inbound\",\
+             \"chunk\":\"{}\",\"timestamp\":\"{ts}\",\"payload\":\"{}\"}},\"streamSid\":\"{}\"}}",
+            k + 2,
+            k + 1,
+            self.payload,
+            self.streams[i]
+        )
+        .unwrap();
+    }
+
+    fn mark_sent(&self, i: usize, k: u64, ts: u64) {
+        if (k as usize) < self.per_call {
+            self.sent[i * self.per_call + k as usize].store(ts, Ordering::Release);
+        }
+    }
+
+    /// When call i sent the media message whose echo begins with `head`; None for anything
+    /// else (the echoes of `connected` and `start`).
+    fn sent_at(&self, i: usize, head: &[u8]) -> Option<u64> {
+        let rest = head.strip_prefix(MEDIA_PREFIX)?;
+        let end = rest.iter().position(|b| *b == b'"')?;
+        let seq: u64 = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
+        let k = seq.checked_sub(2)? as usize;
+        (k < self.per_call).then(|| self.sent[i * self.per_call + k].load(Ordering::Acquire))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,17 +493,21 @@ async fn echo_server(port: u16) -> Res<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// client side: a frame reader that reports whole messages (first 16 payload bytes + length)
+// client side: a frame reader that reports whole messages (first HEAD payload bytes + length)
+
+/// Bytes of each message kept for the caller: a timestamp (binary), or a Twilio media message
+/// up to its sequence number.
+const HEAD: usize = 48;
 
 struct MsgReader {
     buf: Vec<u8>,
-    head: [u8; 16],
+    head: [u8; HEAD],
     head_len: usize,
     in_msg: bool,
 }
 
 enum Ev {
-    Msg([u8; 16], usize),
+    Msg([u8; HEAD], usize),
     Ping(Vec<u8>),
     Close,
 }
@@ -396,7 +518,7 @@ impl MsgReader {
         buf.reserve(65536);
         MsgReader {
             buf,
-            head: [0; 16],
+            head: [0; HEAD],
             head_len: 0,
             in_msg: false,
         }
@@ -407,8 +529,8 @@ impl MsgReader {
         while let Some(f) = parse(&self.buf[pos..]) {
             let p0 = pos + f.hdr;
             let p1 = p0 + f.len;
-            let mut payload_small = [0u8; 16];
-            let take = f.len.min(16);
+            let mut payload_small = [0u8; HEAD];
+            let take = f.len.min(HEAD);
             payload_small[..take].copy_from_slice(&self.buf[p0..p0 + take]);
             if let Some(m) = f.mask {
                 // a server must not mask, but tolerate it
@@ -432,7 +554,7 @@ impl MsgReader {
                     } else if !self.in_msg {
                         return Err("continuation without a message".into());
                     }
-                    let room = 16 - self.head_len;
+                    let room = HEAD - self.head_len;
                     let t = take.min(room);
                     self.head[self.head_len..self.head_len + t]
                         .copy_from_slice(&payload_small[..t]);
@@ -508,7 +630,7 @@ fn sum_cpu(pids: &[u32]) -> f64 {
 async fn saturate(a: &Args) -> Res<()> {
     let url = Arc::new(parse_url(&a.url)?);
     let size = a.size.max(16);
-    let conns = connect_many(url, a.conns, 64).await;
+    let conns = connect_many(url, a.conns, 64, None).await;
     let mut streams = Vec::new();
     let mut errors = 0usize;
     let mut first_err = None;
@@ -712,18 +834,86 @@ async fn sat_conn(
 }
 
 // ---------------------------------------------------------------------------------------------
-// telephony
+// telephony (and twilio: the same pacing and measurement, Twilio's messages)
+
+/// What each telephony connection sends: binary messages that carry their send time and
+/// sequence number in their first 16 bytes, or a Twilio call's media messages.
+#[derive(Clone)]
+enum Shape {
+    Binary(usize),
+    Twilio(Arc<Twilio>),
+}
+
+impl Shape {
+    /// Append message k of call i, sent at `ts`, as one masked client frame; `scratch` is the
+    /// payload's buffer (the binary payload is filled once and keeps its tail).
+    fn frame(
+        &self,
+        out: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+        i: usize,
+        k: u64,
+        ts: u64,
+        rng: &mut Rng,
+    ) {
+        match self {
+            Shape::Binary(size) => {
+                scratch.resize(*size, 0x55);
+                scratch[..8].copy_from_slice(&ts.to_le_bytes());
+                scratch[8..16].copy_from_slice(&k.to_le_bytes());
+                push_client_frame(out, OP_BIN, scratch, rng);
+            }
+            Shape::Twilio(tw) => {
+                scratch.clear();
+                tw.media(scratch, i, k);
+                tw.mark_sent(i, k, ts);
+                push_client_frame(out, OP_TEXT, scratch, rng);
+            }
+        }
+    }
+
+    /// The send time of the message an echo of call i begins with (None: not a measured one).
+    fn sent_at(&self, i: usize, head: &[u8]) -> Option<u64> {
+        match self {
+            Shape::Binary(_) => Some(u64::from_le_bytes(head.get(..8)?.try_into().unwrap())),
+            Shape::Twilio(tw) => tw.sent_at(i, head),
+        }
+    }
+
+    /// Payload bytes of one message (Twilio's: a message from the middle of a 15 s call).
+    fn size(&self) -> usize {
+        match self {
+            Shape::Binary(size) => *size,
+            Shape::Twilio(tw) => {
+                let mut m = Vec::new();
+                tw.media(&mut m, 0, 375);
+                m.len()
+            }
+        }
+    }
+}
 
 async fn telephony(a: &Args) -> Res<()> {
     let url = Arc::new(parse_url(&a.url)?);
-    let size = a.size.max(16);
-    let conns = connect_many(url, a.conns, 64).await;
-    let mut streams = Vec::new();
+    let shape = if a.cmd == "twilio" {
+        // every message a call can send in the run, warm-up included, has its slot
+        let per_call = ((a.warmup_ms as f64 + a.seconds * 1000.0) / a.interval_ms) as usize + 64;
+        let tw = Twilio::new(&a.service_host, a.conns, per_call, a.interval_ms);
+        Shape::Twilio(Arc::new(tw))
+    } else {
+        Shape::Binary(a.size.max(16))
+    };
+    let opening = match &shape {
+        Shape::Twilio(tw) => Some(tw.clone()),
+        Shape::Binary(_) => None,
+    };
+    let conns = connect_many(url, a.conns, 64, opening).await;
+    let mut streams = Vec::new(); // (call, stream, bytes read past the 101)
     let mut errors = 0usize;
     let mut first_err = None;
-    for c in conns {
+    for (i, c) in conns.into_iter().enumerate() {
         match c {
-            Ok(v) => streams.push(v),
+            Ok((s, extra)) => streams.push((i, s, extra)),
             Err(e) => {
                 errors += 1;
                 first_err.get_or_insert(e.to_string());
@@ -768,21 +958,24 @@ async fn telephony(a: &Args) -> Res<()> {
     let pace = Duration::from_micros(a.pace_us);
     let mut writers = Vec::with_capacity(n);
     let mut hs = Vec::with_capacity(n);
-    for (s, extra) in streams {
+    for (i, s, extra) in streams {
         let std_s = s.into_std()?;
         let w = std_s.try_clone()?; // shares O_NONBLOCK with the reader's fd
-        writers.push(w);
+        writers.push((i, w));
         let s = TcpStream::from_std(std_s)?;
         hs.push(tokio::spawn(tel_reader(
             s,
             extra,
+            i,
+            shape.clone(),
             start,
             stop,
             stop + drain,
         )));
     }
+    let size = shape.size();
     let sender =
-        std::thread::spawn(move || tel_sender(writers, size, t0, interval, start, stop, pace));
+        std::thread::spawn(move || tel_sender(writers, shape, t0, interval, start, stop, pace));
     let mut lats: Vec<u32> = Vec::new();
     let mut recv_counted = 0u64;
     for h in hs {
@@ -814,10 +1007,11 @@ async fn telephony(a: &Args) -> Res<()> {
     });
     lats.sort_unstable();
     let mut o = format!(
-        "{{\"mode\":\"telephony\",\"conns\":{},\"size\":{},\"interval_ms\":{},\"seconds\":{:.3},\
+        "{{\"mode\":\"{}\",\"conns\":{},\"size\":{},\"interval_ms\":{},\"seconds\":{:.3},\
          \"sent\":{},\"received\":{},\"lost\":{},\"late_sends\":{},\"blocked_sends\":{},\
          \"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\
          \"errors\":{}",
+        a.cmd,
         a.conns,
         size,
         a.interval_ms,
@@ -860,10 +1054,11 @@ struct SenderStats {
     error: Option<String>,
 }
 
-/// The paced sender: one thread, a slot every interval/n, a nanosleep between slots.
+/// The paced sender: one thread, a slot every interval/n, a nanosleep between slots. `ws` holds
+/// each connection's call number and socket.
 fn tel_sender(
-    mut ws: Vec<std::net::TcpStream>,
-    size: usize,
+    mut ws: Vec<(usize, std::net::TcpStream)>,
+    shape: Shape,
     t0: Instant,
     interval: Duration,
     start: Instant,
@@ -880,7 +1075,7 @@ fn tel_sender(
     let start_ns = start.duration_since(*BASE.get().unwrap()).as_nanos() as u64;
     let stop_ns = stop.duration_since(*BASE.get().unwrap()).as_nanos() as u64;
     let mut rng = Rng::new(0x7e1e);
-    let mut payload = vec![0x55u8; size];
+    let mut payload = Vec::with_capacity(1024);
     let mut seq = vec![0u64; n];
     let mut pending: Vec<Vec<u8>> = vec![Vec::new(); n];
     let mut st = SenderStats {
@@ -889,7 +1084,7 @@ fn tel_sender(
         blocked: 0,
         error: None,
     };
-    let mut frame = Vec::with_capacity(size + 14);
+    let mut frame = Vec::with_capacity(1024);
     let mut j: u64 = 0;
     loop {
         let due = t0 + Duration::from_secs_f64(slot * j as f64);
@@ -907,11 +1102,9 @@ fn tel_sender(
         let i = (j % n as u64) as usize;
         j += 1;
         let ts = now_ns();
-        payload[..8].copy_from_slice(&ts.to_le_bytes());
-        payload[8..16].copy_from_slice(&seq[i].to_le_bytes());
-        seq[i] += 1;
         frame.clear();
-        push_client_frame(&mut frame, OP_BIN, &payload, &mut rng);
+        shape.frame(&mut frame, &mut payload, ws[i].0, seq[i], ts, &mut rng);
+        seq[i] += 1;
         if ts >= start_ns && ts < stop_ns {
             st.counted += 1; // the readers count the same window
         }
@@ -921,7 +1114,7 @@ fn tel_sender(
             st.blocked += 1;
         }
         buf.extend_from_slice(&frame);
-        let w = &mut ws[i];
+        let w = &mut ws[i].1;
         while !buf.is_empty() {
             match w.write(buf) {
                 Ok(k) => {
@@ -941,10 +1134,13 @@ fn tel_sender(
     st
 }
 
-/// Reads one connection's echoes: counts those sent in [start, stop) and their latency.
+/// Reads one connection's (call i's) echoes: counts those sent in [start, stop) and their
+/// latency.
 async fn tel_reader(
     mut r: TcpStream,
     extra: Vec<u8>,
+    i: usize,
+    shape: Shape,
     start: Instant,
     stop: Instant,
     end: Instant,
@@ -959,8 +1155,7 @@ async fn tel_reader(
     loop {
         rd.drain(|ev| match ev {
             Ev::Msg(h, hl) => {
-                if hl >= 8 {
-                    let t = u64::from_le_bytes(h[..8].try_into().unwrap());
+                if let Some(t) = shape.sent_at(i, &h[..hl]) {
                     if t >= start_ns && t < stop_ns {
                         received += 1;
                         lats.push(now_ns().saturating_sub(t).min(u32::MAX as u64) as u32);
@@ -994,11 +1189,169 @@ async fn tel_reader(
 }
 
 // ---------------------------------------------------------------------------------------------
+// opens
+
+/// `--conns` sessions, `--parallel` at a time, after `--warmup-opens` that are not counted. Each
+/// connects, upgrades, sends Twilio's `connected` and `start` and waits for the echo of `start`:
+/// its open time, the same bytes and the same wait on every endpoint (through /ws/twilio the
+/// bot is dialled after `start`, through /ws/generic before the 101). Then it closes (1000) and
+/// waits for the close to come back, so the relay's CPU over the window is what a session
+/// costs it from accept to close.
+async fn opens(a: &Args) -> Res<()> {
+    let url = Arc::new(parse_url(&a.url)?);
+    let tw = Arc::new(Twilio::new(&a.service_host, 0, 0, a.interval_ms));
+    let (_, werr, wfirst) = open_many(&url, &tw, 0, a.warmup_opens, a.parallel).await;
+    if werr == a.warmup_opens && werr > 0 {
+        return Err(format!("every warm-up open failed: {}", wfirst.unwrap_or_default()).into());
+    }
+    let (r0, u0, s0, m0) = (
+        sum_cpu(&a.relay_pids),
+        sum_cpu(&a.upstream_pids),
+        self_cpu(),
+        machine_cpu(),
+    );
+    let t0 = Instant::now();
+    let (mut lats, errors, first_err) =
+        open_many(&url, &tw, a.warmup_opens, a.conns, a.parallel).await;
+    let el = t0.elapsed().as_secs_f64();
+    let (r1, u1, s1, m1) = (
+        sum_cpu(&a.relay_pids),
+        sum_cpu(&a.upstream_pids),
+        self_cpu(),
+        machine_cpu(),
+    );
+    lats.sort_unstable();
+    let mut o = format!(
+        "{{\"mode\":\"opens\",\"opens\":{},\"parallel\":{},\"seconds\":{:.3},\"opened\":{},\
+         \"opens_per_s\":{:.1},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"max_us\":{:.1},\
+         \"errors\":{}",
+        a.conns,
+        a.parallel,
+        el,
+        lats.len(),
+        lats.len() as f64 / el,
+        percentile(&lats, 0.50) / 1000.0,
+        percentile(&lats, 0.90) / 1000.0,
+        percentile(&lats, 0.99) / 1000.0,
+        lats.last().map(|v| *v as f64).unwrap_or(f64::NAN) / 1000.0,
+        errors
+    );
+    if !a.relay_pids.is_empty() {
+        o += &format!(",\"relay_cpu_s\":{:.3}", r1 - r0);
+    }
+    if !a.upstream_pids.is_empty() {
+        o += &format!(",\"upstream_cpu_s\":{:.3}", u1 - u0);
+    }
+    o += &format!(
+        ",\"loadgen_cpu_s\":{:.3},\"machine_cpu_s\":{:.3}",
+        s1 - s0,
+        m1 - m0
+    );
+    if let Some(e) = first_err {
+        o += &format!(",\"first_error\":{:?}", e);
+    }
+    o += "}";
+    println!("{o}");
+    Ok(())
+}
+
+/// Calls `first..first + n`, opened and closed on `par` workers; (open times in ns, errors,
+/// the first error).
+async fn open_many(
+    url: &Arc<Url>,
+    tw: &Arc<Twilio>,
+    first: usize,
+    n: usize,
+    par: usize,
+) -> (Vec<u32>, usize, Option<String>) {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut hs = Vec::with_capacity(par);
+    for _ in 0..par.max(1) {
+        let (url, tw, next) = (url.clone(), tw.clone(), next.clone());
+        hs.push(tokio::spawn(async move {
+            let mut lats = Vec::new();
+            let mut errors = 0usize;
+            let mut first_err = None;
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if k >= n {
+                    break;
+                }
+                match open_one(&url, &tw, first + k).await {
+                    Ok(l) => lats.push(l),
+                    Err(e) => {
+                        errors += 1;
+                        first_err.get_or_insert(e.to_string());
+                    }
+                }
+            }
+            (lats, errors, first_err)
+        }));
+    }
+    let mut out = (Vec::with_capacity(n), 0, None);
+    for h in hs {
+        let (l, e, f) = h.await.unwrap();
+        out.0.extend(l);
+        out.1 += e;
+        if out.2.is_none() {
+            out.2 = f;
+        }
+    }
+    out
+}
+
+/// One session: open time (connect to the echo of `start`, in ns), then a polite close.
+async fn open_one(url: &Url, tw: &Twilio, i: usize) -> Res<u32> {
+    let t = now_ns();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut s, extra) = dial(url, i, i as u64 * 7919, Some(tw)).await?;
+    let mut rd = MsgReader::new(extra);
+    let mut tmp = vec![0u8; 4096];
+    let mut open_ns = None;
+    let mut closed = false;
+    let mut rng = Rng::new(i as u64 + 3);
+    let mut out = Vec::new();
+    loop {
+        rd.drain(|ev| match ev {
+            Ev::Msg(h, hl) => {
+                if open_ns.is_none() && h[..hl].starts_with(START_PREFIX) {
+                    open_ns = Some(now_ns() - t);
+                }
+            }
+            Ev::Ping(_) => {}
+            Ev::Close => closed = true,
+        })?;
+        if closed && open_ns.is_none() {
+            return Err("closed before the echo of start".into());
+        }
+        if closed {
+            break; // the server closed first: nothing left to wait for
+        }
+        if open_ns.is_some() && out.is_empty() {
+            push_client_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), &mut rng);
+            s.write_all(&out).await?;
+        }
+        let n = match tokio::time::timeout_at(deadline.into(), s.read(&mut tmp)).await {
+            Ok(r) => r?,
+            Err(_) => return Err("timed out".into()),
+        };
+        if n == 0 {
+            if open_ns.is_none() {
+                return Err("connection closed before the echo of start".into());
+            }
+            break;
+        }
+        rd.buf.extend_from_slice(&tmp[..n]);
+    }
+    Ok(open_ns.unwrap().min(u32::MAX as u64) as u32)
+}
+
+// ---------------------------------------------------------------------------------------------
 // idle
 
 async fn idle(a: &Args) -> Res<()> {
     let url = Arc::new(parse_url(&a.url)?);
-    let conns = connect_many(url, a.conns, a.parallel).await;
+    let conns = connect_many(url, a.conns, a.parallel, None).await;
     let mut open = 0usize;
     let mut failed = 0usize;
     let mut first_err = None;
@@ -1078,6 +1431,8 @@ struct Args {
     parallel: usize,
     pace_us: u64,
     write_each: bool,
+    service_host: String,
+    warmup_opens: usize,
     relay_pids: Vec<u32>,
     upstream_pids: Vec<u32>,
 }
@@ -1089,9 +1444,14 @@ fn usage() -> ! {
   loadgen saturate  --url U [--conns 32] [--inflight 8] [--size 256] [--seconds 10] [--warmup-ms 1000]
                     [--write batch|each] (batch: the replies of one read answered with one write)
   loadgen telephony --url U [--conns 500] [--size 320] [--interval-ms 20] [--seconds 10] [--warmup-ms 1000] [--drain-ms 1000] [--pace-us 100]
+  loadgen twilio    --url U [--service-host echo.bench] [telephony's options but --size]
+                    (each call sends Twilio's connected and start, then 160 B of μ-law per interval
+                    as JSON media messages)
+  loadgen opens     --url U [--conns 2000] [--parallel 64] [--warmup-opens 100] [--service-host echo.bench]
+                    (each session: upgrade, Twilio's connected and start, their echo, close)
   loadgen idle      --url U [--conns 2000] [--parallel 64]
 common: [--threads N] (runtime worker threads, default 1)
-        [--relay-pids P,P..] [--upstream-pids P,..] (saturate/telephony: CPU seconds of these
+        [--relay-pids P,P..] [--upstream-pids P,..] (all but idle: CPU seconds of these
         processes over the measured window, from /proc/PID/stat)"
     );
     std::process::exit(2)
@@ -1117,6 +1477,8 @@ fn parse_args() -> Args {
         parallel: 64,
         pace_us: 100,
         write_each: false,
+        service_host: "echo.bench".to_string(),
+        warmup_opens: 100,
         relay_pids: vec![],
         upstream_pids: vec![],
     };
@@ -1155,6 +1517,8 @@ fn parse_args() -> Args {
             }
             "pace-us" => a.pace_us = v.parse().unwrap_or_else(|_| usage()),
             "parallel" => a.parallel = v.parse().unwrap_or_else(|_| usage()),
+            "service-host" => a.service_host = v,
+            "warmup-opens" => a.warmup_opens = v.parse().unwrap_or_else(|_| usage()),
             "relay-pids" => a.relay_pids = pids(&v),
             "upstream-pids" => a.upstream_pids = pids(&v),
             _ => {
@@ -1168,11 +1532,11 @@ fn parse_args() -> Args {
             a.conns = if a.conns == 0 { 32 } else { a.conns };
             a.size = if a.size == 0 { 256 } else { a.size };
         }
-        "telephony" => {
+        "telephony" | "twilio" => {
             a.conns = if a.conns == 0 { 500 } else { a.conns };
             a.size = if a.size == 0 { 320 } else { a.size };
         }
-        "idle" => {
+        "idle" | "opens" => {
             a.conns = if a.conns == 0 { 2000 } else { a.conns };
         }
         "echo-server" => {}
@@ -1202,7 +1566,8 @@ fn main() {
         match a.cmd.as_str() {
             "echo-server" => echo_server(a.port).await,
             "saturate" => saturate(&a).await,
-            "telephony" => telephony(&a).await,
+            "telephony" | "twilio" => telephony(&a).await,
+            "opens" => opens(&a).await,
             "idle" => idle(&a).await,
             _ => unreachable!(),
         }
