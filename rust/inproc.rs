@@ -94,7 +94,11 @@ impl Handle {
             if st.closed {
                 return None;
             }
-            push_frame(&mut st.buf, if text { 0x81 } else { 0x82 }, data);
+            push_frame(
+                &mut st.buf,
+                if text { Opcode::TEXT } else { Opcode::BINARY },
+                data,
+            );
             let queued = st.buf.len() + st.writing;
             if queued > self.send_buffer_limit {
                 st.over = true;
@@ -125,19 +129,19 @@ impl Handle {
         self.out_wake.notify_one();
     }
 
-    fn queue_control(&self, first_byte: u8, payload: &[u8]) {
+    fn queue_pong(&self, payload: &[u8]) {
         let mut st = self.out();
         if !st.closed {
-            push_frame(&mut st.buf, first_byte, payload);
+            push_frame(&mut st.buf, Opcode::PONG, payload);
         }
         drop(st);
         self.out_wake.notify_one();
     }
 }
 
-fn push_frame(buf: &mut Vec<u8>, first_byte: u8, payload: &[u8]) {
+fn push_frame(buf: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
     let mut hb = [0u8; MAX_HEADER_LEN];
-    let n = write_header(&mut hb, first_byte, None, payload.len() as u64);
+    let n = write_header(&mut hb, true, opcode, None, payload.len() as u64);
     buf.extend_from_slice(&hb[..n]);
     buf.extend_from_slice(payload);
 }
@@ -219,8 +223,8 @@ impl Assembler {
                 apply_mask(&mut payload, key, 0);
                 r += total;
                 match h.opcode {
-                    Opcode::Ping => out.push(Inbound::Ping(payload)),
-                    Opcode::Close => {
+                    Opcode::PING => out.push(Inbound::Ping(payload)),
+                    Opcode::CLOSE => {
                         out.push(match parse_close(&payload) {
                             Ok(c) => Inbound::Close(c),
                             Err(v) => Inbound::Violation(v.close_code(), v.to_string()),
@@ -231,9 +235,9 @@ impl Assembler {
                 }
                 continue;
             }
-            if h.opcode != Opcode::Continuation {
+            if h.opcode != Opcode::CONTINUE {
                 self.msg.clear();
-                self.text = h.opcode == Opcode::Text;
+                self.text = h.opcode == Opcode::TEXT;
             }
             r += h.header_len;
             if h.len > 0 {
@@ -313,7 +317,7 @@ pub(crate) async fn run(
                             data: d,
                         });
                     }
-                    Inbound::Ping(p) => handle.queue_control(0x8A, &p),
+                    Inbound::Ping(p) => handle.queue_pong(&p),
                     Inbound::Close(c) => {
                         let c = c.unwrap_or((1005, String::new()));
                         o.end(EndedBy::Client, "client closed", &mut ended);
@@ -431,16 +435,16 @@ pub(crate) async fn run(
 mod tests {
     use super::*;
 
-    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-        crate::frame::encode_frame(first, payload, Some([7, 7, 9, 1]))
+    fn masked(fin: bool, opcode: Opcode, payload: &[u8]) -> Vec<u8> {
+        crate::frame::encode_frame(fin, opcode, payload, Some([7, 7, 9, 1]))
     }
 
     #[test]
     fn messages_split_anywhere_reassemble_whole() {
-        let mut wire = masked(0x01, b"hel");
-        wire.extend(masked(0x89, b"p"));
-        wire.extend(masked(0x80, "lo é".as_bytes()));
-        wire.extend(masked(0x82, &[0, 1, 2]));
+        let mut wire = masked(false, Opcode::TEXT, b"hel");
+        wire.extend(masked(true, Opcode::PING, b"p"));
+        wire.extend(masked(true, Opcode::CONTINUE, "lo é".as_bytes()));
+        wire.extend(masked(true, Opcode::BINARY, &[0, 1, 2]));
         for cut in 0..wire.len() {
             let mut asm = Assembler::new(100);
             let mut out = Vec::new();
@@ -465,11 +469,11 @@ mod tests {
     fn invalid_utf8_text_is_a_1007_and_oversize_a_1009() {
         let mut asm = Assembler::new(100);
         let mut out = Vec::new();
-        assert!(asm.feed(&mut masked(0x81, &[0xFF]), &mut out));
+        assert!(asm.feed(&mut masked(true, Opcode::TEXT, &[0xFF]), &mut out));
         assert!(matches!(out[0], Inbound::Violation(1007, _)));
         let mut asm = Assembler::new(2);
         let mut out = Vec::new();
-        asm.feed(&mut masked(0x82, b"abc"), &mut out);
+        asm.feed(&mut masked(true, Opcode::BINARY, b"abc"), &mut out);
         assert!(matches!(out[0], Inbound::Violation(1009, _)));
     }
 

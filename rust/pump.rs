@@ -373,7 +373,7 @@ impl<'a> Pump<'a> {
                     break;
                 }
                 let mut close = None;
-                if h.opcode == Opcode::Close {
+                if h.opcode == Opcode::CLOSE {
                     let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
                     let p = &mut payload[..h.len as usize];
                     p.copy_from_slice(&buf[r + h.header_len..r + total]);
@@ -388,7 +388,7 @@ impl<'a> Pump<'a> {
                         }
                     }
                 }
-                let key = self.rewrite_header(buf, r, w, &h);
+                let key = self.rewrite_header(buf, w, &h);
                 let (from, to) = (r + h.header_len, w + key.1);
                 if let Some(k) = key.0 {
                     apply_mask(&mut buf[from..r + total], k, 0);
@@ -403,7 +403,7 @@ impl<'a> Pump<'a> {
                     break;
                 }
             } else {
-                let (key, hn) = self.rewrite_header(buf, r, w, &h);
+                let (key, hn) = self.rewrite_header(buf, w, &h);
                 r += h.header_len;
                 w += hn;
                 if h.len == 0 {
@@ -426,18 +426,11 @@ impl<'a> Pump<'a> {
         event
     }
 
-    /// Writes the outgoing header for `h` (read at `r`) at `w`. Returns the key to XOR the
+    /// Writes the outgoing header for `h` at `w`. Returns the key to XOR the
     /// payload with and the new header's length (never longer than the old one).
-    fn rewrite_header(
-        &self,
-        buf: &mut [u8],
-        r: usize,
-        w: usize,
-        h: &Header,
-    ) -> (Option<[u8; 4]>, usize) {
-        let first = buf[r];
-        let (first, out_mask, key) = match (self.transform, h.mask) {
-            (Transform::Keep, _) => (first, None, None),
+    fn rewrite_header(&self, buf: &mut [u8], w: usize, h: &Header) -> (Option<[u8; 4]>, usize) {
+        let (opcode, out_mask, key) = match (self.transform, h.mask) {
+            (Transform::Keep, _) => (h.opcode, None, None),
             (Transform::Remask, Some(k)) => {
                 let ours: [u8; 4] = rand::random();
                 let both = [
@@ -446,20 +439,14 @@ impl<'a> Pump<'a> {
                     k[2] ^ ours[2],
                     k[3] ^ ours[3],
                 ];
-                (first, Some(ours), Some(both))
+                (h.opcode, Some(ours), Some(both))
             }
-            (Transform::Echo, k) => {
-                let first = if h.opcode == Opcode::Ping {
-                    (first & 0xF0) | 0x0A
-                } else {
-                    first
-                };
-                (first, None, k)
-            }
+            (Transform::Echo, k) if h.opcode == Opcode::PING => (Opcode::PONG, None, k),
+            (Transform::Echo, k) => (h.opcode, None, k),
             (Transform::Remask, None) => unreachable!("client frames are checked to be masked"),
         };
         let mut hb = [0u8; MAX_HEADER_LEN];
-        let hn = write_header(&mut hb, first, out_mask, h.len);
+        let hn = write_header(&mut hb, h.fin, opcode, out_mask, h.len);
         debug_assert!(hn <= h.header_len);
         buf[w..w + hn].copy_from_slice(&hb[..hn]);
         (key, hn)
