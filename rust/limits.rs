@@ -4,6 +4,8 @@
 //! repeated in Python. Each limit is pinned by a test below: changing one is a behaviour change
 //! (SPEC §2–§4), not a refactor.
 
+use std::time::Duration;
+
 /// Largest `?body=` JSON document, in bytes after base64 decoding (SPEC §4); larger is a 413.
 pub const MAX_BODY_BYTES: usize = 4096;
 
@@ -24,6 +26,14 @@ pub const TOKEN_TTL_SECONDS: u64 = 300;
 /// Largest payload of a WebSocket control frame, in bytes (RFC 6455 §5.5: "125 bytes or less").
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
 
+/// Bytes read from a socket at once. While the destination is slow, a pump holds at most this
+/// much and stops reading its source: backpressure reaches the sender through TCP.
+pub const READ_BUF: usize = 16 * 1024;
+
+/// How long a session may take to finish once one side closed (a close handshake, or the other
+/// side noticing), before the gateway drops both connections.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest session token accepted, in bytes; longer ones are refused as malformed before any
 /// decoding or MAC work. A minted token for the longest service host (127 bytes) is about 300.
 pub const MAX_TOKEN_BYTES: usize = 2048;
@@ -41,5 +51,7 @@ mod tests {
         assert_eq!(MAX_CONTROL_PAYLOAD, 125);
         assert_eq!(MAX_TOKEN_BYTES, 2048);
         assert_eq!(MAX_BODY_DEPTH, 64);
+        assert_eq!(READ_BUF, 16_384);
+        assert_eq!(CLOSE_TIMEOUT, Duration::from_secs(5));
     }
 }

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use crate::inproc::Delivery;
-use crate::{body, limits, relay, token};
+use crate::{body, engine, limits, session, token};
 
 pyo3::create_exception!(
     _core,
@@ -186,8 +186,8 @@ impl Outcome {
     }
 }
 
-impl From<relay::Outcome> for Outcome {
-    fn from(o: relay::Outcome) -> Self {
+impl From<session::Outcome> for Outcome {
+    fn from(o: session::Outcome) -> Self {
         Self {
             session_id: o.session_id,
             client_close: o.client_close,
@@ -223,10 +223,10 @@ impl Message {
     }
 }
 
-fn item_to_py(py: Python<'_>, item: relay::Item) -> PyResult<Py<PyAny>> {
+fn item_to_py(py: Python<'_>, item: engine::Item) -> PyResult<Py<PyAny>> {
     Ok(match item {
-        relay::Item::Outcome(o) => Py::new(py, Outcome::from(o))?.into_any(),
-        relay::Item::Message(m) => {
+        engine::Item::Outcome(o) => Py::new(py, Outcome::from(o))?.into_any(),
+        engine::Item::Message(m) => {
             let data = match m.data {
                 Delivery::Text(s) => Some(PyString::new(py, &s).into_any().unbind()),
                 Delivery::Binary(b) => Some(PyBytes::new(py, &b).into_any().unbind()),
@@ -247,7 +247,7 @@ fn item_to_py(py: Python<'_>, item: relay::Item) -> PyResult<Py<PyAny>> {
 /// The relay engine.
 #[pyclass(module = "wsgate._core", frozen)]
 struct Engine {
-    inner: std::sync::Mutex<relay::Engine>,
+    inner: std::sync::Mutex<engine::Engine>,
 }
 
 fn os_err(e: std::io::Error) -> PyErr {
@@ -283,7 +283,7 @@ fn check_limit(seconds: Option<f64>) -> PyResult<Option<std::time::Duration>> {
 }
 
 impl Engine {
-    fn engine(&self) -> std::sync::MutexGuard<'_, relay::Engine> {
+    fn engine(&self) -> std::sync::MutexGuard<'_, engine::Engine> {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -301,7 +301,7 @@ impl Engine {
             ));
         }
         let dpt = std::time::Duration::from_secs_f64(dead_peer_timeout);
-        let e = relay::Engine::new(threads, dpt).map_err(os_err)?;
+        let e = engine::Engine::new(threads, dpt).map_err(os_err)?;
         Ok(Self {
             inner: std::sync::Mutex::new(e),
         })
@@ -334,7 +334,7 @@ impl Engine {
                 bot,
                 client_pending.as_bytes().to_vec(),
                 bot_pending.as_bytes().to_vec(),
-                relay::Limits {
+                session::Limits {
                     max_message_size: max,
                     time_limit: limit,
                 },
@@ -359,7 +359,7 @@ impl Engine {
                 session_id,
                 client,
                 client_pending.as_bytes().to_vec(),
-                relay::Limits {
+                session::Limits {
                     max_message_size: max,
                     time_limit: limit,
                 },
@@ -415,10 +415,6 @@ impl Engine {
 
     fn consumed(&self, session_id: u64, nbytes: usize) {
         self.engine().consumed(session_id, nbytes);
-    }
-
-    fn active(&self) -> usize {
-        self.engine().active()
     }
 
     fn shutdown(&self, py: Python<'_>) {

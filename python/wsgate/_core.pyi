@@ -217,8 +217,5 @@ class Engine:
         """Take everything queued since the last call, in order (a session's messages before
         its outcome), and clear the doorbell."""
 
-    def active(self) -> int:
-        """Number of sessions the engine is relaying now."""
-
     def shutdown(self) -> None:
         """Drop every session at once (their sockets are closed) and stop the threads."""
