@@ -183,6 +183,8 @@ impl Forwarder {
                     break;
                 }
                 Frame::Incomplete => {
+                    // Exactly what is needed (at most 139 bytes), not a doubled capacity.
+                    self.carry.reserve_exact(n - r);
                     self.carry.extend_from_slice(&buf[r..]);
                     break;
                 }
