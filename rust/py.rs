@@ -48,45 +48,6 @@ fn body_error(py: Python<'_>, e: &body::BodyError) -> PyErr {
     err
 }
 
-/// Mints a token bound to `service_host`, valid until `exp` (Unix seconds), binding `body`.
-#[pyfunction]
-#[pyo3(signature = (secret, service_host, exp, nonce, body=None))]
-fn mint_token(
-    secret: &[u8],
-    service_host: &str,
-    exp: u64,
-    nonce: &str,
-    body: Option<&[u8]>,
-) -> PyResult<String> {
-    if secret.is_empty() {
-        return Err(PyValueError::new_err(
-            "the signing secret must not be empty",
-        ));
-    }
-    Ok(token::mint(secret, service_host, exp, nonce, body))
-}
-
-/// Verifies a token against every secret in turn: `(service_host, exp, nonce)` of a good one.
-#[pyfunction]
-fn verify_token(
-    py: Python<'_>,
-    secrets: Vec<Vec<u8>>,
-    token: &str,
-    service_host: &str,
-    now: u64,
-) -> PyResult<(String, u64, String)> {
-    let keys: Vec<&[u8]> = secrets
-        .iter()
-        .map(Vec::as_slice)
-        .filter(|k| !k.is_empty())
-        .collect();
-    let result = py.detach(|| token::verify(&keys, token, service_host, now));
-    match result {
-        Ok(c) => Ok((c.sh, c.exp, c.nonce)),
-        Err(e) => Err(TokenError::new_err(e.reason())),
-    }
-}
-
 /// A deployment's signing secrets, keyed once: the first signs, all verify.
 #[pyclass(module = "wsgate._core", frozen)]
 struct TokenKeys {
@@ -443,8 +404,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_body, m)?)?;
     m.add_function(wrap_pyfunction!(check_body_json, m)?)?;
     m.add("TokenError", m.py().get_type::<TokenError>())?;
-    m.add_function(wrap_pyfunction!(mint_token, m)?)?;
-    m.add_function(wrap_pyfunction!(verify_token, m)?)?;
     m.add_function(wrap_pyfunction!(new_nonce, m)?)?;
     m.add_class::<TokenKeys>()?;
     m.add_class::<TokenClaims>()?;

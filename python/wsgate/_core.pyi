@@ -22,9 +22,7 @@ __all__ = [
     "TokenKeys",
     "check_body_json",
     "decode_body",
-    "mint_token",
     "new_nonce",
-    "verify_token",
 ]
 
 #: Largest ``?body=`` JSON document, in bytes after base64 decoding (SPEC §4).
@@ -65,19 +63,6 @@ def check_body_json(document: bytes) -> None:
 class TokenError(ValueError):
     """A refused session token (HTTP 403). The message is a reason, never the token."""
 
-def mint_token(
-    secret: bytes, service_host: str, exp: int, nonce: str, body: bytes | None = None
-) -> str:
-    """Mint ``base64url(payload).base64url(HMAC-SHA256)`` bound to ``service_host`` until
-    ``exp`` (Unix seconds), and to ``body`` (a session body's JSON bytes; None: no body, and no
-    ``bd`` claim). ``secret`` must not be empty."""
-
-def verify_token(
-    secrets: list[bytes], token: str, service_host: str, now: int
-) -> tuple[str, int, str]:
-    """Verify a token (signature in constant time against each secret, then service host and
-    expiry): ``(service_host, exp, nonce)``. Raises :class:`TokenError`. Replay is the caller's
-    check: record the nonce."""
 
 @final
 class TokenKeys:
@@ -88,12 +73,16 @@ class TokenKeys:
         """Raises ``ValueError`` for an empty list or an empty secret."""
 
     def mint(self, service_host: str, exp: int, nonce: str, body: bytes | None = None) -> str:
-        """As :func:`mint_token`, with the first secret."""
+        """Mint ``base64url(payload).base64url(HMAC-SHA256)`` with the first secret, bound to
+        ``service_host`` until ``exp`` (Unix seconds), and to ``body`` (a session body's JSON
+        bytes; None: no body, and no ``bd`` claim)."""
 
     def verify(self, token: str, service_host: str, now: int) -> TokenClaims:
-        """As :func:`verify_token`, against every secret: the token's claims (the service host
-        is the one asked for). The body binding is checked apart, by
-        :meth:`TokenClaims.check_body`, once the request's ``?body=`` is decoded."""
+        """Verify a token (signature in constant time against every secret, then service host
+        and expiry): its claims (the service host is the one asked for). Raises
+        :class:`TokenError`. Replay is the caller's check: record the nonce. The body binding is
+        checked apart, by :meth:`TokenClaims.check_body`, once the request's ``?body=`` is
+        decoded."""
 
 @final
 class TokenClaims:
