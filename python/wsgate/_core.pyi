@@ -4,7 +4,7 @@ Private: users import :mod:`wsgate`. This stub is the whole typed surface betwee
 control plane and the Rust data plane; ``python -m mypy.stubtest wsgate._core`` keeps it honest.
 """
 
-from typing import final
+from typing import Literal, final
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -39,9 +39,12 @@ TOKEN_TTL_SECONDS: int
 MAX_TOKEN_BYTES: int
 
 class BodyError(ValueError):
-    """A ``?body=`` value that cannot be used; ``status`` is 400 or 413."""
+    """A ``?body=`` value that cannot be used. ``kind`` names the check that refused it (too
+    large, not base64, not a UTF-8 JSON document, nested too deep); which HTTP status that is,
+    the control plane decides (``wsgate.routing.body_error``). ``reason`` is one line that never
+    echoes the input."""
 
-    status: int
+    kind: Literal["too_large", "not_base64", "not_json", "too_deep"]
     reason: str
 
 def decode_body(raw: str) -> tuple[str, str]:
@@ -57,12 +60,10 @@ def decode_body(raw: str) -> tuple[str, str]:
 def check_body_json(document: bytes) -> None:
     """Check a body document's bytes exactly as :func:`decode_body` checks a decoded ``?body=``:
     at most :data:`MAX_BODY_BYTES`, UTF-8 JSON, nested at most :data:`MAX_BODY_DEPTH` levels.
-    Raises :class:`BodyError` (``status`` 413 or 400). ``/start`` uses it, so both refuse the
-    same documents."""
+    Raises :class:`BodyError`. ``/start`` uses it, so both refuse the same documents."""
 
 class TokenError(ValueError):
-    """A refused session token (HTTP 403). The message is a reason, never the token."""
-
+    """A refused session token. The message is a reason, never the token."""
 
 @final
 class TokenKeys:
@@ -99,7 +100,7 @@ class TokenClaims:
     def binds_body(self) -> bool: ...
     def check_body(self, body: bytes | None) -> None:
         """Check the upgrade's body (its JSON bytes; None without ``?body=``) against the one
-        this token binds. Raises :class:`TokenError` (403) when it is missing, not allowed, or
+        this token binds. Raises :class:`TokenError` when it is missing, not allowed, or
         different."""
 
 def new_nonce() -> str:

@@ -43,6 +43,7 @@ from typing import Any
 from . import _core
 from .config import AgentConfig, OrgConfig
 from .errors import HttpError
+from .routing import body_error
 from .tokens import TokenAuthority
 
 __all__ = [
@@ -146,7 +147,8 @@ def handle_start(
             # body that its session would then refuse.
             _core.check_body_json(document)
         except _core.BodyError as exc:
-            return _error(exc.status, exc.reason)
+            refused = body_error(exc)
+            return _error(refused.status, refused.reason)
         if agent.websocket_auth == "none":
             return _error(
                 400, "body is not taken for an agent without token auth: send it as ?body="
