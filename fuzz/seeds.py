@@ -81,6 +81,47 @@ FRAMES = {
     "truncated_header": b"\x03" + frame(0x82, bytes(300))[:5],
 }
 
+# session_stream: max_message_size as for frame_header, the direction (0 bot -> client, 1
+# client -> bot, 2 client -> echo), two cuts (byte * len / 256), then the stream.
+CLIENT_TRAFFIC = (
+    frame(0x01, b"he")
+    + frame(0x89, b"ping")
+    + frame(0x00, b"ll")
+    + frame(0x8A, b"")
+    + frame(0x80, "o é".encode())
+    + frame(0x82, bytes(range(256)) * 2)
+    + frame(0x81)
+)
+
+
+def session(limit: int, direction: int, cuts: tuple[int, int], stream: bytes) -> bytes:
+    return bytes([limit, direction, *cuts]) + stream
+
+
+SESSIONS = {
+    "client_to_bot": session(3, 1, (3, 200), CLIENT_TRAFFIC + close(1000, b"bye")),
+    "client_to_echo": session(3, 2, (1, 128), CLIENT_TRAFFIC + close(4000) + frame(0x81, b"late")),
+    "bot_to_client": session(
+        3,
+        0,
+        (2, 250),
+        frame(0x81, b"hi", masked=False)
+        + frame(0x02, bytes(300), masked=False)
+        + frame(0x89, b"", masked=False)
+        + frame(0x80, b"!", masked=False)
+        + frame(0x88, struct.pack(">H", 1001), masked=False),
+    ),
+    "header_cut_by_reads": session(3, 1, (1, 2), frame(0x82, bytes(300))),
+    "text_not_utf8": session(3, 1, (100, 100), frame(0x81, b"ok") + frame(0x81, b"\xff\xfe")),
+    "over_limit_in_fragments": session(
+        7, 1, (50, 60), frame(0x02, bytes(5)) + frame(0x80, bytes(5))
+    ),
+    "bad_close": session(3, 2, (0, 0), frame(0x81, b"a") + frame(0x88, b"\x03")),
+    "unmasked_client": session(3, 1, (0, 0), frame(0x81, b"a") + frame(0x81, b"b", masked=False)),
+    "masked_server": session(3, 0, (0, 0), frame(0x81, b"a")),
+    "stream_ends_mid_payload": session(4, 1, (128, 128), frame(0x82, bytes(300))[:100]),
+}
+
 # token_verify: the token verbatim, checked for my-agent.my-org at 1,800,000,000 against
 # fuzz-secret-new (signs) and fuzz-secret-old.
 NEW, OLD = b"fuzz-secret-new", b"fuzz-secret-old"
@@ -171,6 +212,7 @@ BODIES = {
 def main() -> None:
     corpora: dict[str, dict[str, bytes]] = {
         "frame_header": FRAMES,
+        "session_stream": SESSIONS,
         "token_verify": {k: v.encode() for k, v in TOKENS.items()},
         "token_claims": CLAIMS,
         "body_decode": {k: v.encode() for k, v in BODIES.items()},

@@ -9,15 +9,30 @@ pub const MAX_HEADER_LEN: usize = 14;
 /// RFC 6455 §5.5: "All control frames MUST have a payload length of 125 bytes or less".
 pub use crate::limits::MAX_CONTROL_PAYLOAD;
 
-/// A frame's opcode, as a typed tree rather than a raw nibble.
+/// A frame's opcode (RFC 6455 §5.2), as a typed tree rather than a raw nibble: data frames
+/// carry a message, control frames manage the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Opcode {
+    /// A frame of a text or binary message.
+    Data(Data),
+    /// A control frame: at most 125 bytes, never fragmented, may come between fragments.
+    Control(Control),
+}
+
+/// The opcodes of data frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Data {
     /// 0x0: the next fragment of a text or binary message.
-    Continuation,
+    Continue,
     /// 0x1: the first (or only) frame of a text message.
     Text,
     /// 0x2: the first (or only) frame of a binary message.
     Binary,
+}
+
+/// The opcodes of control frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
     /// 0x8: close.
     Close,
     /// 0x9: ping.
@@ -27,21 +42,46 @@ pub enum Opcode {
 }
 
 impl Opcode {
+    /// Close.
+    pub const CLOSE: Self = Self::Control(Control::Close);
+    /// Ping.
+    pub const PING: Self = Self::Control(Control::Ping);
+    /// Pong.
+    pub const PONG: Self = Self::Control(Control::Pong);
+    /// Continuation.
+    pub const CONTINUE: Self = Self::Data(Data::Continue);
+    /// Text.
+    pub const TEXT: Self = Self::Data(Data::Text);
+    /// Binary.
+    pub const BINARY: Self = Self::Data(Data::Binary);
+
     fn from_nibble(n: u8) -> Option<Self> {
         Some(match n {
-            0x0 => Self::Continuation,
-            0x1 => Self::Text,
-            0x2 => Self::Binary,
-            0x8 => Self::Close,
-            0x9 => Self::Ping,
-            0xA => Self::Pong,
+            0x0 => Self::CONTINUE,
+            0x1 => Self::TEXT,
+            0x2 => Self::BINARY,
+            0x8 => Self::CLOSE,
+            0x9 => Self::PING,
+            0xA => Self::PONG,
             _ => return None,
         })
     }
 
-    /// Close, ping and pong: at most 125 bytes, never fragmented, may come between fragments.
+    /// The 4-bit code on the wire.
+    pub fn nibble(self) -> u8 {
+        match self {
+            Self::Data(Data::Continue) => 0x0,
+            Self::Data(Data::Text) => 0x1,
+            Self::Data(Data::Binary) => 0x2,
+            Self::Control(Control::Close) => 0x8,
+            Self::Control(Control::Ping) => 0x9,
+            Self::Control(Control::Pong) => 0xA,
+        }
+    }
+
+    /// Close, ping and pong.
     pub fn is_control(self) -> bool {
-        matches!(self, Self::Close | Self::Ping | Self::Pong)
+        matches!(self, Self::Control(_))
     }
 }
 
@@ -105,6 +145,10 @@ pub enum Violation {
     /// A close payload of one byte, an invalid code or a reason that is not UTF-8.
     #[error("invalid close frame")]
     BadClose,
+    /// A text message that is not UTF-8 (RFC 6455 §8.1: the endpoint MUST fail the connection).
+    /// Judged only where messages are reassembled: a relay passes text through unread.
+    #[error("invalid UTF-8 in a text message")]
+    InvalidUtf8,
     /// A message over the size limit.
     #[error("message of {size} bytes over the {max}-byte limit")]
     TooBig {
@@ -116,10 +160,12 @@ pub enum Violation {
 }
 
 impl Violation {
-    /// The close code the violator gets: 1009 for size, 1002 for every protocol error.
+    /// The close code the violator gets: 1009 for size, 1007 for text that is not UTF-8, 1002
+    /// for every protocol error.
     pub fn close_code(&self) -> u16 {
         match self {
             Self::TooBig { .. } => 1009,
+            Self::InvalidUtf8 => 1007,
             _ => 1002,
         }
     }
@@ -207,14 +253,14 @@ impl MessageState {
     /// Returns whether the frame completes a data message.
     pub fn check(&mut self, h: &Header, max_message_size: u64) -> Result<bool, Violation> {
         match h.opcode {
-            Opcode::Close | Opcode::Ping | Opcode::Pong => return Ok(false),
-            Opcode::Continuation => {
+            Opcode::Control(_) => return Ok(false),
+            Opcode::Data(Data::Continue) => {
                 if !self.open {
                     return Err(Violation::UnexpectedContinuation);
                 }
                 self.size = self.size.saturating_add(h.len);
             }
-            Opcode::Text | Opcode::Binary => {
+            Opcode::Data(Data::Text | Data::Binary) => {
                 if self.open {
                     return Err(Violation::ExpectedContinuation);
                 }
@@ -251,8 +297,15 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
 }
 
 /// Writes a header into `out` and returns its length. `out` must hold [`MAX_HEADER_LEN`] bytes.
-pub fn write_header(out: &mut [u8], first_byte: u8, mask: Option<[u8; 4]>, len: u64) -> usize {
-    out[0] = first_byte;
+/// `fin`: the last frame of its message (always, for a control frame).
+pub fn write_header(
+    out: &mut [u8],
+    fin: bool,
+    opcode: Opcode,
+    mask: Option<[u8; 4]>,
+    len: u64,
+) -> usize {
+    out[0] = u8::from(fin) << 7 | opcode.nibble();
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
     let mut pos = if len < 126 {
         out[1] = mask_bit | len as u8;
@@ -306,14 +359,13 @@ pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
     let mut payload = Vec::with_capacity(2 + end);
     payload.extend_from_slice(&code.to_be_bytes());
     payload.extend_from_slice(&reason.as_bytes()[..end]);
-    encode_frame(0x88, &payload, mask)
+    encode_frame(true, Opcode::CLOSE, &payload, mask)
 }
 
-/// A whole frame: header (`first_byte` holds FIN, RSV and opcode) and `payload`, masked with
-/// `mask` when given.
-pub fn encode_frame(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+/// A whole frame: header and `payload`, masked with `mask` when given.
+pub fn encode_frame(fin: bool, opcode: Opcode, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     let mut out = vec![0u8; MAX_HEADER_LEN];
-    let n = write_header(&mut out, first_byte, mask, payload.len() as u64);
+    let n = write_header(&mut out, fin, opcode, mask, payload.len() as u64);
     out.truncate(n);
     let start = out.len();
     out.extend_from_slice(payload);
@@ -332,10 +384,10 @@ mod tests {
         for len in [0u64, 125, 126, 65535, 65536, 1 << 40] {
             for mask in [None, Some([1, 2, 3, 4])] {
                 let mut out = [0u8; MAX_HEADER_LEN];
-                let n = write_header(&mut out, 0x82, mask, len);
+                let n = write_header(&mut out, true, Opcode::BINARY, mask, len);
                 let h = parse_header(&out[..n], mask.is_some()).unwrap().unwrap();
                 assert_eq!((h.len, h.header_len, h.mask, h.fin), (len, n, mask, true));
-                assert_eq!(h.opcode, Opcode::Binary);
+                assert_eq!(h.opcode, Opcode::BINARY);
                 for cut in 0..n {
                     assert_eq!(parse_header(&out[..cut], mask.is_some()), Ok(None));
                 }
@@ -388,33 +440,33 @@ mod tests {
 
     #[test]
     fn fragmentation_rules_and_the_size_limit_are_tracked_per_message() {
-        let hdr = |first: u8, len: u64| {
+        let hdr = |fin: bool, opcode: Opcode, len: u64| {
             let mut out = [0u8; MAX_HEADER_LEN];
-            let n = write_header(&mut out, first, None, len);
+            let n = write_header(&mut out, fin, opcode, None, len);
             parse_header(&out[..n], false).unwrap().unwrap()
         };
         let mut m = MessageState::default();
         assert_eq!(
-            m.check(&hdr(0x00, 1), 10),
+            m.check(&hdr(false, Opcode::CONTINUE, 1), 10),
             Err(Violation::UnexpectedContinuation)
         );
-        assert_eq!(m.check(&hdr(0x01, 4), 10), Ok(false));
+        assert_eq!(m.check(&hdr(false, Opcode::TEXT, 4), 10), Ok(false));
         assert_eq!(
-            m.check(&hdr(0x89, 4), 10),
+            m.check(&hdr(true, Opcode::PING, 4), 10),
             Ok(false),
             "ping between fragments"
         );
         assert_eq!(
-            m.check(&hdr(0x02, 1), 10),
+            m.check(&hdr(false, Opcode::BINARY, 1), 10),
             Err(Violation::ExpectedContinuation)
         );
         let mut m = MessageState::default();
-        m.check(&hdr(0x01, 4), 10).unwrap();
-        assert_eq!(m.check(&hdr(0x80, 6), 10), Ok(true));
+        m.check(&hdr(false, Opcode::TEXT, 4), 10).unwrap();
+        assert_eq!(m.check(&hdr(true, Opcode::CONTINUE, 6), 10), Ok(true));
         let mut m = MessageState::default();
-        m.check(&hdr(0x02, 6), 10).unwrap();
+        m.check(&hdr(false, Opcode::BINARY, 6), 10).unwrap();
         assert_eq!(
-            m.check(&hdr(0x80, 5), 10),
+            m.check(&hdr(true, Opcode::CONTINUE, 5), 10),
             Err(Violation::TooBig { size: 11, max: 10 })
         );
         assert_eq!(Violation::TooBig { size: 11, max: 10 }.close_code(), 1009);
@@ -483,6 +535,6 @@ mod tests {
         let (code, reason) = parse_close(&p).unwrap().unwrap();
         assert_eq!(code, 1001);
         assert!(long.starts_with(&reason));
-        assert_eq!(encode_frame(0x88, &p, Some(key)), f);
+        assert_eq!(encode_frame(true, Opcode::CLOSE, &p, Some(key)), f);
     }
 }

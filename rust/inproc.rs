@@ -1,11 +1,11 @@
 //! Sessions served by an in-process Python bot: the engine speaks WebSocket with the client and
 //! Python sees whole messages.
 //!
-//! Inbound, frames are checked and reassembled here (text must be UTF-8: else 1007), pings are
-//! answered, and each whole message is queued for Python with the engine's other news, behind
-//! the same doorbell. Python tells the engine how much it has consumed; past `inbox_limit`
-//! undelivered bytes the session stops reading its client, so a bot that never reads costs a
-//! bounded amount of memory and the client meets TCP backpressure.
+//! Inbound, the session core's [`Assembler`] checks and reassembles frames (text must be UTF-8:
+//! else 1007), pings are answered, and each whole message is queued for Python with the engine's
+//! other news, behind the same doorbell. Python tells the engine how much it has consumed; past
+//! `inbox_limit` undelivered bytes the session stops reading its client, so a bot that never
+//! reads costs a bounded amount of memory and the client meets TCP backpressure.
 //!
 //! Outbound, Python's `send` frames the message into a per-session outbox and wakes the session
 //! task, which writes it. `send` returns the bytes queued; past `send_buffer_limit` Python waits
@@ -17,14 +17,11 @@ use std::sync::Mutex;
 
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
-use tokio::time::{sleep_until, Instant};
 
-use crate::frame::{
-    apply_mask, close_frame, parse_close, parse_header, write_header, MessageState, Opcode,
-    MAX_HEADER_LEN,
-};
-use crate::pump::READ_BUF;
-use crate::relay::{Command, EndedBy, Outcome, CLOSE_TIMEOUT};
+use crate::driver::{self, Command, Io};
+use crate::frame::{close_frame, write_header, Opcode, MAX_HEADER_LEN};
+use crate::limits::READ_BUF;
+use crate::session::{Action, Assembler, Inbound, Input, Kind, Outcome, Session, Side};
 
 /// What an in-process session tells Python, besides its outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +91,11 @@ impl Handle {
             if st.closed {
                 return None;
             }
-            push_frame(&mut st.buf, if text { 0x81 } else { 0x82 }, data);
+            push_frame(
+                &mut st.buf,
+                if text { Opcode::TEXT } else { Opcode::BINARY },
+                data,
+            );
             let queued = st.buf.len() + st.writing;
             if queued > self.send_buffer_limit {
                 st.over = true;
@@ -125,353 +126,235 @@ impl Handle {
         self.out_wake.notify_one();
     }
 
-    fn queue_control(&self, first_byte: u8, payload: &[u8]) {
+    fn queue_pong(&self, payload: &[u8]) {
         let mut st = self.out();
         if !st.closed {
-            push_frame(&mut st.buf, first_byte, payload);
+            push_frame(&mut st.buf, Opcode::PONG, payload);
         }
         drop(st);
         self.out_wake.notify_one();
     }
 }
 
-fn push_frame(buf: &mut Vec<u8>, first_byte: u8, payload: &[u8]) {
+fn push_frame(buf: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
     let mut hb = [0u8; MAX_HEADER_LEN];
-    let n = write_header(&mut hb, first_byte, None, payload.len() as u64);
+    let n = write_header(&mut hb, true, opcode, None, payload.len() as u64);
     buf.extend_from_slice(&hb[..n]);
     buf.extend_from_slice(payload);
 }
 
-/// What the client's bytes amounted to.
-#[derive(Debug, PartialEq, Eq)]
-enum Inbound {
-    Message(Delivery),
-    Ping(Vec<u8>),
-    Close(Option<(u16, String)>),
-    Violation(u16, String),
-}
-
-/// Reassembles client frames into messages, judging each header before its payload.
-struct Assembler {
-    max: u64,
-    state: MessageState,
-    msg: Vec<u8>,
-    text: bool,
-    /// The data frame whose payload is arriving: bytes left, key, key offset, FIN.
-    frame: Option<(u64, [u8; 4], usize, bool)>,
-}
-
-impl Assembler {
-    fn new(max: u64) -> Self {
-        Self {
-            max,
-            state: MessageState::default(),
-            msg: Vec::new(),
-            text: false,
-            frame: None,
-        }
-    }
-
-    /// Consumes what it can of `inbuf`; stops at a close or a violation.
-    fn feed(&mut self, inbuf: &mut Vec<u8>, out: &mut Vec<Inbound>) -> bool {
-        let mut r = 0;
-        let mut stop = false;
-        while !stop {
-            if let Some((left, key, offset, fin)) = &mut self.frame {
-                let take = (inbuf.len() - r).min(usize::try_from(*left).unwrap_or(usize::MAX));
-                if take == 0 {
-                    break;
-                }
-                let start = self.msg.len();
-                self.msg.extend_from_slice(&inbuf[r..r + take]);
-                apply_mask(&mut self.msg[start..], *key, *offset);
-                r += take;
-                *left -= take as u64;
-                *offset += take;
-                if *left == 0 {
-                    let fin = *fin;
-                    self.frame = None;
-                    if fin {
-                        stop = self.finish(out);
-                    }
-                }
-                continue;
-            }
-            let h = match parse_header(&inbuf[r..], true) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(v) => {
-                    out.push(Inbound::Violation(v.close_code(), v.to_string()));
-                    break;
-                }
-            };
-            if let Err(v) = self.state.check(&h, self.max) {
-                out.push(Inbound::Violation(v.close_code(), v.to_string()));
-                break;
-            }
-            let key = h.mask.unwrap_or_default();
-            if h.opcode.is_control() {
-                let total = h.header_len + h.len as usize;
-                if inbuf.len() - r < total {
-                    break;
-                }
-                let mut payload = inbuf[r + h.header_len..r + total].to_vec();
-                apply_mask(&mut payload, key, 0);
-                r += total;
-                match h.opcode {
-                    Opcode::Ping => out.push(Inbound::Ping(payload)),
-                    Opcode::Close => {
-                        out.push(match parse_close(&payload) {
-                            Ok(c) => Inbound::Close(c),
-                            Err(v) => Inbound::Violation(v.close_code(), v.to_string()),
-                        });
-                        stop = true;
-                    }
-                    _ => {} // an unsolicited pong needs no answer
-                }
-                continue;
-            }
-            if h.opcode != Opcode::Continuation {
-                self.msg.clear();
-                self.text = h.opcode == Opcode::Text;
-            }
-            r += h.header_len;
-            if h.len > 0 {
-                self.frame = Some((h.len, key, 0, h.fin));
-            } else if h.fin {
-                stop = self.finish(out);
-            }
-        }
-        inbuf.drain(..r);
-        stop
-    }
-
-    fn finish(&mut self, out: &mut Vec<Inbound>) -> bool {
-        let bytes = std::mem::take(&mut self.msg);
-        if !self.text {
-            out.push(Inbound::Message(Delivery::Binary(bytes)));
-            return false;
-        }
-        match String::from_utf8(bytes) {
-            Ok(s) => {
-                out.push(Inbound::Message(Delivery::Text(s)));
-                false
-            }
-            Err(_) => {
-                // RFC 6455 §8.1: an endpoint MUST fail the connection on invalid UTF-8 text.
-                out.push(Inbound::Violation(
-                    1007,
-                    "invalid UTF-8 in a text message".into(),
-                ));
-                true
-            }
-        }
-    }
-}
-
 /// Serves one client for an in-process bot until the session ends. `deliver` queues a message
 /// for Python (and rings the doorbell).
-pub(crate) async fn run(
+pub async fn run(
     id: u64,
     client: &TcpStream,
     pending: Vec<u8>,
     max_message_size: u64,
     handle: &Handle,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    deliver: impl Fn(Message),
+    commands: mpsc::UnboundedReceiver<Command>,
+    deliver: impl Fn(Message) + Send + Sync,
 ) -> Outcome {
-    let mut o = Outcome::new(id);
-    let mut ended = false;
-    let mut asm = Assembler::new(max_message_size);
-    let mut inbuf = pending;
-    let mut events = Vec::new();
-    let mut reading = true;
-    let mut client_closed = false;
-    let mut out: Vec<u8> = Vec::new();
-    let mut out_pos = 0;
-    let mut deadline: Option<Instant> = None;
-    let mut commands_open = true;
-    loop {
+    let peer = Peer {
+        id,
+        client,
+        handle,
+        deliver,
+        asm: Assembler::new(max_message_size),
+        inbuf: pending,
+        inbound: Vec::new(),
+        reading: true,
+        client_closed: false,
+        out: Vec::new(),
+        out_pos: 0,
+        shutdown: false,
+        done: false,
+        messages: 0,
+        bytes: 0,
+    };
+    let outcome = driver::run(Session::new(id, Kind::InProcess), peer, None, commands).await;
+    handle.out().closed = true;
+    outcome
+}
+
+/// The client's socket and the session's side of the [`Handle`].
+struct Peer<'a, D> {
+    id: u64,
+    client: &'a TcpStream,
+    handle: &'a Handle,
+    deliver: D,
+    asm: Assembler,
+    inbuf: Vec<u8>,
+    inbound: Vec<Inbound>,
+    /// The client's stream goes on (no close, no broken rule yet).
+    reading: bool,
+    client_closed: bool,
+    /// What is being written: taken from the outbox whole.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// End the connection once our close is written.
+    shutdown: bool,
+    done: bool,
+    messages: u64,
+    bytes: u64,
+}
+
+impl<D: Fn(Message)> Peer<'_, D> {
+    /// Delivers what has arrived; returns the close or broken rule that ended the stream.
+    fn judge(&mut self) -> Option<Input> {
+        if self.asm.feed(&mut self.inbuf, &mut self.inbound) {
+            self.reading = false;
+        }
+        let mut inbound = std::mem::take(&mut self.inbound);
+        let mut last = None;
+        for ev in inbound.drain(..) {
+            match ev {
+                Inbound::Text(s) => self.deliver(Delivery::Text(s)),
+                Inbound::Binary(b) => self.deliver(Delivery::Binary(b)),
+                Inbound::Ping(p) => self.handle.queue_pong(&p),
+                Inbound::Close(c) => {
+                    self.client_closed = true;
+                    self.inbuf = Vec::new();
+                    last = Some(Input::Close(Side::Client, c));
+                }
+                Inbound::Violation(v) => {
+                    self.inbuf = Vec::new();
+                    last = Some(Input::Violation(Side::Client, v));
+                }
+            }
+        }
+        self.inbound = inbound;
+        last
+    }
+
+    fn deliver(&mut self, data: Delivery) {
+        let n = match &data {
+            Delivery::Text(s) => s.len(),
+            Delivery::Binary(b) => b.len(),
+            Delivery::Drained => 0,
+        };
+        self.messages += 1;
+        self.bytes += n as u64;
+        self.handle.undelivered.fetch_add(n, Ordering::AcqRel);
+        (self.deliver)(Message {
+            session_id: self.id,
+            data,
+        });
+    }
+
+    /// Takes the outbox once what was taken before is written. Returns false once the session
+    /// is over: our close is out and the client's came (or it broke a rule).
+    fn refill(&mut self) -> bool {
+        if self.out_pos < self.out.len() {
+            return true;
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        let mut st = self.handle.out();
+        st.writing = 0;
+        if st.over && st.buf.len() <= self.handle.send_buffer_limit / 2 {
+            st.over = false;
+            (self.deliver)(Message {
+                session_id: self.id,
+                data: Delivery::Drained,
+            });
+        }
+        if !st.buf.is_empty() {
+            std::mem::swap(&mut self.out, &mut st.buf);
+            st.writing = self.out.len();
+        } else if st.closed && self.shutdown {
+            drop(st);
+            let _ = socket2::SockRef::from(self.client).shutdown(std::net::Shutdown::Write);
+            return false;
+        }
+        true
+    }
+}
+
+impl<D: Fn(Message) + Send + Sync> Io for Peer<'_, D> {
+    fn live(&self) -> bool {
+        !self.done
+    }
+
+    async fn step(&mut self) -> Option<Input> {
         // Judge what has arrived before waiting for more.
-        if reading && !inbuf.is_empty() {
-            if asm.feed(&mut inbuf, &mut events) {
-                reading = false;
-            }
-            for ev in events.drain(..) {
-                match ev {
-                    Inbound::Message(d) => {
-                        let n = match &d {
-                            Delivery::Text(s) => s.len(),
-                            Delivery::Binary(b) => b.len(),
-                            Delivery::Drained => 0,
-                        };
-                        o.messages_in += 1;
-                        o.bytes_in += n as u64;
-                        handle.undelivered.fetch_add(n, Ordering::AcqRel);
-                        deliver(Message {
-                            session_id: id,
-                            data: d,
-                        });
-                    }
-                    Inbound::Ping(p) => handle.queue_control(0x8A, &p),
-                    Inbound::Close(c) => {
-                        let c = c.unwrap_or((1005, String::new()));
-                        o.end(EndedBy::Client, "client closed", &mut ended);
-                        // Reply with the client's code: Python's bot gets a disconnect.
-                        let reply = if c.0 == 1005 { 1000 } else { c.0 };
-                        if !handle.out().closed {
-                            o.bot_close = Some((reply, String::new()));
-                        }
-                        handle.queue_close(reply, "");
-                        o.client_close = Some(c);
-                        client_closed = true;
-                        inbuf = Vec::new();
-                    }
-                    Inbound::Violation(code, reason) => {
-                        o.end(EndedBy::Gateway, format!("client: {reason}"), &mut ended);
-                        o.bot_close = Some((code, reason.clone()));
-                        handle.queue_close(code, &reason);
-                        inbuf = Vec::new();
-                    }
-                }
+        if self.reading && !self.inbuf.is_empty() {
+            if let Some(input) = self.judge() {
+                return Some(input);
             }
         }
-        if out_pos == out.len() {
-            out.clear();
-            out_pos = 0;
-            let mut st = handle.out();
-            st.writing = 0;
-            if st.over && st.buf.len() <= handle.send_buffer_limit / 2 {
-                st.over = false;
-                deliver(Message {
-                    session_id: id,
-                    data: Delivery::Drained,
-                });
-            }
-            if !st.buf.is_empty() {
-                std::mem::swap(&mut out, &mut st.buf);
-                st.writing = out.len();
-            } else if st.closed && (client_closed || !reading) {
-                // Our close is written and the client's came (or it broke the protocol).
-                drop(st);
-                let _ = socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write);
-                break;
-            }
+        if !self.refill() {
+            self.done = true;
+            return None;
         }
-        if ended && deadline.is_none() {
-            deadline = Some(Instant::now() + CLOSE_TIMEOUT);
-        }
+        let (client, handle) = (self.client, self.handle);
         let has_credit = handle.undelivered.load(Ordering::Acquire) < handle.inbox_limit;
+        let gone = Some(Input::Gone(Side::Client));
         tokio::select! {
-            r = client.readable(), if reading && has_credit => {
+            r = client.readable(), if self.reading && has_credit => {
                 if r.is_err() {
-                    o.end(EndedBy::Client, "client gone", &mut ended);
-                    break;
+                    return gone;
                 }
-                inbuf.reserve(READ_BUF);
-                match client.try_read_buf(&mut inbuf) {
-                    Ok(0) => {
-                        o.end(EndedBy::Client, "client gone", &mut ended);
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        o.end(EndedBy::Client, "client gone", &mut ended);
-                        break;
-                    }
+                self.inbuf.reserve(READ_BUF);
+                match client.try_read_buf(&mut self.inbuf) {
+                    Ok(0) => gone,
+                    Ok(_) => None,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+                    Err(_) => gone,
                 }
             }
-            r = client.readable(), if !reading && !client_closed => {
+            r = client.readable(), if !self.reading && !self.client_closed => {
                 // After our close: read and drop until the client's close reply or EOF.
                 let mut sink = Vec::with_capacity(READ_BUF);
                 match r.and_then(|()| client.try_read_buf(&mut sink)) {
-                    Ok(0) => break,
-                    Err(e) if e.kind() != ErrorKind::WouldBlock => break,
-                    _ => {}
+                    Ok(0) => gone,
+                    Err(e) if e.kind() != ErrorKind::WouldBlock => gone,
+                    _ => None,
                 }
             }
-            _ = handle.credit_wake.notified(), if reading && !has_credit => {}
-            _ = handle.out_wake.notified(), if out_pos == out.len() => {}
-            w = client.writable(), if out_pos < out.len() => {
+            _ = handle.credit_wake.notified(), if self.reading && !has_credit => None,
+            _ = handle.out_wake.notified(), if self.out_pos == self.out.len() => None,
+            w = client.writable(), if self.out_pos < self.out.len() => {
                 if w.is_err() {
-                    o.end(EndedBy::Client, "client gone", &mut ended);
-                    break;
+                    return gone;
                 }
-                match client.try_write(&out[out_pos..]) {
-                    Ok(n) => out_pos += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        o.end(EndedBy::Client, "client gone", &mut ended);
-                        break;
+                match client.try_write(&self.out[self.out_pos..]) {
+                    Ok(n) => {
+                        self.out_pos += n;
+                        None
                     }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+                    Err(_) => gone,
                 }
-            }
-            cmd = commands.recv(), if commands_open => match cmd {
-                Some(Command::Close(code, reason)) => {
-                    o.end(EndedBy::Gateway, reason.clone(), &mut ended);
-                    if !handle.out().closed {
-                        o.bot_close = Some((code, reason.clone()));
-                    }
-                    handle.queue_close(code, &reason);
-                }
-                None => commands_open = false,
-            },
-            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                o.end(EndedBy::Gateway, "close timeout", &mut ended);
-                break;
             }
         }
     }
-    handle.out().closed = true;
-    o
+
+    fn apply(&mut self, action: Action) {
+        match action {
+            Action::Close {
+                code,
+                reason,
+                then_shutdown,
+                ..
+            } => {
+                self.handle.queue_close(code, &reason);
+                self.shutdown |= then_shutdown;
+            }
+            Action::Shutdown(_) => self.shutdown = true,
+            // The core abandons only a relayed bot.
+            Action::Abandon(_) | Action::Drop => {}
+        }
+    }
+
+    fn count(&self, o: &mut Outcome) {
+        o.messages_in = self.messages;
+        o.bytes_in = self.bytes;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-        crate::frame::encode_frame(first, payload, Some([7, 7, 9, 1]))
-    }
-
-    #[test]
-    fn messages_split_anywhere_reassemble_whole() {
-        let mut wire = masked(0x01, b"hel");
-        wire.extend(masked(0x89, b"p"));
-        wire.extend(masked(0x80, "lo é".as_bytes()));
-        wire.extend(masked(0x82, &[0, 1, 2]));
-        for cut in 0..wire.len() {
-            let mut asm = Assembler::new(100);
-            let mut out = Vec::new();
-            let mut inbuf = wire[..cut].to_vec();
-            asm.feed(&mut inbuf, &mut out);
-            inbuf.extend_from_slice(&wire[cut..]);
-            asm.feed(&mut inbuf, &mut out);
-            assert_eq!(
-                out,
-                vec![
-                    Inbound::Ping(b"p".to_vec()),
-                    Inbound::Message(Delivery::Text("hello é".into())),
-                    Inbound::Message(Delivery::Binary(vec![0, 1, 2])),
-                ],
-                "cut at {cut}"
-            );
-            assert!(inbuf.is_empty());
-        }
-    }
-
-    #[test]
-    fn invalid_utf8_text_is_a_1007_and_oversize_a_1009() {
-        let mut asm = Assembler::new(100);
-        let mut out = Vec::new();
-        assert!(asm.feed(&mut masked(0x81, &[0xFF]), &mut out));
-        assert!(matches!(out[0], Inbound::Violation(1007, _)));
-        let mut asm = Assembler::new(2);
-        let mut out = Vec::new();
-        asm.feed(&mut masked(0x82, b"abc"), &mut out);
-        assert!(matches!(out[0], Inbound::Violation(1009, _)));
-    }
 
     #[test]
     fn sends_past_the_limit_report_it_and_stop_after_a_close() {

@@ -1,15 +1,22 @@
 //! wsgate's native core: the data plane of the gateway.
 //!
-//! Plain Rust modules own the work (`frame`, `pump`, `relay`); only `py` knows Python, so
+//! The session core (`session`, on the wire codec `frame`) decides everything and does no I/O;
+//! `pump`, `relay`, `echo` and `inproc` move bytes for it, `driver` is the one loop every session
+//! runs, and `engine` owns the threads and the queue to Python. Only `py` knows Python, so
 //! `cargo test --no-default-features` runs everything without an interpreter.
 #![deny(missing_docs)]
 
 pub mod body;
+pub mod driver;
+pub mod echo;
+pub mod engine;
 pub mod frame;
 pub mod inproc;
 pub mod limits;
 pub mod pump;
 pub mod relay;
+pub mod session;
+mod sockets;
 pub mod token;
 
 #[cfg(feature = "python")]

@@ -1,12 +1,6 @@
-//! One direction of a session: read frames from one socket, write them to another.
-//!
-//! A pump only parses frame headers. Payload bytes are forwarded as they arrive (a 1 MiB message
-//! never sits whole in memory), transformed in place in the buffer they were read into:
-//! - bot → client: server frames are unmasked on both hops, bytes pass as they came;
-//! - client → bot: the gateway is the bot's client, and RFC 6455 §5.3 wants a fresh masking key
-//!   per frame, so each frame is re-masked with our own random key in one XOR pass
-//!   (`client_key ^ our_key`);
-//! - echo: the built-in echo bot sends client frames back unmasked (a ping comes back as a pong).
+//! One direction of a session on sockets: read from one, write to another. What the bytes mean
+//! and how they are rewritten (in place, in the buffer they were read into) is the session core's
+//! [`Forwarder`]; the pump only moves them, so a 1 MiB message never sits whole in memory.
 //!
 //! Every await point (`readable`, `writable`) is cancel-safe: whatever was read and not yet
 //! written is kept in the pump, so a session can `select!` over both pumps and its commands.
@@ -18,14 +12,9 @@ use std::net::{Shutdown, TcpStream};
 
 use tokio::io::unix::AsyncFd;
 
-use crate::frame::{
-    apply_mask, close_frame, parse_close, parse_header, write_header, Header, MessageState, Opcode,
-    Violation, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
-};
-
-/// Bytes read from a socket at once. While the destination is slow, the pump holds at most this
-/// much and stops reading its source: backpressure reaches the sender through TCP.
-pub const READ_BUF: usize = 16 * 1024;
+use crate::frame::{Violation, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
+use crate::limits::READ_BUF;
+use crate::session::{Forwarded, Forwarder, Input, OwnClose, Side, Transform};
 /// A read buffer's capacity: a read plus the largest carry (a whole control frame).
 const BUF_CAPACITY: usize = READ_BUF + MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD;
 /// Spare read buffers kept per relay thread: a busy thread reuses them instead of calling the
@@ -62,17 +51,6 @@ fn give_back(mut buf: Vec<u8>, pooled: bool) {
     }
 }
 
-/// How frames leave the pump.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transform {
-    /// Bot → client: unchanged.
-    Keep,
-    /// Client → bot: re-masked with a fresh key of ours.
-    Remask,
-    /// Client → itself (echo bot): unmasked; pings answered as pongs.
-    Echo,
-}
-
 /// What a call to [`Pump::step`] saw.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -89,45 +67,34 @@ pub enum Event {
     DstLost,
 }
 
-/// A data frame whose payload is still arriving.
-#[derive(Debug)]
-struct InFlight {
-    remaining: u64,
-    /// Key to XOR the payload with (`None`: bytes pass unchanged).
-    key: Option<[u8; 4]>,
-    offset: usize,
-    completes_message: bool,
+impl Event {
+    /// What the session core hears of it, for a pump from side `src` to side `dst`.
+    pub fn input(self, src: Side, dst: Side) -> Option<Input> {
+        match self {
+            Self::Progress => None,
+            Self::Close(c) => Some(Input::Close(src, c)),
+            Self::Eof => Some(Input::Gone(src)),
+            Self::Violation(v) => Some(Input::Violation(src, v)),
+            Self::DstLost => Some(Input::Gone(dst)),
+        }
+    }
 }
 
-/// One direction of a session.
+/// One direction of a session. See the module docs.
 pub struct Pump<'a> {
     src: &'a AsyncFd<TcpStream>,
     dst: &'a AsyncFd<TcpStream>,
-    from_client: bool,
-    transform: Transform,
-    max_message_size: u64,
+    fwd: Forwarder,
     /// Bytes that arrived with the HTTP handshake: the start of the frame stream.
     pending_in: Vec<u8>,
-    /// A header, or a whole control frame, split across reads (at most 139 bytes).
-    carry: Vec<u8>,
-    frame: Option<InFlight>,
-    message: MessageState,
     out: Vec<u8>,
     out_pos: usize,
     /// `out` came from the buffer pool.
     out_pooled: bool,
     /// The source ended; nothing more will be read.
-    pub src_done: bool,
-    /// Read and drop whatever the source still sends (after its close or a violation).
-    pub discard: bool,
-    /// A close frame went to the destination, or it is gone: no more frames go there.
-    pub dst_done: bool,
+    src_done: bool,
     dst_open: bool,
     shutdown_after_flush: bool,
-    /// Data messages completed on this direction.
-    pub messages: u64,
-    /// Payload bytes of data frames forwarded on this direction.
-    pub bytes: u64,
 }
 
 impl<'a> Pump<'a> {
@@ -142,24 +109,20 @@ impl<'a> Pump<'a> {
         Self {
             src,
             dst,
-            from_client: transform != Transform::Keep,
-            transform,
-            max_message_size,
+            fwd: Forwarder::new(transform, max_message_size),
             pending_in,
-            carry: Vec::new(),
-            frame: None,
-            message: MessageState::default(),
             out: Vec::new(),
             out_pos: 0,
             out_pooled: false,
             src_done: false,
-            discard: false,
-            dst_done: false,
             dst_open: true,
             shutdown_after_flush: false,
-            messages: 0,
-            bytes: 0,
         }
+    }
+
+    /// Data messages and payload bytes forwarded so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.fwd.messages(), self.fwd.bytes())
     }
 
     /// Whether [`step`](Self::step) still has anything to do.
@@ -184,11 +147,12 @@ impl<'a> Pump<'a> {
                     return Event::Eof;
                 };
                 // Taken only now that the socket is readable: an idle pump holds no buffer, and
-                // `carry` stays in `self` until a read succeeds, so a `select!` that drops this
-                // future while it waits loses nothing.
+                // the carry stays in the forwarder until a read succeeds, so a `select!` that
+                // drops this future while it waits loses nothing.
                 let mut buf = take_buffer();
-                let c = self.carry.len();
-                buf[..c].copy_from_slice(&self.carry);
+                let carry = self.fwd.carry();
+                let c = carry.len();
+                buf[..c].copy_from_slice(carry);
                 match self.src.get_ref().read(&mut buf[c..]) {
                     Ok(0) => {
                         give_back(buf, true);
@@ -202,7 +166,7 @@ impl<'a> Pump<'a> {
                             ready.clear_ready();
                         }
                         buf.truncate(c + n);
-                        self.carry.clear();
+                        self.fwd.clear_carry();
                         break (buf, true);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -220,11 +184,15 @@ impl<'a> Pump<'a> {
         } else {
             (std::mem::take(&mut self.pending_in), false)
         };
-        if self.discard {
+        if self.fwd.discarding() {
             give_back(buf, pooled);
             return Event::Progress;
         }
-        let ev = self.process(&mut buf);
+        let ev = match self.fwd.forward(&mut buf) {
+            Forwarded::Frames => Event::Progress,
+            Forwarded::Close(c) => Event::Close(c),
+            Forwarded::Violation(v) => Event::Violation(v),
+        };
         if self.dst_open {
             self.out = buf;
             self.out_pos = 0;
@@ -269,17 +237,17 @@ impl<'a> Pump<'a> {
     /// When the destination holds part of a frame, a close cannot follow it: the connection is
     /// shut down instead. `then_shutdown`: end our side of the TCP connection once it is sent.
     pub fn queue_close(&mut self, code: u16, reason: &str, then_shutdown: bool) {
-        if self.dst_done || !self.dst_open {
+        if !self.dst_open {
             return;
         }
-        self.dst_done = true;
-        if self.frame.is_some() {
-            self.shutdown_after_flush = true;
-            return;
+        match self.fwd.close(code, reason) {
+            OwnClose::Muted => {}
+            OwnClose::MidFrame => self.shutdown_after_flush = true,
+            OwnClose::Frame(frame) => {
+                self.out.extend_from_slice(&frame);
+                self.shutdown_after_flush |= then_shutdown;
+            }
         }
-        let mask = (self.transform == Transform::Remask).then(rand::random::<[u8; 4]>);
-        self.out.extend_from_slice(&close_frame(code, reason, mask));
-        self.shutdown_after_flush |= then_shutdown;
     }
 
     /// Ends our side of the destination's TCP connection once queued bytes are written.
@@ -290,7 +258,7 @@ impl<'a> Pump<'a> {
     /// Stops writing to the destination: it is gone.
     pub fn abandon_dst(&mut self) {
         self.dst_open = false;
-        self.dst_done = true;
+        self.fwd.mute();
         self.release_out();
     }
 
@@ -317,152 +285,6 @@ impl<'a> Pump<'a> {
             let _ = shutdown_write(self.dst);
         }
         Ok(())
-    }
-
-    /// Parses and transforms `buf` in place; `buf` is left holding exactly the bytes to write.
-    /// The output never runs ahead of the input (a header keeps or loses its 4-byte key), so
-    /// one buffer serves both.
-    fn process(&mut self, buf: &mut Vec<u8>) -> Event {
-        let n = buf.len();
-        let muted = self.dst_done;
-        let (mut r, mut w) = (0usize, 0usize);
-        let mut event = Event::Progress;
-        while r < n {
-            if let Some(f) = &mut self.frame {
-                let take = (n - r).min(usize::try_from(f.remaining).unwrap_or(usize::MAX));
-                if let Some(key) = f.key {
-                    apply_mask(&mut buf[r..r + take], key, f.offset);
-                }
-                if w != r {
-                    buf.copy_within(r..r + take, w);
-                }
-                r += take;
-                w += take;
-                f.remaining -= take as u64;
-                f.offset += take;
-                self.bytes += take as u64;
-                if f.remaining == 0 {
-                    self.messages += u64::from(f.completes_message);
-                    self.frame = None;
-                }
-                continue;
-            }
-            let h = match parse_header(&buf[r..], self.from_client) {
-                Ok(Some(h)) => h,
-                Ok(None) => {
-                    self.carry.extend_from_slice(&buf[r..]);
-                    break;
-                }
-                Err(v) => {
-                    event = Event::Violation(v);
-                    break;
-                }
-            };
-            let completes_message = match self.message.check(&h, self.max_message_size) {
-                Ok(c) => c,
-                Err(v) => {
-                    event = Event::Violation(v);
-                    break;
-                }
-            };
-            if h.opcode.is_control() {
-                // Control frames are handled whole: a close must be read before it is passed on.
-                let total = h.header_len + h.len as usize;
-                if n - r < total {
-                    self.carry.extend_from_slice(&buf[r..]);
-                    break;
-                }
-                let mut close = None;
-                if h.opcode == Opcode::Close {
-                    let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
-                    let p = &mut payload[..h.len as usize];
-                    p.copy_from_slice(&buf[r + h.header_len..r + total]);
-                    if let Some(key) = h.mask {
-                        apply_mask(p, key, 0);
-                    }
-                    match parse_close(p) {
-                        Ok(c) => close = Some(c),
-                        Err(v) => {
-                            event = Event::Violation(v);
-                            break;
-                        }
-                    }
-                }
-                let key = self.rewrite_header(buf, r, w, &h);
-                let (from, to) = (r + h.header_len, w + key.1);
-                if let Some(k) = key.0 {
-                    apply_mask(&mut buf[from..r + total], k, 0);
-                }
-                buf.copy_within(from..r + total, to);
-                w = to + h.len as usize;
-                r += total;
-                if let Some(c) = close {
-                    self.dst_done = true;
-                    self.discard = true;
-                    event = Event::Close(c);
-                    break;
-                }
-            } else {
-                let (key, hn) = self.rewrite_header(buf, r, w, &h);
-                r += h.header_len;
-                w += hn;
-                if h.len == 0 {
-                    self.messages += u64::from(completes_message);
-                } else {
-                    self.frame = Some(InFlight {
-                        remaining: h.len,
-                        key,
-                        offset: 0,
-                        completes_message,
-                    });
-                }
-            }
-        }
-        buf.truncate(w);
-        if muted {
-            // A close went to the destination earlier: nothing may follow it.
-            buf.clear();
-        }
-        event
-    }
-
-    /// Writes the outgoing header for `h` (read at `r`) at `w`. Returns the key to XOR the
-    /// payload with and the new header's length (never longer than the old one).
-    fn rewrite_header(
-        &self,
-        buf: &mut [u8],
-        r: usize,
-        w: usize,
-        h: &Header,
-    ) -> (Option<[u8; 4]>, usize) {
-        let first = buf[r];
-        let (first, out_mask, key) = match (self.transform, h.mask) {
-            (Transform::Keep, _) => (first, None, None),
-            (Transform::Remask, Some(k)) => {
-                let ours: [u8; 4] = rand::random();
-                let both = [
-                    k[0] ^ ours[0],
-                    k[1] ^ ours[1],
-                    k[2] ^ ours[2],
-                    k[3] ^ ours[3],
-                ];
-                (first, Some(ours), Some(both))
-            }
-            (Transform::Echo, k) => {
-                let first = if h.opcode == Opcode::Ping {
-                    (first & 0xF0) | 0x0A
-                } else {
-                    first
-                };
-                (first, None, k)
-            }
-            (Transform::Remask, None) => unreachable!("client frames are checked to be masked"),
-        };
-        let mut hb = [0u8; MAX_HEADER_LEN];
-        let hn = write_header(&mut hb, first, out_mask, h.len);
-        debug_assert!(hn <= h.header_len);
-        buf[w..w + hn].copy_from_slice(&hb[..hn]);
-        (key, hn)
     }
 }
 

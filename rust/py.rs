@@ -1,90 +1,76 @@
 //! The Python binding: `wsgate._core`. Thin wrappers that convert arguments and errors; the
 //! work happens in the plain-Rust modules. Its typed surface is `python/wsgate/_core.pyi`.
+//!
+//! Rust errors become Python exceptions here and only here, one `From` per error type:
+//! `body::BodyError` → `BodyError`, `token::TokenError` → `TokenError`, and `io::Error` → pyo3's
+//! own, an `OSError`. What a refusal means for an HTTP answer is for Python to say.
 
 use std::os::fd::{FromRawFd, RawFd};
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use crate::inproc::Delivery;
-use crate::{body, limits, relay, token};
+use crate::{body, engine, limits, session, token};
+
+/// Largest upgrade request line plus headers, in bytes (SPEC §2). HTTP is the control plane's
+/// and no Rust code reads a request head; the number is defined here, beside the other limits
+/// the extension exports, so that Python never repeats it.
+const MAX_HEADER_BYTES: usize = 8192;
 
 pyo3::create_exception!(
     _core,
     TokenError,
     PyValueError,
-    "A session token that is refused (HTTP 403); the message never holds the token."
+    "A session token that is refused; the message never holds the token."
 );
 
 pyo3::create_exception!(
     _core,
     BodyError,
     PyValueError,
-    "A `?body=` value that cannot be used; `status` is 400 or 413."
+    "A `?body=` value that cannot be used: `kind` names the check that refused it, `reason` says \
+     it in one line."
 );
+
+impl From<body::BodyError> for PyErr {
+    fn from(e: body::BodyError) -> Self {
+        let kind = match e {
+            body::BodyError::TooLarge { .. } => "too_large",
+            body::BodyError::NotBase64 => "not_base64",
+            body::BodyError::NotJson => "not_json",
+            body::BodyError::TooDeep { .. } => "too_deep",
+        };
+        let reason = e.reason();
+        Python::attach(|py| {
+            let err = BodyError::new_err(reason.clone());
+            let value = err.value(py);
+            // Setting two attributes on a fresh exception instance cannot fail.
+            let _ = value.setattr("kind", kind);
+            let _ = value.setattr("reason", reason);
+            err
+        })
+    }
+}
+
+impl From<token::TokenError> for PyErr {
+    fn from(e: token::TokenError) -> Self {
+        TokenError::new_err(e.reason())
+    }
+}
 
 /// Checks and decodes a `?body=` value: `(json_text, upstream_value)`.
 #[pyfunction]
-fn decode_body(py: Python<'_>, raw: &str) -> PyResult<(String, String)> {
-    body::decode_body(raw)
-        .map(|b| (b.json, b.upstream_value))
-        .map_err(|e| body_error(py, &e))
+fn decode_body(raw: &str) -> PyResult<(String, String)> {
+    let b = body::decode_body(raw)?;
+    Ok((b.json, b.upstream_value))
 }
 
 /// Checks a body document's bytes (size, UTF-8 JSON, nesting) as `?body=` is checked.
 #[pyfunction]
-fn check_body_json(py: Python<'_>, document: &[u8]) -> PyResult<()> {
-    body::check_json(document).map_err(|e| body_error(py, &e))
-}
-
-fn body_error(py: Python<'_>, e: &body::BodyError) -> PyErr {
-    let (status, reason) = (e.status(), e.reason());
-    let err = BodyError::new_err(reason.clone());
-    let value = err.value(py);
-    // Setting two attributes on a fresh exception instance cannot fail.
-    let _ = value.setattr("status", status);
-    let _ = value.setattr("reason", reason);
-    err
-}
-
-/// Mints a token bound to `service_host`, valid until `exp` (Unix seconds), binding `body`.
-#[pyfunction]
-#[pyo3(signature = (secret, service_host, exp, nonce, body=None))]
-fn mint_token(
-    secret: &[u8],
-    service_host: &str,
-    exp: u64,
-    nonce: &str,
-    body: Option<&[u8]>,
-) -> PyResult<String> {
-    if secret.is_empty() {
-        return Err(PyValueError::new_err(
-            "the signing secret must not be empty",
-        ));
-    }
-    Ok(token::mint(secret, service_host, exp, nonce, body))
-}
-
-/// Verifies a token against every secret in turn: `(service_host, exp, nonce)` of a good one.
-#[pyfunction]
-fn verify_token(
-    py: Python<'_>,
-    secrets: Vec<Vec<u8>>,
-    token: &str,
-    service_host: &str,
-    now: u64,
-) -> PyResult<(String, u64, String)> {
-    let keys: Vec<&[u8]> = secrets
-        .iter()
-        .map(Vec::as_slice)
-        .filter(|k| !k.is_empty())
-        .collect();
-    let result = py.detach(|| token::verify(&keys, token, service_host, now));
-    match result {
-        Ok(c) => Ok((c.sh, c.exp, c.nonce)),
-        Err(e) => Err(TokenError::new_err(e.reason())),
-    }
+fn check_body_json(document: &[u8]) -> PyResult<()> {
+    Ok(body::check_json(document)?)
 }
 
 /// A deployment's signing secrets, keyed once: the first signs, all verify.
@@ -111,10 +97,8 @@ impl TokenKeys {
 
     // About a microsecond of work: releasing the GIL would cost more than it frees.
     fn verify(&self, token: &str, service_host: &str, now: u64) -> PyResult<TokenClaims> {
-        self.keys
-            .verify(token, service_host, now)
-            .map(|claims| TokenClaims { claims })
-            .map_err(|e| TokenError::new_err(e.reason()))
+        let claims = self.keys.verify(token, service_host, now)?;
+        Ok(TokenClaims { claims })
     }
 
     fn __repr__(&self) -> String {
@@ -146,9 +130,7 @@ impl TokenClaims {
     }
 
     fn check_body(&self, body: Option<&[u8]>) -> PyResult<()> {
-        self.claims
-            .check_body(body)
-            .map_err(|e| TokenError::new_err(e.reason()))
+        Ok(self.claims.check_body(body)?)
     }
 
     fn __repr__(&self) -> String {
@@ -186,8 +168,8 @@ impl Outcome {
     }
 }
 
-impl From<relay::Outcome> for Outcome {
-    fn from(o: relay::Outcome) -> Self {
+impl From<session::Outcome> for Outcome {
+    fn from(o: session::Outcome) -> Self {
         Self {
             session_id: o.session_id,
             client_close: o.client_close,
@@ -223,10 +205,10 @@ impl Message {
     }
 }
 
-fn item_to_py(py: Python<'_>, item: relay::Item) -> PyResult<Py<PyAny>> {
+fn item_to_py(py: Python<'_>, item: engine::Item) -> PyResult<Py<PyAny>> {
     Ok(match item {
-        relay::Item::Outcome(o) => Py::new(py, Outcome::from(o))?.into_any(),
-        relay::Item::Message(m) => {
+        engine::Item::Outcome(o) => Py::new(py, Outcome::from(o))?.into_any(),
+        engine::Item::Message(m) => {
             let data = match m.data {
                 Delivery::Text(s) => Some(PyString::new(py, &s).into_any().unbind()),
                 Delivery::Binary(b) => Some(PyBytes::new(py, &b).into_any().unbind()),
@@ -247,11 +229,7 @@ fn item_to_py(py: Python<'_>, item: relay::Item) -> PyResult<Py<PyAny>> {
 /// The relay engine.
 #[pyclass(module = "wsgate._core", frozen)]
 struct Engine {
-    inner: std::sync::Mutex<relay::Engine>,
-}
-
-fn os_err(e: std::io::Error) -> PyErr {
-    PyOSError::new_err(e.to_string())
+    inner: std::sync::Mutex<engine::Engine>,
 }
 
 /// Takes ownership of a descriptor that Python detached from its socket object.
@@ -283,7 +261,7 @@ fn check_limit(seconds: Option<f64>) -> PyResult<Option<std::time::Duration>> {
 }
 
 impl Engine {
-    fn engine(&self) -> std::sync::MutexGuard<'_, relay::Engine> {
+    fn engine(&self) -> std::sync::MutexGuard<'_, engine::Engine> {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -301,7 +279,7 @@ impl Engine {
             ));
         }
         let dpt = std::time::Duration::from_secs_f64(dead_peer_timeout);
-        let e = relay::Engine::new(threads, dpt).map_err(os_err)?;
+        let e = engine::Engine::new(threads, dpt)?;
         Ok(Self {
             inner: std::sync::Mutex::new(e),
         })
@@ -327,19 +305,18 @@ impl Engine {
         let bot = tcp_from_fd(bot_fd)?;
         let max = check_size(max_message_size)?;
         let limit = check_limit(time_limit)?;
-        self.engine()
-            .relay(
-                session_id,
-                client,
-                bot,
-                client_pending.as_bytes().to_vec(),
-                bot_pending.as_bytes().to_vec(),
-                relay::Limits {
-                    max_message_size: max,
-                    time_limit: limit,
-                },
-            )
-            .map_err(os_err)
+        self.engine().relay(
+            session_id,
+            client,
+            bot,
+            client_pending.as_bytes().to_vec(),
+            bot_pending.as_bytes().to_vec(),
+            session::Limits {
+                max_message_size: max,
+                time_limit: limit,
+            },
+        )?;
+        Ok(())
     }
 
     #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None))]
@@ -354,17 +331,16 @@ impl Engine {
         let client = tcp_from_fd(client_fd)?;
         let max = check_size(max_message_size)?;
         let limit = check_limit(time_limit)?;
-        self.engine()
-            .echo(
-                session_id,
-                client,
-                client_pending.as_bytes().to_vec(),
-                relay::Limits {
-                    max_message_size: max,
-                    time_limit: limit,
-                },
-            )
-            .map_err(os_err)
+        self.engine().echo(
+            session_id,
+            client,
+            client_pending.as_bytes().to_vec(),
+            session::Limits {
+                max_message_size: max,
+                time_limit: limit,
+            },
+        )?;
+        Ok(())
     }
 
     fn close(&self, session_id: u64, code: u16, reason: &str) -> bool {
@@ -388,16 +364,15 @@ impl Engine {
     ) -> PyResult<()> {
         let client = tcp_from_fd(client_fd)?;
         let max = check_size(max_message_size)?;
-        self.engine()
-            .attach(
-                session_id,
-                client,
-                client_pending.as_bytes().to_vec(),
-                max,
-                inbox_limit,
-                send_buffer_limit,
-            )
-            .map_err(os_err)
+        self.engine().attach(
+            session_id,
+            client,
+            client_pending.as_bytes().to_vec(),
+            max,
+            inbox_limit,
+            send_buffer_limit,
+        )?;
+        Ok(())
     }
 
     fn send(&self, session_id: u64, data: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
@@ -417,10 +392,6 @@ impl Engine {
         self.engine().consumed(session_id, nbytes);
     }
 
-    fn active(&self) -> usize {
-        self.engine().active()
-    }
-
     fn shutdown(&self, py: Python<'_>) {
         // Waits for the worker threads: without the GIL, so Python threads go on meanwhile.
         let inner = &self.inner;
@@ -437,21 +408,24 @@ impl Engine {
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("MAX_BODY_BYTES", limits::MAX_BODY_BYTES)?;
-    m.add("MAX_BODY_DEPTH", limits::MAX_BODY_DEPTH)?;
-    m.add("MAX_HEADER_BYTES", limits::MAX_HEADER_BYTES)?;
+    let py = m.py();
+    // Limits, so that Python never repeats a number.
     m.add("DEFAULT_MAX_MESSAGE_SIZE", limits::DEFAULT_MAX_MESSAGE_SIZE)?;
-    m.add("TOKEN_TTL_SECONDS", limits::TOKEN_TTL_SECONDS)?;
-    m.add("MAX_TOKEN_BYTES", limits::MAX_TOKEN_BYTES)?;
-    m.add("BodyError", m.py().get_type::<BodyError>())?;
+    m.add("MAX_HEADER_BYTES", MAX_HEADER_BYTES)?;
+    m.add("MAX_BODY_BYTES", body::MAX_BODY_BYTES)?;
+    m.add("MAX_BODY_DEPTH", body::MAX_BODY_DEPTH)?;
+    m.add("TOKEN_TTL_SECONDS", token::TOKEN_TTL_SECONDS)?;
+    m.add("MAX_TOKEN_BYTES", token::MAX_TOKEN_BYTES)?;
+    // ?body=
+    m.add("BodyError", py.get_type::<BodyError>())?;
     m.add_function(wrap_pyfunction!(decode_body, m)?)?;
     m.add_function(wrap_pyfunction!(check_body_json, m)?)?;
-    m.add("TokenError", m.py().get_type::<TokenError>())?;
-    m.add_function(wrap_pyfunction!(mint_token, m)?)?;
-    m.add_function(wrap_pyfunction!(verify_token, m)?)?;
+    // Session tokens
+    m.add("TokenError", py.get_type::<TokenError>())?;
     m.add_function(wrap_pyfunction!(new_nonce, m)?)?;
     m.add_class::<TokenKeys>()?;
     m.add_class::<TokenClaims>()?;
+    // The engine
     m.add_class::<Engine>()?;
     m.add_class::<Outcome>()?;
     m.add_class::<Message>()?;

@@ -33,7 +33,12 @@ use rand::TryRngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::limits::MAX_TOKEN_BYTES;
+/// Lifetime of a session token minted by `/start`, in seconds (SPEC §3: five minutes).
+pub const TOKEN_TTL_SECONDS: u64 = 300;
+
+/// Longest session token accepted, in bytes; longer ones are refused as malformed before any
+/// decoding or MAC work. A minted token for the longest service host (127 bytes) is about 300.
+pub const MAX_TOKEN_BYTES: usize = 2048;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -112,7 +117,7 @@ impl fmt::Debug for Claims {
     }
 }
 
-/// Why a token was refused; every variant is an HTTP 403 (SPEC §3).
+/// Why a token was refused (the control plane answers each with 403, SPEC §3).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
     /// Not a token of this format: too long, bad structure or encoding, or a signed payload
@@ -140,7 +145,7 @@ pub enum TokenError {
 }
 
 impl TokenError {
-    /// One-line plain-text reason for the 403 answer; never echoes the token.
+    /// One-line plain-text reason for the answer; never echoes the token.
     #[must_use]
     pub fn reason(&self) -> &'static str {
         match self {
@@ -371,6 +376,12 @@ mod tests {
 
     fn token() -> String {
         mint(SECRET, HOST, EXP, "abc123", None)
+    }
+
+    #[test]
+    fn the_token_limits_have_their_specified_values() {
+        assert_eq!(TOKEN_TTL_SECONDS, 5 * 60);
+        assert_eq!(MAX_TOKEN_BYTES, 2048);
     }
 
     /// A token whose first part is `payload_part` verbatim, correctly signed with [`SECRET`].

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, assume, example, given, reject, settings
 from hypothesis import strategies as st
 
 from wsgate import _core
+from wsgate.routing import body_error
 
 LIMIT = _core.MAX_BODY_BYTES
 # Longest base64 of a LIMIT-byte document, padded; and the longest raw value that may still hold
@@ -120,7 +121,7 @@ def rust_decision(raw: str) -> Verdict:
     try:
         document, _ = _core.decode_body(raw)
     except _core.BodyError as exc:
-        if exc.status == 413:
+        if body_error(exc).status == 413:
             return TOO_LARGE
         if "base64" in exc.reason:
             return NOT_BASE64
@@ -262,7 +263,7 @@ def test_nesting_up_to_the_cap_is_accepted_and_deeper_is_400() -> None:
         document = "[" * depth + "]" * depth
         with pytest.raises(_core.BodyError) as refused:
             _core.decode_body(padded_standard(document.encode()))
-        assert refused.value.status == 400
+        assert body_error(refused.value).status == 400
         assert f"deeper than {DEPTH} levels" in refused.value.reason
     quoted = json.dumps({"a": "[" * 500})  # brackets inside a string do not nest
     assert _core.decode_body(padded_standard(quoted.encode()))[0] == quoted
@@ -279,7 +280,7 @@ def test_a_document_over_the_limit_is_413_in_every_encoding(length: int, filler:
     for name, raw in variants(data).items():
         with pytest.raises(_core.BodyError) as caught:
             _core.decode_body(raw)
-        assert caught.value.status == 413, name
+        assert body_error(caught.value).status == 413, name
         assert str(LIMIT) in caught.value.reason, name
 
 
@@ -291,7 +292,7 @@ def test_anything_decoding_to_more_than_the_limit_is_413_before_it_is_read(
     data = bytes([fill]) * LIMIT + tail  # not even JSON: the size is judged first
     with pytest.raises(_core.BodyError) as caught:
         _core.decode_body(base64.b64encode(data).decode())
-    assert caught.value.status == 413
+    assert body_error(caught.value).status == 413
 
 
 @given(st.text(max_size=64), st.integers(0, 64), st.sampled_from("!*.~@#$()[]{}:;,'\"\\\u00e9"))
@@ -299,7 +300,7 @@ def test_text_with_a_symbol_outside_both_alphabets_is_400(text: str, at: int, ba
     raw = text[:at] + bad + text[at:]
     with pytest.raises(_core.BodyError) as caught:
         _core.decode_body(raw)
-    assert (caught.value.status, caught.value.reason) == (400, "body is not base64")
+    assert (body_error(caught.value).status, caught.value.reason) == (400, "body is not base64")
 
 
 @given(st.binary(max_size=300))
@@ -315,7 +316,7 @@ def test_base64_of_bytes_that_are_not_utf8_is_400(data: bytes) -> None:
     for name, raw in variants(data).items():
         with pytest.raises(_core.BodyError) as caught:
             _core.decode_body(raw)
-        assert caught.value.status == 400, name
+        assert body_error(caught.value).status == 400, name
         assert caught.value.reason == "body is not a UTF-8 JSON document", name
 
 
@@ -329,7 +330,10 @@ def test_base64_of_bytes_that_are_not_utf8_is_400(data: bytes) -> None:
 def test_base64_of_text_that_is_not_json_is_400(text: str) -> None:
     with pytest.raises(_core.BodyError) as caught:
         _core.decode_body(padded_standard(text.encode()))
-    assert (caught.value.status, caught.value.reason) == (400, "body is not a UTF-8 JSON document")
+    assert (body_error(caught.value).status, caught.value.reason) == (
+        400,
+        "body is not a UTF-8 JSON document",
+    )
 
 
 def test_a_body_error_is_a_value_error_whose_reason_never_echoes_the_input() -> None:

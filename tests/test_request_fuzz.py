@@ -633,7 +633,7 @@ def tokens(draw: st.DrawFn) -> str:
         exp = draw(st.sampled_from([NOW, NOW - 1])) if rarely(draw, 4) else exp
         nonce = "" if rarely(draw, 4) else nonce
         secret = b"another secret" if rarely(draw, 4) else secret
-    good = _core.mint_token(secret, host, exp, nonce)
+    good = _core.TokenKeys([secret]).mint(host, exp, nonce)
     if rarely(draw, 4):
         return draw(st.one_of(VISIBLE, st.just(good[:-1]), st.just(good + "="), encoded(ANY_TEXT)))
     return good
@@ -736,12 +736,12 @@ def upgrade_head(target: str, *extra: tuple[str, str], drop: str = "") -> bytes:
 
 def gateway_token(host: str, nonce: str) -> str:
     """A token the gateway accepts (its own secret): the one way to get a token agent dialled."""
-    return _core.mint_token(GATEWAY_SECRET, host, NOW + 300, nonce)
+    return _core.TokenKeys([GATEWAY_SECRET]).mint(host, NOW + 300, nonce)
 
 
 # -- known requests ----------------------------------------------------------------------------
 
-FUZZ_TOKEN = _core.mint_token(SECRET, SECURED, NOW + 300, "n0nce")
+FUZZ_TOKEN = _core.TokenKeys([SECRET]).mint(SECURED, NOW + 300, "n0nce")
 BODY = base64.b64encode(b'{"a": [1]}').decode()
 OVERSIZED = base64.b64encode(b'"' + b"a" * 4096 + b'"').decode()
 KNOWN = [
@@ -827,7 +827,7 @@ MUTATION_BASES = [
     upgrade_head(f"/ws/generic/{ECHO}?body={BODY}", ("Sec-WebSocket-Protocol", "chat")),
     upgrade_head(f"/ws/generic?serviceHost={ECHO}&token=x"),
     upgrade_head(f"/ws/generic/{SECURED}", ("Authorization", f"Bearer {FUZZ_TOKEN}")),
-    upgrade_head(f"/ws/generic/{BOT}/{_core.mint_token(SECRET, BOT, NOW + 300, 'n')}"),
+    upgrade_head(f"/ws/generic/{BOT}/{_core.TokenKeys([SECRET]).mint(BOT, NOW + 300, 'n')}"),
 ]
 INTERESTING = b"\r\n\x00\xff \t:%/?&=,"
 HUGE = (100, 4000, 8000, 8150, 8200, 9000, 70_000)

@@ -139,7 +139,7 @@ async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
     authority = TokenAuthority([SECRET], clock=lambda: clock[0])
     async with gateway(sentinel.url, authority=authority, dial_timeout=0.5) as gw:
         good = authority.mint("talk.test").token
-        forged = _core.mint_token(b"not-our-secret", "talk.test", int(clock[0]) + 300, "n1")
+        forged = _core.TokenKeys([b"not-our-secret"]).mint("talk.test", int(clock[0]) + 300, "n1")
         other_agent = authority.mint("talk.other").token
         expiring = authority.mint("talk.test").token
         url = f"{gw.url}/ws/generic/talk.test"

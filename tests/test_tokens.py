@@ -335,7 +335,7 @@ CHECKER = TokenAuthority([SECRET], clock=lambda: T0)
 
 
 def valid_token() -> str:
-    return _core.mint_token(SECRET, HOST, T0 + 300, "abc123")
+    return _core.TokenKeys([SECRET]).mint(HOST, T0 + 300, "abc123")
 
 
 def refused_by_python_path(token: str) -> bool:
@@ -388,7 +388,8 @@ def test_the_standard_alphabet_spelling_of_a_valid_token_is_refused(data: st.Dat
     # Mint until a token holds - or _ (most do), then spell one of them as + or /.
     token = data.draw(
         st.builds(
-            lambda n: _core.mint_token(SECRET, HOST, T0 + 300, n), st.text(URL_SAFE, min_size=1)
+            lambda n: _core.TokenKeys([SECRET]).mint(HOST, T0 + 300, n),
+            st.text(URL_SAFE, min_size=1),
         ).filter(lambda t: "-" in t or "_" in t)
     )
     positions = [i for i, c in enumerate(token) if c in "-_"]
@@ -412,11 +413,13 @@ def test_non_zero_trailing_bits_in_the_signature_are_refused(last: str) -> None:
     st.text(URL_SAFE, min_size=1, max_size=40),
 )
 def test_mint_then_verify_round_trips_for_any_service_host(host: str, nonce: str) -> None:
-    token = _core.mint_token(SECRET, host, T0 + 300, nonce)
+    keys = _core.TokenKeys([SECRET])
+    token = keys.mint(host, T0 + 300, nonce)
     if len(token) > _core.MAX_TOKEN_BYTES:
         return
     assert token == reference_mint(SECRET, host, T0 + 300, nonce)
-    assert _core.verify_token([SECRET], token, host, T0) == (host, T0 + 300, nonce)
+    claims = keys.verify(token, host, T0)  # refused unless the token is for `host`
+    assert (claims.exp, claims.nonce) == (T0 + 300, nonce)
     assert reference_verify([SECRET], token, host, T0) == (host, T0 + 300, nonce)
 
 

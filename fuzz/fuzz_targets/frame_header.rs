@@ -17,8 +17,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use wsgate_core::frame::{
-    apply_mask, close_code_is_valid, close_frame, parse_close, parse_header, write_header, Header,
-    MessageState, Opcode, Violation, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
+    apply_mask, close_code_is_valid, close_frame, parse_close, parse_header, write_header, Data,
+    Header, MessageState, Opcode, Violation, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
 };
 use wsgate_core::limits::DEFAULT_MAX_MESSAGE_SIZE;
 use wsgate_core_fuzz::measure;
@@ -111,7 +111,7 @@ fn walk(stream: &[u8], from_client: bool, max: u64) {
             if let Some(key) = h.mask {
                 apply_mask(p, key, 0);
             }
-            if h.opcode == Opcode::Close {
+            if h.opcode == Opcode::CLOSE {
                 check_close(p);
                 return;
             }
@@ -205,7 +205,8 @@ fn check_accepted(h: &Header, buf: &[u8], from_client: bool) {
     }
     // The shortest encoding of the same frame parses back to the same header.
     let mut out = [0u8; MAX_HEADER_LEN];
-    let n = write_header(&mut out, b0, h.mask, h.len);
+    let n = write_header(&mut out, h.fin, h.opcode, h.mask, h.len);
+    assert_eq!(out[0], b0, "the typed opcode writes the first byte back");
     assert!(n <= h.header_len);
     let again = parse_header(&out[..n], from_client).unwrap().unwrap();
     assert_eq!(
@@ -218,11 +219,11 @@ fn check_accepted(h: &Header, buf: &[u8], from_client: bool) {
 /// The fragmentation and size rules, written from RFC 6455 §5.4 and the size limit.
 fn model_check(m: &mut Model, h: &Header, max: u64) -> Result<bool, Violation> {
     match h.opcode {
-        Opcode::Close | Opcode::Ping | Opcode::Pong => return Ok(false),
-        Opcode::Continuation if !m.open => return Err(Violation::UnexpectedContinuation),
-        Opcode::Continuation => m.size = m.size.saturating_add(h.len),
-        Opcode::Text | Opcode::Binary if m.open => return Err(Violation::ExpectedContinuation),
-        Opcode::Text | Opcode::Binary => m.size = h.len,
+        Opcode::Control(_) => return Ok(false),
+        Opcode::Data(Data::Continue) if !m.open => return Err(Violation::UnexpectedContinuation),
+        Opcode::Data(Data::Continue) => m.size = m.size.saturating_add(h.len),
+        Opcode::Data(_) if m.open => return Err(Violation::ExpectedContinuation),
+        Opcode::Data(_) => m.size = h.len,
     }
     if m.size > max {
         return Err(Violation::TooBig { size: m.size, max });

@@ -12,8 +12,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use wsgate_core::limits::MAX_TOKEN_BYTES;
-use wsgate_core::token::{Keys, TokenError};
+use wsgate_core::token::{Keys, TokenError, MAX_TOKEN_BYTES};
 
 #[derive(Arbitrary, Debug)]
 struct Input {

@@ -15,8 +15,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use wsgate_core::limits::MAX_TOKEN_BYTES;
-use wsgate_core::token::{Keys, TokenError};
+use wsgate_core::token::{Keys, TokenError, MAX_TOKEN_BYTES};
 use wsgate_core_fuzz::measure;
 
 /// The deployment's secrets: the first signs, both verify (rotation).

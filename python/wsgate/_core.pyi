@@ -4,7 +4,7 @@ Private: users import :mod:`wsgate`. This stub is the whole typed surface betwee
 control plane and the Rust data plane; ``python -m mypy.stubtest wsgate._core`` keeps it honest.
 """
 
-from typing import final
+from typing import Literal, final
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -22,9 +22,7 @@ __all__ = [
     "TokenKeys",
     "check_body_json",
     "decode_body",
-    "mint_token",
     "new_nonce",
-    "verify_token",
 ]
 
 #: Largest ``?body=`` JSON document, in bytes after base64 decoding (SPEC §4).
@@ -41,9 +39,12 @@ TOKEN_TTL_SECONDS: int
 MAX_TOKEN_BYTES: int
 
 class BodyError(ValueError):
-    """A ``?body=`` value that cannot be used; ``status`` is 400 or 413."""
+    """A ``?body=`` value that cannot be used. ``kind`` names the check that refused it (too
+    large, not base64, not a UTF-8 JSON document, nested too deep); which HTTP status that is,
+    the control plane decides (``wsgate.routing.body_error``). ``reason`` is one line that never
+    echoes the input."""
 
-    status: int
+    kind: Literal["too_large", "not_base64", "not_json", "too_deep"]
     reason: str
 
 def decode_body(raw: str) -> tuple[str, str]:
@@ -59,25 +60,10 @@ def decode_body(raw: str) -> tuple[str, str]:
 def check_body_json(document: bytes) -> None:
     """Check a body document's bytes exactly as :func:`decode_body` checks a decoded ``?body=``:
     at most :data:`MAX_BODY_BYTES`, UTF-8 JSON, nested at most :data:`MAX_BODY_DEPTH` levels.
-    Raises :class:`BodyError` (``status`` 413 or 400). ``/start`` uses it, so both refuse the
-    same documents."""
+    Raises :class:`BodyError`. ``/start`` uses it, so both refuse the same documents."""
 
 class TokenError(ValueError):
-    """A refused session token (HTTP 403). The message is a reason, never the token."""
-
-def mint_token(
-    secret: bytes, service_host: str, exp: int, nonce: str, body: bytes | None = None
-) -> str:
-    """Mint ``base64url(payload).base64url(HMAC-SHA256)`` bound to ``service_host`` until
-    ``exp`` (Unix seconds), and to ``body`` (a session body's JSON bytes; None: no body, and no
-    ``bd`` claim). ``secret`` must not be empty."""
-
-def verify_token(
-    secrets: list[bytes], token: str, service_host: str, now: int
-) -> tuple[str, int, str]:
-    """Verify a token (signature in constant time against each secret, then service host and
-    expiry): ``(service_host, exp, nonce)``. Raises :class:`TokenError`. Replay is the caller's
-    check: record the nonce."""
+    """A refused session token. The message is a reason, never the token."""
 
 @final
 class TokenKeys:
@@ -88,12 +74,16 @@ class TokenKeys:
         """Raises ``ValueError`` for an empty list or an empty secret."""
 
     def mint(self, service_host: str, exp: int, nonce: str, body: bytes | None = None) -> str:
-        """As :func:`mint_token`, with the first secret."""
+        """Mint ``base64url(payload).base64url(HMAC-SHA256)`` with the first secret, bound to
+        ``service_host`` until ``exp`` (Unix seconds), and to ``body`` (a session body's JSON
+        bytes; None: no body, and no ``bd`` claim)."""
 
     def verify(self, token: str, service_host: str, now: int) -> TokenClaims:
-        """As :func:`verify_token`, against every secret: the token's claims (the service host
-        is the one asked for). The body binding is checked apart, by
-        :meth:`TokenClaims.check_body`, once the request's ``?body=`` is decoded."""
+        """Verify a token (signature in constant time against every secret, then service host
+        and expiry): its claims (the service host is the one asked for). Raises
+        :class:`TokenError`. Replay is the caller's check: record the nonce. The body binding is
+        checked apart, by :meth:`TokenClaims.check_body`, once the request's ``?body=`` is
+        decoded."""
 
 @final
 class TokenClaims:
@@ -110,7 +100,7 @@ class TokenClaims:
     def binds_body(self) -> bool: ...
     def check_body(self, body: bytes | None) -> None:
         """Check the upgrade's body (its JSON bytes; None without ``?body=``) against the one
-        this token binds. Raises :class:`TokenError` (403) when it is missing, not allowed, or
+        this token binds. Raises :class:`TokenError` when it is missing, not allowed, or
         different."""
 
 def new_nonce() -> str:
@@ -216,9 +206,6 @@ class Engine:
     def drain(self) -> list[Outcome | Message]:
         """Take everything queued since the last call, in order (a session's messages before
         its outcome), and clear the doorbell."""
-
-    def active(self) -> int:
-        """Number of sessions the engine is relaying now."""
 
     def shutdown(self) -> None:
         """Drop every session at once (their sockets are closed) and stop the threads."""

@@ -32,6 +32,7 @@ __all__ = [
     "Route",
     "TokenCheck",
     "Upgrade",
+    "body_error",
     "no_token_auth_yet",
     "precheck",
     "route",
@@ -245,4 +246,10 @@ def _body(params: list[tuple[str, str]]) -> tuple[str | None, str | None]:
     try:
         return _core.decode_body(bodies[0])
     except _core.BodyError as exc:
-        raise HttpError(exc.status, exc.reason) from None
+        raise body_error(exc) from None
+
+
+def body_error(exc: _core.BodyError) -> HttpError:
+    """The answer to a body the core refused (SPEC §4): 413 when it is too large, else 400. The
+    one place a ``_core.BodyError`` becomes a status; ``/start`` answers with it too."""
+    return HttpError(413 if exc.kind == "too_large" else 400, exc.reason)

@@ -44,6 +44,7 @@ from .config import AgentConfig, OrgConfig
 from .errors import HttpError
 from .names import NAME
 from .responses import json_response
+from .routing import body_error
 from .tokens import TokenAuthority
 
 __all__ = [
@@ -138,7 +139,8 @@ def handle_start(
             # body that its session would then refuse.
             _core.check_body_json(document)
         except _core.BodyError as exc:
-            return _error(exc.status, exc.reason)
+            refused = body_error(exc)
+            return _error(refused.status, refused.reason)
         if agent.websocket_auth == "none":
             return _error(
                 400, "body is not taken for an agent without token auth: send it as ?body="

@@ -1,0 +1,82 @@
+//! The one loop every session runs, whatever serves it: it waits for the first of a command from
+//! the control plane, the session's timer and the next I/O event, feeds it to the session core
+//! ([`Session`]) and hands the core's actions back to the I/O layer ([`Io`]: `relay.rs`,
+//! `echo.rs`, `inproc.rs`).
+//!
+//! One timer per session, created once and reset rather than a fresh `Sleep` per turn: first the
+//! time limit, then, once the session is ending, the close timeout.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+
+use crate::limits::CLOSE_TIMEOUT;
+use crate::session::{Action, Input, Outcome, Session};
+
+/// A request from the control plane to a live session.
+#[derive(Debug)]
+pub enum Command {
+    /// Close both sides with this code and reason.
+    Close(u16, String),
+}
+
+/// The sockets of one kind of session, as the loop drives them.
+pub trait Io {
+    /// Whether anything is left to read, write or shut down.
+    fn live(&self) -> bool;
+
+    /// Waits for the next I/O and does it: what the session core must hear of, or `None` for
+    /// mere progress. Cancel-safe: the loop drops it when a command or the timer comes first,
+    /// so whatever was read and not yet written stays in `self`, never in the future.
+    fn step(&mut self) -> impl Future<Output = Option<Input>> + Send;
+
+    /// Carries out one of the core's actions (never [`Action::Drop`]: the loop ends then).
+    fn apply(&mut self, action: Action);
+
+    /// Adds the message and byte counts to the outcome.
+    fn count(&self, outcome: &mut Outcome);
+}
+
+/// Runs a session until its I/O is done or the core drops it, and returns how it ended.
+pub async fn run(
+    mut session: Session,
+    mut io: impl Io,
+    time_limit: Option<Duration>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) -> Outcome {
+    // Far enough never to fire; tokio's wheel clamps it.
+    let first = Instant::now() + time_limit.unwrap_or(Duration::from_secs(365 * 86400));
+    let timer = sleep_until(first);
+    tokio::pin!(timer);
+    let mut commands_open = true;
+    'session: while io.live() {
+        let input = tokio::select! {
+            cmd = commands.recv(), if commands_open => match cmd {
+                Some(Command::Close(code, reason)) => Input::Stop(code, reason),
+                None => {
+                    commands_open = false;
+                    continue;
+                }
+            },
+            () = &mut timer => Input::Timer,
+            input = io.step() => match input {
+                Some(input) => input,
+                None => continue,
+            },
+        };
+        for action in session.on(input) {
+            if action == Action::Drop {
+                break 'session;
+            }
+            io.apply(action);
+        }
+        if session.take_closing() {
+            timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
+        }
+    }
+    let mut outcome = session.into_outcome();
+    io.count(&mut outcome);
+    outcome
+}

@@ -1,0 +1,348 @@
+//! The engine: sessions handed over by the control plane as connected sockets, served on tokio
+//! worker threads until they end (`relay.rs`, `echo.rs`, `inproc.rs`), and their outcomes queued
+//! for Python.
+//!
+//! Python learns of finished sessions through one doorbell (a socketpair) per engine: a byte is
+//! written when the outcome queue turns non-empty, so one event-loop wake-up drains many
+//! outcomes. Nothing here touches Python or holds its GIL.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::runtime::Handle as Runtime;
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+
+use crate::driver::Command;
+use crate::inproc::{self, Handle, Message};
+use crate::relay::Pending;
+use crate::session::{Limits, Outcome};
+use crate::sockets::{adopt, adopt_stream};
+use crate::{echo, relay};
+
+/// News for Python, in the order it happened: a session's messages come before its outcome.
+#[derive(Debug)]
+pub enum Item {
+    /// A session ended.
+    Outcome(Outcome),
+    /// A message of an in-process session.
+    Message(Message),
+}
+
+#[derive(Default)]
+struct Queue {
+    items: Vec<Item>,
+    rung: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    bell: UnixStream,
+    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Command>>>,
+    inproc: Mutex<HashMap<u64, Arc<Handle>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn push(&self, item: Item) {
+        if let Item::Outcome(o) = &item {
+            lock(&self.sessions).remove(&o.session_id);
+            lock(&self.inproc).remove(&o.session_id);
+        }
+        let mut q = lock(&self.queue);
+        q.items.push(item);
+        if !q.rung {
+            q.rung = true;
+            // A full socketpair already holds a byte, which is all the doorbell needs.
+            let _ = (&self.bell).write(&[1]);
+        }
+    }
+}
+
+/// Reports a session's outcome when its task ends, however it ends (also when the runtime is
+/// shut down mid-session, or a bug panics), so no waiter in Python is left hanging.
+struct Report {
+    shared: Arc<Shared>,
+    outcome: Option<Outcome>,
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if let Some(o) = self.outcome.take() {
+            self.shared.push(Item::Outcome(o));
+        }
+    }
+}
+
+/// One relay thread: a single-threaded tokio runtime that owns its sessions from start to end.
+struct Worker {
+    handle: Runtime,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    fn start(index: usize) -> io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("wsgate-relay-{index}"))
+            .spawn(move || {
+                let _ = rt.block_on(stopped);
+                // Dropping the runtime drops its sessions: each one's Report queues an outcome.
+                drop(rt);
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The relay engine. See the module docs.
+///
+/// Threads work like nginx's workers: each runs its own single-threaded runtime, and a session
+/// (both its sockets) lives on one of them, handed out in turn. No work stealing, no wake-ups
+/// across threads on the hot path: measured cheaper per message than tokio's multi-threaded
+/// scheduler for this workload of many independent sessions.
+pub struct Engine {
+    workers: Vec<Worker>,
+    next: std::sync::atomic::AtomicUsize,
+    shared: Arc<Shared>,
+    bell_rx: UnixStream,
+    dead_peer_timeout: Duration,
+}
+
+impl Engine {
+    /// Starts `threads` worker threads (0: one per CPU). A peer that vanishes without a FIN
+    /// (power cut, NAT timeout) is detected within `dead_peer_timeout` by the kernel: TCP
+    /// keepalive probes while the connection is idle, `TCP_USER_TIMEOUT` while data waits
+    /// for its ACK. Either costs nothing per message, unlike pings of our own.
+    pub fn new(threads: usize, dead_peer_timeout: Duration) -> io::Result<Self> {
+        let n = if threads > 0 {
+            threads
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        };
+        let workers = (0..n).map(Worker::start).collect::<io::Result<Vec<_>>>()?;
+        let (bell, bell_rx) = UnixStream::pair()?;
+        bell.set_nonblocking(true)?;
+        bell_rx.set_nonblocking(true)?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            bell,
+            sessions: Mutex::new(HashMap::new()),
+            inproc: Mutex::new(HashMap::new()),
+        });
+        Ok(Self {
+            workers,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            shared,
+            bell_rx,
+            dead_peer_timeout,
+        })
+    }
+
+    /// The descriptor that is readable while outcomes wait in the queue.
+    pub fn doorbell_fd(&self) -> RawFd {
+        self.bell_rx.as_raw_fd()
+    }
+
+    /// The runtime of the worker whose turn it is.
+    fn runtime(&self) -> io::Result<&Runtime> {
+        if self.workers.is_empty() {
+            return Err(io::Error::other("engine is shut down"));
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(&self.workers[i % self.workers.len()].handle)
+    }
+
+    fn register(&self, id: u64) -> io::Result<mpsc::UnboundedReceiver<Command>> {
+        let mut sessions = lock(&self.shared.sessions);
+        if sessions.contains_key(&id) {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "session id already in use",
+            ));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        sessions.insert(id, tx);
+        Ok(rx)
+    }
+
+    /// Runs one session on the next worker: `adopt` takes its sockets into that worker's
+    /// runtime, `session` relays them until the end. Its outcome is queued however it ends.
+    fn launch<S, F, Fut>(
+        &self,
+        id: u64,
+        adopt: impl FnOnce() -> io::Result<S>,
+        session: F,
+    ) -> io::Result<()>
+    where
+        S: Send + 'static,
+        F: FnOnce(S, mpsc::UnboundedReceiver<Command>, Arc<Shared>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Outcome> + Send,
+    {
+        let rt = self.runtime()?;
+        let sockets = {
+            let _guard = rt.enter();
+            adopt()?
+        };
+        let rx = self.register(id)?;
+        let mut report = Report {
+            shared: self.shared.clone(),
+            outcome: Some(Outcome::new(id)),
+        };
+        rt.spawn(async move {
+            let shared = report.shared.clone();
+            report.outcome = Some(session(sockets, rx, shared).await);
+            drop(report); // queues the outcome
+        });
+        Ok(())
+    }
+
+    /// Relays between a client (we are its server) and a bot (we are its client), both past
+    /// their handshakes. `*_pending`: bytes already read past each handshake.
+    pub fn relay(
+        &self,
+        id: u64,
+        client: std::net::TcpStream,
+        bot: std::net::TcpStream,
+        client_pending: Vec<u8>,
+        bot_pending: Vec<u8>,
+        limits: Limits,
+    ) -> io::Result<()> {
+        let dpt = self.dead_peer_timeout;
+        self.launch(
+            id,
+            || Ok((adopt(client, dpt)?, adopt(bot, dpt)?)),
+            move |(client, bot), rx, _| async move {
+                let pending = Pending {
+                    client: client_pending,
+                    bot: bot_pending,
+                };
+                relay::run(id, &client, &bot, pending, limits, rx).await
+            },
+        )
+    }
+
+    /// Serves a client with the built-in echo bot.
+    pub fn echo(
+        &self,
+        id: u64,
+        client: std::net::TcpStream,
+        client_pending: Vec<u8>,
+        limits: Limits,
+    ) -> io::Result<()> {
+        let dpt = self.dead_peer_timeout;
+        self.launch(
+            id,
+            || adopt(client, dpt),
+            move |client, rx, _| async move {
+                echo::run(id, &client, client_pending, limits, rx).await
+            },
+        )
+    }
+
+    /// Serves a client for an in-process Python bot: messages go to Python through
+    /// [`drain`](Self::drain), Python's go out through [`send`](Self::send).
+    pub fn attach(
+        &self,
+        id: u64,
+        client: std::net::TcpStream,
+        client_pending: Vec<u8>,
+        max_message_size: u64,
+        inbox_limit: usize,
+        send_buffer_limit: usize,
+    ) -> io::Result<()> {
+        let dpt = self.dead_peer_timeout;
+        let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit));
+        let ours = handle.clone();
+        self.launch(
+            id,
+            || adopt_stream(client, dpt),
+            move |client, rx, shared| async move {
+                let deliver = |m: Message| shared.push(Item::Message(m));
+                inproc::run(
+                    id,
+                    &client,
+                    client_pending,
+                    max_message_size,
+                    &ours,
+                    rx,
+                    deliver,
+                )
+                .await
+            },
+        )?;
+        // Registered after the launch: a session that failed to start has no handle to leak.
+        lock(&self.shared.inproc).insert(id, handle);
+        Ok(())
+    }
+
+    /// Queues a message for an in-process session's client: the bytes now queued, or `None`
+    /// when the session is closing or gone.
+    pub fn send(&self, id: u64, text: bool, data: &[u8]) -> Option<usize> {
+        let handle = lock(&self.shared.inproc).get(&id).cloned()?;
+        handle.send(text, data)
+    }
+
+    /// Python's bot consumed `n` bytes of an in-process session's messages.
+    pub fn consumed(&self, id: u64, n: usize) {
+        if let Some(h) = lock(&self.shared.inproc).get(&id) {
+            h.consumed(n);
+        }
+    }
+
+    /// Closes both sides of a live session with `code` and `reason`. False if it is unknown.
+    pub fn close(&self, id: u64, code: u16, reason: &str) -> bool {
+        match lock(&self.shared.sessions).get(&id) {
+            Some(tx) => tx.send(Command::Close(code, reason.to_owned())).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Takes everything queued, in order, and silences the doorbell.
+    pub fn drain(&self) -> Vec<Item> {
+        let mut sink = [0u8; 64];
+        while matches!((&self.bell_rx).read(&mut sink), Ok(n) if n > 0) {}
+        let mut q = lock(&self.shared.queue);
+        q.rung = false;
+        std::mem::take(&mut q.items)
+    }
+
+    /// Drops every session (closing its sockets) and stops the worker threads.
+    pub fn shutdown(&mut self) {
+        for w in &mut self.workers {
+            w.stop();
+        }
+        self.workers.clear();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
