@@ -40,43 +40,49 @@ pub trait Io {
 }
 
 /// Runs a session until its I/O is done or the core drops it, and returns how it ended.
-pub async fn run(
+///
+/// A plain `fn` around an `async move` block, not an `async fn`: an `async fn` keeps each
+/// argument twice in its future (as the argument and as the local it is moved into), and this
+/// future is most of what an idle session costs.
+pub fn run(
     mut session: Session,
     mut io: impl Io,
     time_limit: Option<Duration>,
     mut commands: mpsc::UnboundedReceiver<Command>,
-) -> Outcome {
+) -> impl Future<Output = Outcome> {
     // Far enough never to fire; tokio's wheel clamps it.
     let first = Instant::now() + time_limit.unwrap_or(Duration::from_secs(365 * 86400));
-    let timer = sleep_until(first);
-    tokio::pin!(timer);
-    let mut commands_open = true;
-    'session: while io.live() {
-        let input = tokio::select! {
-            cmd = commands.recv(), if commands_open => match cmd {
-                Some(Command::Close(code, reason)) => Input::Stop(code, reason),
-                None => {
-                    commands_open = false;
-                    continue;
+    async move {
+        let timer = sleep_until(first);
+        tokio::pin!(timer);
+        let mut commands_open = true;
+        'session: while io.live() {
+            let input = tokio::select! {
+                cmd = commands.recv(), if commands_open => match cmd {
+                    Some(Command::Close(code, reason)) => Input::Stop(code, reason),
+                    None => {
+                        commands_open = false;
+                        continue;
+                    }
+                },
+                () = &mut timer => Input::Timer,
+                input = io.step() => match input {
+                    Some(input) => input,
+                    None => continue,
+                },
+            };
+            for action in session.on(input) {
+                if action == Action::Drop {
+                    break 'session;
                 }
-            },
-            () = &mut timer => Input::Timer,
-            input = io.step() => match input {
-                Some(input) => input,
-                None => continue,
-            },
-        };
-        for action in session.on(input) {
-            if action == Action::Drop {
-                break 'session;
+                io.apply(action);
             }
-            io.apply(action);
+            if session.take_closing() {
+                timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
+            }
         }
-        if session.take_closing() {
-            timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
-        }
+        let mut outcome = session.into_outcome();
+        io.count(&mut outcome);
+        outcome
     }
-    let mut outcome = session.into_outcome();
-    io.count(&mut outcome);
-    outcome
 }

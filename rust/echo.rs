@@ -1,6 +1,7 @@
 //! The built-in echo bot: one pump from the client back to itself. Frames come back unmasked, a
 //! ping as a pong, the client's close as the bot's reply.
 
+use std::future::Future;
 use std::net::TcpStream;
 
 use tokio::io::unix::AsyncFd;
@@ -12,13 +13,13 @@ use crate::session::{Action, Input, Kind, Limits, Outcome, Session, Side, Transf
 
 /// Serves session `id`'s client until the session ends. `pending`: what the client sent past
 /// its upgrade request.
-pub async fn run(
+pub fn run(
     id: u64,
     client: &AsyncFd<TcpStream>,
     pending: Vec<u8>,
     limits: Limits,
     commands: mpsc::UnboundedReceiver<Command>,
-) -> Outcome {
+) -> impl Future<Output = Outcome> + '_ {
     let pump = Pump::new(
         client,
         client,
@@ -33,7 +34,6 @@ pub async fn run(
         limits.time_limit,
         commands,
     )
-    .await
 }
 
 struct Echo<'a> {

@@ -11,6 +11,7 @@
 //! task, which writes it. `send` returns the bytes queued; past `send_buffer_limit` Python waits
 //! for a `Drained` message, queued once the outbox has emptied to half the limit.
 
+use std::future::Future;
 use std::io::ErrorKind;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -145,15 +146,15 @@ fn push_frame(buf: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
 
 /// Serves one client for an in-process bot until the session ends. `deliver` queues a message
 /// for Python (and rings the doorbell).
-pub async fn run(
+pub fn run<'a>(
     id: u64,
-    client: &TcpStream,
+    client: &'a TcpStream,
     pending: Vec<u8>,
     max_message_size: u64,
-    handle: &Handle,
+    handle: &'a Handle,
     commands: mpsc::UnboundedReceiver<Command>,
-    deliver: impl Fn(Message) + Send + Sync,
-) -> Outcome {
+    deliver: impl Fn(Message) + Send + Sync + 'a,
+) -> impl Future<Output = Outcome> + 'a {
     let peer = Peer {
         id,
         client,
@@ -171,9 +172,7 @@ pub async fn run(
         messages: 0,
         bytes: 0,
     };
-    let outcome = driver::run(Session::new(id, Kind::InProcess), peer, None, commands).await;
-    handle.out().closed = true;
-    outcome
+    driver::run(Session::new(id, Kind::InProcess), peer, None, commands)
 }
 
 /// The client's socket and the session's side of the [`Handle`].
@@ -267,6 +266,13 @@ impl<D: Fn(Message)> Peer<'_, D> {
             return false;
         }
         true
+    }
+}
+
+impl<D> Drop for Peer<'_, D> {
+    fn drop(&mut self) {
+        // The session is over, however it ended: Python's sends are dropped from now on.
+        self.handle.out().closed = true;
     }
 }
 

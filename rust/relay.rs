@@ -2,6 +2,7 @@
 //! their handshakes, as two pumps. Client → bot frames are re-masked with our own keys, bot →
 //! client frames pass unchanged; what closes mean is the session core's.
 
+use std::future::Future;
 use std::net::TcpStream;
 
 use tokio::io::unix::AsyncFd;
@@ -19,15 +20,16 @@ pub struct Pending {
     pub bot: Vec<u8>,
 }
 
-/// Relays session `id` until it ends.
-pub async fn run(
+/// Relays session `id` until it ends. (A plain `fn` returning the driver's future, so that the
+/// pumps are not kept twice in it: see `driver::run`.)
+pub fn run<'a>(
     id: u64,
-    client: &AsyncFd<TcpStream>,
-    bot: &AsyncFd<TcpStream>,
+    client: &'a AsyncFd<TcpStream>,
+    bot: &'a AsyncFd<TcpStream>,
     pending: Pending,
     limits: Limits,
     commands: mpsc::UnboundedReceiver<Command>,
-) -> Outcome {
+) -> impl Future<Output = Outcome> + 'a {
     let max = limits.max_message_size;
     let io = Pair {
         up: Pump::new(client, bot, Transform::Remask, max, pending.client),
@@ -39,7 +41,6 @@ pub async fn run(
         limits.time_limit,
         commands,
     )
-    .await
 }
 
 /// Both directions: `up` client → bot, `down` bot → client.
