@@ -574,6 +574,42 @@ impl MsgReader {
     }
 }
 
+/// CPU seconds so far of the relay's and upstream's processes, this process, and the machine.
+fn cpu_sample(a: &Args) -> (f64, f64, f64, f64) {
+    (
+        sum_cpu(&a.relay_pids),
+        sum_cpu(&a.upstream_pids),
+        self_cpu(),
+        machine_cpu(),
+    )
+}
+
+/// The JSON fields every result ends with: CPU spent between two [`cpu_sample`]s (relay and
+/// upstream only when their pids were given), the first error if any, and the closing brace.
+fn cpu_fields(
+    a: &Args,
+    (r0, u0, s0, m0): (f64, f64, f64, f64),
+    (r1, u1, s1, m1): (f64, f64, f64, f64),
+    first_err: Option<String>,
+) -> String {
+    let mut o = String::new();
+    if !a.relay_pids.is_empty() {
+        o += &format!(",\"relay_cpu_s\":{:.3}", r1 - r0);
+    }
+    if !a.upstream_pids.is_empty() {
+        o += &format!(",\"upstream_cpu_s\":{:.3}", u1 - u0);
+    }
+    o += &format!(
+        ",\"loadgen_cpu_s\":{:.3},\"machine_cpu_s\":{:.3}",
+        s1 - s0,
+        m1 - m0
+    );
+    if let Some(e) = first_err {
+        o += &format!(",\"first_error\":{:?}", e);
+    }
+    o + "}"
+}
+
 fn percentile(sorted: &[u32], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -685,12 +721,7 @@ async fn saturate(a: &Args) -> Res<()> {
             }
         }
     }
-    let (r1, u1, s1, m1) = (
-        sum_cpu(&a.relay_pids),
-        sum_cpu(&a.upstream_pids),
-        self_cpu(),
-        machine_cpu(),
-    );
+    let (r1, u1, s1, m1) = cpu_sample(a);
     let elapsed = Instant::now().min(deadline + Duration::from_millis(500)) - start;
     let el = elapsed.as_secs_f64().max(dur.as_secs_f64());
     let (r0, u0, s0, m0) = *relay0.lock().unwrap();
@@ -709,21 +740,7 @@ async fn saturate(a: &Args) -> Res<()> {
         percentile(&lats, 0.99) / 1000.0,
         errors
     );
-    if !a.relay_pids.is_empty() {
-        o += &format!(",\"relay_cpu_s\":{:.3}", r1 - r0);
-    }
-    if !a.upstream_pids.is_empty() {
-        o += &format!(",\"upstream_cpu_s\":{:.3}", u1 - u0);
-    }
-    o += &format!(
-        ",\"loadgen_cpu_s\":{:.3},\"machine_cpu_s\":{:.3}",
-        s1 - s0,
-        m1 - m0
-    );
-    if let Some(e) = first_err {
-        o += &format!(",\"first_error\":{:?}", e);
-    }
-    o += "}";
+    o += &cpu_fields(a, (r0, u0, s0, m0), (r1, u1, s1, m1), first_err);
     println!("{o}");
     Ok(())
 }
@@ -1028,21 +1045,7 @@ async fn telephony(a: &Args) -> Res<()> {
         lats.last().map(|v| *v as f64).unwrap_or(f64::NAN) / 1000.0,
         errors
     );
-    if !a.relay_pids.is_empty() {
-        o += &format!(",\"relay_cpu_s\":{:.3}", r1 - r0);
-    }
-    if !a.upstream_pids.is_empty() {
-        o += &format!(",\"upstream_cpu_s\":{:.3}", u1 - u0);
-    }
-    o += &format!(
-        ",\"loadgen_cpu_s\":{:.3},\"machine_cpu_s\":{:.3}",
-        s1 - s0,
-        m1 - m0
-    );
-    if let Some(e) = first_err {
-        o += &format!(",\"first_error\":{:?}", e);
-    }
-    o += "}";
+    o += &cpu_fields(a, (r0, u0, s0, m0), (r1, u1, s1, m1), first_err);
     println!("{o}");
     Ok(())
 }
@@ -1204,22 +1207,12 @@ async fn opens(a: &Args) -> Res<()> {
     if werr == a.warmup_opens && werr > 0 {
         return Err(format!("every warm-up open failed: {}", wfirst.unwrap_or_default()).into());
     }
-    let (r0, u0, s0, m0) = (
-        sum_cpu(&a.relay_pids),
-        sum_cpu(&a.upstream_pids),
-        self_cpu(),
-        machine_cpu(),
-    );
+    let (r0, u0, s0, m0) = cpu_sample(a);
     let t0 = Instant::now();
     let (mut lats, errors, first_err) =
         open_many(&url, &tw, a.warmup_opens, a.conns, a.parallel).await;
     let el = t0.elapsed().as_secs_f64();
-    let (r1, u1, s1, m1) = (
-        sum_cpu(&a.relay_pids),
-        sum_cpu(&a.upstream_pids),
-        self_cpu(),
-        machine_cpu(),
-    );
+    let (r1, u1, s1, m1) = cpu_sample(a);
     lats.sort_unstable();
     let mut o = format!(
         "{{\"mode\":\"opens\",\"opens\":{},\"parallel\":{},\"seconds\":{:.3},\"opened\":{},\
@@ -1236,21 +1229,7 @@ async fn opens(a: &Args) -> Res<()> {
         lats.last().map(|v| *v as f64).unwrap_or(f64::NAN) / 1000.0,
         errors
     );
-    if !a.relay_pids.is_empty() {
-        o += &format!(",\"relay_cpu_s\":{:.3}", r1 - r0);
-    }
-    if !a.upstream_pids.is_empty() {
-        o += &format!(",\"upstream_cpu_s\":{:.3}", u1 - u0);
-    }
-    o += &format!(
-        ",\"loadgen_cpu_s\":{:.3},\"machine_cpu_s\":{:.3}",
-        s1 - s0,
-        m1 - m0
-    );
-    if let Some(e) = first_err {
-        o += &format!(",\"first_error\":{:?}", e);
-    }
-    o += "}";
+    o += &cpu_fields(a, (r0, u0, s0, m0), (r1, u1, s1, m1), first_err);
     println!("{o}");
     Ok(())
 }
