@@ -63,14 +63,7 @@ async def read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
             return bytes(buf[: end + 4]), bytes(buf[end + 4 :])
         if len(buf) >= limit + 4:
             raise HeadTooLarge
-        try:
-            chunk = sock.recv(_RECV_SIZE)
-        except BlockingIOError:
-            await anyio.wait_readable(sock)
-            continue
-        if not chunk:
-            raise EOFError("connection closed during the handshake")
-        buf += chunk
+        buf += await _receive(sock, _RECV_SIZE, "the handshake")
 
 
 async def read_exactly(sock: socket.socket, n: int, already: bytes = b"") -> bytes:
@@ -78,14 +71,7 @@ async def read_exactly(sock: socket.socket, n: int, already: bytes = b"") -> byt
     ``n`` are dropped (a ``/start`` request is answered and closed). Raises ``EOFError``."""
     buf = bytearray(already[:n])
     while len(buf) < n:
-        try:
-            chunk = sock.recv(min(_RECV_SIZE, n - len(buf)))
-        except BlockingIOError:
-            await anyio.wait_readable(sock)
-            continue
-        if not chunk:
-            raise EOFError("connection closed during the request body")
-        buf += chunk
+        buf += await _receive(sock, min(_RECV_SIZE, n - len(buf)), "the request body")
     return bytes(buf)
 
 
@@ -102,16 +88,23 @@ async def read_until(
         if result is not None:
             return result
     while True:
+        result = feed(await _receive(sock, _RECV_SIZE, "the opening"))
+        if result is not None:
+            return result
+
+
+async def _receive(sock: socket.socket, size: int, during: str) -> bytes:
+    """The next bytes from a non-blocking socket, at most ``size``, waiting for them; raises
+    ``EOFError`` naming what was being read if the peer closes."""
+    while True:
         try:
-            chunk = sock.recv(_RECV_SIZE)
+            chunk = sock.recv(size)
         except BlockingIOError:
             await anyio.wait_readable(sock)
             continue
         if not chunk:
-            raise EOFError("connection closed")
-        result = feed(chunk)
-        if result is not None:
-            return result
+            raise EOFError(f"connection closed during {during}")
+        return chunk
 
 
 async def send_and_close(sock: socket.socket, data: bytes) -> None:
