@@ -272,7 +272,7 @@ impl Engine {
         id: u64,
         client: std::net::TcpStream,
         client_pending: Vec<u8>,
-        max_message_size: u64,
+        limits: Limits,
         inbox_limit: usize,
         send_buffer_limit: usize,
     ) -> io::Result<()> {
@@ -284,16 +284,7 @@ impl Engine {
             || adopt_stream(client, dpt),
             move |client, rx, shared| async move {
                 let deliver = |m: Message| shared.push(Item::Message(m));
-                inproc::run(
-                    id,
-                    &client,
-                    client_pending,
-                    max_message_size,
-                    &ours,
-                    rx,
-                    deliver,
-                )
-                .await
+                inproc::run(id, &client, client_pending, limits, &ours, rx, deliver).await
             },
         )?;
         // Registered after the launch: a session that failed to start has no handle to leak.

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::driver::{self, Command, Io};
 use crate::frame::{close_frame, write_header, Opcode, MAX_HEADER_LEN};
 use crate::limits::READ_BUF;
-use crate::session::{Action, Assembler, Inbound, Input, Kind, Outcome, Session, Side};
+use crate::session::{Action, Assembler, Inbound, Input, Kind, Limits, Outcome, Session, Side};
 
 /// What an in-process session tells Python, besides its outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,7 +150,7 @@ pub fn run<'a>(
     id: u64,
     client: &'a TcpStream,
     pending: Vec<u8>,
-    max_message_size: u64,
+    limits: Limits,
     handle: &'a Handle,
     commands: mpsc::UnboundedReceiver<Command>,
     deliver: impl Fn(Message) + Send + Sync + 'a,
@@ -160,7 +160,7 @@ pub fn run<'a>(
         client,
         handle,
         deliver,
-        asm: Assembler::new(max_message_size),
+        asm: Assembler::new(limits.max_message_size),
         inbuf: pending,
         inbound: Vec::new(),
         reading: true,
@@ -172,7 +172,12 @@ pub fn run<'a>(
         messages: 0,
         bytes: 0,
     };
-    driver::run(Session::new(id, Kind::InProcess), peer, None, commands)
+    driver::run(
+        Session::new(id, Kind::InProcess),
+        peer,
+        limits.time_limit,
+        commands,
+    )
 }
 
 /// The client's socket and the session's side of the [`Handle`].

@@ -352,7 +352,8 @@ impl Engine {
         items.into_iter().map(|i| item_to_py(py, i)).collect()
     }
 
-    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit))]
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn attach(
         &self,
         session_id: u64,
@@ -361,14 +362,18 @@ impl Engine {
         max_message_size: u64,
         inbox_limit: usize,
         send_buffer_limit: usize,
+        time_limit: Option<f64>,
     ) -> PyResult<()> {
         let client = tcp_from_fd(client_fd)?;
-        let max = check_size(max_message_size)?;
+        let limits = session::Limits {
+            max_message_size: check_size(max_message_size)?,
+            time_limit: check_limit(time_limit)?,
+        };
         self.engine().attach(
             session_id,
             client,
             client_pending.as_bytes().to_vec(),
-            max,
+            limits,
             inbox_limit,
             send_buffer_limit,
         )?;
@@ -416,6 +421,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_BODY_DEPTH", body::MAX_BODY_DEPTH)?;
     m.add("TOKEN_TTL_SECONDS", token::TOKEN_TTL_SECONDS)?;
     m.add("MAX_TOKEN_BYTES", token::MAX_TOKEN_BYTES)?;
+    m.add("TIME_LIMIT_REASON", session::TIME_LIMIT_CLOSE.1)?;
     // ?body=
     m.add("BodyError", py.get_type::<BodyError>())?;
     m.add_function(wrap_pyfunction!(decode_body, m)?)?;

@@ -12,6 +12,7 @@ __all__ = [
     "MAX_BODY_DEPTH",
     "MAX_HEADER_BYTES",
     "MAX_TOKEN_BYTES",
+    "TIME_LIMIT_REASON",
     "TOKEN_TTL_SECONDS",
     "BodyError",
     "Engine",
@@ -33,6 +34,8 @@ MAX_BODY_DEPTH: int
 MAX_HEADER_BYTES: int
 #: Default cap on one WebSocket message (all fragments), in bytes.
 DEFAULT_MAX_MESSAGE_SIZE: int
+#: The close reason (with code 1000) a session gets at its time limit, and its outcome's detail.
+TIME_LIMIT_REASON: str
 #: Lifetime of a session token, in seconds (SPEC §3).
 TOKEN_TTL_SECONDS: int
 #: Longest token accepted; longer ones are refused before any work.
@@ -187,10 +190,13 @@ class Engine:
         max_message_size: int,
         inbox_limit: int,
         send_buffer_limit: int,
+        time_limit: float | None = None,
     ) -> None:
         """Serve a client for an in-process bot: the engine speaks WebSocket (reassembly, UTF-8
         checks, pongs, closes) and reports whole messages through :meth:`drain`. Past
-        ``inbox_limit`` bytes delivered and not :meth:`consumed`, it stops reading the client."""
+        ``inbox_limit`` bytes delivered and not :meth:`consumed`, it stops reading the client.
+        At ``time_limit`` seconds the client gets 1000 :data:`TIME_LIMIT_REASON` and the
+        outcome's ``detail`` is that reason."""
 
     def send(self, session_id: int, data: str | bytes) -> int | None:
         """Queue a text (``str``) or binary (``bytes``) message for an in-process session's

@@ -433,16 +433,16 @@ async def serve_bot(
     channel: SessionChannel,
     *,
     grace_period: float = DEFAULT_BOT_GRACE_PERIOD,
-    time_limit: float = float("inf"),
 ) -> _core.Outcome:
     """Run ``bot`` for one session attached to the engine, until both the bot and the session
     are over; returns the session's outcome.
 
     The bot runs in a task of its own. If it ends first, the client is closed (1000 after a
     return, 1011 after an exception, which is logged here once). If the client leaves first,
-    the bot has ``grace_period`` seconds to return, then is cancelled. At ``time_limit`` seconds
-    the bot is cancelled and the client closed with 1000 "session time limit". Cancelling this
-    call closes the client with 1001 and cancels the bot; it returns once the bot has finished.
+    the bot has ``grace_period`` seconds to return, then is cancelled. At the session's time limit
+    (enforced by the engine, like every session's: :class:`wsgate.relay.Limits`) the client gets
+    1000 "session time limit" and the bot is cancelled at once. Cancelling this call closes the
+    client with 1001 and cancels the bot; it returns once the bot has finished.
     """
     bot_scope = anyio.CancelScope()
     bot_done = anyio.Event()
@@ -466,16 +466,11 @@ async def serve_bot(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(run)
-            with anyio.move_on_after(time_limit):
-                await channel.wait()
-            if not channel.done:
-                channel.close(1000, "session time limit")
-                bot_scope.cancel()
-                await channel.wait()
-            else:
+            outcome = await channel.wait()
+            if outcome.ended_by != "gateway" or outcome.detail != _core.TIME_LIMIT_REASON:
                 with anyio.move_on_after(grace_period):
                     await bot_done.wait()
-                bot_scope.cancel()
+            bot_scope.cancel()
     except BaseException:
         channel.close(1001, "gateway shutting down")
         raise

@@ -5,7 +5,8 @@ task wakes when the engine's doorbell descriptor turns readable, drains every qu
 once and completes each session's waiter. A wake-up of the event loop costs 40-60 µs, so there
 is at most one per batch of finished sessions and none per frame.
 
-In-process sessions (:meth:`Relay.start_inprocess`) report through the same doorbell: each
+Every session starts with one typed call, :meth:`Relay.start` with a :class:`Handover`. In-process
+sessions (a :class:`InProcess` peer) report through the same doorbell: each
 ``_core.Message`` (a whole client message, or ``data=None``: the send buffer drained) goes to the
 session's :class:`Inbox` in order, before its outcome.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import itertools
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
@@ -22,7 +24,7 @@ from anyio.abc import TaskStatus
 
 from . import _core
 
-__all__ = ["Inbox", "Relay", "RelaySession"]
+__all__ = ["Handover", "InProcess", "Inbox", "Limits", "Relay", "RelaySession", "Upstream"]
 
 
 class Inbox(Protocol):
@@ -35,6 +37,52 @@ class Inbox(Protocol):
         """The session is over."""
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A session's limits, enforced by the engine for every kind of session."""
+
+    #: Largest message (all its fragments), either way; over it the sender gets 1009.
+    max_message_size: int = _core.DEFAULT_MAX_MESSAGE_SIZE
+    #: Seconds the session may last; then both sides get 1000 "session time limit".
+    #: None: no limit.
+    time_limit: float | None = None
+
+
+@dataclass(slots=True)
+class Upstream:
+    """A bot the gateway dialled: its socket, past its 101, and bytes read past the 101."""
+
+    sock: socket.socket
+    pending: bytes = b""
+
+
+@dataclass(slots=True)
+class InProcess:
+    """An in-process bot: where the session's messages and its end go, and its buffers."""
+
+    inbox: Inbox
+    inbox_limit: int
+    send_buffer_limit: int
+
+
+@dataclass(slots=True)
+class Handover:
+    """Everything one session needs to start (see :meth:`Relay.start`)."""
+
+    session_id: int
+    #: The service host (``{agent}.{org}``) the session belongs to.
+    agent: str
+    #: The client's socket, past the 101 the gateway sent it.
+    client: socket.socket
+    #: What serves the client: a dialled bot, an in-process bot, or None for the builtin echo.
+    peer: Upstream | InProcess | None
+    limits: Limits = Limits()
+    #: Bytes already read from the client past its upgrade request.
+    client_pending: bytes = b""
+    #: Called once with the session's outcome (from the doorbell task).
+    on_done: Callable[[_core.Outcome], None] | None = field(default=None, repr=False)
+
+
 class RelaySession:
     """A session the engine is relaying: close it, wait for its :class:`_core.Outcome`, or have
     ``on_done`` called with it.
@@ -43,11 +91,13 @@ class RelaySession:
     one per live session, and upstream sessions need no Python task while they run.
     """
 
-    __slots__ = ("_done", "_outcome", "id", "inbox", "on_done", "relay")
+    __slots__ = ("_done", "_outcome", "agent", "id", "inbox", "on_done", "relay")
 
-    def __init__(self, relay: Relay, id: int, inbox: Inbox | None = None) -> None:
+    def __init__(self, relay: Relay, id: int, agent: str, inbox: Inbox | None = None) -> None:
         self.relay = relay
         self.id = id
+        #: The service host the session belongs to.
+        self.agent = agent
         #: For an in-process session: what receives its messages and its end.
         self.inbox = inbox
         #: Called with the outcome when it arrives, from the doorbell task.
@@ -116,79 +166,46 @@ class Relay:
                 if session is not None:
                     session._finish(item)
 
-    def start_upstream(
-        self,
-        session_id: int,
-        client_sock: socket.socket,
-        bot_sock: socket.socket,
-        client_pending: bytes,
-        bot_pending: bytes,
-        max_message_size: int,
-        time_limit: float | None = None,
-    ) -> RelaySession:
-        """Hand a client and its bot to the engine; both sockets are detached (owned by Rust).
-        After ``time_limit`` seconds the engine closes both with 1000 "session time limit"."""
-        session = self._register(session_id)
-        client_fd, bot_fd = client_sock.detach(), bot_sock.detach()
+    def start(self, handover: Handover) -> RelaySession:
+        """Hand a session to the engine: the one way every kind of session starts. The sockets
+        are detached (owned by Rust from here on, closed by it); ``handover.on_done`` is called
+        with the outcome. The engine enforces the time limit for every kind: at it, both sides
+        get 1000 "session time limit" (an in-process bot sees its session end)."""
+        session = self._register(handover)
+        limits = handover.limits
+        peer = handover.peer
         try:
-            self.engine.relay(
-                session_id,
-                client_fd,
-                bot_fd,
-                client_pending,
-                bot_pending,
-                max_message_size,
-                time_limit,
-            )
+            client_fd = handover.client.detach()
+            if isinstance(peer, Upstream):
+                self.engine.relay(
+                    handover.session_id,
+                    client_fd,
+                    peer.sock.detach(),
+                    handover.client_pending,
+                    peer.pending,
+                    limits.max_message_size,
+                    limits.time_limit,
+                )
+            elif isinstance(peer, InProcess):
+                self.engine.attach(
+                    handover.session_id,
+                    client_fd,
+                    handover.client_pending,
+                    limits.max_message_size,
+                    peer.inbox_limit,
+                    peer.send_buffer_limit,
+                    limits.time_limit,
+                )
+            else:
+                self.engine.echo(
+                    handover.session_id,
+                    client_fd,
+                    handover.client_pending,
+                    limits.max_message_size,
+                    limits.time_limit,
+                )
         except BaseException:
-            self._live.pop(session_id, None)
-            raise
-        return session
-
-    def start_echo(
-        self,
-        session_id: int,
-        client_sock: socket.socket,
-        client_pending: bytes,
-        max_message_size: int,
-        time_limit: float | None = None,
-    ) -> RelaySession:
-        """Hand a client to the engine's built-in echo bot; the socket is detached."""
-        session = self._register(session_id)
-        try:
-            self.engine.echo(
-                session_id, client_sock.detach(), client_pending, max_message_size, time_limit
-            )
-        except BaseException:
-            self._live.pop(session_id, None)
-            raise
-        return session
-
-    def start_inprocess(
-        self,
-        session_id: int,
-        client_sock: socket.socket,
-        client_pending: bytes,
-        max_message_size: int,
-        inbox: Inbox,
-        *,
-        inbox_limit: int,
-        send_buffer_limit: int,
-    ) -> RelaySession:
-        """Hand a client to the engine for an in-process bot; the socket is detached. The
-        session's messages and its end go to ``inbox``."""
-        session = self._register(session_id, inbox)
-        try:
-            self.engine.attach(
-                session_id,
-                client_sock.detach(),
-                client_pending,
-                max_message_size,
-                inbox_limit,
-                send_buffer_limit,
-            )
-        except BaseException:
-            self._live.pop(session_id, None)
+            self._live.pop(handover.session_id, None)
             raise
         return session
 
@@ -196,10 +213,14 @@ class Relay:
         """Drop every session at once and stop the engine's threads."""
         self.engine.shutdown()
 
-    def _register(self, session_id: int, inbox: Inbox | None = None) -> RelaySession:
+    def _register(self, handover: Handover) -> RelaySession:
         # Registered before the hand-over: the outcome may be queued before relay() returns.
+        session_id = handover.session_id
         if session_id in self._live:
             raise ValueError(f"session {session_id} is already live")
-        session = RelaySession(self, session_id, inbox)
+        peer = handover.peer
+        inbox = peer.inbox if isinstance(peer, InProcess) else None
+        session = RelaySession(self, session_id, handover.agent, inbox)
+        session.on_done = handover.on_done
         self._live[session_id] = session
         return session

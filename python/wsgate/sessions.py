@@ -26,7 +26,7 @@ from .errors import HttpError, OpeningError
 from .handshake import switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
 from .providers import Opening, OpeningReader
-from .relay import Relay, RelaySession
+from .relay import Handover, InProcess, Limits, Relay, RelaySession, Upstream
 from .request import Request
 from .routing import Route
 from .tokens import TokenAuthority, VerifiedToken
@@ -152,24 +152,17 @@ class Sessions:
                     opening, pending = await peek_opening(sock, pending, target.provider)
             started = anyio.current_time()
             where = (target.service_host, session_uuid, started, opening)
+            handover = Handover(
+                session_id,
+                target.service_host,
+                sock,
+                peer=None if bot is None else Upstream(bot.sock, bot.pending),
+                limits=Limits(settings.max_message_size, self.time_limit),
+                client_pending=pending,
+            )
             if inprocess is not None:
-                return self._attach_inprocess(
-                    sock, pending, target, request, inprocess, session_id, where
-                )
-            if bot is None:  # builtin echo
-                session = self.relay.start_echo(
-                    session_id, sock, pending, settings.max_message_size, self.time_limit
-                )
-            else:
-                session = self.relay.start_upstream(
-                    session_id,
-                    sock,
-                    bot.sock,
-                    pending,
-                    bot.pending,
-                    settings.max_message_size,
-                    self.time_limit,
-                )
+                return self._attach_inprocess(handover, target, request, inprocess, where)
+            session = self.relay.start(handover)
         finally:
             if bot is not None:
                 bot.sock.close()  # no-op once detached
@@ -177,12 +170,10 @@ class Sessions:
 
     def _attach_inprocess(
         self,
-        sock: socket.socket,
-        pending: bytes,
+        handover: Handover,
         target: Route,
         request: Request,
         bot: Bot,
-        session_id: int,
         where: tuple[str, str, float, Opening | None],
     ) -> Opened:
         """Attach the client to the engine; the bot is called by _supervise."""
@@ -190,22 +181,15 @@ class Sessions:
         body = None if target.body_json is None else json.loads(target.body_json)
         channel = SessionChannel(
             self.relay.engine,
-            session_id,
+            handover.session_id,
             inbox_limit=settings.inbox_limit,
             send_buffer_limit=settings.send_buffer_limit,
         )
         websocket = InProcessWebSocket(
             channel, headers=request.headers, query=request.query, path=request.path
         )
-        session = self.relay.start_inprocess(
-            session_id,
-            sock,
-            pending,
-            settings.max_message_size,
-            channel,
-            inbox_limit=settings.inbox_limit,
-            send_buffer_limit=settings.send_buffer_limit,
-        )
+        handover.peer = InProcess(channel, settings.inbox_limit, settings.send_buffer_limit)
+        session = self.relay.start(handover)
         arguments = BotArguments(where[1], websocket, body)
         return Opened(session, *where, bot=(bot, arguments, channel))
 
@@ -220,7 +204,6 @@ class Sessions:
                 arguments,
                 channel,
                 grace_period=self.settings.bot_grace_period,
-                time_limit=self.time_limit,
             )
         except BaseException:
             session.close(1001, "gateway shutting down")

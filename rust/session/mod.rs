@@ -18,4 +18,4 @@ pub mod state;
 pub use assemble::{Assembler, Inbound};
 pub use forward::{Forwarded, Forwarder, OwnClose, Transform};
 pub use reader::{Frame, FrameReader};
-pub use state::{Action, EndedBy, Input, Kind, Limits, Outcome, Session, Side};
+pub use state::{Action, EndedBy, Input, Kind, Limits, Outcome, Session, Side, TIME_LIMIT_CLOSE};
