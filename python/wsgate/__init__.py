@@ -12,6 +12,7 @@ WebSocket endpoint. Python control plane on anyio (asyncio or trio), Rust data p
     anyio.run(main)
 """
 
+from ._core import Outcome
 from .config import (
     AgentConfig,
     Config,
@@ -21,6 +22,7 @@ from .config import (
     load_config,
     loads_config,
 )
+from .embed import Relayer, accept_upgrade, relay
 from .errors import ConfigError, HttpError, WsgateError
 from .inprocess import BotArguments, InProcessWebSocket, WebSocketDisconnect, WebSocketState
 from .server import Gateway
@@ -35,12 +37,16 @@ __all__ = [
     "HttpError",
     "InProcessWebSocket",
     "OrgConfig",
+    "Outcome",
+    "Relayer",
     "WebSocketDisconnect",
     "WebSocketState",
     "WsgateError",
+    "accept_upgrade",
     "default_config",
     "load_config",
     "loads_config",
+    "relay",
 ]
 
 # Show public names as wsgate.X (in reprs, tracebacks and docs), as anyio and httpx do.

@@ -23,6 +23,8 @@ Sans-I/O checks and turned into a response or a close frame by the server. The n
 
 from __future__ import annotations
 
+from .responses import plain_response
+
 __all__ = [
     "BodyTooLarge",
     "BotHandshakeError",
@@ -60,6 +62,10 @@ class HttpError(WsgateError):
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"
+
+    def response(self) -> bytes:
+        """The refusal as a complete plain-text HTTP response (what the gateway sends)."""
+        return plain_response(self.status, self.reason)
 
 
 class OpeningError(WsgateError):

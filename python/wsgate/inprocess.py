@@ -440,7 +440,7 @@ async def serve_bot(
     The bot runs in a task of its own. If it ends first, the client is closed (1000 after a
     return, 1011 after an exception, which is logged here once). If the client leaves first,
     the bot has ``grace_period`` seconds to return, then is cancelled. At the session's time limit
-    (enforced by the engine, like every session's: :class:`wsgate.relay.Limits`) the client gets
+    (enforced by the engine, like every session's: :class:`wsgate.engine.Limits`) the client gets
     1000 "session time limit" and the bot is cancelled at once. Cancelling this call closes the
     client with 1001 and cancels the bot; it returns once the bot has finished.
     """

@@ -33,6 +33,7 @@ __all__ = [
     "TokenCheck",
     "Upgrade",
     "body_error",
+    "check_upgrade",
     "no_token_auth_yet",
     "precheck",
     "route",
@@ -100,7 +101,7 @@ def precheck(request: Request) -> Upgrade:
     also its query, whose ``serviceHost`` Twilio cannot send (400) and ``body`` (400/413), so
     that everything judged from the request is answered before the upgrade."""
     provider, path_host, path_token = _match_path(request.path)
-    client_key, subprotocols = _check_upgrade(request)
+    client_key, subprotocols = check_upgrade(request)
     if provider == "twilio":
         params = request.query_params()
         if any(name == "serviceHost" for name, _ in params):
@@ -172,7 +173,7 @@ def _match_path(path: str) -> tuple[str, str | None, str | None]:
     return "generic", decoded[0], decoded[1] if len(decoded) == 2 else None
 
 
-def _check_upgrade(request: Request) -> tuple[str, tuple[str, ...]]:
+def check_upgrade(request: Request) -> tuple[str, tuple[str, ...]]:
     """RFC 6455 §4.2.1: returns the client's key and offered subprotocols, or raises 400."""
     if request.method != "GET":
         raise HttpError(400, "method must be GET for a WebSocket upgrade")

@@ -32,7 +32,7 @@ from .config import AgentConfig, Config, OrgConfig, default_config, load_config
 from .connection import Connections
 from .inprocess import Bot, bot_of
 from .names import check_name
-from .relay import Relay
+from .engine import Relay
 from .routing import no_token_auth_yet
 from .sessions import Opened, Sessions
 from .tokens import TokenAuthority, authority_for

@@ -26,7 +26,7 @@ from .errors import HttpError, OpeningError
 from .handshake import switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
 from .providers import Opening, OpeningReader
-from .relay import Handover, InProcess, Limits, Relay, RelaySession, Upstream
+from .engine import Handover, InProcess, Limits, Relay, RelaySession, Upstream
 from .request import Request
 from .routing import Route
 from .tokens import TokenAuthority, VerifiedToken

@@ -24,7 +24,15 @@ from anyio.abc import TaskStatus
 
 from . import _core
 
-__all__ = ["Handover", "InProcess", "Inbox", "Limits", "Relay", "RelaySession", "Upstream"]
+__all__ = [
+    "Handover",
+    "InProcess",
+    "Inbox",
+    "Limits",
+    "Relay",
+    "RelaySession",
+    "Upstream",
+]
 
 
 class Inbox(Protocol):
@@ -156,15 +164,19 @@ class Relay:
         task_status.started()
         while True:
             await anyio.wait_readable(doorbell)
-            for item in self.engine.drain():
-                if isinstance(item, _core.Message):
-                    live = self._live.get(item.session_id)
-                    if live is not None and live.inbox is not None:
-                        live.inbox.deliver(item.data)
-                    continue
-                session = self._live.pop(item.session_id, None)
-                if session is not None:
-                    session._finish(item)
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """Take everything the engine queued and hand each item to its session."""
+        for item in self.engine.drain():
+            if isinstance(item, _core.Message):
+                live = self._live.get(item.session_id)
+                if live is not None and live.inbox is not None:
+                    live.inbox.deliver(item.data)
+                continue
+            session = self._live.pop(item.session_id, None)
+            if session is not None:
+                session._finish(item)
 
     def start(self, handover: Handover) -> RelaySession:
         """Hand a session to the engine: the one way every kind of session starts. The sockets
