@@ -13,6 +13,7 @@ WebSocket endpoint. Python control plane on anyio (asyncio or trio), Rust data p
 """
 
 from ._core import Outcome
+from .authorize import SessionRequest
 from .config import (
     AgentConfig,
     Config,
@@ -39,6 +40,7 @@ __all__ = [
     "OrgConfig",
     "Outcome",
     "Relayer",
+    "SessionRequest",
     "WebSocketDisconnect",
     "WebSocketState",
     "WsgateError",

@@ -31,9 +31,9 @@ from anyio.lowlevel import RunVar
 from . import _core
 from ._sockets import send_and_close
 from .body import encode_body
+from .engine import Handover, Limits, Relay, RelaySession, Upstream
 from .errors import HttpError
 from .handshake import close_frame, switching_protocols
-from .engine import Handover, Limits, Relay, RelaySession, Upstream
 from .request import parse_request
 from .routing import check_upgrade
 from .upstream import dial

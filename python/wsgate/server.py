@@ -28,11 +28,12 @@ from anyio.abc import TaskGroup, TaskStatus
 from . import _core
 from ._sockets import listen
 from .admission import PendingReads, client_key
+from .authorize import Authorize
 from .config import AgentConfig, Config, OrgConfig, default_config, load_config
 from .connection import Connections
+from .engine import Relay
 from .inprocess import Bot, bot_of
 from .names import check_name
-from .engine import Relay
 from .routing import no_token_auth_yet
 from .sessions import Opened, Sessions
 from .tokens import TokenAuthority, authority_for
@@ -64,6 +65,10 @@ class Gateway:
     (``secrets``/``secrets_file``/``WSGATE_SECRETS``, ``token_ttl``, ``replay_store``) when an
     agent uses ``websocket_auth = "token"``. Pass one to share it or to inject a clock.
 
+    ``authorize`` is called for each session once it passed every check, before its bot is
+    reached: it may refuse it (raise ``HttpError``) or pick its upstream (return a ``ws://``
+    URL); see :mod:`wsgate.authorize`.
+
     ``session_time_limit`` (seconds) replaces ``config.gateway.max_session_duration`` for this
     gateway *without* that setting's 60-14400 s range, which stays the rule for settings (SPEC §6).
     It exists for tests and embedders that need sessions shorter than a minute; any number > 0 is
@@ -76,8 +81,10 @@ class Gateway:
         *,
         authority: TokenAuthority | None = None,
         session_time_limit: float | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         self.config = default_config() if config is None else config
+        self._authorize = authorize
         self._own_authority = authority is None
         self.authority = authority_for(self.config) if authority is None else authority
         if session_time_limit is None:
@@ -224,7 +231,12 @@ class Gateway:
             self._port = listener.getsockname()[1]
             relay = Relay(settings.relay_threads, settings.dead_peer_timeout)
             sessions = self._sessions = Sessions(
-                settings, relay, self._bots, self.authority, self.session_time_limit
+                settings,
+                relay,
+                self._bots,
+                self.authority,
+                self.session_time_limit,
+                self._authorize,
             )
             handler = Connections(
                 self.config,

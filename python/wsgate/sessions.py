@@ -21,16 +21,18 @@ import anyio
 
 from . import _core
 from ._sockets import read_until, send_all
+from .authorize import Authorize, SessionRequest, consult
 from .config import AgentConfig, GatewaySettings
+from .engine import Handover, InProcess, Limits, Relay, RelaySession, Upstream
 from .errors import HttpError, OpeningError
 from .handshake import switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
 from .providers import Opening, OpeningReader
-from .engine import Handover, InProcess, Limits, Relay, RelaySession, Upstream
 from .request import Request
 from .routing import Route
 from .tokens import TokenAuthority, VerifiedToken
 from .upstream import dial
+from .urls import UpstreamURL
 
 __all__ = ["Opened", "Sessions", "log_outcome", "peek_opening"]
 
@@ -67,8 +69,11 @@ class Sessions:
         bots: dict[str, Bot],
         authority: TokenAuthority | None,
         time_limit: float,
+        authorize: Authorize | None = None,
     ) -> None:
         self.settings = settings
+        #: The embedder's say on each session (``Gateway(authorize=...)``).
+        self.authorize = authorize
         self.relay = relay
         #: In-process bots by service host (the gateway's own dict: registrations show here).
         self.bots = bots
@@ -105,7 +110,13 @@ class Sessions:
                 verified = await authority.claim(target.token, target.service_host)
                 session_uuid = verified.session_id  # the sessionId /start returned
             try:
-                opened = await self._start(sock, pending, target, session_uuid, request, opening)
+                chosen = None
+                if self.authorize is not None:
+                    asked = _session_request(target, request, session_uuid, client, opening)
+                    chosen = await consult(self.authorize, asked)
+                opened = await self._start(
+                    sock, pending, target, session_uuid, request, opening, chosen
+                )
             except BaseException:
                 if authority is not None and verified is not None:
                     # The session did not start: the client may retry with the same token.
@@ -126,14 +137,16 @@ class Sessions:
         session_uuid: str,
         request: Request,
         opening: Opening | None,
+        chosen: UpstreamURL | None,
     ) -> Opened:
-        """Dial the bot (or pick the builtin or in-process bot), answer 101 unless the opening
-        was read after it already, and hand the client (and bot) sockets to the engine."""
+        """Dial the bot (``chosen`` by ``authorize``, else the agent's; or pick the builtin or
+        in-process bot), answer 101 unless the opening was read after it already, and hand the
+        client (and bot) sockets to the engine."""
         settings = self.settings
         session_id = self.relay.new_session_id()
         answered = opening is not None
-        inprocess = self.bots.get(target.service_host)
-        upstream = None if inprocess is not None else target.agent.upstream_url
+        inprocess = None if chosen is not None else self.bots.get(target.service_host)
+        upstream = chosen or (None if inprocess is not None else target.agent.upstream_url)
         bot = None
         if upstream is not None:
             bot = await dial(
@@ -146,8 +159,8 @@ class Sessions:
             )
         try:
             if not answered:
-                chosen = None if bot is None else bot.subprotocol
-                await send_all(sock, switching_protocols(target.client_key, chosen))
+                agreed = None if bot is None else bot.subprotocol
+                await send_all(sock, switching_protocols(target.client_key, agreed))
                 if target.provider != "generic":
                     opening, pending = await peek_opening(sock, pending, target.provider)
             started = anyio.current_time()
@@ -237,6 +250,25 @@ class Sessions:
         """A relayed session ended (its outcome came through the doorbell): free its place."""
         self.release(opened.service_host, opened.client)
         log_outcome(opened, outcome)
+
+
+def _session_request(
+    target: Route, request: Request, session_uuid: str, client: str, opening: Opening | None
+) -> SessionRequest:
+    agent = target.agent
+    return SessionRequest(
+        service_host=target.service_host,
+        agent=agent.name,
+        org=agent.org,
+        provider=target.provider,
+        session_id=session_uuid,
+        path=request.path,
+        headers=request.headers,
+        body=None if target.body_json is None else json.loads(target.body_json),
+        token=target.token is not None,
+        client=client,
+        call_id=None if opening is None else opening.call_id,
+    )
 
 
 async def peek_opening(
