@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
-__all__ = ["http_response", "json_response", "plain_response"]
+__all__ = ["http_response", "json_parts", "json_response", "plain_response"]
 
 
 def http_response(
@@ -39,8 +39,14 @@ def plain_response(status: int, text: str) -> bytes:
 
 def json_response(status: int, document: Any) -> bytes:
     """``/start``'s answer. ``Cache-Control: no-store``: a 200 holds a bearer token (SPEC §5)."""
+    headers, payload = json_parts(status, document)
+    return http_response(status, payload, "application/json", headers)
+
+
+def json_parts(status: int, document: Any) -> tuple[list[tuple[str, str]], bytes]:
+    """``/start``'s answer as its extra headers and JSON payload (for the ASGI app too)."""
     payload = json.dumps(document, separators=(",", ":")).encode()
     headers = [("Cache-Control", "no-store")]
     if status == 405:
         headers.append(("Allow", "POST"))
-    return http_response(status, payload, "application/json", headers)
+    return headers, payload

@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -32,9 +33,11 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 from . import _core
+from .body import encode_body
 from .config import AgentConfig, Config
 from .errors import ConfigError, HttpError
 from .replay import MemoryReplayStore, ReplayStore, ReplayStoreUnavailable, open_replay_store
@@ -42,14 +45,17 @@ from .request import Request
 
 __all__ = [
     "SECRETS_ENV",
+    "Claims",
     "MintedToken",
     "TokenAuthority",
     "VerifiedToken",
     "authority_for",
     "check_body",
     "load_secrets",
+    "mint",
     "session_id_for",
     "token_from_request",
+    "verify",
 ]
 
 #: Environment variable holding the secrets, comma-separated, the signing one first.
@@ -67,6 +73,8 @@ class MintedToken:
     #: Expiry, Unix seconds.
     exp: int
     nonce: str = field(repr=False)
+    #: The ``?body=`` value the client appends (standard base64 of the bound body), or None.
+    body: str | None = field(default=None, repr=False)
 
     @property
     def session_id(self) -> str:
@@ -312,3 +320,73 @@ def authority_for(config: Config) -> TokenAuthority | None:
     secrets = load_secrets(settings.secrets, secrets_file=settings.secrets_file)
     store = open_replay_store(settings.replay_store)
     return TokenAuthority(secrets, settings.token_ttl, store=store)
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What :func:`verify` found in a good token."""
+
+    service_host: str
+    #: Expiry, Unix seconds.
+    exp: int
+    #: The session id the bot will see (``X-Daily-Session-Id``).
+    session_id: str
+    #: Whether the token binds a body (then only that body opens its session).
+    binds_body: bool
+
+
+def mint(
+    secrets: str | bytes | Sequence[str | bytes],
+    service_host: str,
+    *,
+    body: Any = None,
+    ttl: int = _core.TOKEN_TTL_SECONDS,
+    now: float | None = None,
+) -> MintedToken:
+    """Mint a session token as ``/start`` does, for a backend that hands out its own.
+
+    ``secrets``: one secret, or the gateway's list (the first signs). ``body``: a JSON value
+    the token binds; give the client ``minted.body`` to append as ``?body=`` (the gateway
+    refuses the token with any other body). ``now``: Unix seconds (default: the clock).
+
+        minted = wsgate.tokens.mint(secret, "my-agent.my-org", body={"caller": "+15550100"})
+        url = f"wss://gateway/ws/generic/my-agent.my-org?body={quote(minted.body)}"
+        headers = {"Authorization": f"Bearer {minted.token}"}
+    """
+    authority = _authority(secrets, ttl, now)
+    if body is None:
+        return authority.mint(service_host)
+    document, encoded = encode_body(body)
+    try:
+        _core.check_body_json(document)  # the very check the upgrade applies to ?body=
+    except _core.BodyError as exc:
+        raise ValueError(exc.reason) from None
+    return dataclasses.replace(authority.mint(service_host, document), body=encoded)
+
+
+def verify(
+    secrets: str | bytes | Sequence[str | bytes],
+    token: str,
+    service_host: str,
+    *,
+    body: Any = None,
+    now: float | None = None,
+) -> Claims:
+    """Check a token as the gateway does before its one-time use: well formed, signed by one of
+    ``secrets``, for ``service_host``, not expired, and bound to exactly ``body`` (a JSON value;
+    None: no body). It does not use the token up: only the gateway's replay store does that.
+
+    Raises :class:`~wsgate.HttpError` 403 with the gateway's one-line reason.
+    """
+    authority = _authority(secrets, _core.TOKEN_TTL_SECONDS, now)
+    claims = authority.check(token, service_host)
+    check_body(claims, None if body is None else encode_body(body)[0])
+    return Claims(service_host, claims.exp, session_id_for(claims.nonce), claims.binds_body)
+
+
+def _authority(
+    secrets: str | bytes | Sequence[str | bytes], ttl: int, now: float | None
+) -> TokenAuthority:
+    listed = [secrets] if isinstance(secrets, (str, bytes)) else list(secrets)
+    clock = time.time if now is None else (lambda: now)
+    return TokenAuthority(listed, ttl, clock)
