@@ -1,5 +1,5 @@
 //! The engine: sessions handed over by the control plane as connected sockets, served on tokio
-//! worker threads until they end (`relay.rs`, `echo.rs`, `inproc.rs`), and their outcomes queued
+//! worker threads until they end (`relay.rs`, `echo.rs`, `inproc/`), and their outcomes queued
 //! for Python.
 //!
 //! Python learns of finished sessions through one doorbell (a socketpair) per engine: a byte is

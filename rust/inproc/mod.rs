@@ -11,138 +11,20 @@
 //! task, which writes it. `send` returns the bytes queued; past `send_buffer_limit` Python waits
 //! for a `Drained` message, queued once the outbox has emptied to half the limit.
 
+mod handle;
+
 use std::future::Future;
 use std::io::ErrorKind;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
+
+pub use handle::{Delivery, Handle, Message};
 
 use crate::driver::{self, Command, Io};
-use crate::frame::{close_frame, write_header, Opcode, MAX_HEADER_LEN};
 use crate::limits::READ_BUF;
 use crate::session::{Action, Assembler, Inbound, Input, Kind, Limits, Outcome, Session, Side};
-
-/// What an in-process session tells Python, besides its outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
-    /// A whole text message from the client.
-    Text(String),
-    /// A whole binary message from the client.
-    Binary(Vec<u8>),
-    /// The outbox, once over its limit, has emptied to half of it: sending may go on.
-    Drained,
-}
-
-/// A message for Python about one in-process session.
-#[derive(Debug, Clone)]
-pub struct Message {
-    /// The session.
-    pub session_id: u64,
-    /// What happened.
-    pub data: Delivery,
-}
-
-#[derive(Default)]
-struct OutState {
-    buf: Vec<u8>,
-    /// Bytes the session task took from `buf` and has not finished writing.
-    writing: usize,
-    /// A send went over the limit: Python waits for `Drained`.
-    over: bool,
-    /// No more sends: a close went (or is queued) to the client, or the session ended.
-    closed: bool,
-}
-
-/// The part of an in-process session that Python's calls reach.
-pub struct Handle {
-    out: Mutex<OutState>,
-    out_wake: Notify,
-    send_buffer_limit: usize,
-    undelivered: AtomicUsize,
-    credit_wake: Notify,
-    inbox_limit: usize,
-}
-
-impl Handle {
-    /// A handle with these limits, in bytes.
-    pub fn new(inbox_limit: usize, send_buffer_limit: usize) -> Self {
-        Self {
-            out: Mutex::new(OutState::default()),
-            out_wake: Notify::new(),
-            send_buffer_limit,
-            undelivered: AtomicUsize::new(0),
-            credit_wake: Notify::new(),
-            inbox_limit,
-        }
-    }
-
-    fn out(&self) -> std::sync::MutexGuard<'_, OutState> {
-        self.out
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Queues a message for the client. Returns the bytes now queued, or `None` once the
-    /// session is closing (the message is dropped, as Starlette drops sends after a close).
-    pub fn send(&self, text: bool, data: &[u8]) -> Option<usize> {
-        let queued = {
-            let mut st = self.out();
-            if st.closed {
-                return None;
-            }
-            push_frame(
-                &mut st.buf,
-                if text { Opcode::TEXT } else { Opcode::BINARY },
-                data,
-            );
-            let queued = st.buf.len() + st.writing;
-            if queued > self.send_buffer_limit {
-                st.over = true;
-            }
-            queued
-        };
-        self.out_wake.notify_one();
-        Some(queued)
-    }
-
-    /// Python's bot took `n` bytes of delivered messages.
-    pub fn consumed(&self, n: usize) {
-        let _ = self
-            .undelivered
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                Some(u.saturating_sub(n))
-            });
-        self.credit_wake.notify_one();
-    }
-
-    fn queue_close(&self, code: u16, reason: &str) {
-        let mut st = self.out();
-        if !st.closed {
-            st.closed = true;
-            st.buf.extend_from_slice(&close_frame(code, reason, None));
-        }
-        drop(st);
-        self.out_wake.notify_one();
-    }
-
-    fn queue_pong(&self, payload: &[u8]) {
-        let mut st = self.out();
-        if !st.closed {
-            push_frame(&mut st.buf, Opcode::PONG, payload);
-        }
-        drop(st);
-        self.out_wake.notify_one();
-    }
-}
-
-fn push_frame(buf: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
-    let mut hb = [0u8; MAX_HEADER_LEN];
-    let n = write_header(&mut hb, true, opcode, None, payload.len() as u64);
-    buf.extend_from_slice(&hb[..n]);
-    buf.extend_from_slice(payload);
-}
 
 /// Serves one client for an in-process bot until the session ends. `deliver` queues a message
 /// for Python (and rings the doorbell).
@@ -360,20 +242,5 @@ impl<D: Fn(Message) + Send + Sync> Io for Peer<'_, D> {
     fn count(&self, o: &mut Outcome) {
         o.messages_in = self.messages;
         o.bytes_in = self.bytes;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sends_past_the_limit_report_it_and_stop_after_a_close() {
-        let h = Handle::new(10, 8);
-        assert_eq!(h.send(true, b"hi"), Some(4));
-        assert_eq!(h.send(false, b"12345"), Some(11));
-        assert!(h.out().over);
-        h.queue_close(1000, "");
-        assert_eq!(h.send(true, b"late"), None);
     }
 }
