@@ -12,6 +12,8 @@ WebSocket endpoint. Python control plane on anyio (asyncio or trio), Rust data p
     anyio.run(main)
 """
 
+import inspect
+
 from ._core import Outcome
 from .authorize import SessionRequest
 from .config import (
@@ -54,6 +56,6 @@ __all__ = [
 # Show public names as wsgate.X (in reprs, tracebacks and docs), as anyio and httpx do.
 for _name in __all__:
     _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("wsgate."):
+    if getattr(_obj, "__module__", "").startswith("wsgate.") and not inspect.ismethod(_obj):
         _obj.__module__ = __name__
-del _name, _obj
+del _name, _obj, inspect

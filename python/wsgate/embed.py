@@ -70,9 +70,16 @@ class Relayer:
     """
 
     def __init__(self, *, threads: int = 0, dead_peer_timeout: float = 60.0) -> None:
-        self._relay = Relay(threads, dead_peer_timeout)
+        self._options = (threads, dead_peer_timeout)
+        self._engine: Relay | None = None  # started on first use: threads cost nothing till then
         # Whoever holds this drains the doorbell for every waiting call of this event loop.
         self._turn: RunVar[anyio.Lock] = RunVar(f"wsgate.Relayer.{id(self)}")
+
+    @property
+    def _relay(self) -> Relay:
+        if self._engine is None:
+            self._engine = Relay(*self._options)
+        return self._engine
 
     async def relay(
         self,
@@ -157,36 +164,12 @@ class Relayer:
 
     def close(self) -> None:
         """Drop every session of this engine at once and stop its threads."""
-        self._relay.shutdown()
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
 
 
-_default: Relayer | None = None
+_default = Relayer()
 
-
-async def relay(
-    sock: Detachable,
-    upstream: str,
-    *,
-    pending: bytes = b"",
-    subprotocols: Sequence[str] = (),
-    body: Any = None,
-    session_id: str | None = None,
-    max_message_size: int = _core.DEFAULT_MAX_MESSAGE_SIZE,
-    time_limit: float | None = None,
-    dial_timeout: float = 10.0,
-) -> _core.Outcome:
-    """:meth:`Relayer.relay` on a process-wide engine, made on first use."""
-    global _default
-    if _default is None:
-        _default = Relayer()
-    return await _default.relay(
-        sock,
-        upstream,
-        pending=pending,
-        subprotocols=subprotocols,
-        body=body,
-        session_id=session_id,
-        max_message_size=max_message_size,
-        time_limit=time_limit,
-        dial_timeout=dial_timeout,
-    )
+#: :meth:`Relayer.relay` on a process-wide engine, started on first use.
+relay = _default.relay
