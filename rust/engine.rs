@@ -21,7 +21,8 @@ use crate::driver::Command;
 use crate::inproc::{self, Handle, Message};
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
-use crate::sockets::{adopt, adopt_stream};
+use crate::sockets::adopt;
+use crate::tls::Tls;
 use crate::{echo, relay};
 
 /// News for Python, in the order it happened: a session's messages come before its outcome.
@@ -118,6 +119,18 @@ impl Worker {
             let _ = thread.join();
         }
     }
+}
+
+/// One side of a session as the control plane hands it over: its socket past the handshake,
+/// the TLS connection on it (if any, in the state the handshake left it), and the bytes read
+/// past the handshake (the start of its frames).
+pub struct Handed {
+    /// The connected socket.
+    pub sock: std::net::TcpStream,
+    /// Its TLS, begun by the control plane.
+    pub tls: Option<Tls>,
+    /// Bytes already read past the handshake.
+    pub pending: Vec<u8>,
 }
 
 /// The relay engine. See the module docs.
@@ -223,45 +236,31 @@ impl Engine {
     }
 
     /// Relays between a client (we are its server) and a bot (we are its client), both past
-    /// their handshakes. `*_pending`: bytes already read past each handshake.
-    pub fn relay(
-        &self,
-        id: u64,
-        client: std::net::TcpStream,
-        bot: std::net::TcpStream,
-        client_pending: Vec<u8>,
-        bot_pending: Vec<u8>,
-        limits: Limits,
-    ) -> io::Result<()> {
+    /// their handshakes.
+    pub fn relay(&self, id: u64, client: Handed, bot: Handed, limits: Limits) -> io::Result<()> {
         let dpt = self.dead_peer_timeout;
+        let pending = Pending {
+            client: client.pending,
+            bot: bot.pending,
+        };
+        let (c, b) = ((client.sock, client.tls), (bot.sock, bot.tls));
         self.launch(
             id,
-            || Ok((adopt(client, dpt)?, adopt(bot, dpt)?)),
+            || Ok((adopt(c.0, c.1, dpt)?, adopt(b.0, b.1, dpt)?)),
             move |(client, bot), rx, _| async move {
-                let pending = Pending {
-                    client: client_pending,
-                    bot: bot_pending,
-                };
                 relay::run(id, &client, &bot, pending, limits, rx).await
             },
         )
     }
 
     /// Serves a client with the built-in echo bot.
-    pub fn echo(
-        &self,
-        id: u64,
-        client: std::net::TcpStream,
-        client_pending: Vec<u8>,
-        limits: Limits,
-    ) -> io::Result<()> {
+    pub fn echo(&self, id: u64, client: Handed, limits: Limits) -> io::Result<()> {
         let dpt = self.dead_peer_timeout;
+        let (sock, tls, pending) = (client.sock, client.tls, client.pending);
         self.launch(
             id,
-            || adopt(client, dpt),
-            move |client, rx, _| async move {
-                echo::run(id, &client, client_pending, limits, rx).await
-            },
+            || adopt(sock, tls, dpt),
+            move |client, rx, _| async move { echo::run(id, &client, pending, limits, rx).await },
         )
     }
 
@@ -270,8 +269,7 @@ impl Engine {
     pub fn attach(
         &self,
         id: u64,
-        client: std::net::TcpStream,
-        client_pending: Vec<u8>,
+        client: Handed,
         limits: Limits,
         inbox_limit: usize,
         send_buffer_limit: usize,
@@ -279,12 +277,13 @@ impl Engine {
         let dpt = self.dead_peer_timeout;
         let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit));
         let ours = handle.clone();
+        let (sock, tls, pending) = (client.sock, client.tls, client.pending);
         self.launch(
             id,
-            || adopt_stream(client, dpt),
+            || adopt(sock, tls, dpt),
             move |client, rx, shared| async move {
                 let deliver = |m: Message| shared.push(Item::Message(m));
-                inproc::run(id, &client, client_pending, limits, &ours, rx, deliver).await
+                inproc::run(id, &client, pending, limits, &ours, rx, deliver).await
             },
         )?;
         // Registered after the launch: a session that failed to start has no handle to leak.
