@@ -163,8 +163,6 @@ def test_with_retry_after_0_a_member_that_failed_is_never_left_out() -> None:
 # --------------------------------------------------------------------------------------------
 # On real sockets
 
-pytest_anyio = pytest.mark.anyio
-
 
 def pool_config(upstreams: Sequence[str], **settings: Any) -> Config:
     return Config(
@@ -264,7 +262,7 @@ def readyz(port: int) -> str:
     return body.decode()
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_30_sessions_at_once_spread_over_two_bots_their_counts_differ_by_at_most_1() -> None:
     a, b = Bot(), Bot()
     try:
@@ -297,7 +295,7 @@ async def test_30_sessions_at_once_spread_over_two_bots_their_counts_differ_by_a
         b.close()
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_a_stopped_bot_is_skipped_and_no_new_session_fails(session_log: SessionLog) -> None:
     a, b = Bot(), Bot()
     member_1, member_2 = (
@@ -331,7 +329,7 @@ async def test_a_stopped_bot_is_skipped_and_no_new_session_fails(session_log: Se
         b.close()
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_a_member_that_failed_is_left_out_for_upstream_retry_after() -> None:
     bot = Bot()
     try:
@@ -354,7 +352,7 @@ async def test_a_member_that_failed_is_left_out_for_upstream_retry_after() -> No
         bot.close()
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_a_member_left_out_is_tried_again_once_upstream_retry_after_has_passed() -> None:
     retry_after = 0.3
     bot = Bot()
@@ -374,7 +372,7 @@ async def test_a_member_left_out_is_tried_again_once_upstream_retry_after_has_pa
         bot.close()
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_when_every_member_is_down_the_client_gets_502_naming_each_failure() -> None:
     async with pool_gateway(refusing_url(), refusing_url()) as gw:
         status, body = await http_exchange(gw.port, upgrade_request("/ws/generic/pool.test"))
@@ -384,7 +382,7 @@ async def test_when_every_member_is_down_the_client_gets_502_naming_each_failure
     )
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_when_every_member_is_left_out_every_member_is_tried_again() -> None:
     async with slammer() as one, slammer() as two, pool_gateway(one.url, two.url) as gw:
         for attempt in (1, 2):
@@ -393,7 +391,7 @@ async def test_when_every_member_is_left_out_every_member_is_tried_again() -> No
             assert (one.dials, two.dials) == (attempt, attempt)
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_members_that_never_answer_share_one_dial_timeout_and_the_client_gets_504() -> None:
     dial_timeout = 2.0
     quiet, silent = Sentinel(), Sentinel()  # accept TCP, never answer the upgrade
@@ -414,7 +412,7 @@ async def test_members_that_never_answer_share_one_dial_timeout_and_the_client_g
         silent.sock.close()
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_a_member_that_hangs_gets_its_share_of_the_budget_and_the_next_one_serves() -> None:
     quiet, bot = Sentinel(), Bot()
     try:
@@ -429,7 +427,7 @@ async def test_a_member_that_hangs_gets_its_share_of_the_budget_and_the_next_one
         bot.close()
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_a_session_that_ends_frees_its_place_on_its_member(session_log: SessionLog) -> None:
     a, b = Bot(), Bot()
     try:
@@ -462,7 +460,7 @@ async def test_a_session_that_ends_frees_its_place_on_its_member(session_log: Se
         b.close()
 
 
-@pytest_anyio
+@pytest.mark.anyio
 async def test_readyz_keeps_its_answer_for_agents_without_a_pool(sentinel: Sentinel) -> None:
     config = Config(
         gateway=GatewaySettings(port=0),

@@ -16,8 +16,9 @@ The rules (issue 13), in one place:
   and time a member did not need goes to the next ones.
 
 A string ``upstream`` is a pool of one, dialled the same way (its whole budget for one try, no
-log line of its own); only a list is named in the session's log line and in ``/readyz``, by
-position and address, never by full URL (a URL's query may hold what is not for the public).
+log line of its own). Only a list's members are named: in the gateway's log by position and
+address (never the full URL, whose query may hold what is not for a log), to clients and on
+``/readyz`` (public) by position alone.
 
 :class:`Pool` decides (no I/O: times in, order out); :class:`Pools` dials. Counts are per
 gateway process, like ``max_sessions``.
