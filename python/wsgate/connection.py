@@ -25,7 +25,7 @@ from .errors import HeadTooLarge, HttpError, OpeningError
 from .handshake import close_frame, switching_protocols
 from .providers import Opening, OpeningReader, close_for
 from .request import Request, parse_request
-from .responses import json_response, plain_response
+from .responses import json_response, plain_lines_response, plain_response
 from .routing import TokenCheck, precheck, route
 from .sessions import Opened, Sessions
 from .start import handle_start, is_start_path, request_body_length
@@ -98,7 +98,10 @@ class Connections:
         request = parse_request(head)
         if request.path in HEALTH_PATHS and request.method == "GET":
             ready = request.path == "/livez" or not self._draining()
-            await _respond(sock, *((200, "ok") if ready else (503, "draining")))
+            lines = ["ok" if ready else "draining"]
+            if request.path == "/readyz":  # and a line per pool member (wsgate.pools)
+                lines += self.sessions.pools.status(self.agents.values())
+            await send_and_close(sock, plain_lines_response(200 if ready else 503, lines))
             return None
         limited = self._client_rate is not None and not self._client_rate.allow(
             client, anyio.current_time()
