@@ -229,10 +229,6 @@ ORG = "[[org]]\nname = 'o'\n[[agent]]\n"
         ("name = 'a'\norg = 'o'", "set exactly one of upstream, builtin or bot"),
         ("name = 'a'\norg = 'o'\nbuiltin = 'echo'\nupstream = 'ws://b/'", "exactly one of"),
         ("name = 'a'\norg = 'o'\nbuiltin = 'chat'", "unknown builtin 'chat'"),
-        (
-            "name = 'a'\norg = 'o'\nupstream = 'wss://b/ws'",
-            "wss:// upstreams are not supported yet",
-        ),
         ("name = 'a'\norg = 'o'\nupstream = 'http://b/ws'", "must be a ws:// URL"),
         ("name = 'a'\norg = 'o'\nupstream = 1", "upstream must be a string"),
         ("name = 'a'\norg = 'o'\nbuiltin = 'echo'\nwebsocket_auth = 'jwt'", "'none' or 'token'"),

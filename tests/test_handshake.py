@@ -68,6 +68,9 @@ def test_an_unusual_status_still_gets_a_phrase() -> None:
         ("ws://bot.internal", "bot.internal", 80, "/", "bot.internal"),
         ("ws://bot:80/a/b?room=1", "bot", 80, "/a/b?room=1", "bot"),
         ("ws://[::1]:9001/ws", "::1", 9001, "/ws", "[::1]:9001"),
+        ("wss://bot.internal/ws", "bot.internal", 443, "/ws", "bot.internal"),
+        ("wss://bot.internal:8443/ws", "bot.internal", 8443, "/ws", "bot.internal:8443"),
+        ("wss://bot.internal:80/ws", "bot.internal", 80, "/ws", "bot.internal:80"),
     ],
 )
 def test_an_upstream_url_splits_into_host_port_and_resource(
@@ -76,12 +79,12 @@ def test_an_upstream_url_splits_into_host_port_and_resource(
     target = parse_upstream_url(url)
     assert (target.host, target.port, target.resource) == (host, port, resource)
     assert target.host_header == host_header
+    assert target.tls == url.startswith("wss://")
 
 
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("wss://bot/ws", "wss:// upstreams are not supported yet"),
         ("http://bot/ws", "must be a ws:// URL"),
         ("bot:9001", "must be a ws:// URL"),
         ("ws://user:pw@bot/ws", "user information"),

@@ -63,7 +63,6 @@ def test_upstream_takes_a_list_as_well_as_a_string() -> None:
         ("[]", "agent 'a.o': upstream must not be an empty list"),
         ("['ws://b/ws', 'http://c/ws']", "agent 'a.o': upstream 'http://c/ws' must be a ws:// URL"),
         ("['ws://b/ws', 'ws://b:x/ws']", "upstream 'ws://b:x/ws' has an invalid port"),
-        ("['wss://b/ws']", "wss:// upstreams are not supported yet"),
         ("['ws://b/ws', 'ws://b/ws']", "agent 'a.o': upstream lists a URL twice"),
         ("['ws://b/ws', 7]", "upstream must be a string or a list of strings, got list"),
         ("{ url = 'ws://b/ws' }", "upstream must be a string or a list of strings, got dict"),

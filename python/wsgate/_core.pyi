@@ -18,6 +18,10 @@ __all__ = [
     "Engine",
     "Message",
     "Outcome",
+    "TlsClientContext",
+    "TlsConnection",
+    "TlsError",
+    "TlsServerContext",
     "TokenClaims",
     "TokenError",
     "TokenKeys",
@@ -163,9 +167,12 @@ class Engine:
         bot_pending: bytes,
         max_message_size: int,
         time_limit: float | None = None,
+        client_tls: TlsConnection | None = None,
+        bot_tls: TlsConnection | None = None,
     ) -> None:
         """Relay a session between a client (we are its server) and a bot (we are its client).
-        After ``time_limit`` seconds both sides get 1000 "session time limit".
+        After ``time_limit`` seconds both sides get 1000 "session time limit". ``*_tls``: the
+        TLS connection on that socket, taken over in the state its handshake left it.
 
         ``*_pending`` are bytes already read from each socket past its HTTP handshake: they are
         the start of that side's frame stream. Takes ownership of both descriptors, also when
@@ -179,6 +186,7 @@ class Engine:
         client_pending: bytes,
         max_message_size: int,
         time_limit: float | None = None,
+        client_tls: TlsConnection | None = None,
     ) -> None:
         """Serve a client with the built-in echo bot: every message comes back unchanged."""
 
@@ -191,6 +199,7 @@ class Engine:
         inbox_limit: int,
         send_buffer_limit: int,
         time_limit: float | None = None,
+        client_tls: TlsConnection | None = None,
     ) -> None:
         """Serve a client for an in-process bot: the engine speaks WebSocket (reassembly, UTF-8
         checks, pongs, closes) and reports whole messages through :meth:`drain`. Past
@@ -215,3 +224,49 @@ class Engine:
 
     def shutdown(self) -> None:
         """Drop every session at once (their sockets are closed) and stop the threads."""
+
+class TlsError(ConnectionError):
+    """The peer's TLS failed (a bad record, an alert, no common version or cipher, a certificate
+    that does not verify): the connection is over."""
+
+@final
+class TlsServerContext:
+    """The listener's certificate chain and key (PEM). ``ValueError`` with the reason for an
+    unreadable chain or key, a key that does not match, a certificate outside its validity."""
+
+    def __new__(cls, chain_pem: bytes, key_pem: bytes) -> TlsServerContext: ...
+    def accept(self) -> TlsConnection:
+        """The server end of a new connection."""
+
+@final
+class TlsClientContext:
+    """The roots bots' certificates are checked against: the system's, or ``ca_pem``'s."""
+
+    def __new__(cls, ca_pem: bytes | None = None) -> TlsClientContext: ...
+    def connect(self, host: str) -> TlsConnection:
+        """The client end of a new connection to ``host``, whose certificate must name it."""
+
+@final
+class TlsConnection:
+    """One TLS connection, driven from Python (Sans-I/O) until the engine takes it."""
+
+    def feed(self, data: bytes) -> None:
+        """Take bytes read from the socket; ``TlsError`` when they end the connection (its
+        alert, if any, is then in :meth:`outgoing`)."""
+
+    def read(self, n: int) -> bytes | None:
+        """Up to ``n`` decrypted bytes: ``b""`` once the peer closed, None when more bytes
+        must be fed first."""
+
+    def write(self, data: bytes) -> None:
+        """Encrypt ``data`` for the peer (see :meth:`outgoing`)."""
+
+    def outgoing(self) -> bytes:
+        """Every record waiting to be sent, taken."""
+
+    def close_notify(self) -> None:
+        """Queue a close_notify alert."""
+
+    @property
+    def handshaking(self) -> bool:
+        """Whether the handshake is still going on."""

@@ -16,8 +16,13 @@ from typing import TypeVar
 import anyio
 
 from .errors import HeadTooLarge
+from .tls import TlsSocket
+
+#: A client's or a bot's connection during the handshakes: plain, or with TLS on it.
+Conn = socket.socket | TlsSocket
 
 __all__ = [
+    "Conn",
     "HeadTooLarge",
     "listen",
     "read_exactly",
@@ -34,8 +39,9 @@ _LINGER = 1.0
 T = TypeVar("T")
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    """Send every byte of ``data`` on a non-blocking socket."""
+async def send_all(sock: Conn, data: bytes) -> None:
+    """Send every byte of ``data`` on a non-blocking socket (with TLS: until every record is
+    written, so the socket can be handed over)."""
     view = memoryview(data)
     while view:
         try:
@@ -44,9 +50,17 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
             await anyio.wait_writable(sock)
             continue
         view = view[sent:]
+    await _flush(sock)
 
 
-async def read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
+async def _flush(sock: Conn) -> None:
+    """With TLS: wait until the records the socket did not take at once are written."""
+    while isinstance(sock, TlsSocket) and sock.pending:
+        await anyio.wait_writable(sock)
+        sock.flush()
+
+
+async def read_head(sock: Conn, limit: int) -> tuple[bytes, bytes]:
     """Read an HTTP head from a non-blocking socket: returns ``(head, rest)``.
 
     ``head`` ends with its empty line (``b"\\r\\n\\r\\n"``); ``rest`` holds the bytes read past it
@@ -66,7 +80,7 @@ async def read_head(sock: socket.socket, limit: int) -> tuple[bytes, bytes]:
         buf += await _receive(sock, _RECV_SIZE, "the handshake")
 
 
-async def read_exactly(sock: socket.socket, n: int, already: bytes = b"") -> bytes:
+async def read_exactly(sock: Conn, n: int, already: bytes = b"") -> bytes:
     """``n`` bytes of a request body, of which ``already`` arrived with the head. Bytes past
     ``n`` are dropped (a ``/start`` request is answered and closed). Raises ``EOFError``."""
     buf = bytearray(already[:n])
@@ -76,7 +90,7 @@ async def read_exactly(sock: socket.socket, n: int, already: bytes = b"") -> byt
 
 
 async def read_until(
-    sock: socket.socket,
+    sock: Conn,
     feed: Callable[[bytes], T | None],
     already: bytes = b"",
 ) -> T:
@@ -93,13 +107,15 @@ async def read_until(
             return result
 
 
-async def _receive(sock: socket.socket, size: int, during: str) -> bytes:
+async def _receive(sock: Conn, size: int, during: str) -> bytes:
     """The next bytes from a non-blocking socket, at most ``size``, waiting for them; raises
     ``EOFError`` naming what was being read if the peer closes."""
     while True:
         try:
             chunk = sock.recv(size)
         except BlockingIOError:
+            # TLS: the peer may be waiting for our handshake records before it sends more.
+            await _flush(sock)
             await anyio.wait_readable(sock)
             continue
         if not chunk:
@@ -107,12 +123,13 @@ async def _receive(sock: socket.socket, size: int, during: str) -> bytes:
         return chunk
 
 
-async def send_and_close(sock: socket.socket, data: bytes) -> None:
+async def send_and_close(sock: Conn, data: bytes) -> None:
     """Send a refusal (a response or a close frame) and close, without resetting it away."""
     try:
         with anyio.move_on_after(_LINGER):
             await send_all(sock, data)
             sock.shutdown(socket.SHUT_WR)
+            await _flush(sock)  # TLS: the close_notify
             # Read until the client closes: closing with unread input would send a RST, which
             # can destroy the answer before the client reads it.
             while True:

@@ -132,6 +132,13 @@ class GatewaySettings:
     #: Where spent token nonces are kept: ``"memory"`` (this process) or a ``redis://`` URL
     #: (shared by several gateways). May hold a password: never in a repr or a log.
     replay_store: str = field(default="memory", repr=False)
+    #: TLS on the listener (``wss://`` and ``https://``): a PEM certificate chain, leaf first,
+    #: sent as given, and its PEM private key (RSA, ECDSA or Ed25519). Both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: PEM roots that ``wss://`` bots' certificates must chain to (a private CA); unset: the
+    #: system's roots. An agent may set its own.
+    upstream_ca_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("host", "region"):
@@ -188,6 +195,11 @@ class GatewaySettings:
             object.__setattr__(self, "secrets", tuple(self.secrets))
         if self.secrets_file is not None and not isinstance(self.secrets_file, str):
             raise ConfigError("secrets_file must be a string")
+        for name in ("tls_cert", "tls_key", "upstream_ca_file"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a file path")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: set both or neither")
         value = self.max_session_duration
         if not _is_number(value) or not 60 <= value <= 14400:
             raise ConfigError(f"max_session_duration must be 60 to 14400 seconds, got {value!r}")
@@ -222,9 +234,9 @@ class AgentConfig:
     name: str
     org: str
     websocket_auth: WebsocketAuth = "none"
-    #: The bot's full ``ws://`` URL; the gateway dials it for each session. Or a pool: a list
-    #: of such URLs, each session going to the member with the fewest live sessions (see
-    #: :mod:`wsgate.pools`). A list is stored as a tuple.
+    #: The bot's full ``ws://`` or ``wss://`` URL; the gateway dials it for each session. Or a
+    #: pool: a list of such URLs, each session going to the member with the fewest live
+    #: sessions (see :mod:`wsgate.pools`). A list is stored as a tuple.
     upstream: str | Sequence[str] | None = None
     #: A bot built into wsgate instead of an upstream: ``"echo"``.
     builtin: str | None = None
@@ -233,6 +245,9 @@ class AgentConfig:
     bot: BotFunction | str | None = None
     #: Sessions this agent may have open at once (on this gateway); more get 503.
     max_sessions: int = 50
+    #: PEM roots for this agent's ``wss://`` bots, instead of the gateway's
+    #: ``upstream_ca_file`` (or the system's roots).
+    upstream_ca_file: str | None = None
 
     def __post_init__(self) -> None:
         check_name("agent", self.name)
@@ -269,6 +284,8 @@ class AgentConfig:
                 f"agent {self.service_host!r}: unknown builtin {self.builtin!r} "
                 f"(known: {', '.join(sorted(BUILTINS))})"
             )
+        if self.upstream_ca_file is not None and not isinstance(self.upstream_ca_file, str):
+            raise ConfigError(f"agent {self.service_host!r}: upstream_ca_file must be a file path")
         if not _is_int(self.max_sessions) or self.max_sessions < 1:
             raise ConfigError(
                 f"agent {self.service_host!r}: max_sessions must be an integer >= 1, "

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 from collections.abc import Callable, Mapping
 
 import anyio
 
 from . import _core
-from ._sockets import read_exactly, read_head, read_until, send_all, send_and_close
+from ._sockets import Conn, read_exactly, read_head, read_until, send_all, send_and_close
 from .admission import PendingReads, RateLimiter
 from .config import AgentConfig, Config
 from .errors import HeadTooLarge, HttpError, OpeningError
@@ -66,7 +65,7 @@ class Connections:
         self._client_rate = RateLimiter(rate) if rate else None
         self._key_rate = RateLimiter(per_key) if per_key else None
 
-    async def handle(self, sock: socket.socket, client: str) -> Opened | None:
+    async def handle(self, sock: Conn, client: str) -> Opened | None:
         """Run the client's request; returns the session it opened, or None if refused."""
         # handshake_timeout covers the whole request: head, and a /start body.
         deadline = anyio.current_time() + self.config.gateway.handshake_timeout
@@ -84,6 +83,9 @@ class Connections:
             level = logging.WARNING if exc.status >= 500 else logging.DEBUG
             log.log(level, "refused with %d: %s", exc.status, exc.reason)
             await _respond(sock, exc.status, exc.reason)
+        except _core.TlsError as exc:
+            # Plain HTTP on the TLS port, no common version or cipher, a bad record: no session.
+            log.debug("TLS handshake failed: %s", exc)
         except (EOFError, OSError):
             pass  # the client went away during its handshake
         except Exception:
@@ -93,7 +95,7 @@ class Connections:
         return None
 
     async def _request(
-        self, sock: socket.socket, head: bytes, pending: bytes, deadline: float, client: str
+        self, sock: Conn, head: bytes, pending: bytes, deadline: float, client: str
     ) -> Opened | None:
         request = parse_request(head)
         if request.path in HEALTH_PATHS and request.method == "GET":
@@ -122,7 +124,7 @@ class Connections:
         return await self.sessions.admit(sock, pending, target, request, client, None)
 
     async def _twilio(
-        self, sock: socket.socket, request: Request, pending: bytes, client: str
+        self, sock: Conn, request: Request, pending: bytes, client: str
     ) -> Opened | None:
         """``/ws/twilio`` (SPEC §6b): answer the upgrade, read the stream's opening for its
         service host, then route and admit as usual. Every refusal from here on is a close
@@ -153,7 +155,7 @@ class Connections:
         return None
 
     async def _start_service(
-        self, sock: socket.socket, request: Request, pending: bytes, deadline: float
+        self, sock: Conn, request: Request, pending: bytes, deadline: float
     ) -> None:
         """``POST /v1/public/{agent}/start`` (SPEC §5) on the same listener."""
         try:
@@ -186,16 +188,16 @@ class Connections:
         await send_and_close(sock, json_response(status, document))
 
 
-async def _respond(sock: socket.socket, status: int, text: str) -> None:
+async def _respond(sock: Conn, status: int, text: str) -> None:
     """Answer with a plain-text response, then close."""
     await send_and_close(sock, plain_response(status, text))
 
 
-async def _respond_json(sock: socket.socket, status: int, reason: str) -> None:
+async def _respond_json(sock: Conn, status: int, reason: str) -> None:
     """Answer ``/start`` with its JSON error, then close."""
     await send_and_close(sock, json_response(status, {"error": reason, "code": str(status)}))
 
 
-async def _close(sock: socket.socket, code: int, reason: str) -> None:
+async def _close(sock: Conn, code: int, reason: str) -> None:
     """Close an upgraded client with a close frame, then the connection."""
     await send_and_close(sock, close_frame(code, reason))

@@ -14,7 +14,6 @@ session's :class:`Inbox` in order, before its outcome.
 from __future__ import annotations
 
 import itertools
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,6 +22,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 from . import _core
+from ._sockets import Conn
+from .tls import TlsSocket
 
 __all__ = [
     "Handover",
@@ -60,7 +61,7 @@ class Limits:
 class Upstream:
     """A bot the gateway dialled: its socket, past its 101, and bytes read past the 101."""
 
-    sock: socket.socket
+    sock: Conn
     pending: bytes = b""
 
 
@@ -81,7 +82,7 @@ class Handover:
     #: The service host (``{agent}.{org}``) the session belongs to.
     agent: str
     #: The client's socket, past the 101 the gateway sent it.
-    client: socket.socket
+    client: Conn
     #: What serves the client: a dialled bot, an in-process bot, or None for the builtin echo.
     peer: Upstream | InProcess | None
     limits: Limits = Limits()
@@ -141,6 +142,10 @@ class RelaySession:
             self.on_done(outcome)
 
 
+def _tls_of(conn: Conn) -> _core.TlsConnection | None:
+    return conn.tls if isinstance(conn, TlsSocket) else None
+
+
 class Relay:
     """Owns the engine and the doorbell task; :meth:`run` must be running in a task group."""
 
@@ -186,6 +191,7 @@ class Relay:
         session = self._register(handover)
         limits = handover.limits
         peer = handover.peer
+        client_tls = _tls_of(handover.client)
         try:
             client_fd = handover.client.detach()
             if isinstance(peer, Upstream):
@@ -197,6 +203,8 @@ class Relay:
                     peer.pending,
                     limits.max_message_size,
                     limits.time_limit,
+                    client_tls=client_tls,
+                    bot_tls=_tls_of(peer.sock),
                 )
             elif isinstance(peer, InProcess):
                 self.engine.attach(
@@ -207,6 +215,7 @@ class Relay:
                     peer.inbox_limit,
                     peer.send_buffer_limit,
                     limits.time_limit,
+                    client_tls=client_tls,
                 )
             else:
                 self.engine.echo(
@@ -215,6 +224,7 @@ class Relay:
                     handover.client_pending,
                     limits.max_message_size,
                     limits.time_limit,
+                    client_tls=client_tls,
                 )
         except BaseException:
             self._live.pop(handover.session_id, None)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from . import _core
 from .config import AgentConfig
 from .errors import HttpError
 from .upstream import BotConnection, dial
@@ -157,6 +158,7 @@ class Pools:
         body_value: str | None,
         subprotocols: Sequence[str],
         timeout: float,
+        tls: _core.TlsClientContext | None = None,
     ) -> tuple[Member, BotConnection]:
         """Dial members of the agent's pool in :meth:`Pool.plan` order until one answers, all
         within ``timeout`` seconds. The member returned counts the session as live until
@@ -179,6 +181,7 @@ class Pools:
                         body_value=body_value,
                         subprotocols=subprotocols,
                         timeout=left / (len(group) - tried),
+                        tls=tls,
                     )
                 except HttpError as exc:
                     reason = exc.reason.removeprefix(_UNREACHABLE)

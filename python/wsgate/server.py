@@ -32,10 +32,12 @@ from .authorize import Authorize
 from .config import AgentConfig, Config, OrgConfig, default_config, load_config
 from .connection import Connections
 from .engine import Relay
+from .errors import ConfigError
 from .inprocess import Bot, bot_of
 from .names import check_name
 from .routing import no_token_auth_yet
 from .sessions import Opened, Sessions
+from .tls import TlsSocket, client_context, server_context
 from .tokens import TokenAuthority, authority_for
 
 __all__ = ["Gateway"]
@@ -85,6 +87,21 @@ class Gateway:
     ) -> None:
         self.config = default_config() if config is None else config
         self._authorize = authorize
+        settings = self.config.gateway
+        #: The listener's TLS (``tls_cert``/``tls_key``); swapped by :meth:`reload_tls`.
+        self._tls = (
+            None
+            if settings.tls_cert is None or settings.tls_key is None
+            else server_context(settings.tls_cert, settings.tls_key)
+        )
+        # Roots for wss:// bots, by CA file (None: the system's), made now so a bad file
+        # fails here rather than at the first session.
+        self._bot_tls: dict[str | None, _core.TlsClientContext] = {}
+        for agent in self.config.agents:
+            if any(url.tls for url in agent.upstream_urls):
+                ca_file = agent.upstream_ca_file or settings.upstream_ca_file
+                if ca_file not in self._bot_tls:
+                    self._bot_tls[ca_file] = client_context(ca_file)
         self._own_authority = authority is None
         self.authority = authority_for(self.config) if authority is None else authority
         if session_time_limit is None:
@@ -183,13 +200,37 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        """``ws://host:port`` of this gateway, for local clients (a wildcard host shows as
-        loopback)."""
+        """``ws://host:port`` of this gateway (``wss://`` with TLS), for local clients (a
+        wildcard host shows as loopback)."""
         host = self.config.gateway.host
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}"
+        scheme = "ws" if self._tls is None else "wss"
+        return f"{scheme}://{host}:{self.port}"
+
+    def reload_tls(self) -> bool:
+        """Read ``tls_cert`` and ``tls_key`` again (SIGHUP does this): new connections get the
+        new certificate, live sessions keep theirs. A file that cannot be used keeps the old
+        certificate and is logged; returns whether the new one was taken."""
+        settings = self.config.gateway
+        if settings.tls_cert is None or settings.tls_key is None:
+            return False
+        try:
+            self._tls = server_context(settings.tls_cert, settings.tls_key)
+        except ConfigError as exc:
+            log.error("TLS certificate not reloaded, keeping the old one: %s", exc)
+            return False
+        log.info("TLS certificate reloaded")
+        return True
+
+    def _bot_tls_for(self, agent: AgentConfig) -> _core.TlsClientContext:
+        """The roots for this agent's wss:// bots (an authorize-picked one: the gateway's)."""
+        ca_file = agent.upstream_ca_file or self.config.gateway.upstream_ca_file
+        context = self._bot_tls.get(ca_file)
+        if context is None:
+            context = self._bot_tls[ca_file] = client_context(ca_file)
+        return context
 
     def sessions(self, service_host: str | None = None) -> int:
         """Sessions open or being opened (past routing): of one service host, or in all."""
@@ -237,6 +278,7 @@ class Gateway:
                 self.authority,
                 self.session_time_limit,
                 self._authorize,
+                self._bot_tls_for,
             )
             handler = Connections(
                 self.config,
@@ -329,7 +371,10 @@ class Gateway:
         handed_off = False
         try:
             try:
-                opened = await handler.handle(sock, client)
+                # TLS: the handshake runs inside the first reads of the request.
+                tls = self._tls
+                conn = sock if tls is None else TlsSocket(sock, tls.accept())
+                opened = await handler.handle(conn, client)
             finally:
                 # Closes the socket unless it was handed (detached) to the engine.
                 sock.close()

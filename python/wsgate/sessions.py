@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 
 from . import _core
-from ._sockets import read_until, send_all
+from ._sockets import Conn, read_until, send_all
 from .authorize import Authorize, SessionRequest, consult
 from .config import AgentConfig, GatewaySettings
 from .engine import Handover, InProcess, Limits, Relay, RelaySession, Upstream
@@ -74,8 +74,11 @@ class Sessions:
         authority: TokenAuthority | None,
         time_limit: float,
         authorize: Authorize | None = None,
+        bot_tls: Callable[[AgentConfig], _core.TlsClientContext] | None = None,
     ) -> None:
         self.settings = settings
+        #: The roots an agent's wss:// bots are checked against.
+        self.bot_tls = bot_tls
         #: The embedder's say on each session (``Gateway(authorize=...)``).
         self.authorize = authorize
         self.relay = relay
@@ -95,7 +98,7 @@ class Sessions:
 
     async def admit(
         self,
-        sock: socket.socket,
+        sock: Conn,
         pending: bytes,
         target: Route,
         request: Request,
@@ -136,7 +139,7 @@ class Sessions:
 
     async def _start(
         self,
-        sock: socket.socket,
+        sock: Conn,
         pending: bytes,
         target: Route,
         session_uuid: str,
@@ -154,6 +157,10 @@ class Sessions:
         member = bot = None
         # After a 101 already sent (Twilio), there is no subprotocol left to agree on.
         offered = () if answered else target.subprotocols
+        urls = (chosen,) if chosen is not None else target.agent.upstream_urls
+        tls = None
+        if self.bot_tls is not None and any(url.tls for url in urls):
+            tls = self.bot_tls(target.agent)
         if chosen is not None:  # authorize picked this session's bot
             bot = await dial(
                 chosen,
@@ -161,6 +168,7 @@ class Sessions:
                 body_value=target.upstream_body,
                 subprotocols=offered,
                 timeout=settings.dial_timeout,
+                tls=tls,
             )
         elif inprocess is None and target.agent.upstream is not None:
             # The member of the agent's pool (a string: of one) that answers first.
@@ -170,6 +178,7 @@ class Sessions:
                 body_value=target.upstream_body,
                 subprotocols=offered,
                 timeout=settings.dial_timeout,
+                tls=tls,
             )
         try:
             if not answered:
@@ -289,9 +298,7 @@ def _session_request(
     )
 
 
-async def peek_opening(
-    sock: socket.socket, pending: bytes, provider: str
-) -> tuple[Opening | None, bytes]:
+async def peek_opening(sock: Conn, pending: bytes, provider: str) -> tuple[Opening | None, bytes]:
     """Telnyx, Plivo, Exotel: read the opening messages that follow the upgrade, only to learn
     the call's ids for the log. Whatever arrives (or not, within :data:`_PEEK_TIME`) is relayed
     unchanged: these endpoints route from the URL and judge no payload, like the generic one."""

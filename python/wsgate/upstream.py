@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import anyio
 
 from . import _core
-from ._sockets import HeadTooLarge, read_head, send_all
+from ._sockets import Conn, HeadTooLarge, read_head, send_all
 from .errors import HttpError
 from .handshake import BotHandshakeError, check_upstream_response, new_key
 from .handshake import upstream_request as build_upstream_request
+from .tls import TlsSocket
 from .urls import UpstreamURL
 
 __all__ = ["BotConnection", "dial"]
@@ -30,7 +31,7 @@ class BotConnection:
     """A bot that accepted our upgrade: its socket, its chosen subprotocol, bytes read past its
     101 (the start of its frames)."""
 
-    sock: socket.socket
+    sock: Conn
     subprotocol: str | None
     pending: bytes = field(repr=False)
 
@@ -42,6 +43,7 @@ async def dial(
     body_value: str | None,
     subprotocols: Sequence[str],
     timeout: float,
+    tls: _core.TlsClientContext | None = None,
 ) -> BotConnection:
     """Connect to the bot and complete its WebSocket upgrade within ``timeout`` seconds.
 
@@ -51,7 +53,14 @@ async def dial(
     """
     try:
         with anyio.fail_after(timeout):
-            sock = await _connect(target.host, target.port)
+            raw = await _connect(target.host, target.port)
+            sock: Conn = raw
+            if target.tls:
+                if tls is None:
+                    raw.close()
+                    raise RuntimeError("a wss:// upstream needs a TLS client context")
+                # The handshake runs inside the request's send and the 101's read below.
+                sock = TlsSocket(raw, tls.connect(target.host))
             try:
                 key = new_key()
                 request = build_upstream_request(
@@ -71,6 +80,8 @@ async def dial(
         raise HttpError(504, "bot unreachable: timed out") from None
     except BotHandshakeError as exc:
         raise HttpError(502, f"bot unreachable: {exc}") from None
+    except _core.TlsError as exc:
+        raise HttpError(502, f"bot unreachable: TLS: {exc}") from None
     except HeadTooLarge:
         raise HttpError(502, "bot unreachable: response head too large") from None
     except EOFError:

@@ -15,28 +15,28 @@ _RESOURCE = re.compile(r"/[\x21-\x7e]*")
 
 @dataclass(frozen=True)
 class UpstreamURL:
-    """A bot's ``ws://`` URL, split into what the dial needs."""
+    """A bot's ``ws://`` or ``wss://`` URL, split into what the dial needs."""
 
     url: str
     host: str
     port: int
     #: Path and query of the upgrade request, e.g. ``/ws`` or ``/ws?room=a``.
     resource: str
+    #: ``wss://``: TLS to the bot, whose certificate must name :attr:`host`.
+    tls: bool = False
 
     @property
     def host_header(self) -> str:
         """The ``Host`` header value: the host, bracketed if IPv6, with a non-default port."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == 80 else f"{host}:{self.port}"
+        return host if self.port == (443 if self.tls else 80) else f"{host}:{self.port}"
 
 
 def parse_upstream_url(url: str) -> UpstreamURL:
     """Check and split an upstream URL; raises ``ValueError`` with a reason for a config error."""
     parts = urlsplit(url)
-    if parts.scheme == "wss":
-        raise ValueError("wss:// upstreams are not supported yet; use ws://")
-    if parts.scheme != "ws":
-        raise ValueError("must be a ws:// URL")
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError("must be a ws:// URL (or wss://)")
     if parts.username is not None or parts.password is not None:
         raise ValueError("must not contain user information")
     if parts.fragment or url.endswith("#"):
@@ -52,4 +52,6 @@ def parse_upstream_url(url: str) -> UpstreamURL:
         resource += "?" + parts.query
     if not _RESOURCE.fullmatch(resource):
         raise ValueError("has a path with characters that must be percent-encoded")
-    return UpstreamURL(url, parts.hostname, 80 if port is None else port, resource)
+    tls = parts.scheme == "wss"
+    default = 443 if tls else 80
+    return UpstreamURL(url, parts.hostname, default if port is None else port, resource, tls)

@@ -1,0 +1,131 @@
+"""TLS on both hops, driven from Python until the handover (the records are rustls', in Rust).
+
+A :class:`TlsSocket` is a raw non-blocking socket with a ``_core.TlsConnection`` on it, offering
+the few socket methods the handshakes use (``recv``, ``send``, ``shutdown``, ``close``,
+``fileno``): every step of :mod:`wsgate._sockets` works on it unchanged, so the upgrade request
+is read and judged by the same code as on a plain socket, and the TLS handshake happens inside
+the first reads (under ``handshake_timeout``, counted as a pending upgrade). At the handover,
+:meth:`TlsSocket.detach` gives the descriptor and :attr:`TlsSocket.tls` the connection to the
+engine, which goes on with the same record state (``rust/stream.rs``).
+
+Certificates: :func:`server_context` reads the PEM files of ``tls_cert``/``tls_key`` and
+refuses, naming the key, a file it cannot read, a key that does not match, or a certificate
+outside its validity. :func:`client_context` gives the roots bots' certificates are checked
+against (the system's, or ``upstream_ca_file``).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from . import _core
+from .errors import ConfigError
+
+__all__ = ["TlsSocket", "client_context", "server_context"]
+
+_RECV_SIZE = 65536
+
+
+class TlsSocket:
+    """A non-blocking socket with TLS on it, as :mod:`wsgate._sockets` uses sockets.
+
+    ``recv`` and ``send`` keep the non-blocking contract (``BlockingIOError``: wait for the
+    socket). Records the socket did not take at once wait in :attr:`pending`; ``send`` refuses
+    more while any wait, and the caller waits for writability and calls :meth:`flush`.
+    """
+
+    __slots__ = ("_out", "sock", "tls")
+
+    def __init__(self, sock: socket.socket, tls: _core.TlsConnection) -> None:
+        self.sock = sock
+        self.tls = tls
+        self._out = b""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def pending(self) -> bool:
+        """Whether records wait to be written."""
+        return bool(self._out)
+
+    def flush(self) -> None:
+        """Write waiting records, as much as the socket takes now."""
+        self._out += self.tls.outgoing()
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except BlockingIOError:
+                return
+            self._out = self._out[sent:]
+
+    def recv(self, size: int) -> bytes:
+        """Decrypted bytes, at most ``size``; ``b""`` once the peer closed. Raises
+        ``BlockingIOError`` when the socket has nothing yet, ``_core.TlsError`` (a
+        ``ConnectionError``) when the peer's TLS fails."""
+        while True:
+            data = self.tls.read(size)
+            if data is not None:
+                return data
+            raw = self.sock.recv(_RECV_SIZE)
+            if not raw:
+                return b""
+            try:
+                self.tls.feed(raw)
+            finally:
+                self.flush()  # the handshake's answers (or the alert that ends it)
+
+    def send(self, data: bytes | memoryview) -> int:
+        """Encrypt and send ``data`` (all of it is taken); ``BlockingIOError`` while earlier
+        records still wait."""
+        self.flush()
+        if self._out:
+            raise BlockingIOError
+        self.tls.write(bytes(data))
+        self.flush()
+        return len(data)
+
+    def shutdown(self, how: int) -> None:
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self.tls.close_notify()
+            self.flush()
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def detach(self) -> int:
+        """The descriptor, for the engine (with :attr:`tls`). Every record must be written
+        first (:attr:`pending` false): the engine takes the connection, not our buffer."""
+        if self._out:
+            raise RuntimeError("TLS records still wait to be written")
+        return self.sock.detach()
+
+    def getpeername(self) -> object:
+        return self.sock.getpeername()
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path!r} ({exc.strerror or exc})") from None
+
+
+def server_context(cert_file: str, key_file: str) -> _core.TlsServerContext:
+    """The listener's TLS from PEM files, or ``ConfigError`` naming what is wrong."""
+    chain, key = _read("tls_cert", cert_file), _read("tls_key", key_file)
+    try:
+        return _core.TlsServerContext(chain, key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def client_context(ca_file: str | None) -> _core.TlsClientContext:
+    """Roots for bots' certificates: the system's, or only those of ``ca_file`` (PEM)."""
+    try:
+        roots = None if ca_file is None else _read("upstream_ca_file", ca_file)
+        return _core.TlsClientContext(roots)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
