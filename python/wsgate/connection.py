@@ -98,7 +98,11 @@ class Connections:
         request = parse_request(head)
         if request.path in HEALTH_PATHS and request.method == "GET":
             ready = request.path == "/livez" or not self._draining()
-            await _respond(sock, *((200, "ok") if ready else (503, "draining")))
+            text = "ok"
+            note = self.sessions.capacity.status
+            if note is not None and request.path == "/readyz":
+                text = f"ok; {note}"  # still ready: sessions go on, limits counted here
+            await _respond(sock, *((200, text) if ready else (503, "draining")))
             return None
         limited = self._client_rate is not None and not self._client_rate.allow(
             client, anyio.current_time()

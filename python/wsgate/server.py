@@ -28,6 +28,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from . import _core
 from ._sockets import listen
 from .admission import PendingReads, client_key
+from .capacity import open_capacity
 from .config import AgentConfig, Config, OrgConfig, default_config, load_config
 from .connection import Connections
 from .inprocess import Bot, bot_of
@@ -220,11 +221,12 @@ class Gateway:
             self._stop_event.set()
         listener = await listen(settings.host, settings.port)
         relay: Relay | None = None
+        capacity = open_capacity(settings)
         try:
             self._port = listener.getsockname()[1]
             relay = Relay(settings.relay_threads, settings.dead_peer_timeout)
             sessions = self._sessions = Sessions(
-                settings, relay, self._bots, self.authority, self.session_time_limit
+                settings, relay, self._bots, self.authority, self.session_time_limit, capacity
             )
             handler = Connections(
                 self.config,
@@ -238,6 +240,7 @@ class Gateway:
             )
             async with anyio.create_task_group() as engine_tasks:
                 await engine_tasks.start(relay.run)
+                await engine_tasks.start(capacity.run)
                 async with anyio.create_task_group() as connections:
                     async with anyio.create_task_group() as accepting:
                         accepting.start_soon(self._accept, listener, connections, handler)
@@ -253,6 +256,8 @@ class Gateway:
             listener.close()
             if relay is not None:
                 relay.shutdown()
+            with anyio.CancelScope(shield=True):
+                await capacity.aclose()
             if self.authority is not None and self._own_authority:
                 with anyio.CancelScope(shield=True):
                     await self.authority.aclose()
