@@ -68,6 +68,8 @@ _BACKOFF_RETRIES = 4
 _BACKOFF_FACTOR_MS = 10
 # After a failed connection (or search for the primary), commands fail at once for this long.
 _RETRY_PAUSE = 0.2
+# With Sentinel: seconds a count of promotable replicas is used before asking again.
+_REPLICAS_MAX_AGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,8 @@ class RedisStore:
         self._lock: anyio.Lock | None = None
         self._retry_at = -math.inf
         self._closed = False
+        self._replicas = 1
+        self._replicas_at = -math.inf
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.name} {self.url}>"
@@ -209,21 +213,6 @@ class RedisStore:
             return await client.custom_command([_arg(a) for a in args])
         except BaseException as exc:
             raise await self._failed(exc, command, client) from None
-
-    async def pipeline(self, *commands: Sequence[str | bytes | int | float]) -> list[Any]:
-        """Run several commands in one round trip (not atomic); their replies in order."""
-        from glide import Batch
-
-        name = "+".join(str(c[0]).upper() for c in commands)
-        client = await self._connected(name)
-        batch = Batch(is_atomic=False)
-        for command in commands:
-            batch.custom_command([_arg(a) for a in command])
-        try:
-            replies = await client.exec(batch, raise_on_error=True)
-        except BaseException as exc:
-            raise await self._failed(exc, name, client) from None
-        return list(replies or ())
 
     async def script(
         self,
@@ -267,8 +256,7 @@ class RedisStore:
                 )
             try:
                 address = await self._primary(command)
-                # Not lazy: a client exists only once it has reached the server (and, from
-                # the URL's service, glide checked that the node is a primary). From then on
+                # Not lazy: a client exists only once it has reached the server. From then on
                 # glide reconnects by itself.
                 self._client = await self._create(address)
             except BaseException:
@@ -281,23 +269,46 @@ class RedisStore:
         url = self.url
         if url.service is None:
             return url.hosts[0]
+        reply = await self._ask_sentinels("GET-MASTER-ADDR-BY-NAME", command)
+        if isinstance(reply, list) and len(reply) == 2:
+            return _text(reply[0]), int(reply[1])
+        raise self.error(f"{self.name} {url.where} has no primary (during {command})")
+
+    async def promotable_replicas(self) -> int:
+        """With Sentinel: how many replicas the Sentinels could promote now (those not down
+        nor disconnected), asked at most once a second. A write that every one of them holds
+        (``WAIT n``) survives a failover. If no Sentinel answers, the last count stands (1
+        before any answer)."""
+        now = anyio.current_time()
+        if now - self._replicas_at < _REPLICAS_MAX_AGE:
+            return self._replicas
+        self._replicas_at = now
+        try:
+            reply = await self._ask_sentinels("REPLICAS", "WAIT")
+        except StoreUnavailable:
+            return self._replicas
+        self._replicas = sum(1 for replica in reply or () if _promotable(replica))
+        return self._replicas
+
+    def forget_replicas(self) -> None:
+        """Ask the Sentinels again at the next :meth:`promotable_replicas`."""
+        self._replicas_at = -math.inf
+
+    async def _ask_sentinels(self, subcommand: str, command: str) -> Any:
+        """``SENTINEL <subcommand> <service>`` at the first Sentinel that answers."""
+        url = self.url
+        assert url.service is not None
         for host, port in url.hosts:
             sentinel: GlideClient | None = None
             try:
                 sentinel = await self._create((host, port), sentinel=True)
-                reply = await sentinel.custom_command(
-                    ["SENTINEL", "GET-MASTER-ADDR-BY-NAME", url.service]
-                )
+                return await sentinel.custom_command(["SENTINEL", subcommand, url.service])
             except Exception:
                 continue  # the next Sentinel
             finally:
                 if sentinel is not None:
                     await _close(sentinel)
-            if isinstance(reply, list) and len(reply) == 2:
-                return _text(reply[0]), int(reply[1])
-        raise self.error(
-            f"{self.name} {url.where} unreachable (no Sentinel named a primary during {command})"
-        )
+        raise self.error(f"{self.name} {url.where} unreachable (no Sentinel during {command})")
 
     async def _create(self, address: tuple[str, int], *, sentinel: bool = False) -> GlideClient:
         from glide import (
@@ -337,7 +348,10 @@ class RedisStore:
             advanced_config=AdvancedGlideClientConfiguration(
                 connection_timeout=timeout_ms, tls_config=tls
             ),
-            # A Sentinel is no primary: do not look for one there. A data node must be one.
+            # A data node must be a primary (glide checks with INFO: an ACL user needs +info;
+            # with Sentinel, a node that turned replica sends us back to ask again). A
+            # Sentinel is used as it is. (STATIC on a data node would also hide a refused
+            # password behind timeouts.)
             node_discovery_mode=(
                 NodeDiscoveryMode.STATIC if sentinel else NodeDiscoveryMode.STANDARD
             ),
@@ -371,9 +385,11 @@ class RedisStore:
             return exc
         text = str(exc)
         where = f"{self.name} {self.url.where}"
-        for code in ("WRONGPASS", "NOAUTH", "NOPERM"):
+        for code in ("WRONGPASS", "NOAUTH"):
             if code in text:
                 return self.error(f"{where} refused AUTH: {code}")
+        if "NOPERM" in text or "no permissions" in text:
+            return self.error(f"{where} refused {command}: NOPERM (the user's ACL)")
         if isinstance(exc, TimeoutError) or "timed out" in text:
             kind = "TimeoutError"
         elif "refused" in text.lower():
@@ -395,6 +411,16 @@ def _is_connection_trouble(exc: Exception) -> bool:
     return isinstance(exc, (ConnectionError, ClosingError, TimeoutError)) or any(
         word in text for word in ("READONLY", "connect", "timed out", "MASTERDOWN")
     )
+
+
+def _promotable(replica: object) -> bool:
+    # SENTINEL REPLICAS: a map per replica (RESP3), or a flat field/value list (RESP2).
+    if isinstance(replica, list):
+        replica = dict(zip(replica[::2], replica[1::2], strict=False))
+    if not isinstance(replica, dict):
+        return False
+    flags = _text(replica.get(b"flags", replica.get("flags", b""))).split(",")
+    return not {"s_down", "o_down", "disconnected"} & set(flags)
 
 
 def _arg(value: str | bytes | int | float) -> str | bytes:

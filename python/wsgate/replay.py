@@ -147,11 +147,12 @@ class RedisReplayStore:
     does; each claim must finish within ``timeout`` seconds, or it raises
     :class:`ReplayStoreUnavailable`.
 
-    With Sentinel, a claim also waits until a replica holds it (``WAIT 1``) whenever the
-    primary has replicas: a primary that dies right after a claim cannot take it along, and the
-    replica promoted in its place refuses the token again. If no replica confirms within half
-    of ``timeout``, the claim is given back and the store is unavailable (503: fail closed).
-    A primary left without replicas (its last one is the failed primary) accepts on its own.
+    With Sentinel, a claim also waits until every replica that the Sentinels could promote
+    holds it (``WAIT n``): a primary that dies right after a claim cannot take it along, and
+    the replica promoted in its place refuses the token again. If they do not confirm within
+    half of ``timeout``, the claim is given back and the store is unavailable (503: fail
+    closed). A primary with nothing promotable beside it (its replica is the failed primary)
+    accepts on its own. The count of promotable replicas is at most a second old.
     """
 
     def __init__(
@@ -173,12 +174,9 @@ class RedisReplayStore:
     async def claim(self, nonce: str, exp: int) -> bool:
         ttl = max(1, exp - math.floor(self._clock()))
         claim = ("SET", KEY_PREFIX + nonce, "1", "NX", "EX", ttl)
-        if self._store.sentinel:
-            reply, role = await self._store.pipeline(claim, ("ROLE",))
-            if reply == "OK" and _has_replicas(role):
-                await self._replicated(nonce)
-        else:
-            reply = await self._store.execute(*claim)
+        reply = await self._store.execute(*claim)
+        if reply == "OK" and self._store.sentinel:
+            await self._replicated(nonce)
         if reply == "OK":
             return True
         if reply is None:
@@ -198,21 +196,21 @@ class RedisReplayStore:
         await self._store.aclose()
 
     async def _replicated(self, nonce: str) -> None:
-        """Wait until a replica holds the claim just made; else give it back and fail."""
-        acked = await self._store.execute("WAIT", 1, self._wait_ms)
-        if isinstance(acked, int) and acked >= 1:
+        """Wait until every replica that Sentinel could promote holds the claim just made;
+        else give it back and fail (503)."""
+        needed = await self._store.promotable_replicas()
+        if not needed:
+            return  # nothing could be promoted in the primary's place
+        acked = await self._store.execute("WAIT", needed, self._wait_ms)
+        if isinstance(acked, int) and acked >= needed:
             return
+        self._store.forget_replicas()  # one may have gone: count again at the next claim
         with anyio.CancelScope(shield=True):
             try:
                 await self.release(nonce)
             except ReplayStoreUnavailable:
                 pass  # it expires with its token; the token is refused either way
-        raise ReplayStoreUnavailable("replay store: no replica confirmed the claim in time")
-
-
-def _has_replicas(role: object) -> bool:
-    # ROLE on a primary: ["master", offset, [[host, port, offset], ...]].
-    return isinstance(role, list) and len(role) >= 3 and bool(role[2])
+        raise ReplayStoreUnavailable("replay store: replicas did not confirm the claim in time")
 
 
 def open_replay_store(
