@@ -438,76 +438,78 @@ def test_three_gateways_hold_max_sessions_together_through_a_kill_and_a_redis_ou
     # 30 clients spread over the gateways, 4 of the first ten at the first gateway.
     order = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2] + [i % 3 for i in range(20)]
     live: dict[int, list[socket.socket]] = {0: [], 1: [], 2: []}
-    refused = 0
-    for g in order:
-        status, sock = _open_session(ports[g], path)
-        if sock is not None:
-            live[g].append(sock)
-        else:
-            assert status == 503
-            refused += 1
-    assert [len(live[g]) for g in range(3)] == [4, 3, 3]
-    assert refused == 20
-    assert all(echoes(s, "hi") for socks in live.values() for s in socks)
+    try:
+        refused = 0
+        for g in order:
+            status, sock = _open_session(ports[g], path)
+            if sock is not None:
+                live[g].append(sock)
+            else:
+                assert status == 503
+                refused += 1
+        assert [len(live[g]) for g in range(3)] == [4, 3, 3]
+        assert refused == 20
+        assert all(echoes(s, "hi") for socks in live.values() for s in socks)
 
-    # kill -9 the gateway holding 4: within lease_ttl + 1 s the others admit 4 more.
-    gateways[0].proc.send_signal(signal.SIGKILL)
-    gateways[0].proc.wait(TIMEOUT)
-    for s in live.pop(0):
-        s.close()
-    killed = time.monotonic()
-    admitted = 0
-
-    def four_more() -> bool:
-        nonlocal admitted
-        g = 1 + admitted % 2
-        sock = _open_session(ports[g], path)[1]
-        if sock is not None:
-            live[g].append(sock)
-            admitted += 1
-        return admitted == 4
-
-    wait_for(four_more, within=lease_ttl + 1, what="4 more sessions after the kill")
-    assert time.monotonic() - killed <= lease_ttl + 1
-    assert _open_session(ports[1], path)[0] == 503  # 10 again, and no more
-    assert [len(live[1]), len(live[2])] == [5, 5]
-
-    # Redis stops: sessions go on, each gateway counts its own up to max_sessions.
-    redis.stop()
-    assert all(echoes(s, "during") for g in (1, 2) for s in live[g])
-    while len(live[1]) < 10:
-        status, sock = _open_session(ports[1], path)
-        assert status == 101 and sock is not None, "counted locally while Redis is down"
-        live[1].append(sock)
-    assert _open_session(ports[1], path)[0] == 503  # its own 10
-    assert "counted on this gateway" in _readyz(ports[1])
-    gateways[1].expect("counted on this gateway until it is back", stream="stderr")
-
-    # Redis is back (empty): within a renewal period each gateway puts its leases back, so
-    # the shared count is 15 and gateway 2, with 5 of its own, refuses the 16th.
-    redis.start()
-    for port in ports[1:]:
-        wait_for(
-            lambda p=port: _readyz(p) == "ok",
-            within=lease_ttl + 2,
-            what="shared again",
-        )
-    assert _open_session(ports[2], path)[0] == 503
-    for s in live[1][:6]:
-        s.close()
-    del live[1][:6]
-
-    def admitted_again() -> bool:
-        sock = _open_session(ports[2], path)[1]
-        if sock is not None:
-            live[2].append(sock)
-        return sock is not None
-
-    wait_for(admitted_again, within=lease_ttl, what="a place given back across gateways")
-    assert all(echoes(s, "after") for g in (1, 2) for s in live[g])
-    for socks in live.values():
-        for s in socks:
+        # kill -9 the gateway holding 4: within lease_ttl + 1 s the others admit 4 more.
+        gateways[0].proc.send_signal(signal.SIGKILL)
+        gateways[0].proc.wait(TIMEOUT)
+        for s in live.pop(0):
             s.close()
+        killed = time.monotonic()
+        admitted = 0
+
+        def four_more() -> bool:
+            nonlocal admitted
+            g = 1 + admitted % 2
+            sock = _open_session(ports[g], path)[1]
+            if sock is not None:
+                live[g].append(sock)
+                admitted += 1
+            return admitted == 4
+
+        wait_for(four_more, within=lease_ttl + 1, what="4 more sessions after the kill")
+        assert time.monotonic() - killed <= lease_ttl + 1
+        assert _open_session(ports[1], path)[0] == 503  # 10 again, and no more
+        assert [len(live[1]), len(live[2])] == [5, 5]
+
+        # Redis stops: sessions go on, each gateway counts its own up to max_sessions.
+        redis.stop()
+        assert all(echoes(s, "during") for g in (1, 2) for s in live[g])
+        while len(live[1]) < 10:
+            status, sock = _open_session(ports[1], path)
+            assert status == 101 and sock is not None, "counted locally while Redis is down"
+            live[1].append(sock)
+        assert _open_session(ports[1], path)[0] == 503  # its own 10
+        assert "counted on this gateway" in _readyz(ports[1])
+        gateways[1].expect("counted on this gateway until it is back", stream="stderr")
+
+        # Redis is back (empty): within a renewal period each gateway puts its leases back, so
+        # the shared count is 15 and gateway 2, with 5 of its own, refuses the 16th.
+        redis.start()
+        for port in ports[1:]:
+            wait_for(
+                lambda p=port: _readyz(p) == "ok",
+                within=lease_ttl + 2,
+                what="shared again",
+            )
+        assert _open_session(ports[2], path)[0] == 503
+        for s in live[1][:6]:
+            s.close()
+        del live[1][:6]
+
+        def admitted_again() -> bool:
+            sock = _open_session(ports[2], path)[1]
+            if sock is not None:
+                live[2].append(sock)
+            return sock is not None
+
+        wait_for(admitted_again, within=lease_ttl, what="a place given back across gateways")
+        assert all(echoes(s, "after") for g in (1, 2) for s in live[g])
+    finally:
+        for socks in live.values():
+            for s in socks:
+                s.close()
 
 
 # --- Sentinel: a primary killed mid-run ---------------------------------------------------------
