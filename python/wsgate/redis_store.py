@@ -258,11 +258,16 @@ class RedisStore:
                 address = await self._primary(command)
                 # Not lazy: a client exists only once it has reached the server. From then on
                 # glide reconnects by itself.
-                self._client = await self._create(address)
+                client = await self._create(address)
             except BaseException:
                 self._retry_at = anyio.current_time() + _RETRY_PAUSE
                 raise
-            return self._client
+            if self._closed:  # closed while connecting
+                with anyio.CancelScope(shield=True):
+                    await _close(client)
+                raise self.error(f"{self.name} is closed")
+            self._client = client
+            return client
 
     async def _primary(self, command: str) -> tuple[str, int]:
         """The server to connect to: the URL's, or the primary that a Sentinel names."""
