@@ -1,4 +1,4 @@
-"""Replay stores (wsgate.replay): the memory TTL set, the RESP codec, and the Redis store against
+"""Replay stores (wsgate.replay): the memory TTL set, and the Redis store against
 a real redis-server (two stores standing for two gateway processes; the server stopped and
 started again mid-test)."""
 
@@ -18,11 +18,7 @@ from wsgate.replay import (
     MemoryReplayStore,
     RedisReplayStore,
     ReplayStoreUnavailable,
-    RespError,
-    RespProtocolError,
-    encode_command,
     open_replay_store,
-    parse_reply,
 )
 from wsgate.tokens import TokenAuthority
 
@@ -105,41 +101,6 @@ async def test_the_memory_store_repr_shows_no_nonce() -> None:
     store = MemoryReplayStore()
     await store.claim("secret-nonce", 2**40)
     assert "secret-nonce" not in repr(store)
-
-
-# --- RESP codec ----------------------------------------------------------------------------------
-
-
-def test_a_command_is_encoded_as_an_array_of_bulk_strings() -> None:
-    assert encode_command("SET", "k", b"v\r\n", 5) == (
-        b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n$1\r\n5\r\n"
-    )
-
-
-@pytest.mark.parametrize(
-    ("data", "reply"),
-    [
-        (b"+OK\r\n", "OK"),
-        (b"-ERR wrong\r\n", RespError("ERR wrong")),
-        (b":42\r\n", 42),
-        (b"$3\r\na\r\n\r\n", b"a\r\n"),
-        (b"$0\r\n\r\n", b""),
-        (b"$-1\r\n", None),
-        (b"*-1\r\n", None),
-        (b"_\r\n", None),
-        (b"*2\r\n+a\r\n*1\r\n:1\r\n", ["a", [1]]),
-    ],
-)
-def test_each_reply_type_parses_and_any_prefix_is_incomplete(data: bytes, reply: object) -> None:
-    assert parse_reply(data + b"+next\r\n") == (reply, len(data))
-    for cut in range(len(data)):
-        assert parse_reply(data[:cut]) is None
-
-
-@pytest.mark.parametrize("data", [b"?x\r\n", b":x\r\n", b"$3\r\nabcde", b"$-5\r\n", b"*-2\r\n"])
-def test_bytes_that_are_not_resp_are_a_protocol_error(data: bytes) -> None:
-    with pytest.raises(RespProtocolError):
-        parse_reply(data)
 
 
 # --- Redis -------------------------------------------------------------------------------------
@@ -229,7 +190,7 @@ async def test_a_claim_released_in_redis_may_be_claimed_again_by_another_gateway
 
 @pytest.mark.anyio
 async def test_concurrent_claims_of_one_nonce_let_exactly_one_through(redis: RedisServer) -> None:
-    store = RedisReplayStore(redis.url, pool_size=4)
+    store = RedisReplayStore(redis.url)
     nonce = new_nonce()
     results: list[bool] = []
 

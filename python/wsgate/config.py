@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 from . import _core
 from .errors import ConfigError
 from .names import check_name
+from .redis_store import REDIS_SCHEMES, parse_redis_url
 from .urls import UpstreamURL, parse_upstream_url
 
 if sys.version_info >= (3, 11):
@@ -64,6 +65,19 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _check_store_url(name: str, url: str) -> None:
+    # The message never holds the URL: it may carry a password.
+    if url.partition(":")[0] not in REDIS_SCHEMES:
+        memory = "'memory' or " if name == "replay_store" else ""
+        raise ConfigError(
+            f"{name} must be {memory}a redis:// URL (or rediss://, redis+sentinel://)"
+        )
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,13 @@ class GatewaySettings:
     #: PEM roots that ``wss://`` bots' certificates must chain to (a private CA); unset: the
     #: system's roots. An agent may set its own.
     upstream_ca_file: str | None = None
+    #: Where sessions are counted against ``max_sessions`` across gateways: a store URL
+    #: (``redis://``, ``rediss://``, ``redis+sentinel://``) shared by every gateway, or None
+    #: (the default): each gateway counts its own. May hold a password: never in a repr.
+    capacity_store: str | None = field(default=None, repr=False)
+    #: Seconds a session's lease in the capacity store lives unless renewed (every third of
+    #: it): how long a gateway that died still counts.
+    lease_ttl: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("host", "region"):
@@ -184,11 +205,16 @@ class GatewaySettings:
             )
         if not _is_int(self.token_ttl) or not 1 <= self.token_ttl <= 86400:
             raise ConfigError(f"token_ttl must be 1 to 86400 seconds, got {self.token_ttl!r}")
-        if not isinstance(self.replay_store, str) or not (
-            self.replay_store == "memory"
-            or self.replay_store.startswith(("redis://", "rediss://", "valkey://"))
-        ):
+        if not isinstance(self.replay_store, str):
             raise ConfigError("replay_store must be 'memory' or a redis:// URL")
+        if self.replay_store != "memory":
+            _check_store_url("replay_store", self.replay_store)
+        if self.capacity_store is not None:
+            if not isinstance(self.capacity_store, str):
+                raise ConfigError("capacity_store must be a redis:// URL")
+            _check_store_url("capacity_store", self.capacity_store)
+        if not _is_number(self.lease_ttl) or self.lease_ttl < 1:
+            raise ConfigError(f"lease_ttl must be at least 1 second, got {self.lease_ttl!r}")
         if self.secrets is not None:
             if isinstance(self.secrets, str) or not isinstance(self.secrets, Sequence):
                 raise ConfigError("secrets must be a list of strings")
@@ -425,7 +451,8 @@ def _build(where: str, table: dict[str, Any], cls: type[_T]) -> _T:
         expected = _TYPES[cls.__name__, key]
         if not _has_type(value, expected):
             # Never echo a secret back in an error message.
-            shown = "" if key in ("public_keys", "secrets", "replay_store") else f" {value!r}"
+            secret = key in ("public_keys", "secrets", "replay_store", "capacity_store")
+            shown = "" if secret else f" {value!r}"
             raise ConfigError(
                 f"{where}: {key} must be {expected}, got {type(value).__name__}{shown}"
             )

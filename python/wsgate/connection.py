@@ -101,8 +101,11 @@ class Connections:
         if request.path in HEALTH_PATHS and request.method == "GET":
             ready = request.path == "/livez" or not self._draining()
             lines = ["ok" if ready else "draining"]
-            if request.path == "/readyz":  # and a line per pool member (wsgate.pools)
-                lines += self.sessions.pools.status(self.agents.values())
+            if request.path == "/readyz":
+                note = self.sessions.capacity.status
+                if note is not None and ready:
+                    lines[0] = f"ok; {note}"  # still ready: sessions go on, limits counted here
+                lines += self.sessions.pools.status(self.agents.values())  # a line per member
             await send_and_close(sock, plain_lines_response(200 if ready else 503, lines))
             return None
         limited = self._client_rate is not None and not self._client_rate.allow(

@@ -6,7 +6,8 @@ Hierarchy::
     ├── ConfigError            a settings file or Config object that cannot be served
     ├── HttpError              a request answered with an HTTP error instead of a WebSocket
     ├── OpeningError           after the upgrade (Twilio's opening): a close code and reason
-    ├── ReplayStoreUnavailable the replay store cannot answer: token sessions fail closed (503)
+    ├── StoreUnavailable       a shared store (Redis, Valkey) cannot answer
+    │   └── ReplayStoreUnavailable  the replay store: token sessions fail closed (503)
     └── ClientError            the Python client's (wsgate.client)
         ├── BodyTooLarge       a session body over 4 KB: no request was made
         └── StatusError        an HTTP error answer, with its status and reason
@@ -36,6 +37,7 @@ __all__ = [
     "ReplayStoreUnavailable",
     "StartError",
     "StatusError",
+    "StoreUnavailable",
     "UpgradeRefused",
     "WsgateError",
 ]
@@ -84,7 +86,13 @@ class OpeningError(WsgateError):
         return f"{self.code} {self.reason}"
 
 
-class ReplayStoreUnavailable(WsgateError):
+class StoreUnavailable(WsgateError):
+    """A shared store (Redis or Valkey: replay marks, capacity leases) cannot answer:
+    unreachable, timed out, refusing the credentials or the command. The message names the
+    store, its address and the command, never a password, a key or an argument."""
+
+
+class ReplayStoreUnavailable(StoreUnavailable):
     """The replay store cannot answer (unreachable, timed out, full or refusing): a token
     session must be refused with 503 rather than risk a replay."""
 

@@ -29,6 +29,7 @@ from . import _core
 from ._sockets import listen
 from .admission import PendingReads, client_key
 from .authorize import Authorize
+from .capacity import open_capacity
 from .config import AgentConfig, Config, OrgConfig, default_config, load_config
 from .connection import Connections
 from .engine import Relay
@@ -268,6 +269,7 @@ class Gateway:
             self._stop_event.set()
         listener = await listen(settings.host, settings.port)
         relay: Relay | None = None
+        capacity = open_capacity(settings)
         try:
             self._port = listener.getsockname()[1]
             relay = Relay(settings.relay_threads, settings.dead_peer_timeout)
@@ -277,6 +279,7 @@ class Gateway:
                 self._bots,
                 self.authority,
                 self.session_time_limit,
+                capacity,
                 self._authorize,
                 self._bot_tls_for,
             )
@@ -292,6 +295,7 @@ class Gateway:
             )
             async with anyio.create_task_group() as engine_tasks:
                 await engine_tasks.start(relay.run)
+                await engine_tasks.start(capacity.run)
                 async with anyio.create_task_group() as connections:
                     async with anyio.create_task_group() as accepting:
                         accepting.start_soon(self._accept, listener, connections, handler)
@@ -307,6 +311,8 @@ class Gateway:
             listener.close()
             if relay is not None:
                 relay.shutdown()
+            with anyio.CancelScope(shield=True):
+                await capacity.aclose()
             if self.authority is not None and self._own_authority:
                 with anyio.CancelScope(shield=True):
                     await self.authority.aclose()

@@ -1,13 +1,13 @@
 """Sessions: capacity, and the one handover of a checked request to a running session.
 
 :meth:`Sessions.admit` takes a :class:`~wsgate.routing.Route` that passed every check of the
-request and: takes a place in the agent's capacity (503) and the client's (429), claims the
-token (403 replayed, 503 store down), dials the bot (a member of the agent's pool:
-:mod:`wsgate.pools`; 502/504) or picks the builtin echo or the
-in-process bot, answers 101 (unless a Twilio opening was read after it), and hands the sockets to
-the Rust engine. Whatever fails gives back the place and the token. A session's end (its
-:class:`_core.Outcome`) is logged once, with the provider and call id where known, never a
-token, a body or a close reason.
+request and: takes a place in the agent's capacity (503; with a capacity store, also a lease
+there: :mod:`wsgate.capacity`) and the client's (429), claims the token (403 replayed, 503 store
+down), asks ``authorize`` (:mod:`wsgate.authorize`), dials the bot (a member of the agent's
+pool: :mod:`wsgate.pools`; 502/504) or picks the builtin echo or the in-process bot, answers 101
+(unless a Twilio opening was read after it), and hands the sockets to the Rust engine. Whatever
+fails gives back the place and the token. A session's end (its :class:`_core.Outcome`) is logged
+once, with the provider and call id where known, never a token, a body or a close reason.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import anyio
 from . import _core
 from ._sockets import Conn, read_until, send_all
 from .authorize import Authorize, SessionRequest, consult
+from .capacity import Capacity, Lease, LocalCapacity
 from .config import AgentConfig, GatewaySettings
 from .engine import Handover, InProcess, Limits, Relay, RelaySession, Upstream
 from .errors import HttpError, OpeningError
@@ -61,6 +62,8 @@ class Opened:
     client: str = ""
     #: The upstream bot that serves it (see :mod:`wsgate.pools`), counted live until its end.
     member: Member | None = None
+    #: Its place in a shared capacity store, if one is used.
+    lease: Lease | None = None
 
 
 class Sessions:
@@ -73,6 +76,7 @@ class Sessions:
         bots: dict[str, Bot],
         authority: TokenAuthority | None,
         time_limit: float,
+        capacity: Capacity | None = None,
         authorize: Authorize | None = None,
         bot_tls: Callable[[AgentConfig], _core.TlsClientContext] | None = None,
     ) -> None:
@@ -86,6 +90,8 @@ class Sessions:
         self.bots = bots
         self.authority = authority
         self.time_limit = time_limit
+        #: Counts beyond this gateway's own (a capacity store shared by several gateways).
+        self.capacity: Capacity = LocalCapacity() if capacity is None else capacity
         self._per_agent: dict[str, int] = {}
         self._per_client: dict[str, int] = {}
         self.pools = Pools(settings.upstream_retry_after)
@@ -108,7 +114,9 @@ class Sessions:
         """Capacity, the token's claim, then the start; on any failure the capacity and the
         token are given back."""
         self.reserve(target.agent, client)
+        lease: Lease | None = None
         try:
+            lease = await self.capacity.acquire(target.agent)  # shared capacity: 503
             session_uuid = str(uuid.uuid4())
             authority = self.authority
             verified: VerifiedToken | None = None
@@ -132,9 +140,10 @@ class Sessions:
                         await authority.release(verified)
                 raise
         except BaseException:
-            self.release(target.service_host, client)
+            self.release(target.service_host, client, lease)
             raise
         opened.client = client
+        opened.lease = lease
         return opened
 
     async def _start(
@@ -248,7 +257,7 @@ class Sessions:
             session.close(1001, "gateway shutting down")
             raise
         finally:
-            self.release(opened.service_host, opened.client)
+            self.release(opened.service_host, opened.client, opened.lease)
         log_outcome(opened, outcome)
 
     def reserve(self, agent: AgentConfig, client: str) -> None:
@@ -263,8 +272,9 @@ class Sessions:
         self._per_agent[agent.service_host] = count + 1
         self._per_client[client] = mine + 1
 
-    def release(self, service_host: str, client: str) -> None:
-        """Give back the places :meth:`reserve` took."""
+    def release(self, service_host: str, client: str, lease: Lease | None = None) -> None:
+        """Give back the places :meth:`reserve` took, and the capacity store's lease."""
+        self.capacity.release(lease)
         for counts, key in ((self._per_agent, service_host), (self._per_client, client)):
             count = counts[key] - 1
             if count:
@@ -274,7 +284,7 @@ class Sessions:
 
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (its outcome came through the doorbell): free its place."""
-        self.release(opened.service_host, opened.client)
+        self.release(opened.service_host, opened.client, opened.lease)
         self.pools.release(opened.member)
         log_outcome(opened, outcome)
 

@@ -1,0 +1,318 @@
+"""Capacity: an agent's ``max_sessions`` held on this gateway alone, or across every gateway
+that shares a capacity store (``[gateway] capacity_store = "redis://…"``).
+
+Hierarchy::
+
+    Capacity (protocol)   async acquire(agent) -> Lease | None   (HttpError 503 when full)
+                          release(lease)     (not async: a relayed session ends in a callback)
+                          status             (None, or why limits are counted here: /readyz)
+                          async run()        (the gateway's one background task), aclose()
+    ├── LocalCapacity     nothing to add: :class:`~wsgate.sessions.Sessions` counts the
+    │                     gateway's own sessions (503 at ``max_sessions``), as always
+    └── RedisCapacity     a lease per session in Redis: one sorted set per agent, members
+                          scored by their expiry on the server's clock
+
+Invariants of :class:`RedisCapacity`:
+- A lease is taken atomically (one Lua script: drop expired members, count, add) before the
+  bot is dialled, and given back when the session ends; a lease nobody renews leaves within
+  ``lease_ttl`` (a gateway killed with -9 holds nothing longer).
+- Renewals are batched per gateway: every ``lease_ttl / 3`` one script call renews every lease
+  this gateway holds (and gives back those of ended sessions, which also go at once).
+- If the store cannot answer, the gateway counts ``max_sessions`` on its own (what
+  :class:`~wsgate.sessions.Sessions` checks anyway), logs it once and says so in ``/readyz``;
+  no live session is cut. Each renewal period it tries the store again; once it answers, every
+  live session's lease is put back (also those admitted meanwhile: the shared count is then
+  true again, even if it is over the limit for a while) and leases are shared again.
+- Lease members are ``<gateway id>:<random id>``, unique per session; the gateway id is random
+  per process, so nothing of a past process is ever renewed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .errors import HttpError, StoreUnavailable
+from .redis_store import RedisStore
+
+if TYPE_CHECKING:
+    from glide import Script
+
+    from .config import AgentConfig, GatewaySettings
+
+__all__ = [
+    "KEY_PREFIX",
+    "Capacity",
+    "CapacityStoreUnavailable",
+    "Lease",
+    "LocalCapacity",
+    "RedisCapacity",
+    "open_capacity",
+]
+
+log = logging.getLogger("wsgate")
+
+#: Prefix of the lease sets' keys in Redis (one per agent: ``wsgate:lease:{agent.org}``).
+KEY_PREFIX = "wsgate:lease:"
+#: Leases renewed or given back per script call (a gateway holding more makes several).
+BATCH = 1000
+
+# KEYS[1]: the agent's lease set. ARGV: max_sessions, the new member, lease_ttl in ms.
+# Returns 1 (taken) or 0 (the agent is at capacity). The server's clock: no skew between
+# gateways.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+
+# KEYS[i]: the lease set of pair i (repeats allowed). ARGV[1]: lease_ttl in ms; ARGV[2]: how
+# many of the pairs (the first ones) are given back; ARGV[2 + i]: the member of pair i. The
+# others are renewed, or put back if the set lost them (a store that restarted empty).
+_SYNC = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[1])
+local given_back = tonumber(ARGV[2])
+local extended = {}
+for i, key in ipairs(KEYS) do
+  if i <= given_back then
+    redis.call('ZREM', key, ARGV[i + 2])
+  else
+    redis.call('ZADD', key, now + ttl, ARGV[i + 2])
+    if not extended[key] then
+      extended[key] = true
+      if redis.call('PTTL', key) < ttl then
+        redis.call('PEXPIRE', key, ttl)
+      end
+    end
+  end
+end
+return #KEYS
+"""
+
+
+class CapacityStoreUnavailable(StoreUnavailable):
+    """The capacity store cannot answer: limits are counted on this gateway meanwhile."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One session's place in its agent's shared capacity."""
+
+    service_host: str
+    member: str
+
+
+class Capacity(Protocol):
+    """Where an agent's sessions are counted beyond this gateway's own count."""
+
+    async def acquire(self, agent: AgentConfig) -> Lease | None:
+        """Take a place for one session of ``agent`` (after the gateway's own count allowed
+        it); raises ``HttpError`` 503 "agent at capacity"."""
+        ...
+
+    def release(self, lease: Lease | None) -> None:
+        """Give the place back (the session ended or did not start)."""
+        ...
+
+    @property
+    def status(self) -> str | None:
+        """None while all is well; else one line on why limits are counted here."""
+        ...
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The background work (renewals) until cancelled."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; not used afterwards."""
+        ...
+
+
+class LocalCapacity:
+    """This gateway's own count is the whole limit (the default)."""
+
+    async def acquire(self, agent: AgentConfig) -> Lease | None:
+        return None
+
+    def release(self, lease: Lease | None) -> None:
+        pass
+
+    @property
+    def status(self) -> str | None:
+        return None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+    async def aclose(self) -> None:
+        pass
+
+
+class RedisCapacity:
+    """``max_sessions`` across every gateway sharing one Redis or Valkey (see the module's
+    invariants). ``url``: a store URL (:mod:`wsgate.redis_store`); ``lease_ttl``: seconds a
+    lease lives unless renewed; ``timeout``: seconds each store command may take."""
+
+    def __init__(self, url: str, *, lease_ttl: float = 30.0, timeout: float = 1.0) -> None:
+        if not lease_ttl > 0:
+            raise ValueError("lease_ttl must be > 0")
+        self._store = RedisStore(
+            url, name="capacity store", error=CapacityStoreUnavailable, timeout=timeout
+        )
+        self.lease_ttl = lease_ttl
+        self._ttl_ms = max(1, math.ceil(lease_ttl * 1000))
+        #: Random per process: this gateway's part of every lease member.
+        self.gateway_id = uuid.uuid4().hex[:16]
+        # member -> service host: every lease of a live session of this gateway.
+        self._live: dict[str, str] = {}
+        # (service host, member) to remove from the store at the next sync.
+        self._given_back: list[tuple[str, str]] = []
+        self._shared = True
+        self._wake: anyio.Event | None = None
+        self._scripts: tuple[Script, Script] | None = None
+
+    def __repr__(self) -> str:
+        mode = "shared" if self._shared else "local"
+        return f"<RedisCapacity {self._store.url} {mode}, {len(self._live)} leases>"
+
+    @property
+    def shared(self) -> bool:
+        """Whether limits are held in the store now (False: counted on this gateway)."""
+        return self._shared
+
+    @property
+    def leases(self) -> int:
+        """Leases this gateway holds (its live sessions past the capacity check)."""
+        return len(self._live)
+
+    @property
+    def status(self) -> str | None:
+        if self._shared:
+            return None
+        return "capacity store unreachable: max_sessions counted on this gateway"
+
+    async def acquire(self, agent: AgentConfig) -> Lease | None:
+        lease = Lease(agent.service_host, f"{self.gateway_id}:{uuid.uuid4().hex}")
+        if self._shared:
+            acquire, _ = self._script_objects()
+            try:
+                granted = await self._store.script(
+                    acquire,
+                    [KEY_PREFIX + agent.service_host],
+                    [agent.max_sessions, lease.member, self._ttl_ms],
+                    name="acquire",
+                )
+            except StoreUnavailable as exc:
+                self._fall_back(exc)  # and admit: the gateway's own count allowed it
+            except BaseException:
+                # Cancelled (the client left) while the script may have run: give it back.
+                self._give_back(lease)
+                raise
+            else:
+                if granted != 1:
+                    raise HttpError(503, "agent at capacity")
+        self._live[lease.member] = lease.service_host
+        return lease
+
+    def release(self, lease: Lease | None) -> None:
+        if lease is None or self._live.pop(lease.member, None) is None:
+            return
+        self._give_back(lease)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Renew every ``lease_ttl / 3``; give back ended leases as they end."""
+        period = self.lease_ttl / 3
+        next_renewal = anyio.current_time() + period
+        task_status.started()
+        while True:
+            self._wake = anyio.Event()
+            if not (self._shared and self._given_back):
+                with anyio.move_on_after(next_renewal - anyio.current_time()):
+                    await self._wake.wait()
+            renew = anyio.current_time() >= next_renewal
+            if renew:
+                next_renewal = anyio.current_time() + period
+            if renew or (self._shared and self._given_back):
+                await self.sync(renew=renew)
+
+    async def sync(self, *, renew: bool = True) -> None:
+        """One round: give back ended leases and, with ``renew``, renew (or put back) every
+        live one. In local mode, a success means the store is back."""
+        given_back, self._given_back = self._given_back, []
+        if not self._shared and not renew:
+            return
+        pairs = given_back + ([(h, m) for m, h in self._live.items()] if renew else [])
+        released = len(given_back)
+        _, sync = self._script_objects()
+        try:
+            for start in range(0, max(len(pairs), 1), BATCH):
+                chunk = pairs[start : start + BATCH]
+                if not chunk:
+                    await self._store.execute("PING")  # nothing held: just probe the store
+                    break
+                count = max(0, min(released - start, len(chunk)))
+                await self._store.script(
+                    sync,
+                    [KEY_PREFIX + host for host, _ in chunk],
+                    [self._ttl_ms, count, *(member for _, member in chunk)],
+                    name="renew",
+                )
+        except StoreUnavailable as exc:
+            # Given-back leases are dropped: unrenewed, they leave within lease_ttl.
+            self._fall_back(exc)
+            return
+        if not self._shared:
+            self._shared = True
+            log.warning(
+                "capacity store %s is back: max_sessions shared again (%d lease(s) put back)",
+                self._store.url.where,
+                len(self._live),
+            )
+
+    async def aclose(self) -> None:
+        await self._store.aclose()
+
+    def _give_back(self, lease: Lease) -> None:
+        if not self._shared:
+            return  # not renewed any more: it leaves the store within lease_ttl
+        self._given_back.append((lease.service_host, lease.member))
+        if self._wake is not None:
+            self._wake.set()
+
+    def _fall_back(self, exc: StoreUnavailable) -> None:
+        self._given_back.clear()  # not renewed any more: they leave within lease_ttl
+        if self._shared:
+            self._shared = False
+            log.warning("%s: max_sessions counted on this gateway until it is back", exc)
+
+    def _script_objects(self) -> tuple[Script, Script]:
+        if self._scripts is None:
+            from glide import Script
+
+            # glide's Script is not annotated.
+            self._scripts = (Script(_ACQUIRE), Script(_SYNC))  # type: ignore[no-untyped-call]
+        return self._scripts
+
+
+def open_capacity(settings: GatewaySettings) -> LocalCapacity | RedisCapacity:
+    """The capacity a gateway's settings name: shared when ``capacity_store`` is set."""
+    if settings.capacity_store is None:
+        return LocalCapacity()
+    return RedisCapacity(settings.capacity_store, lease_ttl=settings.lease_ttl)
