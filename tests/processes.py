@@ -56,7 +56,7 @@ class Wsgate:
 
     def url(self) -> str:
         """The URL the process announces once it is listening."""
-        return self.expect(r"^wsgate serving on (ws://\S+)$")[1]
+        return self.expect(r"^wsgate serving on (wss?://\S+)$")[1]
 
     def finish(self) -> tuple[int, str]:
         """Wait for the exit: ``(exit code, rest of stderr)``."""

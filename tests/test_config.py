@@ -249,7 +249,7 @@ def test_a_bad_agent_is_refused_with_a_clear_message(agent: str, message: str) -
 def test_objects_built_in_python_get_the_same_checks() -> None:
     with pytest.raises(ConfigError, match="unknown org 'x'"):
         Config(agents=[AgentConfig("a", "x", builtin="echo")])
-    with pytest.raises(ConfigError, match="wss://"):
-        AgentConfig("a", "o", upstream="wss://b/ws")
+    with pytest.raises(ConfigError, match=r"must be a ws:// URL \(or wss://\)"):
+        AgentConfig("a", "o", upstream="http://b/ws")
     with pytest.raises(ConfigError, match="max_session_duration"):
         GatewaySettings(max_session_duration=30)

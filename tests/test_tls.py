@@ -5,9 +5,12 @@ certificates refused at start, and a reload under 200 live sessions."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.client
+import io
 import json
+import signal
 import socket
 import ssl
 import threading
@@ -22,8 +25,11 @@ from websockets.exceptions import ConnectionClosedError
 
 import wsgate
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
+from wsgate.cli import main as cli_main
+from wsgate.client import connect as client_connect
 
 from .conftest import Bot, connect, in_thread
+from .processes import Wsgate
 
 pytestmark = pytest.mark.anyio
 
@@ -328,3 +334,60 @@ async def test_a_reload_serves_the_new_certificate_and_keeps_live_sessions(
             await in_thread(ws.send, "still here")
             assert await in_thread(ws.recv) == "still here"
             await in_thread(ws.close)
+
+
+def test_the_cli_serves_tls_and_rereads_the_certificate_on_sighup(
+    pems: dict[str, str], ca: trustme.CA, tmp_path: Path
+) -> None:
+    settings = tmp_path / "wsgate.toml"
+    settings.write_text(
+        f"[gateway]\nport = 0\ntls_cert = {pems['cert']!r}\ntls_key = {pems['key']!r}\n"
+        "[[org]]\nname = 'tls'\npublic_keys = ['pk_tls']\n"
+        "[[agent]]\nname = 'echo'\norg = 'tls'\nbuiltin = 'echo'\n"
+    )
+    process = Wsgate("serve", "--config", str(settings))
+    try:
+        url = process.url()
+        assert url.startswith("wss://127.0.0.1:")
+        port = int(url.rsplit(":", 1)[1])
+        before = peer_certificate(port, ca)
+        fresh = write_cert(ca, tmp_path, "fresh", "127.0.0.1")
+        Path(pems["cert"]).write_bytes(Path(fresh["cert"]).read_bytes())
+        Path(pems["key"]).write_bytes(Path(fresh["key"]).read_bytes())
+        process.proc.send_signal(signal.SIGHUP)
+        process.expect("TLS certificate reloaded", stream="stderr")
+        assert peer_certificate(port, ca) != before
+        # wsgate start against the https:// gateway, with the private CA.
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli_main(["start", "--url", f"https://127.0.0.1:{port}", "--agent", "echo",
+                             "--key", "pk_tls", "--ca-file", pems["ca"]])  # fmt: skip
+        assert code == 0
+        started = json.loads(out.getvalue())
+        assert started["wsUrl"] == f"wss://127.0.0.1:{port}/ws/generic/echo.tls"
+        assert exchange(started["wsUrl"], client_context(ca), ["ok"]) == ["ok"]
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.finish()[0] == 0
+    finally:
+        process.kill()
+
+
+def peer_certificate(port: int, ca: trustme.CA) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with client_context(ca).wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+async def test_the_python_client_connects_to_a_wss_gateway(
+    pems: dict[str, str], ca: trustme.CA, anyio_backend: str
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("wsgate.client.connect runs on asyncio (the websockets client)")
+    async with Gateway(config(pems)).running() as gw:
+        base = f"https://127.0.0.1:{gw.port}"
+        async with client_connect(base, "echo", public_key="pk_tls",
+                                  ssl_context=client_context(ca)) as ws:  # fmt: skip
+            await ws.send("through TLS")
+            assert await ws.recv() == "through TLS"

@@ -1,8 +1,10 @@
 """The ``wsgate`` command, a thin layer over the library:
 
 - ``wsgate serve [--config FILE] [--host H] [--port P]``: run a gateway until SIGTERM or Ctrl-C;
-- ``wsgate start --url URL --agent NAME [--key pk_…] [--body JSON]``: call ``/start`` and print
-  its JSON (what a telephony webhook hands on); the key may come from ``WSGATE_PUBLIC_KEY``;
+  SIGHUP reads the TLS certificate again;
+- ``wsgate start --url URL --agent NAME [--key pk_…] [--body JSON] [--ca-file PEM]``: call
+  ``/start`` and print its JSON (what a telephony webhook hands on); the key may come from
+  ``WSGATE_PUBLIC_KEY``;
 - ``wsgate token mint|verify [--body JSON]``: for operators, with the secrets of ``--config``
   (or ``WSGATE_SECRETS``). ``verify`` reads the token from standard input, so it stays out of
   the process list and shell history. A token binds its body exactly as one from ``/start``.
@@ -16,6 +18,7 @@ import logging
 import os
 import resource
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -54,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--agent", required=True, help="agent name (the org is the key's)")
     start.add_argument("--key", help="public API key pk_… (default: $WSGATE_PUBLIC_KEY)")
     start.add_argument("--body", help="session body: a JSON document of at most 4 KB")
+    start.add_argument(
+        "--ca-file", help="PEM roots for an https:// gateway with a private CA (default: system's)"
+    )
     token = commands.add_parser("token", help="mint or check session tokens (operators)")
     token.add_argument("action", choices=("mint", "verify"))
     token.add_argument("--agent", required=True, help="service host {agent}.{org}")
@@ -118,8 +124,15 @@ def _start(args: argparse.Namespace) -> int:
     except ValueError:
         print("wsgate: --body is not JSON", file=sys.stderr)
         return 2
+    context = None
+    if args.ca_file is not None:
+        try:
+            context = ssl.create_default_context(cafile=args.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"wsgate: --ca-file: {exc}", file=sys.stderr)
+            return 2
     try:
-        result = start_sync(args.url, args.agent, key, body)
+        result = start_sync(args.url, args.agent, key, body, ssl_context=context)
     except StartError as exc:
         print(f"wsgate: /start answered {exc.status}: {exc.reason}", file=sys.stderr)
         return 1
@@ -196,9 +209,13 @@ async def _serve(gateway: Gateway, is_default: bool) -> None:
 async def _stop_on_signals(
     gateway: Gateway, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
-    """First SIGTERM/SIGINT: graceful drain. A second one: close the remaining sessions now."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """First SIGTERM/SIGINT: graceful drain. A second one: close the remaining sessions now.
+    SIGHUP: read the TLS certificate and key again (live sessions keep theirs)."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                gateway.reload_tls()
+                continue
             logging.getLogger("wsgate").info("%s: stopping", signal.Signals(signum).name)
             gateway.stop()
