@@ -10,7 +10,7 @@ import socket
 import anyio
 import pytest
 
-from .conftest import Bot, Sentinel, connect, http_exchange, in_thread, serving, upgrade_request
+from .helpers import Bot, Sentinel, connect, http_exchange, in_thread, serving, upgrade_request
 
 pytestmark = pytest.mark.anyio
 

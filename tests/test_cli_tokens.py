@@ -12,8 +12,7 @@ import pytest
 
 from wsgate.tokens import TokenAuthority
 
-from .conftest import Sentinel
-from .test_token_gateway import SECRET, gateway
+from .helpers import TOKEN_SECRET, Sentinel, serving, token_config
 
 pytestmark = pytest.mark.anyio
 
@@ -29,7 +28,7 @@ async def wsgate(*args: str, stdin: bytes = b"", **env: str) -> tuple[int, str, 
 
 
 async def test_start_prints_the_start_json_a_webhook_needs(sentinel: Sentinel) -> None:
-    async with gateway(sentinel.url) as gw:
+    async with serving(sentinel.url, config=token_config) as gw:
         url = f"http://127.0.0.1:{gw.port}"
         code, out, _ = await wsgate(
             "start", "--url", url, "--agent", "talk", "--body", '{"caller": "+1555"}',
@@ -50,17 +49,17 @@ async def test_start_prints_the_start_json_a_webhook_needs(sentinel: Sentinel) -
 
 
 async def test_token_mint_and_verify_with_secrets_from_the_environment() -> None:
-    code, out, _ = await wsgate("token", "mint", "--agent", "a.b", WSGATE_SECRETS=SECRET)
+    code, out, _ = await wsgate("token", "mint", "--agent", "a.b", WSGATE_SECRETS=TOKEN_SECRET)
     assert code == 0
     token = json.loads(out)["token"]
-    TokenAuthority([SECRET]).check(token, "a.b")
+    TokenAuthority([TOKEN_SECRET]).check(token, "a.b")
     code, out, _ = await wsgate(
-        "token", "verify", "--agent", "a.b", stdin=token.encode(), WSGATE_SECRETS=SECRET
+        "token", "verify", "--agent", "a.b", stdin=token.encode(), WSGATE_SECRETS=TOKEN_SECRET
     )
     assert code == 0
     assert json.loads(out)["valid"] is True
     code, out, err = await wsgate(
-        "token", "verify", "--agent", "c.d", stdin=token.encode(), WSGATE_SECRETS=SECRET
+        "token", "verify", "--agent", "c.d", stdin=token.encode(), WSGATE_SECRETS=TOKEN_SECRET
     )
     assert code == 1
     assert token not in err and token not in out
@@ -68,17 +67,18 @@ async def test_token_mint_and_verify_with_secrets_from_the_environment() -> None
 
 async def test_a_token_minted_with_a_body_verifies_only_with_that_body() -> None:
     code, out, _ = await wsgate(
-        "token", "mint", "--agent", "a.b", "--body", '{"who": "A"}', WSGATE_SECRETS=SECRET
+        "token", "mint", "--agent", "a.b", "--body", '{"who": "A"}', WSGATE_SECRETS=TOKEN_SECRET
     )
     assert code == 0
     minted = json.loads(out)
     assert base64.b64decode(minted["body"]) == b'{"who":"A"}'  # as /start encodes it
+    token = minted["token"].encode()
     for body, expected in [('{"who":"A"}', 0), ('{"who":"EVIL"}', 1), (None, 1)]:
         args = ["token", "verify", "--agent", "a.b"] + ([] if body is None else ["--body", body])
-        code, _, err = await wsgate(*args, stdin=minted["token"].encode(), WSGATE_SECRETS=SECRET)
+        code, _, err = await wsgate(*args, stdin=token, WSGATE_SECRETS=TOKEN_SECRET)
         assert code == expected, (body, err)
     code, _, err = await wsgate(
-        "token", "mint", "--agent", "a.b", "--body", "{oops", WSGATE_SECRETS=SECRET
+        "token", "mint", "--agent", "a.b", "--body", "{oops", WSGATE_SECRETS=TOKEN_SECRET
     )
     assert (code, err.strip()) == (2, "wsgate: --body is not JSON")
 

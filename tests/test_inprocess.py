@@ -7,19 +7,14 @@ import base64
 import json
 import logging
 import select
-import socket
-import struct
 import threading
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import pytest
-from websockets.exceptions import ConnectionClosed
 
 from wsgate import (
     AgentConfig,
@@ -33,41 +28,22 @@ from wsgate import (
     WebSocketState,
     loads_config,
 )
-from wsgate.inprocess import Bot, Headers, QueryParams
+from wsgate.inprocess import Headers, QueryParams
 
-from .conftest import connect, in_thread, upgrade_request
+from .helpers import (
+    bot_config,
+    close_payload,
+    closed_with,
+    connect,
+    frame,
+    in_thread,
+    raw_socket,
+    serving_bot,
+)
 
 pytestmark = pytest.mark.anyio
 
 BOT_PATH = "/ws/generic/bot.test"
-
-
-def bot_config(bot: Bot | str, **settings: Any) -> Config:
-    return Config(
-        gateway=GatewaySettings(port=0, **settings),
-        orgs=[OrgConfig(name="test")],
-        agents=[AgentConfig(name="bot", org="test", bot=bot, max_sessions=500)],
-    )
-
-
-@asynccontextmanager
-async def serving_bot(
-    bot: Bot | str, *, session_time_limit: float | None = None, **settings: Any
-) -> AsyncIterator[Gateway]:
-    """A gateway in this event loop serving `bot.test` with the in-process `bot`."""
-    gateway = Gateway(bot_config(bot, **settings), session_time_limit=session_time_limit)
-    async with gateway.running() as gw:
-        yield gw
-
-
-def closed_with(fn: Any) -> tuple[int, str]:
-    """Run `fn` until the connection closes; the close frame the client received."""
-    try:
-        while True:
-            fn()
-    except ConnectionClosed as exc:
-        assert exc.rcvd is not None, f"no close frame received: {exc!r}"
-        return exc.rcvd.code, exc.rcvd.reason
 
 
 async def echo_bot(args: BotArguments) -> None:
@@ -586,26 +562,6 @@ FLOOD_LIMIT = 400 * 1024 * 1024
 PUSHED_BUDGET = 32 * 1024 * 1024
 
 
-def raw_client(port: int) -> socket.socket:
-    """A WebSocket client on a bare socket, past its 101."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(upgrade_request(BOT_PATH))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, "closed during the handshake"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
-def masked_frame(opcode: int, payload: bytes) -> bytes:
-    # Mask key 0: the payload goes as it is (a client must mask; any key will do).
-    n = len(payload)
-    length = bytes([0x80 | n]) if n < 126 else b"\xfe" + struct.pack("!H", n)
-    return bytes([0x80 | opcode]) + length + b"\0\0\0\0" + payload
-
-
 async def test_a_bot_that_does_not_read_holds_a_flooding_client_back() -> None:
     resume = anyio.Event()
     counted: list[int] = []
@@ -621,13 +577,13 @@ async def test_a_bot_that_does_not_read_holds_a_flooding_client_back() -> None:
     async with serving_bot(lazy_bot) as gw:
 
         def client() -> tuple[int, int]:
-            sock = raw_client(gw.port)
+            sock = raw_socket(gw.port, BOT_PATH)
             sock.setblocking(False)
             pushed = frames = 0
             rest = b""
             while pushed < FLOOD_LIMIT:
                 if not rest:
-                    rest = masked_frame(0x2, bytes([frames % 256]) * FRAME)
+                    rest = frame(0x2, bytes([frames % 256]) * FRAME)
                     frames += 1
                 _, writable, _ = select.select([], [sock], [], 1.0)
                 if not writable:
@@ -637,7 +593,7 @@ async def test_a_bot_that_does_not_read_holds_a_flooding_client_back() -> None:
                 rest = rest[n:]
             anyio.from_thread.run_sync(resume.set)
             sock.setblocking(True)
-            sock.sendall(rest + masked_frame(0x8, struct.pack("!H", 1000)))
+            sock.sendall(rest + frame(0x8, close_payload(1000)))
             while sock.recv(65536):
                 pass
             sock.close()

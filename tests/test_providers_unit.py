@@ -12,6 +12,7 @@ import pytest
 from wsgate import providers
 from wsgate.providers import PROVIDERS, Opening, OpeningError, OpeningReader, provider_of_path
 
+from .helpers import frame
 from .telephony import (
     CALL_IDS,
     OP_BINARY,
@@ -21,8 +22,6 @@ from .telephony import (
     OP_PONG,
     OP_TEXT,
     STREAM_IDS,
-    frame,
-    mask_frame,
     media_frame,
     media_message,
     opening_frames,
@@ -34,7 +33,7 @@ SENDS_CONNECTED = ["twilio", "telnyx", "exotel"]
 
 
 def text(message: str | bytes, fin: bool = True) -> bytes:
-    return mask_frame(OP_TEXT, message.encode() if isinstance(message, str) else message, fin)
+    return frame(OP_TEXT, message.encode() if isinstance(message, str) else message, fin=fin)
 
 
 def read_all(provider: str, data: bytes, **kwargs: int) -> Opening | None:
@@ -185,15 +184,15 @@ def test_connected_alone_needs_more_bytes(provider: str) -> None:
 def test_fragments_with_pings_and_pongs_between_them_are_accepted() -> None:
     connected, start = (m.encode() for m in opening_messages("twilio", service_host=HOST))
     data = (
-        mask_frame(OP_PING, b"keepalive")
+        frame(OP_PING, b"keepalive")
         + text(connected)
-        + mask_frame(OP_PONG, b"")
-        + mask_frame(OP_TEXT, start[:10], fin=False)
-        + mask_frame(OP_PING, b"x" * 125)
-        + mask_frame(OP_CONTINUATION, b"", fin=False)
-        + mask_frame(OP_CONTINUATION, start[10:200], fin=False)
-        + mask_frame(OP_PONG, b"p")
-        + mask_frame(OP_CONTINUATION, start[200:], fin=True)
+        + frame(OP_PONG, b"")
+        + frame(OP_TEXT, start[:10], fin=False)
+        + frame(OP_PING, b"x" * 125)
+        + frame(OP_CONTINUATION, b"", fin=False)
+        + frame(OP_CONTINUATION, start[10:200], fin=False)
+        + frame(OP_PONG, b"p")
+        + frame(OP_CONTINUATION, start[200:], fin=True)
     )
     reader = OpeningReader("twilio")
     assert reader.feed(data) == read_all("twilio", text(connected) + text(start))
@@ -224,11 +223,11 @@ START = opening_messages("twilio", service_host=HOST)[1]
 
 CASES: list[tuple[str, str, Callable[[], bytes], int]] = [
     # 1008: policy
-    ("binary message", "twilio", lambda: mask_frame(OP_BINARY, b"\x00\x01"), 1008),
+    ("binary message", "twilio", lambda: frame(OP_BINARY, b"\x00\x01"), 1008),
     (
         "binary message after connected",
         "twilio",
-        lambda: text(CONNECTED) + mask_frame(OP_BINARY, b"x"),
+        lambda: text(CONNECTED) + frame(OP_BINARY, b"x"),
         1008,
     ),
     ("text message over the limit", "twilio", lambda: frame(OP_TEXT, b"", length=65537), 1008),
@@ -351,7 +350,7 @@ def test_ten_thousand_connected_messages_are_refused_early() -> None:
 
 
 def test_an_endless_stream_of_pings_is_refused_early() -> None:
-    ping = mask_frame(OP_PING, b"x" * 125)
+    ping = frame(OP_PING, b"x" * 125)
     reader = OpeningReader("twilio")
     with pytest.raises(OpeningError) as info:
         for _ in range(10_000):
@@ -363,7 +362,7 @@ def test_an_endless_stream_of_pings_is_refused_early() -> None:
 def test_an_error_is_raised_again_on_every_later_feed() -> None:
     reader = OpeningReader("twilio")
     with pytest.raises(OpeningError) as first:
-        reader.feed(mask_frame(OP_BINARY, b"x"))
+        reader.feed(frame(OP_BINARY, b"x"))
     with pytest.raises(OpeningError) as again:
         reader.feed(text(START))
     assert again.value is first.value

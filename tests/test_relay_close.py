@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import socket
 
-import anyio
 import pytest
-from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection
 
-from .conftest import Bot, Seen, connect, in_thread, serving, upgrade_request
+from .helpers import Bot, Seen, closed_with, connect, in_thread, raw_client, serving
 
 pytestmark = pytest.mark.anyio
-
-
-def closed_with(fn: object) -> tuple[int, str]:
-    """Run `fn` until the connection closes; the close frame the client received."""
-    try:
-        fn()  # type: ignore[operator]
-    except ConnectionClosed as exc:
-        assert exc.rcvd is not None, f"no close frame received: {exc!r}"
-        return exc.rcvd.code, exc.rcvd.reason
-    raise AssertionError("the connection stayed open")
 
 
 async def test_a_client_close_reaches_the_bot_with_its_code_and_reason(bot: Bot) -> None:
@@ -62,14 +50,8 @@ async def test_a_bot_close_reaches_the_client_with_its_code_and_reason(bot: Bot)
 
 async def test_a_client_that_drops_its_tcp_connection_makes_the_bot_get_1001(bot: Bot) -> None:
     async with serving(bot.url) as gw:
-        async with await anyio.connect_tcp("127.0.0.1", gw.port) as s:
-            await s.send(upgrade_request("/ws/generic/bot.test"))
-            head = b""
-            with anyio.fail_after(10):
-                while b"\r\n\r\n" not in head:
-                    head += await s.receive()
-            assert head.startswith(b"HTTP/1.1 101")
-        # The stream is closed without a close frame.
+        async with raw_client(gw.port):
+            pass  # past its 101, the stream is closed without a close frame
         await in_thread(bot.wait_ended)
     assert bot.sessions[0].close is not None
     assert bot.sessions[0].close[0] == 1001

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from websockets.sync.server import ServerConnection
 
-from .conftest import Bot, Seen, connect, in_thread, serving
+from .helpers import Bot, Seen, connect, in_thread, serving
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.redis_server import RedisServer, free_port, requires_redis
 from wsgate._core import new_nonce
 from wsgate.errors import ConfigError, HttpError
 from wsgate.replay import (
@@ -26,16 +25,8 @@ from wsgate.replay import (
 )
 from wsgate.tokens import TokenAuthority
 
-T0 = 1_712_800_000
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
+from .helpers import T0, Clock
+from .redis_server import RedisServer, free_port, requires_redis
 
 # --- memory ------------------------------------------------------------------------------------
 
@@ -143,14 +134,6 @@ def test_bytes_that_are_not_resp_are_a_protocol_error(data: bytes) -> None:
 
 
 # --- Redis -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from wsgate.request import Request, parse_request
 from wsgate.routing import no_token_auth_yet, route
 from wsgate.tokens import token_from_request as find_token
 
+from .helpers import b64
+
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 ECHO = AgentConfig("echo", "demo", builtin="echo")
 BOT = AgentConfig("my-agent", "my-org", upstream="ws://127.0.0.1:9001/ws")
@@ -36,10 +38,6 @@ def refused(request: Request) -> tuple[int, str]:
     with pytest.raises(HttpError) as caught:
         route(request, AGENTS)
     return caught.value.status, caught.value.reason
-
-
-def b64(document: object) -> str:
-    return base64.b64encode(json.dumps(document).encode()).decode()
 
 
 def test_the_service_host_in_the_path_routes_to_its_agent() -> None:

@@ -9,14 +9,15 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -27,16 +28,27 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.sync.server import ServerConnection
 
-from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
+from wsgate import Gateway
 from wsgate.tokens import TokenAuthority
 
-from .conftest import Bot, Sentinel, connect, http_exchange, in_thread, upgrade_request
+from .helpers import (
+    TOKEN_SECRET,
+    Bot,
+    Sentinel,
+    b64,
+    connect,
+    http_exchange,
+    in_thread,
+    raw_client,
+    serving,
+    start_json,
+    token_config,
+    upgrade_refused,
+    upgrade_request,
+)
 from .redis_server import RedisServer, requires_redis
-from .test_token_gateway import refused, start_json
 
 pytestmark = pytest.mark.anyio
-
-SECRET = "security-secret-0123456789"
 
 
 class GatedBot:
@@ -93,22 +105,8 @@ def gated_bot() -> Iterator[GatedBot]:
     bot.close()
 
 
-def config(upstream: str, **settings: Any) -> Config:
-    settings.setdefault("secrets", [SECRET])
-    return Config(
-        gateway=GatewaySettings(port=0, **settings),
-        orgs=[OrgConfig("test", public_keys=["pk_test"])],
-        agents=[
-            AgentConfig("open", "test", upstream=upstream),
-            AgentConfig("talk", "test", websocket_auth="token", upstream=upstream),
-        ],
-    )
-
-
-@asynccontextmanager
-async def gateway(upstream: str, **settings: Any) -> AsyncIterator[Gateway]:
-    async with Gateway(config(upstream, **settings)).running() as gw:
-        yield gw
+#: A gateway in this event loop on :func:`token_config` (``talk.test`` takes tokens).
+gateway = partial(serving, config=token_config)
 
 
 class Churn:
@@ -244,12 +242,12 @@ async def test_a_token_whose_dial_fails_gets_502_and_opens_a_session_once_the_bo
         url = f"{gw.url}/ws/generic/talk.test"
         headers = {"Authorization": f"Bearer {answer['token']}"}
         gated_bot.down.set()
-        assert (await in_thread(refused, url, headers))[0] == 502
-        assert (await in_thread(refused, url, headers))[0] == 502  # not "already used"
+        assert (await in_thread(upgrade_refused, url, headers))[0] == 502
+        assert (await in_thread(upgrade_refused, url, headers))[0] == 502  # not "already used"
         gated_bot.down.clear()
         assert await in_thread(session, url, headers) == "legit"
         # Now the session started: the token is spent for good.
-        status, reason = await in_thread(refused, url, headers)
+        status, reason = await in_thread(upgrade_refused, url, headers)
         assert (status, reason.strip()) == (403, "token already used")
         assert gated_bot.dials == 3
 
@@ -282,24 +280,15 @@ async def test_twenty_concurrent_uses_of_one_token_open_exactly_one_session(bot:
 
 @requires_redis
 async def test_twenty_concurrent_uses_of_one_token_open_one_session_with_redis(
-    bot: Bot, tmp_path: Any
+    bot: Bot, redis: RedisServer
 ) -> None:
-    redis = RedisServer(tmp_path)
-    redis.start()
-    try:
-        async with gateway(bot.url, replay_store=redis.url) as gw:
-            _, answer = await start_json(gw, "talk", "pk_test")
-            statuses = await concurrent_upgrades(gw, answer["token"], 20)
-            assert sorted(statuses) == [101] + [403] * 19
-    finally:
-        redis.stop()
+    async with gateway(bot.url, replay_store=redis.url) as gw:
+        _, answer = await start_json(gw, "talk", "pk_test")
+        statuses = await concurrent_upgrades(gw, answer["token"], 20)
+    assert sorted(statuses) == [101] + [403] * 19
 
 
 # --- 2. the body is bound to the token -------------------------------------------------------
-
-
-def b64(document: Any) -> str:
-    return base64.b64encode(json.dumps(document).encode()).decode()
 
 
 async def test_a_token_opens_a_session_only_with_the_body_start_was_given(
@@ -317,7 +306,7 @@ async def test_a_token_opens_a_session_only_with_the_body_start_was_given(
             ),
             (url, "token was issued with a body: ?body= is missing"),
         ]:
-            assert await in_thread(refused, target, headers) == (403, reason + "\n")
+            assert await in_thread(upgrade_refused, target, headers) == (403, reason + "\n")
         assert gated_bot.dials == 0, "a forged body reached the bot"
         # Not spent by those refusals: the body /start returned opens the session, exactly.
         target = f"{url}?body={quote(answer['body'])}"
@@ -342,7 +331,7 @@ async def test_a_token_minted_without_a_body_is_refused_with_any_body(
         _, answer = await start_json(gw, "talk", "pk_test")
         headers = {"Authorization": f"Bearer {answer['token']}"}
         target = f"{gw.url}/ws/generic/talk.test?body={b64({'admin': True})}"
-        status, reason = await in_thread(refused, target, headers)
+        status, reason = await in_thread(upgrade_refused, target, headers)
         assert (status, reason) == (403, "token was issued without a body: ?body= is not allowed\n")
         assert gated_bot.dials == 0
         assert await in_thread(session, f"{gw.url}/ws/generic/talk.test", headers) == "legit"
@@ -351,15 +340,15 @@ async def test_a_token_minted_without_a_body_is_refused_with_any_body(
 async def test_a_token_from_the_token_api_binds_the_body_it_was_minted_with(
     gated_bot: GatedBot,
 ) -> None:
-    authority = TokenAuthority([SECRET])
+    authority = TokenAuthority([TOKEN_SECRET])
     body = json.dumps({"caller": "+15550100"}, separators=(",", ":")).encode()
     bound = authority.mint("talk.test", body).token
     async with gateway(gated_bot.url) as gw:
         url = f"{gw.url}/ws/generic/talk.test"
         encoded = quote(base64.b64encode(body).decode())
-        assert (await in_thread(refused, url, {"Authorization": f"Bearer {bound}"}))[0] == 403
-        target = f"{url}?body={encoded}"
-        assert await in_thread(session, target, {"Authorization": f"Bearer {bound}"}) == "legit"
+        headers = {"Authorization": f"Bearer {bound}"}
+        assert (await in_thread(upgrade_refused, url, headers))[0] == 403
+        assert await in_thread(session, f"{url}?body={encoded}", headers) == "legit"
 
 
 # --- 3. /start checks as strict as the upgrade's ---------------------------------------------
@@ -459,12 +448,7 @@ async def test_client_max_sessions_answers_429_past_the_sessions_of_one_address(
 ) -> None:
     async with gateway(gated_bot.url, client_max_sessions=1) as gw:
         upgrade = upgrade_request("/ws/generic/open.test")
-        async with await anyio.connect_tcp("127.0.0.1", gw.port) as held:
-            await held.send(upgrade)
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += await held.receive()
-            assert answer.startswith(b"HTTP/1.1 101")
+        async with raw_client(gw.port, "/ws/generic/open.test"):  # one session held open
             assert await status_from(gw.port, upgrade) == (
                 429,
                 b"too many sessions from this address\n",
@@ -474,9 +458,10 @@ async def test_client_max_sessions_answers_429_past_the_sessions_of_one_address(
 
 
 async def test_start_rate_per_key_answers_429_for_that_key_only(sentinel: Sentinel) -> None:
-    org = OrgConfig("test", public_keys=["pk_test", "pk_two"])
-    cfg = config(sentinel.url, start_rate_per_key=0.01)
-    async with Gateway(Config(gateway=cfg.gateway, orgs=[org], agents=cfg.agents)).running() as gw:
+    config = token_config(sentinel.url, start_rate_per_key=0.01)
+    test, other = config.orgs
+    orgs = [dataclasses.replace(test, public_keys=["pk_test", "pk_two"]), other]
+    async with Gateway(dataclasses.replace(config, orgs=orgs)).running() as gw:
         assert (await start_json(gw, "talk", "pk_test"))[0] == 200
         assert await start_json(gw, "talk", "pk_test") == (
             429,

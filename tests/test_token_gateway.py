@@ -8,61 +8,40 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import pytest
-from websockets.exceptions import InvalidStatus
 
-from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig, _core
+from wsgate import AgentConfig, Config, Gateway, _core
 from wsgate.client import connect as client_connect
 from wsgate.client import start
 from wsgate.tokens import TokenAuthority
 
-from .conftest import Bot, Sentinel, connect, http_exchange, in_thread, upgrade_request
+from .helpers import (
+    TOKEN_SECRET,
+    Bot,
+    Clock,
+    Sentinel,
+    asyncio_only,
+    connect,
+    http_exchange,
+    in_thread,
+    serving,
+    start_json,
+    token_config,
+    upgrade_refused,
+    upgrade_request,
+)
 from .processes import Wsgate
 from .redis_server import RedisServer, requires_redis
 
 pytestmark = pytest.mark.anyio
 
-SECRET = "gateway-secret-0123456789"
-
-
-def token_config(upstream: str, **settings: Any) -> Config:
-    settings.setdefault("secrets", [SECRET])
-    return Config(
-        gateway=GatewaySettings(port=0, **settings),
-        orgs=[OrgConfig("test", public_keys=["pk_test"]), OrgConfig("other", ["pk_other"])],
-        agents=[
-            AgentConfig("talk", "test", websocket_auth="token", upstream=upstream, max_sessions=5),
-            AgentConfig("open", "test", upstream=upstream),
-            AgentConfig("talk", "other", websocket_auth="token", upstream=upstream),
-        ],
-    )
-
-
-@asynccontextmanager
-async def gateway(upstream: str, *, authority: TokenAuthority | None = None,
-                  **settings: Any) -> AsyncIterator[Gateway]:  # fmt: skip
-    async with Gateway(token_config(upstream, **settings), authority=authority).running() as gw:
-        yield gw
-
-
-async def start_json(gw: Gateway, agent: str, key: str, body: Any = None) -> tuple[int, Any]:
-    payload: dict[str, Any] = {"transport": "websocket"}
-    if body is not None:
-        payload["body"] = body
-    data = json.dumps(payload).encode()
-    request = (
-        f"POST /v1/public/{agent}/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    ).encode() + data
-    status, answer = await http_exchange(gw.port, request)
-    return status, json.loads(answer)
+#: A gateway in this event loop on :func:`token_config` (``talk.test`` takes tokens).
+gateway = partial(serving, config=token_config)
 
 
 async def test_start_then_connect_reaches_the_bot_with_the_session_id_and_body(bot: Bot) -> None:
@@ -85,9 +64,8 @@ async def test_start_then_connect_reaches_the_bot_with_the_session_id_and_body(b
     assert json.loads(base64.b64decode(body)) == {"k": "é"}
 
 
-async def test_the_python_client_connects_in_both_auth_modes(bot: Bot, anyio_backend: str) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("wsgate.client.connect runs on asyncio (the websockets client)")
+@asyncio_only  # wsgate.client.connect runs on asyncio (the websockets client)
+async def test_the_python_client_connects_in_both_auth_modes(bot: Bot) -> None:
     async with gateway(bot.url) as gw:
         base = f"http://127.0.0.1:{gw.port}"
         async with client_connect(base, "talk", public_key="pk_test", body={"n": 1}) as ws:
@@ -123,23 +101,15 @@ async def test_each_token_source_is_accepted(bot: Bot, source: str) -> None:
         await in_thread(client)
 
 
-def refused(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    try:
-        connect(url, additional_headers=headers or {}).close()
-    except InvalidStatus as exc:
-        return exc.response.status_code, exc.response.body.decode() if exc.response.body else ""
-    raise AssertionError("the upgrade was accepted")
-
-
 async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
     sentinel: Sentinel, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="wsgate")
-    clock = [1_800_000_000.0]
-    authority = TokenAuthority([SECRET], clock=lambda: clock[0])
+    clock = Clock(1_800_000_000)
+    authority = TokenAuthority([TOKEN_SECRET], clock=clock)
     async with gateway(sentinel.url, authority=authority, dial_timeout=0.5) as gw:
         good = authority.mint("talk.test").token
-        forged = _core.TokenKeys([b"not-our-secret"]).mint("talk.test", int(clock[0]) + 300, "n1")
+        forged = _core.TokenKeys([b"not-our-secret"]).mint("talk.test", int(clock.now) + 300, "n1")
         other_agent = authority.mint("talk.other").token
         expiring = authority.mint("talk.test").token
         url = f"{gw.url}/ws/generic/talk.test"
@@ -155,12 +125,12 @@ async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
             "tampered": (url, bearer(good[:-2] + ("AA" if good[-2:] != "AA" else "BB"))),
         }
         for name, (target, headers) in cases.items():
-            status, reason = await in_thread(refused, target, headers)
+            status, reason = await in_thread(upgrade_refused, target, headers)
             assert status == 403, name
             assert reason and "\n" not in reason.rstrip("\n"), name
-        clock[0] += 301  # the injected clock: no sleeping
-        assert (await in_thread(refused, url, bearer(expiring)))[0] == 403
-        clock[0] -= 301
+        clock.now += 301  # the injected clock: no sleeping
+        assert (await in_thread(upgrade_refused, url, bearer(expiring)))[0] == 403
+        clock.now -= 301
 
         # A good token reaches the dial; the sentinel never answers, so the session never
         # starts and the token is given back: a retry with it is dialled again, not refused.
@@ -292,12 +262,10 @@ upstream = "{upstream}"
 
 @requires_redis
 def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
-    bot: Bot, tmp_path: Path
+    bot: Bot, redis: RedisServer, tmp_path: Path
 ) -> None:
-    redis = RedisServer(tmp_path)
-    redis.start()
     env_before = os.environ.get("WSGATE_SECRETS")
-    os.environ["WSGATE_SECRETS"] = SECRET
+    os.environ["WSGATE_SECRETS"] = TOKEN_SECRET
     config = write_config(tmp_path / "wsgate.toml", bot.url, redis.url)
     first, second = (
         Wsgate("serve", "--config", str(config)),
@@ -305,16 +273,16 @@ def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
     )
     try:
         url1, url2 = first.url(), second.url()
-        token = TokenAuthority([SECRET]).mint("talk.test").token
-        headers = {"Authorization": f"Bearer {token}"}
+        minting = TokenAuthority([TOKEN_SECRET])
+        headers = {"Authorization": f"Bearer {minting.mint('talk.test').token}"}
         with connect(f"{url1}/ws/generic/talk.test", additional_headers=headers) as ws:
             ws.send("once")
             assert ws.recv() == "once"
-        assert refused(f"{url2}/ws/generic/talk.test", headers)[0] == 403
+        assert upgrade_refused(f"{url2}/ws/generic/talk.test", headers)[0] == 403
 
         redis.stop()  # Redis goes away: token sessions fail closed, others go on
-        fresh = {"Authorization": f"Bearer {TokenAuthority([SECRET]).mint('talk.test').token}"}
-        assert refused(f"{url1}/ws/generic/talk.test", fresh)[0] == 503
+        fresh = {"Authorization": f"Bearer {minting.mint('talk.test').token}"}
+        assert upgrade_refused(f"{url1}/ws/generic/talk.test", fresh)[0] == 503
         with connect(f"{url2}/ws/generic/open.test") as ws:
             ws.send("unaffected")
             assert ws.recv() == "unaffected"
@@ -326,7 +294,6 @@ def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
     finally:
         first.kill()
         second.kill()
-        redis.stop()
         if env_before is None:
             os.environ.pop("WSGATE_SECRETS", None)
         else:

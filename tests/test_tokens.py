@@ -11,9 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.token_reference import ReferenceTokenError
-from tests.token_reference import mint as reference_mint
-from tests.token_reference import verify as reference_verify
 from wsgate import _core
 from wsgate.config import AgentConfig
 from wsgate.errors import ConfigError, HttpError
@@ -27,17 +24,13 @@ from wsgate.tokens import (
     token_from_request,
 )
 
+from .helpers import T0, Clock
+from .token_reference import ReferenceTokenError
+from .token_reference import mint as reference_mint
+from .token_reference import verify as reference_verify
+
 HOST = "my-agent.my-org"
-T0 = 1_712_800_000
 URL_SAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class RecordingStore:
@@ -46,7 +39,7 @@ class RecordingStore:
     def __init__(self, *, down: bool = False) -> None:
         self.claims: list[tuple[str, int]] = []
         self.down = down
-        self._inner = MemoryReplayStore(clock=lambda: T0)
+        self._inner = MemoryReplayStore(clock=Clock())
 
     async def claim(self, nonce: str, exp: int) -> bool:
         self.claims.append((nonce, exp))
@@ -331,7 +324,7 @@ async def test_verification_logs_nothing_about_the_token(caplog: pytest.LogCaptu
 # --- Hypothesis: every mutation of a valid token is refused ------------------------------------
 
 SECRET = b"hypothesis-secret"
-CHECKER = TokenAuthority([SECRET], clock=lambda: T0)
+CHECKER = TokenAuthority([SECRET], clock=Clock())
 
 
 def valid_token() -> str:
