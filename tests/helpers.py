@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -70,6 +70,24 @@ def closed_with(fn: Callable[..., object], *args: Any) -> tuple[int, str]:
         assert exc.rcvd is not None, f"no close frame received: {exc!r}"
         return exc.rcvd.code, exc.rcvd.reason
     raise AssertionError(f"the connection stayed open: {fn.__name__} returned {result!r}")
+
+
+def echoed(
+    url: str, message: str | bytes = "x", headers: dict[str, str] | None = None, **kwargs: Any
+) -> str | bytes:
+    """One session with an echoing bot at ``url``: send ``message``, return what came back (the
+    client then closes, 1000). ``headers`` and ``kwargs`` go to :func:`connect`."""
+    with connect(url, additional_headers=headers or {}, **kwargs) as ws:
+        ws.send(message)
+        return ws.recv(timeout=20)
+
+
+def closed_after(url: str, message: str | bytes = "x", **kwargs: Any) -> tuple[int, str]:
+    """One session that the other side ends: send ``message``; the close the client gets
+    (:func:`closed_with`: nothing may come before it). ``kwargs`` go to :func:`connect`."""
+    with connect(url, **kwargs) as ws:
+        ws.send(message)
+        return closed_with(ws.recv, 20)
 
 
 def upgrade_refused(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
@@ -178,6 +196,34 @@ class Sentinel:
         return True
 
 
+class RawUpstream:
+    """An upstream bot on a raw socket, for one session: a thread accepts the gateway's dial
+    and hands the connection to :meth:`session` (which answers the upgrade, with
+    :func:`accept_upgrade`); ``done`` is set once the session is over and the socket closed.
+    Subclasses set their own attributes before calling ``super().__init__()``."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        self.listener.close()
+        try:
+            with conn:
+                self.session(conn)
+        finally:
+            self.done.set()
+
+    def session(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
 def accept_key(key: bytes) -> bytes:
     """RFC 6455 §4.2.2: base64(SHA-1(key + GUID)), written here rather than taken from the
     gateway under test."""
@@ -253,6 +299,13 @@ async def serving(
     :func:`make_config`: ``bot.test`` relayed to ``upstream``); stopped at exit."""
     async with Gateway(config(upstream, **settings), authority=authority).running() as gw:
         yield gw
+
+
+def token_gateway(
+    upstream: str, *, authority: TokenAuthority | None = None, **settings: Any
+) -> AbstractAsyncContextManager[Gateway]:
+    """:func:`serving` on :func:`token_config`: ``talk.test`` takes tokens."""
+    return serving(upstream, config=token_config, authority=authority, **settings)
 
 
 def bot_config(bot: Callable[[BotArguments], Awaitable[None]] | str, **settings: Any) -> Config:
@@ -524,3 +577,17 @@ async def under_uvicorn(bot: Callable[[Any], Awaitable[None]]) -> AsyncIterator[
                 yield f"ws://127.0.0.1:{sock.getsockname()[1]}/ws"
             finally:
                 server.should_exit = True
+
+
+async def run_pipeline(transport: Any, task: Any, handle_sigint: bool) -> None:
+    """Run the Pipecat pipeline ``task`` as Pipecat's examples do: until it ends, or until the
+    client of ``transport`` disconnects (which cancels it). Needs the ``pipecat`` test extra."""
+    from pipecat.workers.runner import WorkerRunner
+
+    @transport.event_handler("on_client_disconnected")  # type: ignore[misc]
+    async def on_client_disconnected(transport: Any, websocket: Any) -> None:
+        await task.cancel()
+
+    runner = WorkerRunner(handle_sigint=handle_sigint)
+    await runner.add_workers(task)
+    await runner.run()

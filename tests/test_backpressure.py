@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosedOK
 
-from .helpers import accept_upgrade, close_payload, connect, frame, in_thread, serving
+from .helpers import RawUpstream, accept_upgrade, close_payload, connect, frame, in_thread, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -34,27 +34,19 @@ def payload(i: int) -> bytes:
     return bytes([i % 256]) * FRAME_PAYLOAD
 
 
-class FloodingBot:
+class FloodingBot(RawUpstream):
     """A raw upstream bot that writes binary frames as fast as TCP lets it, and notes when TCP
     stops letting it (nothing writable for `stall` seconds)."""
 
     def __init__(self, stall: float = 1.0) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
         self.stall = stall
         self.pushed = 0
         self.frames = 0
         self.stalled = threading.Event()
         self.resume = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
-
-    def run(self) -> None:
-        conn, _ = self.listener.accept()
-        self.listener.close()
+    def session(self, conn: socket.socket) -> None:
         accept_upgrade(conn)
         conn.setblocking(False)
         rest = b""
@@ -75,7 +67,6 @@ class FloodingBot:
         conn.sendall(rest + frame(8, close_payload(1000), mask=False))  # finish, close
         while conn.recv(4096):
             pass
-        conn.close()
 
 
 async def test_a_client_that_does_not_read_holds_a_flooding_bot_back(

@@ -10,7 +10,16 @@ import socket
 import anyio
 import pytest
 
-from .helpers import Bot, Sentinel, connect, http_exchange, in_thread, serving, upgrade_request
+from .helpers import (
+    Bot,
+    Sentinel,
+    connect,
+    echoed,
+    http_exchange,
+    in_thread,
+    serving,
+    upgrade_request,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -88,13 +97,7 @@ async def test_a_bad_request_gets_its_status_and_the_bot_is_never_dialled(
 
 async def test_a_body_of_exactly_4096_bytes_is_accepted(bot: Bot) -> None:
     async with serving(bot.url) as gw:
-
-        def client() -> None:
-            with connect(f"{gw.url}/ws/generic/bot.test?body={body_of(4096)}") as ws:
-                ws.send("x")
-                ws.recv()
-
-        await in_thread(client)
+        assert await in_thread(echoed, f"{gw.url}/ws/generic/bot.test?body={body_of(4096)}") == "x"
         bot.wait_ended()
     assert "body=" in bot.sessions[0].path
 

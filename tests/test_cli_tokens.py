@@ -12,7 +12,7 @@ import pytest
 
 from wsgate.tokens import TokenAuthority
 
-from .helpers import TOKEN_SECRET, Sentinel, serving, token_config
+from .helpers import TOKEN_SECRET, Sentinel, token_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -28,7 +28,7 @@ async def wsgate(*args: str, stdin: bytes = b"", **env: str) -> tuple[int, str, 
 
 
 async def test_start_prints_the_start_json_a_webhook_needs(sentinel: Sentinel) -> None:
-    async with serving(sentinel.url, config=token_config) as gw:
+    async with token_gateway(sentinel.url) as gw:
         url = f"http://127.0.0.1:{gw.port}"
         code, out, _ = await wsgate(
             "start", "--url", url, "--agent", "talk", "--body", '{"caller": "+1555"}',

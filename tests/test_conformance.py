@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 
 import anyio
 import pytest
 
 from .helpers import (
     Bot,
+    RawUpstream,
     Reader,
     Sentinel,
     accept_upgrade,
@@ -29,34 +29,24 @@ pytestmark = pytest.mark.anyio
 MAX = 1 << 20
 
 
-class RawBot:
+class RawBot(RawUpstream):
     """An upstream bot on a raw socket: answers the upgrade, sends `script`, then records
     every frame the gateway sends it until EOF."""
 
     def __init__(self, script: bytes = b"") -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
         self.script = script
         self.frames: list[tuple[int, bytes]] = []
-        self.done = threading.Event()
-        threading.Thread(target=self.run, daemon=True).start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
-
-    def run(self) -> None:
-        conn, _ = self.listener.accept()
-        self.listener.close()
+    def session(self, conn: socket.socket) -> None:
         conn.settimeout(30)
-        with conn:
-            accept_upgrade(conn, then=self.script)
-            reader = Reader(lambda: conn.recv(65536))
-            while (f := reader.next()) is not None:
-                self.frames.append(f)
-                if f[0] == 8:
-                    conn.sendall(frame(8, f[1][:2], mask=False))  # the close reply
-                    break
-        self.done.set()
+        accept_upgrade(conn, then=self.script)
+        reader = Reader(lambda: conn.recv(65536))
+        while (f := reader.next()) is not None:
+            self.frames.append(f)
+            if f[0] == 8:
+                conn.sendall(frame(8, f[1][:2], mask=False))  # the close reply
+                break
 
     def close_code(self) -> int | None:
         assert self.done.wait(30)

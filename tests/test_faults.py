@@ -77,6 +77,16 @@ class Closed:
     at: float
 
 
+def readable(sel: selectors.BaseSelector, awaited: str) -> list[socket.socket]:
+    """The sockets of ``sel`` ready to read within ``TIMEOUT``; fails naming what was
+    ``awaited`` if none is."""
+    events = sel.select(TIMEOUT)
+    assert events, f"{awaited} after {TIMEOUT} s"
+    ready = [key.fileobj for key, _ in events]
+    assert all(isinstance(s, socket.socket) for s in ready)
+    return ready  # type: ignore[return-value]
+
+
 def open_sessions(port: int, n: int, path: str, window: int = 100) -> list[socket.socket]:
     """Open ``n`` WebSocket sessions, at most ``window`` upgrades in flight; fail on any answer
     other than 101."""
@@ -92,12 +102,7 @@ def open_sessions(port: int, n: int, path: str, window: int = 100) -> list[socke
             sel.register(s, selectors.EVENT_READ)
             heads[s] = b""
             todo -= 1
-        events = sel.select(TIMEOUT)
-        assert events, f"{len(heads)} upgrades unanswered after {TIMEOUT} s"
-        for key, _ in events:
-            ready = key.fileobj
-            assert isinstance(ready, socket.socket)
-            s = ready
+        for s in readable(sel, f"{len(heads)} upgrades unanswered"):
             data = s.recv(4096)
             assert data, "the gateway closed a connection during its upgrade"
             heads[s] += data
@@ -121,12 +126,7 @@ def echo_each(socks: list[socket.socket], tag: str) -> None:
     for s in socks:
         sel.register(s, selectors.EVENT_READ)
     while bufs:
-        events = sel.select(TIMEOUT)
-        assert events, f"{len(bufs)} echoes missing after {TIMEOUT} s"
-        for key, _ in events:
-            ready = key.fileobj
-            assert isinstance(ready, socket.socket)
-            s = ready
+        for s in readable(sel, f"{len(bufs)} echoes missing"):
             data = s.recv(4096)
             assert data, "a session ended while waiting for its echo"
             bufs[s] += data

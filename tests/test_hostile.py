@@ -14,22 +14,16 @@ from wsgate.tokens import TokenAuthority
 
 from .helpers import (
     Sentinel,
-    connect,
+    echoed,
     http_exchange,
     in_thread,
     serving,
-    token_config,
+    token_gateway,
     upgrade_request,
     upgraded,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-def echo_once(url: str) -> str:
-    with connect(f"{url}/ws/generic/echo.test", open_timeout=10) as ws:
-        ws.send("legit")
-        return str(ws.recv())
 
 
 async def open_many(port: int, n: int, first_bytes: bytes, stack: AsyncExitStack) -> None:
@@ -46,7 +40,7 @@ async def test_slow_upgrade_requests_do_not_crowd_out_a_real_client(sentinel: Se
         async with AsyncExitStack() as stack:
             # 50 slowloris connections: a request line and no end, for a minute if allowed.
             await open_many(gw.port, 50, b"GET /ws/generic/bot.test HTTP/1.1\r\nX-a: ", stack)
-            assert await in_thread(echo_once, gw.url) == "legit"
+            assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
             assert gw.evicted_upgrades >= 30
     assert not sentinel.dialled()
 
@@ -58,7 +52,7 @@ async def test_idle_connections_that_never_speak_do_not_block_new_sessions(
         async with AsyncExitStack() as stack:
             await open_many(gw.port, 300, b"", stack)
             for _ in range(3):
-                assert await in_thread(echo_once, gw.url) == "legit"
+                assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
     assert not sentinel.dialled()
 
 
@@ -96,7 +90,7 @@ async def test_a_flood_of_bad_tokens_costs_no_store_trip_and_no_dial(sentinel: S
     CountingStore.claims = 0
     authority = TokenAuthority(["s3cret"], store=CountingStore())
     forged = TokenAuthority(["not-ours"]).mint("talk.test").token
-    async with serving(sentinel.url, config=token_config, authority=authority) as gw:
+    async with token_gateway(sentinel.url, authority=authority) as gw:
         for token in [forged, "x" * 3000, "a.b", ""] * 25:
             status, _ = await http_exchange(
                 gw.port, upgrade_request(f"/ws/generic/talk.test?token={token}")

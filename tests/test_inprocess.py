@@ -69,6 +69,20 @@ class Probe:
         with anyio.fail_after(timeout):
             await self.finished.wait()
 
+    async def endless_bot(self, args: BotArguments) -> None:
+        """A bot that echoes every text and never stops on its own, not even when its client
+        has left: notes its start, its end, and whether it was cancelled."""
+        self.started.set()
+        try:
+            async for message in args.websocket:
+                await args.websocket.send_text(str(message))
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled = True
+            raise
+        finally:
+            self.finished.set()
+
 
 # What the bot sees
 
@@ -404,17 +418,7 @@ async def test_a_bot_still_running_after_its_client_left_is_cancelled_after_the_
 ):
     probe = Probe()
 
-    async def stubborn_bot(args: BotArguments) -> None:
-        probe.started.set()
-        try:
-            await anyio.sleep_forever()
-        except anyio.get_cancelled_exc_class():
-            probe.cancelled = True
-            raise
-        finally:
-            probe.finished.set()
-
-    async with serving_bot(stubborn_bot, bot_grace_period=0.2) as gw:
+    async with serving_bot(probe.endless_bot, bot_grace_period=0.2) as gw:
 
         def client() -> None:
             with connect(f"{gw.url}{BOT_PATH}") as ws:
@@ -458,18 +462,7 @@ async def test_a_bot_that_returns_within_the_grace_period_is_not_cancelled() -> 
 async def test_the_session_time_limit_cancels_the_bot_and_closes_the_client_with_1000() -> None:
     probe = Probe()
 
-    async def endless_bot(args: BotArguments) -> None:
-        try:
-            async for message in args.websocket:
-                await args.websocket.send_text(str(message))
-            await anyio.sleep_forever()  # the bot would never stop on its own
-        except anyio.get_cancelled_exc_class():
-            probe.cancelled = True
-            raise
-        finally:
-            probe.finished.set()
-
-    async with serving_bot(endless_bot, session_time_limit=0.5, bot_grace_period=60) as gw:
+    async with serving_bot(probe.endless_bot, session_time_limit=0.5, bot_grace_period=60) as gw:
 
         def client() -> tuple[int, str]:
             with connect(f"{gw.url}{BOT_PATH}") as ws:
@@ -485,17 +478,7 @@ async def test_the_session_time_limit_cancels_the_bot_and_closes_the_client_with
 async def test_stopping_the_gateway_closes_the_client_with_1001_and_no_bot_outlives_it() -> None:
     probe = Probe()
 
-    async def endless_bot(args: BotArguments) -> None:
-        probe.started.set()
-        try:
-            await anyio.sleep_forever()
-        except anyio.get_cancelled_exc_class():
-            probe.cancelled = True
-            raise
-        finally:
-            probe.finished.set()
-
-    gateway = Gateway(bot_config(endless_bot, drain_timeout=0.2, bot_grace_period=0.2))
+    gateway = Gateway(bot_config(probe.endless_bot, drain_timeout=0.2, bot_grace_period=0.2))
     async with anyio.create_task_group() as tg:
         await tg.start(gateway.serve)
 

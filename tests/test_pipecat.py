@@ -37,9 +37,8 @@ from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
 )
-from pipecat.workers.runner import WorkerRunner
 
-from .helpers import asyncio_only, connect, in_thread, serving_bot, under_uvicorn
+from .helpers import asyncio_only, connect, in_thread, run_pipeline, serving_bot, under_uvicorn
 
 pytestmark = [pytest.mark.anyio, asyncio_only]  # Pipecat is built on asyncio
 
@@ -74,14 +73,7 @@ async def pipecat_bot(runner_args: Any) -> None:
     task = PipelineWorker(
         Pipeline([transport.input(), Answerer(), transport.output()]), enable_rtvi=False
     )
-
-    @transport.event_handler("on_client_disconnected")  # type: ignore[misc]
-    async def on_client_disconnected(transport: Any, websocket: Any) -> None:
-        await task.cancel()
-
-    runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
-    await runner.add_workers(task)
-    await runner.run()
+    await run_pipeline(transport, task, runner_args.handle_sigint)
 
 
 def message_frame(payload: dict[str, Any]) -> bytes:

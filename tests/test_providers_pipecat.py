@@ -46,11 +46,10 @@ from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
 )
-from pipecat.workers.runner import WorkerRunner
 
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 
-from .helpers import asyncio_only, under_uvicorn
+from .helpers import asyncio_only, run_pipeline, under_uvicorn
 from .telephony import (
     CALL_IDS,
     STREAM_IDS,
@@ -152,14 +151,7 @@ def telephony_bot(calls: Calls) -> Callable[[Any], Awaitable[None]]:
                 params=PipelineParams(audio_in_sample_rate=RATE, audio_out_sample_rate=RATE),
                 enable_rtvi=False,
             )
-
-            @transport.event_handler("on_client_disconnected")  # type: ignore[misc]
-            async def on_client_disconnected(transport: Any, websocket: Any) -> None:
-                await task.cancel()
-
-            runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
-            await runner.add_workers(task)
-            await runner.run()
+            await run_pipeline(transport, task, runner_args.handle_sigint)
         finally:
             calls.end()
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 from websockets.sync.server import ServerConnection
 
-from .helpers import Bot, Seen, closed_with, connect, in_thread, raw_client, serving
+from .helpers import Bot, Seen, closed_after, closed_with, connect, in_thread, raw_client, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -37,13 +37,7 @@ async def test_a_bot_close_reaches_the_client_with_its_code_and_reason(bot: Bot)
 
     bot.behaviour = close_after_one
     async with serving(bot.url) as gw:
-
-        def client() -> tuple[int, str]:
-            with connect(f"{gw.url}/ws/generic/bot.test") as ws:
-                ws.send("x")
-                return closed_with(ws.recv)
-
-        assert await in_thread(client) == (4001, "done here")
+        assert await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test") == (4001, "done here")
         bot.wait_ended()
     assert bot.sessions[0].close == (4001, "done here")  # the client's reply
 
@@ -64,13 +58,7 @@ async def test_a_bot_that_drops_its_tcp_connection_makes_the_client_get_1011(bot
 
     bot.behaviour = drop
     async with serving(bot.url) as gw:
-
-        def client() -> tuple[int, str]:
-            with connect(f"{gw.url}/ws/generic/bot.test") as ws:
-                ws.send("x")
-                return closed_with(ws.recv)
-
-        code, _reason = await in_thread(client)
+        code, _reason = await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test")
     assert code == 1011
 
 
@@ -119,13 +107,7 @@ async def test_a_bot_message_over_the_limit_closes_it_1009_and_the_client_1001(b
 
     bot.behaviour = too_big
     async with serving(bot.url, max_message_size=1000) as gw:
-
-        def client() -> tuple[int, str]:
-            with connect(f"{gw.url}/ws/generic/bot.test") as ws:
-                ws.send("go")
-                return closed_with(ws.recv)
-
-        code, _ = await in_thread(client)
+        code, _ = await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test", "go")
         bot.wait_ended()
     assert code == 1001
     assert bot.sessions[0].close is not None

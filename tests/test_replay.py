@@ -5,7 +5,8 @@ started again mid-test)."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -144,20 +145,24 @@ def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@asynccontextmanager
+async def sharing_redis(redis: RedisServer) -> AsyncIterator[tuple[RedisReplayStore, ...]]:
+    """Two stores on one Redis, as two gateway processes have; closed at exit."""
+    async with aclosing(RedisReplayStore(redis.url)) as one:
+        async with aclosing(RedisReplayStore(redis.url)) as two:
+            yield one, two
+
+
 @requires_redis
 @pytest.mark.anyio
 async def test_a_nonce_claimed_at_one_gateway_is_refused_at_another_sharing_redis(
     redis: RedisServer,
 ) -> None:
-    one, two = RedisReplayStore(redis.url), RedisReplayStore(redis.url)
-    try:
+    async with sharing_redis(redis) as (one, two):
         nonce = new_nonce()
         assert await one.claim(nonce, 2**40)
         assert not await two.claim(nonce, 2**40)
         assert not await one.claim(nonce, 2**40)
-    finally:
-        await one.aclose()
-        await two.aclose()
 
 
 @requires_redis
@@ -197,19 +202,14 @@ async def test_a_redis_entry_expires_with_its_token(redis: RedisServer) -> None:
 async def test_a_claim_released_in_redis_may_be_claimed_again_by_another_gateway(
     redis: RedisServer,
 ) -> None:
-    one, two = RedisReplayStore(redis.url), RedisReplayStore(redis.url)
-    try:
+    async with sharing_redis(redis) as (one, two):
         nonce = new_nonce()
-        assert await one.claim(nonce, 2**40)
-        assert not await two.claim(nonce, 2**40)
+        assert [await one.claim(nonce, 2**40), await two.claim(nonce, 2**40)] == [True, False]
         await one.release(nonce)
-        assert await two.claim(nonce, 2**40)
-        assert not await one.claim(nonce, 2**40)
-    finally:
-        await one.aclose()
-        await two.aclose()
+        assert [await two.claim(nonce, 2**40), await one.claim(nonce, 2**40)] == [True, False]
 
 
+@requires_redis
 @pytest.mark.anyio
 async def test_concurrent_claims_of_one_nonce_let_exactly_one_through(redis: RedisServer) -> None:
     store = RedisReplayStore(redis.url, pool_size=4)

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -36,13 +35,13 @@ from .helpers import (
     Bot,
     Sentinel,
     b64,
-    connect,
+    echoed,
     http_exchange,
     in_thread,
     raw_client,
-    serving,
     start_json,
     token_config,
+    token_gateway,
     upgrade_refused,
     upgrade_request,
 )
@@ -92,21 +91,16 @@ class GatedBot:
 
 
 @pytest.fixture
-def slow_bot() -> Iterator[GatedBot]:
-    bot = GatedBot(delay=1.0)
-    yield bot
-    bot.close()
-
-
-@pytest.fixture
 def gated_bot() -> Iterator[GatedBot]:
     bot = GatedBot()
     yield bot
     bot.close()
 
 
-#: A gateway in this event loop on :func:`token_config` (``talk.test`` takes tokens).
-gateway = partial(serving, config=token_config)
+@pytest.fixture
+def slow_bot(gated_bot: GatedBot) -> GatedBot:
+    gated_bot.delay = 1.0  # a cold start: every handshake takes a second
+    return gated_bot
 
 
 class Churn:
@@ -156,10 +150,8 @@ class Churn:
         self._thread.join(30)
 
 
-def session(url: str, headers: dict[str, str] | None = None) -> str:
-    with connect(url, additional_headers=headers or {}, open_timeout=15) as ws:
-        ws.send("legit")
-        return str(ws.recv())
+def session(url: str, headers: dict[str, str] | None = None) -> str | bytes:
+    return echoed(url, "legit", headers, open_timeout=15)
 
 
 def open_idle(port: int, n: int, first_bytes: bytes) -> list[socket.socket]:
@@ -178,7 +170,7 @@ async def test_connections_flooding_in_evict_no_upgrade_that_is_dialling_its_bot
     slow_bot: GatedBot, caplog: pytest.LogCaptureFixture, first_bytes: bytes
 ) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate")
-    async with gateway(slow_bot.url, max_pending_upgrades=100) as gw:
+    async with token_gateway(slow_bot.url, max_pending_upgrades=100) as gw:
         authority = gw.authority
         assert authority is not None
         tokens = [authority.mint("talk.test").token for _ in range(5)]
@@ -215,7 +207,7 @@ async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
     sentinel: Sentinel, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate")
-    async with gateway(sentinel.url, max_pending_upgrades=5) as gw:
+    async with token_gateway(sentinel.url, max_pending_upgrades=5) as gw:
         started = anyio.current_time()
         with Churn(gw.port, keep=2_000, max_connects=2_000) as churn:
             await in_thread(churn.wait)
@@ -236,7 +228,7 @@ async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
 async def test_a_token_whose_dial_fails_gets_502_and_opens_a_session_once_the_bot_is_up(
     gated_bot: GatedBot,
 ) -> None:
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test")
         assert status == 200
         url = f"{gw.url}/ws/generic/talk.test"
@@ -272,7 +264,7 @@ async def concurrent_upgrades(gw: Gateway, token: str, n: int) -> list[int]:
 
 
 async def test_twenty_concurrent_uses_of_one_token_open_exactly_one_session(bot: Bot) -> None:
-    async with gateway(bot.url) as gw:
+    async with token_gateway(bot.url) as gw:
         _, answer = await start_json(gw, "talk", "pk_test")
         statuses = await concurrent_upgrades(gw, answer["token"], 20)
     assert sorted(statuses) == [101] + [403] * 19
@@ -282,7 +274,7 @@ async def test_twenty_concurrent_uses_of_one_token_open_exactly_one_session(bot:
 async def test_twenty_concurrent_uses_of_one_token_open_one_session_with_redis(
     bot: Bot, redis: RedisServer
 ) -> None:
-    async with gateway(bot.url, replay_store=redis.url) as gw:
+    async with token_gateway(bot.url, replay_store=redis.url) as gw:
         _, answer = await start_json(gw, "talk", "pk_test")
         statuses = await concurrent_upgrades(gw, answer["token"], 20)
     assert sorted(statuses) == [101] + [403] * 19
@@ -294,7 +286,7 @@ async def test_twenty_concurrent_uses_of_one_token_open_one_session_with_redis(
 async def test_a_token_opens_a_session_only_with_the_body_start_was_given(
     gated_bot: GatedBot,
 ) -> None:
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         _, answer = await start_json(gw, "talk", "pk_test", body={"who": "A"})
         url = f"{gw.url}/ws/generic/talk.test"
         headers = {"Authorization": f"Bearer {answer['token']}"}
@@ -316,7 +308,7 @@ async def test_a_token_opens_a_session_only_with_the_body_start_was_given(
 
 
 async def test_the_bound_body_may_come_in_any_base64_spelling(gated_bot: GatedBot) -> None:
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         _, answer = await start_json(gw, "talk", "pk_test", body={"k": "?>~é"})
         urlsafe = answer["body"].replace("+", "-").replace("/", "_").rstrip("=")
         headers = {"Authorization": f"Bearer {answer['token']}"}
@@ -327,7 +319,7 @@ async def test_the_bound_body_may_come_in_any_base64_spelling(gated_bot: GatedBo
 async def test_a_token_minted_without_a_body_is_refused_with_any_body(
     gated_bot: GatedBot,
 ) -> None:
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         _, answer = await start_json(gw, "talk", "pk_test")
         headers = {"Authorization": f"Bearer {answer['token']}"}
         target = f"{gw.url}/ws/generic/talk.test?body={b64({'admin': True})}"
@@ -343,7 +335,7 @@ async def test_a_token_from_the_token_api_binds_the_body_it_was_minted_with(
     authority = TokenAuthority([TOKEN_SECRET])
     body = json.dumps({"caller": "+15550100"}, separators=(",", ":")).encode()
     bound = authority.mint("talk.test", body).token
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         url = f"{gw.url}/ws/generic/talk.test"
         encoded = quote(base64.b64encode(body).decode())
         headers = {"Authorization": f"Bearer {bound}"}
@@ -358,7 +350,7 @@ async def test_start_refuses_a_body_the_upgrade_would_refuse(sentinel: Sentinel)
     deep: Any = 1
     for _ in range(102):
         deep = [deep]
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test", body=deep)
         assert (status, answer) == (
             400,
@@ -384,7 +376,7 @@ async def test_start_refuses_a_body_the_upgrade_would_refuse(sentinel: Sentinel)
 async def test_start_reads_only_a_content_length_of_digits(sentinel: Sentinel, length: str) -> None:
     body = b'{"transport":"websocket"}'
     assert len(body) == 25
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         request = (
             "POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pk_test\r\n"
             f"Content-Length: {length}\r\n\r\n"
@@ -398,7 +390,7 @@ async def test_start_reads_only_a_content_length_of_digits(sentinel: Sentinel, l
 
 
 async def test_start_refuses_repeated_content_lengths_that_differ(sentinel: Sentinel) -> None:
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         request = (
             b"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pk_test\r\n"
             b"Content-Length: 25\r\nContent-Length: 26\r\n\r\n" + b'{"transport":"websocket"} '
@@ -424,7 +416,7 @@ async def status_from(port: int, request: bytes, source: str = "127.0.0.1") -> t
 
 async def test_client_request_rate_answers_429_per_address(gated_bot: GatedBot) -> None:
     # 0.01 per second: one request, then the bucket takes 100 s to refill.
-    async with gateway(gated_bot.url, client_request_rate=0.01) as gw:
+    async with token_gateway(gated_bot.url, client_request_rate=0.01) as gw:
         upgrade = upgrade_request("/ws/generic/open.test")
         assert (await status_from(gw.port, upgrade))[0] == 101
         assert await status_from(gw.port, upgrade) == (
@@ -446,7 +438,7 @@ async def test_client_request_rate_answers_429_per_address(gated_bot: GatedBot) 
 async def test_client_max_sessions_answers_429_past_the_sessions_of_one_address(
     gated_bot: GatedBot,
 ) -> None:
-    async with gateway(gated_bot.url, client_max_sessions=1) as gw:
+    async with token_gateway(gated_bot.url, client_max_sessions=1) as gw:
         upgrade = upgrade_request("/ws/generic/open.test")
         async with raw_client(gw.port, "/ws/generic/open.test"):  # one session held open
             assert await status_from(gw.port, upgrade) == (

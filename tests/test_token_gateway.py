@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import uuid
-from functools import partial
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,11 +26,12 @@ from .helpers import (
     Sentinel,
     asyncio_only,
     connect,
+    echoed,
     http_exchange,
     in_thread,
-    serving,
     start_json,
     token_config,
+    token_gateway,
     upgrade_refused,
     upgrade_request,
 )
@@ -40,23 +40,14 @@ from .redis_server import RedisServer, requires_redis
 
 pytestmark = pytest.mark.anyio
 
-#: A gateway in this event loop on :func:`token_config` (``talk.test`` takes tokens).
-gateway = partial(serving, config=token_config)
-
 
 async def test_start_then_connect_reaches_the_bot_with_the_session_id_and_body(bot: Bot) -> None:
-    async with gateway(bot.url) as gw:
+    async with token_gateway(bot.url) as gw:
         result = await start(f"http://127.0.0.1:{gw.port}", "talk", "pk_test", body={"k": "é"})
         assert result.token is not None
-
-        def client() -> None:
-            url = f"{gw.url}/ws/generic/talk.test?body={result.body}"
-            headers = {"Authorization": f"Bearer {result.token}"}
-            with connect(url, additional_headers=headers) as ws:
-                ws.send("hi")
-                assert ws.recv() == "hi"
-
-        await in_thread(client)
+        url = f"{gw.url}/ws/generic/talk.test?body={result.body}"
+        headers = {"Authorization": f"Bearer {result.token}"}
+        assert await in_thread(echoed, url, "hi", headers) == "hi"
         bot.wait_ended()
     seen = bot.sessions[0]
     assert seen.headers["X-Daily-Session-Id"] == result.session_id
@@ -66,7 +57,7 @@ async def test_start_then_connect_reaches_the_bot_with_the_session_id_and_body(b
 
 @asyncio_only  # wsgate.client.connect runs on asyncio (the websockets client)
 async def test_the_python_client_connects_in_both_auth_modes(bot: Bot) -> None:
-    async with gateway(bot.url) as gw:
+    async with token_gateway(bot.url) as gw:
         base = f"http://127.0.0.1:{gw.port}"
         async with client_connect(base, "talk", public_key="pk_test", body={"n": 1}) as ws:
             await ws.send("token mode")
@@ -81,7 +72,7 @@ async def test_the_python_client_connects_in_both_auth_modes(bot: Bot) -> None:
 
 @pytest.mark.parametrize("source", ["header", "query", "path"])
 async def test_each_token_source_is_accepted(bot: Bot, source: str) -> None:
-    async with gateway(bot.url) as gw:
+    async with token_gateway(bot.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test")
         assert status == 200
         token = answer["token"]
@@ -92,13 +83,7 @@ async def test_each_token_source_is_accepted(bot: Bot, source: str) -> None:
             path += f"?token={token}"
         else:
             path += f"/{token}"
-
-        def client() -> None:
-            with connect(gw.url + path, additional_headers=headers) as ws:
-                ws.send("ok")
-                assert ws.recv() == "ok"
-
-        await in_thread(client)
+        assert await in_thread(echoed, gw.url + path, "ok", headers) == "ok"
 
 
 async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
@@ -107,7 +92,7 @@ async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
     caplog.set_level(logging.DEBUG, logger="wsgate")
     clock = Clock(1_800_000_000)
     authority = TokenAuthority([TOKEN_SECRET], clock=clock)
-    async with gateway(sentinel.url, authority=authority, dial_timeout=0.5) as gw:
+    async with token_gateway(sentinel.url, authority=authority, dial_timeout=0.5) as gw:
         good = authority.mint("talk.test").token
         forged = _core.TokenKeys([b"not-our-secret"]).mint("talk.test", int(clock.now) + 300, "n1")
         other_agent = authority.mint("talk.other").token
@@ -148,7 +133,7 @@ async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
 
 
 async def test_the_first_token_source_present_is_the_one_judged(sentinel: Sentinel) -> None:
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test")
         good = answer["token"]
         # A bad header with a good query token: the header is judged, and refused.
@@ -162,17 +147,11 @@ async def test_the_first_token_source_present_is_the_one_judged(sentinel: Sentin
 
 async def test_rotation_old_secret_verifies_new_one_signs(bot: Bot) -> None:
     old_token = TokenAuthority(["old-secret"]).mint("talk.test").token
-    async with gateway(bot.url, secrets=["new-secret", "old-secret"]) as gw:
+    async with token_gateway(bot.url, secrets=["new-secret", "old-secret"]) as gw:
         status, answer = await start_json(gw, "talk", "pk_test")
-
-        def client(token: str) -> None:
+        for token in (old_token, answer["token"]):
             headers = {"Authorization": f"Bearer {token}"}
-            with connect(f"{gw.url}/ws/generic/talk.test", additional_headers=headers) as ws:
-                ws.send("x")
-                ws.recv()
-
-        await in_thread(client, old_token)
-        await in_thread(client, answer["token"])
+            assert await in_thread(echoed, f"{gw.url}/ws/generic/talk.test", "x", headers) == "x"
     assert status == 200
     # /start signs with the first secret only.
     assert _core.TokenKeys([b"new-secret"]).verify(answer["token"], "talk.test", 1).exp
@@ -181,7 +160,7 @@ async def test_rotation_old_secret_verifies_new_one_signs(bot: Bot) -> None:
 
 
 async def test_start_statuses_through_the_gateway(sentinel: Sentinel) -> None:
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test", body={"a": 1})
         assert status == 200
         assert set(answer) == {"token", "wsUrl", "sessionId", "body"}
@@ -311,7 +290,7 @@ def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
 async def test_a_start_request_with_a_body_it_cannot_read_gets_a_json_error(
     sentinel: Sentinel, extra: str, status: int
 ) -> None:
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         request = (
             f"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer pk_test\r\n{extra}\r\n\r\n"
@@ -327,7 +306,7 @@ async def test_a_start_request_with_a_body_it_cannot_read_gets_a_json_error(
 async def test_a_start_body_slower_than_the_handshake_timeout_is_cut_off(
     sentinel: Sentinel,
 ) -> None:
-    async with gateway(sentinel.url, handshake_timeout=0.5) as gw:
+    async with token_gateway(sentinel.url, handshake_timeout=0.5) as gw:
         async with await anyio.connect_tcp("127.0.0.1", gw.port) as s:
             await s.send(
                 b"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\n"
