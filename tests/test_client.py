@@ -34,6 +34,7 @@ from wsgate.tokens import TokenAuthority
 from .helpers import Bot, asyncio_only, in_thread, token_config
 
 Handler = Callable[[anyio.abc.SocketStream], Awaitable[None]]
+TOO_LARGE = r"^body is \d+ bytes of JSON, over 4096$"
 
 
 @asynccontextmanager
@@ -158,7 +159,7 @@ async def test_an_error_answer_is_a_start_error_with_status_and_reason(
 async def test_a_body_over_4_kb_fails_before_any_request() -> None:
     config = token_config("ws://127.0.0.1:1/ws")
     async with tcp_server(start_handler(config, TokenAuthority(["s"]), "ws://x")) as (port, seen):
-        with pytest.raises(BodyTooLarge):
+        with pytest.raises(BodyTooLarge, match=TOO_LARGE):
             await start(f"http://127.0.0.1:{port}", "talk", "pk_test", body={"a": "x" * 4096})
     assert seen == []
 
@@ -260,10 +261,10 @@ async def test_a_refused_upgrade_is_a_typed_error_and_the_bot_is_never_dialled(b
 @asyncio_only
 async def test_connect_with_a_body_over_4_kb_fails_before_any_request(bot: Bot) -> None:
     async with stack(bot.url) as (gateway, start_url, seen):
-        with pytest.raises(BodyTooLarge):
+        with pytest.raises(BodyTooLarge, match=TOO_LARGE):
             async with connect(start_url, "talk", public_key="pk_test", body="x" * 5000):
                 pass
-        with pytest.raises(BodyTooLarge):
+        with pytest.raises(BodyTooLarge, match=TOO_LARGE):
             async with connect(gateway.url, "open.test", body="x" * 5000):
                 pass
     assert seen == []

@@ -324,10 +324,13 @@ async def test_an_upstream_bot_process_killed_mid_session_makes_the_client_get_1
                     # Another session is untouched, and the dead bot is now unreachable (502).
                     bystander.send("unaffected")
                     assert bystander.recv(TIMEOUT) == "unaffected"
-                    status, _ = upgrade_refused(f"{gw.url}/ws/generic/bot.test")
-                return code, reason, status
+                    refused = upgrade_refused(f"{gw.url}/ws/generic/bot.test")
+                return (code, reason), refused
 
-            assert await in_thread(client) == (1011, "bot lost", 502)
+            assert await in_thread(client) == (
+                (1011, "bot lost"),
+                (502, "bot unreachable: connection refused\n"),
+            )
     finally:
         bot.kill()
 
@@ -429,8 +432,7 @@ async def test_a_client_that_vanishes_without_a_fin_is_detected_and_the_bot_gets
                 client.kill()
     print(f"client vanished; the bot got its close {detected:.2f} s later")
     assert bot.sessions[0].messages == ["hello"]
-    assert bot.sessions[0].close is not None
-    assert bot.sessions[0].close[0] == 1001
+    assert bot.sessions[0].close == (1001, "client gone")
     # Not at once (nothing told the gateway), and within the bound.
     assert 0.5 <= detected <= DETECTION_BOUND, detected
 

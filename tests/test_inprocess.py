@@ -529,11 +529,12 @@ async def test_invalid_utf8_text_closes_the_client_with_1007_and_the_bot_is_told
                 ws.send(b"\xff\xfe", text=True)
                 return closed_with(ws.recv)
 
-        code, _ = await in_thread(client)
+        close = await in_thread(client)
         await probe.wait_finished()
-    assert code == 1007
-    assert probe.seen[0]["type"] == "websocket.disconnect"
-    assert probe.seen[0]["code"] == 1007
+    assert close == (1007, "invalid UTF-8 in a text message")
+    assert probe.seen == [
+        {"type": "websocket.disconnect", "code": 1007, "reason": "invalid UTF-8 in a text message"}
+    ]
 
 
 # Backpressure

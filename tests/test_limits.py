@@ -4,6 +4,7 @@ Gateway's ``session_time_limit`` keyword, to stay under a second) and ``drain_ti
 from __future__ import annotations
 
 import math
+import socket
 import time
 
 import anyio
@@ -100,9 +101,14 @@ async def test_a_session_open_at_stop_runs_on_then_gets_1001_after_the_drain_tim
 
 async def test_stop_returns_at_once_when_no_session_is_open(bot: Bot) -> None:
     gateway = Gateway(make_config(bot.url, drain_timeout=WAIT))
-    with anyio.fail_after(WAIT / 2):
-        async with gateway.running():
-            pass
+    with anyio.fail_after(WAIT / 2):  # the drain would last WAIT: fail well before that
+        async with gateway.running() as gw:
+            port = gw.port
+            stopping = anyio.current_time()
+    took = anyio.current_time() - stopping
+    assert took < WAIT / 4, f"stop took {took:.1f} s with no session open (drain_timeout {WAIT} s)"
+    with pytest.raises(ConnectionRefusedError):  # it has really stopped: nothing listens
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, True, "60"])

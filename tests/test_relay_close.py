@@ -47,8 +47,7 @@ async def test_a_client_that_drops_its_tcp_connection_makes_the_bot_get_1001(bot
         async with raw_client(gw.port):
             pass  # past its 101, the stream is closed without a close frame
         await in_thread(bot.wait_ended)
-    assert bot.sessions[0].close is not None
-    assert bot.sessions[0].close[0] == 1001
+    assert bot.sessions[0].close == (1001, "client gone")
 
 
 async def test_a_bot_that_drops_its_tcp_connection_makes_the_client_get_1011(bot: Bot) -> None:
@@ -58,8 +57,8 @@ async def test_a_bot_that_drops_its_tcp_connection_makes_the_client_get_1011(bot
 
     bot.behaviour = drop
     async with serving(bot.url) as gw:
-        code, _reason = await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test")
-    assert code == 1011
+        close = await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test")
+    assert close == (1011, "bot lost")
 
 
 async def test_a_client_message_over_the_limit_closes_it_1009_and_the_bot_1001(bot: Bot) -> None:
@@ -72,11 +71,10 @@ async def test_a_client_message_over_the_limit_closes_it_1009_and_the_bot_1001(b
                 ws.send(b"k" * 1001)
                 return closed_with(ws.recv)
 
-        code, _ = await in_thread(client)
+        close = await in_thread(client)
         bot.wait_ended()
-    assert code == 1009
-    assert bot.sessions[0].close is not None
-    assert bot.sessions[0].close[0] == 1001
+    assert close == (1009, "message of 1001 bytes over the 1000-byte limit")
+    assert bot.sessions[0].close == (1001, "client error")
     assert bot.sessions[0].messages == [b"k" * 1000]
 
 
@@ -93,9 +91,9 @@ async def test_fragments_adding_up_over_the_limit_count_as_one_message(bot: Bot)
 
                 return closed_with(send_then_wait)
 
-        code, _ = await in_thread(client)
+        close = await in_thread(client)
         bot.wait_ended()
-    assert code == 1009
+    assert close == (1009, "message of 1200 bytes over the 1000-byte limit")
     assert bot.sessions[0].messages == []
 
 
@@ -107,11 +105,10 @@ async def test_a_bot_message_over_the_limit_closes_it_1009_and_the_client_1001(b
 
     bot.behaviour = too_big
     async with serving(bot.url, max_message_size=1000) as gw:
-        code, _ = await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test", "go")
+        close = await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test", "go")
         bot.wait_ended()
-    assert code == 1001
-    assert bot.sessions[0].close is not None
-    assert bot.sessions[0].close[0] == 1009
+    assert close == (1001, "bot error")
+    assert bot.sessions[0].close == (1009, "message of 2000 bytes over the 1000-byte limit")
 
 
 async def test_one_sessions_close_does_not_disturb_another(bot: Bot) -> None:
@@ -121,7 +118,10 @@ async def test_one_sessions_close_does_not_disturb_another(bot: Bot) -> None:
             with connect(f"{gw.url}/ws/generic/bot.test") as calm:
                 with connect(f"{gw.url}/ws/generic/bot.test") as rude:
                     rude.send(b"x" * 5000)
-                    assert closed_with(rude.recv)[0] == 1009
+                    assert closed_with(rude.recv) == (
+                        1009,
+                        "message of 5000 bytes over the 1000-byte limit",
+                    )
                 calm.send("still here")
                 assert calm.recv() == "still here"
 

@@ -128,9 +128,18 @@ def test_each_reply_type_parses_and_any_prefix_is_incomplete(data: bytes, reply:
         assert parse_reply(data[:cut]) is None
 
 
-@pytest.mark.parametrize("data", [b"?x\r\n", b":x\r\n", b"$3\r\nabcde", b"$-5\r\n", b"*-2\r\n"])
-def test_bytes_that_are_not_resp_are_a_protocol_error(data: bytes) -> None:
-    with pytest.raises(RespProtocolError):
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"?x\r\n", "bad integer in reply"),
+        (b":x\r\n", "bad integer in reply"),
+        (b"$3\r\nabcde", "bulk string not terminated by CRLF"),
+        (b"$-5\r\n", "bad bulk string length"),
+        (b"*-2\r\n", "bad array length"),
+    ],
+)
+def test_bytes_that_are_not_resp_are_a_protocol_error(data: bytes, error: str) -> None:
+    with pytest.raises(RespProtocolError, match=error):
         parse_reply(data)
 
 
@@ -300,11 +309,17 @@ async def test_a_server_that_never_answers_makes_the_store_unavailable_after_the
 
 
 @pytest.mark.parametrize(
-    "url",
-    ["http://h", "redis://", "redis://h/x", "redis://h:99999", "redis//h"],
+    ("url", "error"),
+    [
+        ("http://h", "must start with redis://, rediss:// or valkey://"),
+        ("redis://", "has no host"),
+        ("redis://h/x", "the path must be a database number"),
+        ("redis://h:99999", "is malformed"),
+        ("redis//h", "must start with redis://, rediss:// or valkey://"),
+    ],
 )
-def test_a_malformed_store_url_is_refused(url: str) -> None:
-    with pytest.raises(ValueError):
+def test_a_malformed_store_url_is_refused(url: str, error: str) -> None:
+    with pytest.raises(ValueError, match=f"^replay store URL:? {error}$"):
         RedisReplayStore(url)
 
 

@@ -234,8 +234,9 @@ async def test_a_token_whose_dial_fails_gets_502_and_opens_a_session_once_the_bo
         url = f"{gw.url}/ws/generic/talk.test"
         headers = {"Authorization": f"Bearer {answer['token']}"}
         gated_bot.down.set()
-        assert (await in_thread(upgrade_refused, url, headers))[0] == 502
-        assert (await in_thread(upgrade_refused, url, headers))[0] == 502  # not "already used"
+        cold = (502, "bot unreachable: bot answered 503 instead of 101\n")
+        assert await in_thread(upgrade_refused, url, headers) == cold
+        assert await in_thread(upgrade_refused, url, headers) == cold  # not "already used"
         gated_bot.down.clear()
         assert await in_thread(session, url, headers) == "legit"
         # Now the session started: the token is spent for good.
@@ -339,7 +340,10 @@ async def test_a_token_from_the_token_api_binds_the_body_it_was_minted_with(
         url = f"{gw.url}/ws/generic/talk.test"
         encoded = quote(base64.b64encode(body).decode())
         headers = {"Authorization": f"Bearer {bound}"}
-        assert (await in_thread(upgrade_refused, url, headers))[0] == 403
+        assert await in_thread(upgrade_refused, url, headers) == (
+            403,
+            "token was issued with a body: ?body= is missing\n",
+        )
         assert await in_thread(session, f"{url}?body={encoded}", headers) == "legit"
 
 

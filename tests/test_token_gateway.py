@@ -17,7 +17,7 @@ import pytest
 from wsgate import AgentConfig, Config, Gateway, _core
 from wsgate.client import connect as client_connect
 from wsgate.client import start
-from wsgate.tokens import TokenAuthority
+from wsgate.tokens import TokenAuthority, session_id_for
 
 from .helpers import (
     TOKEN_SECRET,
@@ -102,19 +102,22 @@ async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
         def bearer(token: str) -> dict[str, str]:
             return {"Authorization": f"Bearer {token}"}
 
+        # The signature's last character carries 2 padding bits: "E" keeps them zero.
+        tampered = good[:-2] + ("AA" if good[-2:] != "AA" else "AE")
         cases = {
-            "missing": (url, None),
-            "malformed": (url, bearer("not.a-token")),
-            "bad signature": (url, bearer(forged)),
-            "other agent": (url, bearer(other_agent)),
-            "tampered": (url, bearer(good[:-2] + ("AA" if good[-2:] != "AA" else "BB"))),
+            "missing": (None, "token missing"),
+            "malformed": (bearer("not.a-token"), "token is malformed"),
+            "bad signature": (bearer(forged), "token signature is invalid"),
+            "other agent": (bearer(other_agent), "token is for another service host"),
+            "tampered": (bearer(tampered), "token signature is invalid"),
         }
-        for name, (target, headers) in cases.items():
-            status, reason = await in_thread(upgrade_refused, target, headers)
-            assert status == 403, name
-            assert reason and "\n" not in reason.rstrip("\n"), name
+        for name, (headers, reason) in cases.items():
+            assert await in_thread(upgrade_refused, url, headers) == (403, f"{reason}\n"), name
         clock.now += 301  # the injected clock: no sleeping
-        assert (await in_thread(upgrade_refused, url, bearer(expiring)))[0] == 403
+        assert await in_thread(upgrade_refused, url, bearer(expiring)) == (
+            403,
+            "token has expired\n",
+        )
         clock.now -= 301
 
         # A good token reaches the dial; the sentinel never answers, so the session never
@@ -138,10 +141,10 @@ async def test_the_first_token_source_present_is_the_one_judged(sentinel: Sentin
         good = answer["token"]
         # A bad header with a good query token: the header is judged, and refused.
         target = f"/ws/generic/talk.test?token={good}"
-        status, _ = await http_exchange(
+        status, reason = await http_exchange(
             gw.port, upgrade_request(target, "Authorization: Bearer junk")
         )
-    assert status == 403
+    assert (status, reason) == (403, b"token is malformed\n")
     assert not sentinel.dialled()
 
 
@@ -153,9 +156,10 @@ async def test_rotation_old_secret_verifies_new_one_signs(bot: Bot) -> None:
             headers = {"Authorization": f"Bearer {token}"}
             assert await in_thread(echoed, f"{gw.url}/ws/generic/talk.test", "x", headers) == "x"
     assert status == 200
-    # /start signs with the first secret only.
-    assert _core.TokenKeys([b"new-secret"]).verify(answer["token"], "talk.test", 1).exp
-    with pytest.raises(_core.TokenError):
+    # /start signs with the first secret only: the token it announced, under the new secret.
+    claims = _core.TokenKeys([b"new-secret"]).verify(answer["token"], "talk.test", 1)
+    assert session_id_for(claims.nonce) == answer["sessionId"]
+    with pytest.raises(_core.TokenError, match="token signature is invalid"):
         _core.TokenKeys([b"old-secret"]).verify(answer["token"], "talk.test", 1)
 
 
@@ -168,10 +172,22 @@ async def test_start_statuses_through_the_gateway(sentinel: Sentinel) -> None:
         assert uuid.UUID(answer["sessionId"]).version == 4
         status, answer = await start_json(gw, "open", "pk_test")
         assert status == 200 and set(answer) == {"wsUrl", "sessionId"}
-        assert (await start_json(gw, "open", "pk_test", body={"a": 1}))[0] == 400
-        assert (await start_json(gw, "talk", "pk_wrong"))[0] == 401
-        assert (await start_json(gw, "nobody", "pk_test"))[0] == 404
-        assert (await start_json(gw, "talk", "pk_test", body={"x": "y" * 5000}))[0] == 413
+        for args, status, error in [
+            (
+                ("open", "pk_test", {"a": 1}),
+                400,
+                "body is not taken for an agent without token auth: send it as ?body=",
+            ),
+            (("talk", "pk_wrong"), 401, "Invalid public API key"),
+            (("nobody", "pk_test"), 404, "Service not found"),
+            (
+                ("talk", "pk_test", {"x": "y" * 5000}),
+                413,
+                "body is 5008 bytes after decoding, over the 4096-byte limit",
+            ),
+        ]:
+            answer = await start_json(gw, *args)
+            assert answer == (status, {"error": error, "code": str(status)}), args
         big = b"{" + b" " * (64 * 1024 + 1) + b"}"
         request = (
             f"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pk_test\r\n"
@@ -257,11 +273,17 @@ def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
         with connect(f"{url1}/ws/generic/talk.test", additional_headers=headers) as ws:
             ws.send("once")
             assert ws.recv() == "once"
-        assert upgrade_refused(f"{url2}/ws/generic/talk.test", headers)[0] == 403
+        assert upgrade_refused(f"{url2}/ws/generic/talk.test", headers) == (
+            403,
+            "token already used\n",
+        )
 
         redis.stop()  # Redis goes away: token sessions fail closed, others go on
         fresh = {"Authorization": f"Bearer {minting.mint('talk.test').token}"}
-        assert upgrade_refused(f"{url1}/ws/generic/talk.test", fresh)[0] == 503
+        assert upgrade_refused(f"{url1}/ws/generic/talk.test", fresh) == (
+            503,
+            "token store unavailable\n",
+        )
         with connect(f"{url2}/ws/generic/open.test") as ws:
             ws.send("unaffected")
             assert ws.recv() == "unaffected"
@@ -280,15 +302,17 @@ def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
 
 
 @pytest.mark.parametrize(
-    ("extra", "status"),
+    ("extra", "status", "error"),
     [
-        pytest.param("Transfer-Encoding: chunked", 411, id="chunked body"),
-        pytest.param("Content-Length: abc", 400, id="content-length not a number"),
-        pytest.param("Content-Length: -5", 400, id="negative content-length"),
+        pytest.param("Transfer-Encoding: chunked", 411, "send Content-Length", id="chunked body"),
+        pytest.param(
+            "Content-Length: abc", 400, "bad Content-Length", id="content-length not a number"
+        ),
+        pytest.param("Content-Length: -5", 400, "bad Content-Length", id="negative content-length"),
     ],
 )
 async def test_a_start_request_with_a_body_it_cannot_read_gets_a_json_error(
-    sentinel: Sentinel, extra: str, status: int
+    sentinel: Sentinel, extra: str, status: int, error: str
 ) -> None:
     async with token_gateway(sentinel.url) as gw:
         request = (
@@ -296,8 +320,7 @@ async def test_a_start_request_with_a_body_it_cannot_read_gets_a_json_error(
             f"Authorization: Bearer pk_test\r\n{extra}\r\n\r\n"
         ).encode()
         got, body = await http_exchange(gw.port, request)
-        assert got == status
-        assert json.loads(body)["code"] == str(status)
+        assert (got, json.loads(body)) == (status, {"error": error, "code": str(status)})
         # The gateway goes on serving /start.
         assert (await start_json(gw, "talk", "pk_test"))[0] == 200
     assert not sentinel.dialled()

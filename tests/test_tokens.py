@@ -178,8 +178,13 @@ async def test_rotation_the_old_secret_still_verifies_and_the_new_one_signs() ->
 
 
 def test_an_empty_secret_is_refused() -> None:
-    for secrets in ([""], [b""], ["ok", ""], []):
-        with pytest.raises(ConfigError):
+    for secrets, error in [
+        ([""], "secret #1 is empty"),
+        ([b""], "secret #1 is empty"),
+        (["ok", ""], "secret #2 is empty"),
+        ([], "no secret given"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^secrets: {error}$"):
             TokenAuthority(secrets)
 
 
