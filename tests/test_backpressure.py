@@ -69,6 +69,7 @@ class FloodingBot(RawUpstream):
             pass
 
 
+@pytest.mark.slow
 async def test_a_client_that_does_not_read_holds_a_flooding_bot_back(
     anyio_backend: str,
 ) -> None:

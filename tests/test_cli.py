@@ -52,6 +52,7 @@ def test_serve_with_no_config_announces_its_url_and_echo_demo_echoes(
     assert code == 0
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_closes_the_open_session_1001_and_exits_0(
     run: type[Wsgate], backend: str, tmp_path: Path
 ) -> None:

@@ -195,6 +195,7 @@ SESSIONS = 1000
 DRAIN = 3.0
 
 
+@pytest.mark.slow
 def test_sigterm_with_1000_sessions_refuses_new_ones_drains_closes_the_rest_1001_exits_0(
     backend: str, tmp_path: Path, many_files: None
 ) -> None:
@@ -244,6 +245,7 @@ def test_sigterm_with_1000_sessions_refuses_new_ones_drains_closes_the_rest_1001
             s.close()
 
 
+@pytest.mark.slow
 def test_3000_idle_connections_do_not_stop_a_real_session_from_opening_with_default_limits(
     backend: str, many_files: None
 ) -> None:
@@ -411,6 +413,7 @@ with connect(sys.argv[1], compression=None, ping_interval=None) as ws:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_a_client_that_vanishes_without_a_fin_is_detected_and_the_bot_gets_1001(
     bot: Bot, namespace: Namespace
@@ -437,6 +440,7 @@ async def test_a_client_that_vanishes_without_a_fin_is_detected_and_the_bot_gets
     assert 0.5 <= detected <= DETECTION_BOUND, detected
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_a_bot_that_vanishes_without_a_fin_is_detected_and_the_client_gets_1011(
     namespace: Namespace,

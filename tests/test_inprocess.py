@@ -285,6 +285,7 @@ async def test_a_slow_bot_answers_every_message_in_order() -> None:
         assert await in_thread(client) == [f"M{i}" for i in range(10)]
 
 
+@pytest.mark.slow
 async def test_two_hundred_concurrent_sessions_get_only_their_own_answers() -> None:
     async def bot(args: BotArguments) -> None:
         async for message in args.websocket.iter_text():

@@ -129,6 +129,7 @@ async def test_each_session_gets_its_own_session_id(bot: Bot) -> None:
     assert len(ids) == 2
 
 
+@pytest.mark.slow
 async def test_two_hundred_concurrent_sessions_keep_their_own_data(bot: Bot) -> None:
     import anyio
 

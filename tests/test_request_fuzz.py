@@ -799,6 +799,7 @@ def test_each_outcome_is_reached_by_a_known_request(
     assert gateway.probe(head, dials=dials) == expected
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.binary(max_size=512))
 @example(data=b"")
@@ -809,6 +810,7 @@ def test_arbitrary_bytes_get_an_allowed_answer(gateway: Served, data: bytes) -> 
     event(gateway.probe(data + b"\r\n\r\n"))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(head=near_valid_heads())
 def test_nearly_valid_upgrades_get_an_allowed_answer(gateway: Served, head: bytes) -> None:
@@ -865,6 +867,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.slow
 def test_mutated_upgrades_get_an_allowed_answer(gateway: Served) -> None:
     rng = random.Random(6455)
     outcomes: Counter[str] = Counter()

@@ -165,6 +165,7 @@ def open_idle(port: int, n: int, first_bytes: bytes) -> list[socket.socket]:
     return socks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first_bytes", [b"", b"GET /ws/generic/open.test HTTP/1.1\r\n"])
 async def test_connections_flooding_in_evict_no_upgrade_that_is_dialling_its_bot(
     slow_bot: GatedBot, caplog: pytest.LogCaptureFixture, first_bytes: bytes
