@@ -584,7 +584,7 @@ async def run_pipeline(transport: Any, task: Any, handle_sigint: bool) -> None:
     client of ``transport`` disconnects (which cancels it). Needs the ``pipecat`` test extra."""
     from pipecat.workers.runner import WorkerRunner
 
-    @transport.event_handler("on_client_disconnected")  # type: ignore[misc]
+    @transport.event_handler("on_client_disconnected")  # type: ignore[untyped-decorator]
     async def on_client_disconnected(transport: Any, websocket: Any) -> None:
         await task.cancel()
 

@@ -185,7 +185,7 @@ async def test_health_endpoints_answer_200(sentinel: Sentinel) -> None:
 async def test_an_agent_at_capacity_answers_503_without_dialling(bot: Bot) -> None:
     async with serving(bot.url, max_sessions=1) as gw:
 
-        def client() -> int:
+        def client() -> tuple[int, str]:
             with connect(f"{gw.url}/ws/generic/bot.test") as ws:
                 ws.send("first")
                 assert ws.recv() == "first"

@@ -314,7 +314,7 @@ async def test_an_upstream_bot_process_killed_mid_session_makes_the_client_get_1
     try:
         async with serving(bot.url) as gw:
 
-            def client() -> tuple[int, str, int]:
+            def client() -> tuple[tuple[int, str], tuple[int, str]]:
                 with (
                     connect(f"{gw.url}/ws/generic/bot.test") as doomed,
                     connect(f"{gw.url}/ws/generic/echo.test") as bystander,

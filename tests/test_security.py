@@ -175,7 +175,7 @@ async def test_connections_flooding_in_evict_no_upgrade_that_is_dialling_its_bot
         authority = gw.authority
         assert authority is not None
         tokens = [authority.mint("talk.test").token for _ in range(5)]
-        results: list[str] = []
+        results: list[str | bytes] = []
         flood: list[socket.socket] = []
 
         async def open_one(url: str, headers: dict[str, str] | None = None) -> None:

@@ -9,6 +9,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -172,7 +173,7 @@ async def test_start_statuses_through_the_gateway(sentinel: Sentinel) -> None:
         assert uuid.UUID(answer["sessionId"]).version == 4
         status, answer = await start_json(gw, "open", "pk_test")
         assert status == 200 and set(answer) == {"wsUrl", "sessionId"}
-        for args, status, error in [
+        cases: list[tuple[tuple[Any, ...], int, str]] = [
             (
                 ("open", "pk_test", {"a": 1}),
                 400,
@@ -185,7 +186,8 @@ async def test_start_statuses_through_the_gateway(sentinel: Sentinel) -> None:
                 413,
                 "body is 5008 bytes after decoding, over the 4096-byte limit",
             ),
-        ]:
+        ]
+        for args, status, error in cases:
             answer = await start_json(gw, *args)
             assert answer == (status, {"error": error, "code": str(status)}), args
         big = b"{" + b" " * (64 * 1024 + 1) + b"}"

@@ -178,12 +178,13 @@ async def test_rotation_the_old_secret_still_verifies_and_the_new_one_signs() ->
 
 
 def test_an_empty_secret_is_refused() -> None:
-    for secrets, error in [
+    cases: list[tuple[list[str] | list[bytes], str]] = [
         ([""], "secret #1 is empty"),
         ([b""], "secret #1 is empty"),
         (["ok", ""], "secret #2 is empty"),
         ([], "no secret given"),
-    ]:
+    ]
+    for secrets, error in cases:
         with pytest.raises(ConfigError, match=f"^secrets: {error}$"):
             TokenAuthority(secrets)
 
