@@ -1,6 +1,7 @@
 """What telephony providers send on their media-stream WebSockets, as test material: the opening
 messages of Twilio, Telnyx, Plivo and Exotel exactly as each sends them (compact JSON text), a
-media message in each one's shape, and the masked client frames that carry them.
+media message in each one's shape, and the masked client frames that carry them
+(:func:`tests.helpers.frame` encodes them).
 
 Field sets follow the providers' documentation and what Pipecat reads
 (``pipecat/runner/utils.py``, ``parse_telephony_websocket``):
@@ -23,8 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-# The client frame encoder of the conformance tests: any opcode, FIN, RSV bits, masked or not.
-from .test_conformance import frame
+from .helpers import frame
 
 __all__ = [
     "CALL_IDS",
@@ -38,8 +38,6 @@ __all__ = [
     "PROVIDERS",
     "SLIN_SILENCE",
     "STREAM_IDS",
-    "frame",
-    "mask_frame",
     "media_frame",
     "media_message",
     "opening_frames",
@@ -251,19 +249,14 @@ def media_message(
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def mask_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    """One masked client frame (random key), as a provider's WebSocket client sends it."""
-    return frame(opcode, payload, fin=fin)
-
-
 def opening_frames(provider: str, **kwargs: Any) -> bytes:
     """:func:`opening_messages` as the client's frame bytes, one text frame per message."""
-    return b"".join(mask_frame(OP_TEXT, m.encode()) for m in opening_messages(provider, **kwargs))
+    return b"".join(frame(OP_TEXT, m.encode()) for m in opening_messages(provider, **kwargs))
 
 
 def media_frame(provider: str, **kwargs: Any) -> bytes:
     """:func:`media_message` as one masked text frame."""
-    return mask_frame(OP_TEXT, media_message(provider, **kwargs).encode())
+    return frame(OP_TEXT, media_message(provider, **kwargs).encode())
 
 
 def provider_target(provider: str, service_host: str, token: str | None = None) -> str:

@@ -46,7 +46,7 @@ def test_past_max_keys_new_keys_go_untracked_and_are_allowed() -> None:
 
 
 def test_a_rate_must_be_positive() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rate must be > 0"):
         RateLimiter(0)
 
 

@@ -19,7 +19,7 @@ import wsgate.asgi
 import wsgate.tokens
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 
-from .conftest import Bot, connect, in_thread
+from .helpers import Bot, connect, in_thread
 
 pytestmark = pytest.mark.anyio
 

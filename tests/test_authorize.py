@@ -16,7 +16,7 @@ import wsgate
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 from wsgate.client import start
 
-from .conftest import Bot, Sentinel, connect, in_thread
+from .helpers import Bot, Sentinel, connect, in_thread
 from .telephony import CALL_IDS, opening_messages
 
 pytestmark = pytest.mark.anyio

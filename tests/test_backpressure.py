@@ -3,8 +3,6 @@ not read is held back by TCP, and the gateway's memory stays bounded."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import select
 import socket
 import threading
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosedOK
 
-from .conftest import connect, in_thread, serving
+from .helpers import RawUpstream, accept_upgrade, close_payload, connect, frame, in_thread, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -36,47 +34,25 @@ def payload(i: int) -> bytes:
     return bytes([i % 256]) * FRAME_PAYLOAD
 
 
-class FloodingBot:
+class FloodingBot(RawUpstream):
     """A raw upstream bot that writes binary frames as fast as TCP lets it, and notes when TCP
     stops letting it (nothing writable for `stall` seconds)."""
 
     def __init__(self, stall: float = 1.0) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
         self.stall = stall
         self.pushed = 0
         self.frames = 0
         self.stalled = threading.Event()
         self.resume = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
-
-    def run(self) -> None:
-        conn, _ = self.listener.accept()
-        self.listener.close()
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += conn.recv(4096)
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key:")
-        )
-        accept = base64.b64encode(
-            hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-        )
-        conn.sendall(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
+    def session(self, conn: socket.socket) -> None:
+        accept_upgrade(conn)
         conn.setblocking(False)
         rest = b""
         while self.pushed < FLOOD_LIMIT:
             if not rest:
-                rest = b"\x82\x7e" + FRAME_PAYLOAD.to_bytes(2, "big") + payload(self.frames)
+                rest = frame(2, payload(self.frames), mask=False)
                 self.frames += 1
             _, writable, _ = select.select([], [conn], [], self.stall)
             if not writable:
@@ -88,12 +64,12 @@ class FloodingBot:
         self.stalled.set()
         self.resume.wait(60)
         conn.setblocking(True)
-        conn.sendall(rest + b"\x88\x02\x03\xe8")  # finish the frame, then close 1000
+        conn.sendall(rest + frame(8, close_payload(1000), mask=False))  # finish, close
         while conn.recv(4096):
             pass
-        conn.close()
 
 
+@pytest.mark.slow
 async def test_a_client_that_does_not_read_holds_a_flooding_bot_back(
     anyio_backend: str,
 ) -> None:

@@ -6,11 +6,22 @@ from __future__ import annotations
 import base64
 import json
 import socket
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import pytest
 
-from .conftest import Bot, Sentinel, connect, http_exchange, in_thread, serving, upgrade_request
+from .helpers import (
+    Bot,
+    Sentinel,
+    connect,
+    echoed,
+    http_exchange,
+    in_thread,
+    serving,
+    upgrade_refused,
+    upgrade_request,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -25,78 +36,140 @@ def body_of(size: int) -> str:
 
 
 CASES = [
-    pytest.param(upgrade_request("/ws/other/bot.test"), 404, id="unknown path"),
-    pytest.param(upgrade_request("/ws/generic/nobody.test"), 404, id="unknown agent"),
-    pytest.param(upgrade_request("/ws/generic/bot.other"), 404, id="unknown org"),
-    pytest.param(upgrade_request("/ws/generic"), 400, id="no service host"),
-    pytest.param(upgrade_request("/ws/generic/bot"), 400, id="service host without org"),
-    pytest.param(upgrade_request("/ws/generic/Bot.test"), 400, id="uppercase service host"),
+    pytest.param(upgrade_request("/ws/other/bot.test"), 404, "not found", id="unknown path"),
     pytest.param(
-        upgrade_request("/ws/generic/bot.test?serviceHost=bot.test"), 400, id="host twice"
+        upgrade_request("/ws/generic/nobody.test"),
+        404,
+        "unknown service host nobody.test",
+        id="unknown agent",
+    ),
+    pytest.param(
+        upgrade_request("/ws/generic/bot.other"),
+        404,
+        "unknown service host bot.other",
+        id="unknown org",
+    ),
+    pytest.param(
+        upgrade_request("/ws/generic"),
+        400,
+        "missing service host (/ws/generic/{agent}.{org} or ?serviceHost=)",
+        id="no service host",
+    ),
+    pytest.param(
+        upgrade_request("/ws/generic/bot"),
+        400,
+        "malformed service host (expected {agent}.{org})",
+        id="service host without org",
+    ),
+    pytest.param(
+        upgrade_request("/ws/generic/Bot.test"),
+        400,
+        "malformed service host (expected {agent}.{org})",
+        id="uppercase service host",
+    ),
+    pytest.param(
+        upgrade_request("/ws/generic/bot.test?serviceHost=bot.test"),
+        400,
+        "service host given both in the path and as serviceHost",
+        id="host twice",
     ),
     pytest.param(
         upgrade_request("/ws/generic?serviceHost=bot.test&serviceHost=bot.test"),
         400,
+        "serviceHost given more than once",
         id="serviceHost repeated",
     ),
-    pytest.param(b"GET /ws/generic/bot.test HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="not an upgrade"),
+    pytest.param(
+        b"GET /ws/generic/bot.test HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        "not a WebSocket upgrade (Upgrade: websocket missing)",
+        id="not an upgrade",
+    ),
     pytest.param(
         upgrade_request("/ws/generic/bot.test").replace(b"Version: 13", b"Version: 8"),
         400,
+        "Sec-WebSocket-Version must be 13",
         id="websocket version 8",
     ),
-    pytest.param(upgrade_request("/ws/generic/bot.test").replace(b"GET", b"POST"), 400, id="POST"),
-    pytest.param(b"\x16\x03\x01\x02\x00garbage\r\n\r\n", 400, id="TLS hello or garbage"),
-    pytest.param(upgrade_request("/ws/generic/bot.test?body=%%%"), 400, id="body bad escape"),
-    pytest.param(upgrade_request("/ws/generic/bot.test?body=!!!!"), 400, id="body not base64"),
+    pytest.param(
+        upgrade_request("/ws/generic/bot.test").replace(b"GET", b"POST"),
+        400,
+        "method must be GET for a WebSocket upgrade",
+        id="POST",
+    ),
+    pytest.param(
+        b"\x16\x03\x01\x02\x00garbage\r\n\r\n",
+        400,
+        "malformed request line",
+        id="TLS hello or garbage",
+    ),
+    pytest.param(
+        upgrade_request("/ws/generic/bot.test?body=%%%"),
+        400,
+        "body is not base64",
+        id="body bad escape",
+    ),
+    pytest.param(
+        upgrade_request("/ws/generic/bot.test?body=!!!!"),
+        400,
+        "body is not base64",
+        id="body not base64",
+    ),
     pytest.param(
         upgrade_request(f"/ws/generic/bot.test?body={B64(b'not json').decode()}"),
         400,
+        "body is not a UTF-8 JSON document",
         id="body not json",
     ),
     pytest.param(
         upgrade_request(f"/ws/generic/bot.test?body={B64(bytes([0x22, 0xFF, 0x22])).decode()}"),
         400,
+        "body is not a UTF-8 JSON document",
         id="body not utf-8",
     ),
     pytest.param(
-        upgrade_request(f"/ws/generic/bot.test?body={body_of(4097)}"), 413, id="body over 4 KB"
+        upgrade_request(f"/ws/generic/bot.test?body={body_of(4097)}"),
+        413,
+        "body is 4097 bytes after decoding, over the 4096-byte limit",
+        id="body over 4 KB",
     ),
     pytest.param(
         upgrade_request(f"/ws/generic/bot.test?body={B64(b'[' * 2000 + b']' * 2000).decode()}"),
         400,
+        "body nests deeper than 64 levels",
         id="body nested 2000 deep",
     ),
-    pytest.param(upgrade_request("/ws/generic/bot.test?body=e30=&body=e30="), 400, id="body twice"),
     pytest.param(
-        upgrade_request("/ws/generic/bot.test", "X-Filler: " + "a" * 9000), 431, id="huge header"
+        upgrade_request("/ws/generic/bot.test?body=e30=&body=e30="),
+        400,
+        "body given more than once",
+        id="body twice",
+    ),
+    pytest.param(
+        upgrade_request("/ws/generic/bot.test", "X-Filler: " + "a" * 9000),
+        431,
+        "request header fields too large",
+        id="huge header",
     ),
 ]
 
 
-@pytest.mark.parametrize(("request_bytes", "status"), CASES)
+@pytest.mark.parametrize(("request_bytes", "status", "reason"), CASES)
 async def test_a_bad_request_gets_its_status_and_the_bot_is_never_dialled(
-    sentinel: Sentinel, request_bytes: bytes, status: int
+    sentinel: Sentinel, request_bytes: bytes, status: int, reason: str
 ) -> None:
     async with serving(sentinel.url) as gw:
-        got, body = await http_exchange(gw.port, request_bytes)
-    assert got == status
-    reason = body.decode()
-    assert reason.endswith("\n") and reason.count("\n") == 1 and len(reason) > 1
+        got = await http_exchange(gw.port, request_bytes)
+    assert got == (status, f"{reason}\n".encode())  # one line: the reason a client can act on
     assert not sentinel.dialled()
 
 
 async def test_a_body_of_exactly_4096_bytes_is_accepted(bot: Bot) -> None:
     async with serving(bot.url) as gw:
-
-        def client() -> None:
-            with connect(f"{gw.url}/ws/generic/bot.test?body={body_of(4096)}") as ws:
-                ws.send("x")
-                ws.recv()
-
-        await in_thread(client)
+        assert await in_thread(echoed, f"{gw.url}/ws/generic/bot.test?body={body_of(4096)}") == "x"
         bot.wait_ended()
-    assert "body=" in bot.sessions[0].path
+    (value,) = parse_qs(urlsplit(bot.sessions[0].path).query)["body"]
+    assert json.loads(base64.b64decode(value, validate=True)) == "x" * 4094  # all 4096 bytes
 
 
 async def test_health_endpoints_answer_200(sentinel: Sentinel) -> None:
@@ -112,17 +185,13 @@ async def test_health_endpoints_answer_200(sentinel: Sentinel) -> None:
 async def test_an_agent_at_capacity_answers_503_without_dialling(bot: Bot) -> None:
     async with serving(bot.url, max_sessions=1) as gw:
 
-        def client() -> int:
+        def client() -> tuple[int, str]:
             with connect(f"{gw.url}/ws/generic/bot.test") as ws:
                 ws.send("first")
                 assert ws.recv() == "first"
-                try:
-                    connect(f"{gw.url}/ws/generic/bot.test").close()
-                except Exception as exc:  # websockets' InvalidStatus
-                    return int(exc.response.status_code)  # type: ignore[attr-defined]
-                return 101
+                return upgrade_refused(f"{gw.url}/ws/generic/bot.test")
 
-        assert await in_thread(client) == 503
+        assert await in_thread(client) == (503, "agent at capacity\n")
         bot.wait_ended()
     assert len(bot.sessions) == 1
 
@@ -134,8 +203,7 @@ async def test_a_refused_upstream_answers_502() -> None:
     s.close()  # nothing listens there now: connection refused
     async with serving(f"ws://127.0.0.1:{port}/ws") as gw:
         status, body = await http_exchange(gw.port, upgrade_request("/ws/generic/bot.test"))
-    assert status == 502
-    assert body.startswith(b"bot unreachable")
+    assert (status, body) == (502, b"bot unreachable: connection refused\n")
 
 
 async def test_an_upstream_that_never_answers_its_upgrade_gets_504_after_the_dial_timeout(
@@ -143,8 +211,8 @@ async def test_an_upstream_that_never_answers_its_upgrade_gets_504_after_the_dia
 ) -> None:
     # The sentinel accepts TCP (in its backlog) but never answers.
     async with serving(sentinel.url, dial_timeout=0.5) as gw:
-        status, body = await http_exchange(gw.port, upgrade_request("/ws/generic/bot.test"))
-    assert (status, body) == (504, b"bot unreachable: timed out\n")
+        answer = await http_exchange(gw.port, upgrade_request("/ws/generic/bot.test"))
+    assert answer == (504, b"bot unreachable: timed out\n")
     assert sentinel.dialled()
 
 
@@ -165,8 +233,7 @@ async def test_an_upstream_answering_without_101_gets_502() -> None:
             async with serving(f"ws://127.0.0.1:{port}/ws") as gw:
                 status, body = await http_exchange(gw.port, upgrade_request("/ws/generic/bot.test"))
             tg.cancel_scope.cancel()
-    assert status == 502
-    assert b"404" in body
+    assert (status, body) == (502, b"bot unreachable: bot answered 404 instead of 101\n")
 
 
 async def test_a_slow_upgrade_request_is_dropped_at_the_handshake_timeout(

@@ -229,6 +229,7 @@ def _not_json(text: str) -> bool:
 # --- every encoding of a document within the limit ----------------------------------------------
 
 
+@pytest.mark.slow
 @given(json_documents())
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @example('{"k":"??>>~~","n":[1,2.5,null,true]} ')  # standard base64 with '+', '/' and padding
@@ -347,6 +348,7 @@ def test_a_body_error_is_a_value_error_whose_reason_never_echoes_the_input() -> 
 # --- the reference and the decoder agree ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @given(st.text(max_size=64) | _b64ish | encoded_jsonish())
 @settings(max_examples=1000)
 @example("e3=")  # incomplete padding

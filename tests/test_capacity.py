@@ -24,9 +24,8 @@ from wsgate.capacity import KEY_PREFIX, LocalCapacity, RedisCapacity, open_capac
 from wsgate.errors import ConfigError, HttpError, StoreUnavailable
 from wsgate.redis_store import RedisStore, parse_redis_url
 
-from .conftest import upgrade_request
+from .helpers import Reader, frame, upgrade_request
 from .processes import TIMEOUT, Wsgate, port_of
-from .test_faults import client_frame, take_frames
 
 ECHO = "echo.demo"
 
@@ -89,14 +88,6 @@ def test_capacity_store_and_lease_ttl_settings() -> None:
 
 
 # --- leases against one redis-server ------------------------------------------------------------
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def agent(max_sessions: int) -> AgentConfig:
@@ -402,14 +393,8 @@ def gateways() -> Iterator[list[Wsgate]]:
 
 def echoes(sock: socket.socket, text: str) -> bool:
     """Whether the session still answers: one message there and back."""
-    sock.sendall(client_frame(1, text.encode()))
-    buf = bytearray()
-    while not (frames := take_frames(buf)):
-        chunk = sock.recv(4096)
-        if not chunk:
-            return False
-        buf += chunk
-    return frames == [(1, text.encode())]
+    sock.sendall(frame(1, text.encode()))
+    return Reader(lambda: sock.recv(4096)).next() == (1, text.encode())
 
 
 def wait_for(condition: Callable[[], bool], *, within: float, what: str) -> float:

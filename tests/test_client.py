@@ -16,8 +16,7 @@ import anyio.abc
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from tests.conftest import Bot, in_thread
-from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
+from wsgate import Config, Gateway
 from wsgate.client import (
     BodyTooLarge,
     StartError,
@@ -32,8 +31,10 @@ from wsgate.request import parse_request
 from wsgate.start import handle_start, render_response
 from wsgate.tokens import TokenAuthority
 
-asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+from .helpers import Bot, asyncio_only, in_thread, token_config
+
 Handler = Callable[[anyio.abc.SocketStream], Awaitable[None]]
+TOO_LARGE = r"^body is \d+ bytes of JSON, over 4096$"
 
 
 @asynccontextmanager
@@ -78,23 +79,12 @@ def start_handler(config: Config, authority: TokenAuthority, public_url: str) ->
     return handle
 
 
-def make_config(upstream: str) -> Config:
-    return Config(
-        gateway=GatewaySettings(port=0),
-        orgs=[OrgConfig("test", public_keys=["pk_test"])],
-        agents=[
-            AgentConfig("talk", "test", websocket_auth="token", upstream=upstream),
-            AgentConfig("open", "test", upstream=upstream),
-        ],
-    )
-
-
 @asynccontextmanager
 async def stack(
     upstream: str, *, start_secret: str = "secret"
 ) -> AsyncIterator[tuple[Gateway, str, list[int]]]:
     """A gateway that checks tokens (stateless part) and a /start service minting for it."""
-    config = make_config(upstream)
+    config = token_config(upstream)
     gateway_auth = TokenAuthority(["secret"])
     async with Gateway(config, authority=gateway_auth).running() as gateway:
         minting = TokenAuthority([start_secret])
@@ -112,7 +102,7 @@ def bot_body(bot: Bot) -> Any:
 
 @pytest.mark.anyio
 async def test_start_returns_a_typed_result_with_token_ws_url_session_id_and_body() -> None:
-    config = make_config("ws://127.0.0.1:1/ws")
+    config = token_config("ws://127.0.0.1:1/ws")
     auth = TokenAuthority(["secret"])
     async with tcp_server(start_handler(config, auth, "wss://gw.example")) as (port, _):
         result = await start(f"http://127.0.0.1:{port}", "talk", "pk_test", body={"k": "é"})
@@ -156,7 +146,7 @@ async def test_start_accepts_a_ws_base_url_with_a_path_prefix() -> None:
 async def test_an_error_answer_is_a_start_error_with_status_and_reason(
     agent: str, key: str, body: Any, status: int, reason: str
 ) -> None:
-    config = make_config("ws://127.0.0.1:1/ws")
+    config = token_config("ws://127.0.0.1:1/ws")
     handler = start_handler(config, TokenAuthority(["s"]), "ws://x")
     async with tcp_server(handler) as (port, _):
         with pytest.raises(StartError) as info:
@@ -167,9 +157,9 @@ async def test_an_error_answer_is_a_start_error_with_status_and_reason(
 
 @pytest.mark.anyio
 async def test_a_body_over_4_kb_fails_before_any_request() -> None:
-    config = make_config("ws://127.0.0.1:1/ws")
+    config = token_config("ws://127.0.0.1:1/ws")
     async with tcp_server(start_handler(config, TokenAuthority(["s"]), "ws://x")) as (port, seen):
-        with pytest.raises(BodyTooLarge):
+        with pytest.raises(BodyTooLarge, match=TOO_LARGE):
             await start(f"http://127.0.0.1:{port}", "talk", "pk_test", body={"a": "x" * 4096})
     assert seen == []
 
@@ -271,10 +261,10 @@ async def test_a_refused_upgrade_is_a_typed_error_and_the_bot_is_never_dialled(b
 @asyncio_only
 async def test_connect_with_a_body_over_4_kb_fails_before_any_request(bot: Bot) -> None:
     async with stack(bot.url) as (gateway, start_url, seen):
-        with pytest.raises(BodyTooLarge):
+        with pytest.raises(BodyTooLarge, match=TOO_LARGE):
             async with connect(start_url, "talk", public_key="pk_test", body="x" * 5000):
                 pass
-        with pytest.raises(BodyTooLarge):
+        with pytest.raises(BodyTooLarge, match=TOO_LARGE):
             async with connect(gateway.url, "open.test", body="x" * 5000):
                 pass
     assert seen == []

@@ -5,176 +5,53 @@ every kind passes unchanged."""
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
 import pytest
-from anyio.abc import SocketStream
 
-from wsgate.handshake import accept_key
-
-from .conftest import Bot, Sentinel, serving, upgrade_request
+from .helpers import (
+    Bot,
+    RawUpstream,
+    Reader,
+    Sentinel,
+    accept_upgrade,
+    close_payload,
+    frame,
+    raw_client,
+    serving,
+    upgrade_request,
+)
 
 pytestmark = pytest.mark.anyio
 
 MAX = 1 << 20
 
 
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = True,
-          rsv: int = 0, length: int | None = None) -> bytes:  # fmt: skip
-    """One frame; `length` declares a length other than the payload's."""
-    n = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 1 << 16:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-def close_payload(code: int, reason: bytes = b"") -> bytes:
-    return struct.pack("!H", code) + reason
-
-
-class Reader:
-    """Reads frames a peer sends on one of our raw connections (any masking)."""
-
-    def __init__(self, recv: object) -> None:
-        self.recv = recv
-        self.buf = b""
-
-    def _need(self, n: int) -> bytes | None:
-        while len(self.buf) < n:
-            chunk = self.recv()  # type: ignore[operator]
-            if not chunk:
-                return None
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def next(self) -> tuple[int, bytes] | None:
-        """(opcode, unmasked payload), or None at EOF."""
-        h = self._need(2)
-        if h is None:
-            return None
-        n = h[1] & 0x7F
-        if n == 126:
-            n = struct.unpack("!H", self._need(2) or b"\0\0")[0]
-        elif n == 127:
-            n = struct.unpack("!Q", self._need(8) or b"\0" * 8)[0]
-        key = self._need(4) if h[1] & 0x80 else None
-        data = self._need(n) or b"" if n else b""
-        if key:
-            data = bytes(b ^ key[i % 4] for i, b in enumerate(data))
-        return h[0] & 0x0F, data
-
-    def close_code(self) -> int | None:
-        """Skip data frames; the code of the first close frame (None: EOF without one)."""
-        while (f := self.next()) is not None:
-            if f[0] == 8:
-                return struct.unpack("!H", f[1][:2])[0] if len(f[1]) >= 2 else 1005
-        return None
-
-
-class RawBot:
+class RawBot(RawUpstream):
     """An upstream bot on a raw socket: answers the upgrade, sends `script`, then records
     every frame the gateway sends it until EOF."""
 
     def __init__(self, script: bytes = b"") -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
         self.script = script
         self.frames: list[tuple[int, bytes]] = []
-        self.done = threading.Event()
-        threading.Thread(target=self.run, daemon=True).start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.listener.getsockname()[1]}/ws"
-
-    def run(self) -> None:
-        conn, _ = self.listener.accept()
-        self.listener.close()
+    def session(self, conn: socket.socket) -> None:
         conn.settimeout(30)
-        with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += conn.recv(4096)
-            key = next(
-                line.split(b":", 1)[1].strip().decode()
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"sec-websocket-key:")
-            )
-            conn.sendall(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-                + accept_key(key).encode()
-                + b"\r\n\r\n"
-                + self.script
-            )
-            reader = Reader(lambda: conn.recv(65536))
-            while (f := reader.next()) is not None:
-                self.frames.append(f)
-                if f[0] == 8:
-                    conn.sendall(frame(8, f[1][:2], mask=False))  # the close reply
-                    break
-        self.done.set()
+        accept_upgrade(conn, then=self.script)
+        reader = Reader(lambda: conn.recv(65536))
+        while (f := reader.next()) is not None:
+            self.frames.append(f)
+            if f[0] == 8:
+                conn.sendall(frame(8, f[1][:2], mask=False))  # the close reply
+                break
 
     def close_code(self) -> int | None:
         assert self.done.wait(30)
         closes = [p for op, p in self.frames if op == 8]
         return struct.unpack("!H", closes[0][:2])[0] if closes else None
-
-
-class RawClient:
-    """A client on a raw socket past its upgrade; keeps bytes that came with the 101 head."""
-
-    def __init__(self, stream: SocketStream, early: bytes) -> None:
-        self.stream = stream
-        self.early = early
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send(data)
-
-    async def receive(self) -> bytes:
-        if self.early:
-            chunk, self.early = self.early, b""
-            return chunk
-        try:
-            return await self.stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            return b""
-
-    async def close_code(self) -> int | None:
-        """The code of the first close frame the gateway sends (None: EOF without one)."""
-
-        def blocking_recv() -> bytes:
-            return anyio.from_thread.run(self.receive)
-
-        with anyio.fail_after(20):
-            return await anyio.to_thread.run_sync(lambda: Reader(blocking_recv).close_code())
-
-
-@asynccontextmanager
-async def raw_client(port: int, path: str = "/ws/generic/bot.test") -> AsyncIterator[RawClient]:
-    async with await anyio.connect_tcp("127.0.0.1", port) as s:
-        await s.send(upgrade_request(path))
-        head = b""
-        with anyio.fail_after(10):
-            while b"\r\n\r\n" not in head:
-                head += await s.receive()
-        assert head.startswith(b"HTTP/1.1 101"), head
-        yield RawClient(s, head.partition(b"\r\n\r\n")[2])
 
 
 CLIENT_VIOLATIONS = [

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosedError
 import wsgate
 from wsgate._sockets import read_head
 
-from .conftest import Bot, connect, in_thread, upgrade_request
+from .helpers import Bot, connect, in_thread, upgrade_request
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

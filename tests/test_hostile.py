@@ -3,40 +3,27 @@ not stop legitimate sessions from opening, and cost no bot dial and no replay-st
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 
 import anyio
 import pytest
 from anyio.abc import SocketStream
 
-from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 from wsgate.replay import MemoryReplayStore
 from wsgate.tokens import TokenAuthority
 
-from .conftest import Sentinel, connect, http_exchange, in_thread, upgrade_request
+from .helpers import (
+    Sentinel,
+    echoed,
+    http_exchange,
+    in_thread,
+    serving,
+    token_gateway,
+    upgrade_request,
+    upgraded,
+)
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def echo_gateway(upstream: str, **settings: object) -> AsyncIterator[Gateway]:
-    config = Config(
-        gateway=GatewaySettings(port=0, **settings),  # type: ignore[arg-type]
-        orgs=[OrgConfig("test")],
-        agents=[
-            AgentConfig("echo", "test", builtin="echo"),
-            AgentConfig("bot", "test", upstream=upstream),
-        ],
-    )
-    async with Gateway(config).running() as gw:
-        yield gw
-
-
-def echo_once(url: str) -> str:
-    with connect(f"{url}/ws/generic/echo.test", open_timeout=10) as ws:
-        ws.send("legit")
-        return str(ws.recv())
 
 
 async def open_many(port: int, n: int, first_bytes: bytes, stack: AsyncExitStack) -> None:
@@ -49,11 +36,11 @@ async def open_many(port: int, n: int, first_bytes: bytes, stack: AsyncExitStack
 
 
 async def test_slow_upgrade_requests_do_not_crowd_out_a_real_client(sentinel: Sentinel) -> None:
-    async with echo_gateway(sentinel.url, max_pending_upgrades=20, handshake_timeout=60) as gw:
+    async with serving(sentinel.url, max_pending_upgrades=20, handshake_timeout=60) as gw:
         async with AsyncExitStack() as stack:
             # 50 slowloris connections: a request line and no end, for a minute if allowed.
             await open_many(gw.port, 50, b"GET /ws/generic/bot.test HTTP/1.1\r\nX-a: ", stack)
-            assert await in_thread(echo_once, gw.url) == "legit"
+            assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
             assert gw.evicted_upgrades >= 30
     assert not sentinel.dialled()
 
@@ -61,31 +48,19 @@ async def test_slow_upgrade_requests_do_not_crowd_out_a_real_client(sentinel: Se
 async def test_idle_connections_that_never_speak_do_not_block_new_sessions(
     sentinel: Sentinel,
 ) -> None:
-    async with echo_gateway(sentinel.url, max_pending_upgrades=100, handshake_timeout=60) as gw:
+    async with serving(sentinel.url, max_pending_upgrades=100, handshake_timeout=60) as gw:
         async with AsyncExitStack() as stack:
             await open_many(gw.port, 300, b"", stack)
             for _ in range(3):
-                assert await in_thread(echo_once, gw.url) == "legit"
+                assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
     assert not sentinel.dialled()
-
-
-async def upgraded(port: int) -> SocketStream:
-    """A raw session past its 101 (the echo bot's)."""
-    s = await anyio.connect_tcp("127.0.0.1", port)
-    await s.send(upgrade_request("/ws/generic/echo.test"))
-    head = b""
-    with anyio.fail_after(10):
-        while b"\r\n\r\n" not in head:
-            head += await s.receive()
-    assert head.startswith(b"HTTP/1.1 101")
-    return s
 
 
 async def test_past_max_connections_new_ones_wait_until_a_session_ends(
     sentinel: Sentinel,
 ) -> None:
-    async with echo_gateway(sentinel.url, max_connections=2) as gw:
-        held = [await upgraded(gw.port) for _ in range(2)]
+    async with serving(sentinel.url, max_connections=2) as gw:
+        held = [(await upgraded(gw.port, "/ws/generic/echo.test"))[0] for _ in range(2)]
         async with await anyio.connect_tcp("127.0.0.1", gw.port) as waiting:
             await waiting.send(upgrade_request("/ws/generic/echo.test"))
             with anyio.move_on_after(0.5):  # a bounded look for an answer that must not come
@@ -114,13 +89,8 @@ class CountingStore(MemoryReplayStore):
 async def test_a_flood_of_bad_tokens_costs_no_store_trip_and_no_dial(sentinel: Sentinel) -> None:
     CountingStore.claims = 0
     authority = TokenAuthority(["s3cret"], store=CountingStore())
-    config = Config(
-        gateway=GatewaySettings(port=0),
-        orgs=[OrgConfig("test")],
-        agents=[AgentConfig("talk", "test", websocket_auth="token", upstream=sentinel.url)],
-    )
     forged = TokenAuthority(["not-ours"]).mint("talk.test").token
-    async with Gateway(config, authority=authority).running() as gw:
+    async with token_gateway(sentinel.url, authority=authority) as gw:
         for token in [forged, "x" * 3000, "a.b", ""] * 25:
             status, _ = await http_exchange(
                 gw.port, upgrade_request(f"/ws/generic/talk.test?token={token}")

@@ -7,19 +7,14 @@ import base64
 import json
 import logging
 import select
-import socket
-import struct
 import threading
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import pytest
-from websockets.exceptions import ConnectionClosed
 
 from wsgate import (
     AgentConfig,
@@ -33,41 +28,22 @@ from wsgate import (
     WebSocketState,
     loads_config,
 )
-from wsgate.inprocess import Bot, Headers, QueryParams
+from wsgate.inprocess import Headers, QueryParams
 
-from .conftest import connect, in_thread, upgrade_request
+from .helpers import (
+    bot_config,
+    close_payload,
+    closed_with,
+    connect,
+    frame,
+    in_thread,
+    raw_socket,
+    serving_bot,
+)
 
 pytestmark = pytest.mark.anyio
 
 BOT_PATH = "/ws/generic/bot.test"
-
-
-def bot_config(bot: Bot | str, **settings: Any) -> Config:
-    return Config(
-        gateway=GatewaySettings(port=0, **settings),
-        orgs=[OrgConfig(name="test")],
-        agents=[AgentConfig(name="bot", org="test", bot=bot, max_sessions=500)],
-    )
-
-
-@asynccontextmanager
-async def serving_bot(
-    bot: Bot | str, *, session_time_limit: float | None = None, **settings: Any
-) -> AsyncIterator[Gateway]:
-    """A gateway in this event loop serving `bot.test` with the in-process `bot`."""
-    gateway = Gateway(bot_config(bot, **settings), session_time_limit=session_time_limit)
-    async with gateway.running() as gw:
-        yield gw
-
-
-def closed_with(fn: Any) -> tuple[int, str]:
-    """Run `fn` until the connection closes; the close frame the client received."""
-    try:
-        while True:
-            fn()
-    except ConnectionClosed as exc:
-        assert exc.rcvd is not None, f"no close frame received: {exc!r}"
-        return exc.rcvd.code, exc.rcvd.reason
 
 
 async def echo_bot(args: BotArguments) -> None:
@@ -92,6 +68,20 @@ class Probe:
     async def wait_finished(self, timeout: float = 20) -> None:
         with anyio.fail_after(timeout):
             await self.finished.wait()
+
+    async def endless_bot(self, args: BotArguments) -> None:
+        """A bot that echoes every text and never stops on its own, not even when its client
+        has left: notes its start, its end, and whether it was cancelled."""
+        self.started.set()
+        try:
+            async for message in args.websocket:
+                await args.websocket.send_text(str(message))
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled = True
+            raise
+        finally:
+            self.finished.set()
 
 
 # What the bot sees
@@ -295,6 +285,7 @@ async def test_a_slow_bot_answers_every_message_in_order() -> None:
         assert await in_thread(client) == [f"M{i}" for i in range(10)]
 
 
+@pytest.mark.slow
 async def test_two_hundred_concurrent_sessions_get_only_their_own_answers() -> None:
     async def bot(args: BotArguments) -> None:
         async for message in args.websocket.iter_text():
@@ -428,17 +419,7 @@ async def test_a_bot_still_running_after_its_client_left_is_cancelled_after_the_
 ):
     probe = Probe()
 
-    async def stubborn_bot(args: BotArguments) -> None:
-        probe.started.set()
-        try:
-            await anyio.sleep_forever()
-        except anyio.get_cancelled_exc_class():
-            probe.cancelled = True
-            raise
-        finally:
-            probe.finished.set()
-
-    async with serving_bot(stubborn_bot, bot_grace_period=0.2) as gw:
+    async with serving_bot(probe.endless_bot, bot_grace_period=0.2) as gw:
 
         def client() -> None:
             with connect(f"{gw.url}{BOT_PATH}") as ws:
@@ -482,18 +463,7 @@ async def test_a_bot_that_returns_within_the_grace_period_is_not_cancelled() -> 
 async def test_the_session_time_limit_cancels_the_bot_and_closes_the_client_with_1000() -> None:
     probe = Probe()
 
-    async def endless_bot(args: BotArguments) -> None:
-        try:
-            async for message in args.websocket:
-                await args.websocket.send_text(str(message))
-            await anyio.sleep_forever()  # the bot would never stop on its own
-        except anyio.get_cancelled_exc_class():
-            probe.cancelled = True
-            raise
-        finally:
-            probe.finished.set()
-
-    async with serving_bot(endless_bot, session_time_limit=0.5, bot_grace_period=60) as gw:
+    async with serving_bot(probe.endless_bot, session_time_limit=0.5, bot_grace_period=60) as gw:
 
         def client() -> tuple[int, str]:
             with connect(f"{gw.url}{BOT_PATH}") as ws:
@@ -509,17 +479,7 @@ async def test_the_session_time_limit_cancels_the_bot_and_closes_the_client_with
 async def test_stopping_the_gateway_closes_the_client_with_1001_and_no_bot_outlives_it() -> None:
     probe = Probe()
 
-    async def endless_bot(args: BotArguments) -> None:
-        probe.started.set()
-        try:
-            await anyio.sleep_forever()
-        except anyio.get_cancelled_exc_class():
-            probe.cancelled = True
-            raise
-        finally:
-            probe.finished.set()
-
-    gateway = Gateway(bot_config(endless_bot, drain_timeout=0.2, bot_grace_period=0.2))
+    gateway = Gateway(bot_config(probe.endless_bot, drain_timeout=0.2, bot_grace_period=0.2))
     async with anyio.create_task_group() as tg:
         await tg.start(gateway.serve)
 
@@ -570,11 +530,12 @@ async def test_invalid_utf8_text_closes_the_client_with_1007_and_the_bot_is_told
                 ws.send(b"\xff\xfe", text=True)
                 return closed_with(ws.recv)
 
-        code, _ = await in_thread(client)
+        close = await in_thread(client)
         await probe.wait_finished()
-    assert code == 1007
-    assert probe.seen[0]["type"] == "websocket.disconnect"
-    assert probe.seen[0]["code"] == 1007
+    assert close == (1007, "invalid UTF-8 in a text message")
+    assert probe.seen == [
+        {"type": "websocket.disconnect", "code": 1007, "reason": "invalid UTF-8 in a text message"}
+    ]
 
 
 # Backpressure
@@ -584,26 +545,6 @@ FLOOD_LIMIT = 400 * 1024 * 1024
 # The inbox limit (1 MiB) plus one read, and kernel buffers on one loopback hop (send and
 # receive, autotuned up to ~4-6 MiB each): well under this.
 PUSHED_BUDGET = 32 * 1024 * 1024
-
-
-def raw_client(port: int) -> socket.socket:
-    """A WebSocket client on a bare socket, past its 101."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(upgrade_request(BOT_PATH))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, "closed during the handshake"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
-def masked_frame(opcode: int, payload: bytes) -> bytes:
-    # Mask key 0: the payload goes as it is (a client must mask; any key will do).
-    n = len(payload)
-    length = bytes([0x80 | n]) if n < 126 else b"\xfe" + struct.pack("!H", n)
-    return bytes([0x80 | opcode]) + length + b"\0\0\0\0" + payload
 
 
 async def test_a_bot_that_does_not_read_holds_a_flooding_client_back() -> None:
@@ -621,13 +562,13 @@ async def test_a_bot_that_does_not_read_holds_a_flooding_client_back() -> None:
     async with serving_bot(lazy_bot) as gw:
 
         def client() -> tuple[int, int]:
-            sock = raw_client(gw.port)
+            sock = raw_socket(gw.port, BOT_PATH)
             sock.setblocking(False)
             pushed = frames = 0
             rest = b""
             while pushed < FLOOD_LIMIT:
                 if not rest:
-                    rest = masked_frame(0x2, bytes([frames % 256]) * FRAME)
+                    rest = frame(0x2, bytes([frames % 256]) * FRAME)
                     frames += 1
                 _, writable, _ = select.select([], [sock], [], 1.0)
                 if not writable:
@@ -637,7 +578,7 @@ async def test_a_bot_that_does_not_read_holds_a_flooding_client_back() -> None:
                 rest = rest[n:]
             anyio.from_thread.run_sync(resume.set)
             sock.setblocking(True)
-            sock.sendall(rest + masked_frame(0x8, struct.pack("!H", 1000)))
+            sock.sendall(rest + frame(0x8, close_payload(1000)))
             while sock.recv(65536):
                 pass
             sock.close()

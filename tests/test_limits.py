@@ -4,30 +4,20 @@ Gateway's ``session_time_limit`` keyword, to stay under a second) and ``drain_ti
 from __future__ import annotations
 
 import math
+import socket
 import time
 
 import anyio
 import pytest
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection
 
 from wsgate import ConfigError, Gateway, GatewaySettings
 
-from .conftest import Bot, connect, in_thread, make_config, serving
+from .helpers import Bot, closed_with, connect, in_thread, make_config, serving
 
 pytestmark = pytest.mark.anyio
 
 LIMIT = 0.5
 WAIT = 20.0
-
-
-def closed_by_gateway(ws: ClientConnection) -> tuple[int, str]:
-    """Read until the gateway closes the session: its close code and reason."""
-    with pytest.raises(ConnectionClosed) as closed:
-        while True:
-            ws.recv(WAIT)
-    assert closed.value.rcvd is not None, "the gateway dropped the connection without a close"
-    return closed.value.rcvd.code, closed.value.rcvd.reason
 
 
 async def test_a_session_over_its_time_limit_is_closed_1000_on_both_sides(bot: Bot) -> None:
@@ -39,7 +29,7 @@ async def test_a_session_over_its_time_limit_is_closed_1000_on_both_sides(bot: B
                 opened = time.monotonic()
                 ws.send("hello")
                 assert ws.recv(WAIT) == "hello"
-                close = closed_by_gateway(ws)
+                close = closed_with(ws.recv, WAIT)
                 return close, time.monotonic() - opened
 
         close, lasted = await in_thread(client)
@@ -57,7 +47,7 @@ async def test_the_builtin_echo_is_held_to_the_time_limit_too(bot: Bot) -> None:
             with connect(f"{gw.url}/ws/generic/echo.test") as ws:
                 ws.send(b"ping")
                 assert ws.recv(WAIT) == b"ping"
-                return closed_by_gateway(ws)
+                return closed_with(ws.recv, WAIT)
 
         assert await in_thread(client) == (1000, "session time limit")
 
@@ -94,7 +84,7 @@ async def test_a_session_open_at_stop_runs_on_then_gets_1001_after_the_drain_tim
                 stop_seen = time.monotonic()
                 ws.send("during the drain")  # still relayed: the drain lets sessions finish
                 assert ws.recv(WAIT) == "during the drain"
-                result.append((closed_by_gateway(ws), time.monotonic() - stop_seen))
+                result.append((closed_with(ws.recv, WAIT), time.monotonic() - stop_seen))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(in_thread, client)
@@ -111,9 +101,14 @@ async def test_a_session_open_at_stop_runs_on_then_gets_1001_after_the_drain_tim
 
 async def test_stop_returns_at_once_when_no_session_is_open(bot: Bot) -> None:
     gateway = Gateway(make_config(bot.url, drain_timeout=WAIT))
-    with anyio.fail_after(WAIT / 2):
-        async with gateway.running():
-            pass
+    with anyio.fail_after(WAIT / 2):  # the drain would last WAIT: fail well before that
+        async with gateway.running() as gw:
+            port = gw.port
+            stopping = anyio.current_time()
+    took = anyio.current_time() - stopping
+    assert took < WAIT / 4, f"stop took {took:.1f} s with no session open (drain_timeout {WAIT} s)"
+    with pytest.raises(ConnectionRefusedError):  # it has really stopped: nothing listens
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, True, "60"])

@@ -10,7 +10,6 @@ only, so these tests do too. Skipped unless the ``pipecat`` test extra is instal
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,37 +19,28 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 pytest.importorskip("pipecat.transports.websocket.fastapi", reason="needs the pipecat extra")
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
 
-from pipecat.frames.frames import (  # noqa: E402
+from pipecat.frames.frames import (
     EndWorkerFrame,
     Frame,
     InputTransportMessageFrame,
     OutputTransportMessageUrgentFrame,
 )
-from pipecat.frames.protobufs import frames_pb2  # noqa: E402
-from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
-from pipecat.pipeline.worker import PipelineWorker  # noqa: E402
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
-from pipecat.runner.types import WebSocketRunnerArguments  # noqa: E402
-from pipecat.serializers.protobuf import ProtobufFrameSerializer  # noqa: E402
-from pipecat.transports.websocket.fastapi import (  # noqa: E402
+from pipecat.frames.protobufs import frames_pb2
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.serializers.protobuf import ProtobufFrameSerializer
+from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
 )
-from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
-from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig  # noqa: E402
+from .helpers import asyncio_only, connect, in_thread, run_pipeline, serving_bot, under_uvicorn
 
-from .conftest import connect, in_thread  # noqa: E402
-
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # Pipecat is built on asyncio
+pytestmark = [pytest.mark.anyio, asyncio_only]  # Pipecat is built on asyncio
 
 
 class Answerer(FrameProcessor):  # type: ignore[misc]
@@ -83,14 +73,7 @@ async def pipecat_bot(runner_args: Any) -> None:
     task = PipelineWorker(
         Pipeline([transport.input(), Answerer(), transport.output()]), enable_rtvi=False
     )
-
-    @transport.event_handler("on_client_disconnected")  # type: ignore[misc]
-    async def on_client_disconnected(transport: Any, websocket: Any) -> None:
-        await task.cancel()
-
-    runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
-    await runner.add_workers(task)
-    await runner.run()
+    await run_pipeline(transport, task, runner_args.handle_sigint)
 
 
 def message_frame(payload: dict[str, Any]) -> bytes:
@@ -128,36 +111,9 @@ EXPECTED = (
 
 @asynccontextmanager
 async def pipecat_behind_wsgate() -> AsyncIterator[str]:
-    config = Config(
-        gateway=GatewaySettings(port=0),
-        orgs=[OrgConfig("test")],
-        agents=[AgentConfig("pipecat", "test", bot=pipecat_bot)],
-    )
-    async with Gateway(config).running() as gw:
-        yield f"{gw.url}/ws/generic/pipecat.test"
-
-
-@asynccontextmanager
-async def pipecat_under_uvicorn() -> AsyncIterator[str]:
-    """Pipecat's own path: a FastAPI WebSocket endpoint that accepts and calls the bot with
-    Pipecat's ``WebSocketRunnerArguments``, served by uvicorn in this event loop."""
-    app = fastapi.FastAPI()
-
-    @app.websocket("/ws")  # type: ignore[untyped-decorator]
-    async def endpoint(websocket: fastapi.WebSocket) -> None:
-        await websocket.accept()
-        await pipecat_bot(WebSocketRunnerArguments(websocket=websocket))
-
-    server = uvicorn.Server(
-        uvicorn.Config(app, ws="websockets-sansio", log_level="warning", lifespan="off")
-    )
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
-            try:
-                yield f"ws://127.0.0.1:{sock.getsockname()[1]}/ws"
-            finally:
-                server.should_exit = True
+    """The bot in-process behind wsgate; yields its URL."""
+    async with serving_bot(pipecat_bot) as gw:
+        yield f"{gw.url}/ws/generic/bot.test"
 
 
 async def test_a_pipecat_pipeline_answers_in_process_behind_wsgate() -> None:
@@ -166,11 +122,11 @@ async def test_a_pipecat_pipeline_answers_in_process_behind_wsgate() -> None:
 
 
 async def test_the_same_pipeline_under_fastapi_and_uvicorn_behaves_alike() -> None:
-    async with pipecat_under_uvicorn() as url:
-        under_uvicorn = await in_thread(conversation, url)
+    async with under_uvicorn(pipecat_bot) as url:  # Pipecat's own FastAPI/uvicorn path
+        via_uvicorn = await in_thread(conversation, url)
     async with pipecat_behind_wsgate() as url:
         behind_wsgate = await in_thread(conversation, url)
-    assert under_uvicorn == behind_wsgate == EXPECTED
+    assert via_uvicorn == behind_wsgate == EXPECTED
 
 
 async def test_a_client_leaving_ends_the_pipecat_pipeline_in_process() -> None:
@@ -182,15 +138,10 @@ async def test_a_client_leaving_ends_the_pipecat_pipeline_in_process() -> None:
         finally:
             ended.set()
 
-    config = Config(
-        gateway=GatewaySettings(port=0, bot_grace_period=30),
-        orgs=[OrgConfig("test")],
-        agents=[AgentConfig("pipecat", "test", bot=bot)],
-    )
-    async with Gateway(config).running() as gw:
+    async with serving_bot(bot, bot_grace_period=30) as gw:
 
         def client() -> Any:
-            with connect(f"{gw.url}/ws/generic/pipecat.test") as ws:
+            with connect(f"{gw.url}/ws/generic/bot.test") as ws:
                 ws.send(message_frame({"say": "hi"}))
                 while True:
                     frame = frames_pb2.Frame.FromString(ws.recv(timeout=30))

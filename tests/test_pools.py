@@ -30,7 +30,7 @@ from wsgate.errors import ConfigError
 from wsgate.pools import Pool
 from wsgate.urls import parse_upstream_url
 
-from .conftest import Bot, Sentinel, connect, http_exchange, in_thread, upgrade_request
+from .helpers import Bot, Sentinel, connect, http_exchange, in_thread, upgrade_request
 
 # --------------------------------------------------------------------------------------------
 # Settings

@@ -8,29 +8,36 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import SocketStream
-from websockets.exceptions import ConnectionClosed
 
 from wsgate import AgentConfig, BotArguments, Config, Gateway, GatewaySettings, OrgConfig
 
-from .conftest import Bot, Sentinel, connect, http_exchange, in_thread, upgrade_request
+from .helpers import (
+    Bot,
+    Reader,
+    Sentinel,
+    closed_with,
+    connect,
+    frame,
+    http_exchange,
+    in_thread,
+    raw_client,
+    serving,
+    start_json,
+    upgrade_request,
+)
 from .telephony import (
     CALL_IDS,
     PROVIDERS,
-    mask_frame,
     media_message,
     opening_frames,
     opening_messages,
     provider_target,
 )
-from .test_conformance import Reader
-from .test_token_gateway import start_json
 
 pytestmark = pytest.mark.anyio
 
@@ -52,10 +59,8 @@ def provider_config(upstream: str, **settings: Any) -> Config:
     )
 
 
-@asynccontextmanager
-async def gateway(upstream: str, **settings: Any) -> AsyncIterator[Gateway]:
-    async with Gateway(provider_config(upstream, **settings)).running() as gw:
-        yield gw
+#: A gateway in this event loop on :func:`provider_config`.
+gateway = partial(serving, config=provider_config)
 
 
 def call(url: str, provider: str, host: str = HOST, media: int = 3, **kw: Any) -> list[str]:
@@ -122,47 +127,33 @@ async def test_the_generic_wsurl_with_the_token_appended_works_as_a_twilio_strea
     async with gateway(bot.url) as gw:
         _, answer = await start_json(gw, "secure", "pk_acme")
         url = f"{gw.url}/ws/generic/secure.acme/{answer['token']}"
-        assert await in_thread(call, url, "twilio", "secure.acme", 2)
+        got = await in_thread(call, url, "twilio", "secure.acme", 2)
+    opening = opening_messages("twilio", service_host="secure.acme")
+    assert got == [*opening, *(media_message("twilio", sequence=i + 3) for i in range(2))]
+    assert bot.sessions[0].messages == got  # the opening reached the bot first, unchanged
 
 
 def refused_after_opening(url: str, host: str | None) -> tuple[int, str]:
     """Open the WebSocket, send a Twilio opening, return the close it gets."""
     with connect(url) as ws:
-        try:
+
+        def send_opening_then_wait() -> object:
             for message in opening_messages("twilio", service_host=host):
                 ws.send(message)
-            ws.recv(timeout=10)
-        except ConnectionClosed as exc:
-            assert exc.rcvd is not None
-            return exc.rcvd.code, exc.rcvd.reason
-    raise AssertionError("the gateway did not close")
+            return ws.recv(timeout=10)
 
-
-async def upgraded(port: int, target: str = "/ws/twilio") -> tuple[SocketStream, bytes]:
-    """A raw caller past its 101: the stream, and the bytes that came after the 101's head."""
-    s = await anyio.connect_tcp("127.0.0.1", port)
-    await s.send(upgrade_request(target))
-    head = b""
-    with anyio.fail_after(20):
-        while b"\r\n\r\n" not in head:
-            head += await s.receive()
-    answer, _, rest = head.partition(b"\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 101"), answer
-    return s, rest
+        return closed_with(send_opening_then_wait)
 
 
 async def raw_twilio(port: int, frames: bytes) -> tuple[int | None, str]:
     """A raw caller: the upgrade, then ``frames`` as they are; the close code and reason."""
-    s, data = await upgraded(port)
-    async with s:
+    data = b""
+    async with raw_client(port, "/ws/twilio") as s:
         if frames:
             await s.send(frames)
         with anyio.fail_after(20):
-            while True:
-                try:
-                    data += await s.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    break
+            while chunk := await s.receive():
+                data += chunk
     chunks = [data]
     reader = Reader(lambda: chunks.pop() if chunks else b"")
     first = reader.next()
@@ -178,12 +169,12 @@ async def raw_twilio(port: int, frames: bytes) -> tuple[int | None, str]:
         (opening_frames("twilio"), 1008, "missing service host"),
         (opening_frames("twilio", service_host="nobody.acme"), 1008, "unknown service host"),
         (opening_frames("twilio", service_host="Not A Host"), 1008, "malformed service host"),
-        (mask_frame(2, b"\x00" * 10), 1008, "binary message before the start message"),
-        (mask_frame(1, b"x" * 70_000), 1008, "opening message too large"),
-        (mask_frame(1, b"{not json"), 1008, "opening message is not JSON"),
-        (mask_frame(1, b'{"event":"media"}'), 1008, "unexpected message in a twilio opening"),
+        (frame(2, b"\x00" * 10), 1008, "binary message before the start message"),
+        (frame(1, b"x" * 70_000), 1008, "opening message too large"),
+        (frame(1, b"{not json"), 1008, "opening message is not JSON"),
+        (frame(1, b'{"event":"media"}'), 1008, "unexpected message in a twilio opening"),
         (
-            b"".join(mask_frame(1, b'{"event":"connected"}') for _ in range(10_000)),
+            b"".join(frame(1, b'{"event":"connected"}') for _ in range(10_000)),
             1008,
             "unexpected message in a twilio opening",
         ),
@@ -211,7 +202,7 @@ async def test_an_opening_message_that_never_ends_is_refused_from_its_header(
 async def test_a_twilio_stream_without_start_is_closed_1008_at_the_handshake_timeout(
     sentinel: Sentinel,
 ) -> None:
-    connected = mask_frame(1, opening_messages("twilio")[0].encode())
+    connected = frame(1, opening_messages("twilio")[0].encode())
     async with gateway(sentinel.url, handshake_timeout=0.5) as gw:
         assert await raw_twilio(gw.port, connected) == (1008, "no start message in time")
     assert not sentinel.dialled()
@@ -220,8 +211,7 @@ async def test_a_twilio_stream_without_start_is_closed_1008_at_the_handshake_tim
 async def test_a_twilio_call_to_an_agent_at_capacity_is_closed_1013(bot: Bot) -> None:
     async with gateway(bot.url, max_sessions=1) as gw:
         frames = opening_frames("twilio", service_host=HOST)
-        held, _ = await upgraded(gw.port)
-        async with held:
+        async with raw_client(gw.port, "/ws/twilio") as held:
             await held.send(frames)
             with anyio.fail_after(20):
                 await held.receive()  # the bot echoes the opening: the session is live
@@ -235,7 +225,7 @@ async def test_a_twilio_call_whose_bot_is_unreachable_is_closed_1011() -> None:
     async with gateway(f"ws://127.0.0.1:{port}/ws") as gw:
         frames = opening_frames("twilio", service_host=HOST)
         code, reason = await raw_twilio(gw.port, frames)
-    assert code == 1011 and reason.startswith("bot unreachable"), reason
+    assert (code, reason) == (1011, "bot unreachable: connection refused")
 
 
 async def test_twilio_takes_no_service_host_in_its_url(sentinel: Sentinel) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,36 +31,34 @@ import pytest
 from websockets.asyncio.client import connect
 
 pytest.importorskip("pipecat.transports.websocket.fastapi", reason="needs the pipecat extra")
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
 
-from pipecat.frames.frames import Frame, InputAudioRawFrame, OutputAudioRawFrame  # noqa: E402
-from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker  # noqa: E402
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
-from pipecat.runner.types import WebSocketRunnerArguments  # noqa: E402
-from pipecat.runner.utils import parse_telephony_websocket  # noqa: E402
-from pipecat.serializers.base_serializer import FrameSerializer  # noqa: E402
-from pipecat.serializers.telnyx import TelnyxFrameSerializer  # noqa: E402
-from pipecat.serializers.twilio import TwilioFrameSerializer  # noqa: E402
-from pipecat.transports.websocket.fastapi import (  # noqa: E402
+from pipecat.frames.frames import Frame, InputAudioRawFrame, OutputAudioRawFrame
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.runner.utils import parse_telephony_websocket
+from pipecat.serializers.base_serializer import FrameSerializer
+from pipecat.serializers.telnyx import TelnyxFrameSerializer
+from pipecat.serializers.twilio import TwilioFrameSerializer
+from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
 )
-from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
-from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig  # noqa: E402
+from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 
-from .telephony import (  # noqa: E402
+from .helpers import asyncio_only, run_pipeline, under_uvicorn
+from .telephony import (
     CALL_IDS,
     STREAM_IDS,
     media_message,
     opening_messages,
     provider_target,
 )
-from .test_pipecat import anyio_backend  # noqa: E402, F401  (asyncio only: Pipecat)
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, asyncio_only]  # Pipecat is built on asyncio
 
 SERVICE_HOST = "phone.test"
 RATE = 8000  # Twilio's and Telnyx's (PCMU) rate; the pipeline's too, so nothing is resampled
@@ -154,14 +151,7 @@ def telephony_bot(calls: Calls) -> Callable[[Any], Awaitable[None]]:
                 params=PipelineParams(audio_in_sample_rate=RATE, audio_out_sample_rate=RATE),
                 enable_rtvi=False,
             )
-
-            @transport.event_handler("on_client_disconnected")  # type: ignore[misc]
-            async def on_client_disconnected(transport: Any, websocket: Any) -> None:
-                await task.cancel()
-
-            runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
-            await runner.add_workers(task)
-            await runner.run()
+            await run_pipeline(transport, task, runner_args.handle_sigint)
         finally:
             calls.end()
 
@@ -169,30 +159,6 @@ def telephony_bot(calls: Calls) -> Callable[[Any], Awaitable[None]]:
 
 
 # Where the bot runs.
-
-
-@asynccontextmanager
-async def under_uvicorn(bot: Callable[[Any], Awaitable[None]]) -> AsyncIterator[str]:
-    """Pipecat's own path, as in ``tests/test_pipecat.py``: a FastAPI WebSocket endpoint that
-    accepts and calls the bot with ``WebSocketRunnerArguments``, served by uvicorn in this event
-    loop on a port of its own. Yields the bot's URL."""
-    app = fastapi.FastAPI()
-
-    @app.websocket("/ws")  # type: ignore[untyped-decorator]
-    async def endpoint(websocket: fastapi.WebSocket) -> None:
-        await websocket.accept()
-        await bot(WebSocketRunnerArguments(websocket=websocket))
-
-    server = uvicorn.Server(
-        uvicorn.Config(app, ws="websockets-sansio", log_level="warning", lifespan="off")
-    )
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
-            try:
-                yield f"ws://127.0.0.1:{sock.getsockname()[1]}/ws"
-            finally:
-                server.should_exit = True
 
 
 @asynccontextmanager

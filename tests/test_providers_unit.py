@@ -12,6 +12,7 @@ import pytest
 from wsgate import providers
 from wsgate.providers import PROVIDERS, Opening, OpeningError, OpeningReader, provider_of_path
 
+from .helpers import frame
 from .telephony import (
     CALL_IDS,
     OP_BINARY,
@@ -21,8 +22,6 @@ from .telephony import (
     OP_PONG,
     OP_TEXT,
     STREAM_IDS,
-    frame,
-    mask_frame,
     media_frame,
     media_message,
     opening_frames,
@@ -34,7 +33,7 @@ SENDS_CONNECTED = ["twilio", "telnyx", "exotel"]
 
 
 def text(message: str | bytes, fin: bool = True) -> bytes:
-    return mask_frame(OP_TEXT, message.encode() if isinstance(message, str) else message, fin)
+    return frame(OP_TEXT, message.encode() if isinstance(message, str) else message, fin=fin)
 
 
 def read_all(provider: str, data: bytes, **kwargs: int) -> Opening | None:
@@ -185,15 +184,15 @@ def test_connected_alone_needs_more_bytes(provider: str) -> None:
 def test_fragments_with_pings_and_pongs_between_them_are_accepted() -> None:
     connected, start = (m.encode() for m in opening_messages("twilio", service_host=HOST))
     data = (
-        mask_frame(OP_PING, b"keepalive")
+        frame(OP_PING, b"keepalive")
         + text(connected)
-        + mask_frame(OP_PONG, b"")
-        + mask_frame(OP_TEXT, start[:10], fin=False)
-        + mask_frame(OP_PING, b"x" * 125)
-        + mask_frame(OP_CONTINUATION, b"", fin=False)
-        + mask_frame(OP_CONTINUATION, start[10:200], fin=False)
-        + mask_frame(OP_PONG, b"p")
-        + mask_frame(OP_CONTINUATION, start[200:], fin=True)
+        + frame(OP_PONG, b"")
+        + frame(OP_TEXT, start[:10], fin=False)
+        + frame(OP_PING, b"x" * 125)
+        + frame(OP_CONTINUATION, b"", fin=False)
+        + frame(OP_CONTINUATION, start[10:200], fin=False)
+        + frame(OP_PONG, b"p")
+        + frame(OP_CONTINUATION, start[200:], fin=True)
     )
     reader = OpeningReader("twilio")
     assert reader.feed(data) == read_all("twilio", text(connected) + text(start))
@@ -205,7 +204,8 @@ def test_a_message_of_exactly_the_size_limit_is_accepted() -> None:
     padded = start[:-1] + "," + '"pad":"' + "x" * (1000 - len(start) - 9) + '"}'
     assert len(padded.encode()) == 1000
     assert read_all("plivo", text(padded), max_message_bytes=1000) is not None
-    assert refused("plivo", text(padded), max_message_bytes=999).code == 1008
+    error = refused("plivo", text(padded), max_message_bytes=999)
+    assert (error.code, error.reason) == (1008, "opening message too large")
 
 
 @pytest.mark.parametrize("length", [125, 126, 65535, 65536])
@@ -224,11 +224,11 @@ START = opening_messages("twilio", service_host=HOST)[1]
 
 CASES: list[tuple[str, str, Callable[[], bytes], int]] = [
     # 1008: policy
-    ("binary message", "twilio", lambda: mask_frame(OP_BINARY, b"\x00\x01"), 1008),
+    ("binary message", "twilio", lambda: frame(OP_BINARY, b"\x00\x01"), 1008),
     (
         "binary message after connected",
         "twilio",
-        lambda: text(CONNECTED) + mask_frame(OP_BINARY, b"x"),
+        lambda: text(CONNECTED) + frame(OP_BINARY, b"x"),
         1008,
     ),
     ("text message over the limit", "twilio", lambda: frame(OP_TEXT, b"", length=65537), 1008),
@@ -308,7 +308,8 @@ def test_an_unacceptable_opening_is_refused_with_its_close_code(
 
 def test_more_messages_than_allowed_without_a_start_are_refused() -> None:
     data = opening_frames("twilio", service_host=HOST)
-    assert refused("twilio", data, max_messages=1).code == 1008
+    error = refused("twilio", data, max_messages=1)
+    assert (error.code, error.reason) == (1008, "no start message within the opening messages")
     assert read_all("twilio", data, max_messages=2) is not None
 
 
@@ -317,13 +318,13 @@ def test_an_oversized_message_is_refused_from_its_header_alone() -> None:
     reader = OpeningReader("twilio")
     with pytest.raises(OpeningError) as info:
         reader.feed(header)
-    assert info.value.code == 1008
+    assert (info.value.code, info.value.reason) == (1008, "opening message too large")
 
 
 def test_an_endless_message_is_refused_from_its_header() -> None:
     # Declares 4 EiB; nothing of the payload is ever sent.
     error = refused("twilio", frame(OP_TEXT, b"", length=1 << 62))
-    assert error.code == 1008
+    assert (error.code, error.reason) == (1008, "opening message too large")
 
 
 def test_an_endless_stream_of_fragments_is_refused_with_flat_memory() -> None:
@@ -333,7 +334,10 @@ def test_an_endless_stream_of_fragments_is_refused_with_flat_memory() -> None:
         reader.feed(frame(OP_TEXT, b"{", fin=False))
         for _ in range(1_000_000):
             reader.feed(chunk)
-    assert info.value.code == 1008
+    assert (info.value.code, info.value.reason) == (
+        1008,
+        "too many frames before the start message",
+    )
     assert len(reader.raw) < 70_000 + len(chunk)
 
 
@@ -345,25 +349,28 @@ def test_ten_thousand_connected_messages_are_refused_early() -> None:
         for i in range(0, len(data), 4096):
             fed += 1
             reader.feed(data[i : i + 4096])
-    assert info.value.code == 1008
+    assert (info.value.code, info.value.reason) == (1008, "unexpected message in a twilio opening")
     assert fed == 1
     assert len(reader.raw) <= 4096
 
 
 def test_an_endless_stream_of_pings_is_refused_early() -> None:
-    ping = mask_frame(OP_PING, b"x" * 125)
+    ping = frame(OP_PING, b"x" * 125)
     reader = OpeningReader("twilio")
     with pytest.raises(OpeningError) as info:
         for _ in range(10_000):
             reader.feed(ping)
-    assert info.value.code == 1008
+    assert (info.value.code, info.value.reason) == (
+        1008,
+        "too many frames before the start message",
+    )
     assert len(reader.raw) < 100 * len(ping)
 
 
 def test_an_error_is_raised_again_on_every_later_feed() -> None:
     reader = OpeningReader("twilio")
     with pytest.raises(OpeningError) as first:
-        reader.feed(mask_frame(OP_BINARY, b"x"))
+        reader.feed(frame(OP_BINARY, b"x"))
     with pytest.raises(OpeningError) as again:
         reader.feed(text(START))
     assert again.value is first.value
@@ -372,7 +379,7 @@ def test_an_error_is_raised_again_on_every_later_feed() -> None:
 def test_feeding_after_the_opening_is_a_caller_bug() -> None:
     reader = OpeningReader("plivo")
     assert reader.feed(opening_frames("plivo")) is not None
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="the opening has been read: relay further bytes"):
         reader.feed(media_frame("plivo"))
 
 
@@ -389,11 +396,12 @@ def test_a_reason_never_echoes_what_the_client_sent() -> None:
 
 
 def test_an_unknown_provider_or_a_zero_limit_is_a_programming_error() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown provider 'generic'"):
         OpeningReader("generic")
-    with pytest.raises(ValueError):
+    at_least_1 = "max_message_bytes and max_messages must be at least 1"
+    with pytest.raises(ValueError, match=at_least_1):
         OpeningReader("twilio", max_messages=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=at_least_1):
         OpeningReader("twilio", max_message_bytes=0)
 
 

@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import socket
 
-import anyio
 import pytest
-from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection
 
-from .conftest import Bot, Seen, connect, in_thread, serving, upgrade_request
+from .helpers import Bot, Seen, closed_after, closed_with, connect, in_thread, raw_client, serving
 
 pytestmark = pytest.mark.anyio
-
-
-def closed_with(fn: object) -> tuple[int, str]:
-    """Run `fn` until the connection closes; the close frame the client received."""
-    try:
-        fn()  # type: ignore[operator]
-    except ConnectionClosed as exc:
-        assert exc.rcvd is not None, f"no close frame received: {exc!r}"
-        return exc.rcvd.code, exc.rcvd.reason
-    raise AssertionError("the connection stayed open")
 
 
 async def test_a_client_close_reaches_the_bot_with_its_code_and_reason(bot: Bot) -> None:
@@ -49,30 +37,17 @@ async def test_a_bot_close_reaches_the_client_with_its_code_and_reason(bot: Bot)
 
     bot.behaviour = close_after_one
     async with serving(bot.url) as gw:
-
-        def client() -> tuple[int, str]:
-            with connect(f"{gw.url}/ws/generic/bot.test") as ws:
-                ws.send("x")
-                return closed_with(ws.recv)
-
-        assert await in_thread(client) == (4001, "done here")
+        assert await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test") == (4001, "done here")
         bot.wait_ended()
     assert bot.sessions[0].close == (4001, "done here")  # the client's reply
 
 
 async def test_a_client_that_drops_its_tcp_connection_makes_the_bot_get_1001(bot: Bot) -> None:
     async with serving(bot.url) as gw:
-        async with await anyio.connect_tcp("127.0.0.1", gw.port) as s:
-            await s.send(upgrade_request("/ws/generic/bot.test"))
-            head = b""
-            with anyio.fail_after(10):
-                while b"\r\n\r\n" not in head:
-                    head += await s.receive()
-            assert head.startswith(b"HTTP/1.1 101")
-        # The stream is closed without a close frame.
+        async with raw_client(gw.port):
+            pass  # past its 101, the stream is closed without a close frame
         await in_thread(bot.wait_ended)
-    assert bot.sessions[0].close is not None
-    assert bot.sessions[0].close[0] == 1001
+    assert bot.sessions[0].close == (1001, "client gone")
 
 
 async def test_a_bot_that_drops_its_tcp_connection_makes_the_client_get_1011(bot: Bot) -> None:
@@ -82,14 +57,8 @@ async def test_a_bot_that_drops_its_tcp_connection_makes_the_client_get_1011(bot
 
     bot.behaviour = drop
     async with serving(bot.url) as gw:
-
-        def client() -> tuple[int, str]:
-            with connect(f"{gw.url}/ws/generic/bot.test") as ws:
-                ws.send("x")
-                return closed_with(ws.recv)
-
-        code, _reason = await in_thread(client)
-    assert code == 1011
+        close = await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test")
+    assert close == (1011, "bot lost")
 
 
 async def test_a_client_message_over_the_limit_closes_it_1009_and_the_bot_1001(bot: Bot) -> None:
@@ -102,11 +71,10 @@ async def test_a_client_message_over_the_limit_closes_it_1009_and_the_bot_1001(b
                 ws.send(b"k" * 1001)
                 return closed_with(ws.recv)
 
-        code, _ = await in_thread(client)
+        close = await in_thread(client)
         bot.wait_ended()
-    assert code == 1009
-    assert bot.sessions[0].close is not None
-    assert bot.sessions[0].close[0] == 1001
+    assert close == (1009, "message of 1001 bytes over the 1000-byte limit")
+    assert bot.sessions[0].close == (1001, "client error")
     assert bot.sessions[0].messages == [b"k" * 1000]
 
 
@@ -123,9 +91,9 @@ async def test_fragments_adding_up_over_the_limit_count_as_one_message(bot: Bot)
 
                 return closed_with(send_then_wait)
 
-        code, _ = await in_thread(client)
+        close = await in_thread(client)
         bot.wait_ended()
-    assert code == 1009
+    assert close == (1009, "message of 1200 bytes over the 1000-byte limit")
     assert bot.sessions[0].messages == []
 
 
@@ -137,17 +105,10 @@ async def test_a_bot_message_over_the_limit_closes_it_1009_and_the_client_1001(b
 
     bot.behaviour = too_big
     async with serving(bot.url, max_message_size=1000) as gw:
-
-        def client() -> tuple[int, str]:
-            with connect(f"{gw.url}/ws/generic/bot.test") as ws:
-                ws.send("go")
-                return closed_with(ws.recv)
-
-        code, _ = await in_thread(client)
+        close = await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test", "go")
         bot.wait_ended()
-    assert code == 1001
-    assert bot.sessions[0].close is not None
-    assert bot.sessions[0].close[0] == 1009
+    assert close == (1001, "bot error")
+    assert bot.sessions[0].close == (1009, "message of 2000 bytes over the 1000-byte limit")
 
 
 async def test_one_sessions_close_does_not_disturb_another(bot: Bot) -> None:
@@ -157,7 +118,10 @@ async def test_one_sessions_close_does_not_disturb_another(bot: Bot) -> None:
             with connect(f"{gw.url}/ws/generic/bot.test") as calm:
                 with connect(f"{gw.url}/ws/generic/bot.test") as rude:
                     rude.send(b"x" * 5000)
-                    assert closed_with(rude.recv)[0] == 1009
+                    assert closed_with(rude.recv) == (
+                        1009,
+                        "message of 5000 bytes over the 1000-byte limit",
+                    )
                 calm.send("still here")
                 assert calm.recv() == "still here"
 

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from websockets.sync.server import ServerConnection
 
-from .conftest import Bot, Seen, connect, in_thread, serving
+from .helpers import Bot, Seen, connect, echoed, in_thread, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -39,14 +39,9 @@ async def test_text_and_binary_of_every_length_class_come_back_unchanged(bot: Bo
 
 async def test_the_serviceHost_query_form_reaches_the_same_bot(bot: Bot) -> None:
     async with serving(bot.url) as gw:
-
-        def client() -> None:
-            with connect(f"{gw.url}/ws/generic?serviceHost=bot.test") as ws:
-                ws.send("hello")
-                assert ws.recv() == "hello"
-
-        await in_thread(client)
-    assert len(bot.sessions) == 1
+        assert await in_thread(echoed, f"{gw.url}/ws/generic?serviceHost=bot.test") == "x"
+        bot.wait_ended()
+    assert [(s.path, s.messages) for s in bot.sessions] == [("/ws", ["x"])]
 
 
 async def test_a_fragmented_message_reaches_the_bot_whole_and_unchanged(bot: Bot) -> None:
@@ -114,13 +109,7 @@ async def test_the_bot_sees_the_clients_exact_body_json_and_a_session_id(bot: Bo
     # URL-safe, unpadded, as a browser might send it: the bot still gets standard base64.
     encoded = base64.urlsafe_b64encode(document.encode()).decode().rstrip("=")
     async with serving(bot.url) as gw:
-
-        def client() -> None:
-            with connect(f"{gw.url}/ws/generic/bot.test?body={encoded}") as ws:
-                ws.send("x")
-                ws.recv()
-
-        await in_thread(client)
+        assert await in_thread(echoed, f"{gw.url}/ws/generic/bot.test?body={encoded}") == "x"
         bot.wait_ended()
     seen = bot.sessions[0]
     path, _, query = seen.path.partition("?")
@@ -133,19 +122,14 @@ async def test_the_bot_sees_the_clients_exact_body_json_and_a_session_id(bot: Bo
 
 async def test_each_session_gets_its_own_session_id(bot: Bot) -> None:
     async with serving(bot.url) as gw:
-
-        def client() -> None:
-            with connect(f"{gw.url}/ws/generic/bot.test") as ws:
-                ws.send("x")
-                ws.recv()
-
-        await in_thread(client)
-        await in_thread(client)
+        for _ in range(2):
+            assert await in_thread(echoed, f"{gw.url}/ws/generic/bot.test") == "x"
         bot.wait_ended(2)
     ids = {s.headers["X-Daily-Session-Id"] for s in bot.sessions}
     assert len(ids) == 2
 
 
+@pytest.mark.slow
 async def test_two_hundred_concurrent_sessions_keep_their_own_data(bot: Bot) -> None:
     import anyio
 

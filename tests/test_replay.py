@@ -5,13 +5,13 @@ started again mid-test)."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 import anyio
 import pytest
 
-from tests.redis_server import RedisServer, free_port, requires_redis
 from wsgate._core import new_nonce
 from wsgate.errors import ConfigError, HttpError
 from wsgate.replay import (
@@ -22,16 +22,8 @@ from wsgate.replay import (
 )
 from wsgate.tokens import TokenAuthority
 
-T0 = 1_712_800_000
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
+from .helpers import T0, Clock
+from .redis_server import RedisServer, free_port, requires_redis
 
 # --- memory ------------------------------------------------------------------------------------
 
@@ -107,14 +99,6 @@ async def test_the_memory_store_repr_shows_no_nonce() -> None:
 
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path, password="s3cr3t-pw")
     server.start()
@@ -122,20 +106,24 @@ def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@asynccontextmanager
+async def sharing_redis(redis: RedisServer) -> AsyncIterator[tuple[RedisReplayStore, ...]]:
+    """Two stores on one Redis, as two gateway processes have; closed at exit."""
+    async with aclosing(RedisReplayStore(redis.url)) as one:
+        async with aclosing(RedisReplayStore(redis.url)) as two:
+            yield one, two
+
+
 @requires_redis
 @pytest.mark.anyio
 async def test_a_nonce_claimed_at_one_gateway_is_refused_at_another_sharing_redis(
     redis: RedisServer,
 ) -> None:
-    one, two = RedisReplayStore(redis.url), RedisReplayStore(redis.url)
-    try:
+    async with sharing_redis(redis) as (one, two):
         nonce = new_nonce()
         assert await one.claim(nonce, 2**40)
         assert not await two.claim(nonce, 2**40)
         assert not await one.claim(nonce, 2**40)
-    finally:
-        await one.aclose()
-        await two.aclose()
 
 
 @requires_redis
@@ -175,19 +163,14 @@ async def test_a_redis_entry_expires_with_its_token(redis: RedisServer) -> None:
 async def test_a_claim_released_in_redis_may_be_claimed_again_by_another_gateway(
     redis: RedisServer,
 ) -> None:
-    one, two = RedisReplayStore(redis.url), RedisReplayStore(redis.url)
-    try:
+    async with sharing_redis(redis) as (one, two):
         nonce = new_nonce()
-        assert await one.claim(nonce, 2**40)
-        assert not await two.claim(nonce, 2**40)
+        assert [await one.claim(nonce, 2**40), await two.claim(nonce, 2**40)] == [True, False]
         await one.release(nonce)
-        assert await two.claim(nonce, 2**40)
-        assert not await one.claim(nonce, 2**40)
-    finally:
-        await one.aclose()
-        await two.aclose()
+        assert [await two.claim(nonce, 2**40), await one.claim(nonce, 2**40)] == [True, False]
 
 
+@requires_redis
 @pytest.mark.anyio
 async def test_concurrent_claims_of_one_nonce_let_exactly_one_through(redis: RedisServer) -> None:
     store = RedisReplayStore(redis.url)
@@ -278,11 +261,17 @@ async def test_a_server_that_never_answers_makes_the_store_unavailable_after_the
 
 
 @pytest.mark.parametrize(
-    "url",
-    ["http://h", "redis://", "redis://h/x", "redis://h:99999", "redis//h"],
+    ("url", "error"),
+    [
+        ("http://h", r"must start with redis://, rediss://, redis\+sentinel://"),
+        ("redis://", "has no host"),
+        ("redis://h/x", "the path must be a database number"),
+        ("redis://h:99999", "has a bad host or port"),
+        ("redis//h", r"must start with redis://, rediss://, redis\+sentinel://"),
+    ],
 )
-def test_a_malformed_store_url_is_refused(url: str) -> None:
-    with pytest.raises(ValueError):
+def test_a_malformed_store_url_is_refused(url: str, error: str) -> None:
+    with pytest.raises(ValueError, match=f"^store URL:? {error}"):
         RedisReplayStore(url)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import hashlib
 import json
 import logging
 import math
@@ -56,7 +55,7 @@ from hypothesis import strategies as st
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig, _core
 from wsgate.tokens import TokenAuthority
 
-from .conftest import connect
+from .helpers import accept_key, connect
 
 #: The fuzzer signs its tokens with this; the gateway does not accept it.
 SECRET = b"fuzz-secret"
@@ -144,7 +143,9 @@ class Served:
         assert len(self.log.records) == self.expected_dials
 
 
-def make_config(upstream: str) -> Config:
+def fuzz_config(upstream: str) -> Config:
+    """The agents the oracle knows: ``echo.demo`` (builtin), two token agents dialling
+    ``upstream``."""
     return Config(
         gateway=GatewaySettings(port=0, handshake_timeout=HANDSHAKE_TIMEOUT, drain_timeout=2.0),
         orgs=[OrgConfig("demo"), OrgConfig("my-org")],
@@ -167,22 +168,22 @@ async def serve_gateway(log: Records) -> AsyncIterator[Served]:
         upstream_url = f"ws://127.0.0.1:{listener.extra(SocketAttribute.local_port)}/ws"
         authority = TokenAuthority([GATEWAY_SECRET], clock=lambda: NOW)
         try:
-            async with Gateway(make_config(upstream_url), authority=authority).running() as gw:
+            async with Gateway(fuzz_config(upstream_url), authority=authority).running() as gw:
                 yield Served(gw.port, gw.url, upstream, log)
         finally:
             await authority.aclose()
         tasks.cancel_scope.cancel()
 
 
-@pytest.fixture(scope="module", params=["asyncio", "trio"])
-def gateway(request: pytest.FixtureRequest) -> Iterator[Served]:
+@pytest.fixture(scope="module")
+def gateway(backend: str) -> Iterator[Served]:
     """One gateway for the module (per backend), run by an event loop in a thread of its own."""
     logger = logging.getLogger("wsgate")
     records = Records()
     logger.addHandler(records)
     try:
         with (
-            start_blocking_portal(request.param) as portal,
+            start_blocking_portal(backend) as portal,
             portal.wrap_async_context_manager(serve_gateway(records)) as served,
         ):
             yield served
@@ -313,12 +314,6 @@ def check_answer(data: bytes, raw: bytes, reset: bool, *, dialled: bool = False)
         assert status in ALLOWED, f"status {status} is not one of {sorted(ALLOWED)}"
     check_plain(headers, body)
     return f"HTTP {status}"
-
-
-def accept_key(key: bytes) -> bytes:
-    """RFC 6455 §4.2.2: base64(SHA-1(key + GUID))."""
-    digest = hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    return base64.b64encode(digest)
 
 
 # -- the oracle: what the RFCs and the SPEC ask of an upgrade to the echo agent ----------------
@@ -804,6 +799,7 @@ def test_each_outcome_is_reached_by_a_known_request(
     assert gateway.probe(head, dials=dials) == expected
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.binary(max_size=512))
 @example(data=b"")
@@ -814,6 +810,7 @@ def test_arbitrary_bytes_get_an_allowed_answer(gateway: Served, data: bytes) -> 
     event(gateway.probe(data + b"\r\n\r\n"))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(head=near_valid_heads())
 def test_nearly_valid_upgrades_get_an_allowed_answer(gateway: Served, head: bytes) -> None:
@@ -870,6 +867,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.slow
 def test_mutated_upgrades_get_an_allowed_answer(gateway: Served) -> None:
     rng = random.Random(6455)
     outcomes: Counter[str] = Counter()

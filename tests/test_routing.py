@@ -12,6 +12,8 @@ from wsgate.request import Request, parse_request
 from wsgate.routing import no_token_auth_yet, route
 from wsgate.tokens import token_from_request as find_token
 
+from .helpers import b64
+
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 ECHO = AgentConfig("echo", "demo", builtin="echo")
 BOT = AgentConfig("my-agent", "my-org", upstream="ws://127.0.0.1:9001/ws")
@@ -36,10 +38,6 @@ def refused(request: Request) -> tuple[int, str]:
     with pytest.raises(HttpError) as caught:
         route(request, AGENTS)
     return caught.value.status, caught.value.reason
-
-
-def b64(document: object) -> str:
-    return base64.b64encode(json.dumps(document).encode()).decode()
 
 
 def test_the_service_host_in_the_path_routes_to_its_agent() -> None:
@@ -112,7 +110,7 @@ def test_a_path_outside_the_generic_endpoint_is_404(path: str) -> None:
 
 
 def test_the_path_is_checked_before_the_upgrade() -> None:
-    assert refused(req("/nope", method="POST", drop="Upgrade"))[0] == 404
+    assert refused(req("/nope", method="POST", drop="Upgrade")) == (404, "not found")
 
 
 @pytest.mark.parametrize(
@@ -161,7 +159,10 @@ def test_a_request_that_is_not_a_valid_websocket_upgrade_is_400(
 
 
 def test_the_upgrade_is_checked_before_the_service_host() -> None:
-    assert "GET" in refused(req("/ws/generic", method="PUT"))[1]
+    assert refused(req("/ws/generic", method="PUT")) == (
+        400,
+        "method must be GET for a WebSocket upgrade",
+    )
 
 
 @pytest.mark.parametrize(
@@ -203,7 +204,10 @@ def test_an_unknown_agent_is_404_naming_the_service_host() -> None:
 
 
 def test_the_agent_is_checked_before_the_body() -> None:
-    assert refused(req("/ws/generic/other.demo?body=%%%"))[0] == 404
+    assert refused(req("/ws/generic/other.demo?body=%%%")) == (
+        404,
+        "unknown service host other.demo",
+    )
 
 
 def test_a_token_agent_is_403_until_token_auth_exists_even_with_a_token() -> None:
@@ -212,7 +216,10 @@ def test_a_token_agent_is_403_until_token_auth_exists_even_with_a_token() -> Non
 
 
 def test_the_token_is_checked_before_the_body() -> None:
-    assert refused(req("/ws/generic/secure.my-org?body=%%%"))[0] == 403
+    assert refused(req("/ws/generic/secure.my-org?body=%%%")) == (
+        403,
+        "token auth not available yet",
+    )
 
 
 def test_a_custom_token_check_receives_the_path_token_and_the_agent() -> None:
@@ -225,21 +232,30 @@ def test_a_custom_token_check_receives_the_path_token_and_the_agent() -> None:
     assert seen == [("tok", SECURED)]
 
 
-def test_the_default_token_check_lets_none_agents_through() -> None:
-    no_token_auth_yet(req("/ws/generic/echo.demo"), None, ECHO)
+def test_the_default_token_check_lets_none_agents_through_and_refuses_token_agents() -> None:
+    assert no_token_auth_yet(req("/ws/generic/echo.demo"), None, ECHO) is None  # no claims
+    with pytest.raises(HttpError) as caught:
+        no_token_auth_yet(req("/ws/generic/secure.my-org/tok"), "tok", SECURED)
+    assert (caught.value.status, caught.value.reason) == (403, "token auth not available yet")
 
 
 @pytest.mark.parametrize(
-    ("query", "status"),
+    ("query", "status", "reason"),
     [
-        ("body=%%%", 400),
-        ("body=bm90IGpzb24", 400),  # "not json"
-        ("body=" + b64("x" * 5000), 413),
-        (f"body={b64({'a': 1})}&body={b64({'a': 1})}", 400),
+        ("body=%%%", 400, "body is not base64"),
+        ("body=bm90IGpzb24", 400, "body is not a UTF-8 JSON document"),  # "not json"
+        (
+            "body=" + b64("x" * 5000),
+            413,
+            "body is 5002 bytes after decoding, over the 4096-byte limit",
+        ),
+        (f"body={b64({'a': 1})}&body={b64({'a': 1})}", 400, "body given more than once"),
     ],
 )
-def test_a_body_that_cannot_be_used_is_400_or_413_when_too_large(query: str, status: int) -> None:
-    assert refused(req(f"/ws/generic/my-agent.my-org?{query}"))[0] == status
+def test_a_body_that_cannot_be_used_is_400_or_413_when_too_large(
+    query: str, status: int, reason: str
+) -> None:
+    assert refused(req(f"/ws/generic/my-agent.my-org?{query}")) == (status, reason)
 
 
 def test_a_repeated_body_says_so() -> None:

@@ -9,14 +9,14 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -27,16 +27,27 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.sync.server import ServerConnection
 
-from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
+from wsgate import Gateway
 from wsgate.tokens import TokenAuthority
 
-from .conftest import Bot, Sentinel, connect, http_exchange, in_thread, upgrade_request
+from .helpers import (
+    TOKEN_SECRET,
+    Bot,
+    Sentinel,
+    b64,
+    echoed,
+    http_exchange,
+    in_thread,
+    raw_client,
+    start_json,
+    token_config,
+    token_gateway,
+    upgrade_refused,
+    upgrade_request,
+)
 from .redis_server import RedisServer, requires_redis
-from .test_token_gateway import refused, start_json
 
 pytestmark = pytest.mark.anyio
-
-SECRET = "security-secret-0123456789"
 
 
 class GatedBot:
@@ -80,35 +91,16 @@ class GatedBot:
 
 
 @pytest.fixture
-def slow_bot() -> Iterator[GatedBot]:
-    bot = GatedBot(delay=1.0)
-    yield bot
-    bot.close()
-
-
-@pytest.fixture
 def gated_bot() -> Iterator[GatedBot]:
     bot = GatedBot()
     yield bot
     bot.close()
 
 
-def config(upstream: str, **settings: Any) -> Config:
-    settings.setdefault("secrets", [SECRET])
-    return Config(
-        gateway=GatewaySettings(port=0, **settings),
-        orgs=[OrgConfig("test", public_keys=["pk_test"])],
-        agents=[
-            AgentConfig("open", "test", upstream=upstream),
-            AgentConfig("talk", "test", websocket_auth="token", upstream=upstream),
-        ],
-    )
-
-
-@asynccontextmanager
-async def gateway(upstream: str, **settings: Any) -> AsyncIterator[Gateway]:
-    async with Gateway(config(upstream, **settings)).running() as gw:
-        yield gw
+@pytest.fixture
+def slow_bot(gated_bot: GatedBot) -> GatedBot:
+    gated_bot.delay = 1.0  # a cold start: every handshake takes a second
+    return gated_bot
 
 
 class Churn:
@@ -158,10 +150,8 @@ class Churn:
         self._thread.join(30)
 
 
-def session(url: str, headers: dict[str, str] | None = None) -> str:
-    with connect(url, additional_headers=headers or {}, open_timeout=15) as ws:
-        ws.send("legit")
-        return str(ws.recv())
+def session(url: str, headers: dict[str, str] | None = None) -> str | bytes:
+    return echoed(url, "legit", headers, open_timeout=15)
 
 
 def open_idle(port: int, n: int, first_bytes: bytes) -> list[socket.socket]:
@@ -175,16 +165,17 @@ def open_idle(port: int, n: int, first_bytes: bytes) -> list[socket.socket]:
     return socks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first_bytes", [b"", b"GET /ws/generic/open.test HTTP/1.1\r\n"])
 async def test_connections_flooding_in_evict_no_upgrade_that_is_dialling_its_bot(
     slow_bot: GatedBot, caplog: pytest.LogCaptureFixture, first_bytes: bytes
 ) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate")
-    async with gateway(slow_bot.url, max_pending_upgrades=100) as gw:
+    async with token_gateway(slow_bot.url, max_pending_upgrades=100) as gw:
         authority = gw.authority
         assert authority is not None
         tokens = [authority.mint("talk.test").token for _ in range(5)]
-        results: list[str] = []
+        results: list[str | bytes] = []
         flood: list[socket.socket] = []
 
         async def open_one(url: str, headers: dict[str, str] | None = None) -> None:
@@ -217,7 +208,7 @@ async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
     sentinel: Sentinel, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate")
-    async with gateway(sentinel.url, max_pending_upgrades=5) as gw:
+    async with token_gateway(sentinel.url, max_pending_upgrades=5) as gw:
         started = anyio.current_time()
         with Churn(gw.port, keep=2_000, max_connects=2_000) as churn:
             await in_thread(churn.wait)
@@ -238,18 +229,19 @@ async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
 async def test_a_token_whose_dial_fails_gets_502_and_opens_a_session_once_the_bot_is_up(
     gated_bot: GatedBot,
 ) -> None:
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test")
         assert status == 200
         url = f"{gw.url}/ws/generic/talk.test"
         headers = {"Authorization": f"Bearer {answer['token']}"}
         gated_bot.down.set()
-        assert (await in_thread(refused, url, headers))[0] == 502
-        assert (await in_thread(refused, url, headers))[0] == 502  # not "already used"
+        cold = (502, "bot unreachable: bot answered 503 instead of 101\n")
+        assert await in_thread(upgrade_refused, url, headers) == cold
+        assert await in_thread(upgrade_refused, url, headers) == cold  # not "already used"
         gated_bot.down.clear()
         assert await in_thread(session, url, headers) == "legit"
         # Now the session started: the token is spent for good.
-        status, reason = await in_thread(refused, url, headers)
+        status, reason = await in_thread(upgrade_refused, url, headers)
         assert (status, reason.strip()) == (403, "token already used")
         assert gated_bot.dials == 3
 
@@ -274,7 +266,7 @@ async def concurrent_upgrades(gw: Gateway, token: str, n: int) -> list[int]:
 
 
 async def test_twenty_concurrent_uses_of_one_token_open_exactly_one_session(bot: Bot) -> None:
-    async with gateway(bot.url) as gw:
+    async with token_gateway(bot.url) as gw:
         _, answer = await start_json(gw, "talk", "pk_test")
         statuses = await concurrent_upgrades(gw, answer["token"], 20)
     assert sorted(statuses) == [101] + [403] * 19
@@ -282,30 +274,21 @@ async def test_twenty_concurrent_uses_of_one_token_open_exactly_one_session(bot:
 
 @requires_redis
 async def test_twenty_concurrent_uses_of_one_token_open_one_session_with_redis(
-    bot: Bot, tmp_path: Any
+    bot: Bot, redis: RedisServer
 ) -> None:
-    redis = RedisServer(tmp_path)
-    redis.start()
-    try:
-        async with gateway(bot.url, replay_store=redis.url) as gw:
-            _, answer = await start_json(gw, "talk", "pk_test")
-            statuses = await concurrent_upgrades(gw, answer["token"], 20)
-            assert sorted(statuses) == [101] + [403] * 19
-    finally:
-        redis.stop()
+    async with token_gateway(bot.url, replay_store=redis.url) as gw:
+        _, answer = await start_json(gw, "talk", "pk_test")
+        statuses = await concurrent_upgrades(gw, answer["token"], 20)
+    assert sorted(statuses) == [101] + [403] * 19
 
 
 # --- 2. the body is bound to the token -------------------------------------------------------
 
 
-def b64(document: Any) -> str:
-    return base64.b64encode(json.dumps(document).encode()).decode()
-
-
 async def test_a_token_opens_a_session_only_with_the_body_start_was_given(
     gated_bot: GatedBot,
 ) -> None:
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         _, answer = await start_json(gw, "talk", "pk_test", body={"who": "A"})
         url = f"{gw.url}/ws/generic/talk.test"
         headers = {"Authorization": f"Bearer {answer['token']}"}
@@ -317,7 +300,7 @@ async def test_a_token_opens_a_session_only_with_the_body_start_was_given(
             ),
             (url, "token was issued with a body: ?body= is missing"),
         ]:
-            assert await in_thread(refused, target, headers) == (403, reason + "\n")
+            assert await in_thread(upgrade_refused, target, headers) == (403, reason + "\n")
         assert gated_bot.dials == 0, "a forged body reached the bot"
         # Not spent by those refusals: the body /start returned opens the session, exactly.
         target = f"{url}?body={quote(answer['body'])}"
@@ -327,7 +310,7 @@ async def test_a_token_opens_a_session_only_with_the_body_start_was_given(
 
 
 async def test_the_bound_body_may_come_in_any_base64_spelling(gated_bot: GatedBot) -> None:
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         _, answer = await start_json(gw, "talk", "pk_test", body={"k": "?>~é"})
         urlsafe = answer["body"].replace("+", "-").replace("/", "_").rstrip("=")
         headers = {"Authorization": f"Bearer {answer['token']}"}
@@ -338,11 +321,11 @@ async def test_the_bound_body_may_come_in_any_base64_spelling(gated_bot: GatedBo
 async def test_a_token_minted_without_a_body_is_refused_with_any_body(
     gated_bot: GatedBot,
 ) -> None:
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         _, answer = await start_json(gw, "talk", "pk_test")
         headers = {"Authorization": f"Bearer {answer['token']}"}
         target = f"{gw.url}/ws/generic/talk.test?body={b64({'admin': True})}"
-        status, reason = await in_thread(refused, target, headers)
+        status, reason = await in_thread(upgrade_refused, target, headers)
         assert (status, reason) == (403, "token was issued without a body: ?body= is not allowed\n")
         assert gated_bot.dials == 0
         assert await in_thread(session, f"{gw.url}/ws/generic/talk.test", headers) == "legit"
@@ -351,15 +334,18 @@ async def test_a_token_minted_without_a_body_is_refused_with_any_body(
 async def test_a_token_from_the_token_api_binds_the_body_it_was_minted_with(
     gated_bot: GatedBot,
 ) -> None:
-    authority = TokenAuthority([SECRET])
+    authority = TokenAuthority([TOKEN_SECRET])
     body = json.dumps({"caller": "+15550100"}, separators=(",", ":")).encode()
     bound = authority.mint("talk.test", body).token
-    async with gateway(gated_bot.url) as gw:
+    async with token_gateway(gated_bot.url) as gw:
         url = f"{gw.url}/ws/generic/talk.test"
         encoded = quote(base64.b64encode(body).decode())
-        assert (await in_thread(refused, url, {"Authorization": f"Bearer {bound}"}))[0] == 403
-        target = f"{url}?body={encoded}"
-        assert await in_thread(session, target, {"Authorization": f"Bearer {bound}"}) == "legit"
+        headers = {"Authorization": f"Bearer {bound}"}
+        assert await in_thread(upgrade_refused, url, headers) == (
+            403,
+            "token was issued with a body: ?body= is missing\n",
+        )
+        assert await in_thread(session, f"{url}?body={encoded}", headers) == "legit"
 
 
 # --- 3. /start checks as strict as the upgrade's ---------------------------------------------
@@ -369,7 +355,7 @@ async def test_start_refuses_a_body_the_upgrade_would_refuse(sentinel: Sentinel)
     deep: Any = 1
     for _ in range(102):
         deep = [deep]
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test", body=deep)
         assert (status, answer) == (
             400,
@@ -395,7 +381,7 @@ async def test_start_refuses_a_body_the_upgrade_would_refuse(sentinel: Sentinel)
 async def test_start_reads_only_a_content_length_of_digits(sentinel: Sentinel, length: str) -> None:
     body = b'{"transport":"websocket"}'
     assert len(body) == 25
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         request = (
             "POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pk_test\r\n"
             f"Content-Length: {length}\r\n\r\n"
@@ -409,7 +395,7 @@ async def test_start_reads_only_a_content_length_of_digits(sentinel: Sentinel, l
 
 
 async def test_start_refuses_repeated_content_lengths_that_differ(sentinel: Sentinel) -> None:
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         request = (
             b"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pk_test\r\n"
             b"Content-Length: 25\r\nContent-Length: 26\r\n\r\n" + b'{"transport":"websocket"} '
@@ -435,7 +421,7 @@ async def status_from(port: int, request: bytes, source: str = "127.0.0.1") -> t
 
 async def test_client_request_rate_answers_429_per_address(gated_bot: GatedBot) -> None:
     # 0.01 per second: one request, then the bucket takes 100 s to refill.
-    async with gateway(gated_bot.url, client_request_rate=0.01) as gw:
+    async with token_gateway(gated_bot.url, client_request_rate=0.01) as gw:
         upgrade = upgrade_request("/ws/generic/open.test")
         assert (await status_from(gw.port, upgrade))[0] == 101
         assert await status_from(gw.port, upgrade) == (
@@ -457,14 +443,9 @@ async def test_client_request_rate_answers_429_per_address(gated_bot: GatedBot) 
 async def test_client_max_sessions_answers_429_past_the_sessions_of_one_address(
     gated_bot: GatedBot,
 ) -> None:
-    async with gateway(gated_bot.url, client_max_sessions=1) as gw:
+    async with token_gateway(gated_bot.url, client_max_sessions=1) as gw:
         upgrade = upgrade_request("/ws/generic/open.test")
-        async with await anyio.connect_tcp("127.0.0.1", gw.port) as held:
-            await held.send(upgrade)
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += await held.receive()
-            assert answer.startswith(b"HTTP/1.1 101")
+        async with raw_client(gw.port, "/ws/generic/open.test"):  # one session held open
             assert await status_from(gw.port, upgrade) == (
                 429,
                 b"too many sessions from this address\n",
@@ -474,9 +455,10 @@ async def test_client_max_sessions_answers_429_past_the_sessions_of_one_address(
 
 
 async def test_start_rate_per_key_answers_429_for_that_key_only(sentinel: Sentinel) -> None:
-    org = OrgConfig("test", public_keys=["pk_test", "pk_two"])
-    cfg = config(sentinel.url, start_rate_per_key=0.01)
-    async with Gateway(Config(gateway=cfg.gateway, orgs=[org], agents=cfg.agents)).running() as gw:
+    config = token_config(sentinel.url, start_rate_per_key=0.01)
+    test, other = config.orgs
+    orgs = [dataclasses.replace(test, public_keys=["pk_test", "pk_two"]), other]
+    async with Gateway(dataclasses.replace(config, orgs=orgs)).running() as gw:
         assert (await start_json(gw, "talk", "pk_test"))[0] == 200
         assert await start_json(gw, "talk", "pk_test") == (
             429,

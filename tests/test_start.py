@@ -20,7 +20,8 @@ from wsgate.start import (
 )
 from wsgate.tokens import TokenAuthority
 
-T0 = 1_712_800_000
+from .helpers import T0, Clock
+
 ORGS = [
     OrgConfig("my-org", public_keys=["pk_mine", "pk_mine_2"]),
     OrgConfig("other-org", public_keys=["pk_other"]),
@@ -33,7 +34,7 @@ AGENTS = {
         AgentConfig("theirs", "other-org", websocket_auth="token", builtin="echo"),
     ]
 }
-AUTHORITY = TokenAuthority(["start-secret"], clock=lambda: T0)
+AUTHORITY = TokenAuthority(["start-secret"], clock=Clock())
 PUBLIC_URL = "wss://gw.example.com"
 
 

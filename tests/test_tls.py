@@ -28,7 +28,7 @@ from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 from wsgate.cli import main as cli_main
 from wsgate.client import connect as client_connect
 
-from .conftest import Bot, connect, in_thread
+from .helpers import Bot, connect, in_thread
 from .processes import Wsgate
 
 pytestmark = pytest.mark.anyio
@@ -85,7 +85,7 @@ class TlsBot(Bot):
         self.subprotocols = []
         self.sessions = []
         self.ended = threading.Semaphore(0)
-        from .conftest import echo
+        from .helpers import echo
 
         self.behaviour = echo
         self._server = ws_server.serve(

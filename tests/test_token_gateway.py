@@ -8,76 +8,47 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import pytest
-from websockets.exceptions import InvalidStatus
 
-from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig, _core
+from wsgate import AgentConfig, Config, Gateway, _core
 from wsgate.client import connect as client_connect
 from wsgate.client import start
-from wsgate.tokens import TokenAuthority
+from wsgate.tokens import TokenAuthority, session_id_for
 
-from .conftest import Bot, Sentinel, connect, http_exchange, in_thread, upgrade_request
+from .helpers import (
+    TOKEN_SECRET,
+    Bot,
+    Clock,
+    Sentinel,
+    asyncio_only,
+    connect,
+    echoed,
+    http_exchange,
+    in_thread,
+    start_json,
+    token_config,
+    token_gateway,
+    upgrade_refused,
+    upgrade_request,
+)
 from .processes import Wsgate
 from .redis_server import RedisServer, requires_redis
 
 pytestmark = pytest.mark.anyio
 
-SECRET = "gateway-secret-0123456789"
-
-
-def token_config(upstream: str, **settings: Any) -> Config:
-    settings.setdefault("secrets", [SECRET])
-    return Config(
-        gateway=GatewaySettings(port=0, **settings),
-        orgs=[OrgConfig("test", public_keys=["pk_test"]), OrgConfig("other", ["pk_other"])],
-        agents=[
-            AgentConfig("talk", "test", websocket_auth="token", upstream=upstream, max_sessions=5),
-            AgentConfig("open", "test", upstream=upstream),
-            AgentConfig("talk", "other", websocket_auth="token", upstream=upstream),
-        ],
-    )
-
-
-@asynccontextmanager
-async def gateway(upstream: str, *, authority: TokenAuthority | None = None,
-                  **settings: Any) -> AsyncIterator[Gateway]:  # fmt: skip
-    async with Gateway(token_config(upstream, **settings), authority=authority).running() as gw:
-        yield gw
-
-
-async def start_json(gw: Gateway, agent: str, key: str, body: Any = None) -> tuple[int, Any]:
-    payload: dict[str, Any] = {"transport": "websocket"}
-    if body is not None:
-        payload["body"] = body
-    data = json.dumps(payload).encode()
-    request = (
-        f"POST /v1/public/{agent}/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    ).encode() + data
-    status, answer = await http_exchange(gw.port, request)
-    return status, json.loads(answer)
-
 
 async def test_start_then_connect_reaches_the_bot_with_the_session_id_and_body(bot: Bot) -> None:
-    async with gateway(bot.url) as gw:
+    async with token_gateway(bot.url) as gw:
         result = await start(f"http://127.0.0.1:{gw.port}", "talk", "pk_test", body={"k": "é"})
         assert result.token is not None
-
-        def client() -> None:
-            url = f"{gw.url}/ws/generic/talk.test?body={result.body}"
-            headers = {"Authorization": f"Bearer {result.token}"}
-            with connect(url, additional_headers=headers) as ws:
-                ws.send("hi")
-                assert ws.recv() == "hi"
-
-        await in_thread(client)
+        url = f"{gw.url}/ws/generic/talk.test?body={result.body}"
+        headers = {"Authorization": f"Bearer {result.token}"}
+        assert await in_thread(echoed, url, "hi", headers) == "hi"
         bot.wait_ended()
     seen = bot.sessions[0]
     assert seen.headers["X-Daily-Session-Id"] == result.session_id
@@ -85,10 +56,9 @@ async def test_start_then_connect_reaches_the_bot_with_the_session_id_and_body(b
     assert json.loads(base64.b64decode(body)) == {"k": "é"}
 
 
-async def test_the_python_client_connects_in_both_auth_modes(bot: Bot, anyio_backend: str) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("wsgate.client.connect runs on asyncio (the websockets client)")
-    async with gateway(bot.url) as gw:
+@asyncio_only  # wsgate.client.connect runs on asyncio (the websockets client)
+async def test_the_python_client_connects_in_both_auth_modes(bot: Bot) -> None:
+    async with token_gateway(bot.url) as gw:
         base = f"http://127.0.0.1:{gw.port}"
         async with client_connect(base, "talk", public_key="pk_test", body={"n": 1}) as ws:
             await ws.send("token mode")
@@ -103,7 +73,7 @@ async def test_the_python_client_connects_in_both_auth_modes(bot: Bot, anyio_bac
 
 @pytest.mark.parametrize("source", ["header", "query", "path"])
 async def test_each_token_source_is_accepted(bot: Bot, source: str) -> None:
-    async with gateway(bot.url) as gw:
+    async with token_gateway(bot.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test")
         assert status == 200
         token = answer["token"]
@@ -114,32 +84,18 @@ async def test_each_token_source_is_accepted(bot: Bot, source: str) -> None:
             path += f"?token={token}"
         else:
             path += f"/{token}"
-
-        def client() -> None:
-            with connect(gw.url + path, additional_headers=headers) as ws:
-                ws.send("ok")
-                assert ws.recv() == "ok"
-
-        await in_thread(client)
-
-
-def refused(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    try:
-        connect(url, additional_headers=headers or {}).close()
-    except InvalidStatus as exc:
-        return exc.response.status_code, exc.response.body.decode() if exc.response.body else ""
-    raise AssertionError("the upgrade was accepted")
+        assert await in_thread(echoed, gw.url + path, "ok", headers) == "ok"
 
 
 async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
     sentinel: Sentinel, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="wsgate")
-    clock = [1_800_000_000.0]
-    authority = TokenAuthority([SECRET], clock=lambda: clock[0])
-    async with gateway(sentinel.url, authority=authority, dial_timeout=0.5) as gw:
+    clock = Clock(1_800_000_000)
+    authority = TokenAuthority([TOKEN_SECRET], clock=clock)
+    async with token_gateway(sentinel.url, authority=authority, dial_timeout=0.5) as gw:
         good = authority.mint("talk.test").token
-        forged = _core.TokenKeys([b"not-our-secret"]).mint("talk.test", int(clock[0]) + 300, "n1")
+        forged = _core.TokenKeys([b"not-our-secret"]).mint("talk.test", int(clock.now) + 300, "n1")
         other_agent = authority.mint("talk.other").token
         expiring = authority.mint("talk.test").token
         url = f"{gw.url}/ws/generic/talk.test"
@@ -147,20 +103,23 @@ async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
         def bearer(token: str) -> dict[str, str]:
             return {"Authorization": f"Bearer {token}"}
 
+        # The signature's last character carries 2 padding bits: "E" keeps them zero.
+        tampered = good[:-2] + ("AA" if good[-2:] != "AA" else "AE")
         cases = {
-            "missing": (url, None),
-            "malformed": (url, bearer("not.a-token")),
-            "bad signature": (url, bearer(forged)),
-            "other agent": (url, bearer(other_agent)),
-            "tampered": (url, bearer(good[:-2] + ("AA" if good[-2:] != "AA" else "BB"))),
+            "missing": (None, "token missing"),
+            "malformed": (bearer("not.a-token"), "token is malformed"),
+            "bad signature": (bearer(forged), "token signature is invalid"),
+            "other agent": (bearer(other_agent), "token is for another service host"),
+            "tampered": (bearer(tampered), "token signature is invalid"),
         }
-        for name, (target, headers) in cases.items():
-            status, reason = await in_thread(refused, target, headers)
-            assert status == 403, name
-            assert reason and "\n" not in reason.rstrip("\n"), name
-        clock[0] += 301  # the injected clock: no sleeping
-        assert (await in_thread(refused, url, bearer(expiring)))[0] == 403
-        clock[0] -= 301
+        for name, (headers, reason) in cases.items():
+            assert await in_thread(upgrade_refused, url, headers) == (403, f"{reason}\n"), name
+        clock.now += 301  # the injected clock: no sleeping
+        assert await in_thread(upgrade_refused, url, bearer(expiring)) == (
+            403,
+            "token has expired\n",
+        )
+        clock.now -= 301
 
         # A good token reaches the dial; the sentinel never answers, so the session never
         # starts and the token is given back: a retry with it is dialled again, not refused.
@@ -178,40 +137,35 @@ async def test_every_bad_token_is_refused_403_and_the_bot_never_dialled(
 
 
 async def test_the_first_token_source_present_is_the_one_judged(sentinel: Sentinel) -> None:
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test")
         good = answer["token"]
         # A bad header with a good query token: the header is judged, and refused.
         target = f"/ws/generic/talk.test?token={good}"
-        status, _ = await http_exchange(
+        status, reason = await http_exchange(
             gw.port, upgrade_request(target, "Authorization: Bearer junk")
         )
-    assert status == 403
+    assert (status, reason) == (403, b"token is malformed\n")
     assert not sentinel.dialled()
 
 
 async def test_rotation_old_secret_verifies_new_one_signs(bot: Bot) -> None:
     old_token = TokenAuthority(["old-secret"]).mint("talk.test").token
-    async with gateway(bot.url, secrets=["new-secret", "old-secret"]) as gw:
+    async with token_gateway(bot.url, secrets=["new-secret", "old-secret"]) as gw:
         status, answer = await start_json(gw, "talk", "pk_test")
-
-        def client(token: str) -> None:
+        for token in (old_token, answer["token"]):
             headers = {"Authorization": f"Bearer {token}"}
-            with connect(f"{gw.url}/ws/generic/talk.test", additional_headers=headers) as ws:
-                ws.send("x")
-                ws.recv()
-
-        await in_thread(client, old_token)
-        await in_thread(client, answer["token"])
+            assert await in_thread(echoed, f"{gw.url}/ws/generic/talk.test", "x", headers) == "x"
     assert status == 200
-    # /start signs with the first secret only.
-    assert _core.TokenKeys([b"new-secret"]).verify(answer["token"], "talk.test", 1).exp
-    with pytest.raises(_core.TokenError):
+    # /start signs with the first secret only: the token it announced, under the new secret.
+    claims = _core.TokenKeys([b"new-secret"]).verify(answer["token"], "talk.test", 1)
+    assert session_id_for(claims.nonce) == answer["sessionId"]
+    with pytest.raises(_core.TokenError, match="token signature is invalid"):
         _core.TokenKeys([b"old-secret"]).verify(answer["token"], "talk.test", 1)
 
 
 async def test_start_statuses_through_the_gateway(sentinel: Sentinel) -> None:
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         status, answer = await start_json(gw, "talk", "pk_test", body={"a": 1})
         assert status == 200
         assert set(answer) == {"token", "wsUrl", "sessionId", "body"}
@@ -219,10 +173,23 @@ async def test_start_statuses_through_the_gateway(sentinel: Sentinel) -> None:
         assert uuid.UUID(answer["sessionId"]).version == 4
         status, answer = await start_json(gw, "open", "pk_test")
         assert status == 200 and set(answer) == {"wsUrl", "sessionId"}
-        assert (await start_json(gw, "open", "pk_test", body={"a": 1}))[0] == 400
-        assert (await start_json(gw, "talk", "pk_wrong"))[0] == 401
-        assert (await start_json(gw, "nobody", "pk_test"))[0] == 404
-        assert (await start_json(gw, "talk", "pk_test", body={"x": "y" * 5000}))[0] == 413
+        cases: list[tuple[tuple[Any, ...], int, str]] = [
+            (
+                ("open", "pk_test", {"a": 1}),
+                400,
+                "body is not taken for an agent without token auth: send it as ?body=",
+            ),
+            (("talk", "pk_wrong"), 401, "Invalid public API key"),
+            (("nobody", "pk_test"), 404, "Service not found"),
+            (
+                ("talk", "pk_test", {"x": "y" * 5000}),
+                413,
+                "body is 5008 bytes after decoding, over the 4096-byte limit",
+            ),
+        ]
+        for args, status, error in cases:
+            answer = await start_json(gw, *args)
+            assert answer == (status, {"error": error, "code": str(status)}), args
         big = b"{" + b" " * (64 * 1024 + 1) + b"}"
         request = (
             f"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pk_test\r\n"
@@ -292,12 +259,10 @@ upstream = "{upstream}"
 
 @requires_redis
 def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
-    bot: Bot, tmp_path: Path
+    bot: Bot, redis: RedisServer, tmp_path: Path
 ) -> None:
-    redis = RedisServer(tmp_path)
-    redis.start()
     env_before = os.environ.get("WSGATE_SECRETS")
-    os.environ["WSGATE_SECRETS"] = SECRET
+    os.environ["WSGATE_SECRETS"] = TOKEN_SECRET
     config = write_config(tmp_path / "wsgate.toml", bot.url, redis.url)
     first, second = (
         Wsgate("serve", "--config", str(config)),
@@ -305,16 +270,22 @@ def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
     )
     try:
         url1, url2 = first.url(), second.url()
-        token = TokenAuthority([SECRET]).mint("talk.test").token
-        headers = {"Authorization": f"Bearer {token}"}
+        minting = TokenAuthority([TOKEN_SECRET])
+        headers = {"Authorization": f"Bearer {minting.mint('talk.test').token}"}
         with connect(f"{url1}/ws/generic/talk.test", additional_headers=headers) as ws:
             ws.send("once")
             assert ws.recv() == "once"
-        assert refused(f"{url2}/ws/generic/talk.test", headers)[0] == 403
+        assert upgrade_refused(f"{url2}/ws/generic/talk.test", headers) == (
+            403,
+            "token already used\n",
+        )
 
         redis.stop()  # Redis goes away: token sessions fail closed, others go on
-        fresh = {"Authorization": f"Bearer {TokenAuthority([SECRET]).mint('talk.test').token}"}
-        assert refused(f"{url1}/ws/generic/talk.test", fresh)[0] == 503
+        fresh = {"Authorization": f"Bearer {minting.mint('talk.test').token}"}
+        assert upgrade_refused(f"{url1}/ws/generic/talk.test", fresh) == (
+            503,
+            "token store unavailable\n",
+        )
         with connect(f"{url2}/ws/generic/open.test") as ws:
             ws.send("unaffected")
             assert ws.recv() == "unaffected"
@@ -326,7 +297,6 @@ def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
     finally:
         first.kill()
         second.kill()
-        redis.stop()
         if env_before is None:
             os.environ.pop("WSGATE_SECRETS", None)
         else:
@@ -334,24 +304,25 @@ def test_two_gateway_processes_sharing_redis_refuse_a_token_used_at_the_other(
 
 
 @pytest.mark.parametrize(
-    ("extra", "status"),
+    ("extra", "status", "error"),
     [
-        pytest.param("Transfer-Encoding: chunked", 411, id="chunked body"),
-        pytest.param("Content-Length: abc", 400, id="content-length not a number"),
-        pytest.param("Content-Length: -5", 400, id="negative content-length"),
+        pytest.param("Transfer-Encoding: chunked", 411, "send Content-Length", id="chunked body"),
+        pytest.param(
+            "Content-Length: abc", 400, "bad Content-Length", id="content-length not a number"
+        ),
+        pytest.param("Content-Length: -5", 400, "bad Content-Length", id="negative content-length"),
     ],
 )
 async def test_a_start_request_with_a_body_it_cannot_read_gets_a_json_error(
-    sentinel: Sentinel, extra: str, status: int
+    sentinel: Sentinel, extra: str, status: int, error: str
 ) -> None:
-    async with gateway(sentinel.url) as gw:
+    async with token_gateway(sentinel.url) as gw:
         request = (
             f"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer pk_test\r\n{extra}\r\n\r\n"
         ).encode()
         got, body = await http_exchange(gw.port, request)
-        assert got == status
-        assert json.loads(body)["code"] == str(status)
+        assert (got, json.loads(body)) == (status, {"error": error, "code": str(status)})
         # The gateway goes on serving /start.
         assert (await start_json(gw, "talk", "pk_test"))[0] == 200
     assert not sentinel.dialled()
@@ -360,7 +331,7 @@ async def test_a_start_request_with_a_body_it_cannot_read_gets_a_json_error(
 async def test_a_start_body_slower_than_the_handshake_timeout_is_cut_off(
     sentinel: Sentinel,
 ) -> None:
-    async with gateway(sentinel.url, handshake_timeout=0.5) as gw:
+    async with token_gateway(sentinel.url, handshake_timeout=0.5) as gw:
         async with await anyio.connect_tcp("127.0.0.1", gw.port) as s:
             await s.send(
                 b"POST /v1/public/talk/start HTTP/1.1\r\nHost: x\r\n"

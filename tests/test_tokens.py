@@ -11,9 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.token_reference import ReferenceTokenError
-from tests.token_reference import mint as reference_mint
-from tests.token_reference import verify as reference_verify
 from wsgate import _core
 from wsgate.config import AgentConfig
 from wsgate.errors import ConfigError, HttpError
@@ -27,17 +24,13 @@ from wsgate.tokens import (
     token_from_request,
 )
 
+from .helpers import T0, Clock
+from .token_reference import ReferenceTokenError
+from .token_reference import mint as reference_mint
+from .token_reference import verify as reference_verify
+
 HOST = "my-agent.my-org"
-T0 = 1_712_800_000
 URL_SAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class RecordingStore:
@@ -46,7 +39,7 @@ class RecordingStore:
     def __init__(self, *, down: bool = False) -> None:
         self.claims: list[tuple[str, int]] = []
         self.down = down
-        self._inner = MemoryReplayStore(clock=lambda: T0)
+        self._inner = MemoryReplayStore(clock=Clock())
 
     async def claim(self, nonce: str, exp: int) -> bool:
         self.claims.append((nonce, exp))
@@ -185,8 +178,14 @@ async def test_rotation_the_old_secret_still_verifies_and_the_new_one_signs() ->
 
 
 def test_an_empty_secret_is_refused() -> None:
-    for secrets in ([""], [b""], ["ok", ""], []):
-        with pytest.raises(ConfigError):
+    cases: list[tuple[list[str] | list[bytes], str]] = [
+        ([""], "secret #1 is empty"),
+        ([b""], "secret #1 is empty"),
+        (["ok", ""], "secret #2 is empty"),
+        ([], "no secret given"),
+    ]
+    for secrets, error in cases:
+        with pytest.raises(ConfigError, match=f"^secrets: {error}$"):
             TokenAuthority(secrets)
 
 
@@ -331,7 +330,7 @@ async def test_verification_logs_nothing_about_the_token(caplog: pytest.LogCaptu
 # --- Hypothesis: every mutation of a valid token is refused ------------------------------------
 
 SECRET = b"hypothesis-secret"
-CHECKER = TokenAuthority([SECRET], clock=lambda: T0)
+CHECKER = TokenAuthority([SECRET], clock=Clock())
 
 
 def valid_token() -> str:
