@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use crate::inproc::Delivery;
-use crate::{body, engine, limits, session, token};
+use crate::{body, counters, engine, limits, session, token};
 
 /// Largest upgrade request line plus headers, in bytes (SPEC §2). HTTP is the control plane's
 /// and no Rust code reads a request head; the number is defined here, beside the other limits
@@ -23,7 +23,8 @@ pyo3::create_exception!(
     _core,
     TokenError,
     PyValueError,
-    "A session token that is refused; the message never holds the token."
+    "A session token that is refused: `kind` names the check that refused it; the message never \
+     holds the token."
 );
 
 pyo3::create_exception!(
@@ -56,7 +57,21 @@ impl From<body::BodyError> for PyErr {
 
 impl From<token::TokenError> for PyErr {
     fn from(e: token::TokenError) -> Self {
-        TokenError::new_err(e.reason())
+        let kind = match e {
+            token::TokenError::Malformed => "malformed",
+            token::TokenError::BadSignature => "bad_signature",
+            token::TokenError::WrongServiceHost => "wrong_service_host",
+            token::TokenError::Expired => "expired",
+            token::TokenError::BodyMissing => "body_missing",
+            token::TokenError::BodyNotBound => "body_not_bound",
+            token::TokenError::BodyMismatch => "body_mismatch",
+        };
+        Python::attach(|py| {
+            let err = TokenError::new_err(e.reason());
+            // Setting an attribute on a fresh exception instance cannot fail.
+            let _ = err.value(py).setattr("kind", kind);
+            err
+        })
     }
 }
 
@@ -152,6 +167,7 @@ struct Outcome {
     bot_close: Option<(u16, String)>,
     ended_by: &'static str,
     detail: String,
+    code: u16,
     messages_in: u64,
     messages_out: u64,
     bytes_in: u64,
@@ -162,8 +178,14 @@ struct Outcome {
 impl Outcome {
     fn __repr__(&self) -> String {
         format!(
-            "Outcome(session_id={}, ended_by={:?}, detail={:?}, client_close={:?}, bot_close={:?})",
-            self.session_id, self.ended_by, self.detail, self.client_close, self.bot_close
+            "Outcome(session_id={}, ended_by={:?}, detail={:?}, code={}, client_close={:?}, \
+             bot_close={:?})",
+            self.session_id,
+            self.ended_by,
+            self.detail,
+            self.code,
+            self.client_close,
+            self.bot_close
         )
     }
 }
@@ -176,10 +198,51 @@ impl From<session::Outcome> for Outcome {
             bot_close: o.bot_close,
             ended_by: o.ended_by.as_str(),
             detail: o.detail,
+            code: o.code,
             messages_in: o.messages_in,
             messages_out: o.messages_out,
             bytes_in: o.bytes_in,
             bytes_out: o.bytes_out,
+        }
+    }
+}
+
+/// One agent's live counters (see `Engine.counters`).
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+struct AgentCounts {
+    agent: String,
+    opened: u64,
+    active_upstream: u64,
+    active_inprocess: u64,
+    active_builtin: u64,
+    messages_in: u64,
+    messages_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+#[pymethods]
+impl AgentCounts {
+    fn __repr__(&self) -> String {
+        format!(
+            "AgentCounts(agent={:?}, opened={})",
+            self.agent, self.opened
+        )
+    }
+}
+
+impl From<counters::Snapshot> for AgentCounts {
+    fn from(s: counters::Snapshot) -> Self {
+        Self {
+            agent: s.name,
+            opened: s.opened,
+            active_upstream: s.active_upstream,
+            active_inprocess: s.active_inprocess,
+            active_builtin: s.active_builtin,
+            messages_in: s.tally.messages_in,
+            messages_out: s.tally.messages_out,
+            bytes_in: s.tally.bytes_in,
+            bytes_out: s.tally.bytes_out,
         }
     }
 }
@@ -289,7 +352,16 @@ impl Engine {
         self.engine().doorbell_fd()
     }
 
-    #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None))]
+    fn register_agent(&self, name: &str) -> usize {
+        self.engine().register_agent(name)
+    }
+
+    fn counters(&self) -> Vec<AgentCounts> {
+        let snapshot = self.engine().counters();
+        snapshot.into_iter().map(AgentCounts::from).collect()
+    }
+
+    #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None, agent = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn relay(
         &self,
@@ -300,6 +372,7 @@ impl Engine {
         bot_pending: &Bound<'_, PyBytes>,
         max_message_size: u64,
         time_limit: Option<f64>,
+        agent: Option<usize>,
     ) -> PyResult<()> {
         let client = tcp_from_fd(client_fd)?;
         let bot = tcp_from_fd(bot_fd)?;
@@ -315,11 +388,12 @@ impl Engine {
                 max_message_size: max,
                 time_limit: limit,
             },
+            agent,
         )?;
         Ok(())
     }
 
-    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None))]
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None, agent = None))]
     fn echo(
         &self,
         session_id: u64,
@@ -327,6 +401,7 @@ impl Engine {
         client_pending: &Bound<'_, PyBytes>,
         max_message_size: u64,
         time_limit: Option<f64>,
+        agent: Option<usize>,
     ) -> PyResult<()> {
         let client = tcp_from_fd(client_fd)?;
         let max = check_size(max_message_size)?;
@@ -339,6 +414,7 @@ impl Engine {
                 max_message_size: max,
                 time_limit: limit,
             },
+            agent,
         )?;
         Ok(())
     }
@@ -352,7 +428,7 @@ impl Engine {
         items.into_iter().map(|i| item_to_py(py, i)).collect()
     }
 
-    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None))]
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None, agent = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn attach(
         &self,
@@ -363,6 +439,7 @@ impl Engine {
         inbox_limit: usize,
         send_buffer_limit: usize,
         time_limit: Option<f64>,
+        agent: Option<usize>,
     ) -> PyResult<()> {
         let client = tcp_from_fd(client_fd)?;
         let limits = session::Limits {
@@ -376,6 +453,7 @@ impl Engine {
             limits,
             inbox_limit,
             send_buffer_limit,
+            agent,
         )?;
         Ok(())
     }
@@ -435,5 +513,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Outcome>()?;
     m.add_class::<Message>()?;
+    m.add_class::<AgentCounts>()?;
     Ok(())
 }
