@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -142,12 +142,24 @@ class RelaySession:
 
 
 class Relay:
-    """Owns the engine and the doorbell task; :meth:`run` must be running in a task group."""
+    """Owns the engine and the doorbell task; :meth:`run` must be running in a task group.
 
-    def __init__(self, threads: int = 0, dead_peer_timeout: float = 60.0) -> None:
+    ``counted``: the agents (``Handover.agent`` values) whose sessions the engine counts live
+    (:meth:`counters`, the gateway's metrics); sessions of any other agent are not counted, so
+    the engine's table holds no more than these.
+    """
+
+    def __init__(
+        self, threads: int = 0, dead_peer_timeout: float = 60.0, *, counted: Iterable[str] = ()
+    ) -> None:
         self.engine = _core.Engine(threads, dead_peer_timeout)
         self._ids = itertools.count(1)
         self._live: dict[int, RelaySession] = {}
+        self._counted = {agent: self.engine.register_agent(agent) for agent in counted}
+
+    def counters(self) -> list[_core.AgentCounts]:
+        """The live counters of the ``counted`` agents: sessions, messages and bytes."""
+        return self.engine.counters()
 
     def new_session_id(self) -> int:
         """A fresh session id (a counter: unique for this gateway's lifetime)."""
@@ -186,6 +198,7 @@ class Relay:
         session = self._register(handover)
         limits = handover.limits
         peer = handover.peer
+        agent = self._counted.get(handover.agent)
         try:
             client_fd = handover.client.detach()
             if isinstance(peer, Upstream):
@@ -197,6 +210,7 @@ class Relay:
                     peer.pending,
                     limits.max_message_size,
                     limits.time_limit,
+                    agent,
                 )
             elif isinstance(peer, InProcess):
                 self.engine.attach(
@@ -207,6 +221,7 @@ class Relay:
                     peer.inbox_limit,
                     peer.send_buffer_limit,
                     limits.time_limit,
+                    agent,
                 )
             else:
                 self.engine.echo(
@@ -215,6 +230,7 @@ class Relay:
                     handover.client_pending,
                     limits.max_message_size,
                     limits.time_limit,
+                    agent,
                 )
         except BaseException:
             self._live.pop(handover.session_id, None)

@@ -6,7 +6,7 @@ token (403 replayed, 503 store down), dials the bot (502/504) or picks the built
 in-process bot, answers 101 (unless a Twilio opening was read after it), and hands the sockets to
 the Rust engine. Whatever fails gives back the place and the token. A session's end (its
 :class:`_core.Outcome`) is logged once, with the provider and call id where known, never a
-token, a body or a close reason.
+token, a body or a close reason, and counted in the gateway's metrics (:mod:`wsgate.metrics`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from .engine import Handover, InProcess, Limits, Relay, RelaySession, Upstream
 from .errors import HttpError, OpeningError
 from .handshake import switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
+from .logs import session_fields
+from .metrics import Metrics
 from .providers import Opening, OpeningReader
 from .request import Request
 from .routing import Route
@@ -70,8 +72,10 @@ class Sessions:
         authority: TokenAuthority | None,
         time_limit: float,
         authorize: Authorize | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = Metrics() if metrics is None else metrics
         #: The embedder's say on each session (``Gateway(authorize=...)``).
         self.authorize = authorize
         self.relay = relay
@@ -149,14 +153,15 @@ class Sessions:
         upstream = chosen or (None if inprocess is not None else target.agent.upstream_url)
         bot = None
         if upstream is not None:
-            bot = await dial(
-                upstream,
-                session_uuid=session_uuid,
-                body_value=target.upstream_body,
-                # After a 101 already sent (Twilio), there is no subprotocol left to agree on.
-                subprotocols=() if answered else target.subprotocols,
-                timeout=settings.dial_timeout,
-            )
+            with self.metrics.dialling(target.service_host):
+                bot = await dial(
+                    upstream,
+                    session_uuid=session_uuid,
+                    body_value=target.upstream_body,
+                    # After a 101 already sent (Twilio), there is no subprotocol left to agree on.
+                    subprotocols=() if answered else target.subprotocols,
+                    timeout=settings.dial_timeout,
+                )
         try:
             if not answered:
                 agreed = None if bot is None else bot.subprotocol
@@ -223,7 +228,7 @@ class Sessions:
             raise
         finally:
             self.release(opened.service_host, opened.client)
-        log_outcome(opened, outcome)
+        self._finished(opened, outcome)
 
     def reserve(self, agent: AgentConfig, client: str) -> None:
         """Take a place in the agent's capacity (503) and the client's (429)."""
@@ -249,6 +254,11 @@ class Sessions:
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (its outcome came through the doorbell): free its place."""
         self.release(opened.service_host, opened.client)
+        self._finished(opened, outcome)
+
+    def _finished(self, opened: Opened, outcome: _core.Outcome) -> None:
+        seconds = anyio.current_time() - opened.started
+        self.metrics.session_ended(opened.service_host, opened.bot is not None, outcome, seconds)
         log_outcome(opened, outcome)
 
 
@@ -289,6 +299,8 @@ async def peek_opening(
 
 def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
     # Codes only: close reasons, bodies and tokens come from users and stay out of the log.
+    seconds = anyio.current_time() - opened.started
+
     def code(close: tuple[int, str] | None) -> str:
         return "-" if close is None else str(close[0])
 
@@ -303,11 +315,23 @@ def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
         via,
         outcome.ended_by,
         outcome.detail,
-        anyio.current_time() - opened.started,
+        seconds,
         code(outcome.client_close),
         code(outcome.bot_close),
         outcome.messages_in,
         outcome.bytes_in,
         outcome.messages_out,
         outcome.bytes_out,
+        extra={
+            "event": "session_end",
+            "fields": session_fields(
+                outcome,
+                agent=opened.service_host,
+                session_id=opened.session_uuid,
+                seconds=seconds,
+                inprocess=opened.bot is not None,
+                provider=None if call is None else call.provider,
+                call_id=None if call is None else call.call_id,
+            ),
+        },
     )
