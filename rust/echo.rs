@@ -2,21 +2,19 @@
 //! ping as a pong, the client's close as the bot's reply.
 
 use std::future::Future;
-use std::net::TcpStream;
-
-use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::counters::{Meter, Tally};
 use crate::driver::{self, Command, Io};
 use crate::pump::Pump;
 use crate::session::{Action, Input, Kind, Limits, Outcome, Session, Side, Transform};
+use crate::stream::Stream;
 
 /// Serves session `id`'s client until the session ends. `pending`: what the client sent past
 /// its upgrade request.
 pub fn run(
     id: u64,
-    client: &AsyncFd<TcpStream>,
+    client: &Stream,
     pending: Vec<u8>,
     limits: Limits,
     commands: mpsc::UnboundedReceiver<Command>,

@@ -23,7 +23,8 @@ use crate::driver::Command;
 use crate::inproc::{self, Handle, Message};
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
-use crate::sockets::{adopt, adopt_stream};
+use crate::sockets::adopt;
+use crate::tls::Tls;
 use crate::{echo, relay};
 
 /// News for Python, in the order it happened: a session's messages come before its outcome.
@@ -120,6 +121,18 @@ impl Worker {
             let _ = thread.join();
         }
     }
+}
+
+/// One side of a session as the control plane hands it over: its socket past the handshake,
+/// the TLS connection on it (if any, in the state the handshake left it), and the bytes read
+/// past the handshake (the start of its frames).
+pub struct Handed {
+    /// The connected socket.
+    pub sock: std::net::TcpStream,
+    /// Its TLS, begun by the control plane.
+    pub tls: Option<Tls>,
+    /// Bytes already read past the handshake.
+    pub pending: Vec<u8>,
 }
 
 /// The relay engine. See the module docs.
@@ -249,29 +262,26 @@ impl Engine {
     }
 
     /// Relays between a client (we are its server) and a bot (we are its client), both past
-    /// their handshakes. `*_pending`: bytes already read past each handshake. `agent`: the
-    /// index its traffic is counted under, if any.
-    #[allow(clippy::too_many_arguments)] // mirrors `Engine.relay` of `_core.pyi`
+    /// their handshakes. `agent`: the index its traffic is counted under, if any.
     pub fn relay(
         &self,
         id: u64,
-        client: std::net::TcpStream,
-        bot: std::net::TcpStream,
-        client_pending: Vec<u8>,
-        bot_pending: Vec<u8>,
+        client: Handed,
+        bot: Handed,
         limits: Limits,
         agent: Option<usize>,
     ) -> io::Result<()> {
         let dpt = self.dead_peer_timeout;
+        let pending = Pending {
+            client: client.pending,
+            bot: bot.pending,
+        };
+        let (c, b) = ((client.sock, client.tls), (bot.sock, bot.tls));
         self.launch(
             id,
             (agent, Served::Upstream),
-            || Ok((adopt(client, dpt)?, adopt(bot, dpt)?)),
+            || Ok((adopt(c.0, c.1, dpt)?, adopt(b.0, b.1, dpt)?)),
             move |(client, bot), rx, _, meter| async move {
-                let pending = Pending {
-                    client: client_pending,
-                    bot: bot_pending,
-                };
                 relay::run(id, &client, &bot, pending, limits, rx, meter).await
             },
         )
@@ -281,30 +291,28 @@ impl Engine {
     pub fn echo(
         &self,
         id: u64,
-        client: std::net::TcpStream,
-        client_pending: Vec<u8>,
+        client: Handed,
         limits: Limits,
         agent: Option<usize>,
     ) -> io::Result<()> {
         let dpt = self.dead_peer_timeout;
+        let (sock, tls, pending) = (client.sock, client.tls, client.pending);
         self.launch(
             id,
             (agent, Served::Builtin),
-            || adopt(client, dpt),
+            || adopt(sock, tls, dpt),
             move |client, rx, _, meter| async move {
-                echo::run(id, &client, client_pending, limits, rx, meter).await
+                echo::run(id, &client, pending, limits, rx, meter).await
             },
         )
     }
 
     /// Serves a client for an in-process Python bot: messages go to Python through
     /// [`drain`](Self::drain), Python's go out through [`send`](Self::send).
-    #[allow(clippy::too_many_arguments)] // mirrors `Engine.attach` of `_core.pyi`
     pub fn attach(
         &self,
         id: u64,
-        client: std::net::TcpStream,
-        client_pending: Vec<u8>,
+        client: Handed,
         limits: Limits,
         inbox_limit: usize,
         send_buffer_limit: usize,
@@ -313,23 +321,14 @@ impl Engine {
         let dpt = self.dead_peer_timeout;
         let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit));
         let ours = handle.clone();
+        let (sock, tls, pending) = (client.sock, client.tls, client.pending);
         self.launch(
             id,
             (agent, Served::InProcess),
-            || adopt_stream(client, dpt),
+            || adopt(sock, tls, dpt),
             move |client, rx, shared, meter| async move {
                 let deliver = |m: Message| shared.push(Item::Message(m));
-                inproc::run(
-                    id,
-                    &client,
-                    client_pending,
-                    limits,
-                    &ours,
-                    rx,
-                    deliver,
-                    meter,
-                )
-                .await
+                inproc::run(id, &client, pending, limits, &ours, rx, deliver, meter).await
             },
         )?;
         // Registered after the launch: a session that failed to start has no handle to leak.

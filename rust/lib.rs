@@ -18,7 +18,11 @@ pub mod pump;
 pub mod relay;
 pub mod session;
 mod sockets;
+pub mod stream;
+pub mod tls;
 pub mod token;
 
 #[cfg(feature = "python")]
 mod py;
+#[cfg(feature = "python")]
+mod py_tls;

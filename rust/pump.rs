@@ -7,14 +7,12 @@
 //! Memory per pump is bounded: at most one read buffer ([`READ_BUF`]) is held, and only while
 //! its bytes wait for the destination to accept them; an idle pump holds no buffer at all.
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
-
-use tokio::io::unix::AsyncFd;
+use std::io::ErrorKind;
 
 use crate::frame::{Violation, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
 use crate::limits::READ_BUF;
 use crate::session::{Forwarded, Forwarder, Input, OwnClose, Side, Transform};
+use crate::stream::Stream;
 /// A read buffer's capacity: a read plus the largest carry (a whole control frame).
 const BUF_CAPACITY: usize = READ_BUF + MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD;
 /// Spare read buffers kept per relay thread: a busy thread reuses them instead of calling the
@@ -82,8 +80,8 @@ impl Event {
 
 /// One direction of a session. See the module docs.
 pub struct Pump<'a> {
-    src: &'a AsyncFd<TcpStream>,
-    dst: &'a AsyncFd<TcpStream>,
+    src: &'a Stream,
+    dst: &'a Stream,
     fwd: Forwarder,
     /// Bytes that arrived with the HTTP handshake: the start of the frame stream.
     pending_in: Vec<u8>,
@@ -100,8 +98,8 @@ pub struct Pump<'a> {
 impl<'a> Pump<'a> {
     /// A pump reading `src` and writing `dst` (the same socket for the echo bot).
     pub fn new(
-        src: &'a AsyncFd<TcpStream>,
-        dst: &'a AsyncFd<TcpStream>,
+        src: &'a Stream,
+        dst: &'a Stream,
         transform: Transform,
         max_message_size: u64,
         pending_in: Vec<u8>,
@@ -129,7 +127,7 @@ impl<'a> Pump<'a> {
     pub fn wants_poll(&self) -> bool {
         !self.src_done
             || self.out_pos < self.out.len()
-            || (self.shutdown_after_flush && self.dst_open)
+            || (self.dst_open && (self.shutdown_after_flush || self.dst.pending_out()))
     }
 
     /// Writes what is queued, then reads and forwards the next chunk of the source.
@@ -142,9 +140,15 @@ impl<'a> Pump<'a> {
         }
         let (mut buf, pooled) = if self.pending_in.is_empty() {
             loop {
-                let Ok(mut ready) = self.src.readable().await else {
-                    self.src_done = true;
-                    return Event::Eof;
+                // TLS may hold decrypted bytes already: then the socket's readiness is moot.
+                let mut ready = if self.src.buffered() {
+                    None
+                } else {
+                    let Ok(ready) = self.src.fd().readable().await else {
+                        self.src_done = true;
+                        return Event::Eof;
+                    };
+                    Some(ready)
                 };
                 // Taken only now that the socket is readable: an idle pump holds no buffer, and
                 // the carry stays in the forwarder until a read succeeds, so a `select!` that
@@ -153,24 +157,29 @@ impl<'a> Pump<'a> {
                 let carry = self.fwd.carry();
                 let c = carry.len();
                 buf[..c].copy_from_slice(carry);
-                match self.src.get_ref().read(&mut buf[c..]) {
+                match self.src.read(&mut buf[c..]) {
                     Ok(0) => {
                         give_back(buf, true);
                         self.src_done = true;
                         return Event::Eof;
                     }
                     Ok(n) => {
-                        if c + n < BUF_CAPACITY {
-                            // A short read emptied the socket: skip the read that would only
-                            // say EAGAIN (as nginx does). Data arriving meanwhile re-arms it.
-                            ready.clear_ready();
+                        if c + n < BUF_CAPACITY && !self.src.buffered() {
+                            // A short plain read emptied the socket: skip the read that would
+                            // only say EAGAIN (as nginx does). Data arriving meanwhile re-arms
+                            // it. (A TLS read says so only by WouldBlock.)
+                            if let Some(ready) = ready.as_mut() {
+                                ready.clear_ready();
+                            }
                         }
                         buf.truncate(c + n);
                         self.fwd.clear_carry();
                         break (buf, true);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        ready.clear_ready();
+                        if let Some(ready) = ready.as_mut() {
+                            ready.clear_ready();
+                        }
                         give_back(buf, true);
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => give_back(buf, true),
@@ -213,7 +222,7 @@ impl<'a> Pump<'a> {
     /// Writes what the destination takes without waiting; frees the buffer once all is out.
     fn write_some(&mut self) -> Result<(), Event> {
         while self.out_pos < self.out.len() {
-            match self.dst.get_ref().write(&self.out[self.out_pos..]) {
+            match self.dst.write(&self.out[self.out_pos..]) {
                 Ok(n) => self.out_pos += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -263,12 +272,14 @@ impl<'a> Pump<'a> {
     }
 
     async fn flush(&mut self) -> Result<(), Event> {
-        while self.dst_open && self.out_pos < self.out.len() {
-            let Ok(mut ready) = self.dst.writable().await else {
+        // Plaintext to write, or TLS records it left queued.
+        while self.dst_open && (self.out_pos < self.out.len() || self.dst.pending_out()) {
+            let dst = self.dst;
+            let Ok(mut ready) = dst.fd().writable().await else {
                 self.abandon_dst();
                 return Err(Event::DstLost);
             };
-            match ready.try_io(|fd| fd.get_ref().write(&self.out[self.out_pos..])) {
+            match ready.try_io(|_| dst.write(&self.out[self.out_pos..])) {
                 Ok(Ok(n)) => self.out_pos += n,
                 Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
                 Ok(Err(_)) => {
@@ -281,14 +292,21 @@ impl<'a> Pump<'a> {
         // Back to the pool: an idle session holds no buffer.
         self.release_out();
         if self.shutdown_after_flush && self.dst_open {
+            // TLS: the close_notify first, written before the half-close.
+            loop {
+                let dst = self.dst;
+                match dst.shutdown_write() {
+                    Ok(false) => {
+                        let Ok(mut ready) = dst.fd().writable().await else {
+                            break;
+                        };
+                        let _ = ready.try_io(|_| dst.flush_out());
+                    }
+                    Ok(true) | Err(_) => break,
+                }
+            }
             self.dst_open = false;
-            let _ = shutdown_write(self.dst);
         }
         Ok(())
     }
-}
-
-/// Half-closes a socket: the peer reads EOF, we may still read what it sends.
-pub fn shutdown_write(s: &AsyncFd<TcpStream>) -> io::Result<()> {
-    s.get_ref().shutdown(Shutdown::Write)
 }

@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use crate::inproc::Delivery;
+use crate::py_tls::{self, TlsConnection};
 use crate::{body, counters, engine, limits, session, token};
 
 /// Largest upgrade request line plus headers, in bytes (SPEC §2). HTTP is the control plane's
@@ -305,22 +306,47 @@ fn tcp_from_fd(fd: RawFd) -> PyResult<std::net::TcpStream> {
     Ok(unsafe { std::net::TcpStream::from_raw_fd(fd) })
 }
 
-fn check_size(max_message_size: u64) -> PyResult<u64> {
+/// A session's limits: a positive largest message, and a time limit that is `None` or a
+/// positive finite number of seconds.
+fn check_limits(max_message_size: u64, time_limit: Option<f64>) -> PyResult<session::Limits> {
     if max_message_size == 0 {
         return Err(PyValueError::new_err("max_message_size must be positive"));
     }
-    Ok(max_message_size)
+    let time_limit = match time_limit {
+        None => None,
+        Some(s) if s.is_finite() && s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+        Some(_) => {
+            return Err(PyValueError::new_err(
+                "time_limit must be a positive number of seconds",
+            ))
+        }
+    };
+    Ok(session::Limits {
+        max_message_size,
+        time_limit,
+    })
 }
 
-/// A session time limit in seconds: `None` for none, else a positive finite number.
-fn check_limit(seconds: Option<f64>) -> PyResult<Option<std::time::Duration>> {
-    match seconds {
-        None => Ok(None),
-        Some(s) if s.is_finite() && s > 0.0 => Ok(Some(std::time::Duration::from_secs_f64(s))),
-        Some(_) => Err(PyValueError::new_err(
-            "time_limit must be a positive number of seconds",
-        )),
-    }
+/// One side of a session as Python hands it over: the detached descriptor, the bytes read past
+/// its handshake, and its TLS connection (taken from the Python object).
+fn handed(
+    fd: RawFd,
+    pending: &Bound<'_, PyBytes>,
+    tls: Option<&TlsConnection>,
+) -> PyResult<engine::Handed> {
+    let sock = tcp_from_fd(fd)?;
+    let tls =
+        match tls {
+            None => None,
+            Some(conn) => Some(conn.take().ok_or_else(|| {
+                PyValueError::new_err("the TLS connection was handed over already")
+            })?),
+        };
+    Ok(engine::Handed {
+        sock,
+        tls,
+        pending: pending.as_bytes().to_vec(),
+    })
 }
 
 impl Engine {
@@ -361,7 +387,7 @@ impl Engine {
         snapshot.into_iter().map(AgentCounts::from).collect()
     }
 
-    #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None, agent = None))]
+    #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None, client_tls = None, bot_tls = None, *, agent = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn relay(
         &self,
@@ -372,28 +398,20 @@ impl Engine {
         bot_pending: &Bound<'_, PyBytes>,
         max_message_size: u64,
         time_limit: Option<f64>,
+        client_tls: Option<&TlsConnection>,
+        bot_tls: Option<&TlsConnection>,
         agent: Option<usize>,
     ) -> PyResult<()> {
-        let client = tcp_from_fd(client_fd)?;
-        let bot = tcp_from_fd(bot_fd)?;
-        let max = check_size(max_message_size)?;
-        let limit = check_limit(time_limit)?;
-        self.engine().relay(
-            session_id,
-            client,
-            bot,
-            client_pending.as_bytes().to_vec(),
-            bot_pending.as_bytes().to_vec(),
-            session::Limits {
-                max_message_size: max,
-                time_limit: limit,
-            },
-            agent,
-        )?;
+        let client = handed(client_fd, client_pending, client_tls)?;
+        let bot = handed(bot_fd, bot_pending, bot_tls)?;
+        let limits = check_limits(max_message_size, time_limit)?;
+        self.engine()
+            .relay(session_id, client, bot, limits, agent)?;
         Ok(())
     }
 
-    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None, agent = None))]
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None, client_tls = None, *, agent = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn echo(
         &self,
         session_id: u64,
@@ -401,21 +419,12 @@ impl Engine {
         client_pending: &Bound<'_, PyBytes>,
         max_message_size: u64,
         time_limit: Option<f64>,
+        client_tls: Option<&TlsConnection>,
         agent: Option<usize>,
     ) -> PyResult<()> {
-        let client = tcp_from_fd(client_fd)?;
-        let max = check_size(max_message_size)?;
-        let limit = check_limit(time_limit)?;
-        self.engine().echo(
-            session_id,
-            client,
-            client_pending.as_bytes().to_vec(),
-            session::Limits {
-                max_message_size: max,
-                time_limit: limit,
-            },
-            agent,
-        )?;
+        let client = handed(client_fd, client_pending, client_tls)?;
+        let limits = check_limits(max_message_size, time_limit)?;
+        self.engine().echo(session_id, client, limits, agent)?;
         Ok(())
     }
 
@@ -428,7 +437,7 @@ impl Engine {
         items.into_iter().map(|i| item_to_py(py, i)).collect()
     }
 
-    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None, agent = None))]
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None, client_tls = None, *, agent = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn attach(
         &self,
@@ -439,22 +448,14 @@ impl Engine {
         inbox_limit: usize,
         send_buffer_limit: usize,
         time_limit: Option<f64>,
+        client_tls: Option<&TlsConnection>,
         agent: Option<usize>,
     ) -> PyResult<()> {
-        let client = tcp_from_fd(client_fd)?;
-        let limits = session::Limits {
-            max_message_size: check_size(max_message_size)?,
-            time_limit: check_limit(time_limit)?,
-        };
-        self.engine().attach(
-            session_id,
-            client,
-            client_pending.as_bytes().to_vec(),
-            limits,
-            inbox_limit,
-            send_buffer_limit,
-            agent,
-        )?;
+        let client = handed(client_fd, client_pending, client_tls)?;
+        let limits = check_limits(max_message_size, time_limit)?;
+        let (inbox, send) = (inbox_limit, send_buffer_limit);
+        self.engine()
+            .attach(session_id, client, limits, inbox, send, agent)?;
         Ok(())
     }
 
@@ -514,5 +515,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Outcome>()?;
     m.add_class::<Message>()?;
     m.add_class::<AgentCounts>()?;
+    // TLS
+    py_tls::register(m)?;
     Ok(())
 }

@@ -3,15 +3,13 @@
 //! client frames pass unchanged; what closes mean is the session core's.
 
 use std::future::Future;
-use std::net::TcpStream;
-
-use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::counters::{Meter, Tally};
 use crate::driver::{self, Command, Io};
 use crate::pump::Pump;
 use crate::session::{Action, Input, Kind, Limits, Outcome, Session, Side, Transform};
+use crate::stream::Stream;
 
 /// The bytes each side sent past its handshake, read by the control plane already.
 pub struct Pending {
@@ -25,8 +23,8 @@ pub struct Pending {
 /// pumps are not kept twice in it: see `driver::run`.)
 pub fn run<'a>(
     id: u64,
-    client: &'a AsyncFd<TcpStream>,
-    bot: &'a AsyncFd<TcpStream>,
+    client: &'a Stream,
+    bot: &'a Stream,
     pending: Pending,
     limits: Limits,
     commands: mpsc::UnboundedReceiver<Command>,

@@ -7,29 +7,28 @@ use std::io;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
-use tokio::net::TcpStream;
+
+use crate::stream::Stream;
+use crate::tls::Tls;
 
 /// Takes a handed-over socket into tokio: non-blocking first (a blocking fd would stall a worker
-/// thread), Nagle off (small audio frames must not wait for ACKs), dead-peer detection on.
+/// thread), Nagle off (small audio frames must not wait for ACKs), dead-peer detection on; with
+/// the TLS connection the control plane began on it, if any.
 pub(crate) fn adopt(
     s: std::net::TcpStream,
+    tls: Option<Tls>,
     dead_peer_timeout: Duration,
-) -> io::Result<AsyncFd<std::net::TcpStream>> {
+) -> io::Result<Stream> {
     prepare(&s, dead_peer_timeout)?;
     // Raw readiness (not tokio's TcpStream) so a pump can drop readiness after a short read,
     // sparing the read that would only return EAGAIN.
     // SAFETY: the AsyncFd owns `s`, an open socket whose descriptor stays the same and open
     // until the AsyncFd is dropped (nothing else holds it: Python detached it).
-    unsafe { AsyncFd::register(s) }.map_err(|e| e.into_parts().1)
-}
-
-/// [`adopt`] for in-process sessions, which use tokio's own stream.
-pub(crate) fn adopt_stream(
-    s: std::net::TcpStream,
-    dead_peer_timeout: Duration,
-) -> io::Result<TcpStream> {
-    prepare(&s, dead_peer_timeout)?;
-    TcpStream::from_std(s)
+    let fd = unsafe { AsyncFd::register(s) }.map_err(|e| e.into_parts().1)?;
+    Ok(match tls {
+        Some(tls) => Stream::tls(fd, tls),
+        None => Stream::plain(fd),
+    })
 }
 
 fn prepare(s: &std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<()> {

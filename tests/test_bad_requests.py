@@ -138,13 +138,13 @@ async def test_a_refused_upstream_answers_502() -> None:
     assert body.startswith(b"bot unreachable")
 
 
-async def test_an_upstream_that_never_answers_its_upgrade_gets_502_after_the_dial_timeout(
+async def test_an_upstream_that_never_answers_its_upgrade_gets_504_after_the_dial_timeout(
     sentinel: Sentinel,
 ) -> None:
     # The sentinel accepts TCP (in its backlog) but never answers.
     async with serving(sentinel.url, dial_timeout=0.5) as gw:
-        status, _ = await http_exchange(gw.port, upgrade_request("/ws/generic/bot.test"))
-    assert status == 502
+        status, body = await http_exchange(gw.port, upgrade_request("/ws/generic/bot.test"))
+    assert (status, body) == (504, b"bot unreachable: timed out\n")
     assert sentinel.dialled()
 
 

@@ -82,8 +82,12 @@ class GatewaySettings:
     max_message_size: int = _core.DEFAULT_MAX_MESSAGE_SIZE
     #: Seconds a client has to send its whole upgrade request.
     handshake_timeout: float = 10.0
-    #: Seconds to connect to the bot and get its 101.
+    #: Seconds to connect to the bot and get its 101 (502 refused or a bad answer, 504 timed
+    #: out). For a pool (``upstream`` a list), one budget for every member tried.
     dial_timeout: float = 5.0
+    #: Seconds a pool member whose dial failed is left out of new sessions (unless every
+    #: member is out). 0: never left out.
+    upstream_retry_after: float = 10.0
     #: Seconds that sessions may run on after a stop before they are closed with 1001.
     drain_timeout: float = 30.0
     #: Seconds a session may last (SPEC §6: 60-14400); then both sides get 1000. (Tests and
@@ -182,6 +186,11 @@ class GatewaySettings:
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if not _is_number(self.upstream_retry_after) or self.upstream_retry_after < 0:
+            raise ConfigError(
+                "upstream_retry_after must be a number of seconds >= 0, "
+                f"got {self.upstream_retry_after!r}"
+            )
         if not _is_number(self.dead_peer_timeout) or self.dead_peer_timeout < 1:
             raise ConfigError(
                 f"dead_peer_timeout must be at least 1 second, got {self.dead_peer_timeout!r}"
@@ -233,8 +242,10 @@ class AgentConfig:
     name: str
     org: str
     websocket_auth: WebsocketAuth = "none"
-    #: The bot's full ``ws://`` URL; the gateway dials it for each session.
-    upstream: str | None = None
+    #: The bot's full ``ws://`` URL; the gateway dials it for each session. Or a pool: a list
+    #: of such URLs, each session going to the member with the fewest live sessions (see
+    #: :mod:`wsgate.pools`). A list is stored as a tuple.
+    upstream: str | Sequence[str] | None = None
     #: A bot built into wsgate instead of an upstream: ``"echo"``.
     builtin: str | None = None
     #: An in-process bot: an async callable taking :class:`wsgate.BotArguments`, or its name
@@ -266,8 +277,13 @@ class AgentConfig:
                 f"agent {self.service_host!r}: bot must be an async callable or "
                 "'package.module:function'"
             )
-        if self.upstream is not None:
-            self.upstream_url  # noqa: B018 (parses and checks the URL)
+        if self.upstream is not None and not isinstance(self.upstream, str):
+            if not isinstance(self.upstream, Sequence):
+                raise ConfigError(
+                    f"agent {self.service_host!r}: upstream must be a string or a list of strings"
+                )
+            object.__setattr__(self, "upstream", tuple(self.upstream))
+        self.upstream_urls  # noqa: B018 (parses and checks every URL)
         if self.builtin is not None and self.builtin not in BUILTINS:
             raise ConfigError(
                 f"agent {self.service_host!r}: unknown builtin {self.builtin!r} "
@@ -286,17 +302,35 @@ class AgentConfig:
 
     @property
     def upstream_url(self) -> UpstreamURL | None:
-        """The parsed upstream URL, or None for a builtin or in-process agent."""
-        if self.upstream is None:
-            return None
-        if not isinstance(self.upstream, str):
-            raise ConfigError(f"agent {self.service_host!r}: upstream must be a string")
-        try:
-            return parse_upstream_url(self.upstream)
-        except ValueError as exc:
-            raise ConfigError(
-                f"agent {self.service_host!r}: upstream {self.upstream!r} {exc}"
-            ) from None
+        """The parsed upstream URL (a pool's first member), or None for a builtin or in-process
+        agent."""
+        urls = self.upstream_urls
+        return urls[0] if urls else None
+
+    @property
+    def upstream_urls(self) -> tuple[UpstreamURL, ...]:
+        """Every upstream URL parsed, in order: one for a string, a pool's members for a list,
+        none for a builtin or in-process agent."""
+        upstream = self.upstream
+        if upstream is None:
+            return ()
+        where = f"agent {self.service_host!r}: upstream"
+        if isinstance(upstream, str):
+            return (_parse_upstream(where, upstream),)
+        if not upstream:
+            raise ConfigError(f"{where} must not be an empty list")
+        if not all(isinstance(url, str) for url in upstream):
+            raise ConfigError(f"{where} must be a string or a list of strings")
+        if len(set(upstream)) != len(upstream):
+            raise ConfigError(f"{where} lists a URL twice")
+        return tuple(_parse_upstream(where, url) for url in upstream)
+
+
+def _parse_upstream(where: str, url: str) -> UpstreamURL:
+    try:
+        return parse_upstream_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{where} {url!r} {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -425,6 +459,7 @@ _FILE_TYPES = {
     "float": "a number",
     "bool": "a boolean",
     "Sequence[str]": "a list of strings",
+    "str | Sequence[str]": "a string or a list of strings",
     "WebsocketAuth": "a string",
     "LogFormat": "a string",
     "BotFunction | str": "a string",  # a file names a bot; only code passes the callable
@@ -445,6 +480,8 @@ _TYPES = _schema(GatewaySettings, OrgConfig, AgentConfig)
 def _has_type(value: object, expected: str) -> bool:
     if expected == "a string":
         return isinstance(value, str)
+    if expected == "a string or a list of strings":
+        return isinstance(value, str) or _has_type(value, "a list of strings")
     if expected == "an integer":
         return _is_int(value)
     if expected == "a number":

@@ -28,7 +28,7 @@ from .handshake import close_frame, switching_protocols
 from .metrics import METRICS_PATH, Metrics
 from .providers import Opening, OpeningReader, close_for
 from .request import Request, parse_request
-from .responses import json_response, plain_response
+from .responses import json_response, plain_lines_response, plain_response
 from .routing import TokenCheck, named_agent, precheck, route
 from .sessions import Opened, Sessions
 from .start import answer_start, is_start_path, request_body_length
@@ -108,7 +108,10 @@ class Connections:
         request = parse_request(head)
         if request.path in HEALTH_PATHS and request.method == "GET":
             ready = request.path == "/livez" or not self._draining()
-            await _respond(sock, *((200, "ok") if ready else (503, "draining")))
+            lines = ["ok" if ready else "draining"]
+            if request.path == "/readyz":  # and a line per pool member (wsgate.pools)
+                lines += self.sessions.pools.status(self.agents.values())
+            await send_and_close(sock, plain_lines_response(200 if ready else 503, lines))
             return None
         if request.path == METRICS_PATH and request.method == "GET" and self._serves_metrics:
             await send_and_close(sock, self.metrics.exposition(request.header("accept")))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
-__all__ = ["http_response", "json_parts", "json_response", "plain_response"]
+__all__ = ["http_response", "json_parts", "json_response", "plain_lines_response", "plain_response"]
 
 
 def http_response(
@@ -32,9 +32,14 @@ def http_response(
 
 def plain_response(status: int, text: str) -> bytes:
     """A response with a one-line plain-text body (an upgrade's refusal)."""
-    # The reason is one line by contract; make sure no CR/LF can split the response.
-    line = " ".join(text.split())
-    return http_response(status, (line + "\n").encode("utf-8"), "text/plain; charset=utf-8")
+    return plain_lines_response(status, [text])
+
+
+def plain_lines_response(status: int, lines: Sequence[str]) -> bytes:
+    """A plain-text response of one or more lines (``/readyz`` names pools' members)."""
+    # Each line is one line by contract; make sure no CR/LF can split the response.
+    text = "".join(" ".join(line.split()) + "\n" for line in lines)
+    return http_response(status, text.encode("utf-8"), "text/plain; charset=utf-8")
 
 
 def json_response(status: int, document: Any) -> bytes:

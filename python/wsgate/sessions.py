@@ -2,7 +2,8 @@
 
 :meth:`Sessions.admit` takes a :class:`~wsgate.routing.Route` that passed every check of the
 request and: takes a place in the agent's capacity (503) and the client's (429), claims the
-token (403 replayed, 503 store down), dials the bot (502/504) or picks the builtin echo or the
+token (403 replayed, 503 store down), dials the bot (a member of the agent's pool:
+:mod:`wsgate.pools`; 502/504) or picks the builtin echo or the
 in-process bot, answers 101 (unless a Twilio opening was read after it), and hands the sockets to
 the Rust engine. Whatever fails gives back the place and the token. A session's end (its
 :class:`_core.Outcome`) is logged once, with the provider and call id where known, never a
@@ -29,6 +30,7 @@ from .handshake import switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
 from .logs import session_fields
 from .metrics import Metrics
+from .pools import Member, Pools
 from .providers import Opening, OpeningReader
 from .request import Request
 from .routing import Route
@@ -59,6 +61,8 @@ class Opened:
     bot: tuple[Bot, BotArguments, SessionChannel] | None = None
     #: The client's address key (see :func:`~wsgate.admission.client_key`).
     client: str = ""
+    #: The upstream bot that serves it (see :mod:`wsgate.pools`), counted live until its end.
+    member: Member | None = None
 
 
 class Sessions:
@@ -85,6 +89,7 @@ class Sessions:
         self.time_limit = time_limit
         self._per_agent: dict[str, int] = {}
         self._per_client: dict[str, int] = {}
+        self.pools = Pools(settings.upstream_retry_after)
 
     def count(self, service_host: str | None = None) -> int:
         """Sessions open or being opened (past routing): of one service host, or in all."""
@@ -150,16 +155,26 @@ class Sessions:
         session_id = self.relay.new_session_id()
         answered = opening is not None
         inprocess = None if chosen is not None else self.bots.get(target.service_host)
-        upstream = chosen or (None if inprocess is not None else target.agent.upstream_url)
-        bot = None
-        if upstream is not None:
+        member = bot = None
+        # After a 101 already sent (Twilio), there is no subprotocol left to agree on.
+        offered = () if answered else target.subprotocols
+        if chosen is not None:  # authorize picked this session's bot
             with self.metrics.dialling(target.service_host):
                 bot = await dial(
-                    upstream,
+                    chosen,
                     session_uuid=session_uuid,
                     body_value=target.upstream_body,
-                    # After a 101 already sent (Twilio), there is no subprotocol left to agree on.
-                    subprotocols=() if answered else target.subprotocols,
+                    subprotocols=offered,
+                    timeout=settings.dial_timeout,
+                )
+        elif inprocess is None and target.agent.upstream is not None:
+            # The member of the agent's pool (a string: of one) that answers first.
+            with self.metrics.dialling(target.service_host):
+                member, bot = await self.pools.dial(
+                    target.agent,
+                    session_uuid=session_uuid,
+                    body_value=target.upstream_body,
+                    subprotocols=offered,
                     timeout=settings.dial_timeout,
                 )
         try:
@@ -181,10 +196,13 @@ class Sessions:
             if inprocess is not None:
                 return self._attach_inprocess(handover, target, request, inprocess, where)
             session = self.relay.start(handover)
+        except BaseException:
+            self.pools.release(member)
+            raise
         finally:
             if bot is not None:
                 bot.sock.close()  # no-op once detached
-        return Opened(session, *where)
+        return Opened(session, *where, member=member)
 
     def _attach_inprocess(
         self,
@@ -254,6 +272,7 @@ class Sessions:
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (its outcome came through the doorbell): free its place."""
         self.release(opened.service_host, opened.client)
+        self.pools.release(opened.member)
         self._finished(opened, outcome)
 
     def _finished(self, opened: Opened, outcome: _core.Outcome) -> None:
@@ -306,6 +325,9 @@ def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
 
     call = opened.opening
     via = "" if call is None else f" via {call.provider} call {call.call_id or '-'}"
+    member = opened.member
+    if member is not None and member.listed:
+        via += f" to {member.label}"
     log.info(
         "session %d %s %s%s ended by %s (%s) after %.1f s; client close %s, bot close %s; "
         "in %d msgs %d B, out %d msgs %d B",

@@ -1,4 +1,5 @@
-"""The dial of an upstream bot: TCP connect, its WebSocket upgrade, every failure as one 502.
+"""The dial of an upstream bot: TCP connect, its WebSocket upgrade, every failure as one
+``HttpError``: 504 when the bot did not answer in time, 502 for anything else.
 
 The bot's socket stays raw and non-blocking (see :mod:`wsgate._sockets`): it is handed to the Rust
 engine by file descriptor once the client's upgrade is answered.
@@ -44,8 +45,9 @@ async def dial(
 ) -> BotConnection:
     """Connect to the bot and complete its WebSocket upgrade within ``timeout`` seconds.
 
-    Every failure becomes ``HttpError(502, "bot unreachable: <reason>")``, with the bot's socket
-    closed: this is the one place that translates dial errors.
+    Every failure becomes ``HttpError(502, "bot unreachable: <reason>")`` (refused, no route, a
+    bad answer), or ``HttpError(504, "bot unreachable: timed out")`` when ``timeout`` ran out,
+    with the bot's socket closed: this is the one place that translates dial errors.
     """
     try:
         with anyio.fail_after(timeout):
@@ -66,7 +68,7 @@ async def dial(
                 sock.close()
                 raise
     except TimeoutError:
-        raise HttpError(502, "bot unreachable: timed out") from None
+        raise HttpError(504, "bot unreachable: timed out") from None
     except BotHandshakeError as exc:
         raise HttpError(502, f"bot unreachable: {exc}") from None
     except HeadTooLarge:

@@ -14,10 +14,8 @@
 mod handle;
 
 use std::future::Future;
-use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 pub use handle::{Delivery, Handle, Message};
@@ -26,13 +24,14 @@ use crate::counters::{Meter, Tally};
 use crate::driver::{self, Command, Io};
 use crate::limits::READ_BUF;
 use crate::session::{Action, Assembler, Inbound, Input, Kind, Limits, Outcome, Session, Side};
+use crate::stream::Stream;
 
 /// Serves one client for an in-process bot until the session ends. `deliver` queues a message
 /// for Python (and rings the doorbell); `meter` hears of its traffic.
 #[allow(clippy::too_many_arguments)] // the session's parts, each used once: no struct to name
 pub fn run<'a>(
     id: u64,
-    client: &'a TcpStream,
+    client: &'a Stream,
     pending: Vec<u8>,
     limits: Limits,
     handle: &'a Handle,
@@ -69,7 +68,7 @@ pub fn run<'a>(
 /// The client's socket and the session's side of the [`Handle`].
 struct Peer<'a, D> {
     id: u64,
-    client: &'a TcpStream,
+    client: &'a Stream,
     handle: &'a Handle,
     deliver: D,
     asm: Assembler,
@@ -153,8 +152,8 @@ impl<D: Fn(Message)> Peer<'_, D> {
             st.writing = self.out.len();
         } else if st.closed && self.shutdown {
             drop(st);
-            let _ = socket2::SockRef::from(self.client).shutdown(std::net::Shutdown::Write);
-            return false;
+            // With TLS the close_notify may wait for the socket: until then, not over.
+            return !matches!(self.client.shutdown_write(), Ok(true) | Err(_));
         }
         true
     }
@@ -187,39 +186,28 @@ impl<D: Fn(Message) + Send + Sync> Io for Peer<'_, D> {
         let has_credit = handle.undelivered.load(Ordering::Acquire) < handle.inbox_limit;
         let gone = Some(Input::Gone(Side::Client));
         tokio::select! {
-            r = client.readable(), if self.reading && has_credit => {
-                if r.is_err() {
-                    return gone;
+            r = client.read_vec(&mut self.inbuf, READ_BUF),
+                if (self.reading && has_credit) || (!self.reading && !self.client_closed) =>
+            {
+                if !self.reading {
+                    // After our close: read and drop until the client's close reply or EOF.
+                    self.inbuf.clear();
                 }
-                self.inbuf.reserve(READ_BUF);
-                match client.try_read_buf(&mut self.inbuf) {
-                    Ok(0) => gone,
+                match r {
+                    Ok(0) | Err(_) => gone,
                     Ok(_) => None,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => None,
-                    Err(_) => gone,
-                }
-            }
-            r = client.readable(), if !self.reading && !self.client_closed => {
-                // After our close: read and drop until the client's close reply or EOF.
-                let mut sink = Vec::with_capacity(READ_BUF);
-                match r.and_then(|()| client.try_read_buf(&mut sink)) {
-                    Ok(0) => gone,
-                    Err(e) if e.kind() != ErrorKind::WouldBlock => gone,
-                    _ => None,
                 }
             }
             _ = handle.credit_wake.notified(), if self.reading && !has_credit => None,
             _ = handle.out_wake.notified(), if self.out_pos == self.out.len() => None,
-            w = client.writable(), if self.out_pos < self.out.len() => {
-                if w.is_err() {
-                    return gone;
-                }
-                match client.try_write(&self.out[self.out_pos..]) {
+            w = client.write_async(&self.out[self.out_pos..]),
+                if self.out_pos < self.out.len() || client.pending_out() =>
+            {
+                match w {
                     Ok(n) => {
                         self.out_pos += n;
                         None
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => None,
                     Err(_) => gone,
                 }
             }
