@@ -361,7 +361,7 @@ impl Engine {
         snapshot.into_iter().map(AgentCounts::from).collect()
     }
 
-    #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None, agent = None))]
+    #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None, *, agent = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn relay(
         &self,
@@ -393,7 +393,7 @@ impl Engine {
         Ok(())
     }
 
-    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None, agent = None))]
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None, *, agent = None))]
     fn echo(
         &self,
         session_id: u64,
@@ -428,7 +428,7 @@ impl Engine {
         items.into_iter().map(|i| item_to_py(py, i)).collect()
     }
 
-    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None, agent = None))]
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None, *, agent = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn attach(
         &self,

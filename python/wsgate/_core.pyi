@@ -206,6 +206,7 @@ class Engine:
         bot_pending: bytes,
         max_message_size: int,
         time_limit: float | None = None,
+        *,
         agent: int | None = None,
     ) -> None:
         """Relay a session between a client (we are its server) and a bot (we are its client).
@@ -225,6 +226,7 @@ class Engine:
         client_pending: bytes,
         max_message_size: int,
         time_limit: float | None = None,
+        *,
         agent: int | None = None,
     ) -> None:
         """Serve a client with the built-in echo bot: every message comes back unchanged."""
@@ -238,6 +240,7 @@ class Engine:
         inbox_limit: int,
         send_buffer_limit: int,
         time_limit: float | None = None,
+        *,
         agent: int | None = None,
     ) -> None:
         """Serve a client for an in-process bot: the engine speaks WebSocket (reassembly, UTF-8

@@ -210,7 +210,7 @@ class Relay:
                     peer.pending,
                     limits.max_message_size,
                     limits.time_limit,
-                    agent,
+                    agent=agent,
                 )
             elif isinstance(peer, InProcess):
                 self.engine.attach(
@@ -221,7 +221,7 @@ class Relay:
                     peer.inbox_limit,
                     peer.send_buffer_limit,
                     limits.time_limit,
-                    agent,
+                    agent=agent,
                 )
             else:
                 self.engine.echo(
@@ -230,7 +230,7 @@ class Relay:
                     handover.client_pending,
                     limits.max_message_size,
                     limits.time_limit,
-                    agent,
+                    agent=agent,
                 )
         except BaseException:
             self._live.pop(handover.session_id, None)
