@@ -33,10 +33,11 @@ from websockets.exceptions import ConnectionClosed
 import wsgate.tokens
 from wsgate import AgentConfig, BotArguments, Config, Gateway, GatewaySettings, OrgConfig
 from wsgate.cli import main
-from wsgate.errors import HttpError
+from wsgate.errors import HttpError, ReplayStoreUnavailable
 from wsgate.logs import JsonFormatter
 from wsgate.metrics import close_code_label, dial_failure, ended_by
 from wsgate.status import parse, quantile, render, status
+from wsgate.tokens import TokenAuthority
 
 from .conftest import Bot, Sentinel, connect, http_exchange, in_thread, upgrade_request
 from .processes import TIMEOUT, Wsgate
@@ -578,6 +579,58 @@ async def test_rate_limited_requests_and_twilio_refusals_are_counted(bot: Bot) -
         (("agent", ""), ("status", "400")): 1,
     }
     assert m.series("wsgate_token_rejections_total") == {(("reason", "missing"),): 1}
+
+
+async def test_sessions_ended_by_the_gateways_limits_are_gateway_limit(bot: Bot) -> None:
+    with refused_port() as dead:
+        cfg = config(bot.url, dead, max_message_size=100)
+    async with Gateway(cfg, session_time_limit=0.3).running() as gw:
+
+        def closed_with(message: str | None) -> int:
+            with connect(f"{gw.url}/ws/generic/relay.test") as ws:
+                if message is not None:
+                    ws.send(message)
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(TIMEOUT)
+            assert closed.value.rcvd is not None
+            return closed.value.rcvd.code
+
+        assert await in_thread(closed_with, "x" * 101) == 1009
+        assert await in_thread(closed_with, None) == 1000  # the time limit
+        bot.wait_ended(2)
+        await eventually(lambda: gw.sessions() == 0)
+        m = await scrape(gw.port)
+    assert m.series("wsgate_sessions_closed_total") == {
+        (("agent", "relay.test"), ("code", "1009"), ("ended_by", "gateway_limit")): 1,
+        (("agent", "relay.test"), ("code", "1000"), ("ended_by", "gateway_limit")): 1,
+    }
+
+
+class FailingStore:
+    """A replay store that cannot answer."""
+
+    async def claim(self, nonce: str, exp: int) -> bool:
+        raise ReplayStoreUnavailable("replay store down")
+
+    async def release(self, nonce: str) -> None:
+        raise ReplayStoreUnavailable("replay store down")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_replay_store_failures_are_counted_and_refused_with_503(bot: Bot) -> None:
+    authority = TokenAuthority([SECRET], store=FailingStore())
+    with refused_port() as dead:
+        cfg = config(bot.url, dead)
+    async with Gateway(cfg, authority=authority).running() as gw:
+        token = wsgate.tokens.mint(SECRET, "talk.test").token
+        assert await upgrade(gw, "/ws/generic/talk.test", bearer(token)) == 503
+        m = await scrape(gw.port)
+    assert isinstance(authority.store, FailingStore), "the caller's authority is left as it was"
+    assert m("wsgate_replay_store_errors_total") == 1
+    assert m("wsgate_replay_store_seconds_count") == 1
+    assert m("wsgate_upgrades_refused_total", agent="talk.test", status="503") == 1
 
 
 def test_json_log_lines_of_wsgate_serve_parse_and_hold_the_session_fields(
