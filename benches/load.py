@@ -384,6 +384,8 @@ class Websocat(Target):
 
 class Wsgate(Target):
     name = "wsgate"
+    #: Extra lines of its [gateway] table.
+    settings = ""
 
     def __init__(self, tmp: Path, up: int, python: str, max_sessions: int):
         super().__init__(tmp, up)
@@ -413,12 +415,14 @@ class Wsgate(Target):
                 "build it with `pip install .`"
             )
             return
-        cfg = self.tmp / "wsgate.toml"
+        cfg = self.tmp / f"{self.name}.toml"
+        out = self.tmp / f"{self.name}.out"
         cfg.write_text(
             "[gateway]\n"
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
-            "max_message_size = 1048576\n\n"
+            "max_message_size = 1048576\n"
+            f"{self.settings}\n"
             "[[org]]\n"
             'name = "bench"\n'
             "public_keys = []\n\n"
@@ -430,9 +434,9 @@ class Wsgate(Target):
             f"max_sessions = {self.max_sessions}\n"
         )
         cmd = [self.python, "-m", "wsgate", "serve", "--config", str(cfg), "--port", str(self.port)]
-        self.proc = spawn(cmd, self.tmp / "wsgate.out", cwd=REPO)
+        self.proc = spawn(cmd, out, cwd=REPO)
         if not wait_port(self.port, 20, self.proc):
-            self.skip = f"wsgate did not start: {(self.tmp / 'wsgate.out').read_text()[-400:]}"
+            self.skip = f"wsgate did not start: {out.read_text()[-400:]}"
         where = subprocess.run(
             [self.python, "-c", "import os, wsgate._core as c; print(os.path.dirname(c.__file__))"],
             capture_output=True,
@@ -448,6 +452,17 @@ class Wsgate(Target):
             f"python -m wsgate serve --config {cfg.name} (wsgate from {where}"
             f"{', commit ' + rev if rev else ''}; max_sessions {self.max_sessions})"
         )
+
+
+class WsgateNoMetrics(Wsgate):
+    """wsgate with `metrics = false`: run beside `wsgate`, the cost of its metrics (the relay
+    engine's live counters per agent) per relayed message."""
+
+    name = "wsgate-nometrics"
+    settings = "metrics = false\n"
+
+    def variants(self) -> list[tuple[str, str]]:
+        return [(self.name, self.url)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1051,6 +1066,9 @@ def main() -> int:
         "nginx": lambda: Nginx(tmp, up, a.nginx_workers, a.nginx_buffer_size),
         "websocat": lambda: Websocat(tmp, up),
         "wsgate": lambda: Wsgate(tmp, up, a.wsgate_python, max(10000, 2 * a.idle_conns)),
+        "wsgate-nometrics": lambda: WsgateNoMetrics(
+            tmp, up, a.wsgate_python, max(10000, 2 * a.idle_conns)
+        ),
     }
     targets: list[Target] = []
     skipped: dict[str, str] = {}

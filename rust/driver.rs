@@ -5,6 +5,9 @@
 //!
 //! One timer per session, created once and reset rather than a fresh `Sleep` per turn: first the
 //! time limit, then, once the session is ending, the close timeout.
+//!
+//! After each turn the loop publishes what the session carried to its agent's live counters
+//! ([`Meter`]): a few relaxed atomic adds per read, nothing per message.
 
 use std::future::Future;
 use std::time::Duration;
@@ -12,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
+use crate::counters::{Meter, Tally};
 use crate::limits::CLOSE_TIMEOUT;
 use crate::session::{Action, Input, Outcome, Session};
 
@@ -35,11 +39,12 @@ pub trait Io {
     /// Carries out one of the core's actions (never [`Action::Drop`]: the loop ends then).
     fn apply(&mut self, action: Action);
 
-    /// Adds the message and byte counts to the outcome.
-    fn count(&self, outcome: &mut Outcome);
+    /// Data messages and payload bytes carried so far, each way.
+    fn tally(&self) -> Tally;
 }
 
-/// Runs a session until its I/O is done or the core drops it, and returns how it ended.
+/// Runs a session until its I/O is done or the core drops it, and returns how it ended;
+/// `meter` hears of its traffic as it goes.
 ///
 /// A plain `fn` around an `async move` block, not an `async fn`: an `async fn` keeps each
 /// argument twice in its future (as the argument and as the local it is moved into), and this
@@ -49,6 +54,7 @@ pub fn run(
     mut io: impl Io,
     time_limit: Option<Duration>,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    mut meter: Meter,
 ) -> impl Future<Output = Outcome> {
     // Far enough never to fire; tokio's wheel clamps it.
     let first = Instant::now() + time_limit.unwrap_or(Duration::from_secs(365 * 86400));
@@ -66,10 +72,13 @@ pub fn run(
                     }
                 },
                 () = &mut timer => Input::Timer,
-                input = io.step() => match input {
-                    Some(input) => input,
-                    None => continue,
-                },
+                input = io.step() => {
+                    meter.publish(io.tally());
+                    match input {
+                        Some(input) => input,
+                        None => continue,
+                    }
+                }
             };
             for action in session.on(input) {
                 if action == Action::Drop {
@@ -82,7 +91,10 @@ pub fn run(
             }
         }
         let mut outcome = session.into_outcome();
-        io.count(&mut outcome);
+        let t = io.tally();
+        meter.publish(t);
+        (outcome.messages_in, outcome.bytes_in) = (t.messages_in, t.bytes_in);
+        (outcome.messages_out, outcome.bytes_out) = (t.messages_out, t.bytes_out);
         outcome
     }
 }

@@ -4,6 +4,7 @@
 use std::future::Future;
 use tokio::sync::mpsc;
 
+use crate::counters::{Meter, Tally};
 use crate::driver::{self, Command, Io};
 use crate::pump::Pump;
 use crate::session::{Action, Input, Kind, Limits, Outcome, Session, Side, Transform};
@@ -17,6 +18,7 @@ pub fn run(
     pending: Vec<u8>,
     limits: Limits,
     commands: mpsc::UnboundedReceiver<Command>,
+    meter: Meter,
 ) -> impl Future<Output = Outcome> + '_ {
     let pump = Pump::new(
         client,
@@ -31,6 +33,7 @@ pub fn run(
         io,
         limits.time_limit,
         commands,
+        meter,
     )
 }
 
@@ -63,9 +66,13 @@ impl Io for Echo<'_> {
         }
     }
 
-    fn count(&self, o: &mut Outcome) {
+    fn tally(&self) -> Tally {
         let (messages, bytes) = self.pump.counts();
-        (o.messages_in, o.bytes_in) = (messages, bytes);
-        (o.messages_out, o.bytes_out) = (messages, bytes);
+        Tally {
+            messages_in: messages,
+            bytes_in: bytes,
+            messages_out: messages,
+            bytes_out: bytes,
+        }
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Python learns of finished sessions through one doorbell (a socketpair) per engine: a byte is
 //! written when the outcome queue turns non-empty, so one event-loop wake-up drains many
-//! outcomes. Nothing here touches Python or holds its GIL.
+//! outcomes. Nothing here touches Python or holds its GIL. Live counts per agent, for metrics,
+//! are the [`Counters`]' (a session of a registered agent carries a `Meter` on them).
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
@@ -17,6 +18,7 @@ use tokio::runtime::Handle as Runtime;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
+use crate::counters::{Counters, Meter, Served, Snapshot};
 use crate::driver::Command;
 use crate::inproc::{self, Handle, Message};
 use crate::relay::Pending;
@@ -145,6 +147,7 @@ pub struct Engine {
     shared: Arc<Shared>,
     bell_rx: UnixStream,
     dead_peer_timeout: Duration,
+    counters: Counters,
 }
 
 impl Engine {
@@ -169,6 +172,7 @@ impl Engine {
             inproc: Mutex::new(HashMap::new()),
         });
         Ok(Self {
+            counters: Counters::new(workers.len()),
             workers,
             next: std::sync::atomic::AtomicUsize::new(0),
             shared,
@@ -182,13 +186,24 @@ impl Engine {
         self.bell_rx.as_raw_fd()
     }
 
-    /// The runtime of the worker whose turn it is.
-    fn runtime(&self) -> io::Result<&Runtime> {
+    /// The worker whose turn it is: its index and its runtime.
+    fn runtime(&self) -> io::Result<(usize, &Runtime)> {
         if self.workers.is_empty() {
             return Err(io::Error::other("engine is shut down"));
         }
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(&self.workers[i % self.workers.len()].handle)
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.workers.len();
+        Ok((i, &self.workers[i].handle))
+    }
+
+    /// The index of agent `name` in the live counters, registered now if it is new. Sessions
+    /// started with that index are counted (see [`counters`](Self::counters)).
+    pub fn register_agent(&self, name: &str) -> usize {
+        self.counters.register(name)
+    }
+
+    /// Every registered agent's live counters.
+    pub fn counters(&self) -> Vec<Snapshot> {
+        self.counters.snapshot()
     }
 
     fn register(&self, id: u64) -> io::Result<mpsc::UnboundedReceiver<Command>> {
@@ -205,39 +220,57 @@ impl Engine {
     }
 
     /// Runs one session on the next worker: `adopt` takes its sockets into that worker's
-    /// runtime, `session` relays them until the end. Its outcome is queued however it ends.
+    /// runtime, `session` relays them until the end, counted for `agent` (an index from
+    /// [`register_agent`](Self::register_agent), or `None`) as served by `served`. Its outcome
+    /// is queued however it ends.
     fn launch<S, F, Fut>(
         &self,
         id: u64,
+        (agent, served): (Option<usize>, Served),
         adopt: impl FnOnce() -> io::Result<S>,
         session: F,
     ) -> io::Result<()>
     where
         S: Send + 'static,
-        F: FnOnce(S, mpsc::UnboundedReceiver<Command>, Arc<Shared>) -> Fut + Send + 'static,
+        F: FnOnce(S, mpsc::UnboundedReceiver<Command>, Arc<Shared>, Meter) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Outcome> + Send,
     {
-        let rt = self.runtime()?;
+        if !self.counters.knows(agent) {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "unknown agent index",
+            ));
+        }
+        let (worker, rt) = self.runtime()?;
         let sockets = {
             let _guard = rt.enter();
             adopt()?
         };
         let rx = self.register(id)?;
+        // Counted from here on: the session's task owns the meter, however it ends.
+        let meter = self.counters.meter(agent, served, worker);
         let mut report = Report {
             shared: self.shared.clone(),
             outcome: Some(Outcome::new(id)),
         };
         rt.spawn(async move {
             let shared = report.shared.clone();
-            report.outcome = Some(session(sockets, rx, shared).await);
+            report.outcome = Some(session(sockets, rx, shared, meter).await);
             drop(report); // queues the outcome
         });
         Ok(())
     }
 
     /// Relays between a client (we are its server) and a bot (we are its client), both past
-    /// their handshakes.
-    pub fn relay(&self, id: u64, client: Handed, bot: Handed, limits: Limits) -> io::Result<()> {
+    /// their handshakes. `agent`: the index its traffic is counted under, if any.
+    pub fn relay(
+        &self,
+        id: u64,
+        client: Handed,
+        bot: Handed,
+        limits: Limits,
+        agent: Option<usize>,
+    ) -> io::Result<()> {
         let dpt = self.dead_peer_timeout;
         let pending = Pending {
             client: client.pending,
@@ -246,21 +279,31 @@ impl Engine {
         let (c, b) = ((client.sock, client.tls), (bot.sock, bot.tls));
         self.launch(
             id,
+            (agent, Served::Upstream),
             || Ok((adopt(c.0, c.1, dpt)?, adopt(b.0, b.1, dpt)?)),
-            move |(client, bot), rx, _| async move {
-                relay::run(id, &client, &bot, pending, limits, rx).await
+            move |(client, bot), rx, _, meter| async move {
+                relay::run(id, &client, &bot, pending, limits, rx, meter).await
             },
         )
     }
 
-    /// Serves a client with the built-in echo bot.
-    pub fn echo(&self, id: u64, client: Handed, limits: Limits) -> io::Result<()> {
+    /// Serves a client with the built-in echo bot, counted for `agent` if given.
+    pub fn echo(
+        &self,
+        id: u64,
+        client: Handed,
+        limits: Limits,
+        agent: Option<usize>,
+    ) -> io::Result<()> {
         let dpt = self.dead_peer_timeout;
         let (sock, tls, pending) = (client.sock, client.tls, client.pending);
         self.launch(
             id,
+            (agent, Served::Builtin),
             || adopt(sock, tls, dpt),
-            move |client, rx, _| async move { echo::run(id, &client, pending, limits, rx).await },
+            move |client, rx, _, meter| async move {
+                echo::run(id, &client, pending, limits, rx, meter).await
+            },
         )
     }
 
@@ -273,6 +316,7 @@ impl Engine {
         limits: Limits,
         inbox_limit: usize,
         send_buffer_limit: usize,
+        agent: Option<usize>,
     ) -> io::Result<()> {
         let dpt = self.dead_peer_timeout;
         let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit));
@@ -280,10 +324,11 @@ impl Engine {
         let (sock, tls, pending) = (client.sock, client.tls, client.pending);
         self.launch(
             id,
+            (agent, Served::InProcess),
             || adopt(sock, tls, dpt),
-            move |client, rx, shared| async move {
+            move |client, rx, shared, meter| async move {
                 let deliver = |m: Message| shared.push(Item::Message(m));
-                inproc::run(id, &client, pending, limits, &ours, rx, deliver).await
+                inproc::run(id, &client, pending, limits, &ours, rx, deliver, meter).await
             },
         )?;
         // Registered after the launch: a session that failed to start has no handle to leak.

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod body;
+pub mod counters;
 pub mod driver;
 pub mod echo;
 pub mod engine;

@@ -13,7 +13,7 @@ use pyo3::types::{PyBytes, PyString};
 
 use crate::inproc::Delivery;
 use crate::py_tls::{self, TlsConnection};
-use crate::{body, engine, limits, session, token};
+use crate::{body, counters, engine, limits, session, token};
 
 /// Largest upgrade request line plus headers, in bytes (SPEC §2). HTTP is the control plane's
 /// and no Rust code reads a request head; the number is defined here, beside the other limits
@@ -24,7 +24,8 @@ pyo3::create_exception!(
     _core,
     TokenError,
     PyValueError,
-    "A session token that is refused; the message never holds the token."
+    "A session token that is refused: `kind` names the check that refused it; the message never \
+     holds the token."
 );
 
 pyo3::create_exception!(
@@ -57,7 +58,21 @@ impl From<body::BodyError> for PyErr {
 
 impl From<token::TokenError> for PyErr {
     fn from(e: token::TokenError) -> Self {
-        TokenError::new_err(e.reason())
+        let kind = match e {
+            token::TokenError::Malformed => "malformed",
+            token::TokenError::BadSignature => "bad_signature",
+            token::TokenError::WrongServiceHost => "wrong_service_host",
+            token::TokenError::Expired => "expired",
+            token::TokenError::BodyMissing => "body_missing",
+            token::TokenError::BodyNotBound => "body_not_bound",
+            token::TokenError::BodyMismatch => "body_mismatch",
+        };
+        Python::attach(|py| {
+            let err = TokenError::new_err(e.reason());
+            // Setting an attribute on a fresh exception instance cannot fail.
+            let _ = err.value(py).setattr("kind", kind);
+            err
+        })
     }
 }
 
@@ -153,6 +168,7 @@ struct Outcome {
     bot_close: Option<(u16, String)>,
     ended_by: &'static str,
     detail: String,
+    code: u16,
     messages_in: u64,
     messages_out: u64,
     bytes_in: u64,
@@ -163,8 +179,14 @@ struct Outcome {
 impl Outcome {
     fn __repr__(&self) -> String {
         format!(
-            "Outcome(session_id={}, ended_by={:?}, detail={:?}, client_close={:?}, bot_close={:?})",
-            self.session_id, self.ended_by, self.detail, self.client_close, self.bot_close
+            "Outcome(session_id={}, ended_by={:?}, detail={:?}, code={}, client_close={:?}, \
+             bot_close={:?})",
+            self.session_id,
+            self.ended_by,
+            self.detail,
+            self.code,
+            self.client_close,
+            self.bot_close
         )
     }
 }
@@ -177,10 +199,51 @@ impl From<session::Outcome> for Outcome {
             bot_close: o.bot_close,
             ended_by: o.ended_by.as_str(),
             detail: o.detail,
+            code: o.code,
             messages_in: o.messages_in,
             messages_out: o.messages_out,
             bytes_in: o.bytes_in,
             bytes_out: o.bytes_out,
+        }
+    }
+}
+
+/// One agent's live counters (see `Engine.counters`).
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+struct AgentCounts {
+    agent: String,
+    opened: u64,
+    active_upstream: u64,
+    active_inprocess: u64,
+    active_builtin: u64,
+    messages_in: u64,
+    messages_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+#[pymethods]
+impl AgentCounts {
+    fn __repr__(&self) -> String {
+        format!(
+            "AgentCounts(agent={:?}, opened={})",
+            self.agent, self.opened
+        )
+    }
+}
+
+impl From<counters::Snapshot> for AgentCounts {
+    fn from(s: counters::Snapshot) -> Self {
+        Self {
+            agent: s.name,
+            opened: s.opened,
+            active_upstream: s.active_upstream,
+            active_inprocess: s.active_inprocess,
+            active_builtin: s.active_builtin,
+            messages_in: s.tally.messages_in,
+            messages_out: s.tally.messages_out,
+            bytes_in: s.tally.bytes_in,
+            bytes_out: s.tally.bytes_out,
         }
     }
 }
@@ -315,7 +378,16 @@ impl Engine {
         self.engine().doorbell_fd()
     }
 
-    #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None, client_tls = None, bot_tls = None))]
+    fn register_agent(&self, name: &str) -> usize {
+        self.engine().register_agent(name)
+    }
+
+    fn counters(&self) -> Vec<AgentCounts> {
+        let snapshot = self.engine().counters();
+        snapshot.into_iter().map(AgentCounts::from).collect()
+    }
+
+    #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None, client_tls = None, bot_tls = None, *, agent = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn relay(
         &self,
@@ -328,15 +400,18 @@ impl Engine {
         time_limit: Option<f64>,
         client_tls: Option<&TlsConnection>,
         bot_tls: Option<&TlsConnection>,
+        agent: Option<usize>,
     ) -> PyResult<()> {
         let client = handed(client_fd, client_pending, client_tls)?;
         let bot = handed(bot_fd, bot_pending, bot_tls)?;
         let limits = check_limits(max_message_size, time_limit)?;
-        self.engine().relay(session_id, client, bot, limits)?;
+        self.engine()
+            .relay(session_id, client, bot, limits, agent)?;
         Ok(())
     }
 
-    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None, client_tls = None))]
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, time_limit = None, client_tls = None, *, agent = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn echo(
         &self,
         session_id: u64,
@@ -345,10 +420,11 @@ impl Engine {
         max_message_size: u64,
         time_limit: Option<f64>,
         client_tls: Option<&TlsConnection>,
+        agent: Option<usize>,
     ) -> PyResult<()> {
         let client = handed(client_fd, client_pending, client_tls)?;
         let limits = check_limits(max_message_size, time_limit)?;
-        self.engine().echo(session_id, client, limits)?;
+        self.engine().echo(session_id, client, limits, agent)?;
         Ok(())
     }
 
@@ -361,7 +437,7 @@ impl Engine {
         items.into_iter().map(|i| item_to_py(py, i)).collect()
     }
 
-    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None, client_tls = None))]
+    #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None, client_tls = None, *, agent = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn attach(
         &self,
@@ -373,11 +449,13 @@ impl Engine {
         send_buffer_limit: usize,
         time_limit: Option<f64>,
         client_tls: Option<&TlsConnection>,
+        agent: Option<usize>,
     ) -> PyResult<()> {
         let client = handed(client_fd, client_pending, client_tls)?;
         let limits = check_limits(max_message_size, time_limit)?;
+        let (inbox, send) = (inbox_limit, send_buffer_limit);
         self.engine()
-            .attach(session_id, client, limits, inbox_limit, send_buffer_limit)?;
+            .attach(session_id, client, limits, inbox, send, agent)?;
         Ok(())
     }
 
@@ -436,6 +514,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Outcome>()?;
     m.add_class::<Message>()?;
+    m.add_class::<AgentCounts>()?;
     // TLS
     py_tls::register(m)?;
     Ok(())

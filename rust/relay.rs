@@ -5,6 +5,7 @@
 use std::future::Future;
 use tokio::sync::mpsc;
 
+use crate::counters::{Meter, Tally};
 use crate::driver::{self, Command, Io};
 use crate::pump::Pump;
 use crate::session::{Action, Input, Kind, Limits, Outcome, Session, Side, Transform};
@@ -27,6 +28,7 @@ pub fn run<'a>(
     pending: Pending,
     limits: Limits,
     commands: mpsc::UnboundedReceiver<Command>,
+    meter: Meter,
 ) -> impl Future<Output = Outcome> + 'a {
     let max = limits.max_message_size;
     let io = Pair {
@@ -38,6 +40,7 @@ pub fn run<'a>(
         io,
         limits.time_limit,
         commands,
+        meter,
     )
 }
 
@@ -83,8 +86,14 @@ impl Io for Pair<'_> {
         }
     }
 
-    fn count(&self, o: &mut Outcome) {
-        (o.messages_in, o.bytes_in) = self.up.counts();
-        (o.messages_out, o.bytes_out) = self.down.counts();
+    fn tally(&self) -> Tally {
+        let (messages_in, bytes_in) = self.up.counts();
+        let (messages_out, bytes_out) = self.down.counts();
+        Tally {
+            messages_in,
+            bytes_in,
+            messages_out,
+            bytes_out,
+        }
     }
 }

@@ -14,6 +14,7 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "TIME_LIMIT_REASON",
     "TOKEN_TTL_SECONDS",
+    "AgentCounts",
     "BodyError",
     "Engine",
     "Message",
@@ -72,6 +73,11 @@ def check_body_json(document: bytes) -> None:
 class TokenError(ValueError):
     """A refused session token. The message is a reason, never the token."""
 
+    #: The check that refused it: ``"malformed"``, ``"bad_signature"``,
+    #: ``"wrong_service_host"``, ``"expired"``, ``"body_missing"``, ``"body_not_bound"`` or
+    #: ``"body_mismatch"``.
+    kind: str
+
 @final
 class TokenKeys:
     """A deployment's signing secrets, keyed once (what the gateway uses per request): the
@@ -126,6 +132,34 @@ class Outcome:
     ended_by: str
     #: One line for the log, e.g. ``"client closed"``, ``"bot lost"``, ``"client message too big"``.
     detail: str
+    #: The close code the session ended with: that of the close frame that ended it (1005 for
+    #: one without a code), the gateway's own (a :meth:`Engine.close`'s, 1000 at the time limit,
+    #: 1002/1007/1009 for a broken rule), or 1006 when a connection ended without a close.
+    code: int
+    #: Data messages client -> bot (for an in-process bot: delivered to it).
+    messages_in: int
+    #: Data messages bot -> client (for an in-process bot: those it sent).
+    messages_out: int
+    #: Their payload bytes.
+    bytes_in: int
+    bytes_out: int
+
+@final
+class AgentCounts:
+    """One agent's live counters, as :meth:`Engine.counters` read them: totals since the
+    agent was registered, of ended and live sessions alike."""
+
+    #: The name given to :meth:`Engine.register_agent`.
+    agent: str
+    #: Sessions started.
+    opened: int
+    #: Live sessions served by a dialled bot (:meth:`Engine.relay`).
+    active_upstream: int
+    #: Live sessions served by an in-process bot (:meth:`Engine.attach`).
+    active_inprocess: int
+    #: Live sessions served by the built-in echo bot (:meth:`Engine.echo`).
+    active_builtin: int
+    #: Data messages and payload bytes, client -> bot (``in``) and bot -> client (``out``).
     messages_in: int
     messages_out: int
     bytes_in: int
@@ -158,6 +192,15 @@ class Engine:
     def doorbell(self) -> int:
         """A file descriptor that is readable while outcomes wait to be drained."""
 
+    def register_agent(self, name: str) -> int:
+        """The index of agent ``name`` in the live counters (registered now if new; the same
+        name gives the same index). A session started with ``agent=`` that index is counted
+        under it: opened, active, and its messages and bytes as they flow, published by the
+        session's thread once per read (a few relaxed atomic adds, nothing per message)."""
+
+    def counters(self) -> list[AgentCounts]:
+        """Every registered agent's counters, in the order of registration."""
+
     def relay(
         self,
         session_id: int,
@@ -169,10 +212,14 @@ class Engine:
         time_limit: float | None = None,
         client_tls: TlsConnection | None = None,
         bot_tls: TlsConnection | None = None,
+        *,
+        agent: int | None = None,
     ) -> None:
         """Relay a session between a client (we are its server) and a bot (we are its client).
         After ``time_limit`` seconds both sides get 1000 "session time limit". ``*_tls``: the
         TLS connection on that socket, taken over in the state its handshake left it.
+        ``agent``: an index from :meth:`register_agent` to count the session under (an index
+        never registered raises ``OSError``).
 
         ``*_pending`` are bytes already read from each socket past its HTTP handshake: they are
         the start of that side's frame stream. Takes ownership of both descriptors, also when
@@ -187,6 +234,8 @@ class Engine:
         max_message_size: int,
         time_limit: float | None = None,
         client_tls: TlsConnection | None = None,
+        *,
+        agent: int | None = None,
     ) -> None:
         """Serve a client with the built-in echo bot: every message comes back unchanged."""
 
@@ -200,6 +249,8 @@ class Engine:
         send_buffer_limit: int,
         time_limit: float | None = None,
         client_tls: TlsConnection | None = None,
+        *,
+        agent: int | None = None,
     ) -> None:
         """Serve a client for an in-process bot: the engine speaks WebSocket (reassembly, UTF-8
         checks, pongs, closes) and reports whole messages through :meth:`drain`. Past

@@ -7,7 +7,9 @@
   ``WSGATE_PUBLIC_KEY``;
 - ``wsgate token mint|verify [--body JSON]``: for operators, with the secrets of ``--config``
   (or ``WSGATE_SECRETS``). ``verify`` reads the token from standard input, so it stays out of
-  the process list and shell history. A token binds its body exactly as one from ``/start``.
+  the process list and shell history. A token binds its body exactly as one from ``/start``;
+- ``wsgate status [--url URL]``: a running gateway's ``/metrics`` as a table per agent
+  (:mod:`wsgate.status`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import signal
 import ssl
 import sys
 import time
+import urllib.error
 from collections.abc import Sequence
 
 import anyio
@@ -30,7 +33,9 @@ from .body import encode_body
 from .client import StartError, start_sync
 from .config import default_config, load_config
 from .errors import ConfigError, HttpError, WsgateError
+from .logs import configure as configure_logging
 from .server import Gateway
+from .status import status
 from .tokens import TokenAuthority, check_body, load_secrets
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -60,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--ca-file", help="PEM roots for an https:// gateway with a private CA (default: system's)"
     )
+    show = commands.add_parser("status", help="a running gateway's metrics, per agent")
+    show.add_argument(
+        "--url",
+        default="http://127.0.0.1:8765",
+        help="the gateway, or its metrics listener (default: %(default)s)",
+    )
+    show.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between the two scrapes that give msgs/s; 0: one scrape (default: 1)",
+    )
     token = commands.add_parser("token", help="mint or check session tokens (operators)")
     token.add_argument("action", choices=("mint", "verify"))
     token.add_argument("--agent", required=True, help="service host {agent}.{org}")
@@ -79,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _start(args)
     if args.command == "token":
         return _token(args)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    if args.command == "status":
+        return _status(args)
     try:
         config = load_config(args.config) if args.config else default_config()
         changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -90,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wsgate: {exc}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, config.gateway.log_format)
     _raise_open_files_limit()
     try:
         anyio.run(_serve, gateway, args.config is None, backend=args.backend)
@@ -142,6 +161,15 @@ def _start(args: argparse.Namespace) -> int:
     answer = {"token": result.token, "wsUrl": result.ws_url, "sessionId": result.session_id,
               "body": result.body}  # fmt: skip
     print(json.dumps({k: v for k, v in answer.items() if v is not None}))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        print(status(args.url, args.interval))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"wsgate: cannot read {args.url.rstrip('/')}/metrics: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

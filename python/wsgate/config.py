@@ -56,6 +56,7 @@ BotFunction = Callable[[Any], Awaitable[Any]]
 _BOT_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 BUILTINS = frozenset({"echo"})
 WebsocketAuth = Literal["none", "token"]
+LogFormat = Literal["text", "json"]
 _T = TypeVar("_T")
 
 
@@ -160,9 +161,21 @@ class GatewaySettings:
     #: Seconds a session's lease in the capacity store lives unless renewed (every third of
     #: it): how long a gateway that died still counts.
     lease_ttl: float = 30.0
+    #: Prometheus metrics at ``GET /metrics`` (docs/OPERATIONS.md). False: 404, and the relay
+    #: engine counts nothing.
+    metrics: bool = True
+    #: A separate plain-HTTP listener for ``/metrics``, ``/livez`` and ``/readyz`` (0: any free
+    #: port); ``/metrics`` then leaves the gateway's own port. It stays open while the gateway
+    #: drains, so ``/readyz`` answers 503 there. Unset: no such listener.
+    metrics_port: int | None = None
+    #: Where that listener binds: loopback by default, so the metrics need not be public.
+    metrics_host: str = "127.0.0.1"
+    #: ``wsgate serve``'s log lines: ``"text"``, or ``"json"`` (one object per line; see
+    #: :mod:`wsgate.logs`).
+    log_format: LogFormat = "text"
 
     def __post_init__(self) -> None:
-        for name in ("host", "region"):
+        for name in ("host", "region", "metrics_host"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string")
         if self.public_url is not None and not isinstance(self.public_url, str):
@@ -186,6 +199,13 @@ class GatewaySettings:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
+        if not isinstance(self.metrics, bool):
+            raise ConfigError(f"metrics must be true or false, got {self.metrics!r}")
+        port = self.metrics_port
+        if port is not None and (not _is_int(port) or not 0 <= port <= 65535):
+            raise ConfigError(f"metrics_port must be an integer of 0 to 65535, got {port!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for name in ("client_request_rate", "start_rate_per_key"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
@@ -481,9 +501,11 @@ _FILE_TYPES = {
     "str": "a string",
     "int": "an integer",
     "float": "a number",
+    "bool": "a boolean",
     "Sequence[str]": "a list of strings",
     "str | Sequence[str]": "a string or a list of strings",
     "WebsocketAuth": "a string",
+    "LogFormat": "a string",
     "BotFunction | str": "a string",  # a file names a bot; only code passes the callable
 }
 
@@ -508,4 +530,6 @@ def _has_type(value: object, expected: str) -> bool:
         return _is_int(value)
     if expected == "a number":
         return _is_int(value) or isinstance(value, float)
+    if expected == "a boolean":
+        return isinstance(value, bool)
     return isinstance(value, list) and all(isinstance(v, str) for v in value)

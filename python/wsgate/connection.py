@@ -5,7 +5,9 @@ is being sent: :class:`~wsgate.admission.PendingReads`) -> parse -> a health che
 (:mod:`wsgate.start`), ``/ws/twilio`` (answer the upgrade, read the opening, then route), or
 :func:`~wsgate.routing.route` -> :meth:`~wsgate.sessions.Sessions.admit`. Every refusal is
 answered here, in one place: an ``HttpError`` before the upgrade is a plain-text response, after
-it (Twilio) a close frame; nothing is started before every check has passed.
+it (Twilio) a close frame; nothing is started before every check has passed. Each refusal and
+each ``/start`` answer is counted here too (:mod:`wsgate.metrics`), and ``GET /metrics`` answered
+unless a metrics listener of its own serves it (``metrics_port``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from .admission import PendingReads, RateLimiter
 from .config import AgentConfig, Config
 from .errors import HeadTooLarge, HttpError, OpeningError
 from .handshake import close_frame, switching_protocols
+from .metrics import METRICS_PATH, Metrics
 from .providers import Opening, OpeningReader, close_for
 from .request import Request, parse_request
 from .responses import json_response, plain_lines_response, plain_response
-from .routing import TokenCheck, precheck, route
+from .routing import TokenCheck, named_agent, precheck, route
 from .sessions import Opened, Sessions
-from .start import handle_start, is_start_path, request_body_length
+from .start import answer_start, is_start_path, request_body_length
 
 __all__ = ["HEALTH_PATHS", "Connections"]
 
@@ -50,8 +53,10 @@ class Connections:
         *,
         draining: Callable[[], bool],
         public_url: Callable[[], str],
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = Metrics(agents) if metrics is None else metrics
         #: The gateway's own mapping (registrations of in-process bots show here).
         self.agents = agents
         self.check_token = check_token
@@ -64,6 +69,8 @@ class Connections:
         rate, per_key = settings.client_request_rate, settings.start_rate_per_key
         self._client_rate = RateLimiter(rate) if rate else None
         self._key_rate = RateLimiter(per_key) if per_key else None
+        # With a listener of its own (metrics_port), /metrics leaves the clients' port.
+        self._serves_metrics = settings.metrics and settings.metrics_port is None
 
     async def handle(self, sock: Conn, client: str) -> Opened | None:
         """Run the client's request; returns the session it opened, or None if refused."""
@@ -77,11 +84,13 @@ class Connections:
                 return None  # too slow, or evicted: dropped without an answer
             return await self._request(sock, *received, deadline, client)
         except HeadTooLarge:
+            self.metrics.refused(None, 431)
             await _respond(sock, 431, "request header fields too large")
         except HttpError as exc:
             # 5xx is the gateway's or the bot's trouble: worth an operator's attention.
             level = logging.WARNING if exc.status >= 500 else logging.DEBUG
             log.log(level, "refused with %d: %s", exc.status, exc.reason)
+            self.metrics.upgrade_refused(self._named_agent(received), exc)
             await _respond(sock, exc.status, exc.reason)
         except _core.TlsError as exc:
             # Plain HTTP on the TLS port, no common version or cipher, a bad record: no session.
@@ -91,6 +100,7 @@ class Connections:
         except Exception:
             # A bug must cost this one connection, never the gateway's task group.
             log.exception("unexpected error during an upgrade; connection dropped")
+            self.metrics.refused(None, 500)
             await _respond(sock, 500, "internal error")
         return None
 
@@ -108,11 +118,15 @@ class Connections:
                 lines += self.sessions.pools.status(self.agents.values())  # a line per member
             await send_and_close(sock, plain_lines_response(200 if ready else 503, lines))
             return None
+        if request.path == METRICS_PATH and request.method == "GET" and self._serves_metrics:
+            await send_and_close(sock, self.metrics.exposition(request.header("accept")))
+            return None
         limited = self._client_rate is not None and not self._client_rate.allow(
             client, anyio.current_time()
         )
         if is_start_path(request.path):
             if limited:
+                self.metrics.start_answered(None, 429)
                 await _respond_json(sock, 429, "Too many requests from this address")
             else:
                 await self._start_service(sock, request, pending, deadline)
@@ -150,10 +164,13 @@ class Connections:
             return await self.sessions.admit(sock, reader.raw, target, request, client, opening)
         except OpeningError as exc:
             log.debug("twilio opening refused with %d: %s", exc.code, exc.reason)
+            self.metrics.upgrade_refused(None, exc)
             await _close(sock, exc.code, exc.reason)
         except HttpError as exc:
             level = logging.WARNING if exc.status >= 500 else logging.DEBUG
             log.log(level, "twilio session refused with %d: %s", exc.status, exc.reason)
+            host = None if opening is None else opening.service_host
+            self.metrics.upgrade_refused(named_agent(request, self.agents, host), exc)
             await _close(sock, *close_for(exc))
         return None
 
@@ -164,6 +181,7 @@ class Connections:
         try:
             length = request_body_length(request.headers)
         except HttpError as exc:
+            self.metrics.start_answered(None, exc.status)
             await _respond_json(sock, exc.status, exc.reason)
             return
         body: bytes | None = None
@@ -172,7 +190,7 @@ class Connections:
         if body is None:
             return  # too slow, or evicted: dropped like a slow upgrade request
         sessions = self.sessions
-        status, document = handle_start(
+        answer = answer_start(
             request.method,
             request.path,
             request.headers,
@@ -188,7 +206,19 @@ class Connections:
             ),
             public_url=self._public_url(),
         )
-        await send_and_close(sock, json_response(status, document))
+        agent = None if answer.agent is None else answer.agent.service_host
+        self.metrics.start_answered(agent, answer.status)
+        await send_and_close(sock, json_response(answer.status, answer.document))
+
+    def _named_agent(self, received: tuple[bytes, bytes] | None) -> str | None:
+        """The configured service host a refused request named, if any (its head parsed
+        again: refusals only)."""
+        if received is None:
+            return None
+        try:
+            return named_agent(parse_request(received[0]), self.agents)
+        except HttpError:
+            return None
 
 
 async def _respond(sock: Conn, status: int, text: str) -> None:

@@ -14,7 +14,7 @@ session's :class:`Inbox` in order, before its outcome.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -147,12 +147,24 @@ def _tls_of(conn: Conn) -> _core.TlsConnection | None:
 
 
 class Relay:
-    """Owns the engine and the doorbell task; :meth:`run` must be running in a task group."""
+    """Owns the engine and the doorbell task; :meth:`run` must be running in a task group.
 
-    def __init__(self, threads: int = 0, dead_peer_timeout: float = 60.0) -> None:
+    ``counted``: the agents (``Handover.agent`` values) whose sessions the engine counts live
+    (:meth:`counters`, the gateway's metrics); sessions of any other agent are not counted, so
+    the engine's table holds no more than these.
+    """
+
+    def __init__(
+        self, threads: int = 0, dead_peer_timeout: float = 60.0, *, counted: Iterable[str] = ()
+    ) -> None:
         self.engine = _core.Engine(threads, dead_peer_timeout)
         self._ids = itertools.count(1)
         self._live: dict[int, RelaySession] = {}
+        self._counted = {agent: self.engine.register_agent(agent) for agent in counted}
+
+    def counters(self) -> list[_core.AgentCounts]:
+        """The live counters of the ``counted`` agents: sessions, messages and bytes."""
+        return self.engine.counters()
 
     def new_session_id(self) -> int:
         """A fresh session id (a counter: unique for this gateway's lifetime)."""
@@ -192,6 +204,7 @@ class Relay:
         limits = handover.limits
         peer = handover.peer
         client_tls = _tls_of(handover.client)
+        agent = self._counted.get(handover.agent)
         try:
             client_fd = handover.client.detach()
             if isinstance(peer, Upstream):
@@ -205,6 +218,7 @@ class Relay:
                     limits.time_limit,
                     client_tls=client_tls,
                     bot_tls=_tls_of(peer.sock),
+                    agent=agent,
                 )
             elif isinstance(peer, InProcess):
                 self.engine.attach(
@@ -216,6 +230,7 @@ class Relay:
                     peer.send_buffer_limit,
                     limits.time_limit,
                     client_tls=client_tls,
+                    agent=agent,
                 )
             else:
                 self.engine.echo(
@@ -225,6 +240,7 @@ class Relay:
                     limits.max_message_size,
                     limits.time_limit,
                     client_tls=client_tls,
+                    agent=agent,
                 )
         except BaseException:
             self._live.pop(handover.session_id, None)

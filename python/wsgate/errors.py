@@ -5,6 +5,7 @@ Hierarchy::
     WsgateError
     ├── ConfigError            a settings file or Config object that cannot be served
     ├── HttpError              a request answered with an HTTP error instead of a WebSocket
+    │   └── TokenRejected      403 for a session token, with why (a bounded ``kind``)
     ├── OpeningError           after the upgrade (Twilio's opening): a close code and reason
     ├── StoreUnavailable       a shared store (Redis, Valkey) cannot answer
     │   └── ReplayStoreUnavailable  the replay store: token sessions fail closed (503)
@@ -38,6 +39,7 @@ __all__ = [
     "StartError",
     "StatusError",
     "StoreUnavailable",
+    "TokenRejected",
     "UpgradeRefused",
     "WsgateError",
 ]
@@ -68,6 +70,17 @@ class HttpError(WsgateError):
     def response(self) -> bytes:
         """The refusal as a complete plain-text HTTP response (what the gateway sends)."""
         return plain_response(self.status, self.reason)
+
+
+class TokenRejected(HttpError):
+    """A session token refused with 403. ``kind`` says why, one of a bounded set (the
+    ``reason`` label of ``wsgate_token_rejections_total``): ``missing``, ``malformed``,
+    ``bad_signature``, ``wrong_agent``, ``expired``, ``wrong_body`` (a ``?body=`` the token does
+    not bind) or ``replayed``. Made in one place, :mod:`wsgate.tokens`."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(403, reason)
+        self.kind = kind
 
 
 class OpeningError(WsgateError):

@@ -34,6 +34,7 @@ __all__ = [
     "Upgrade",
     "body_error",
     "check_upgrade",
+    "named_agent",
     "no_token_auth_yet",
     "precheck",
     "route",
@@ -151,6 +152,23 @@ def route(
         token=claims,
         provider=upgrade.provider,
     )
+
+
+def named_agent(
+    request: Request, agents: Mapping[str, AgentConfig], opening_host: str | None = None
+) -> str | None:
+    """The service host of ``agents`` that a request names (for ``/ws/twilio``: that its
+    opening named), or None: a metrics label, never a name the client made up. Judges nothing
+    else (a refused request may name a known agent)."""
+    try:
+        provider, path_host, _ = _match_path(request.path)
+        if provider == "twilio":
+            host = _checked_host(opening_host, provider)
+        else:
+            host = _service_host(path_host, request.query_params(), provider)
+    except HttpError:
+        return None
+    return host if host in agents else None
 
 
 def _match_path(path: str) -> tuple[str, str | None, str | None]:

@@ -3,7 +3,8 @@
 A connection's request is :class:`~wsgate.connection.Connections`' (head, checks, refusals);
 its session is :class:`~wsgate.sessions.Sessions`' (capacity, token, dial, the handover to the
 Rust engine). What stays here is the gateway's life: the listener, ``max_connections``, the relay
-engine and its doorbell task, and the graceful stop.
+engine and its doorbell task, the metrics (and their listener, ``metrics_port``), and the
+graceful stop.
 
 Sockets stay raw and non-blocking (no anyio streams) because they are finally detached and owned
 by Rust; see :mod:`wsgate.upstream`.
@@ -35,6 +36,8 @@ from .connection import Connections
 from .engine import Relay
 from .errors import ConfigError
 from .inprocess import Bot, bot_of
+from .metrics import GatewayState, Metrics
+from .metrics_listener import serve_metrics
 from .names import check_name
 from .routing import no_token_auth_yet
 from .sessions import Opened, Sessions
@@ -138,6 +141,10 @@ class Gateway:
         self._drain_now = False
         self._stop_event: anyio.Event | None = None
         self._wake: anyio.Event | None = None
+        #: This gateway's metrics (``GET /metrics``); ``metrics.registry`` takes collectors of
+        #: an embedder's own.
+        self.metrics = Metrics(self._agents)
+        self._metrics_port: int | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Gateway:
@@ -198,6 +205,13 @@ class Gateway:
         if self._port is None:
             raise RuntimeError("the gateway is not listening yet")
         return self._port
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound port of the metrics listener (``metrics_port``, maybe 0), once serving."""
+        if self._metrics_port is None:
+            raise RuntimeError("no metrics listener (metrics_port unset, or not serving yet)")
+        return self._metrics_port
 
     @property
     def url(self) -> str:
@@ -270,18 +284,29 @@ class Gateway:
         listener = await listen(settings.host, settings.port)
         relay: Relay | None = None
         capacity = open_capacity(settings)
+        metrics_listener: socket.socket | None = None
         try:
             self._port = listener.getsockname()[1]
-            relay = Relay(settings.relay_threads, settings.dead_peer_timeout)
+            if settings.metrics and settings.metrics_port is not None:
+                metrics_listener = await listen(settings.metrics_host, settings.metrics_port)
+                self._metrics_port = metrics_listener.getsockname()[1]
+            # Only the configured agents are counted (bounded labels), and nothing when off.
+            counted = self._agents if settings.metrics else ()
+            relay = Relay(settings.relay_threads, settings.dead_peer_timeout, counted=counted)
+            self.metrics.watch(relay.counters, self._state())
+            authority = self.authority
+            if authority is not None:
+                authority = authority.with_store(self.metrics.timed(authority.store))
             sessions = self._sessions = Sessions(
                 settings,
                 relay,
                 self._bots,
-                self.authority,
+                authority,
                 self.session_time_limit,
                 capacity,
                 self._authorize,
                 self._bot_tls_for,
+                metrics=self.metrics,
             )
             handler = Connections(
                 self.config,
@@ -292,14 +317,27 @@ class Gateway:
                 draining=lambda: self._stop_requested,
                 # Unset: the address this gateway listens on (right for local use only).
                 public_url=lambda: settings.public_url or self.url,
+                metrics=self.metrics,
             )
             async with anyio.create_task_group() as engine_tasks:
                 await engine_tasks.start(relay.run)
                 await engine_tasks.start(capacity.run)
+                if metrics_listener is not None:
+                    # Runs on through the drain: /readyz says 503 there meanwhile.
+                    await engine_tasks.start(
+                        serve_metrics,
+                        metrics_listener,
+                        self.metrics,
+                        lambda: self._stop_requested,
+                        settings.handshake_timeout,
+                    )
                 async with anyio.create_task_group() as connections:
                     async with anyio.create_task_group() as accepting:
                         accepting.start_soon(self._accept, listener, connections, handler)
                         log.info("wsgate listening on %s", self.url)
+                        if metrics_listener is not None:
+                            log.info("metrics on port %d: /metrics, /livez, /readyz",
+                                     self._metrics_port)  # fmt: skip
                         task_status.started()
                         await self._stop_event.wait()
                         accepting.cancel_scope.cancel()
@@ -309,6 +347,8 @@ class Gateway:
                 engine_tasks.cancel_scope.cancel()
         finally:
             listener.close()
+            if metrics_listener is not None:
+                metrics_listener.close()
             if relay is not None:
                 relay.shutdown()
             with anyio.CancelScope(shield=True):
@@ -317,6 +357,13 @@ class Gateway:
                 with anyio.CancelScope(shield=True):
                     await self.authority.aclose()
         log.info("wsgate stopped")
+
+    def _state(self) -> GatewayState:
+        return GatewayState(
+            connections=lambda: self._connections,
+            pending=lambda: len(self._pending),
+            draining=lambda: self._stop_requested,
+        )
 
     async def _drain(self, relay: Relay) -> None:
         settings = self.config.gateway

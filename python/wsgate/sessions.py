@@ -7,7 +7,8 @@ down), asks ``authorize`` (:mod:`wsgate.authorize`), dials the bot (a member of 
 pool: :mod:`wsgate.pools`; 502/504) or picks the builtin echo or the in-process bot, answers 101
 (unless a Twilio opening was read after it), and hands the sockets to the Rust engine. Whatever
 fails gives back the place and the token. A session's end (its :class:`_core.Outcome`) is logged
-once, with the provider and call id where known, never a token, a body or a close reason.
+once, with the provider and call id where known, never a token, a body or a close reason, and
+counted in the gateway's metrics (:mod:`wsgate.metrics`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .engine import Handover, InProcess, Limits, Relay, RelaySession, Upstream
 from .errors import HttpError, OpeningError
 from .handshake import switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
+from .logs import session_fields
+from .metrics import Metrics
 from .pools import Member, Pools
 from .providers import Opening, OpeningReader
 from .request import Request
@@ -79,10 +82,12 @@ class Sessions:
         capacity: Capacity | None = None,
         authorize: Authorize | None = None,
         bot_tls: Callable[[AgentConfig], _core.TlsClientContext] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         #: The roots an agent's wss:// bots are checked against.
         self.bot_tls = bot_tls
+        self.metrics = Metrics() if metrics is None else metrics
         #: The embedder's say on each session (``Gateway(authorize=...)``).
         self.authorize = authorize
         self.relay = relay
@@ -171,24 +176,26 @@ class Sessions:
         if self.bot_tls is not None and any(url.tls for url in urls):
             tls = self.bot_tls(target.agent)
         if chosen is not None:  # authorize picked this session's bot
-            bot = await dial(
-                chosen,
-                session_uuid=session_uuid,
-                body_value=target.upstream_body,
-                subprotocols=offered,
-                timeout=settings.dial_timeout,
-                tls=tls,
-            )
+            with self.metrics.dialling(target.service_host):
+                bot = await dial(
+                    chosen,
+                    session_uuid=session_uuid,
+                    body_value=target.upstream_body,
+                    subprotocols=offered,
+                    timeout=settings.dial_timeout,
+                    tls=tls,
+                )
         elif inprocess is None and target.agent.upstream is not None:
             # The member of the agent's pool (a string: of one) that answers first.
-            member, bot = await self.pools.dial(
-                target.agent,
-                session_uuid=session_uuid,
-                body_value=target.upstream_body,
-                subprotocols=offered,
-                timeout=settings.dial_timeout,
-                tls=tls,
-            )
+            with self.metrics.dialling(target.service_host):
+                member, bot = await self.pools.dial(
+                    target.agent,
+                    session_uuid=session_uuid,
+                    body_value=target.upstream_body,
+                    subprotocols=offered,
+                    timeout=settings.dial_timeout,
+                    tls=tls,
+                )
         try:
             if not answered:
                 agreed = None if bot is None else bot.subprotocol
@@ -258,7 +265,7 @@ class Sessions:
             raise
         finally:
             self.release(opened.service_host, opened.client, opened.lease)
-        log_outcome(opened, outcome)
+        self._finished(opened, outcome)
 
     def reserve(self, agent: AgentConfig, client: str) -> None:
         """Take a place in the agent's capacity (503) and the client's (429)."""
@@ -286,6 +293,11 @@ class Sessions:
         """A relayed session ended (its outcome came through the doorbell): free its place."""
         self.release(opened.service_host, opened.client, opened.lease)
         self.pools.release(opened.member)
+        self._finished(opened, outcome)
+
+    def _finished(self, opened: Opened, outcome: _core.Outcome) -> None:
+        seconds = anyio.current_time() - opened.started
+        self.metrics.session_ended(opened.service_host, opened.bot is not None, outcome, seconds)
         log_outcome(opened, outcome)
 
 
@@ -324,6 +336,8 @@ async def peek_opening(sock: Conn, pending: bytes, provider: str) -> tuple[Openi
 
 def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
     # Codes only: close reasons, bodies and tokens come from users and stay out of the log.
+    seconds = anyio.current_time() - opened.started
+
     def code(close: tuple[int, str] | None) -> str:
         return "-" if close is None else str(close[0])
 
@@ -341,11 +355,23 @@ def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
         via,
         outcome.ended_by,
         outcome.detail,
-        anyio.current_time() - opened.started,
+        seconds,
         code(outcome.client_close),
         code(outcome.bot_close),
         outcome.messages_in,
         outcome.bytes_in,
         outcome.messages_out,
         outcome.bytes_out,
+        extra={
+            "event": "session_end",
+            "fields": session_fields(
+                outcome,
+                agent=opened.service_host,
+                session_id=opened.session_uuid,
+                seconds=seconds,
+                inprocess=opened.bot is not None,
+                provider=None if call is None else call.provider,
+                call_id=None if call is None else call.call_id,
+            ),
+        },
     )

@@ -36,6 +36,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import _core
@@ -50,6 +51,8 @@ from .tokens import TokenAuthority
 __all__ = [
     "MAX_REQUEST_BYTES",
     "START_PATH",
+    "StartAnswer",
+    "answer_start",
     "encode_body",
     "handle_start",
     "is_start_path",
@@ -76,6 +79,16 @@ def is_start_path(path: str) -> bool:
     return path.startswith(_START_PREFIX)
 
 
+@dataclass(frozen=True)
+class StartAnswer:
+    """A ``/start`` answer: its status and JSON document, and the agent it was for once the
+    request got that far (None when refused before: path, method, size, key or its rate)."""
+
+    status: int
+    document: JSON
+    agent: AgentConfig | None = None
+
+
 def handle_start(
     method: str,
     path: str,
@@ -97,27 +110,67 @@ def handle_start(
     another session. ``public_url``: the gateway's public ``ws(s)://`` base.
     ``key_rate_check(key)``: False when that (valid) key is over its request rate (429).
     """
+    answer = answer_start(
+        method,
+        path,
+        headers,
+        body,
+        agents,
+        orgs,
+        authority,
+        capacity_check,
+        public_url=public_url,
+        key_rate_check=key_rate_check,
+    )
+    return answer.status, answer.document
+
+
+def answer_start(
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    agents: Mapping[str, AgentConfig],
+    orgs: Sequence[OrgConfig],
+    authority: TokenAuthority | None,
+    capacity_check: CapacityCheck,
+    *,
+    public_url: str,
+    key_rate_check: Callable[[str], bool] | None = None,
+) -> StartAnswer:
+    """:func:`handle_start`, saying which agent the answer was for (the gateway's metrics)."""
     match = START_PATH.fullmatch(path)
     if match is None:
-        return _error(404, "Not found")
+        return StartAnswer(*_error(404, "Not found"))
     if method != "POST":
-        return _error(405, "Method not allowed: use POST")
+        return StartAnswer(*_error(405, "Method not allowed: use POST"))
     if len(body) > MAX_REQUEST_BYTES:
-        return _error(413, "Request too large")
+        return StartAnswer(*_error(413, "Request too large"))
     key = _bearer(headers)
     if key is None:
-        return _error(401, "Missing public API key (Authorization: Bearer pk_...)")
+        return StartAnswer(*_error(401, "Missing public API key (Authorization: Bearer pk_...)"))
     key_orgs = _orgs_of_key(key, orgs)
     if not key_orgs:
-        return _error(401, "Invalid public API key")
+        return StartAnswer(*_error(401, "Invalid public API key"))
     if key_rate_check is not None and not key_rate_check(key):
-        return _error(429, "Too many requests for this key")
+        return StartAnswer(*_error(429, "Too many requests for this key"))
     agent = next(
         (agents[host] for org in key_orgs if (host := f"{match.group(1)}.{org}") in agents),
         None,
     )
     if agent is None:
-        return _error(404, "Service not found")
+        return StartAnswer(*_error(404, "Service not found"))
+    return StartAnswer(*_for_agent(agent, body, authority, capacity_check, public_url), agent)
+
+
+def _for_agent(
+    agent: AgentConfig,
+    body: bytes,
+    authority: TokenAuthority | None,
+    capacity_check: CapacityCheck,
+    public_url: str,
+) -> tuple[int, JSON]:
+    """The checks and the answer of a request for a known agent, by a valid key."""
     try:
         request = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):

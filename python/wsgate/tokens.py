@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -39,7 +40,7 @@ from urllib.parse import unquote
 from . import _core
 from .body import encode_body
 from .config import AgentConfig, Config
-from .errors import ConfigError, HttpError
+from .errors import ConfigError, HttpError, TokenRejected
 from .replay import MemoryReplayStore, ReplayStore, ReplayStoreUnavailable, open_replay_store
 from .request import Request
 
@@ -61,6 +62,17 @@ __all__ = [
 #: Environment variable holding the secrets, comma-separated, the signing one first.
 SECRETS_ENV = "WSGATE_SECRETS"
 _MAX_TTL = 86_400
+#: Why the core refused a token (``_core.TokenError.kind``), as :class:`TokenRejected`'s bounded
+#: ``kind`` (the metrics' label); the one place a core refusal gets its name.
+_REJECTED_AS = {
+    "malformed": "malformed",
+    "bad_signature": "bad_signature",
+    "wrong_service_host": "wrong_agent",
+    "expired": "expired",
+    "body_missing": "wrong_body",
+    "body_not_bound": "wrong_body",
+    "body_mismatch": "wrong_body",
+}
 
 log = logging.getLogger("wsgate")
 
@@ -123,11 +135,16 @@ def token_from_request(request: Request, path_token: str | None) -> str | None:
 
 def check_body(claims: _core.TokenClaims, body: bytes | None) -> None:
     """Hold a session's body (its JSON bytes; None without ``?body=``) to the token's binding:
-    raises ``HttpError(403, reason)`` for a missing, unexpected or different body."""
+    raises :class:`TokenRejected` (403) for a missing, unexpected or different body."""
     try:
         claims.check_body(body)
     except _core.TokenError as exc:
-        raise HttpError(403, str(exc)) from None
+        raise _rejected(exc) from None
+
+
+def _rejected(exc: _core.TokenError) -> TokenRejected:
+    """The 403 for a token the core refused, named from the core's own ``kind``."""
+    return TokenRejected(_REJECTED_AS.get(exc.kind, "malformed"), str(exc))
 
 
 def load_secrets(
@@ -237,6 +254,13 @@ class TokenAuthority:
     def _now(self) -> int:
         return math.floor(self._clock())
 
+    def with_store(self, store: ReplayStore) -> TokenAuthority:
+        """This authority (the same secrets, lifetime and clock) on another replay store, e.g.
+        the same store with its calls timed (:meth:`wsgate.metrics.Metrics.timed`)."""
+        other = copy.copy(self)
+        other.store = store
+        return other
+
     def mint(self, service_host: str, body: bytes | None = None) -> MintedToken:
         """A new token for ``service_host``, valid for ``ttl`` seconds from now, that opens a
         session with exactly ``body`` (a body document's JSON bytes) or, for None, without one."""
@@ -249,14 +273,14 @@ class TokenAuthority:
         """The stateless checks only (no replay store, no body): the claims of a token that is
         well formed, signed by one of the secrets, for ``service_host`` and not expired.
 
-        Raises ``HttpError(403, reason)``; the reason never holds the token.
+        Raises :class:`TokenRejected` (403); the reason never holds the token.
         """
         if token is None:
-            raise HttpError(403, "token missing")
+            raise TokenRejected("missing", "token missing")
         try:
             return self._keys.verify(token, service_host, self._now())
         except _core.TokenError as exc:
-            raise HttpError(403, str(exc)) from None
+            raise _rejected(exc) from None
 
     async def claim(self, claims: _core.TokenClaims, service_host: str) -> VerifiedToken:
         """Use up a checked token (the replay store): raises ``HttpError`` 403 "token already
@@ -267,7 +291,7 @@ class TokenAuthority:
         except ReplayStoreUnavailable:
             raise HttpError(503, "token store unavailable") from None
         if not first_use:
-            raise HttpError(403, "token already used")
+            raise TokenRejected("replayed", "token already used")
         return VerifiedToken(
             service_host=service_host,
             exp=claims.exp,

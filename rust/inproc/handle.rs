@@ -2,7 +2,7 @@
 //! fills and the session task writes, and the count of delivered bytes Python has not consumed
 //! (the inbox's backpressure).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -48,6 +48,9 @@ pub struct Handle {
     pub(super) undelivered: AtomicUsize,
     pub(super) credit_wake: Notify,
     pub(super) inbox_limit: usize,
+    /// Data messages Python's bot queued for the client, and their payload bytes.
+    sent_messages: AtomicU64,
+    sent_bytes: AtomicU64,
 }
 
 impl Handle {
@@ -60,6 +63,8 @@ impl Handle {
             undelivered: AtomicUsize::new(0),
             credit_wake: Notify::new(),
             inbox_limit,
+            sent_messages: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
         }
     }
 
@@ -88,8 +93,20 @@ impl Handle {
             }
             queued
         };
+        // Counted once queued; a send after the close (dropped above) is not.
+        self.sent_messages.fetch_add(1, Ordering::Relaxed);
+        self.sent_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.out_wake.notify_one();
         Some(queued)
+    }
+
+    /// Data messages Python's bot queued for the client so far, and their payload bytes.
+    pub fn sent(&self) -> (u64, u64) {
+        (
+            self.sent_messages.load(Ordering::Relaxed),
+            self.sent_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Python's bot took `n` bytes of delivered messages.
@@ -141,5 +158,6 @@ mod tests {
         assert!(h.out().over);
         h.queue_close(1000, "");
         assert_eq!(h.send(true, b"late"), None);
+        assert_eq!(h.sent(), (2, 7), "a send after the close is not counted");
     }
 }

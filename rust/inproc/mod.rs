@@ -20,13 +20,15 @@ use tokio::sync::mpsc;
 
 pub use handle::{Delivery, Handle, Message};
 
+use crate::counters::{Meter, Tally};
 use crate::driver::{self, Command, Io};
 use crate::limits::READ_BUF;
 use crate::session::{Action, Assembler, Inbound, Input, Kind, Limits, Outcome, Session, Side};
 use crate::stream::Stream;
 
 /// Serves one client for an in-process bot until the session ends. `deliver` queues a message
-/// for Python (and rings the doorbell).
+/// for Python (and rings the doorbell); `meter` hears of its traffic.
+#[allow(clippy::too_many_arguments)] // the session's parts, each used once: no struct to name
 pub fn run<'a>(
     id: u64,
     client: &'a Stream,
@@ -35,6 +37,7 @@ pub fn run<'a>(
     handle: &'a Handle,
     commands: mpsc::UnboundedReceiver<Command>,
     deliver: impl Fn(Message) + Send + Sync + 'a,
+    meter: Meter,
 ) -> impl Future<Output = Outcome> + 'a {
     let peer = Peer {
         id,
@@ -58,6 +61,7 @@ pub fn run<'a>(
         peer,
         limits.time_limit,
         commands,
+        meter,
     )
 }
 
@@ -227,8 +231,13 @@ impl<D: Fn(Message) + Send + Sync> Io for Peer<'_, D> {
         }
     }
 
-    fn count(&self, o: &mut Outcome) {
-        o.messages_in = self.messages;
-        o.bytes_in = self.bytes;
+    fn tally(&self) -> Tally {
+        let (messages_out, bytes_out) = self.handle.sent();
+        Tally {
+            messages_in: self.messages,
+            bytes_in: self.bytes,
+            messages_out,
+            bytes_out,
+        }
     }
 }

@@ -53,6 +53,10 @@ pub struct Outcome {
     pub ended_by: EndedBy,
     /// One line for the log.
     pub detail: String,
+    /// The close code the session ended with: the code of the close frame that ended it (1005
+    /// for one without a code), the gateway's own (a stop's, the time limit's 1000, a broken
+    /// rule's 1002, 1007 or 1009), or 1006 when a connection ended without a close.
+    pub code: u16,
     /// Data messages client → bot.
     pub messages_in: u64,
     /// Data messages bot → client.
@@ -72,6 +76,7 @@ impl Outcome {
             bot_close: None,
             ended_by: EndedBy::Gateway,
             detail: "engine stopped".into(),
+            code: ABNORMAL,
             messages_in: 0,
             messages_out: 0,
             bytes_in: 0,
@@ -88,6 +93,9 @@ pub struct Limits {
     /// After it both sides get 1000 "session time limit"; `None`: no limit.
     pub time_limit: Option<Duration>,
 }
+
+/// RFC 6455 §7.4.1: the code for a connection that ended without a close frame (never sent).
+const ABNORMAL: u16 = 1006;
 
 /// The close both sides get at the session time limit (SPEC §6).
 pub const TIME_LIMIT_CLOSE: (u16, &str) = (1000, "session time limit");
@@ -210,7 +218,7 @@ impl Session {
         let mut todo = Vec::new();
         match input {
             Input::Timer if self.closing => {
-                self.end(EndedBy::Gateway, "close timeout");
+                self.end(EndedBy::Gateway, ABNORMAL, "close timeout");
                 todo.push(Action::Drop);
             }
             Input::Timer => {
@@ -220,7 +228,7 @@ impl Session {
             Input::Stop(code, reason) => self.stop(code, reason, &mut todo),
             Input::Close(side, close) => self.closed(side, close, &mut todo),
             Input::Gone(Side::Client) => {
-                self.end(EndedBy::Client, "client gone");
+                self.end(EndedBy::Client, ABNORMAL, "client gone");
                 if self.kind == Kind::Relay {
                     self.abandon(Side::Client, &mut todo);
                     self.close(Side::Bot, 1001, "client gone", false, &mut todo);
@@ -230,7 +238,7 @@ impl Session {
                 }
             }
             Input::Gone(Side::Bot) => {
-                self.end(EndedBy::Bot, "bot lost");
+                self.end(EndedBy::Bot, ABNORMAL, "bot lost");
                 self.abandon(Side::Bot, &mut todo);
                 self.close(Side::Client, 1011, "bot lost", true, &mut todo);
             }
@@ -239,10 +247,11 @@ impl Session {
         todo
     }
 
-    fn end(&mut self, by: EndedBy, detail: impl Into<String>) {
+    fn end(&mut self, by: EndedBy, code: u16, detail: impl Into<String>) {
         if !self.ended {
             self.ended = true;
             self.outcome.ended_by = by;
+            self.outcome.code = code;
             self.outcome.detail = detail.into();
         }
     }
@@ -268,7 +277,7 @@ impl Session {
     /// A stop or the time limit: both sides get the close (an in-process bot's is recorded as
     /// its own, since the gateway sends it on its behalf).
     fn stop(&mut self, code: u16, reason: String, todo: &mut Vec<Action>) {
-        self.end(EndedBy::Gateway, reason.as_str());
+        self.end(EndedBy::Gateway, code, reason.as_str());
         if self.kind == Kind::InProcess && !self.close_sent[Side::Client.index()] {
             self.outcome.bot_close = Some((code, reason.clone()));
         }
@@ -280,11 +289,12 @@ impl Session {
 
     fn closed(&mut self, side: Side, close: Option<(u16, String)>, todo: &mut Vec<Action>) {
         let close = close.unwrap_or((1005, String::new()));
+        let code = close.0;
         self.done_sending[side.index()] = true;
         match (self.kind, side) {
             (Kind::Relay, Side::Client) => {
                 self.outcome.client_close = Some(close);
-                self.end(EndedBy::Client, "client closed");
+                self.end(EndedBy::Client, code, "client closed");
                 self.close_sent[Side::Bot.index()] = true;
                 // The client answered (or opened) a close handshake: when a close went to it
                 // too, the handshake on its hop is complete.
@@ -294,7 +304,7 @@ impl Session {
             }
             (Kind::Relay, Side::Bot) => {
                 self.outcome.bot_close = Some(close);
-                self.end(EndedBy::Bot, "bot closed");
+                self.end(EndedBy::Bot, code, "bot closed");
                 self.close_sent[Side::Client.index()] = true;
                 // The client closed first (or broke a rule): this was the reply, the hop is done.
                 if self.done_sending[Side::Client.index()] {
@@ -305,12 +315,12 @@ impl Session {
                 // Echoed back as the bot's reply: the handshake is complete.
                 self.outcome.client_close = Some(close.clone());
                 self.outcome.bot_close = Some(close);
-                self.end(EndedBy::Client, "client closed");
+                self.end(EndedBy::Client, code, "client closed");
                 self.close_sent[Side::Client.index()] = true;
                 todo.push(Action::Shutdown(Side::Client));
             }
             (Kind::InProcess, _) => {
-                self.end(EndedBy::Client, "client closed");
+                self.end(EndedBy::Client, code, "client closed");
                 // Answered with the client's own code; Python's bot gets a disconnect.
                 let reply = if close.0 == 1005 { 1000 } else { close.0 };
                 if !self.close_sent[Side::Client.index()] {
@@ -328,7 +338,7 @@ impl Session {
         self.done_sending[side.index()] = true;
         match (self.kind, side) {
             (Kind::InProcess, _) => {
-                self.end(EndedBy::Gateway, format!("client: {reason}"));
+                self.end(EndedBy::Gateway, code, format!("client: {reason}"));
                 // What Python's bot is told it was disconnected with.
                 self.outcome.bot_close = Some((code, reason.clone()));
                 self.close(Side::Client, code, &reason, false, todo);
@@ -336,14 +346,14 @@ impl Session {
                 todo.push(Action::Shutdown(Side::Client));
             }
             (_, Side::Client) => {
-                self.end(EndedBy::Gateway, format!("client: {reason}"));
+                self.end(EndedBy::Gateway, code, format!("client: {reason}"));
                 self.close(Side::Client, code, &reason, true, todo);
                 if self.kind == Kind::Relay {
                     self.close(Side::Bot, 1001, "client error", false, todo);
                 }
             }
             (_, Side::Bot) => {
-                self.end(EndedBy::Gateway, format!("bot: {reason}"));
+                self.end(EndedBy::Gateway, code, format!("bot: {reason}"));
                 self.close(Side::Bot, code, &reason, false, todo);
                 self.close(Side::Client, 1001, "bot error", true, todo);
             }
@@ -486,6 +496,34 @@ mod tests {
             vec![Action::Abandon(Side::Bot)]
         );
         assert_eq!(s.into_outcome().detail, "shutting down");
+    }
+
+    #[test]
+    fn the_outcome_names_the_code_that_ended_the_session() {
+        let code = |kind: Kind, inputs: Vec<Input>| {
+            let mut s = Session::new(1, kind);
+            for input in inputs {
+                s.on(input);
+            }
+            s.into_outcome().code
+        };
+        let relay = Kind::Relay;
+        let client_close = Input::Close(Side::Client, Some((4001, "x".into())));
+        assert_eq!(code(relay, vec![client_close]), 4001);
+        assert_eq!(code(relay, vec![Input::Close(Side::Bot, None)]), 1005);
+        assert_eq!(code(relay, vec![Input::Gone(Side::Client)]), 1006);
+        assert_eq!(code(relay, vec![Input::Gone(Side::Bot)]), 1006);
+        assert_eq!(code(relay, vec![Input::Timer]), 1000);
+        assert_eq!(code(relay, vec![Input::Stop(1001, "bye".into())]), 1001);
+        let big = Violation::TooBig { size: 2, max: 1 };
+        assert_eq!(code(relay, vec![Input::Violation(Side::Bot, big)]), 1009);
+        let utf8 = Input::Violation(Side::Client, Violation::InvalidUtf8);
+        assert_eq!(code(Kind::InProcess, vec![utf8]), 1007);
+        let echo_close = Input::Close(Side::Client, Some((1000, String::new())));
+        assert_eq!(code(Kind::Echo, vec![echo_close]), 1000);
+        assert_eq!(code(relay, vec![]), 1006, "the engine stopped it");
+        let first = vec![Input::Gone(Side::Bot), Input::Stop(1001, "late".into())];
+        assert_eq!(code(relay, first), 1006, "the first end names it");
     }
 
     #[test]

@@ -1,0 +1,95 @@
+"""Log lines: text (the default) or one JSON object per line (``[gateway] log_format = "json"``).
+
+Every JSON line holds ``ts`` (UTC, RFC 3339 with milliseconds), ``level``, ``event`` (what
+happened: ``session_end``, or ``log`` for a line without an event of its own), ``message`` (the
+text line) and the event's own fields. A session's end (:func:`session_fields`) carries the agent,
+session ids, provider and call id where known, who ended it, its close code, its duration and the
+messages and bytes each way. As in text lines: never a token, a body, a peer's close reason or a
+client address.
+
+Fields reach a line as ``log.info(..., extra={"event": "...", "fields": {...}})``; the text
+format ignores them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from . import _core
+from .metrics import close_code_label, ended_by
+
+__all__ = ["JsonFormatter", "configure", "session_fields"]
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+# The keys every line has; an event's fields never replace them.
+_BASE = ("ts", "level", "event", "message")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", "log"),
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            document.update((k, v) for k, v in fields.items() if k not in _BASE)
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False, default=str)
+
+
+def configure(level: str = "INFO", log_format: str = "text") -> None:
+    """Send the ``wsgate`` logs (and any other) to standard error as ``"text"`` or ``"json"``
+    lines (what ``wsgate serve`` does)."""
+    handler = logging.StreamHandler(sys.stderr)
+    json_lines = log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def session_fields(
+    outcome: _core.Outcome,
+    *,
+    agent: str,
+    session_id: str,
+    seconds: float,
+    inprocess: bool,
+    provider: str | None = None,
+    call_id: str | None = None,
+) -> dict[str, Any]:
+    """The fields of a ``session_end`` line (``ended_by`` and ``code`` as the metrics label
+    them: docs/OPERATIONS.md)."""
+    fields: dict[str, Any] = {
+        "agent": agent,
+        "session_id": session_id,
+        "session": outcome.session_id,
+        "ended_by": ended_by(outcome, inprocess),
+        "detail": outcome.detail,
+        "code": close_code_label(outcome.code),
+        "client_close": None if outcome.client_close is None else outcome.client_close[0],
+        "bot_close": None if outcome.bot_close is None else outcome.bot_close[0],
+        "duration": round(seconds, 3),
+        "messages_client_to_bot": outcome.messages_in,
+        "bytes_client_to_bot": outcome.bytes_in,
+        "messages_bot_to_client": outcome.messages_out,
+        "bytes_bot_to_client": outcome.bytes_out,
+    }
+    if provider is not None:
+        fields["provider"] = provider
+        fields["call_id"] = call_id
+    return fields
+
+
+def _timestamp(created: float) -> str:
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"

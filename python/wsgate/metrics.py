@@ -1,0 +1,386 @@
+"""A gateway's Prometheus metrics: what each one means is in ``docs/OPERATIONS.md``.
+
+Three sources, all read when ``/metrics`` is scraped, exposed with ``prometheus-client`` (one
+registry per gateway, so gateways in one process never mix):
+
+- the relay engine's live counters per agent (``rust/counters.rs``, :meth:`_core.Engine.counters`):
+  sessions opened and active by kind, messages and bytes each way. Counted in Rust as sessions
+  go (a few relaxed atomic adds per read, nothing per message, no Python per message);
+- events of the control plane, counted where they happen, once per request or session:
+  refusals, session ends and their durations, ``/start`` answers, token rejections, the replay
+  store's round trips, bot dials;
+- the gateway's state: connections open, upgrades pending, draining; the build; the process.
+
+Labels are bounded: ``agent`` is a configured service host (``{agent}.{org}``) or ``""`` (the
+request named none that this gateway knows: a hostile path adds no series), status and reason
+labels come from fixed sets, a close code outside the registered ones is ``3xxx``/``4xxx``. No
+label holds a token, a body or a client address.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import _core
+from .errors import HttpError, OpeningError, TokenRejected
+from .replay import ReplayStore, ReplayStoreUnavailable
+from .responses import http_response
+
+__all__ = [
+    "METRICS_PATH",
+    "GatewayState",
+    "Metrics",
+    "TimedStore",
+    "close_code_label",
+    "dial_failure",
+    "ended_by",
+]
+
+METRICS_PATH = "/metrics"
+
+#: Session durations, seconds: voice calls last seconds to hours (SPEC §6 caps them at 4 h).
+DURATION_BUCKETS = (0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+#: A replay-store round trip: microseconds in memory, ~0.1 ms to Redis on the same host.
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+#: A bot's TCP connect and 101: milliseconds nearby, up to ``dial_timeout`` (5 s by default).
+DIAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# The close reason of a stop (server.py's drain, sessions.py's supervise): a session ended with
+# it was ended by the gateway's drain.
+_DRAIN_REASON = "gateway shutting down"
+# What upstream.dial's reasons say (after "bot unreachable: "), in the order judged, and the
+# bounded reason each becomes; anything else is "other".
+_DIAL_FAILURES = (
+    ("timed out", "timeout"),
+    ("refused", "refused"),
+    ("resolve", "dns"),
+    ("unreachable", "unreachable"),
+    ("no route", "unreachable"),
+    ("reset", "reset"),
+    ("closed before", "closed"),
+    ("answered", "bad_answer"),
+    ("response", "bad_answer"),
+    ("upgrade", "bad_answer"),
+    ("sec-websocket", "bad_answer"),
+    ("extension", "bad_answer"),
+    ("subprotocol", "bad_answer"),
+)
+
+
+def ended_by(outcome: _core.Outcome, inprocess: bool) -> str:
+    """Who or what ended a session, as the ``ended_by`` label: ``client``, ``bot``,
+    ``gateway_limit`` (time limit, message size), ``gateway_drain`` (a stop) or ``error`` (a
+    broken protocol rule, the close timeout, the engine stopped).
+
+    The engine says ``gateway`` whenever it sent the closes itself; for an in-process bot that
+    includes the bot's own close (the gateway speaks WebSocket for it), which counts as ``bot``.
+    """
+    by = outcome.ended_by
+    if by != "gateway":
+        return by
+    code = outcome.code
+    if outcome.detail == _core.TIME_LIMIT_REASON or code == 1009:
+        return "gateway_limit"
+    if outcome.detail == _DRAIN_REASON:
+        return "gateway_drain"
+    if inprocess and code not in (1002, 1006, 1007):
+        return "bot"
+    return "error"
+
+
+def close_code_label(code: int) -> str:
+    """A close code as a bounded label: the codes of RFC 6455 §7.4 and IANA's registry
+    (1000-1015) as they are, the ranges left to applications as ``3xxx`` and ``4xxx``."""
+    if 1000 <= code <= 1015:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "other"
+
+
+def dial_failure(error: HttpError) -> str:
+    """Why a bot could not be reached (:func:`wsgate.upstream.dial`'s refusal), as a bounded
+    label: ``timeout``, ``refused``, ``dns``, ``unreachable``, ``reset``, ``closed``,
+    ``bad_answer`` (not a 101 we can relay) or ``other``."""
+    if error.status == 504:
+        return "timeout"
+    reason = error.reason.lower().removeprefix("bot unreachable: ")
+    return next((label for words, label in _DIAL_FAILURES if words in reason), "other")
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    """What the gauges of a serving gateway read."""
+
+    #: TCP connections held (upgrading or in a session).
+    connections: Callable[[], int]
+    #: Connections still sending their request.
+    pending: Callable[[], int]
+    #: Whether a stop has begun.
+    draining: Callable[[], bool]
+
+
+class Metrics:
+    """One gateway's metrics: a ``prometheus_client`` registry (:attr:`registry`, to which an
+    embedder may add collectors of its own) and the events the control plane reports.
+
+    ``agents``: the configured service hosts (a live view: in-process bots registered before
+    the gateway serves show up); an ``agent`` label takes only these, else ``""``.
+    """
+
+    def __init__(self, agents: Container[str] = frozenset()) -> None:
+        self._agents = agents
+        self.registry = registry = CollectorRegistry()
+        self._refused = Counter(
+            "wsgate_upgrades_refused",
+            "Requests answered with an HTTP error instead of a session (after Twilio's opening: "
+            "a close frame), by agent and status",
+            ["agent", "status"],
+            registry=registry,
+        )
+        self._closed = Counter(
+            "wsgate_sessions_closed",
+            "Sessions ended, by agent, who ended them and the close code they ended with",
+            ["agent", "ended_by", "code"],
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "wsgate_session_duration_seconds",
+            "How long ended sessions lasted, from the hand-over to the engine to their end",
+            ["agent"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._start = Counter(
+            "wsgate_start_requests",
+            "/start requests answered, by agent and status",
+            ["agent", "status"],
+            registry=registry,
+        )
+        self._tokens = Counter(
+            "wsgate_token_rejections",
+            "Session tokens refused (403), by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self._store = Histogram(
+            "wsgate_replay_store_seconds",
+            "Round trips to the replay store (token claims and releases)",
+            buckets=STORE_BUCKETS,
+            registry=registry,
+        )
+        self._store_errors = Counter(
+            "wsgate_replay_store_errors",
+            "Replay-store calls that failed (token sessions are refused with 503 meanwhile)",
+            registry=registry,
+        )
+        self._dial = Histogram(
+            "wsgate_upstream_dial_seconds",
+            "Time to reach an upstream bot and get its 101, of the dials that succeeded",
+            ["agent"],
+            buckets=DIAL_BUCKETS,
+            registry=registry,
+        )
+        self._dial_failures = Counter(
+            "wsgate_upstream_dial_failures",
+            "Dials of an upstream bot that failed (the client got 502/504), by agent and reason",
+            ["agent", "reason"],
+            registry=registry,
+        )
+        Info("wsgate_build", "The wsgate build serving", registry=registry).info(
+            {"version": _version()}
+        )
+        ProcessCollector(registry=registry)
+
+    def agent(self, service_host: str | None) -> str:
+        """``service_host`` as an ``agent`` label: a configured one, else ``""``."""
+        return service_host if service_host and service_host in self._agents else ""
+
+    def watch(
+        self, counters: Callable[[], Sequence[_core.AgentCounts]], state: GatewayState
+    ) -> None:
+        """Read the engine's live ``counters`` and the gateway's ``state`` at every scrape
+        (once, when the gateway starts serving)."""
+        self.registry.register(_Live(counters, state))
+
+    def upgrade_refused(self, service_host: str | None, error: HttpError | OpeningError) -> None:
+        """A request was refused; a Twilio opening refused after its upgrade counts as 400."""
+        status = error.status if isinstance(error, HttpError) else 400
+        self.refused(service_host, status)
+        if isinstance(error, TokenRejected):
+            self._tokens.labels(error.kind).inc()
+
+    def refused(self, service_host: str | None, status: int) -> None:
+        """A request was answered with ``status`` (a head too large, an internal error)."""
+        self._refused.labels(self.agent(service_host), str(status)).inc()
+
+    def start_answered(self, service_host: str | None, status: int) -> None:
+        """``/start`` answered ``status`` (for the agent it resolved to, if it got that far)."""
+        self._start.labels(self.agent(service_host), str(status)).inc()
+
+    def session_ended(
+        self, service_host: str, inprocess: bool, outcome: _core.Outcome, seconds: float
+    ) -> None:
+        """A session ended after ``seconds``."""
+        agent = self.agent(service_host)
+        by, code = ended_by(outcome, inprocess), close_code_label(outcome.code)
+        self._closed.labels(agent, by, code).inc()
+        self._duration.labels(agent).observe(seconds)
+
+    @contextmanager
+    def dialling(self, service_host: str) -> Iterator[None]:
+        """Around a dial of the agent's bot: its time if it succeeds, its reason if not."""
+        agent = self.agent(service_host)
+        started = time.perf_counter()
+        try:
+            yield
+        except HttpError as exc:
+            self._dial_failures.labels(agent, dial_failure(exc)).inc()
+            raise
+        self._dial.labels(agent).observe(time.perf_counter() - started)
+
+    def timed(self, store: ReplayStore) -> TimedStore:
+        """``store``, with its round trips and failures counted here."""
+        return TimedStore(store, self._store.observe, self._store_errors.inc)
+
+    def exposition(self, accept: str | None = None) -> bytes:
+        """The ``/metrics`` response: the text format, or OpenMetrics if ``accept`` asks."""
+        encoder, content_type = choose_encoder(accept or "")
+        return http_response(200, encoder(self.registry), content_type)
+
+
+class _Live(Collector):
+    """The engine's counters and the gateway's gauges, read at each scrape."""
+
+    def __init__(
+        self, counters: Callable[[], Sequence[_core.AgentCounts]], state: GatewayState
+    ) -> None:
+        self._counters = counters
+        self._state = state
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(())
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self._counters(), self._state)
+
+    @staticmethod
+    def _families(
+        counts: Sequence[_core.AgentCounts], state: GatewayState | None = None
+    ) -> list[Metric]:
+        active = GaugeMetricFamily(
+            "wsgate_sessions_active",
+            "Sessions being relayed now, by agent and what serves them",
+            labels=["agent", "kind"],
+        )
+        opened = CounterMetricFamily(
+            "wsgate_sessions_opened",
+            "Sessions handed to the relay engine, by agent",
+            labels=["agent"],
+        )
+        messages = CounterMetricFamily(
+            "wsgate_messages",
+            "Data messages relayed, by agent and direction (counted in the engine as they flow)",
+            labels=["agent", "direction"],
+        )
+        payload = CounterMetricFamily(
+            "wsgate_bytes",
+            "Payload bytes of the data messages relayed, by agent and direction",
+            labels=["agent", "direction"],
+        )
+        for c in counts:
+            active.add_metric([c.agent, "upstream"], c.active_upstream)
+            active.add_metric([c.agent, "inprocess"], c.active_inprocess)
+            active.add_metric([c.agent, "builtin"], c.active_builtin)
+            opened.add_metric([c.agent], c.opened)
+            messages.add_metric([c.agent, "client_to_bot"], c.messages_in)
+            messages.add_metric([c.agent, "bot_to_client"], c.messages_out)
+            payload.add_metric([c.agent, "client_to_bot"], c.bytes_in)
+            payload.add_metric([c.agent, "bot_to_client"], c.bytes_out)
+        connections, pending, draining = (
+            (0, 0, False)
+            if state is None
+            else (state.connections(), state.pending(), state.draining())
+        )
+        return [
+            active,
+            opened,
+            messages,
+            payload,
+            GaugeMetricFamily(
+                "wsgate_connections_open",
+                "TCP connections held: upgrading or in a session",
+                value=connections,
+            ),
+            GaugeMetricFamily(
+                "wsgate_upgrades_pending",
+                "Connections still sending their request",
+                value=pending,
+            ),
+            GaugeMetricFamily(
+                "wsgate_draining",
+                "1 once a stop has begun (the gateway drains), else 0",
+                value=int(draining),
+            ),
+        ]
+
+
+class TimedStore:
+    """A replay store whose calls are timed and whose failures are counted (see
+    :meth:`Metrics.timed`); anything else is the wrapped store's."""
+
+    def __init__(
+        self,
+        store: ReplayStore,
+        observe: Callable[[float], None],
+        failed: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self._observe = observe
+        self._failed = failed
+
+    def __repr__(self) -> str:
+        return repr(self.store)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    async def claim(self, nonce: str, exp: int) -> bool:
+        with self._timing():
+            return await self.store.claim(nonce, exp)
+
+    async def release(self, nonce: str) -> None:
+        with self._timing():
+            await self.store.release(nonce)
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    @contextmanager
+    def _timing(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except ReplayStoreUnavailable:
+            self._failed()
+            raise
+        finally:
+            self._observe(time.perf_counter() - started)
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return metadata.version("wsgate")
+    except metadata.PackageNotFoundError:
+        return "unknown"
