@@ -1,10 +1,11 @@
-"""The gateway: listen, accept, run each connection, supervise in-process bots, drain on stop.
+"""The gateway: its settings made into parts, served until a stop, drained.
 
-A connection's request is :class:`~wsgate.connection.Connections`' (head, checks, refusals);
-its session is :class:`~wsgate.sessions.Sessions`' (capacity, token, dial, the handover to the
-Rust engine). What stays here is the gateway's life: the listener, ``max_connections``, the relay
-engine and its doorbell task, the metrics (and their listener, ``metrics_port``), and the
-graceful stop.
+The accept loop and the count of connections are :class:`~wsgate.listener.Listener`'s; a
+connection's request is :class:`~wsgate.connection.Connections`' (head, checks, refusals); its
+session is :class:`~wsgate.sessions.Sessions`' (capacity, token, dial, the handover to the Rust
+engine); TLS is :class:`~wsgate.tls.Certificates`'. What stays here is the gateway's life: the
+listening socket, the relay engine and its doorbell task, the metrics (and their listener,
+``metrics_port``), and the graceful stop.
 
 Sockets stay raw and non-blocking (no anyio streams) because they are finally detached and owned
 by Rust; see :mod:`wsgate.upstream`.
@@ -13,8 +14,6 @@ by Rust; see :mod:`wsgate.upstream`.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import functools
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -24,24 +23,23 @@ from pathlib import Path
 from typing import TypeVar
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
-from . import _core
 from ._sockets import listen
-from .admission import PendingReads, client_key
+from .admission import PendingReads
 from .authorize import Authorize
 from .capacity import open_capacity
 from .config import AgentConfig, Config, OrgConfig, default_config, load_config
 from .connection import Connections
 from .engine import Relay
-from .errors import ConfigError
 from .inprocess import Bot, bot_of
+from .listener import Listener
 from .metrics import GatewayState, Metrics
 from .metrics_listener import serve_metrics
 from .names import check_name
 from .routing import no_token_auth_yet
-from .sessions import Opened, Sessions
-from .tls import TlsSocket, client_context, server_context
+from .sessions import Sessions
+from .tls import Certificates
 from .tokens import TokenAuthority, authority_for
 
 __all__ = ["Gateway"]
@@ -53,8 +51,6 @@ log = logging.getLogger("wsgate")
 # After the drain timeout, sessions get a close frame; this is how long their peers may take to
 # answer it before the engine drops them.
 _CLOSE_GRACE = 5.0
-_ACCEPT_BATCH = 64
-_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Gateway:
@@ -91,21 +87,8 @@ class Gateway:
     ) -> None:
         self.config = default_config() if config is None else config
         self._authorize = authorize
-        settings = self.config.gateway
-        #: The listener's TLS (``tls_cert``/``tls_key``); swapped by :meth:`reload_tls`.
-        self._tls = (
-            None
-            if settings.tls_cert is None or settings.tls_key is None
-            else server_context(settings.tls_cert, settings.tls_key)
-        )
-        # Roots for wss:// bots, by CA file (None: the system's), made now so a bad file
-        # fails here rather than at the first session.
-        self._bot_tls: dict[str | None, _core.TlsClientContext] = {}
-        for agent in self.config.agents:
-            if any(url.tls for url in agent.upstream_urls):
-                ca_file = agent.upstream_ca_file or settings.upstream_ca_file
-                if ca_file not in self._bot_tls:
-                    self._bot_tls[ca_file] = client_context(ca_file)
+        #: The listener's certificate and the roots for wss:// bots.
+        self._certs = Certificates(self.config)
         self._own_authority = authority is None
         self.authority = authority_for(self.config) if authority is None else authority
         if session_time_limit is None:
@@ -133,14 +116,12 @@ class Gateway:
         self._sessions: Sessions | None = None
         # Connections still sending their request: the only ones that may be evicted.
         self._pending = PendingReads(self.config.gateway.max_pending_upgrades)
-        self._connections = 0
-        self._slot_freed: anyio.Event | None = None
+        self._listener: Listener | None = None
         self._port: int | None = None
         self._served = False
         self._stop_requested = False
         self._drain_now = False
         self._stop_event: anyio.Event | None = None
-        self._wake: anyio.Event | None = None
         #: This gateway's metrics (``GET /metrics``); ``metrics.registry`` takes collectors of
         #: an embedder's own.
         self.metrics = Metrics(self._agents)
@@ -221,31 +202,14 @@ class Gateway:
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         if ":" in host:
             host = f"[{host}]"
-        scheme = "ws" if self._tls is None else "wss"
+        scheme = "ws" if self._certs.listener is None else "wss"
         return f"{scheme}://{host}:{self.port}"
 
     def reload_tls(self) -> bool:
         """Read ``tls_cert`` and ``tls_key`` again (SIGHUP does this): new connections get the
         new certificate, live sessions keep theirs. A file that cannot be used keeps the old
         certificate and is logged; returns whether the new one was taken."""
-        settings = self.config.gateway
-        if settings.tls_cert is None or settings.tls_key is None:
-            return False
-        try:
-            self._tls = server_context(settings.tls_cert, settings.tls_key)
-        except ConfigError as exc:
-            log.error("TLS certificate not reloaded, keeping the old one: %s", exc)
-            return False
-        log.info("TLS certificate reloaded")
-        return True
-
-    def _bot_tls_for(self, agent: AgentConfig) -> _core.TlsClientContext:
-        """The roots for this agent's wss:// bots (an authorize-picked one: the gateway's)."""
-        ca_file = agent.upstream_ca_file or self.config.gateway.upstream_ca_file
-        context = self._bot_tls.get(ca_file)
-        if context is None:
-            context = self._bot_tls[ca_file] = client_context(ca_file)
-        return context
+        return self._certs.reload()
 
     def sessions(self, service_host: str | None = None) -> int:
         """Sessions open or being opened (past routing): of one service host, or in all."""
@@ -260,7 +224,8 @@ class Gateway:
         self._stop_requested = True
         if self._stop_event is not None:
             self._stop_event.set()
-        self._poke()
+        if self._listener is not None:
+            self._listener.poke()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Gateway]:
@@ -293,7 +258,6 @@ class Gateway:
             # Only the configured agents are counted (bounded labels), and nothing when off.
             counted = self._agents if settings.metrics else ()
             relay = Relay(settings.relay_threads, settings.dead_peer_timeout, counted=counted)
-            self.metrics.watch(relay.counters, self._state())
             authority = self.authority
             if authority is not None:
                 authority = authority.with_store(self.metrics.timed(authority.store))
@@ -305,7 +269,7 @@ class Gateway:
                 self.session_time_limit,
                 capacity,
                 self._authorize,
-                self._bot_tls_for,
+                self._certs.for_bots,
                 metrics=self.metrics,
             )
             handler = Connections(
@@ -319,6 +283,12 @@ class Gateway:
                 public_url=lambda: settings.public_url or self.url,
                 metrics=self.metrics,
             )
+            accepted = self._listener = Listener(
+                handler, settings.max_connections, lambda: self._certs.listener
+            )
+            state = GatewayState(lambda: accepted.count, lambda: len(self._pending),
+                                 lambda: self._stop_requested)  # fmt: skip
+            self.metrics.watch(relay.counters, state)
             async with anyio.create_task_group() as engine_tasks:
                 await engine_tasks.start(relay.run)
                 await engine_tasks.start(capacity.run)
@@ -333,7 +303,7 @@ class Gateway:
                     )
                 async with anyio.create_task_group() as connections:
                     async with anyio.create_task_group() as accepting:
-                        accepting.start_soon(self._accept, listener, connections, handler)
+                        accepting.start_soon(accepted.accept, listener, connections)
                         log.info("wsgate listening on %s", self.url)
                         if metrics_listener is not None:
                             log.info("metrics on port %d: /metrics, /livez, /readyz",
@@ -342,7 +312,7 @@ class Gateway:
                         await self._stop_event.wait()
                         accepting.cancel_scope.cancel()
                     listener.close()
-                    await self._drain(relay)
+                    await self._drain(relay, accepted)
                     connections.cancel_scope.cancel()
                 engine_tasks.cancel_scope.cancel()
         finally:
@@ -358,99 +328,19 @@ class Gateway:
                     await self.authority.aclose()
         log.info("wsgate stopped")
 
-    def _state(self) -> GatewayState:
-        return GatewayState(
-            connections=lambda: self._connections,
-            pending=lambda: len(self._pending),
-            draining=lambda: self._stop_requested,
-        )
-
-    async def _drain(self, relay: Relay) -> None:
+    async def _drain(self, relay: Relay, accepted: Listener) -> None:
         settings = self.config.gateway
-        live = self._connections
-        if live:
-            log.info("draining %d connection(s), up to %g s", live, settings.drain_timeout)
+        if accepted.count:
+            log.info(
+                "draining %d connection(s), up to %g s", accepted.count, settings.drain_timeout
+            )
         with anyio.move_on_after(settings.drain_timeout):
-            await self._until_idle(stop_on_drain_now=True)
-        if not self._connections:
+            await accepted.until_idle(stop=lambda: self._drain_now)
+        if not accepted.count:
             return
-        log.info("closing %d connection(s) with 1001", self._connections)
+        log.info("closing %d connection(s) with 1001", accepted.count)
         self._pending.cancel_all()
         for session in relay.live:
             session.close(1001, "gateway shutting down")
         with anyio.move_on_after(_CLOSE_GRACE):
-            await self._until_idle(stop_on_drain_now=False)
-
-    async def _until_idle(self, *, stop_on_drain_now: bool) -> None:
-        while self._connections and not (stop_on_drain_now and self._drain_now):
-            self._wake = anyio.Event()
-            await self._wake.wait()
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    async def _accept(
-        self, listener: socket.socket, connections: TaskGroup, handler: Connections
-    ) -> None:
-        limit = self.config.gateway.max_connections
-        while True:
-            while self._connections >= limit:
-                # Full: leave new connections in the kernel's backlog until one ends.
-                self._slot_freed = anyio.Event()
-                await self._slot_freed.wait()
-            await anyio.wait_readable(listener)
-            for _ in range(_ACCEPT_BATCH):
-                try:
-                    sock, address = listener.accept()
-                except BlockingIOError:
-                    break
-                except ConnectionAbortedError:
-                    continue
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_PAUSE_ERRNOS:
-                        raise
-                    log.warning("accept failed (%s); pausing 100 ms", exc.strerror)
-                    await anyio.sleep(0.1)
-                    break
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._connections += 1
-                connections.start_soon(self._connection, sock, handler, client_key(address))
-                if self._connections >= limit:
-                    break
-
-    async def _connection(self, sock: socket.socket, handler: Connections, client: str) -> None:
-        handed_off = False
-        try:
-            try:
-                # TLS: the handshake runs inside the first reads of the request.
-                tls = self._tls
-                conn = sock if tls is None else TlsSocket(sock, tls.accept())
-                opened = await handler.handle(conn, client)
-            finally:
-                # Closes the socket unless it was handed (detached) to the engine.
-                sock.close()
-            if opened is None:
-                return
-            if opened.bot is not None:
-                await handler.sessions.supervise(opened)  # an in-process bot runs in this task
-                return
-            # Relayed in Rust: no Python task waits on it. The doorbell task reports its end.
-            handed_off = True
-            opened.relay.on_done = functools.partial(self._session_done, handler.sessions, opened)
-        finally:
-            if not handed_off:
-                self._connection_closed()
-
-    def _session_done(self, sessions: Sessions, opened: Opened, outcome: _core.Outcome) -> None:
-        """A relayed session ended (called from the relay's doorbell task)."""
-        sessions.ended(opened, outcome)
-        self._connection_closed()
-
-    def _connection_closed(self) -> None:
-        self._connections -= 1
-        if self._slot_freed is not None:
-            self._slot_freed.set()
-        if not self._connections:
-            self._poke()
+            await accepted.until_idle()

@@ -16,15 +16,19 @@ against (the system's, or ``upstream_ca_file``).
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
 from . import _core
+from .config import AgentConfig, Config
 from .errors import ConfigError
 
-__all__ = ["TlsSocket", "client_context", "server_context"]
+__all__ = ["Certificates", "TlsSocket", "client_context", "server_context"]
 
 _RECV_SIZE = 65536
+
+log = logging.getLogger("wsgate")
 
 
 class TlsSocket:
@@ -129,3 +133,45 @@ def client_context(ca_file: str | None) -> _core.TlsClientContext:
         return _core.TlsClientContext(roots)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+class Certificates:
+    """A gateway's TLS: the listener's certificate (None: plain), and the roots for its
+    ``wss://`` bots by CA file. Every file is read when it is built, so a bad one is a
+    ``ConfigError`` at start, not at the first session."""
+
+    def __init__(self, config: Config) -> None:
+        self._settings = config.gateway
+        #: The listener's TLS now; :meth:`reload` swaps it.
+        self.listener = self._read_listener()
+        self._bots: dict[str | None, _core.TlsClientContext] = {}
+        for agent in config.agents:
+            if any(url.tls for url in agent.upstream_urls):
+                self.for_bots(agent)
+
+    def _read_listener(self) -> _core.TlsServerContext | None:
+        cert, key = self._settings.tls_cert, self._settings.tls_key
+        return None if cert is None or key is None else server_context(cert, key)
+
+    def reload(self) -> bool:
+        """Read ``tls_cert`` and ``tls_key`` again: new connections get the new certificate,
+        live sessions keep theirs. A file that cannot be used keeps the old certificate and is
+        logged. Returns whether the new one was taken."""
+        if self.listener is None:
+            return False
+        try:
+            self.listener = self._read_listener()
+        except ConfigError as exc:
+            log.error("TLS certificate not reloaded, keeping the old one: %s", exc)
+            return False
+        log.info("TLS certificate reloaded")
+        return True
+
+    def for_bots(self, agent: AgentConfig) -> _core.TlsClientContext:
+        """The roots for this agent's ``wss://`` bots (its ``upstream_ca_file``, the gateway's,
+        or the system's); also for a bot ``authorize`` picked."""
+        ca_file = agent.upstream_ca_file or self._settings.upstream_ca_file
+        context = self._bots.get(ca_file)
+        if context is None:
+            context = self._bots[ca_file] = client_context(ca_file)
+        return context
