@@ -1,6 +1,7 @@
 """Settings (wsgate.config): dataclasses, TOML loading and the messages of ConfigError."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,15 @@ def test_objects_built_in_python_get_the_same_checks() -> None:
         AgentConfig("a", "o", upstream="http://b/ws")
     with pytest.raises(ConfigError, match="max_session_duration"):
         GatewaySettings(max_session_duration=30)
+
+
+def test_every_settings_example_in_the_readme_is_accepted() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    examples = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    assert len(examples) >= 3
+    for example in examples:
+        orgs = set(re.findall(r'^org = "([^"]+)"', example, flags=re.M))
+        # An example may show an agent alone: give it its organisation.
+        missing = orgs - set(re.findall(r'^name = "([^"]+)"', example, flags=re.M))
+        extra = "".join(f'\n[[org]]\nname = "{org}"\n' for org in sorted(missing))
+        loads_config(example + extra)
