@@ -22,6 +22,7 @@ import pytest
 import trustme
 import websockets.sync.server as ws_server
 from websockets.exceptions import ConnectionClosedError
+from websockets.sync.server import ServerConnection
 
 import wsgate
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
@@ -391,3 +392,52 @@ async def test_the_python_client_connects_to_a_wss_gateway(
                                   ssl_context=client_context(ca)) as ws:  # fmt: skip
             await ws.send("through TLS")
             assert await ws.recv() == "through TLS"
+
+
+async def test_fragments_and_drops_over_tls_on_both_hops(
+    pems: dict[str, str], ca: trustme.CA, tls_bot: TlsBot
+) -> None:
+    settings = config(pems, tls_bot.url, upstream_ca_file=pems["ca"])
+    async with Gateway(settings).running() as gw:
+        url = f"{gw.url}/ws/generic/bot.tls"
+
+        def fragmented() -> Any:
+            with connect(url, ssl=client_context(ca)) as ws:
+                ws.send(["frag", "mented ", "é" * 3000])  # one message in three frames
+                return ws.recv()
+
+        assert await in_thread(fragmented) == "fragmented " + "é" * 3000
+
+        def dropped() -> None:
+            # Past the 101, the client's TCP connection goes without a close frame (or
+            # close_notify): the bot must still hear of it.
+            with socket.create_connection(("127.0.0.1", gw.port)) as raw:
+                with client_context(ca).wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    s.sendall(
+                        b"GET /ws/generic/bot.tls HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                    )
+                    assert s.recv(12) == b"HTTP/1.1 101"
+                    s.shutdown(socket.SHUT_RDWR)  # TCP only: no close_notify
+
+        await in_thread(dropped)
+        tls_bot.wait_ended(2)
+        # The bot that drops its connection: the client gets 1011 through TLS.
+
+        def bot_drops(ws: ServerConnection, seen: Any) -> None:
+            ws.recv()
+            ws.socket.shutdown(socket.SHUT_RDWR)
+
+        tls_bot.behaviour = bot_drops
+
+        def lost() -> tuple[int, str]:
+            with connect(url, ssl=client_context(ca)) as ws:
+                ws.send("bye")
+                with pytest.raises(ConnectionClosedError) as closed:
+                    ws.recv()
+                assert closed.value.rcvd is not None
+                return closed.value.rcvd.code, closed.value.rcvd.reason
+
+        assert await in_thread(lost) == (1011, "bot lost")
+    assert tls_bot.sessions[1].close == (1001, "client gone")
