@@ -102,9 +102,10 @@ impl TlsConnection {
 
 #[pymethods]
 impl TlsConnection {
-    /// Takes bytes read from the socket; raises `TlsError` when they end the connection
-    /// (its alert, if any, is then in `outgoing()`).
-    fn feed(&self, data: &[u8]) -> PyResult<()> {
+    /// Takes bytes read from the socket and returns how many it took (it stops once decrypted
+    /// bytes wait: read them, then give the rest again); raises `TlsError` when they end the
+    /// connection (its alert, if any, is then in `outgoing()`).
+    fn feed(&self, data: &[u8]) -> PyResult<usize> {
         self.with(|t| t.feed(data).map_err(|e| TlsError::new_err(e.0)))
     }
 

@@ -117,19 +117,26 @@ impl Tls {
             .map_err(|e| err(e.to_string()))
     }
 
-    /// Takes bytes read from the socket. An error is fatal: its alert (if any) is queued for
-    /// [`write_tls`](Self::write_tls) and the connection must end.
-    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), TlsError> {
-        while !data.is_empty() {
-            let n = self.0.read_tls(&mut data).map_err(|e| err(e.to_string()))?;
+    /// Takes bytes read from the socket, as many as it may now, and returns how many it took:
+    /// it stops once decrypted bytes wait to be read (rustls holds a bounded amount of them),
+    /// and the caller gives the rest again after reading those. An error is fatal: its alert
+    /// (if any) is queued for [`write_tls`](Self::write_tls) and the connection must end.
+    pub fn feed(&mut self, data: &[u8]) -> Result<usize, TlsError> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = self.0.read_tls(&mut rest).map_err(|e| err(e.to_string()))?;
             if n == 0 {
                 break;
             }
-            self.0
+            let state = self
+                .0
                 .process_new_packets()
                 .map_err(|e| err(e.to_string()))?;
+            if state.plaintext_bytes_to_read() > 0 {
+                break;
+            }
         }
-        Ok(())
+        Ok(data.len() - rest.len())
     }
 
     /// Reads ciphertext from `src` (one read) and processes it. `Ok(0)`: the socket's EOF.

@@ -29,7 +29,7 @@ from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 from wsgate.cli import main as cli_main
 from wsgate.client import connect as client_connect
 
-from .helpers import Bot, connect, in_thread
+from .helpers import Bot, Reader, connect, frame, in_thread, upgrade_request
 from .processes import Wsgate
 
 pytestmark = pytest.mark.anyio
@@ -441,3 +441,32 @@ async def test_fragments_and_drops_over_tls_on_both_hops(
 
         assert await in_thread(lost) == (1011, "bot lost")
     assert tls_bot.sessions[1].close == (1001, "client gone")
+
+
+async def test_frames_sent_with_the_upgrade_request_in_one_burst_are_all_relayed(
+    pems: dict[str, str], ca: trustme.CA
+) -> None:
+    """A client that sends its first messages right behind its request, before the 101, in
+    more TLS records than the connection holds decrypted at once: none is lost at the
+    handover."""
+    big = [bytes([i]) * 20_000 for i in range(1, 6)]  # 100 kB of frames behind the request
+    frames = b"".join(frame(2, payload) for payload in big)
+    async with Gateway(config(pems)).running() as gw:
+
+        def burst() -> list[bytes]:
+            with socket.create_connection(("127.0.0.1", gw.port)) as raw:
+                with client_context(ca).wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    s.sendall(upgrade_request("/ws/generic/echo.tls") + frames)
+                    reader = Reader(lambda: s.recv(65536))
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        head += s.recv(1)
+                    assert head.startswith(b"HTTP/1.1 101")
+                    echoed = []
+                    for _ in big:
+                        answer = reader.next()
+                        assert answer is not None
+                        echoed.append(answer[1])
+                    return echoed
+
+        assert await in_thread(burst) == big

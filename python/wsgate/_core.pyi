@@ -301,9 +301,10 @@ class TlsClientContext:
 class TlsConnection:
     """One TLS connection, driven from Python (Sans-I/O) until the engine takes it."""
 
-    def feed(self, data: bytes) -> None:
-        """Take bytes read from the socket; ``TlsError`` when they end the connection (its
-        alert, if any, is then in :meth:`outgoing`)."""
+    def feed(self, data: bytes) -> int:
+        """Take bytes read from the socket; returns how many were taken (it stops once
+        decrypted bytes wait: :meth:`read` them, then feed the rest again). ``TlsError`` when
+        they end the connection (its alert, if any, is then in :meth:`outgoing`)."""
 
     def read(self, n: int) -> bytes | None:
         """Up to ``n`` decrypted bytes: ``b""`` once the peer closed, None when more bytes

@@ -146,6 +146,11 @@ def _tls_of(conn: Conn) -> _core.TlsConnection | None:
     return conn.tls if isinstance(conn, TlsSocket) else None
 
 
+def _settle(conn: Conn) -> bytes:
+    """TLS: the decrypted bytes still in Python's hands (see :meth:`TlsSocket.settle`)."""
+    return conn.settle() if isinstance(conn, TlsSocket) else b""
+
+
 class Relay:
     """Owns the engine and the doorbell task; :meth:`run` must be running in a task group.
 
@@ -206,14 +211,16 @@ class Relay:
         client_tls = _tls_of(handover.client)
         agent = self._counted.get(handover.agent)
         try:
+            client_pending = handover.client_pending + _settle(handover.client)
             client_fd = handover.client.detach()
             if isinstance(peer, Upstream):
+                bot_pending = peer.pending + _settle(peer.sock)
                 self.engine.relay(
                     handover.session_id,
                     client_fd,
                     peer.sock.detach(),
-                    handover.client_pending,
-                    peer.pending,
+                    client_pending,
+                    bot_pending,
                     limits.max_message_size,
                     limits.time_limit,
                     client_tls=client_tls,
@@ -224,7 +231,7 @@ class Relay:
                 self.engine.attach(
                     handover.session_id,
                     client_fd,
-                    handover.client_pending,
+                    client_pending,
                     limits.max_message_size,
                     peer.inbox_limit,
                     peer.send_buffer_limit,
@@ -236,7 +243,7 @@ class Relay:
                 self.engine.echo(
                     handover.session_id,
                     client_fd,
-                    handover.client_pending,
+                    client_pending,
                     limits.max_message_size,
                     limits.time_limit,
                     client_tls=client_tls,

@@ -39,12 +39,15 @@ class TlsSocket:
     more while any wait, and the caller waits for writability and calls :meth:`flush`.
     """
 
-    __slots__ = ("_out", "sock", "tls")
+    __slots__ = ("_in", "_out", "sock", "tls")
 
     def __init__(self, sock: socket.socket, tls: _core.TlsConnection) -> None:
         self.sock = sock
         self.tls = tls
         self._out = b""
+        # Bytes read from the socket that the connection did not take yet (it holds a bounded
+        # amount of decrypted data: the rest waits here until that is read).
+        self._in = b""
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -72,11 +75,11 @@ class TlsSocket:
             data = self.tls.read(size)
             if data is not None:
                 return data
-            raw = self.sock.recv(_RECV_SIZE)
+            raw = self._in or self.sock.recv(_RECV_SIZE)
             if not raw:
                 return b""
             try:
-                self.tls.feed(raw)
+                self._in = raw[self.tls.feed(raw) :]
             finally:
                 self.flush()  # the handshake's answers (or the alert that ends it)
 
@@ -99,11 +102,27 @@ class TlsSocket:
     def close(self) -> None:
         self.sock.close()
 
+    def settle(self) -> bytes:
+        """Before the handover: give the connection every byte read from the socket, and
+        return the decrypted bytes this frees (they go to the engine as pending bytes, ahead
+        of anything the connection still holds)."""
+        freed: list[bytes] = []
+        while True:
+            while data := self.tls.read(_RECV_SIZE):
+                freed.append(data)
+            if not self._in:
+                return b"".join(freed)
+            taken = self.tls.feed(self._in)
+            if not taken and self.tls.read(1) is None:
+                self._in = b""  # after the peer's close_notify: ignored, as TLS says
+            self._in = self._in[taken:]
+
     def detach(self) -> int:
         """The descriptor, for the engine (with :attr:`tls`). Every record must be written
-        first (:attr:`pending` false): the engine takes the connection, not our buffer."""
-        if self._out:
-            raise RuntimeError("TLS records still wait to be written")
+        first (:attr:`pending` false), and every byte read taken by the connection (the
+        engine takes the connection, not our buffers): :meth:`settle` does both."""
+        if self._out or self._in:
+            raise RuntimeError("TLS bytes still wait in Python's buffers")
         return self.sock.detach()
 
     def getpeername(self) -> object:
