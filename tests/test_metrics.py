@@ -506,6 +506,20 @@ async def test_the_metrics_listener_answers_through_a_drain(bot: Bot) -> None:
     }
 
 
+async def test_the_metrics_listener_gives_readyz_the_same_answer_as_the_gateways_port(
+    bot: Bot,
+) -> None:
+    with refused_port() as dead:
+        settings = config(bot.url, dead, metrics_port=0)
+    pooled = AgentConfig("pool", "test", upstream=[bot.url, dead])
+    settings = Config(settings.gateway, settings.orgs, [*settings.agents, pooled])
+    async with Gateway(settings).running() as gw:
+        readyz = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+        own = await http_exchange(gw.port, readyz)
+        assert own[0] == 200 and b"pool.test member 2" in own[1]
+        assert await http_exchange(gw.metrics_port, readyz) == own
+
+
 async def test_with_metrics_off_there_is_no_metrics_path_and_the_engine_counts_nothing(
     bot: Bot,
 ) -> None:

@@ -104,19 +104,25 @@ class Connections:
             await _respond(sock, 500, "internal error")
         return None
 
+    def health(self, path: str) -> bytes:
+        """``/livez`` (200 while the process serves) or ``/readyz`` (503 "draining" once a
+        stop began; its first line notes a capacity store out of reach, then a line per pool
+        member). The metrics listener answers the same."""
+        ready = path == "/livez" or not self._draining()
+        lines = ["ok" if ready else "draining"]
+        if path == "/readyz":
+            note = self.sessions.capacity.status
+            if note is not None and ready:
+                lines[0] = f"ok; {note}"  # still ready: sessions go on, limits counted here
+            lines += self.sessions.pools.status(self.agents.values())  # a line per member
+        return plain_lines_response(200 if ready else 503, lines)
+
     async def _request(
         self, sock: Conn, head: bytes, pending: bytes, deadline: float, client: str
     ) -> Opened | None:
         request = parse_request(head)
         if request.path in HEALTH_PATHS and request.method == "GET":
-            ready = request.path == "/livez" or not self._draining()
-            lines = ["ok" if ready else "draining"]
-            if request.path == "/readyz":
-                note = self.sessions.capacity.status
-                if note is not None and ready:
-                    lines[0] = f"ok; {note}"  # still ready: sessions go on, limits counted here
-                lines += self.sessions.pools.status(self.agents.values())  # a line per member
-            await send_and_close(sock, plain_lines_response(200 if ready else 503, lines))
+            await send_and_close(sock, self.health(request.path))
             return None
         if request.path == METRICS_PATH and request.method == "GET" and self._serves_metrics:
             await send_and_close(sock, self.metrics.exposition(request.header("accept")))

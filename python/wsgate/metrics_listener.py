@@ -36,7 +36,7 @@ _CONNECTIONS = 16
 async def serve_metrics(
     listener: socket.socket,
     metrics: Metrics,
-    draining: Callable[[], bool],
+    health: Callable[[str], bytes],
     timeout: float,
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -63,13 +63,13 @@ async def serve_metrics(
                 limiter.release()
                 raise
             sock.setblocking(False)
-            tg.start_soon(_answer, sock, metrics, draining, timeout, limiter)
+            tg.start_soon(_answer, sock, metrics, health, timeout, limiter)
 
 
 async def _answer(
     sock: socket.socket,
     metrics: Metrics,
-    draining: Callable[[], bool],
+    health: Callable[[str], bytes],
     timeout: float,
     limiter: anyio.Semaphore,
 ) -> None:
@@ -77,7 +77,7 @@ async def _answer(
         response = None
         with anyio.move_on_after(timeout):
             head, _ = await read_head(sock, _core.MAX_HEADER_BYTES)
-            response = respond(head, metrics, draining)
+            response = respond(head, metrics, health)
         if response is not None:
             await send_and_close(sock, response)
     except (EOFError, OSError, HeadTooLarge):
@@ -87,8 +87,9 @@ async def _answer(
         limiter.release()
 
 
-def respond(head: bytes, metrics: Metrics, draining: Callable[[], bool]) -> bytes:
-    """The response to one request head (Sans-I/O)."""
+def respond(head: bytes, metrics: Metrics, health: Callable[[str], bytes]) -> bytes:
+    """The response to one request head (Sans-I/O). ``health(path)``: ``/livez``'s or
+    ``/readyz``'s answer, the same as on the gateway's own port."""
     try:
         request = parse_request(head)
     except HttpError as exc:
@@ -98,6 +99,5 @@ def respond(head: bytes, metrics: Metrics, draining: Callable[[], bool]) -> byte
     if request.path == METRICS_PATH:
         return metrics.exposition(request.header("accept"))
     if request.path in HEALTH_PATHS:
-        ready = request.path == "/livez" or not draining()
-        return plain_response(*((200, "ok") if ready else (503, "draining")))
+        return health(request.path)
     return plain_response(404, "not found")

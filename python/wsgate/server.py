@@ -298,7 +298,7 @@ class Gateway:
                         serve_metrics,
                         metrics_listener,
                         self.metrics,
-                        lambda: self._stop_requested,
+                        handler.health,
                         settings.handshake_timeout,
                     )
                 async with anyio.create_task_group() as connections:
