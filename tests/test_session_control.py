@@ -539,3 +539,32 @@ async def test_session_api_504_without_an_answer_and_502_when_unreachable() -> N
                 await in_thread(ws.close)
     finally:
         origin.close()
+
+
+# --- the Python client and the CLI ------------------------------------------------------------
+
+
+async def test_client_and_cli_list_and_stop(bot: Bot, capsys: pytest.CaptureFixture[str]) -> None:
+    from wsgate.cli import main
+    from wsgate.client import SessionControlError, list_sessions, stop_session
+
+    async with gateway(bot.url) as gw:
+        ws = await in_thread(open_ws, f"{gw.url}/ws/generic/bot.test")
+        sid = session_id(ws)
+        listed = await list_sessions(gw.url, "bot", "sk_test", limit=10)
+        assert [s["sessionId"] for s in listed["sessions"]] == [sid]
+        with pytest.raises(SessionControlError) as refused:
+            await list_sessions(gw.url, "bot", "pk_test")
+        assert refused.value.status == 403
+        argv = ["sessions", "list", "--url", gw.url, "--agent", "bot", "--key", "sk_test"]
+        assert await in_thread(main, argv) == 0
+        assert json.loads(capsys.readouterr().out)["sessions"][0]["sessionId"] == sid
+        stop = ["sessions", "stop", "--url", gw.url, "--agent", "bot", "--key", "sk_test"]
+        assert await in_thread(main, [*stop, "--id", sid]) == 0
+        assert json.loads(capsys.readouterr().out) == {"status": "stopped", "sessionId": sid}
+        assert await in_thread(closed_with, ws.recv, 20) == (1000, "session stopped")
+        assert await in_thread(main, [*stop, "--id", sid]) == 1
+        assert "404" in capsys.readouterr().err
+        with pytest.raises(SessionControlError) as gone:
+            await stop_session(gw.url, "bot", "sk_test", sid)
+        assert gone.value.status == 404
