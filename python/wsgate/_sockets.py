@@ -27,6 +27,7 @@ __all__ = [
     "listen",
     "read_exactly",
     "read_head",
+    "read_to_end",
     "read_until",
     "send_all",
     "send_and_close",
@@ -87,6 +88,18 @@ async def read_exactly(sock: Conn, n: int, already: bytes = b"") -> bytes:
     while len(buf) < n:
         buf += await _receive(sock, min(_RECV_SIZE, n - len(buf)), "the request body")
     return bytes(buf)
+
+
+async def read_to_end(sock: Conn, limit: int, already: bytes = b"") -> bytes | None:
+    """Everything the peer sends until it closes, after ``already``; None once more than
+    ``limit`` bytes came (memory stays under ``limit`` plus one read)."""
+    buf = bytearray(already)
+    while len(buf) <= limit:
+        try:
+            buf += await _receive(sock, _RECV_SIZE, "the answer")
+        except EOFError:
+            return bytes(buf)
+    return None
 
 
 async def read_until(

@@ -8,6 +8,9 @@
 - ``wsgate token mint|verify [--body JSON]``: for operators, with the secrets of ``--config``
   (or ``WSGATE_SECRETS``). ``verify`` reads the token from standard input, so it stays out of
   the process list and shell history. A token binds its body exactly as one from ``/start``;
+- ``wsgate sessions list|stop --url URL --agent NAME [--key sk_…] [--limit N --after ID |
+  --id ID]``: list an agent's live sessions (one page, JSON) or stop one, with a private key
+  (default ``WSGATE_PRIVATE_KEY``);
 - ``wsgate status [--url URL]``: a running gateway's ``/metrics`` as a table per agent
   (:mod:`wsgate.status`).
 """
@@ -25,12 +28,19 @@ import sys
 import time
 import urllib.error
 from collections.abc import Sequence
+from functools import partial
 
 import anyio
 from anyio.abc import TaskStatus
 
 from .body import encode_body
-from .client import StartError, start_sync
+from .client import (
+    SessionControlError,
+    StartError,
+    list_sessions,
+    start_sync,
+    stop_session,
+)
 from .config import default_config, load_config
 from .errors import ConfigError, HttpError, WsgateError
 from .logs import configure as configure_logging
@@ -65,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--ca-file", help="PEM roots for an https:// gateway with a private CA (default: system's)"
     )
+    control = commands.add_parser("sessions", help="list or stop live sessions (private key)")
+    control.add_argument("action", choices=("list", "stop"))
+    control.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8765")
+    control.add_argument("--agent", required=True, help="agent name (the org is the key's)")
+    control.add_argument("--key", help="private API key sk_… (default: $WSGATE_PRIVATE_KEY)")
+    control.add_argument("--id", help="stop: the sessionId")
+    control.add_argument("--limit", type=int, help="list: sessions on the page (1-1000)")
+    control.add_argument("--after", help="list: the page after this sessionId (its 'next')")
+    control.add_argument(
+        "--ca-file", help="PEM roots for an https:// gateway with a private CA (default: system's)"
+    )
     show = commands.add_parser("status", help="a running gateway's metrics, per agent")
     show.add_argument(
         "--url",
@@ -96,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _start(args)
     if args.command == "token":
         return _token(args)
+    if args.command == "sessions":
+        return _sessions(args)
     if args.command == "status":
         return _status(args)
     try:
@@ -161,6 +184,38 @@ def _start(args: argparse.Namespace) -> int:
     answer = {"token": result.token, "wsUrl": result.ws_url, "sessionId": result.session_id,
               "body": result.body}  # fmt: skip
     print(json.dumps({k: v for k, v in answer.items() if v is not None}))
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    key = args.key or os.environ.get("WSGATE_PRIVATE_KEY")
+    if not key:
+        print("wsgate: give --key or set WSGATE_PRIVATE_KEY", file=sys.stderr)
+        return 2
+    if args.action == "stop" and not args.id:
+        print("wsgate: sessions stop needs --id", file=sys.stderr)
+        return 2
+    context = None
+    if args.ca_file is not None:
+        try:
+            context = ssl.create_default_context(cafile=args.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"wsgate: --ca-file: {exc}", file=sys.stderr)
+            return 2
+    try:
+        if args.action == "stop":
+            call = partial(stop_session, args.url, args.agent, key, args.id, ssl_context=context)
+        else:
+            call = partial(list_sessions, args.url, args.agent, key, limit=args.limit,
+                           after=args.after, ssl_context=context)  # fmt: skip
+        answer = anyio.run(call)
+    except SessionControlError as exc:
+        print(f"wsgate: the gateway answered {exc.status}: {exc.reason}", file=sys.stderr)
+        return 1
+    except (WsgateError, OSError, ValueError) as exc:
+        print(f"wsgate: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer))
     return 0
 
 

@@ -42,6 +42,7 @@ from .body import encode_body
 from .errors import (
     BodyTooLarge,
     ClientError,
+    SessionControlError,
     StartError,
     StatusError,
     UpgradeRefused,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BodyTooLarge",
     "ClientError",
+    "SessionControlError",
     "StartError",
     "StartResult",
     "StatusError",
@@ -62,8 +64,10 @@ __all__ = [
     "connect",
     "connect_sync",
     "connection_target",
+    "list_sessions",
     "start",
     "start_sync",
+    "stop_session",
 ]
 
 _MAX_RESPONSE_HEAD = 16 * 1024
@@ -107,8 +111,8 @@ async def start(
         request["body"] = body
     payload = json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode()
     with anyio.fail_after(timeout):
-        status, response = await _post(
-            base_url, f"/v1/public/{agent}/start", public_key, payload, ssl_context
+        status, response = await _request(
+            "POST", base_url, f"/v1/public/{agent}/start", public_key, payload, ssl_context
         )
     return _start_result(status, response)
 
@@ -118,6 +122,67 @@ def start_sync(
 ) -> StartResult:
     """:func:`start` for code without an event loop (runs one)."""
     return anyio.run(partial(start, base_url, agent, public_key, body, **kwargs))
+
+
+async def list_sessions(
+    base_url: str,
+    agent: str,
+    private_key: str,
+    *,
+    limit: int | None = None,
+    after: str | None = None,
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> dict[str, Any]:
+    """``GET {base_url}/v1/agents/{agent}/sessions`` with the organisation's private key: one
+    page, ``{"sessions": [...], "next": <sessionId> | None}``; pass ``next`` as ``after`` for
+    the following one. Raises :class:`SessionControlError` for an error answer."""
+    if not is_name(agent):
+        raise ValueError("agent must be 1-63 lowercase letters, digits or '-'")
+    query = "&".join(
+        f"{name}={quote(str(value), safe='')}"
+        for name, value in (("limit", limit), ("after", after))
+        if value is not None
+    )
+    path = f"/v1/agents/{agent}/sessions" + (f"?{query}" if query else "")
+    with anyio.fail_after(timeout):
+        status, response = await _request("GET", base_url, path, private_key, b"", ssl_context)
+    return _control_answer(status, response)
+
+
+async def stop_session(
+    base_url: str,
+    agent: str,
+    private_key: str,
+    session_id: str,
+    *,
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> dict[str, Any]:
+    """``DELETE {base_url}/v1/agents/{agent}/sessions/{session_id}`` with the organisation's
+    private key: both sides of the session get 1000 "session stopped". Returns the answer
+    (``{"status": "stopped", "sessionId": …}``); raises :class:`SessionControlError` (404: no
+    such live session)."""
+    if not is_name(agent):
+        raise ValueError("agent must be 1-63 lowercase letters, digits or '-'")
+    path = f"/v1/agents/{agent}/sessions/{quote(session_id, safe='')}"
+    with anyio.fail_after(timeout):
+        status, response = await _request("DELETE", base_url, path, private_key, b"", ssl_context)
+    return _control_answer(status, response)
+
+
+def _control_answer(status: int, response: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(response)
+    except (ValueError, RecursionError):
+        document = None
+    if status != 200:
+        if isinstance(document, dict) and isinstance(document.get("error"), str):
+            raise SessionControlError(status, document["error"])
+        raise SessionControlError(status, "error without a reason")
+    if not isinstance(document, dict):
+        raise SessionControlError(status, "the answer is not a JSON object")
+    return document
 
 
 def connection_target(
@@ -283,14 +348,15 @@ def _start_result(status: int, response: bytes) -> StartResult:
 # --- a minimal HTTP/1.1 POST over anyio ---------------------------------------------------
 
 
-async def _post(
+async def _request(
+    method: str,
     base_url: str,
     path: str,
     bearer: str,
     payload: bytes,
     ssl_context: ssl.SSLContext | None,
 ) -> tuple[int, bytes]:
-    """POST ``payload`` as JSON; ``(status, response body)``."""
+    """``method`` with ``payload`` as JSON; ``(status, response body)``."""
     parts = urlsplit(_ws_base(base_url))
     tls = parts.scheme == "wss"
     host = parts.hostname
@@ -301,9 +367,9 @@ async def _post(
     if parts.port is not None:
         authority += f":{parts.port}"
     if any(c in bearer for c in "\r\n"):
-        raise ValueError("public key must not hold a line break")
+        raise ValueError("a key must not hold a line break")
     head = (
-        f"POST {parts.path.rstrip('/')}{path} HTTP/1.1\r\n"
+        f"{method} {parts.path.rstrip('/')}{path} HTTP/1.1\r\n"
         f"Host: {authority}\r\n"
         f"Authorization: Bearer {bearer}\r\n"
         "Content-Type: application/json\r\n"

@@ -99,6 +99,9 @@ class GatewaySettings:
     #: Seconds to connect to the bot and get its 101 (502 refused or a bad answer, 504 timed
     #: out). For a pool (``upstream`` a list), one budget for every member tried.
     dial_timeout: float = 5.0
+    #: Seconds the Session API waits for the bot's answer once connected (502 unreachable,
+    #: 504 no answer in time); connecting takes ``dial_timeout``.
+    session_api_timeout: float = 30.0
     #: Seconds a pool member whose dial failed is left out of new sessions (unless every
     #: member is out). 0: never left out.
     upstream_retry_after: float = 10.0
@@ -210,7 +213,8 @@ class GatewaySettings:
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
                 raise ConfigError(f"{name} must be a number >= 0 (0: off), got {value!r}")
-        for name in ("handshake_timeout", "dial_timeout", "drain_timeout", "bot_grace_period"):
+        timeouts = ("handshake_timeout", "dial_timeout", "drain_timeout", "bot_grace_period")
+        for name in (*timeouts, "session_api_timeout"):
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
@@ -253,23 +257,49 @@ class GatewaySettings:
 
 @dataclass(frozen=True)
 class OrgConfig:
-    """An organisation: a name and the public API keys (``pk_…``) that may call its ``/start``."""
+    """An organisation: a name, the public API keys (``pk_…``) that may call its ``/start`` and
+    its Session API, and the private keys (``sk_…``) that may list and stop its sessions.
+
+    The two kinds are kept apart: a public key never lists or stops a session, a private key
+    never mints a token, and no key may be both. Private keys come from one source:
+    ``private_keys``, ``private_keys_file`` (one per line), or the environment variable
+    ``WSGATE_PRIVATE_KEYS_<ORG>`` (the name upper-cased, ``-`` as ``_``; comma-separated), read
+    when a gateway is built (:func:`wsgate.session_api.load_private_keys`)."""
 
     name: str
     #: Secrets: never shown in a repr or a log.
     public_keys: Sequence[str] = field(default=(), repr=False)
+    #: Secrets: never shown in a repr or a log.
+    private_keys: Sequence[str] | None = field(default=None, repr=False)
+    #: A file with one private key per line (e.g. a mounted Kubernetes secret).
+    private_keys_file: str | None = None
 
     def __post_init__(self) -> None:
         check_name("organisation", self.name)
-        keys = self.public_keys
+        object.__setattr__(self, "public_keys", self._keys("public_keys", self.public_keys))
+        if self.private_keys is not None:
+            private = self._keys("private_keys", self.private_keys)
+            if set(private) & set(self.public_keys):
+                raise ConfigError(f"org {self.name!r}: a key is both public and private")
+            object.__setattr__(self, "private_keys", private)
+        if self.private_keys_file is not None and not isinstance(self.private_keys_file, str):
+            raise ConfigError(f"org {self.name!r}: private_keys_file must be a string")
+        if self.private_keys is not None and self.private_keys_file is not None:
+            raise ConfigError(
+                f"org {self.name!r}: private keys given twice (private_keys and "
+                "private_keys_file); keep one"
+            )
+
+    def _keys(self, kind: str, keys: object) -> tuple[str, ...]:
+        what = kind.replace("_keys", " key")
         if isinstance(keys, str) or not isinstance(keys, Sequence):
-            raise ConfigError(f"org {self.name!r}: public_keys must be a list of strings")
+            raise ConfigError(f"org {self.name!r}: {kind} must be a list of strings")
         for key in keys:
             if not isinstance(key, str) or not key or key != key.strip():
-                raise ConfigError(f"org {self.name!r}: every public key must be a non-empty string")
+                raise ConfigError(f"org {self.name!r}: every {what} must be a non-empty string")
         if len(set(keys)) != len(keys):
-            raise ConfigError(f"org {self.name!r}: a public key is listed twice")
-        object.__setattr__(self, "public_keys", tuple(keys))
+            raise ConfigError(f"org {self.name!r}: a {what} is listed twice")
+        return tuple(keys)
 
 
 @dataclass(frozen=True)
@@ -471,7 +501,13 @@ def _build(where: str, table: dict[str, Any], cls: type[_T]) -> _T:
         expected = _TYPES[cls.__name__, key]
         if not _has_type(value, expected):
             # Never echo a secret back in an error message.
-            secret = key in ("public_keys", "secrets", "replay_store", "capacity_store")
+            secret = key in (
+                "public_keys",
+                "private_keys",
+                "secrets",
+                "replay_store",
+                "capacity_store",
+            )
             shown = "" if secret else f" {value!r}"
             raise ConfigError(
                 f"{where}: {key} must be {expected}, got {type(value).__name__}{shown}"

@@ -2,7 +2,8 @@
 
 The path: read the request head (``handshake_timeout`` for the whole request, evictable while it
 is being sent: :class:`~wsgate.admission.PendingReads`) -> parse -> a health check, ``/start``
-(:mod:`wsgate.start`), ``/ws/twilio`` (answer the upgrade, read the opening, then route), or
+(:mod:`wsgate.start`), session control and the Session API (:mod:`wsgate.session_api`),
+``/ws/twilio`` (answer the upgrade, read the opening, then route), or
 :func:`~wsgate.routing.route` -> :meth:`~wsgate.sessions.Sessions.admit`. Every refusal is
 answered here, in one place: an ``HttpError`` before the upgrade is a plain-text response, after
 it (Twilio) a close frame; nothing is started before every check has passed. Each refusal and
@@ -29,8 +30,22 @@ from .providers import Opening, OpeningReader, close_for
 from .request import Request, parse_request
 from .responses import json_response, plain_lines_response, plain_response
 from .routing import TokenCheck, named_agent, precheck, route
+from .session_api import (
+    CONTROL_PREFIX,
+    Forward,
+    ListSessions,
+    Refusal,
+    SessionKeys,
+    forward_head,
+    is_forward_path,
+    judge_control,
+    judge_forward,
+    page,
+    refusal,
+)
 from .sessions import Opened, Sessions
 from .start import answer_start, is_start_path, request_body_length
+from .upstream import call_bot
 
 __all__ = ["HEALTH_PATHS", "Connections"]
 
@@ -54,8 +69,11 @@ class Connections:
         draining: Callable[[], bool],
         public_url: Callable[[], str],
         metrics: Metrics | None = None,
+        keys: SessionKeys | None = None,
     ) -> None:
         self.config = config
+        #: Public and private keys of the organisations (session control, the Session API).
+        self.keys = SessionKeys.from_config(config) if keys is None else keys
         self.metrics = Metrics(agents) if metrics is None else metrics
         #: The gateway's own mapping (registrations of in-process bots show here).
         self.agents = agents
@@ -130,6 +148,12 @@ class Connections:
         limited = self._client_rate is not None and not self._client_rate.allow(
             client, anyio.current_time()
         )
+        if request.path.startswith(CONTROL_PREFIX):
+            await self._control(sock, request)
+            return None
+        if is_forward_path(request.path):
+            await self._session_api(sock, request, pending, deadline)
+            return None
         if is_start_path(request.path):
             if limited:
                 self.metrics.start_answered(None, 429)
@@ -216,6 +240,107 @@ class Connections:
         self.metrics.start_answered(agent, answer.status)
         await send_and_close(sock, json_response(answer.status, answer.document))
 
+    async def _control(self, sock: Conn, request: Request) -> None:
+        """``DELETE /v1/agents/{agent}/sessions/{id}`` (stop) and ``GET
+        /v1/agents/{agent}/sessions`` (list), with a private key."""
+        judged = judge_control(
+            request.method,
+            request.path,
+            request.query_params(),
+            request.headers,
+            self.agents,
+            self.keys,
+        )
+        if isinstance(judged, Refusal):
+            await _send_refusal(sock, judged)
+            return
+        sessions = self.sessions
+        host = judged.agent.service_host
+        if isinstance(judged, ListSessions):
+            document = page(sessions.listed(host), judged.limit, judged.after)
+            await send_and_close(sock, json_response(200, document))
+            return
+        opened = sessions.find(judged.session_id, host)
+        if opened is None:
+            await _send_refusal(sock, _not_live())
+            return
+        sessions.stop(opened)
+        log.info("session %s %s stopped through the API", host, opened.session_uuid)
+        document = {"status": "stopped", "sessionId": opened.session_uuid}
+        await send_and_close(sock, json_response(200, document))
+
+    async def _session_api(
+        self, sock: Conn, request: Request, pending: bytes, deadline: float
+    ) -> None:
+        """``/v1/public/{agent}/sessions/{id}/{path}`` with a public key: the request goes to
+        the HTTP origin of the bot that holds the session, its answer comes back as it is.
+        Buffered both ways (bounded: ``/start``'s body limit, ``MAX_ANSWER_BYTES``)."""
+        judged = judge_forward(
+            request.method, request.path, request.query, request.headers, self.agents, self.keys
+        )
+        if isinstance(judged, Refusal):
+            await _send_refusal(sock, judged)
+            return
+        try:
+            length = request_body_length(request.headers)
+        except HttpError as exc:
+            await _send_refusal(sock, refusal(exc.status, exc.reason))
+            return
+        answer = await self._forward(sock, request, judged, length, pending, deadline)
+        if answer is not None:
+            await send_and_close(sock, answer)
+
+    async def _forward(
+        self,
+        sock: Conn,
+        request: Request,
+        judged: Forward,
+        length: int,
+        pending: bytes,
+        deadline: float,
+    ) -> bytes | None:
+        """The bot's answer to a judged Session API request, or a refusal's; None when the
+        client was too slow with its body (dropped, like a slow ``/start``)."""
+        opened = self.sessions.find(judged.session_id, judged.agent.service_host)
+        if opened is None:
+            return _refusal_bytes(_not_live())
+        origin = opened.upstream
+        if origin is None:
+            return _refusal_bytes(refusal(404, "Not found: this session's bot serves no routes"))
+        if length and any(v.lower() == "100-continue" for v in request.headers_all("expect")):
+            await send_all(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+        body: bytes | None = None
+        with self.pending.reading(deadline):
+            body = await read_exactly(sock, length, pending)
+        if body is None:
+            return None
+        head = forward_head(
+            request.method,
+            judged.target,
+            origin.host_header,
+            request.headers,
+            opened.session_uuid,
+            length,
+        )
+        sessions, settings = self.sessions, self.config.gateway
+        tls = None
+        if origin.tls and sessions.bot_tls is not None:
+            tls = sessions.bot_tls(judged.agent)
+        try:
+            return await call_bot(
+                origin,
+                head + body,
+                head_only=request.method == "HEAD",
+                dial_timeout=settings.dial_timeout,
+                answer_timeout=settings.session_api_timeout,
+                tls=tls,
+            )
+        except HttpError as exc:
+            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+            log.log(level, "session API call to %s refused with %d: %s",
+                    judged.agent.service_host, exc.status, exc.reason)  # fmt: skip
+            return _refusal_bytes(refusal(exc.status, exc.reason))
+
     def _named_agent(self, received: tuple[bytes, bytes] | None) -> str | None:
         """The configured service host a refused request named, if any (its head parsed
         again: refusals only)."""
@@ -235,6 +360,19 @@ async def _respond(sock: Conn, status: int, text: str) -> None:
 async def _respond_json(sock: Conn, status: int, reason: str) -> None:
     """Answer ``/start`` with its JSON error, then close."""
     await send_and_close(sock, json_response(status, {"error": reason, "code": str(status)}))
+
+
+def _not_live() -> Refusal:
+    return refusal(404, "Session not found: not live on this gateway, or not this agent's")
+
+
+def _refusal_bytes(judged: Refusal) -> bytes:
+    return json_response(judged.status, judged.document, judged.allow or "POST")
+
+
+async def _send_refusal(sock: Conn, judged: Refusal) -> None:
+    """Answer a session control or Session API request with its JSON refusal, then close."""
+    await send_and_close(sock, _refusal_bytes(judged))
 
 
 async def _close(sock: Conn, code: int, reason: str) -> None:

@@ -13,6 +13,7 @@ Hierarchy::
         ├── BodyTooLarge       a session body over 4 KB: no request was made
         └── StatusError        an HTTP error answer, with its status and reason
             ├── StartError     from /start
+            ├── SessionControlError  from listing or stopping sessions
             └── UpgradeRefused from the WebSocket upgrade
     BotHandshakeError (ValueError)  a bot's answer to our upgrade that we cannot relay (502)
     HeadTooLarge                    an HTTP head over its limit (431 from a client, 502 from a bot)
@@ -36,6 +37,7 @@ __all__ = [
     "HttpError",
     "OpeningError",
     "ReplayStoreUnavailable",
+    "SessionControlError",
     "StartError",
     "StatusError",
     "StoreUnavailable",
@@ -132,6 +134,10 @@ class StatusError(ClientError):
 
 class StartError(StatusError):
     """``/start`` answered with an error (or with something that is not its JSON)."""
+
+
+class SessionControlError(StatusError):
+    """Listing or stopping sessions answered with an error (401/403 key, 404 not live…)."""
 
 
 class UpgradeRefused(StatusError):

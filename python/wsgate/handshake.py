@@ -42,8 +42,11 @@ def new_key() -> str:
     return base64.b64encode(os.urandom(16)).decode("ascii")
 
 
-def switching_protocols(client_key: str, subprotocol: str | None) -> bytes:
-    """The 101 response that opens the client's WebSocket, with the bot's subprotocol if any."""
+def switching_protocols(
+    client_key: str, subprotocol: str | None, session_uuid: str | None = None
+) -> bytes:
+    """The 101 response that opens the client's WebSocket, with the bot's subprotocol if any,
+    and ``X-Session-Id`` (the id the bot receives as ``X-Daily-Session-Id``) when given."""
     lines = [
         "HTTP/1.1 101 Switching Protocols",
         "Upgrade: websocket",
@@ -52,6 +55,8 @@ def switching_protocols(client_key: str, subprotocol: str | None) -> bytes:
     ]
     if subprotocol is not None:
         lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+    if session_uuid is not None:
+        lines.append(f"X-Session-Id: {session_uuid}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 

@@ -63,6 +63,7 @@ def session_fields(
     session_id: str,
     seconds: float,
     inprocess: bool,
+    stopped: bool = False,
     provider: str | None = None,
     call_id: str | None = None,
 ) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def session_fields(
         "agent": agent,
         "session_id": session_id,
         "session": outcome.session_id,
-        "ended_by": ended_by(outcome, inprocess),
+        "ended_by": ended_by(outcome, inprocess, stopped),
         "detail": outcome.detail,
         "code": close_code_label(outcome.code),
         "client_close": None if outcome.client_close is None else outcome.client_close[0],

@@ -35,6 +35,7 @@ from . import _core
 from .errors import HttpError, OpeningError, TokenRejected
 from .replay import ReplayStore, ReplayStoreUnavailable
 from .responses import http_response
+from .session_api import STOP_REASON
 
 __all__ = [
     "METRICS_PATH",
@@ -77,10 +78,11 @@ _DIAL_FAILURES = (
 )
 
 
-def ended_by(outcome: _core.Outcome, inprocess: bool) -> str:
+def ended_by(outcome: _core.Outcome, inprocess: bool, stopped: bool = False) -> str:
     """Who or what ended a session, as the ``ended_by`` label: ``client``, ``bot``,
-    ``gateway_limit`` (time limit, message size), ``gateway_drain`` (a stop) or ``error`` (a
-    broken protocol rule, the close timeout, the engine stopped).
+    ``gateway_limit`` (time limit, message size), ``gateway_drain`` (a stop), ``api`` (stopped
+    through ``DELETE /v1/agents/…/sessions/…``: ``stopped``, when that close is what ended it) or
+    ``error`` (a broken protocol rule, the close timeout, the engine stopped).
 
     The engine says ``gateway`` whenever it sent the closes itself; for an in-process bot that
     includes the bot's own close (the gateway speaks WebSocket for it), which counts as ``bot``.
@@ -89,6 +91,8 @@ def ended_by(outcome: _core.Outcome, inprocess: bool) -> str:
     if by != "gateway":
         return by
     code = outcome.code
+    if stopped and outcome.detail == STOP_REASON:
+        return "api"
     if outcome.detail == _core.TIME_LIMIT_REASON or code == 1009:
         return "gateway_limit"
     if outcome.detail == _DRAIN_REASON:
@@ -229,11 +233,16 @@ class Metrics:
         self._start.labels(self.agent(service_host), str(status)).inc()
 
     def session_ended(
-        self, service_host: str, inprocess: bool, outcome: _core.Outcome, seconds: float
+        self,
+        service_host: str,
+        inprocess: bool,
+        outcome: _core.Outcome,
+        seconds: float,
+        stopped: bool = False,
     ) -> None:
-        """A session ended after ``seconds``."""
+        """A session ended after ``seconds`` (``stopped``: through the API)."""
         agent = self.agent(service_host)
-        by, code = ended_by(outcome, inprocess), close_code_label(outcome.code)
+        by, code = ended_by(outcome, inprocess, stopped), close_code_label(outcome.code)
         self._closed.labels(agent, by, code).inc()
         self._duration.labels(agent).observe(seconds)
 

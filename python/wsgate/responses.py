@@ -42,16 +42,19 @@ def plain_lines_response(status: int, lines: Sequence[str]) -> bytes:
     return http_response(status, text.encode("utf-8"), "text/plain; charset=utf-8")
 
 
-def json_response(status: int, document: Any) -> bytes:
-    """``/start``'s answer. ``Cache-Control: no-store``: a 200 holds a bearer token (SPEC §5)."""
-    headers, payload = json_parts(status, document)
+def json_response(status: int, document: Any, allow: str = "POST") -> bytes:
+    """``/start``'s answer (and session control's). ``Cache-Control: no-store``: a 200 holds a
+    bearer token (SPEC §5). ``allow``: the ``Allow`` header of a 405."""
+    headers, payload = json_parts(status, document, allow)
     return http_response(status, payload, "application/json", headers)
 
 
-def json_parts(status: int, document: Any) -> tuple[list[tuple[str, str]], bytes]:
+def json_parts(
+    status: int, document: Any, allow: str = "POST"
+) -> tuple[list[tuple[str, str]], bytes]:
     """``/start``'s answer as its extra headers and JSON payload (for the ASGI app too)."""
     payload = json.dumps(document, separators=(",", ":")).encode()
     headers = [("Cache-Control", "no-store")]
     if status == 405:
-        headers.append(("Allow", "POST"))
+        headers.append(("Allow", allow))
     return headers, payload

@@ -38,6 +38,7 @@ from .metrics import GatewayState, Metrics
 from .metrics_listener import serve_metrics
 from .names import check_name
 from .routing import no_token_auth_yet
+from .session_api import SessionKeys
 from .sessions import Sessions
 from .tls import Certificates
 from .tokens import TokenAuthority, authority_for
@@ -104,6 +105,8 @@ class Gateway:
         #: Seconds a session may last on this gateway (see ``session_time_limit``).
         self.session_time_limit: float = session_time_limit
         self._agents = self.config.agents_by_host()
+        # Private keys from their files or the environment now: a bad source fails here.
+        self._keys = SessionKeys.from_config(self.config)
         # Imported now, so that a bad "module:function" fails here, not at the first session.
         self._bots: dict[str, Bot] = {}
         for agent in self.config.agents:
@@ -282,6 +285,7 @@ class Gateway:
                 # Unset: the address this gateway listens on (right for local use only).
                 public_url=lambda: settings.public_url or self.url,
                 metrics=self.metrics,
+                keys=self._keys,
             )
             accepted = self._listener = Listener(
                 handler, settings.max_connections, lambda: self._certs.listener

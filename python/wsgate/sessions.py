@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -31,11 +33,12 @@ from .errors import HttpError, OpeningError
 from .handshake import switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
 from .logs import session_fields
-from .metrics import Metrics
+from .metrics import Metrics, ended_by
 from .pools import Member, Pools
 from .providers import Opening, OpeningReader
 from .request import Request
 from .routing import Route
+from .session_api import STOP_CODE, STOP_REASON
 from .tokens import TokenAuthority, VerifiedToken
 from .upstream import dial
 from .urls import UpstreamURL
@@ -67,6 +70,13 @@ class Opened:
     member: Member | None = None
     #: Its place in a shared capacity store, if one is used.
     lease: Lease | None = None
+    #: The upstream bot's URL (the pool member's, or the one ``authorize`` chose): where the
+    #: Session API reaches it. None for builtin and in-process bots.
+    upstream: UpstreamURL | None = None
+    #: Stopped through the API (``DELETE /v1/agents/…/sessions/…``): its end says ``api``.
+    stopped: bool = False
+    #: Its places (capacity, lease, pool member) given back and out of the live registry.
+    freed: bool = False
 
 
 class Sessions:
@@ -100,6 +110,9 @@ class Sessions:
         self._per_agent: dict[str, int] = {}
         self._per_client: dict[str, int] = {}
         self.pools = Pools(settings.upstream_retry_after)
+        #: Live sessions by session id (``sessionId``, ``X-Session-Id``), from the handover to
+        #: their end or stop; bounded by the agents' capacity.
+        self.live: dict[str, Opened] = {}
 
     def count(self, service_host: str | None = None) -> int:
         """Sessions open or being opened (past routing): of one service host, or in all."""
@@ -149,7 +162,51 @@ class Sessions:
             raise
         opened.client = client
         opened.lease = lease
+        self.live[opened.session_uuid] = opened
         return opened
+
+    def find(self, session_uuid: str, service_host: str) -> Opened | None:
+        """The live session of that id, if it belongs to that agent."""
+        opened = self.live.get(session_uuid)
+        if opened is None or opened.service_host != service_host or opened.stopped:
+            return None
+        return opened
+
+    def stop(self, opened: Opened) -> None:
+        """End a live session through the API: both sides get 1000 "session stopped" (an
+        in-process bot a ``WebSocketDisconnect(1000)``), and its places are given back now,
+        not once the close handshakes are over."""
+        opened.stopped = True
+        if opened.bot is not None:
+            opened.bot[2].close(STOP_CODE, STOP_REASON)  # the channel: the bot's own close is moot
+        else:
+            opened.relay.close(STOP_CODE, STOP_REASON)
+        self._free(opened)
+
+    def listed(self, service_host: str) -> list[dict[str, Any]]:
+        """The agent's live sessions as the list shows them."""
+        now, wall = anyio.current_time(), time.time()
+        entries: list[dict[str, Any]] = []
+        for opened in self.live.values():
+            if opened.service_host != service_host or opened.stopped:
+                continue
+            call = opened.opening
+            started = wall - (now - opened.started)
+            entries.append(
+                {
+                    "sessionId": opened.session_uuid,
+                    "startedAt": _iso(started),
+                    "seconds": round(now - opened.started, 3),
+                    "bot": "inprocess"
+                    if opened.bot is not None
+                    else "upstream"
+                    if opened.upstream is not None
+                    else "builtin",
+                    "provider": None if call is None else call.provider,
+                    "callId": None if call is None else call.call_id,
+                }
+            )
+        return entries
 
     async def _start(
         self,
@@ -199,7 +256,7 @@ class Sessions:
         try:
             if not answered:
                 agreed = None if bot is None else bot.subprotocol
-                await send_all(sock, switching_protocols(target.client_key, agreed))
+                await send_all(sock, switching_protocols(target.client_key, agreed, session_uuid))
                 if target.provider != "generic":
                     opening, pending = await peek_opening(sock, pending, target.provider)
             started = anyio.current_time()
@@ -221,7 +278,8 @@ class Sessions:
         finally:
             if bot is not None:
                 bot.sock.close()  # no-op once detached
-        return Opened(session, *where, member=member)
+        upstream = chosen if chosen is not None else None if member is None else member.url
+        return Opened(session, *where, member=member, upstream=upstream)
 
     def _attach_inprocess(
         self,
@@ -264,7 +322,7 @@ class Sessions:
             session.close(1001, "gateway shutting down")
             raise
         finally:
-            self.release(opened.service_host, opened.client, opened.lease)
+            self._free(opened)
         self._finished(opened, outcome)
 
     def reserve(self, agent: AgentConfig, client: str) -> None:
@@ -291,13 +349,23 @@ class Sessions:
 
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (its outcome came through the doorbell): free its place."""
+        self._free(opened)
+        self._finished(opened, outcome)
+
+    def _free(self, opened: Opened) -> None:
+        """Give back the session's places and take it out of the registry, once."""
+        if opened.freed:
+            return
+        opened.freed = True
+        if self.live.get(opened.session_uuid) is opened:
+            del self.live[opened.session_uuid]
         self.release(opened.service_host, opened.client, opened.lease)
         self.pools.release(opened.member)
-        self._finished(opened, outcome)
 
     def _finished(self, opened: Opened, outcome: _core.Outcome) -> None:
         seconds = anyio.current_time() - opened.started
-        self.metrics.session_ended(opened.service_host, opened.bot is not None, outcome, seconds)
+        inprocess, stopped = opened.bot is not None, opened.stopped
+        self.metrics.session_ended(opened.service_host, inprocess, outcome, seconds, stopped)
         log_outcome(opened, outcome)
 
 
@@ -346,6 +414,7 @@ def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
     member = opened.member
     if member is not None and member.listed:
         via += f" to {member.label}"
+    by = ended_by(outcome, opened.bot is not None, opened.stopped)
     log.info(
         "session %d %s %s%s ended by %s (%s) after %.1f s; client close %s, bot close %s; "
         "in %d msgs %d B, out %d msgs %d B",
@@ -353,7 +422,7 @@ def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
         opened.service_host,
         opened.session_uuid,
         via,
-        outcome.ended_by,
+        "api" if by == "api" else outcome.ended_by,
         outcome.detail,
         seconds,
         code(outcome.client_close),
@@ -370,8 +439,18 @@ def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
                 session_id=opened.session_uuid,
                 seconds=seconds,
                 inprocess=opened.bot is not None,
+                stopped=opened.stopped,
                 provider=None if call is None else call.provider,
                 call_id=None if call is None else call.call_id,
             ),
         },
+    )
+
+
+def _iso(seconds: float) -> str:
+    """Unix seconds as ISO 8601 UTC, to the millisecond."""
+    whole = int(seconds)
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        + f".{int((seconds - whole) * 1000):03d}Z"
     )

@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 import anyio
 
 from . import _core
-from ._sockets import Conn, HeadTooLarge, read_head, send_all
+from ._sockets import Conn, HeadTooLarge, read_exactly, read_head, read_to_end, send_all
 from .errors import HttpError
 from .handshake import BotHandshakeError, check_upstream_response, new_key
 from .handshake import upstream_request as build_upstream_request
+from .session_api import MAX_ANSWER_BYTES, answer_body_length
 from .tls import TlsSocket
 from .urls import UpstreamURL
 
-__all__ = ["BotConnection", "dial"]
+__all__ = ["BotConnection", "call_bot", "dial"]
 
 
 @dataclass
@@ -92,6 +93,70 @@ async def dial(
         reason = exc.strerror or type(exc).__name__
         raise HttpError(502, f"bot unreachable: {reason.lower()}") from None
     return BotConnection(sock, subprotocol, pending)
+
+
+async def call_bot(
+    target: UpstreamURL,
+    request: bytes,
+    *,
+    head_only: bool,
+    dial_timeout: float,
+    answer_timeout: float,
+    tls: _core.TlsClientContext | None = None,
+) -> bytes:
+    """One HTTP exchange with the bot at ``target``'s origin (the Session API): connect within
+    ``dial_timeout``, send ``request`` (a whole request asking ``Connection: close``), and
+    return its whole answer, head and body as the bot sent them, within ``answer_timeout``.
+    ``head_only``: a ``HEAD`` request, whose answer has no body. Buffered: at most
+    ``MAX_HEADER_BYTES`` of head and :data:`~wsgate.session_api.MAX_ANSWER_BYTES` of body.
+
+    Every failure is one ``HttpError``: 504 when either time ran out, 502 for anything else
+    (refused, reset, a bad or too large answer), with the bot's socket closed.
+    """
+    try:
+        with anyio.fail_after(dial_timeout):
+            raw = await _connect(target.host, target.port)
+    except TimeoutError:
+        raise HttpError(504, "bot unreachable: timed out") from None
+    except socket.gaierror:
+        raise HttpError(502, "bot unreachable: cannot resolve its host") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise HttpError(502, f"bot unreachable: {reason.lower()}") from None
+    sock: Conn = raw
+    try:
+        if target.tls:
+            if tls is None:
+                raise RuntimeError("a wss:// upstream needs a TLS client context")
+            sock = TlsSocket(raw, tls.connect(target.host))
+        with anyio.fail_after(answer_timeout):
+            await send_all(sock, request)
+            head, rest = await read_head(sock, _core.MAX_HEADER_BYTES)
+            length = answer_body_length(head, head_only)
+            if length is None:
+                body = await read_to_end(sock, MAX_ANSWER_BYTES, rest)
+            elif length > MAX_ANSWER_BYTES:
+                body = None
+            else:
+                body = await read_exactly(sock, length, rest)
+        if body is None:
+            raise HttpError(502, "bot answer too large")
+        return head + body
+    except TimeoutError:
+        raise HttpError(504, "bot did not answer in time") from None
+    except ValueError as exc:
+        raise HttpError(502, f"bot gave a bad answer: {exc}") from None
+    except HeadTooLarge:
+        raise HttpError(502, "bot answer head too large") from None
+    except EOFError:
+        raise HttpError(502, "bot closed the connection before its answer") from None
+    except _core.TlsError as exc:
+        raise HttpError(502, f"bot unreachable: TLS: {exc}") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise HttpError(502, f"bot connection failed: {reason.lower()}") from None
+    finally:
+        sock.close()
 
 
 async def _connect(host: str, port: int) -> socket.socket:
