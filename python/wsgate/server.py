@@ -105,8 +105,7 @@ class Gateway:
         #: Seconds a session may last on this gateway (see ``session_time_limit``).
         self.session_time_limit: float = session_time_limit
         self._agents = self.config.agents_by_host()
-        # Private keys from their files or the environment now: a bad source fails here.
-        self._keys = SessionKeys.from_config(self.config)
+        self._keys = SessionKeys.from_config(self.config)  # read now: a bad source fails here
         # Imported now, so that a bad "module:function" fails here, not at the first session.
         self._bots: dict[str, Bot] = {}
         for agent in self.config.agents:
