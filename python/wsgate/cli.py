@@ -29,6 +29,7 @@ import time
 import urllib.error
 from collections.abc import Sequence
 from functools import partial
+from typing import Literal
 
 import anyio
 from anyio.abc import TaskStatus
@@ -166,13 +167,9 @@ def _start(args: argparse.Namespace) -> int:
     except ValueError:
         print("wsgate: --body is not JSON", file=sys.stderr)
         return 2
-    context = None
-    if args.ca_file is not None:
-        try:
-            context = ssl.create_default_context(cafile=args.ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            print(f"wsgate: --ca-file: {exc}", file=sys.stderr)
-            return 2
+    context = _ssl_context(args.ca_file)
+    if context is False:
+        return 2
     try:
         result = start_sync(args.url, args.agent, key, body, ssl_context=context)
     except StartError as exc:
@@ -187,6 +184,18 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ssl_context(ca_file: str | None) -> ssl.SSLContext | Literal[False] | None:
+    """``--ca-file``'s roots for an https:// gateway (None: the system's); False after saying
+    why the file cannot be used."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"wsgate: --ca-file: {exc}", file=sys.stderr)
+        return False
+
+
 def _sessions(args: argparse.Namespace) -> int:
     key = args.key or os.environ.get("WSGATE_PRIVATE_KEY")
     if not key:
@@ -195,13 +204,9 @@ def _sessions(args: argparse.Namespace) -> int:
     if args.action == "stop" and not args.id:
         print("wsgate: sessions stop needs --id", file=sys.stderr)
         return 2
-    context = None
-    if args.ca_file is not None:
-        try:
-            context = ssl.create_default_context(cafile=args.ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            print(f"wsgate: --ca-file: {exc}", file=sys.stderr)
-            return 2
+    context = _ssl_context(args.ca_file)
+    if context is False:
+        return 2
     try:
         if args.action == "stop":
             call = partial(stop_session, args.url, args.agent, key, args.id, ssl_context=context)

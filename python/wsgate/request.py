@@ -17,6 +17,7 @@ from .errors import HttpError
 
 __all__ = [
     "Request",
+    "bearer",
     "is_token",
     "parse_header_lines",
     "parse_query",
@@ -151,3 +152,17 @@ def split_list(values: Sequence[str]) -> list[str]:
 def is_token(value: str) -> bool:
     """Whether ``value`` is an RFC 9110 token (a valid subprotocol or header name)."""
     return _TOKEN_STR.fullmatch(value) is not None
+
+
+def bearer(headers: Sequence[tuple[str, str]]) -> str | None:
+    """The credentials of the one ``Authorization: Bearer …`` header among ``headers``
+    (``(lower-cased name, value)`` pairs); None when there is none, more than one, or another
+    scheme (``/start``'s keys and the session control's)."""
+    values = [value for name, value in headers if name == "authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, credentials = values[0].strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials

@@ -48,6 +48,7 @@ from urllib.parse import unquote
 from .config import AgentConfig, Config, OrgConfig
 from .errors import ConfigError
 from .names import NAME
+from .request import bearer
 
 __all__ = [
     "CONTROL_PREFIX",
@@ -280,7 +281,7 @@ def judge_control(
     wanted = "GET" if listing is not None else "DELETE"
     if method != wanted:
         return refusal(405, f"Method not allowed: use {wanted}", allow=wanted)
-    key = _bearer(headers)
+    key = bearer(headers)
     if key is None:
         return refusal(401, "Missing private API key (Authorization: Bearer sk_...)")
     if keys.public_orgs(key):
@@ -332,7 +333,7 @@ def judge_forward(
         return refusal(400, f"path too long (at most {MAX_FORWARD_PATH} bytes)")
     if any(unquote(segment) in (".", "..") for segment in tail.split("/")):
         return refusal(400, "path must not hold '.' or '..' segments")
-    key = _bearer(headers)
+    key = bearer(headers)
     if key is None:
         return refusal(401, "Missing public API key (Authorization: Bearer pk_...)")
     if keys.private_orgs(key):
@@ -414,14 +415,3 @@ def page(sessions: Iterable[JSON], limit: int, after: str | None) -> JSON:
 
 def _agent(name: str, orgs: Sequence[str], agents: Mapping[str, AgentConfig]) -> AgentConfig | None:
     return next((agents[h] for org in orgs if (h := f"{name}.{org}") in agents), None)
-
-
-def _bearer(headers: Sequence[tuple[str, str]]) -> str | None:
-    values = [value for name, value in headers if name == "authorization"]
-    if len(values) != 1:
-        return None
-    scheme, _, credentials = values[0].strip().partition(" ")
-    credentials = credentials.strip()
-    if scheme.lower() != "bearer" or not credentials:
-        return None
-    return credentials

@@ -44,6 +44,7 @@ from .body import encode_body
 from .config import AgentConfig, OrgConfig
 from .errors import HttpError
 from .names import NAME
+from .request import bearer
 from .responses import json_response
 from .routing import body_error
 from .tokens import TokenAuthority
@@ -146,7 +147,7 @@ def answer_start(
         return StartAnswer(*_error(405, "Method not allowed: use POST"))
     if len(body) > MAX_REQUEST_BYTES:
         return StartAnswer(*_error(413, "Request too large"))
-    key = _bearer(headers)
+    key = bearer(headers)
     if key is None:
         return StartAnswer(*_error(401, "Missing public API key (Authorization: Bearer pk_...)"))
     key_orgs = _orgs_of_key(key, orgs)
@@ -240,17 +241,6 @@ render_response = json_response
 
 def _error(status: int, reason: str) -> tuple[int, JSON]:
     return status, {"error": reason, "code": str(status)}
-
-
-def _bearer(headers: Sequence[tuple[str, str]]) -> str | None:
-    values = [value for name, value in headers if name == "authorization"]
-    if len(values) != 1:
-        return None
-    scheme, _, credentials = values[0].strip().partition(" ")
-    credentials = credentials.strip()
-    if scheme.lower() != "bearer" or not credentials:
-        return None
-    return credentials
 
 
 def _orgs_of_key(key: str, orgs: Sequence[OrgConfig]) -> list[str]:
