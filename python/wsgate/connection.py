@@ -43,9 +43,11 @@ from .session_api import (
     page,
     refusal,
 )
+from .session_routes import call_app, session_app_of
 from .sessions import Opened, Sessions
 from .start import answer_start, is_start_path, request_body_length
 from .upstream import call_bot
+from .urls import UpstreamURL
 
 __all__ = ["HEALTH_PATHS", "Connections"]
 
@@ -304,8 +306,9 @@ class Connections:
         opened = self.sessions.find(judged.session_id, judged.agent.service_host)
         if opened is None:
             return _refusal_bytes(_not_live())
-        origin = opened.upstream
-        if origin is None:
+        app = None if opened.bot is None else session_app_of(judged.agent)
+        origin = judged.agent.session_api_url or opened.upstream
+        if app is None and (origin is None or opened.bot is not None):
             return _refusal_bytes(refusal(404, "Not found: this session's bot serves no routes"))
         if length and any(v.lower() == "100-continue" for v in request.headers_all("expect")):
             await send_all(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -314,32 +317,48 @@ class Connections:
             body = await read_exactly(sock, length, pending)
         if body is None:
             return None
-        head = forward_head(
-            request.method,
-            judged.target,
-            origin.host_header,
-            request.headers,
-            opened.session_uuid,
-            length,
-        )
-        sessions, settings = self.sessions, self.config.gateway
-        tls = None
-        if origin.tls and sessions.bot_tls is not None:
-            tls = sessions.bot_tls(judged.agent)
+        settings = self.config.gateway
         try:
-            return await call_bot(
-                origin,
-                head + body,
-                head_only=request.method == "HEAD",
-                dial_timeout=settings.dial_timeout,
-                answer_timeout=settings.session_api_timeout,
-                tls=tls,
-            )
+            if app is not None:
+                return await call_app(
+                    app,
+                    method=request.method,
+                    target=judged.target,
+                    headers=request.headers,
+                    body=body,
+                    session_id=opened.session_uuid,
+                    timeout=settings.session_api_timeout,
+                )
+            assert origin is not None
+            return await self._call_upstream(origin, request, judged, opened.session_uuid, body)
         except HttpError as exc:
             level = logging.WARNING if exc.status >= 500 else logging.DEBUG
             log.log(level, "session API call to %s refused with %d: %s",
                     judged.agent.service_host, exc.status, exc.reason)  # fmt: skip
             return _refusal_bytes(refusal(exc.status, exc.reason))
+
+    async def _call_upstream(
+        self, origin: UpstreamURL, request: Request, judged: Forward, session: str, body: bytes
+    ) -> bytes:
+        """One exchange with an upstream bot's HTTP origin (``origin.resource`` is the path of
+        a ``session_api_upstream``, empty for the WebSocket URL's origin)."""
+        base = origin.resource if judged.agent.session_api_url is not None else ""
+        head = forward_head(
+            request.method, base + judged.target, origin.host_header, request.headers, session,
+            len(body),
+        )  # fmt: skip
+        sessions, settings = self.sessions, self.config.gateway
+        tls = None
+        if origin.tls and sessions.bot_tls is not None:
+            tls = sessions.bot_tls(judged.agent)
+        return await call_bot(
+            origin,
+            head + body,
+            head_only=request.method == "HEAD",
+            dial_timeout=settings.dial_timeout,
+            answer_timeout=settings.session_api_timeout,
+            tls=tls,
+        )
 
     def _named_agent(self, received: tuple[bytes, bytes] | None) -> str | None:
         """The configured service host a refused request named, if any (its head parsed

@@ -65,6 +65,7 @@ __all__ = [
     "SessionKeys",
     "Stop",
     "answer_body_length",
+    "forward_fields",
     "forward_head",
     "is_forward_path",
     "judge_control",
@@ -349,6 +350,12 @@ def judge_forward(
     return Forward(agent, session_id.lower(), target)
 
 
+def forward_fields(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The client's header fields that go on to the bot: all but the key, the request's
+    framing, hop-by-hop fields and a client's own ``X-Daily-Session-Id``."""
+    return [(name, value) for name, value in headers if name not in _NOT_FORWARDED]
+
+
 def forward_head(
     method: str,
     target: str,
@@ -361,7 +368,7 @@ def forward_head(
     then ``X-Daily-Session-Id``, the body's length and ``Connection: close`` (one request per
     connection)."""
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{name}: {value}" for name, value in headers if name not in _NOT_FORWARDED]
+    lines += [f"{name}: {value}" for name, value in forward_fields(headers)]
     lines.append(f"X-Daily-Session-Id: {session_id}")
     if body_length or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {body_length}")
