@@ -330,6 +330,17 @@ async def serving_bot(
         yield gw
 
 
+async def until(condition: Callable[[], Any], *, within: float, what: str) -> float:
+    """Poll an async ``condition`` until it is true; how long that took. Fails past
+    ``within`` seconds."""
+    started = anyio.current_time()
+    while not await condition():
+        if anyio.current_time() - started > within:
+            pytest.fail(f"{what}: not within {within} s")
+        await anyio.sleep(0.02)
+    return anyio.current_time() - started
+
+
 # --- raw HTTP ---------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from . import _core
 from .errors import ConfigError
 from .names import check_name
 from .redis_store import REDIS_SCHEMES, parse_redis_url
-from .urls import UpstreamURL, parse_upstream_url
+from .urls import UpstreamURL, parse_http_url, parse_upstream_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,11 +35,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "FORWARD_SECRET_ENV",
+    "INTERNAL_URL_ENV",
     "AgentConfig",
     "Config",
     "GatewaySettings",
     "OrgConfig",
     "default_config",
+    "forward_secret",
+    "internal_url",
     "load_config",
     "loads_config",
 ]
@@ -451,17 +456,12 @@ class AgentConfig:
 
 
 def _parse_http(where: str, url: str) -> UpstreamURL:
-    """An ``http://`` or ``https://`` base URL, as the ``ws://``/``wss://`` URL of the same
-    origin; no query (paths are appended to it)."""
     if not isinstance(url, str):
         raise ConfigError(f"{where} must be an http:// URL")
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("http", "https"):
-        raise ConfigError(f"{where} {url!r} must be an http:// URL (or https://)")
-    if "?" in rest:
-        raise ConfigError(f"{where} {url!r} must not have a query")
-    parsed = _parse_upstream(where, ("ws" if scheme == "http" else "wss") + "://" + rest)
-    return dataclasses.replace(parsed, url=url, resource=parsed.resource.rstrip("/"))
+    try:
+        return parse_http_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{where} {url!r} {exc}") from None
 
 
 def _parse_upstream(where: str, url: str) -> UpstreamURL:
@@ -535,6 +535,42 @@ class Config:
         return dataclasses.replace(self, gateway=dataclasses.replace(self.gateway, **changes))
 
 
+#: The environment variable that gives ``forward_secret`` when the settings do not.
+FORWARD_SECRET_ENV = "WSGATE_FORWARD_SECRET"
+
+
+def forward_secret(
+    settings: GatewaySettings, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The gateway's forward secret: ``forward_secret``, else ``$WSGATE_FORWARD_SECRET``, else
+    None (no forwarding). Raises :class:`ConfigError` for one too short (never showing it)."""
+    if settings.forward_secret is not None:
+        return settings.forward_secret
+    value = (os.environ if environ is None else environ).get(FORWARD_SECRET_ENV)
+    if value is not None and len(value) < 16:
+        raise ConfigError(f"{FORWARD_SECRET_ENV} must be at least 16 characters")
+    return value
+
+
+#: The environment variable that gives ``internal_url`` when the settings do not.
+INTERNAL_URL_ENV = "WSGATE_INTERNAL_URL"
+
+
+def internal_url(
+    settings: GatewaySettings, listening: str, environ: Mapping[str, str] | None = None
+) -> str:
+    """Where the other gateways of the store reach this one: ``internal_url``, else
+    ``$WSGATE_INTERNAL_URL`` (one settings file for every instance, e.g. a pod's IP), else the
+    ``listening`` address (``ws://…`` as ``http://…``: right on one host only)."""
+    if settings.internal_url is not None:
+        return settings.internal_url
+    value = (os.environ if environ is None else environ).get(INTERNAL_URL_ENV)
+    if value is not None:
+        _parse_http(INTERNAL_URL_ENV, value)
+        return value
+    return listening.replace("ws", "http", 1)  # ws:// -> http://, wss:// -> https://
+
+
 def default_config() -> Config:
     """The embedded default: agent ``echo.demo`` answered by the built-in echo bot."""
     return Config(orgs=[OrgConfig("demo")], agents=[AgentConfig("echo", "demo", builtin="echo")])
@@ -598,6 +634,7 @@ def _build(where: str, table: dict[str, Any], cls: type[_T]) -> _T:
                 "replay_store",
                 "capacity_store",
                 "forward_secret",
+                "internal_url",
             )
             shown = "" if secret else f" {value!r}"
             raise ConfigError(

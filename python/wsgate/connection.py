@@ -24,6 +24,7 @@ from ._sockets import Conn, read_exactly, read_head, read_until, send_all, send_
 from .admission import PendingReads, RateLimiter
 from .config import AgentConfig, Config
 from .errors import HeadTooLarge, HttpError, OpeningError
+from .forwarding import FORWARD_HEADER, Forwarder
 from .handshake import close_frame, switching_protocols
 from .metrics import METRICS_PATH, Metrics
 from .providers import Opening, OpeningReader, close_for
@@ -36,6 +37,7 @@ from .session_api import (
     ListSessions,
     Refusal,
     SessionKeys,
+    Stop,
     forward_head,
     is_forward_path,
     judge_control,
@@ -91,6 +93,8 @@ class Connections:
         self._key_rate = RateLimiter(per_key) if per_key else None
         # With a listener of its own (metrics_port), /metrics leaves the clients' port.
         self._serves_metrics = settings.metrics and settings.metrics_port is None
+        #: Stops and Session API calls for sessions held by another gateway of the store.
+        self.forwarder = Forwarder.of(settings, sessions.capacity)
 
     async def handle(self, sock: Conn, client: str) -> Opened | None:
         """Run the client's request; returns the session it opened, or None if refused."""
@@ -244,7 +248,12 @@ class Connections:
 
     async def _control(self, sock: Conn, request: Request) -> None:
         """``DELETE /v1/agents/{agent}/sessions/{id}`` (stop) and ``GET
-        /v1/agents/{agent}/sessions`` (list), with a private key."""
+        /v1/agents/{agent}/sessions`` (list), with a private key. A stop of a session held
+        by another gateway of the store is forwarded there (:mod:`wsgate.forwarding`)."""
+        hop = self._hop(request)
+        if hop is False:
+            await _send_refusal(sock, _untrusted())
+            return
         judged = judge_control(
             request.method,
             request.path,
@@ -264,7 +273,8 @@ class Connections:
             return
         opened = sessions.find(judged.session_id, host)
         if opened is None:
-            await _send_refusal(sock, _not_live())
+            answer = None if hop else await self._elsewhere(request, b"", judged)
+            await send_and_close(sock, answer or _refusal_bytes(_not_live()))
             return
         sessions.stop(opened)
         log.info("session %s %s stopped through the API", host, opened.session_uuid)
@@ -276,7 +286,12 @@ class Connections:
     ) -> None:
         """``/v1/public/{agent}/sessions/{id}/{path}`` with a public key: the request goes to
         the HTTP origin of the bot that holds the session, its answer comes back as it is.
-        Buffered both ways (bounded: ``/start``'s body limit, ``MAX_ANSWER_BYTES``)."""
+        Buffered both ways (bounded: ``/start``'s body limit, ``MAX_ANSWER_BYTES``). A
+        session held by another gateway of the store: forwarded there."""
+        hop = self._hop(request)
+        if hop is False:
+            await _send_refusal(sock, _untrusted())
+            return
         judged = judge_forward(
             request.method, request.path, request.query, request.headers, self.agents, self.keys
         )
@@ -288,7 +303,7 @@ class Connections:
         except HttpError as exc:
             await _send_refusal(sock, refusal(exc.status, exc.reason))
             return
-        answer = await self._forward(sock, request, judged, length, pending, deadline)
+        answer = await self._forward(sock, request, judged, length, pending, deadline, hop)
         if answer is not None:
             await send_and_close(sock, answer)
 
@@ -300,21 +315,23 @@ class Connections:
         length: int,
         pending: bytes,
         deadline: float,
+        hop: bool | None,
     ) -> bytes | None:
         """The bot's answer to a judged Session API request, or a refusal's; None when the
         client was too slow with its body (dropped, like a slow ``/start``)."""
         opened = self.sessions.find(judged.session_id, judged.agent.service_host)
         if opened is None:
-            return _refusal_bytes(_not_live())
+            if hop or self.forwarder is None:
+                return _refusal_bytes(_not_live())
+            body = await self._body(sock, request, length, pending, deadline)
+            if body is None:
+                return None
+            return await self._elsewhere(request, body, judged) or _refusal_bytes(_not_live())
         app = None if opened.bot is None else session_app_of(judged.agent)
         origin = judged.agent.session_api_url or opened.upstream
         if app is None and (origin is None or opened.bot is not None):
             return _refusal_bytes(refusal(404, "Not found: this session's bot serves no routes"))
-        if length and any(v.lower() == "100-continue" for v in request.headers_all("expect")):
-            await send_all(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-        body: bytes | None = None
-        with self.pending.reading(deadline):
-            body = await read_exactly(sock, length, pending)
+        body = await self._body(sock, request, length, pending, deadline)
         if body is None:
             return None
         settings = self.config.gateway
@@ -360,6 +377,48 @@ class Connections:
             tls=tls,
         )
 
+    async def _body(
+        self, sock: Conn, request: Request, length: int, pending: bytes, deadline: float
+    ) -> bytes | None:
+        """The request's body (None: too slow, or evicted), after a ``100 Continue`` if the
+        client asked for one."""
+        if length and any(v.lower() == "100-continue" for v in request.headers_all("expect")):
+            await send_all(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+        body: bytes | None = None
+        with self.pending.reading(deadline):
+            body = await read_exactly(sock, length, pending)
+        return body
+
+    def _hop(self, request: Request) -> bool | None:
+        """None: a client's request; True: forwarded by a gateway of the store (the right
+        secret); False: it claims to be, but is not to be trusted."""
+        values = request.headers_all(FORWARD_HEADER)
+        if not values:
+            return None
+        forwarder = self.forwarder
+        return forwarder is not None and len(values) == 1 and forwarder.trusts(values[0])
+
+    async def _elsewhere(
+        self, request: Request, body: bytes, judged: Stop | Forward
+    ) -> bytes | None:
+        """The answer of the gateway holding the session (or a refusal's: 502/503/504), or
+        None when no other gateway holds it."""
+        if self.forwarder is None:
+            return None
+        agent, bot_tls = judged.agent, self.sessions.bot_tls
+        try:
+            return await self.forwarder.forward(
+                request.method,
+                request.target,
+                request.headers,
+                body,
+                judged.session_id,
+                agent.service_host,
+                tls=None if bot_tls is None else lambda: bot_tls(agent),
+            )
+        except HttpError as exc:
+            return _refusal_bytes(refusal(exc.status, exc.reason))
+
     def _named_agent(self, received: tuple[bytes, bytes] | None) -> str | None:
         """The configured service host a refused request named, if any (its head parsed
         again: refusals only)."""
@@ -383,6 +442,10 @@ async def _respond_json(sock: Conn, status: int, reason: str) -> None:
 
 def _not_live() -> Refusal:
     return refusal(404, "Session not found: not live on this gateway, or not this agent's")
+
+
+def _untrusted() -> Refusal:
+    return refusal(403, "Forwarded request not trusted")
 
 
 def _refusal_bytes(judged: Refusal) -> bytes:

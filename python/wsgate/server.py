@@ -28,7 +28,7 @@ from ._sockets import listen
 from .admission import PendingReads
 from .authorize import Authorize
 from .capacity import open_capacity
-from .config import Config, SessionApp, default_config, load_config
+from .config import Config, SessionApp, default_config, internal_url, load_config
 from .connection import Connections
 from .engine import Relay
 from .inprocess import Bot, bot_of
@@ -245,7 +245,8 @@ class Gateway:
             self._stop_event.set()
         listener = await listen(settings.host, settings.port)
         relay: Relay | None = None
-        capacity = open_capacity(settings)
+        # This gateway's address in the session registry (internal_url, or where it listens).
+        capacity = open_capacity(settings, lambda: internal_url(settings, self.url))
         metrics_listener: socket.socket | None = None
         try:
             self._port = listener.getsockname()[1]

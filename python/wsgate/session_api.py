@@ -102,7 +102,8 @@ _SESSION = re.compile(rf"/v1/agents/({NAME.pattern})/sessions/([^/]*)")
 _FORWARD = re.compile(rf"/v1/public/({NAME.pattern})/sessions/([^/]*)(/[^?]*)?")
 _FORWARD_PREFIX = re.compile(rf"/v1/public/{NAME.pattern}/sessions(/|$)")
 # Never forwarded: the request's own framing and routing, hop-by-hop fields (RFC 9110 §7.6.1),
-# the key, and an X-Daily-Session-Id of the client's (the gateway sets its own).
+# the key, an X-Daily-Session-Id of the client's (the gateway sets its own), and the secret of
+# a request forwarded by another gateway (wsgate.forwarding.FORWARD_HEADER).
 _NOT_FORWARDED = frozenset(
     {
         "host",
@@ -118,6 +119,7 @@ _NOT_FORWARDED = frozenset(
         "upgrade",
         "expect",
         "x-daily-session-id",
+        "x-wsgate-forward",
     }
 )
 
