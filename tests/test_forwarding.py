@@ -123,6 +123,16 @@ async def test_a_stop_and_a_session_api_call_reach_the_gateway_holding_the_sessi
             assert (await call(other, "GET", nowhere, "pk_test"))[0] == 404
             talk.send("still talking")
             assert await in_thread(talk.recv, 20) == "still talking"
+            # Counted on the gateway asked: answered by another (forwarded) or by itself.
+            counted = other.metrics.exposition(None).decode()
+            for line in (
+                'action="session_api",agent="talk.test",forwarded="yes",status="200"} 1.0',
+                'action="stop",agent="relay.test",forwarded="yes",status="200"} 1.0',
+                'action="stop",agent="",forwarded="no",status="403"} 1.0',  # refused: no agent yet
+            ):
+                assert "wsgate_session_control_requests_total{" + line in counted
+            mine = holder.metrics.exposition(None).decode()
+            assert 'action="stop",agent="relay.test",forwarded="no",status="200"} 1.0' in mine
         finally:
             for ws in (talk, relay):
                 await in_thread(ws.close)

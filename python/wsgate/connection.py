@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import anyio
 
@@ -155,10 +156,12 @@ class Connections:
             client, anyio.current_time()
         )
         if request.path.startswith(CONTROL_PREFIX):
-            await self._control(sock, request)
+            action = "list" if request.path.rstrip("/").endswith("/sessions") else "stop"
+            await self._reply(sock, action, await self._control(request))
             return None
         if is_forward_path(request.path):
-            await self._session_api(sock, request, pending, deadline)
+            answer = await self._session_api(sock, request, pending, deadline)
+            await self._reply(sock, "session_api", answer)
             return None
         if is_start_path(request.path):
             if limited:
@@ -246,14 +249,13 @@ class Connections:
         self.metrics.start_answered(agent, answer.status)
         await send_and_close(sock, json_response(answer.status, answer.document))
 
-    async def _control(self, sock: Conn, request: Request) -> None:
+    async def _control(self, request: Request) -> _Answer:
         """``DELETE /v1/agents/{agent}/sessions/{id}`` (stop) and ``GET
         /v1/agents/{agent}/sessions`` (list), with a private key. A stop of a session held
         by another gateway of the store is forwarded there (:mod:`wsgate.forwarding`)."""
         hop = self._hop(request)
         if hop is False:
-            await _send_refusal(sock, _untrusted())
-            return
+            return _Answer(_refusal_bytes(_untrusted()))
         judged = judge_control(
             request.method,
             request.path,
@@ -263,49 +265,43 @@ class Connections:
             self.keys,
         )
         if isinstance(judged, Refusal):
-            await _send_refusal(sock, judged)
-            return
+            return _Answer(_refusal_bytes(judged), judged.agent)
         sessions = self.sessions
         host = judged.agent.service_host
         if isinstance(judged, ListSessions):
             document = page(sessions.listed(host), judged.limit, judged.after)
-            await send_and_close(sock, json_response(200, document))
-            return
+            return _Answer(json_response(200, document), judged.agent)
         opened = sessions.find(judged.session_id, host)
         if opened is None:
             answer = None if hop else await self._elsewhere(request, b"", judged)
-            await send_and_close(sock, answer or _refusal_bytes(_not_live()))
-            return
+            if answer is not None:
+                return _Answer(answer, judged.agent, forwarded=True)
+            return _Answer(_refusal_bytes(_not_live()), judged.agent)
         sessions.stop(opened)
         log.info("session %s %s stopped through the API", host, opened.session_uuid)
         document = {"status": "stopped", "sessionId": opened.session_uuid}
-        await send_and_close(sock, json_response(200, document))
+        return _Answer(json_response(200, document), judged.agent)
 
     async def _session_api(
         self, sock: Conn, request: Request, pending: bytes, deadline: float
-    ) -> None:
+    ) -> _Answer:
         """``/v1/public/{agent}/sessions/{id}/{path}`` with a public key: the request goes to
         the HTTP origin of the bot that holds the session, its answer comes back as it is.
         Buffered both ways (bounded: ``/start``'s body limit, ``MAX_ANSWER_BYTES``). A
         session held by another gateway of the store: forwarded there."""
         hop = self._hop(request)
         if hop is False:
-            await _send_refusal(sock, _untrusted())
-            return
+            return _Answer(_refusal_bytes(_untrusted()))
         judged = judge_forward(
             request.method, request.path, request.query, request.headers, self.agents, self.keys
         )
         if isinstance(judged, Refusal):
-            await _send_refusal(sock, judged)
-            return
+            return _Answer(_refusal_bytes(judged), judged.agent)
         try:
             length = request_body_length(request.headers)
         except HttpError as exc:
-            await _send_refusal(sock, refusal(exc.status, exc.reason))
-            return
-        answer = await self._forward(sock, request, judged, length, pending, deadline, hop)
-        if answer is not None:
-            await send_and_close(sock, answer)
+            return _Answer(_refusal_bytes(refusal(exc.status, exc.reason)), judged.agent)
+        return await self._forward(sock, request, judged, length, pending, deadline, hop)
 
     async def _forward(
         self,
@@ -316,28 +312,33 @@ class Connections:
         pending: bytes,
         deadline: float,
         hop: bool | None,
-    ) -> bytes | None:
-        """The bot's answer to a judged Session API request, or a refusal's; None when the
+    ) -> _Answer:
+        """The bot's answer to a judged Session API request, or a refusal's; none when the
         client was too slow with its body (dropped, like a slow ``/start``)."""
-        opened = self.sessions.find(judged.session_id, judged.agent.service_host)
+        agent = judged.agent
+        opened = self.sessions.find(judged.session_id, agent.service_host)
         if opened is None:
             if hop or self.forwarder is None:
-                return _refusal_bytes(_not_live())
+                return _Answer(_refusal_bytes(_not_live()), agent)
             body = await self._body(sock, request, length, pending, deadline)
             if body is None:
-                return None
-            return await self._elsewhere(request, body, judged) or _refusal_bytes(_not_live())
-        app = None if opened.bot is None else session_app_of(judged.agent)
-        origin = judged.agent.session_api_url or opened.upstream
+                return _Answer(None, agent)
+            answer = await self._elsewhere(request, body, judged)
+            if answer is None:
+                return _Answer(_refusal_bytes(_not_live()), agent)
+            return _Answer(answer, agent, forwarded=True)
+        app = None if opened.bot is None else session_app_of(agent)
+        origin = agent.session_api_url or opened.upstream
         if app is None and (origin is None or opened.bot is not None):
-            return _refusal_bytes(refusal(404, "Not found: this session's bot serves no routes"))
+            no_routes = refusal(404, "Not found: this session's bot serves no routes")
+            return _Answer(_refusal_bytes(no_routes), agent)
         body = await self._body(sock, request, length, pending, deadline)
         if body is None:
-            return None
+            return _Answer(None, agent)
         settings = self.config.gateway
         try:
             if app is not None:
-                return await call_app(
+                answer = await call_app(
                     app,
                     method=request.method,
                     target=judged.target,
@@ -346,13 +347,25 @@ class Connections:
                     session_id=opened.session_uuid,
                     timeout=settings.session_api_timeout,
                 )
-            assert origin is not None
-            return await self._call_upstream(origin, request, judged, opened.session_uuid, body)
+            else:
+                assert origin is not None
+                session = opened.session_uuid
+                answer = await self._call_upstream(origin, request, judged, session, body)
         except HttpError as exc:
             level = logging.WARNING if exc.status >= 500 else logging.DEBUG
             log.log(level, "session API call to %s refused with %d: %s",
-                    judged.agent.service_host, exc.status, exc.reason)  # fmt: skip
-            return _refusal_bytes(refusal(exc.status, exc.reason))
+                    agent.service_host, exc.status, exc.reason)  # fmt: skip
+            answer = _refusal_bytes(refusal(exc.status, exc.reason))
+        return _Answer(answer, agent)
+
+    async def _reply(self, sock: Conn, action: str, answer: _Answer) -> None:
+        """Send a session control or Session API answer (none: the client was dropped), and
+        count it."""
+        if answer.data is None:
+            return
+        host = None if answer.agent is None else answer.agent.service_host
+        self.metrics.session_control(host, action, _status_of(answer.data), answer.forwarded)
+        await send_and_close(sock, answer.data)
 
     async def _call_upstream(
         self, origin: UpstreamURL, request: Request, judged: Forward, session: str, body: bytes
@@ -452,9 +465,19 @@ def _refusal_bytes(judged: Refusal) -> bytes:
     return json_response(judged.status, judged.document, judged.allow or "POST")
 
 
-async def _send_refusal(sock: Conn, judged: Refusal) -> None:
-    """Answer a session control or Session API request with its JSON refusal, then close."""
-    await send_and_close(sock, _refusal_bytes(judged))
+class _Answer(NamedTuple):
+    """A session control or Session API answer: its bytes (None: the client was dropped), the
+    agent once known, and whether another gateway gave it (:mod:`wsgate.forwarding`)."""
+
+    data: bytes | None
+    agent: AgentConfig | None = None
+    forwarded: bool = False
+
+
+def _status_of(answer: bytes) -> int:
+    """The status of a whole HTTP/1.x answer (``HTTP/1.1 200 OK``: 200)."""
+    code = answer[9:12]
+    return int(code) if code.isdigit() else 502
 
 
 async def _close(sock: Conn, code: int, reason: str) -> None:
