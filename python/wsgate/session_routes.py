@@ -8,7 +8,8 @@ made known two ways, so code written for an upstream bot reads the same:
 - the ``X-Daily-Session-Id`` request header, as an upstream bot gets it;
 - ``scope["state"]["session_id"]`` (Starlette's ``request.state.session_id``).
 
-An in-process agent without ``session_api`` answers 404, like a route the bot does not have.
+An in-process agent without ``session_api`` answers 404, like a route the bot does not have. Only
+``http`` scopes are sent: an app's lifespan handlers are not run.
 
 Invariants:
 - The request passed on is the one :func:`wsgate.session_api.judge_forward` accepted: its key,
