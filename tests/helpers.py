@@ -330,6 +330,17 @@ async def serving_bot(
         yield gw
 
 
+async def until(condition: Callable[[], Any], *, within: float, what: str) -> float:
+    """Poll an async ``condition`` until it is true; how long that took. Fails past
+    ``within`` seconds."""
+    started = anyio.current_time()
+    while not await condition():
+        if anyio.current_time() - started > within:
+            pytest.fail(f"{what}: not within {within} s")
+        await anyio.sleep(0.02)
+    return anyio.current_time() - started
+
+
 # --- raw HTTP ---------------------------------------------------------------------------------
 
 
@@ -349,6 +360,13 @@ def upgrade_request(target: str, *extra: str, host: str = "127.0.0.1") -> bytes:
 
 async def http_exchange(port: int, request: bytes) -> tuple[int, bytes]:
     """Send raw bytes, read the answer to EOF: (status, body)."""
+    status, _, body = await http_answer(port, request)
+    return status, body
+
+
+async def http_answer(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the answer to EOF: (status, header fields by lower-cased name,
+    body)."""
     async with await anyio.connect_tcp("127.0.0.1", port) as s:
         await s.send(request)
         data = b""
@@ -360,7 +378,44 @@ async def http_exchange(port: int, request: bytes) -> tuple[int, bytes]:
                     break
                 data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.partition(":")[::2] for line in lines[1:])
+    headers = {name.strip().lower(): value.strip() for name, value in fields.items()}
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+async def call(
+    gw: Gateway | int, method: str, target: str, key: str | None, body: bytes = b"", *extra: str
+) -> tuple[int, bytes]:
+    """One HTTP request to a gateway (or a port), with ``key`` as its bearer key: the status and
+    the raw body of its answer."""
+    lines = [f"{method} {target} HTTP/1.1", "Host: gw"]
+    if key is not None:
+        lines.append(f"Authorization: Bearer {key}")
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    lines += extra
+    port = gw if isinstance(gw, int) else gw.port
+    return await http_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+
+async def call_json(
+    gw: Gateway | int, method: str, target: str, key: str | None, body: bytes = b"", *extra: str
+) -> tuple[int, Any]:
+    """:func:`call`, its answer decoded from JSON."""
+    status, answer = await call(gw, method, target, key, body, *extra)
+    return status, json.loads(answer)
+
+
+def open_ws(url: str) -> ws_client.ClientConnection:
+    """A client connection kept open across awaits (closed by the test)."""
+    return connect(url).__enter__()
+
+
+def session_id(ws: ws_client.ClientConnection) -> str:
+    """The ``X-Session-Id`` the gateway's 101 told the client."""
+    assert ws.response is not None
+    return str(ws.response.headers["X-Session-Id"])
 
 
 async def start_json(gw: Gateway, agent: str, key: str, body: Any = None) -> tuple[int, Any]:

@@ -24,7 +24,7 @@ from wsgate.capacity import KEY_PREFIX, LocalCapacity, RedisCapacity, open_capac
 from wsgate.errors import ConfigError, HttpError, StoreUnavailable
 from wsgate.redis_store import RedisStore, parse_redis_url
 
-from .helpers import Reader, frame, upgrade_request
+from .helpers import Reader, frame, until, upgrade_request
 from .processes import TIMEOUT, Wsgate, port_of
 
 ECHO = "echo.demo"
@@ -98,17 +98,6 @@ async def lease_count(store: RedisStore, host: str = ECHO) -> int:
     count = await store.execute("ZCARD", KEY_PREFIX + host)
     assert isinstance(count, int)
     return count
-
-
-async def until(condition: Callable[[], Any], *, within: float, what: str) -> float:
-    """Poll an async ``condition`` until it is true; how long that took. Fails past
-    ``within`` seconds."""
-    started = anyio.current_time()
-    while not await condition():
-        if anyio.current_time() - started > within:
-            pytest.fail(f"{what}: not within {within} s")
-        await anyio.sleep(0.02)
-    return anyio.current_time() - started
 
 
 @requires_redis

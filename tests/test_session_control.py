@@ -31,7 +31,16 @@ from wsgate.session_api import (
     private_keys_env,
 )
 
-from .helpers import Bot, closed_with, connect, echoed, http_exchange, in_thread
+from .helpers import (
+    Bot,
+    call,
+    call_json,
+    closed_with,
+    echoed,
+    in_thread,
+    open_ws,
+    session_id,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -60,39 +69,6 @@ def control_config(upstream: str, **settings: Any) -> Config:
 async def gateway(upstream: str, **settings: Any) -> AsyncIterator[Gateway]:
     async with Gateway(control_config(upstream, **settings)).running() as gw:
         yield gw
-
-
-async def call(
-    gw: Gateway,
-    method: str,
-    target: str,
-    key: str | None,
-    body: bytes = b"",
-    *extra: str,
-) -> tuple[int, bytes]:
-    """One HTTP request to the gateway: the status and the raw body of its answer."""
-    lines = [f"{method} {target} HTTP/1.1", "Host: gw"]
-    if key is not None:
-        lines.append(f"Authorization: Bearer {key}")
-    if body:
-        lines.append(f"Content-Length: {len(body)}")
-    lines += extra
-    return await http_exchange(gw.port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-
-
-async def call_json(gw: Gateway, method: str, target: str, key: str | None) -> tuple[int, Any]:
-    status, body = await call(gw, method, target, key)
-    return status, json.loads(body)
-
-
-def open_ws(url: str) -> Any:
-    """A client connection kept open across awaits (closed by the test)."""
-    return connect(url).__enter__()
-
-
-def session_id(ws: Any) -> str:
-    """The ``X-Session-Id`` the gateway's 101 told the client."""
-    return str(ws.response.headers["X-Session-Id"])
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -403,6 +379,7 @@ def http_bot() -> Iterator[HttpBot]:
         route.__annotations__.update({"request": fastapi.Request, "return": fastapi.Response})
     app.add_api_websocket_route("/ws", ws_endpoint)
     app.add_api_route("/status", status, methods=["GET", "HEAD"])
+    app.add_api_route("/api/status", status, methods=["GET"])  # for a session_api_upstream
     app.add_api_route("/update-context", update_context, methods=["POST"])
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     # Listening before uvicorn starts: connections wait in the backlog until it accepts.
@@ -456,6 +433,32 @@ async def test_session_api_reaches_the_bot_of_the_session(http_bot: HttpBot) -> 
             assert status == 404  # the bot's own answer, passed on
             ws.send("the session goes on")
             assert await in_thread(ws.recv, 20) == "the session goes on"
+        finally:
+            await in_thread(ws.close)
+
+
+async def test_session_api_upstream_serves_the_routes_of_a_bot_elsewhere(
+    bot: Bot, http_bot: HttpBot
+) -> None:
+    """The WebSocket goes to ``bot``; the Session API to the FastAPI bot, under its ``/api``."""
+    origin = http_bot.url.replace("ws://", "http://").removesuffix("/ws")
+    agent = AgentConfig("bot", "test", upstream=bot.url, session_api_upstream=f"{origin}/api/")
+    config = Config(gateway=GatewaySettings(port=0), orgs=ORGS, agents=[agent])
+    async with Gateway(config).running() as gw:
+        ws = await in_thread(open_ws, f"{gw.url}/ws/generic/bot.test")
+        try:
+            sid = session_id(ws)
+            target = f"/v1/public/bot/sessions/{sid}/status?verbose=1"
+            status, answer = await call_json(gw, "GET", target, "pk_test")
+            assert status == 200
+            assert (answer["path"], answer["query"], answer["session"]) == (
+                "/api/status",
+                "verbose=1",
+                sid,
+            )
+            ws.send("relayed to the other bot")
+            assert await in_thread(ws.recv, 20) == "relayed to the other bot"
+            assert bot.sessions[0].headers["X-Daily-Session-Id"] == sid
         finally:
             await in_thread(ws.close)
 

@@ -29,6 +29,7 @@ from .embed import Relayer, accept_upgrade, relay
 from .errors import ConfigError, HttpError, WsgateError
 from .inprocess import BotArguments, InProcessWebSocket, WebSocketDisconnect, WebSocketState
 from .server import Gateway
+from .session_routes import RouteRequest, RouteResponse, Routes
 
 __all__ = [
     "AgentConfig",
@@ -42,6 +43,9 @@ __all__ = [
     "OrgConfig",
     "Outcome",
     "Relayer",
+    "RouteRequest",
+    "RouteResponse",
+    "Routes",
     "SessionRequest",
     "WebSocketDisconnect",
     "WebSocketState",

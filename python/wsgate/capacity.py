@@ -25,6 +25,14 @@ Invariants of :class:`RedisCapacity`:
   true again, even if it is over the limit for a while) and leases are shared again.
 - Lease members are ``<gateway id>:<random id>``, unique per session; the gateway id is random
   per process, so nothing of a past process is ever renewed.
+
+The session registry (with ``forward_secret`` set: :mod:`wsgate.forwarding`): each live
+session of this gateway has a key ``wsgate:session:{sessionId}`` holding ``"{agent.org}
+{internal_url}"``, so another gateway of the store can send its stop or Session API call here.
+Entries are written and renewed in the same rounds as the leases (a new session's at the next
+round, which it wakes: within a store round trip of its 101), deleted when the session ends,
+and live ``lease_ttl`` unless renewed; in local mode none is written (a session then is reached
+only on its own gateway), and they are all put back when the store is.
 """
 
 from __future__ import annotations
@@ -32,12 +40,14 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from anyio.abc import TaskStatus
 
+from .config import forward_secret
 from .errors import HttpError, StoreUnavailable
 from .redis_store import RedisStore
 
@@ -60,6 +70,8 @@ log = logging.getLogger("wsgate")
 
 #: Prefix of the lease sets' keys in Redis (one per agent: ``wsgate:lease:{agent.org}``).
 KEY_PREFIX = "wsgate:lease:"
+#: Prefix of the session registry's keys (one per live session: ``wsgate:session:{id}``).
+SESSION_PREFIX = "wsgate:session:"
 #: Leases renewed or given back per script call (a gateway holding more makes several).
 BATCH = 1000
 
@@ -107,6 +119,22 @@ return #KEYS
 """
 
 
+# KEYS[i]: a session's registry key. ARGV[1]: lease_ttl in ms; ARGV[2]: how many of the keys
+# (the first ones) are deleted; ARGV[2 + i]: the entry of key i (ignored for those deleted).
+_REGISTER = """
+local ttl = tonumber(ARGV[1])
+local deleted = tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  if i <= deleted then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, ARGV[i + 2], 'PX', ttl)
+  end
+end
+return #KEYS
+"""
+
+
 class CapacityStoreUnavailable(StoreUnavailable):
     """The capacity store cannot answer: limits are counted on this gateway meanwhile."""
 
@@ -136,6 +164,14 @@ class Capacity(Protocol):
         """None while all is well; else one line on why limits are counted here."""
         ...
 
+    def register(self, session_id: str, service_host: str) -> None:
+        """A session of this gateway went live: make it reachable from the store's others."""
+        ...
+
+    def unregister(self, session_id: str) -> None:
+        """The session ended (or was stopped)."""
+        ...
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The background work (renewals) until cancelled."""
         ...
@@ -158,6 +194,12 @@ class LocalCapacity:
     def status(self) -> str | None:
         return None
 
+    def register(self, session_id: str, service_host: str) -> None:
+        pass
+
+    def unregister(self, session_id: str) -> None:
+        pass
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
 
@@ -168,9 +210,18 @@ class LocalCapacity:
 class RedisCapacity:
     """``max_sessions`` across every gateway sharing one Redis or Valkey (see the module's
     invariants). ``url``: a store URL (:mod:`wsgate.redis_store`); ``lease_ttl``: seconds a
-    lease lives unless renewed; ``timeout``: seconds each store command may take."""
+    lease lives unless renewed; ``timeout``: seconds each store command may take;
+    ``internal_url``: this gateway's address for the others (asked when a session registers),
+    or None: no session registry."""
 
-    def __init__(self, url: str, *, lease_ttl: float = 30.0, timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease_ttl: float = 30.0,
+        timeout: float = 1.0,
+        internal_url: Callable[[], str] | None = None,
+    ) -> None:
         if not lease_ttl > 0:
             raise ValueError("lease_ttl must be > 0")
         self._store = RedisStore(
@@ -186,7 +237,14 @@ class RedisCapacity:
         self._given_back: list[tuple[str, str]] = []
         self._shared = True
         self._wake: anyio.Event | None = None
-        self._scripts: tuple[Script, Script] | None = None
+        self._scripts: tuple[Script, Script, Script] | None = None
+        #: This gateway's address for the others; None: no session registry.
+        self.internal_url = internal_url
+        # session id -> its registry entry: every live session of this gateway.
+        self._entries: dict[str, str] = {}
+        # Entries to write (new sessions) and keys to delete (ended ones) at the next sync.
+        self._new_entries: list[str] = []
+        self._ended_entries: list[str] = []
 
     def __repr__(self) -> str:
         mode = "shared" if self._shared else "local"
@@ -208,10 +266,40 @@ class RedisCapacity:
             return None
         return "capacity store unreachable: max_sessions counted on this gateway"
 
+    @property
+    def registry(self) -> bool:
+        """Whether this gateway writes its live sessions to the store (for forwarding)."""
+        return self.internal_url is not None
+
+    def register(self, session_id: str, service_host: str) -> None:
+        if self.internal_url is None:
+            return
+        self._entries[session_id] = f"{service_host} {self.internal_url()}"
+        if self._shared:
+            self._new_entries.append(session_id)
+            self._poke()
+
+    def unregister(self, session_id: str) -> None:
+        if self._entries.pop(session_id, None) is None:
+            return
+        if self._shared:
+            self._ended_entries.append(session_id)
+            self._poke()
+
+    async def locate(self, session_id: str) -> tuple[str, str] | None:
+        """Where a live session is held, from the registry: ``(service host, internal URL)``,
+        or None. Raises :class:`CapacityStoreUnavailable` when the store cannot answer."""
+        entry = await self._store.execute("GET", SESSION_PREFIX + session_id)
+        if entry is None:
+            return None
+        text = entry.decode() if isinstance(entry, bytes) else str(entry)
+        host, _, where = text.partition(" ")
+        return host, where
+
     async def acquire(self, agent: AgentConfig) -> Lease | None:
         lease = Lease(agent.service_host, f"{self.gateway_id}:{uuid.uuid4().hex}")
         if self._shared:
-            acquire, _ = self._script_objects()
+            acquire, _, _ = self._script_objects()
             try:
                 granted = await self._store.script(
                     acquire,
@@ -243,29 +331,48 @@ class RedisCapacity:
         task_status.started()
         while True:
             self._wake = anyio.Event()
-            if not (self._shared and self._given_back):
+            if not (self._shared and self._changed):
                 with anyio.move_on_after(next_renewal - anyio.current_time()):
                     await self._wake.wait()
             renew = anyio.current_time() >= next_renewal
             if renew:
                 next_renewal = anyio.current_time() + period
-            if renew or (self._shared and self._given_back):
+            if renew or (self._shared and self._changed):
                 await self.sync(renew=renew)
+
+    @property
+    def _changed(self) -> bool:
+        return bool(self._given_back or self._new_entries or self._ended_entries)
 
     async def sync(self, *, renew: bool = True) -> None:
         """One round: give back ended leases and, with ``renew``, renew (or put back) every
         live one. In local mode, a success means the store is back."""
         given_back, self._given_back = self._given_back, []
+        new, self._new_entries = self._new_entries, []
+        ended, self._ended_entries = self._ended_entries, []
         if not self._shared and not renew:
             return
         pairs = given_back + ([(h, m) for m, h in self._live.items()] if renew else [])
         released = len(given_back)
-        _, sync = self._script_objects()
+        _, sync, register = self._script_objects()
         try:
+            entries = [s for s in (self._entries if renew else new) if s in self._entries]
+            ended = [s for s in ended if s not in self._entries]
+            for start in range(0, len(ended) + len(entries), BATCH):
+                keys = (ended + entries)[start : start + BATCH]
+                count = max(0, min(len(ended) - start, len(keys)))
+                values = ["" if i < count else self._entries[k] for i, k in enumerate(keys)]
+                await self._store.script(
+                    register,
+                    [SESSION_PREFIX + key for key in keys],
+                    [self._ttl_ms, count, *values],
+                    name="register",
+                )
             for start in range(0, max(len(pairs), 1), BATCH):
                 chunk = pairs[start : start + BATCH]
                 if not chunk:
-                    await self._store.execute("PING")  # nothing held: just probe the store
+                    if renew:
+                        await self._store.execute("PING")  # nothing held: just probe the store
                     break
                 count = max(0, min(released - start, len(chunk)))
                 await self._store.script(
@@ -293,26 +400,43 @@ class RedisCapacity:
         if not self._shared:
             return  # not renewed any more: it leaves the store within lease_ttl
         self._given_back.append((lease.service_host, lease.member))
+        self._poke()
+
+    def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
     def _fall_back(self, exc: StoreUnavailable) -> None:
-        self._given_back.clear()  # not renewed any more: they leave within lease_ttl
+        # Not renewed any more: they leave within lease_ttl.
+        self._given_back.clear()
+        self._new_entries.clear()
+        self._ended_entries.clear()
         if self._shared:
             self._shared = False
             log.warning("%s: max_sessions counted on this gateway until it is back", exc)
 
-    def _script_objects(self) -> tuple[Script, Script]:
+    def _script_objects(self) -> tuple[Script, Script, Script]:
         if self._scripts is None:
             from glide import Script
 
             # glide's Script is not annotated.
-            self._scripts = (Script(_ACQUIRE), Script(_SYNC))  # type: ignore[no-untyped-call]
+            self._scripts = (
+                Script(_ACQUIRE),  # type: ignore[no-untyped-call]
+                Script(_SYNC),  # type: ignore[no-untyped-call]
+                Script(_REGISTER),  # type: ignore[no-untyped-call]
+            )
         return self._scripts
 
 
-def open_capacity(settings: GatewaySettings) -> LocalCapacity | RedisCapacity:
-    """The capacity a gateway's settings name: shared when ``capacity_store`` is set."""
+def open_capacity(
+    settings: GatewaySettings, internal_url: Callable[[], str] | None = None
+) -> LocalCapacity | RedisCapacity:
+    """The capacity a gateway's settings name: shared when ``capacity_store`` is set, with a
+    session registry when a forward secret is too (``internal_url``: this gateway's address,
+    asked when the first session registers)."""
     if settings.capacity_store is None:
         return LocalCapacity()
-    return RedisCapacity(settings.capacity_store, lease_ttl=settings.lease_ttl)
+    registry = internal_url if forward_secret(settings) is not None else None
+    return RedisCapacity(
+        settings.capacity_store, lease_ttl=settings.lease_ttl, internal_url=registry
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from . import _core
 from .errors import ConfigError
 from .names import check_name
 from .redis_store import REDIS_SCHEMES, parse_redis_url
-from .urls import UpstreamURL, parse_upstream_url
+from .urls import UpstreamURL, parse_http_url, parse_upstream_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,11 +35,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "FORWARD_SECRET_ENV",
+    "INTERNAL_URL_ENV",
     "AgentConfig",
     "Config",
     "GatewaySettings",
     "OrgConfig",
     "default_config",
+    "forward_secret",
+    "internal_url",
     "load_config",
     "loads_config",
 ]
@@ -52,6 +57,8 @@ DEFAULT_SEND_BUFFER_LIMIT = 1024 * 1024
 DEFAULT_BOT_GRACE_PERIOD = 5.0
 #: An in-process bot: an async callable taking a :class:`wsgate.BotArguments`.
 BotFunction = Callable[[Any], Awaitable[Any]]
+#: An ASGI application (scope, receive, send): an in-process bot's Session API.
+SessionApp = Callable[[Any, Any, Any], Awaitable[None]]
 # "package.module:function" (the attribute may be dotted), as uvicorn names an app.
 _BOT_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 BUILTINS = frozenset({"echo"})
@@ -164,6 +171,13 @@ class GatewaySettings:
     #: Seconds a session's lease in the capacity store lives unless renewed (every third of
     #: it): how long a gateway that died still counts.
     lease_ttl: float = 30.0
+    #: Where the other gateways sharing ``capacity_store`` reach this one (``http://host:port``
+    #: or ``https://``) to stop or call a session it holds. Unset: the listening address.
+    internal_url: str | None = None
+    #: The secret every gateway of a ``capacity_store`` shares to forward session control and
+    #: Session API requests to the gateway holding the session (at least 16 characters; or
+    #: ``$WSGATE_FORWARD_SECRET``). Unset: no forwarding. Never in a repr or a log.
+    forward_secret: str | None = field(default=None, repr=False)
     #: Prometheus metrics at ``GET /metrics`` (docs/OPERATIONS.md). False: 404, and the relay
     #: engine counts nothing.
     metrics: bool = True
@@ -237,6 +251,11 @@ class GatewaySettings:
             if not isinstance(self.capacity_store, str):
                 raise ConfigError("capacity_store must be a redis:// URL")
             _check_store_url("capacity_store", self.capacity_store)
+        if self.internal_url is not None:
+            _parse_http("internal_url", self.internal_url)
+        secret = self.forward_secret
+        if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
+            raise ConfigError("forward_secret must be a string of at least 16 characters")
         if not _is_number(self.lease_ttl) or self.lease_ttl < 1:
             raise ConfigError(f"lease_ttl must be at least 1 second, got {self.lease_ttl!r}")
         if self.secrets is not None:
@@ -321,6 +340,14 @@ class AgentConfig:
     bot: BotFunction | str | None = None
     #: Sessions this agent may have open at once (on this gateway); more get 503.
     max_sessions: int = 50
+    #: An in-process bot's Session API: an ASGI app (:class:`wsgate.Routes`, FastAPI, …) or
+    #: its name ``"package.module:app"``, called in-process (:mod:`wsgate.session_routes`).
+    #: Unset: the bot serves no routes (404).
+    session_api: SessionApp | str | None = None
+    #: An upstream bot's Session API elsewhere than its WebSocket URL's origin: an
+    #: ``http://`` (or ``https://``) base URL; a call to ``…/sessions/{id}/{path}`` goes to
+    #: ``{session_api_upstream}/{path}``.
+    session_api_upstream: str | None = None
     #: PEM roots for this agent's ``wss://`` bots, instead of the gateway's
     #: ``upstream_ca_file`` (or the system's roots).
     upstream_ca_file: str | None = None
@@ -367,6 +394,35 @@ class AgentConfig:
                 f"agent {self.service_host!r}: max_sessions must be an integer >= 1, "
                 f"got {self.max_sessions!r}"
             )
+        self._check_session_api()
+
+    def _check_session_api(self) -> None:
+        where = f"agent {self.service_host!r}"
+        app = self.session_api
+        if app is not None:
+            if self.bot is None:
+                raise ConfigError(f"{where}: session_api is for in-process bots (bot = ...)")
+            if isinstance(app, str):
+                if not _BOT_SPEC.fullmatch(app):
+                    raise ConfigError(
+                        f"{where}: session_api {app!r} must be written 'package.module:app'"
+                    )
+            elif not callable(app):
+                raise ConfigError(f"{where}: session_api must be an ASGI app or 'module:app'")
+        if self.session_api_upstream is not None:
+            if self.upstream is None:
+                raise ConfigError(f"{where}: session_api_upstream is for upstream bots")
+            self.session_api_url  # noqa: B018 (parses and checks it)
+
+    @property
+    def session_api_url(self) -> UpstreamURL | None:
+        """``session_api_upstream`` parsed (as the ``ws://``/``wss://`` URL of the same origin
+        and path: what :func:`wsgate.upstream.call_bot` takes), or None."""
+        url = self.session_api_upstream
+        if url is None:
+            return None
+        where = f"agent {self.service_host!r}: session_api_upstream"
+        return _parse_http(where, url)
 
     @property
     def service_host(self) -> str:
@@ -397,6 +453,15 @@ class AgentConfig:
         if len(set(upstream)) != len(upstream):
             raise ConfigError(f"{where} lists a URL twice")
         return tuple(_parse_upstream(where, url) for url in upstream)
+
+
+def _parse_http(where: str, url: str) -> UpstreamURL:
+    if not isinstance(url, str):
+        raise ConfigError(f"{where} must be an http:// URL")
+    try:
+        return parse_http_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{where} {url!r} {exc}") from None
 
 
 def _parse_upstream(where: str, url: str) -> UpstreamURL:
@@ -440,9 +505,70 @@ class Config:
         """The agents keyed by service host, as :func:`wsgate.routing.route` takes them."""
         return {agent.service_host: agent for agent in self.agents}
 
+    def with_bot(
+        self, service_host: str, bot: BotFunction | str, session_api: SessionApp | str | None
+    ) -> Config:
+        """A copy where ``service_host`` is served by the in-process ``bot`` (and its
+        ``session_api``): an agent of that name keeps its other settings; otherwise the agent
+        (and its organisation, if new) is added."""
+        name, _, org = service_host.partition(".")
+        agents, orgs = list(self.agents), list(self.orgs)
+        existing = self.agents_by_host().get(service_host)
+        if existing is not None:
+            agent = dataclasses.replace(
+                existing,
+                upstream=None,
+                builtin=None,
+                bot=bot,
+                session_api=session_api,
+                session_api_upstream=None,
+            )
+            agents[agents.index(existing)] = agent
+        else:
+            agents.append(AgentConfig(name, org, bot=bot, session_api=session_api))
+            if all(o.name != org for o in orgs):
+                orgs.append(OrgConfig(org))
+        return dataclasses.replace(self, orgs=orgs, agents=agents)
+
     def replace_gateway(self, **changes: Any) -> Config:
         """A copy with some ``[gateway]`` settings changed (e.g. ``port=0``), checked again."""
         return dataclasses.replace(self, gateway=dataclasses.replace(self.gateway, **changes))
+
+
+#: The environment variable that gives ``forward_secret`` when the settings do not.
+FORWARD_SECRET_ENV = "WSGATE_FORWARD_SECRET"
+
+
+def forward_secret(
+    settings: GatewaySettings, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The gateway's forward secret: ``forward_secret``, else ``$WSGATE_FORWARD_SECRET``, else
+    None (no forwarding). Raises :class:`ConfigError` for one too short (never showing it)."""
+    if settings.forward_secret is not None:
+        return settings.forward_secret
+    value = (os.environ if environ is None else environ).get(FORWARD_SECRET_ENV)
+    if value is not None and len(value) < 16:
+        raise ConfigError(f"{FORWARD_SECRET_ENV} must be at least 16 characters")
+    return value
+
+
+#: The environment variable that gives ``internal_url`` when the settings do not.
+INTERNAL_URL_ENV = "WSGATE_INTERNAL_URL"
+
+
+def internal_url(
+    settings: GatewaySettings, listening: str, environ: Mapping[str, str] | None = None
+) -> str:
+    """Where the other gateways of the store reach this one: ``internal_url``, else
+    ``$WSGATE_INTERNAL_URL`` (one settings file for every instance, e.g. a pod's IP), else the
+    ``listening`` address (``ws://…`` as ``http://…``: right on one host only)."""
+    if settings.internal_url is not None:
+        return settings.internal_url
+    value = (os.environ if environ is None else environ).get(INTERNAL_URL_ENV)
+    if value is not None:
+        _parse_http(INTERNAL_URL_ENV, value)
+        return value
+    return listening.replace("ws", "http", 1)  # ws:// -> http://, wss:// -> https://
 
 
 def default_config() -> Config:
@@ -507,6 +633,8 @@ def _build(where: str, table: dict[str, Any], cls: type[_T]) -> _T:
                 "secrets",
                 "replay_store",
                 "capacity_store",
+                "forward_secret",
+                "internal_url",
             )
             shown = "" if secret else f" {value!r}"
             raise ConfigError(
@@ -543,6 +671,7 @@ _FILE_TYPES = {
     "WebsocketAuth": "a string",
     "LogFormat": "a string",
     "BotFunction | str": "a string",  # a file names a bot; only code passes the callable
+    "SessionApp | str": "a string",  # likewise an app
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import anyio
 
@@ -24,6 +25,7 @@ from ._sockets import Conn, read_exactly, read_head, read_until, send_all, send_
 from .admission import PendingReads, RateLimiter
 from .config import AgentConfig, Config
 from .errors import HeadTooLarge, HttpError, OpeningError
+from .forwarding import FORWARD_HEADER, Forwarder
 from .handshake import close_frame, switching_protocols
 from .metrics import METRICS_PATH, Metrics
 from .providers import Opening, OpeningReader, close_for
@@ -36,6 +38,7 @@ from .session_api import (
     ListSessions,
     Refusal,
     SessionKeys,
+    Stop,
     forward_head,
     is_forward_path,
     judge_control,
@@ -43,9 +46,11 @@ from .session_api import (
     page,
     refusal,
 )
+from .session_routes import call_app, session_app_of
 from .sessions import Opened, Sessions
 from .start import answer_start, is_start_path, request_body_length
 from .upstream import call_bot
+from .urls import UpstreamURL
 
 __all__ = ["HEALTH_PATHS", "Connections"]
 
@@ -89,6 +94,8 @@ class Connections:
         self._key_rate = RateLimiter(per_key) if per_key else None
         # With a listener of its own (metrics_port), /metrics leaves the clients' port.
         self._serves_metrics = settings.metrics and settings.metrics_port is None
+        #: Stops and Session API calls for sessions held by another gateway of the store.
+        self.forwarder = Forwarder.of(settings, sessions.capacity)
 
     async def handle(self, sock: Conn, client: str) -> Opened | None:
         """Run the client's request; returns the session it opened, or None if refused."""
@@ -149,10 +156,12 @@ class Connections:
             client, anyio.current_time()
         )
         if request.path.startswith(CONTROL_PREFIX):
-            await self._control(sock, request)
+            action = "list" if request.path.rstrip("/").endswith("/sessions") else "stop"
+            await self._reply(sock, action, await self._control(request))
             return None
         if is_forward_path(request.path):
-            await self._session_api(sock, request, pending, deadline)
+            answer = await self._session_api(sock, request, pending, deadline)
+            await self._reply(sock, "session_api", answer)
             return None
         if is_start_path(request.path):
             if limited:
@@ -240,9 +249,13 @@ class Connections:
         self.metrics.start_answered(agent, answer.status)
         await send_and_close(sock, json_response(answer.status, answer.document))
 
-    async def _control(self, sock: Conn, request: Request) -> None:
+    async def _control(self, request: Request) -> _Answer:
         """``DELETE /v1/agents/{agent}/sessions/{id}`` (stop) and ``GET
-        /v1/agents/{agent}/sessions`` (list), with a private key."""
+        /v1/agents/{agent}/sessions`` (list), with a private key. A stop of a session held
+        by another gateway of the store is forwarded there (:mod:`wsgate.forwarding`)."""
+        hop = self._hop(request)
+        if hop is False:
+            return _Answer(_refusal_bytes(_untrusted()))
         judged = judge_control(
             request.method,
             request.path,
@@ -252,43 +265,43 @@ class Connections:
             self.keys,
         )
         if isinstance(judged, Refusal):
-            await _send_refusal(sock, judged)
-            return
+            return _Answer(_refusal_bytes(judged), judged.agent)
         sessions = self.sessions
         host = judged.agent.service_host
         if isinstance(judged, ListSessions):
             document = page(sessions.listed(host), judged.limit, judged.after)
-            await send_and_close(sock, json_response(200, document))
-            return
+            return _Answer(json_response(200, document), judged.agent)
         opened = sessions.find(judged.session_id, host)
         if opened is None:
-            await _send_refusal(sock, _not_live())
-            return
+            answer = None if hop else await self._elsewhere(request, b"", judged)
+            if answer is not None:
+                return _Answer(answer, judged.agent, forwarded=True)
+            return _Answer(_refusal_bytes(_not_live()), judged.agent)
         sessions.stop(opened)
         log.info("session %s %s stopped through the API", host, opened.session_uuid)
         document = {"status": "stopped", "sessionId": opened.session_uuid}
-        await send_and_close(sock, json_response(200, document))
+        return _Answer(json_response(200, document), judged.agent)
 
     async def _session_api(
         self, sock: Conn, request: Request, pending: bytes, deadline: float
-    ) -> None:
+    ) -> _Answer:
         """``/v1/public/{agent}/sessions/{id}/{path}`` with a public key: the request goes to
         the HTTP origin of the bot that holds the session, its answer comes back as it is.
-        Buffered both ways (bounded: ``/start``'s body limit, ``MAX_ANSWER_BYTES``)."""
+        Buffered both ways (bounded: ``/start``'s body limit, ``MAX_ANSWER_BYTES``). A
+        session held by another gateway of the store: forwarded there."""
+        hop = self._hop(request)
+        if hop is False:
+            return _Answer(_refusal_bytes(_untrusted()))
         judged = judge_forward(
             request.method, request.path, request.query, request.headers, self.agents, self.keys
         )
         if isinstance(judged, Refusal):
-            await _send_refusal(sock, judged)
-            return
+            return _Answer(_refusal_bytes(judged), judged.agent)
         try:
             length = request_body_length(request.headers)
         except HttpError as exc:
-            await _send_refusal(sock, refusal(exc.status, exc.reason))
-            return
-        answer = await self._forward(sock, request, judged, length, pending, deadline)
-        if answer is not None:
-            await send_and_close(sock, answer)
+            return _Answer(_refusal_bytes(refusal(exc.status, exc.reason)), judged.agent)
+        return await self._forward(sock, request, judged, length, pending, deadline, hop)
 
     async def _forward(
         self,
@@ -298,47 +311,125 @@ class Connections:
         length: int,
         pending: bytes,
         deadline: float,
-    ) -> bytes | None:
-        """The bot's answer to a judged Session API request, or a refusal's; None when the
+        hop: bool | None,
+    ) -> _Answer:
+        """The bot's answer to a judged Session API request, or a refusal's; none when the
         client was too slow with its body (dropped, like a slow ``/start``)."""
-        opened = self.sessions.find(judged.session_id, judged.agent.service_host)
+        agent = judged.agent
+        opened = self.sessions.find(judged.session_id, agent.service_host)
         if opened is None:
-            return _refusal_bytes(_not_live())
-        origin = opened.upstream
-        if origin is None:
-            return _refusal_bytes(refusal(404, "Not found: this session's bot serves no routes"))
+            if hop or self.forwarder is None:
+                return _Answer(_refusal_bytes(_not_live()), agent)
+            body = await self._body(sock, request, length, pending, deadline)
+            if body is None:
+                return _Answer(None, agent)
+            answer = await self._elsewhere(request, body, judged)
+            if answer is None:
+                return _Answer(_refusal_bytes(_not_live()), agent)
+            return _Answer(answer, agent, forwarded=True)
+        app = None if opened.bot is None else session_app_of(agent)
+        origin = agent.session_api_url or opened.upstream
+        if app is None and (origin is None or opened.bot is not None):
+            no_routes = refusal(404, "Not found: this session's bot serves no routes")
+            return _Answer(_refusal_bytes(no_routes), agent)
+        body = await self._body(sock, request, length, pending, deadline)
+        if body is None:
+            return _Answer(None, agent)
+        settings = self.config.gateway
+        try:
+            if app is not None:
+                answer = await call_app(
+                    app,
+                    method=request.method,
+                    target=judged.target,
+                    headers=request.headers,
+                    body=body,
+                    session_id=opened.session_uuid,
+                    timeout=settings.session_api_timeout,
+                )
+            else:
+                assert origin is not None
+                session = opened.session_uuid
+                answer = await self._call_upstream(origin, request, judged, session, body)
+        except HttpError as exc:
+            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+            log.log(level, "session API call to %s refused with %d: %s",
+                    agent.service_host, exc.status, exc.reason)  # fmt: skip
+            answer = _refusal_bytes(refusal(exc.status, exc.reason))
+        return _Answer(answer, agent)
+
+    async def _reply(self, sock: Conn, action: str, answer: _Answer) -> None:
+        """Send a session control or Session API answer (none: the client was dropped), and
+        count it."""
+        if answer.data is None:
+            return
+        host = None if answer.agent is None else answer.agent.service_host
+        self.metrics.session_control(host, action, _status_of(answer.data), answer.forwarded)
+        await send_and_close(sock, answer.data)
+
+    async def _call_upstream(
+        self, origin: UpstreamURL, request: Request, judged: Forward, session: str, body: bytes
+    ) -> bytes:
+        """One exchange with an upstream bot's HTTP origin (``origin.resource`` is the path of
+        a ``session_api_upstream``, empty for the WebSocket URL's origin)."""
+        base = origin.resource if judged.agent.session_api_url is not None else ""
+        head = forward_head(
+            request.method, base + judged.target, origin.host_header, request.headers, session,
+            len(body),
+        )  # fmt: skip
+        sessions, settings = self.sessions, self.config.gateway
+        tls = None
+        if origin.tls and sessions.bot_tls is not None:
+            tls = sessions.bot_tls(judged.agent)
+        return await call_bot(
+            origin,
+            head + body,
+            head_only=request.method == "HEAD",
+            dial_timeout=settings.dial_timeout,
+            answer_timeout=settings.session_api_timeout,
+            tls=tls,
+        )
+
+    async def _body(
+        self, sock: Conn, request: Request, length: int, pending: bytes, deadline: float
+    ) -> bytes | None:
+        """The request's body (None: too slow, or evicted), after a ``100 Continue`` if the
+        client asked for one."""
         if length and any(v.lower() == "100-continue" for v in request.headers_all("expect")):
             await send_all(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
         body: bytes | None = None
         with self.pending.reading(deadline):
             body = await read_exactly(sock, length, pending)
-        if body is None:
+        return body
+
+    def _hop(self, request: Request) -> bool | None:
+        """None: a client's request; True: forwarded by a gateway of the store (the right
+        secret); False: it claims to be, but is not to be trusted."""
+        values = request.headers_all(FORWARD_HEADER)
+        if not values:
             return None
-        head = forward_head(
-            request.method,
-            judged.target,
-            origin.host_header,
-            request.headers,
-            opened.session_uuid,
-            length,
-        )
-        sessions, settings = self.sessions, self.config.gateway
-        tls = None
-        if origin.tls and sessions.bot_tls is not None:
-            tls = sessions.bot_tls(judged.agent)
+        forwarder = self.forwarder
+        return forwarder is not None and len(values) == 1 and forwarder.trusts(values[0])
+
+    async def _elsewhere(
+        self, request: Request, body: bytes, judged: Stop | Forward
+    ) -> bytes | None:
+        """The answer of the gateway holding the session (or a refusal's: 502/503/504), or
+        None when no other gateway holds it."""
+        if self.forwarder is None:
+            return None
+        agent, bot_tls = judged.agent, self.sessions.bot_tls
         try:
-            return await call_bot(
-                origin,
-                head + body,
-                head_only=request.method == "HEAD",
-                dial_timeout=settings.dial_timeout,
-                answer_timeout=settings.session_api_timeout,
-                tls=tls,
+            return await self.forwarder.forward(
+                request.method,
+                request.target,
+                request.headers,
+                body,
+                judged.session_id,
+                agent.service_host,
+                tls=None if bot_tls is None else lambda: bot_tls(agent),
             )
         except HttpError as exc:
-            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
-            log.log(level, "session API call to %s refused with %d: %s",
-                    judged.agent.service_host, exc.status, exc.reason)  # fmt: skip
             return _refusal_bytes(refusal(exc.status, exc.reason))
 
     def _named_agent(self, received: tuple[bytes, bytes] | None) -> str | None:
@@ -366,13 +457,27 @@ def _not_live() -> Refusal:
     return refusal(404, "Session not found: not live on this gateway, or not this agent's")
 
 
+def _untrusted() -> Refusal:
+    return refusal(403, "Forwarded request not trusted")
+
+
 def _refusal_bytes(judged: Refusal) -> bytes:
     return json_response(judged.status, judged.document, judged.allow or "POST")
 
 
-async def _send_refusal(sock: Conn, judged: Refusal) -> None:
-    """Answer a session control or Session API request with its JSON refusal, then close."""
-    await send_and_close(sock, _refusal_bytes(judged))
+class _Answer(NamedTuple):
+    """A session control or Session API answer: its bytes (None: the client was dropped), the
+    agent once known, and whether another gateway gave it (:mod:`wsgate.forwarding`)."""
+
+    data: bytes | None
+    agent: AgentConfig | None = None
+    forwarded: bool = False
+
+
+def _status_of(answer: bytes) -> int:
+    """The status of a whole HTTP/1.x answer (``HTTP/1.1 200 OK``: 200)."""
+    code = answer[9:12]
+    return int(code) if code.isdigit() else 502
 
 
 async def _close(sock: Conn, code: int, reason: str) -> None:

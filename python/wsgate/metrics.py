@@ -171,6 +171,13 @@ class Metrics:
             ["agent", "status"],
             registry=registry,
         )
+        self._control = Counter(
+            "wsgate_session_control_requests",
+            "Session control and Session API requests answered, by agent, action (stop, list, "
+            "session_api), status, and whether another gateway answered (forwarded: yes/no)",
+            ["agent", "action", "status", "forwarded"],
+            registry=registry,
+        )
         self._tokens = Counter(
             "wsgate_token_rejections",
             "Session tokens refused (403), by reason",
@@ -231,6 +238,14 @@ class Metrics:
     def start_answered(self, service_host: str | None, status: int) -> None:
         """``/start`` answered ``status`` (for the agent it resolved to, if it got that far)."""
         self._start.labels(self.agent(service_host), str(status)).inc()
+
+    def session_control(
+        self, service_host: str | None, action: str, status: int, forwarded: bool
+    ) -> None:
+        """A stop, a list or a Session API call answered ``status`` (its bot's own status for
+        the Session API), here or by the gateway holding the session (``forwarded``)."""
+        labels = (self.agent(service_host), action, str(status), "yes" if forwarded else "no")
+        self._control.labels(*labels).inc()
 
     def session_ended(
         self,

@@ -13,7 +13,6 @@ by Rust; see :mod:`wsgate.upstream`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +28,7 @@ from ._sockets import listen
 from .admission import PendingReads
 from .authorize import Authorize
 from .capacity import open_capacity
-from .config import AgentConfig, Config, OrgConfig, default_config, load_config
+from .config import Config, SessionApp, default_config, internal_url, load_config
 from .connection import Connections
 from .engine import Relay
 from .inprocess import Bot, bot_of
@@ -39,6 +38,7 @@ from .metrics_listener import serve_metrics
 from .names import check_name
 from .routing import no_token_auth_yet
 from .session_api import SessionKeys
+from .session_routes import session_app_of
 from .sessions import Sessions
 from .tls import Certificates
 from .tokens import TokenAuthority, authority_for
@@ -110,6 +110,7 @@ class Gateway:
         self._bots: dict[str, Bot] = {}
         for agent in self.config.agents:
             bot = bot_of(agent)
+            session_app_of(agent)  # likewise its Session API app
             if bot is not None:
                 self._bots[agent.service_host] = bot
         self._check_token = (
@@ -134,7 +135,9 @@ class Gateway:
         """A gateway serving the settings of a TOML file (see :func:`wsgate.load_config`)."""
         return cls(load_config(path))
 
-    def bot(self, service_host: str) -> Callable[[_BotT], _BotT]:
+    def bot(
+        self, service_host: str, *, session_api: SessionApp | str | None = None
+    ) -> Callable[[_BotT], _BotT]:
         """Serve ``service_host`` (``"agent.org"``) with an in-process bot, as a decorator::
 
             @gateway.bot("my-agent.my-org")
@@ -142,9 +145,10 @@ class Gateway:
                 async for message in args.websocket:
                     await args.websocket.send_text(f"you said {message!r}")
 
-        An agent of that name in the settings keeps its other settings and is served by the bot
-        from now on; otherwise the agent (and its organisation, if new) is added. Only before
-        :meth:`serve`.
+        ``session_api``: the bot's HTTP routes for the Session API, an ASGI app
+        (:class:`wsgate.Routes`, FastAPI, …; :mod:`wsgate.session_routes`). An agent of that
+        name in the settings keeps its other settings and is served by the bot from now on;
+        otherwise the agent (and its organisation, if new) is added. Only before :meth:`serve`.
         """
         name, _, org = service_host.partition(".")
         check_name("agent", name)
@@ -153,17 +157,8 @@ class Gateway:
         def register(bot: _BotT) -> _BotT:
             if self._served:
                 raise RuntimeError("register bots before the gateway serves")
-            agents = list(self.config.agents)
-            orgs = list(self.config.orgs)
-            existing = self._agents.get(service_host)
-            if existing is not None:
-                agent = dataclasses.replace(existing, upstream=None, builtin=None, bot=bot)
-                agents[agents.index(existing)] = agent
-            else:
-                agents.append(AgentConfig(name, org, bot=bot))
-                if all(o.name != org for o in orgs):
-                    orgs.append(OrgConfig(org))
-            self.config = dataclasses.replace(self.config, orgs=orgs, agents=agents)
+            self.config = self.config.with_bot(service_host, bot, session_api)
+            session_app_of(self.config.agents_by_host()[service_host])  # fails here, not later
             self._agents.clear()  # in place: connections share this mapping
             self._agents.update(self.config.agents_by_host())
             self._bots[service_host] = bot
@@ -250,7 +245,8 @@ class Gateway:
             self._stop_event.set()
         listener = await listen(settings.host, settings.port)
         relay: Relay | None = None
-        capacity = open_capacity(settings)
+        # This gateway's address in the session registry (internal_url, or where it listens).
+        capacity = open_capacity(settings, lambda: internal_url(settings, self.url))
         metrics_listener: socket.socket | None = None
         try:
             self._port = listener.getsockname()[1]

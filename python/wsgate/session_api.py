@@ -66,6 +66,7 @@ __all__ = [
     "SessionKeys",
     "Stop",
     "answer_body_length",
+    "forward_fields",
     "forward_head",
     "is_forward_path",
     "judge_control",
@@ -102,7 +103,8 @@ _SESSION = re.compile(rf"/v1/agents/({NAME.pattern})/sessions/([^/]*)")
 _FORWARD = re.compile(rf"/v1/public/({NAME.pattern})/sessions/([^/]*)(/[^?]*)?")
 _FORWARD_PREFIX = re.compile(rf"/v1/public/{NAME.pattern}/sessions(/|$)")
 # Never forwarded: the request's own framing and routing, hop-by-hop fields (RFC 9110 §7.6.1),
-# the key, and an X-Daily-Session-Id of the client's (the gateway sets its own).
+# the key, an X-Daily-Session-Id of the client's (the gateway sets its own), and the secret of
+# a request forwarded by another gateway (wsgate.forwarding.FORWARD_HEADER).
 _NOT_FORWARDED = frozenset(
     {
         "host",
@@ -118,6 +120,7 @@ _NOT_FORWARDED = frozenset(
         "upgrade",
         "expect",
         "x-daily-session-id",
+        "x-wsgate-forward",
     }
 )
 
@@ -350,6 +353,12 @@ def judge_forward(
     return Forward(agent, session_id.lower(), target)
 
 
+def forward_fields(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The client's header fields that go on to the bot: all but the key, the request's
+    framing, hop-by-hop fields and a client's own ``X-Daily-Session-Id``."""
+    return [(name, value) for name, value in headers if name not in _NOT_FORWARDED]
+
+
 def forward_head(
     method: str,
     target: str,
@@ -362,7 +371,7 @@ def forward_head(
     then ``X-Daily-Session-Id``, the body's length and ``Connection: close`` (one request per
     connection)."""
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{name}: {value}" for name, value in headers if name not in _NOT_FORWARDED]
+    lines += [f"{name}: {value}" for name, value in forward_fields(headers)]
     lines.append(f"X-Daily-Session-Id: {session_id}")
     if body_length or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {body_length}")

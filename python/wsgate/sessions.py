@@ -163,6 +163,8 @@ class Sessions:
         opened.client = client
         opened.lease = lease
         self.live[opened.session_uuid] = opened
+        # Reachable from the store's other gateways (with a session registry).
+        self.capacity.register(opened.session_uuid, opened.service_host)
         return opened
 
     def find(self, session_uuid: str, service_host: str) -> Opened | None:
@@ -359,6 +361,7 @@ class Sessions:
         opened.freed = True
         if self.live.get(opened.session_uuid) is opened:
             del self.live[opened.session_uuid]
+            self.capacity.unregister(opened.session_uuid)
         self.release(opened.service_host, opened.client, opened.lease)
         self.pools.release(opened.member)
 

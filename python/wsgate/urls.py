@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["UpstreamURL", "parse_upstream_url"]
+__all__ = ["UpstreamURL", "parse_http_url", "parse_upstream_url"]
 
 # The request target sent to a bot: visible ASCII after the leading slash.
 _RESOURCE = re.compile(r"/[\x21-\x7e]*")
@@ -55,3 +55,17 @@ def parse_upstream_url(url: str) -> UpstreamURL:
     tls = parts.scheme == "wss"
     default = 443 if tls else 80
     return UpstreamURL(url, parts.hostname, default if port is None else port, resource, tls)
+
+
+def parse_http_url(url: str) -> UpstreamURL:
+    """An ``http://`` or ``https://`` base URL (a bot's Session API elsewhere, a gateway's
+    internal address), as the ``ws://``/``wss://`` URL of the same origin, what a dial takes;
+    :attr:`UpstreamURL.resource` is its path without a trailing ``/`` (empty at the root).
+    Raises ``ValueError`` with a reason."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise ValueError("must be an http:// URL (or https://)")
+    if "?" in rest:
+        raise ValueError("must not have a query")
+    parsed = parse_upstream_url(("ws" if scheme == "http" else "wss") + "://" + rest)
+    return UpstreamURL(url, parsed.host, parsed.port, parsed.resource.rstrip("/"), parsed.tls)

@@ -1,0 +1,312 @@
+"""The Session API of in-process bots: HTTP routes served in the gateway's own process.
+
+An in-process agent may have a ``session_api``: an ASGI application (FastAPI, Starlette, or
+:class:`Routes`, the small router of this module). A Session API call for one of its live
+sessions is handed to it in-process (:func:`call_app`), never over a socket, with the session
+made known two ways, so code written for an upstream bot reads the same:
+
+- the ``X-Daily-Session-Id`` request header, as an upstream bot gets it;
+- ``scope["state"]["session_id"]`` (Starlette's ``request.state.session_id``).
+
+An in-process agent without ``session_api`` answers 404, like a route the bot does not have. Only
+``http`` scopes are sent: an app's lifespan handlers are not run.
+
+Invariants:
+- The request passed on is the one :func:`wsgate.session_api.judge_forward` accepted: its key,
+  framing and hop-by-hop fields are not in it (:func:`forward_fields`).
+- The app's answer is buffered and bounded like an upstream bot's
+  (:data:`~wsgate.session_api.MAX_ANSWER_BYTES`, else 502) and takes at most
+  ``session_api_timeout`` (504). An app that raises gets 500 and its exception is logged once.
+- The answer's framing is the gateway's: ``Content-Length`` of the body given,
+  ``Connection: close``; the app's own framing fields are dropped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, TypeAlias, TypeVar
+from urllib.parse import unquote
+
+import anyio
+
+from ._websocket_state import Headers, QueryParams
+from .config import AgentConfig
+from .errors import ConfigError, HttpError
+from .inprocess import load_bot
+from .session_api import MAX_ANSWER_BYTES, forward_fields
+
+__all__ = [
+    "ASGIApp",
+    "RouteHandler",
+    "RouteRequest",
+    "RouteResponse",
+    "Routes",
+    "call_app",
+    "session_app_of",
+]
+
+log = logging.getLogger("wsgate")
+
+Scope: TypeAlias = MutableMapping[str, Any]
+Message: TypeAlias = MutableMapping[str, Any]
+Receive: TypeAlias = Callable[[], Awaitable[Message]]
+Send: TypeAlias = Callable[[Message], Awaitable[None]]
+#: An ASGI 3 application.
+ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True, eq=False)
+class RouteRequest:
+    """What a :class:`Routes` handler is called with: one Session API request and the session
+    it is for."""
+
+    #: The live session's id (``sessionId``; the bot's ``BotArguments.session_id``).
+    session_id: str
+    method: str
+    #: The path under the session, decoded: ``/status`` for ``…/sessions/{id}/status``.
+    path: str
+    query_params: QueryParams
+    #: The client's headers, less the key and the request's framing.
+    headers: Headers
+    body: bytes = field(repr=False)
+
+    def json(self) -> Any:
+        """The body decoded from JSON (``ValueError`` if it is not JSON: the client gets 400)."""
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class RouteResponse:
+    """A handler's answer when a document is not enough: a status, a body, headers."""
+
+    status: int = 200
+    body: bytes | str = b""
+    headers: Sequence[tuple[str, str]] = ()
+    media_type: str | None = None
+
+
+#: A route's handler: an async function of the request. It may return a :class:`RouteResponse`,
+#: ``bytes`` (``application/octet-stream``), ``str`` (``text/plain``), None (204), or anything
+#: else JSON can encode (``application/json``, 200).
+RouteHandler: TypeAlias = Callable[[RouteRequest], Awaitable[Any]]
+_HandlerT = TypeVar("_HandlerT", bound=RouteHandler)
+
+
+class Routes:
+    """A minimal ASGI app of exact-path routes for an in-process bot's Session API::
+
+        routes = wsgate.Routes()
+
+        @routes.route("/status", methods=["GET"])
+        async def status(request: wsgate.RouteRequest) -> dict[str, str]:
+            return {"session": request.session_id}
+
+        @gateway.bot("parrot.demo", session_api=routes)
+        async def parrot(args: wsgate.BotArguments) -> None: ...
+
+    A path without a route: 404; a method the route does not take: 405 with ``Allow``; a
+    handler raising ``ValueError`` (e.g. :meth:`RouteRequest.json` on a bad body): 400.
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str, dict[str, RouteHandler]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Routes {sorted(self._routes)}>"
+
+    def route(
+        self, path: str, methods: Iterable[str] = ("GET",)
+    ) -> Callable[[_HandlerT], _HandlerT]:
+        """Serve ``path`` (exact, starting with ``/``) for ``methods`` with the decorated
+        async function."""
+        if not path.startswith("/"):
+            raise ValueError(f"route path {path!r} must start with '/'")
+        wanted = [method.upper() for method in methods]
+        if not wanted:
+            raise ValueError("a route needs at least one method")
+
+        def register(handler: _HandlerT) -> _HandlerT:
+            checked: Any = handler  # (iscoroutinefunction would narrow handler's type)
+            if not inspect.iscoroutinefunction(checked):
+                raise TypeError(f"route {path!r}: the handler must be an async function")
+            table = self._routes.setdefault(path, {})
+            for method in wanted:
+                if method in table:
+                    raise ValueError(f"route {method} {path!r} is defined twice")
+                table[method] = handler
+            return handler
+
+        return register
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan and websocket scopes: nothing to do
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        table = self._routes.get(scope["path"])
+        method = scope["method"]
+        if table is None:
+            answer = _refused(404, "Not found")
+        elif method not in table:
+            answer = _refused(405, "Method not allowed", ("allow", ", ".join(sorted(table))))
+        else:
+            fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+            request = RouteRequest(
+                session_id=scope["state"]["session_id"],
+                method=method,
+                path=scope["path"],
+                query_params=QueryParams(scope["query_string"].decode("latin-1")),
+                headers=Headers(fields),
+                body=bytes(body),
+            )
+            try:
+                answer = _response(await table[method](request))
+            except ValueError as exc:
+                answer = _refused(400, f"Bad request: {exc}")
+        payload = answer.body.encode() if isinstance(answer.body, str) else answer.body
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
+        if answer.media_type is not None:
+            headers.append((b"content-type", answer.media_type.encode("latin-1")))
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _refused(status: int, reason: str, *headers: tuple[str, str]) -> RouteResponse:
+    document = json.dumps({"error": reason, "code": str(status)})
+    return RouteResponse(status, document, headers, "application/json")
+
+
+def _response(value: Any) -> RouteResponse:
+    if isinstance(value, RouteResponse):
+        return value
+    if value is None:
+        return RouteResponse(204)
+    if isinstance(value, bytes):
+        return RouteResponse(200, value, media_type="application/octet-stream")
+    if isinstance(value, str):
+        return RouteResponse(200, value, media_type="text/plain; charset=utf-8")
+    return RouteResponse(200, json.dumps(value), media_type="application/json")
+
+
+def session_app_of(agent: AgentConfig) -> ASGIApp | None:
+    """The agent's ``session_api`` as an app (importing a ``"module:app"`` name), or None.
+    Raises :class:`ConfigError` naming the agent if the name cannot be imported."""
+    app = agent.session_api
+    if app is None or not isinstance(app, str):
+        return app
+    try:
+        loaded: Any = load_bot(app)
+    except ConfigError as exc:
+        raise ConfigError(f"agent {agent.service_host!r}: session_api: {exc}") from None
+    found: ASGIApp = loaded
+    return found
+
+
+async def call_app(
+    app: ASGIApp,
+    *,
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    session_id: str,
+    timeout: float,
+) -> bytes:
+    """Call an in-process bot's ASGI ``app`` with one judged Session API request (``target``:
+    ``/{path}[?query]``, still percent-encoded) and return its whole HTTP/1.1 answer.
+
+    Raises ``HttpError``: 504 when ``timeout`` ran out, 502 for an answer too large or none at
+    all, 500 when the app raised (logged)."""
+    raw_path, _, query = target.partition("?")
+    fields = [*forward_fields(headers), ("x-daily-session-id", session_id)]
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": unquote(raw_path),
+        "raw_path": raw_path.encode("latin-1"),
+        "query_string": query.encode("latin-1"),
+        "root_path": "",
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields],
+        "client": None,
+        "server": None,
+        "state": {"session_id": session_id},
+        "wsgate.session_id": session_id,
+    }
+    answer = _Answer()
+    delivered = False
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep_forever()  # a disconnect is never reported: the answer is awaited
+        raise AssertionError("unreachable")
+
+    try:
+        with anyio.fail_after(timeout):
+            await app(scope, receive, answer.send)
+    except TimeoutError:
+        raise HttpError(504, "bot did not answer in time") from None
+    except _TooLarge:
+        raise HttpError(502, "bot answer too large") from None
+    except Exception:
+        log.exception("the Session API app of an in-process bot raised")
+        raise HttpError(500, "bot's route failed") from None
+    if answer.status is None:
+        raise HttpError(502, "bot gave no answer")
+    return answer.encode(head_only=method == "HEAD")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# Framing is the gateway's: these fields of the app's answer are dropped.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+
+
+class _Answer:
+    """An ASGI app's answer, buffered (at most ``MAX_ANSWER_BYTES`` of body)."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = int(message["status"])
+            self.headers = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers", ())]
+        elif kind == "http.response.body":
+            self.body += message.get("body", b"")
+            if len(self.body) > MAX_ANSWER_BYTES:
+                raise _TooLarge
+
+    def encode(self, *, head_only: bool) -> bytes:
+        assert self.status is not None
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:
+            phrase = ""
+        lines = [f"HTTP/1.1 {self.status} {phrase}".encode("latin-1")]
+        lines += [k + b": " + v for k, v in self.headers if k not in _FRAMING]
+        no_body = self.status < 200 or self.status in (204, 304)
+        if not no_body:
+            lines.append(f"Content-Length: {len(self.body)}".encode())
+        lines.append(b"Connection: close")
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        return head if head_only or no_body else head + bytes(self.body)
