@@ -1160,8 +1160,42 @@ def open_label(t: Target) -> str:
     return t.variants()[0][0] if t.variants() else t.name
 
 
-def print_compare(targets: list[Target], s: dict, ts: dict, a: argparse.Namespace) -> None:
-    """A ÷ B for each --compare pair, every figure both have (medians of this run)."""
+def _per_msg(x: dict, n: str) -> float:
+    return x["relay_cpu_s"] * 1e6 / (2 * x[n]) if x.get(n) and "relay_cpu_s" in x else float("nan")
+
+
+# How each figure of print_compare is read from one round's raw result: (phase, function).
+PER_ROUND = {
+    "msgs_per_s": ("saturate", lambda x: x["msgs_per_s"]),
+    "sat_p50_us": ("saturate", lambda x: x["p50_us"]),
+    "sat_p99_us": ("saturate", lambda x: x["p99_us"]),
+    "cpu_us_per_msg": ("saturate", lambda x: _per_msg(x, "round_trips")),
+    "relay_cpu_util": ("saturate", lambda x: x.get("relay_cpu_s", float("nan")) / x["seconds"]),
+    "tel_cpu_us_per_msg": ("telephony", lambda x: _per_msg(x, "received")),
+    "tel_p50_us": ("telephony", lambda x: x["p50_us"]),
+    "open_per_s": ("opens", lambda x: x["opens_per_s"]),
+    "open_p50_us": ("opens", lambda x: x["p50_us"]),
+    "open_p99_us": ("opens", lambda x: x["p99_us"]),
+    "open_cpu_us": (
+        "opens",
+        lambda x: x["relay_cpu_s"] * 1e6 / x["opened"] if x["opened"] else float("nan"),
+    ),
+}
+
+
+def paired(xs: list[dict], ys: list[dict], key: str) -> float:
+    """The median over rounds of x ÷ y, round by round: the two ran minutes apart at most, so
+    a busy moment of the machine weighs on both."""
+    fn = PER_ROUND[key][1]
+    rs = [fn(x) / fn(y) for x, y in zip(xs, ys, strict=False) if fn(y)]
+    return med(rs)
+
+
+def print_compare(
+    targets: list[Target], s: dict, ts: dict, a: argparse.Namespace, res: dict, tres: dict
+) -> None:
+    """A ÷ B for each --compare pair, every figure both have: the ratio of the medians of this
+    run, and the median of the ratios round by round ("paired")."""
     by = {t.name: t for t in targets}
     pairs = [p.split(":") for p in a.compare.split(",") if ":" in p]
     pairs = [(x, y) for x, y in pairs if x in by and y in by]
@@ -1189,8 +1223,8 @@ def print_compare(targets: list[Target], s: dict, ts: dict, a: argparse.Namespac
             ("failed opens" + at, "open_errors", 0, suffix),
             ("others' CPU during opens (cores)" + at, "open_other_cpu_util", 2, suffix),
         ]
-    print("\n| figure | " + " | ".join(f"{x} | {y} | {x} ÷ {y}" for x, y in pairs) + " |")
-    print("| --- |" + " ---: | ---: | ---: |" * len(pairs))
+    print("\n| figure | " + " | ".join(f"{x} | {y} | {x} ÷ {y} | paired" for x, y in pairs) + " |")
+    print("| --- |" + " ---: | ---: | ---: | ---: |" * len(pairs))
     for label, key, nd, suffix in rows:
         cells = []
         for x, y in pairs:
@@ -1202,7 +1236,17 @@ def print_compare(targets: list[Target], s: dict, ts: dict, a: argparse.Namespac
             )
             # the others' CPU is context, not a figure of the relay: no ratio
             r = "" if key.endswith("other_cpu_util") else ratio(vx, vy)
-            cells += [fmt(vx, nd), fmt(vy, nd), r]
+            pr = ""
+            if key in PER_ROUND:
+                phase = PER_ROUND[key][0]
+                if suffix is None:
+                    rx, ry = (res.get(n, {}).get(phase, []) for n in (x, y))
+                else:
+                    rx, ry = (
+                        tres.get(open_label(by[n]) + suffix, {}).get(phase, []) for n in (x, y)
+                    )
+                pr = fmt(paired(rx, ry, key), 2)
+            cells += [fmt(vx, nd), fmt(vy, nd), r, pr]
         if all(c in ("-", "") for c in cells):
             continue
         print(f"| {label} | " + " | ".join(cells) + " |")
@@ -1607,7 +1651,7 @@ def main() -> int:
             f"(RedisCapacity.acquire + sync) {redis_rtt['lease_p50_us']:.0f} "
             f"({redis_rtt['lease_p99_us']:.0f}), its CPU {redis_rtt['lease_cpu_us']:.0f} µs"
         )
-    print_compare(targets, s, ts, a)
+    print_compare(targets, s, ts, a, res, tres)
     if a.json:
         doc = {"args": vars(a), "raw": res, "summary": s, "skipped": skipped}
         doc["redis_round_trips"] = redis_rtt
