@@ -1464,7 +1464,7 @@ def main() -> int:
         except ImportError:
             log("trustme is not installed (pip install trustme): no TLS targets")
     redis_url = None
-    redis_rtt: dict = {}
+    redis_rtts: list[dict] = []  # one probe per round
     if "wsgate-redis" in want_t and shutil.which("redis-server"):
         rport = free_port()
         rproc = spawn(
@@ -1524,10 +1524,7 @@ def main() -> int:
         log(f"{n}: {t.url} ({t.note}{extra})")
         targets.append(t)
 
-    if redis_url and any(t.name == "wsgate-redis" for t in targets):
-        wr = next(t for t in targets if t.name == "wsgate-redis")
-        redis_rtt = redis_round_trips(redis_url, wr)
-        log(f"redis {redis_url}: {redis_rtt}")
+    wr = next((t for t in targets if t.name == "wsgate-redis"), None)
     res: dict = {t.name: {"saturate": [], "telephony": [], "note": t.note} for t in targets}
     # Twilio-shaped media and opens, per variant (wsgate has two: /ws/twilio and /ws/generic)
     tres: dict = {
@@ -1601,6 +1598,12 @@ def main() -> int:
                     + (f" ({r['first_error']})" if r.get("first_error") else "")
                 )
                 time.sleep(1.0)
+            if wr is not None and redis_url:
+                # what a Redis round trip costs now (the machine's load varies by round)
+                r = redis_round_trips(redis_url, wr)
+                if r:
+                    redis_rtts.append(r)
+                    log("  redis: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()))
             for k, par in enumerate(open_pars if "open" in phases else []):
                 log(f"round {rnd + 1}/{a.rounds}: opens, {a.opens} sessions {par} at a time")
                 for t, label, url in variants:
@@ -1642,9 +1645,11 @@ def main() -> int:
     print_twilio_report(ts, s, a)
     if TLS and any(t.tls for t in targets):
         print(f"\nTLS: {TLS.describe()}; negotiated: {negotiated(res, tres)}")
+    redis_rtt = {k: med([r[k] for r in redis_rtts]) for k in redis_rtts[0]} if redis_rtts else {}
     if redis_rtt:
         print(
-            "\nredis round trips, p50 (p99) µs: PING on a raw socket "
+            f"\nredis round trips (medians of {len(redis_rtts)} probes, one per round), "
+            "p50 (p99) µs: PING on a raw socket "
             f"{redis_rtt['ping_raw_p50_us']:.0f} ({redis_rtt['ping_raw_p99_us']:.0f}), PING "
             f"through wsgate's client {redis_rtt['ping_glide_p50_us']:.0f} "
             f"({redis_rtt['ping_glide_p99_us']:.0f}), a lease taken and given back "
@@ -1655,6 +1660,7 @@ def main() -> int:
     if a.json:
         doc = {"args": vars(a), "raw": res, "summary": s, "skipped": skipped}
         doc["redis_round_trips"] = redis_rtt
+        doc["redis_round_trips_raw"] = redis_rtts
         doc.update({"twilio_raw": tres, "twilio_summary": ts})
         Path(a.json).write_text(json.dumps(doc, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
