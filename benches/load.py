@@ -15,7 +15,11 @@ What it does (details in benches/README.md, section "Relay load bench"):
      /ws/generic with the same bytes) and session opens, interleaved: each round runs every
      target once, in an order that rotates per round; the median over rounds is reported;
   5. prints tables and the ratios to nginx and to direct (and of wsgate's /ws/twilio to its
-     /ws/generic); --json FILE keeps the raw figures.
+     /ws/generic, and of the pairs given with --compare); --json FILE keeps the raw figures.
+
+More targets: nginx-tls and wsgate-tls (wss:// on the client hop, a per-run certificate, the bot
+hop plain), wsgate-redis (a shared capacity store in a redis-server started for the run),
+wsgate-before (another wsgate, from --before-pythonpath: an A/B of two builds in one run).
 
 Only the standard library is used; process figures come from /proc.
 """
@@ -230,12 +234,59 @@ def run_json(cmd: list[str], timeout: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# TLS: a certificate made for the run, and what loadgen needs to trust it
+
+
+class TlsFiles:
+    """A CA and a server certificate for 127.0.0.1 and localhost, made for this run (trustme),
+    as PEM files in `dir`: ca.pem (what loadgen trusts), cert.pem (the chain, leaf first) and
+    key.pem (what nginx and wsgate serve)."""
+
+    def __init__(self, dir: Path, key_type: str, suite: str):
+        import trustme
+
+        kt = {"ecdsa": trustme.KeyType.ECDSA, "rsa": trustme.KeyType.RSA}[key_type]
+        ca = trustme.CA(key_type=kt)
+        leaf = ca.issue_cert("127.0.0.1", "localhost", key_type=kt)
+        self.ca = dir / "ca.pem"
+        self.cert = dir / "cert.pem"
+        self.key = dir / "key.pem"
+        ca.cert_pem.write_to_path(str(self.ca))
+        self.cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(self.key))
+        self.key_type = key_type
+        self.suite = suite
+
+    def describe(self) -> str:
+        key = "ECDSA P-256" if self.key_type == "ecdsa" else "RSA 2048"
+        return (
+            f"a per-run CA and leaf ({key}, trustme); loadgen offers {self.suite} only, "
+            "no resumption (every open a full handshake)"
+        )
+
+
+TLS: TlsFiles | None = None
+
+
+def tls_args(url: str) -> list[str]:
+    """loadgen's options for a wss:// URL: trust the run's CA, offer the chosen suite."""
+    if not url.startswith("wss://"):
+        return []
+    if TLS is None:
+        raise RuntimeError("a wss:// target without the run's certificate")
+    return ["--ca-file", str(TLS.ca), "--tls-suite", TLS.suite]
+
+
+# --------------------------------------------------------------------------------------------
 # targets
 
 
 class Target:
     name = "?"
     relay = True  # False for direct
+    #: wss:// on the client hop: no telephony or Twilio runs (loadgen's paced sender writes to
+    #: the raw sockets)
+    tls = False
 
     def __init__(self, tmp: Path, upstream_port: int):
         self.tmp = tmp
@@ -309,7 +360,7 @@ class Nginx(Target):
         if not exe:
             self.skip = "nginx not installed (apt-get install -y nginx-light)"
             return
-        prefix = self.tmp / "nginx"
+        prefix = self.tmp / self.name
         prefix.mkdir(exist_ok=True)
         version = subprocess.run([exe, "-V"], capture_output=True, text=True).stderr
         extra = []
@@ -333,6 +384,8 @@ class Nginx(Target):
             "PREFIX": str(prefix),
             "EXTRA_TEMP_PATHS": "\n".join(extra),
             "PORT": str(self.port),
+            "LISTEN_SSL": " ssl" if self.tls else "",
+            "SSL_LINES": self.ssl_lines(),
             "UPSTREAM_PORT": str(self.up),
             "BUFFER_SIZE": self.buffer_size,
         }.items():
@@ -347,15 +400,53 @@ class Nginx(Target):
             "-e",
             str(prefix / "error.log"),
         ]
-        self.proc = spawn(cmd, self.tmp / "nginx.out")
+        self.proc = spawn(cmd, self.tmp / f"{self.name}.out")
         ok = wait_port(self.port, 10, self.proc)
         end = time.monotonic() + 5
         while ok and len(self.pids()) < 1 + self.workers and time.monotonic() < end:
             time.sleep(0.05)
         if not ok:
-            self.skip = f"nginx did not start: {(self.tmp / 'nginx.out').read_text()[-300:]}"
+            self.skip = f"nginx did not start: {(self.tmp / f'{self.name}.out').read_text()[-300:]}"
         v = version.splitlines()[0].split("/")[-1] if version else "?"
+        ssl = next((ln for ln in version.splitlines() if ln.startswith("built with")), "")
         self.note = f"nginx {v}, {self.workers} workers, proxy_buffer_size {self.buffer_size}"
+        if self.tls:
+            self.note += f"; TLS to the client ({ssl}), plain to the bot"
+
+    def ssl_lines(self) -> str:
+        return ""
+
+
+class NginxTls(Nginx):
+    """nginx terminating TLS (the run's certificate) and relaying in the clear to the bot."""
+
+    name = "nginx-tls"
+    tls = True
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}/ws"
+
+    @property
+    def twilio_url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}/ws/twilio"
+
+    def ssl_lines(self) -> str:
+        assert TLS is not None
+        # No resumption on either side, as wsgate (no TLS 1.3 tickets; loadgen resumes
+        # nothing anyway): every open is a full handshake. The cipher suite is the one loadgen
+        # offers.
+        return "\n".join(
+            f"        {line}"
+            for line in (
+                f"ssl_certificate {TLS.cert};",
+                f"ssl_certificate_key {TLS.key};",
+                "ssl_protocols TLSv1.2 TLSv1.3;",
+                "ssl_session_cache off;",
+                "ssl_session_tickets off;",
+                "ssl_conf_command NumTickets 0;",
+            )
+        )
 
 
 class Websocat(Target):
@@ -387,10 +478,20 @@ class Wsgate(Target):
     #: Extra lines of its [gateway] table.
     settings = ""
 
-    def __init__(self, tmp: Path, up: int, python: str, max_sessions: int):
+    def __init__(
+        self, tmp: Path, up: int, python: str, max_sessions: int, pythonpath: str | None = None
+    ):
         super().__init__(tmp, up)
         self.python = python
         self.max_sessions = max_sessions
+        #: PYTHONPATH of this gateway's process (None: the bench's own environment)
+        self.pythonpath = pythonpath
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.pythonpath is not None:
+            env["PYTHONPATH"] = self.pythonpath
+        return env
 
     @property
     def url(self) -> str:
@@ -399,7 +500,10 @@ class Wsgate(Target):
     def variants(self) -> list[tuple[str, str]]:
         # /ws/twilio routes by the start message's service host; /ws/generic carries the same
         # opening and media as ordinary messages (the generic session's cost, same bytes)
-        return [("wsgate /ws/generic", self.url), ("wsgate /ws/twilio", self.twilio_url)]
+        return [
+            (f"{self.name} /ws/generic", self.url),
+            (f"{self.name} /ws/twilio", self.twilio_url),
+        ]
 
     def start(self) -> None:
         r = subprocess.run(
@@ -407,6 +511,7 @@ class Wsgate(Target):
             capture_output=True,
             text=True,
             cwd=REPO,
+            env=self.env(),
         )
         if r.returncode != 0:
             err = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -434,15 +539,23 @@ class Wsgate(Target):
             f"max_sessions = {self.max_sessions}\n"
         )
         cmd = [self.python, "-m", "wsgate", "serve", "--config", str(cfg), "--port", str(self.port)]
-        self.proc = spawn(cmd, out, cwd=REPO)
+        self.proc = spawn(cmd, out, cwd=REPO, env=self.env())
         if not wait_port(self.port, 20, self.proc):
             self.skip = f"wsgate did not start: {out.read_text()[-400:]}"
-        where = subprocess.run(
-            [self.python, "-c", "import os, wsgate._core as c; print(os.path.dirname(c.__file__))"],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        ).stdout.strip()
+        # where the running gateway's extension was loaded from (its package's directory)
+        where = loaded_core(self.proc.pid)
+        if not where:
+            where = subprocess.run(
+                [
+                    self.python,
+                    "-c",
+                    "import os, wsgate._core as c; print(os.path.dirname(c.__file__))",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                env=self.env(),
+            ).stdout.strip()
         rev = subprocess.run(
             ["git", "-C", where or ".", "log", "-1", "--format=%h %cd", "--date=iso"],
             capture_output=True,
@@ -452,6 +565,63 @@ class Wsgate(Target):
             f"python -m wsgate serve --config {cfg.name} (wsgate from {where}"
             f"{', commit ' + rev if rev else ''}; max_sessions {self.max_sessions})"
         )
+
+
+def loaded_core(pid: int) -> str:
+    """The directory of the wsgate._core a running gateway has mapped ('' if not found)."""
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            path = line.split(maxsplit=5)[-1]
+            if path.endswith(("/_core.abi3.so", "/_core.so")) and "/wsgate/" in path:
+                return os.path.dirname(path)
+    except OSError:
+        pass
+    return ""
+
+
+class WsgateTls(Wsgate):
+    """wsgate serving wss:// with the run's certificate (tls_cert/tls_key); the bot hop stays
+    plain. Opens through /ws/generic only."""
+
+    name = "wsgate-tls"
+    tls = True
+
+    @property
+    def settings(self) -> str:  # type: ignore[override]
+        assert TLS is not None
+        return f'tls_cert = "{TLS.cert}"\ntls_key = "{TLS.key}"\n'
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}/ws/generic/echo.bench"
+
+    def variants(self) -> list[tuple[str, str]]:
+        return [(self.name, self.url)]
+
+
+class WsgateRedis(Wsgate):
+    """wsgate with a shared capacity store (`capacity_store`, the run's redis-server): each
+    session takes a lease before its bot is dialled. Opens through /ws/generic only."""
+
+    name = "wsgate-redis"
+
+    def __init__(self, *args, redis_url: str, **kw):
+        super().__init__(*args, **kw)
+        self.redis_url = redis_url
+
+    @property
+    def settings(self) -> str:  # type: ignore[override]
+        return f'capacity_store = "{self.redis_url}"\n'
+
+    def variants(self) -> list[tuple[str, str]]:
+        return [(self.name, self.url)]
+
+
+class WsgateBefore(Wsgate):
+    """Another build of wsgate (its python/ tree with its _core, from --before-pythonpath), run
+    beside `wsgate` for an A/B in one run."""
+
+    name = "wsgate-before"
 
 
 class WsgateNoMetrics(Wsgate):
@@ -486,6 +656,7 @@ def probe(lg: Path, t: Target) -> str | None:
                 "0.3",
                 "--warmup-ms",
                 "0",
+                *tls_args(t.url),
             ],
             timeout=30,
         )
@@ -506,7 +677,7 @@ def wait_probe(t: Target) -> str | None:
 def idle_phase(lg: Path, t: Target, n: int, up_port: int) -> dict:
     # warm-up: open and close a few sessions so one-time lazy setup is not counted per session
     subprocess.run(
-        [str(lg), "idle", "--url", t.url, "--conns", "20"],
+        [str(lg), "idle", "--url", t.url, "--conns", "20", *tls_args(t.url)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=60,
@@ -516,7 +687,7 @@ def idle_phase(lg: Path, t: Target, n: int, up_port: int) -> dict:
     fd0 = fds(t.pids())
     up0 = established_to_port(up_port)
     p = subprocess.Popen(
-        [str(lg), "idle", "--url", t.url, "--conns", str(n)],
+        [str(lg), "idle", "--url", t.url, "--conns", str(n), *tls_args(t.url)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -603,6 +774,7 @@ def saturate(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int) -> dict:
             str(a.warmup_ms),
             "--write",
             a.write,
+            *tls_args(t.url),
             *cpu_args(t, echo_pid),
         ],
         timeout=a.sat_seconds + 120,
@@ -661,7 +833,9 @@ def twilio(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, url: str) 
     )
 
 
-def opens(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, url: str) -> dict:
+def opens(
+    lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, url: str, par: int = 1
+) -> dict:
     """--opens sessions, --open-parallel at a time: upgrade, Twilio's opening, its echo, close."""
     return run_json(
         [
@@ -674,9 +848,10 @@ def opens(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, url: str) -
             "--conns",
             str(a.opens),
             "--parallel",
-            str(a.open_parallel),
+            str(par),
             "--warmup-opens",
             str(a.warmup_opens),
+            *tls_args(url),
             *cpu_args(t, echo_pid),
         ],
         timeout=600,
@@ -966,6 +1141,193 @@ def print_report(targets: list[Target], s: dict, a: argparse.Namespace, skipped:
         print(f"\nskipped {n}: {why}")
 
 
+def negotiated(res: dict, tres: dict) -> str:
+    """What loadgen's TLS connections negotiated (version, suite, key exchange), as it said."""
+    seen = set()
+    for r in res.values():
+        for x in r["saturate"]:
+            if x.get("tls"):
+                seen.add(x["tls"])
+    for r in tres.values():
+        for x in r["opens"]:
+            if x.get("tls"):
+                seen.add(x["tls"])
+    return "; ".join(sorted(seen)) or "-"
+
+
+def open_label(t: Target) -> str:
+    """The variant whose opens stand for a target's in --compare (wsgate: /ws/generic)."""
+    return t.variants()[0][0] if t.variants() else t.name
+
+
+def _per_msg(x: dict, n: str) -> float:
+    return x["relay_cpu_s"] * 1e6 / (2 * x[n]) if x.get(n) and "relay_cpu_s" in x else float("nan")
+
+
+# How each figure of print_compare is read from one round's raw result: (phase, function).
+PER_ROUND = {
+    "msgs_per_s": ("saturate", lambda x: x["msgs_per_s"]),
+    "sat_p50_us": ("saturate", lambda x: x["p50_us"]),
+    "sat_p99_us": ("saturate", lambda x: x["p99_us"]),
+    "cpu_us_per_msg": ("saturate", lambda x: _per_msg(x, "round_trips")),
+    "relay_cpu_util": ("saturate", lambda x: x.get("relay_cpu_s", float("nan")) / x["seconds"]),
+    "tel_cpu_us_per_msg": ("telephony", lambda x: _per_msg(x, "received")),
+    "tel_p50_us": ("telephony", lambda x: x["p50_us"]),
+    "open_per_s": ("opens", lambda x: x["opens_per_s"]),
+    "open_p50_us": ("opens", lambda x: x["p50_us"]),
+    "open_p99_us": ("opens", lambda x: x["p99_us"]),
+    "open_cpu_us": (
+        "opens",
+        lambda x: x["relay_cpu_s"] * 1e6 / x["opened"] if x["opened"] else float("nan"),
+    ),
+}
+
+
+def paired(xs: list[dict], ys: list[dict], key: str) -> float:
+    """The median over rounds of x ÷ y, round by round: the two ran minutes apart at most, so
+    a busy moment of the machine weighs on both."""
+    fn = PER_ROUND[key][1]
+    rs = [fn(x) / fn(y) for x, y in zip(xs, ys, strict=False) if fn(y)]
+    return med(rs)
+
+
+def print_compare(
+    targets: list[Target], s: dict, ts: dict, a: argparse.Namespace, res: dict, tres: dict
+) -> None:
+    """A ÷ B for each --compare pair, every figure both have: the ratio of the medians of this
+    run, and the median of the ratios round by round ("paired")."""
+    by = {t.name: t for t in targets}
+    pairs = [p.split(":") for p in a.compare.split(",") if ":" in p]
+    pairs = [(x, y) for x, y in pairs if x in by and y in by]
+    if not pairs:
+        return
+    rows: list[tuple[str, str, int, str | None]] = [
+        ("sat round trips/s", "msgs_per_s", 0, None),
+        ("sat p50 µs", "sat_p50_us", 0, None),
+        ("sat p99 µs", "sat_p99_us", 0, None),
+        ("CPU µs per relayed message (sat)", "cpu_us_per_msg", 2, None),
+        ("relay CPU during sat (cores)", "relay_cpu_util", 2, None),
+        ("others' CPU during sat (cores)", "sat_other_cpu_util", 2, None),
+        ("tel CPU µs per relayed message", "tel_cpu_us_per_msg", 2, None),
+        ("tel p50 µs", "tel_p50_us", 0, None),
+        ("idle KiB per session", "idle_per_session_kib", 2, None),
+    ]
+    for k, par in enumerate(int(x) for x in a.open_parallel.split(",") if x.strip()):
+        at = f", {par} at a time"
+        suffix = f" @{par}" if k else ""
+        rows += [
+            ("opens/s" + at, "open_per_s", 0, suffix),
+            ("open p50 µs" + at, "open_p50_us", 0, suffix),
+            ("open p99 µs" + at, "open_p99_us", 0, suffix),
+            ("relay CPU µs per session, accept to close" + at, "open_cpu_us", 1, suffix),
+            ("failed opens" + at, "open_errors", 0, suffix),
+            ("others' CPU during opens (cores)" + at, "open_other_cpu_util", 2, suffix),
+        ]
+    print("\n| figure | " + " | ".join(f"{x} | {y} | {x} ÷ {y} | paired" for x, y in pairs) + " |")
+    print("| --- |" + " ---: | ---: | ---: | ---: |" * len(pairs))
+    for label, key, nd, suffix in rows:
+        cells = []
+        for x, y in pairs:
+            vx, vy = (
+                (s.get(n, {}) if suffix is None else ts.get(open_label(by[n]) + suffix, {})).get(
+                    key, float("nan")
+                )
+                for n in (x, y)
+            )
+            # the others' CPU is context, not a figure of the relay: no ratio
+            r = "" if key.endswith("other_cpu_util") else ratio(vx, vy)
+            pr = ""
+            if key in PER_ROUND:
+                phase = PER_ROUND[key][0]
+                if suffix is None:
+                    rx, ry = (res.get(n, {}).get(phase, []) for n in (x, y))
+                else:
+                    rx, ry = (
+                        tres.get(open_label(by[n]) + suffix, {}).get(phase, []) for n in (x, y)
+                    )
+                pr = fmt(paired(rx, ry, key), 2)
+            cells += [fmt(vx, nd), fmt(vy, nd), r, pr]
+        if all(c in ("-", "") for c in cells):
+            continue
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+# What one Redis round trip costs: a PING on a raw socket, a PING through wsgate's own client
+# (RedisStore, valkey-glide, under asyncio as the gateway runs it) and a lease taken and given
+# back through RedisCapacity (its acquire script, then the sync that gives it back), each timed
+# one after another. Run with the gateway's Python and PYTHONPATH.
+REDIS_PROBE = r"""
+import json, socket, sys, time, types
+import anyio
+from wsgate.capacity import RedisCapacity
+from wsgate.redis_store import RedisStore
+
+url, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round((len(xs) - 1) * q))] * 1e6
+
+out = {}
+with socket.create_connection((host, port)) as s:
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    ts = []
+    for i in range(n + 100):
+        t = time.perf_counter()
+        s.sendall(b"PING\r\n")
+        assert s.recv(64) == b"+PONG\r\n"
+        if i >= 100:
+            ts.append(time.perf_counter() - t)
+    out["ping_raw_p50_us"], out["ping_raw_p99_us"] = pct(ts, 0.5), pct(ts, 0.99)
+
+async def main():
+    store = RedisStore(url, name="bench")
+    ts = []
+    for i in range(n + 100):
+        t = time.perf_counter()
+        await store.execute("PING")
+        if i >= 100:
+            ts.append(time.perf_counter() - t)
+    await store.aclose()
+    out["ping_glide_p50_us"], out["ping_glide_p99_us"] = pct(ts, 0.5), pct(ts, 0.99)
+    cap = RedisCapacity(url, lease_ttl=30)
+    agent = types.SimpleNamespace(service_host="probe.bench", max_sessions=10**6)
+    ts = []
+    for i in range(n // 2 + 50):
+        if i == 50:
+            cpu0 = time.process_time()
+        t = time.perf_counter()
+        lease = await cap.acquire(agent)
+        cap.release(lease)
+        await cap.sync(renew=False)
+        if i >= 50:
+            ts.append(time.perf_counter() - t)
+    # CPU of the whole process (the glide client's threads too) per lease
+    out["lease_cpu_us"] = (time.process_time() - cpu0) * 1e6 / len(ts)
+    await cap.aclose()
+    out["lease_p50_us"], out["lease_p99_us"] = pct(ts, 0.5), pct(ts, 0.99)
+
+anyio.run(main)
+print(json.dumps(out))
+"""
+
+
+def redis_round_trips(url: str, t: Wsgate, n: int = 2000) -> dict:
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    r = subprocess.run(
+        [t.python, "-c", REDIS_PROBE, url, host, port, str(n)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=t.env(),
+        timeout=120,
+    )
+    if r.returncode != 0:
+        log(f"redis round trips not measured: {r.stderr.strip()[-300:]}")
+        return {}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -1015,7 +1377,12 @@ def main() -> int:
     ap.add_argument("--twilio-calls", type=int, default=500, help="twilio: concurrent calls")
     ap.add_argument("--twilio-seconds", type=float, default=None, help="default: --tel-seconds")
     ap.add_argument("--opens", type=int, default=2000, help="open: sessions per measurement")
-    ap.add_argument("--open-parallel", type=int, default=1, help="open: sessions at a time")
+    ap.add_argument(
+        "--open-parallel",
+        default="1",
+        help="open: sessions at a time; a list (1,8) runs the phase once per value, the runs "
+        "after the first labelled '@N'",
+    )
     ap.add_argument("--warmup-opens", type=int, default=100, help="open: not counted")
     ap.add_argument(
         "--nginx-workers",
@@ -1025,6 +1392,34 @@ def main() -> int:
     )
     ap.add_argument("--nginx-buffer-size", default="4k")
     ap.add_argument("--wsgate-python", default=sys.executable)
+    ap.add_argument(
+        "--wsgate-pythonpath",
+        default=None,
+        help="PYTHONPATH of the wsgate targets' processes (default: the bench's environment); "
+        "e.g. a worktree's python/ with its _core extension",
+    )
+    ap.add_argument(
+        "--before-pythonpath",
+        default=None,
+        help="wsgate-before: PYTHONPATH of the other build (its python/ with its _core)",
+    )
+    ap.add_argument(
+        "--tls-key",
+        choices=["ecdsa", "rsa"],
+        default="ecdsa",
+        help="nginx-tls, wsgate-tls: the per-run certificate's key (ECDSA P-256 or RSA 2048)",
+    )
+    ap.add_argument(
+        "--tls-suite",
+        default="TLS13_AES_128_GCM_SHA256",
+        help="nginx-tls, wsgate-tls: the one cipher suite loadgen offers (rustls's name)",
+    )
+    ap.add_argument(
+        "--compare",
+        default="",
+        help="pairs A:B of targets, comma-separated: a table of A ÷ B for every figure "
+        "(e.g. wsgate-tls:nginx-tls,wsgate-redis:wsgate,wsgate:wsgate-before)",
+    )
     ap.add_argument("--no-build", action="store_true", help="use the built loadgen as it is")
     ap.add_argument("--json", help="write the raw and summarized figures to this file")
     a = ap.parse_args()
@@ -1057,18 +1452,55 @@ def main() -> int:
         return 1
 
     want_t = [x.strip() for x in a.targets.split(",") if x.strip()]
+    open_pars = [int(x) for x in a.open_parallel.split(",") if x.strip()]
     phases = {x.strip() for x in a.phases.split(",") if x.strip()}
     if not phases <= {"idle", "sat", "tel", "twilio", "open"}:
         log(f"unknown phase in {a.phases}")
         return 2
+    global TLS
+    if {"nginx-tls", "wsgate-tls"} & set(want_t):
+        try:
+            TLS = TlsFiles(tmp, a.tls_key, a.tls_suite)
+        except ImportError:
+            log("trustme is not installed (pip install trustme): no TLS targets")
+    redis_url = None
+    redis_rtts: list[dict] = []  # one probe per round
+    if "wsgate-redis" in want_t and shutil.which("redis-server"):
+        rport = free_port()
+        rproc = spawn(
+            [
+                "redis-server",
+                "--port",
+                str(rport),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            tmp / "redis.out",
+        )
+        if wait_port(rport, 10, rproc):
+            redis_url = f"redis://127.0.0.1:{rport}/0"
+    ms = max(10000, 2 * a.idle_conns)
+    py, wpp = a.wsgate_python, a.wsgate_pythonpath
     make = {
         "direct": lambda: Direct(tmp, up),
         "nginx": lambda: Nginx(tmp, up, a.nginx_workers, a.nginx_buffer_size),
         "websocat": lambda: Websocat(tmp, up),
-        "wsgate": lambda: Wsgate(tmp, up, a.wsgate_python, max(10000, 2 * a.idle_conns)),
-        "wsgate-nometrics": lambda: WsgateNoMetrics(
-            tmp, up, a.wsgate_python, max(10000, 2 * a.idle_conns)
-        ),
+        "wsgate": lambda: Wsgate(tmp, up, py, ms, wpp),
+        "wsgate-nometrics": lambda: WsgateNoMetrics(tmp, up, py, ms, wpp),
+        "nginx-tls": lambda: NginxTls(tmp, up, a.nginx_workers, a.nginx_buffer_size),
+        "wsgate-tls": lambda: WsgateTls(tmp, up, py, ms, wpp),
+        "wsgate-redis": lambda: WsgateRedis(tmp, up, py, ms, wpp, redis_url=redis_url or ""),
+        "wsgate-before": lambda: WsgateBefore(tmp, up, py, ms, a.before_pythonpath),
+    }
+    unmet = {
+        "nginx-tls": None if TLS else "no certificate (trustme missing)",
+        "wsgate-tls": None if TLS else "no certificate (trustme missing)",
+        "wsgate-redis": None if redis_url else "redis-server did not start or is not installed",
+        "wsgate-before": None if a.before_pythonpath else "no --before-pythonpath",
     }
     targets: list[Target] = []
     skipped: dict[str, str] = {}
@@ -1077,7 +1509,10 @@ def main() -> int:
             log(f"unknown target {n}")
             return 2
         t = make[n]()
-        t.start()
+        if unmet.get(n):
+            t.skip = unmet[n]
+        else:
+            t.start()
         if not t.skip:
             t.skip = probe(lg, t)
         if t.skip:
@@ -1089,6 +1524,7 @@ def main() -> int:
         log(f"{n}: {t.url} ({t.note}{extra})")
         targets.append(t)
 
+    wr = next((t for t in targets if t.name == "wsgate-redis"), None)
     res: dict = {t.name: {"saturate": [], "telephony": [], "note": t.note} for t in targets}
     # Twilio-shaped media and opens, per variant (wsgate has two: /ws/twilio and /ws/generic)
     tres: dict = {
@@ -1133,7 +1569,7 @@ def main() -> int:
                     f"round {rnd + 1}/{a.rounds}: telephony {a.tel_conns} x {a.tel_size} B"
                     f" / {a.interval_ms} ms, {a.tel_seconds}s each"
                 )
-            for t in order if "tel" in phases else []:
+            for t in [t for t in order if not t.tls] if "tel" in phases else []:
                 r = quiet_run(telephony, lg, t, a, echo.pid)
                 res[t.name]["telephony"].append(r)
                 log(
@@ -1149,7 +1585,8 @@ def main() -> int:
                     f"round {rnd + 1}/{a.rounds}: twilio {a.twilio_calls} calls x media"
                     f" / {a.interval_ms} ms, {a.twilio_seconds}s each"
                 )
-            for t, label, url in variants if "twilio" in phases else []:
+            plain = [v for v in variants if not v[0].tls]
+            for t, label, url in plain if "twilio" in phases else []:
                 r = quiet_run(twilio, lg, t, a, echo.pid, url)
                 r["url"] = url
                 tres[label]["twilio"].append(r)
@@ -1161,22 +1598,28 @@ def main() -> int:
                     + (f" ({r['first_error']})" if r.get("first_error") else "")
                 )
                 time.sleep(1.0)
-            if "open" in phases:
-                log(
-                    f"round {rnd + 1}/{a.rounds}: opens, {a.opens} sessions"
-                    f" {a.open_parallel} at a time"
-                )
-            for t, label, url in variants if "open" in phases else []:
-                r = quiet_run(opens, lg, t, a, echo.pid, url)
-                r["url"] = url
-                tres[label]["opens"].append(r)
-                log(
-                    f"  {label}: {r['opens_per_s']:,.0f} opens/s p50 {r['p50_us']:.0f}"
-                    f" p99 {r['p99_us']:.0f} µs relay_cpu {r.get('relay_cpu_s', '-')}"
-                    f" others {other_cpu(r):.2f} cores, errors {r['errors']}"
-                    + (f" ({r['first_error']})" if r.get("first_error") else "")
-                )
-                time.sleep(1.0)
+            if wr is not None and redis_url:
+                # what a Redis round trip costs now (the machine's load varies by round)
+                r = redis_round_trips(redis_url, wr)
+                if r:
+                    redis_rtts.append(r)
+                    log("  redis: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()))
+            for k, par in enumerate(open_pars if "open" in phases else []):
+                log(f"round {rnd + 1}/{a.rounds}: opens, {a.opens} sessions {par} at a time")
+                for t, label, url in variants:
+                    r = quiet_run(opens, lg, t, a, echo.pid, url, par)
+                    r["url"] = url
+                    if k:
+                        label = f"{label} @{par}"
+                        tres.setdefault(label, {"twilio": [], "opens": [], "url": url})
+                    tres[label]["opens"].append(r)
+                    log(
+                        f"  {label}: {r['opens_per_s']:,.0f} opens/s p50 {r['p50_us']:.0f}"
+                        f" p99 {r['p99_us']:.0f} µs relay_cpu {r.get('relay_cpu_s', '-')}"
+                        f" others {other_cpu(r):.2f} cores, errors {r['errors']}"
+                        + (f" ({r['first_error']})" if r.get("first_error") else "")
+                    )
+                    time.sleep(1.0)
     finally:
         for t in targets:
             t.stop()
@@ -1200,8 +1643,24 @@ def main() -> int:
         for n, why in skipped.items():
             print(f"skipped {n}: {why}")
     print_twilio_report(ts, s, a)
+    if TLS and any(t.tls for t in targets):
+        print(f"\nTLS: {TLS.describe()}; negotiated: {negotiated(res, tres)}")
+    redis_rtt = {k: med([r[k] for r in redis_rtts]) for k in redis_rtts[0]} if redis_rtts else {}
+    if redis_rtt:
+        print(
+            f"\nredis round trips (medians of {len(redis_rtts)} probes, one per round), "
+            "p50 (p99) µs: PING on a raw socket "
+            f"{redis_rtt['ping_raw_p50_us']:.0f} ({redis_rtt['ping_raw_p99_us']:.0f}), PING "
+            f"through wsgate's client {redis_rtt['ping_glide_p50_us']:.0f} "
+            f"({redis_rtt['ping_glide_p99_us']:.0f}), a lease taken and given back "
+            f"(RedisCapacity.acquire + sync) {redis_rtt['lease_p50_us']:.0f} "
+            f"({redis_rtt['lease_p99_us']:.0f}), its CPU {redis_rtt['lease_cpu_us']:.0f} µs"
+        )
+    print_compare(targets, s, ts, a, res, tres)
     if a.json:
         doc = {"args": vars(a), "raw": res, "summary": s, "skipped": skipped}
+        doc["redis_round_trips"] = redis_rtt
+        doc["redis_round_trips_raw"] = redis_rtts
         doc.update({"twilio_raw": tres, "twilio_summary": ts})
         Path(a.json).write_text(json.dumps(doc, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,16 +11,22 @@
 //!   twilio       telephony in Twilio's shape: `connected` and `start`, then JSON media messages
 //!   opens        N sessions opened (Twilio's opening, until its echo) and closed; time and CPU
 //!   idle         open N sessions, print "ready", hold them until stdin closes
+//!
+//! Client URLs may be `wss://` (all but telephony and twilio, whose paced sender writes to the
+//! raw sockets): TLS by rustls (ring), trusting only the CA of `--ca-file`, one cipher suite
+//! offered (`--tls-suite`), no session resumption, so every open is a full handshake.
 
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -174,32 +180,162 @@ struct Url {
     addr: String,
     host: String,
     path: String,
+    /// wss://: the TLS settings and the name the certificate must carry
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 fn parse_url(u: &str) -> Res<Url> {
-    let rest = u
-        .strip_prefix("ws://")
-        .ok_or("only ws:// URLs are supported")?;
+    let (rest, tls, port) = if let Some(r) = u.strip_prefix("ws://") {
+        (r, false, 80)
+    } else if let Some(r) = u.strip_prefix("wss://") {
+        (r, true, 443)
+    } else {
+        return Err("only ws:// and wss:// URLs are supported".into());
+    };
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let addr = if hostport.contains(':') {
-        hostport.to_string()
+    let (addr, name) = match hostport.rsplit_once(':') {
+        Some((h, _)) => (hostport.to_string(), h),
+        None => (format!("{hostport}:{port}"), hostport),
+    };
+    let tls = if tls {
+        let cfg = TLS
+            .get()
+            .cloned()
+            .flatten()
+            .ok_or("a wss:// URL needs --ca-file")?;
+        let name = rustls::pki_types::ServerName::try_from(name.to_string())?;
+        Some((tokio_rustls::TlsConnector::from(cfg), name))
     } else {
-        format!("{hostport}:80")
+        None
     };
     Ok(Url {
         addr,
         host: hostport.to_string(),
         path: path.to_string(),
+        tls,
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// TLS (wss://)
+
+/// The client's TLS settings, from `--ca-file` (None: plain ws:// only).
+static TLS: OnceLock<Option<Arc<rustls::ClientConfig>>> = OnceLock::new();
+/// What the first TLS connection negotiated ("TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519").
+static NEGOTIATED: OnceLock<String> = OnceLock::new();
+
+/// Trust only the CA in `ca_file`; offer one cipher suite (by its rustls name) and every key
+/// exchange group of ring; no resumption (no session cache, no tickets): every connection is a
+/// full handshake, as for a new caller.
+fn tls_config(ca_file: &str, suite: &str) -> Res<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_file)? {
+        roots.add(cert?)?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{ca_file}: no certificate").into());
+    }
+    let mut provider = rustls::crypto::ring::default_provider();
+    let all = std::mem::take(&mut provider.cipher_suites);
+    let names: Vec<String> = all.iter().map(|c| format!("{:?}", c.suite())).collect();
+    provider.cipher_suites = all
+        .into_iter()
+        .filter(|c| format!("{:?}", c.suite()) == suite)
+        .collect();
+    if provider.cipher_suites.is_empty() {
+        return Err(format!("--tls-suite {suite}: not one of {}", names.join(", ")).into());
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// A client connection, plain or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Write all of `b` and push it to the socket (a TLS stream may hold records until flushed;
+/// flushing a TcpStream does nothing).
+async fn send(s: &mut Conn, b: &[u8]) -> std::io::Result<()> {
+    s.write_all(b).await?;
+    s.flush().await
+}
+
 /// Connect and upgrade; returns the stream and any bytes read past the 101 response.
-async fn connect(url: &Url, seed: u64) -> Res<(TcpStream, Vec<u8>)> {
-    let mut s = TcpStream::connect(&url.addr).await?;
-    s.set_nodelay(true)?;
+async fn connect(url: &Url, seed: u64) -> Res<(Conn, Vec<u8>)> {
+    let tcp = TcpStream::connect(&url.addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut s = match &url.tls {
+        None => Conn::Plain(tcp),
+        Some((connector, name)) => {
+            let t = connector.connect(name.clone(), tcp).await?;
+            if NEGOTIATED.get().is_none() {
+                let c = t.get_ref().1;
+                let _ = NEGOTIATED.set(format!(
+                    "{:?} {:?} {:?}",
+                    c.protocol_version().ok_or("no TLS version")?,
+                    c.negotiated_cipher_suite()
+                        .ok_or("no cipher suite")?
+                        .suite(),
+                    c.negotiated_key_exchange_group()
+                        .ok_or("no key exchange")?
+                        .name()
+                ));
+            }
+            Conn::Tls(Box::new(t))
+        }
+    };
     let mut rng = Rng::new(seed.wrapping_add(now_ns()));
     let mut keyb = [0u8; 16];
     keyb[..8].copy_from_slice(&rng.next().to_ne_bytes());
@@ -210,7 +346,7 @@ async fn connect(url: &Url, seed: u64) -> Res<(TcpStream, Vec<u8>)> {
          Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
         url.path, url.host, key
     );
-    s.write_all(req.as_bytes()).await?;
+    send(&mut s, req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(1024);
     let mut tmp = [0u8; 1024];
     loop {
@@ -244,16 +380,10 @@ async fn connect(url: &Url, seed: u64) -> Res<(TcpStream, Vec<u8>)> {
 }
 
 /// Connect and upgrade, then send call `i`'s Twilio opening (`connected`, `start`) when given.
-async fn dial(
-    url: &Url,
-    i: usize,
-    seed: u64,
-    opening: Option<&Twilio>,
-) -> Res<(TcpStream, Vec<u8>)> {
+async fn dial(url: &Url, i: usize, seed: u64, opening: Option<&Twilio>) -> Res<(Conn, Vec<u8>)> {
     let (mut s, extra) = connect(url, seed).await?;
     if let Some(tw) = opening {
-        s.write_all(&tw.opening(i, &mut Rng::new(seed ^ 0x0be1)))
-            .await?;
+        send(&mut s, &tw.opening(i, &mut Rng::new(seed ^ 0x0be1))).await?;
     }
     Ok((s, extra))
 }
@@ -265,7 +395,7 @@ async fn connect_many(
     n: usize,
     par: usize,
     opening: Option<Arc<Twilio>>,
-) -> Vec<Res<(TcpStream, Vec<u8>)>> {
+) -> Vec<Res<(Conn, Vec<u8>)>> {
     let sem = Arc::new(tokio::sync::Semaphore::new(par.max(1)));
     let mut hs = Vec::with_capacity(n);
     for i in 0..n {
@@ -604,6 +734,9 @@ fn cpu_fields(
         s1 - s0,
         m1 - m0
     );
+    if let Some(t) = NEGOTIATED.get() {
+        o += &format!(",\"tls\":{t:?}");
+    }
     if let Some(e) = first_err {
         o += &format!(",\"first_error\":{:?}", e);
     }
@@ -749,7 +882,7 @@ async fn saturate(a: &Args) -> Res<()> {
 /// Counts replies that arrive inside [start, deadline); returns (count, latencies in ns).
 #[allow(clippy::too_many_arguments)]
 async fn sat_conn(
-    mut s: TcpStream,
+    mut s: Conn,
     extra: Vec<u8>,
     id: u64,
     inflight: usize,
@@ -776,7 +909,7 @@ async fn sat_conn(
     for _ in 0..inflight {
         mk(&mut out, &mut rng, &mut seq);
     }
-    s.write_all(&out).await?;
+    send(&mut s, &out).await?;
     out.clear();
     let mut rd = MsgReader::new(extra);
     let mut count = 0u64;
@@ -816,12 +949,12 @@ async fn sat_conn(
         if write_each {
             // one write (one TCP segment, normally) per message, as independent senders do
             if !out.is_empty() {
-                s.write_all(&out).await?;
+                send(&mut s, &out).await?;
                 out.clear();
             }
             for _ in 0..replies {
                 mk(&mut out, &mut rng, &mut seq);
-                s.write_all(&out).await?;
+                send(&mut s, &out).await?;
                 out.clear();
             }
         } else {
@@ -830,7 +963,7 @@ async fn sat_conn(
                 mk(&mut out, &mut rng, &mut seq);
             }
             if !out.is_empty() {
-                s.write_all(&out).await?;
+                send(&mut s, &out).await?;
                 out.clear();
             }
         }
@@ -846,7 +979,7 @@ async fn sat_conn(
     // close politely, do not wait long
     out.clear();
     push_client_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), &mut rng);
-    let _ = tokio::time::timeout(Duration::from_millis(200), s.write_all(&out)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), send(&mut s, &out)).await;
     Ok((count, lats))
 }
 
@@ -976,6 +1109,13 @@ async fn telephony(a: &Args) -> Res<()> {
     let mut writers = Vec::with_capacity(n);
     let mut hs = Vec::with_capacity(n);
     for (i, s, extra) in streams {
+        let Conn::Plain(s) = s else {
+            return Err(
+                "telephony and twilio runs take ws:// URLs only (the paced sender \
+                        writes to the raw sockets)"
+                    .into(),
+            );
+        };
         let std_s = s.into_std()?;
         let w = std_s.try_clone()?; // shares O_NONBLOCK with the reader's fd
         writers.push((i, w));
@@ -1308,7 +1448,7 @@ async fn open_one(url: &Url, tw: &Twilio, i: usize) -> Res<u32> {
         }
         if open_ns.is_some() && out.is_empty() {
             push_client_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), &mut rng);
-            s.write_all(&out).await?;
+            send(&mut s, &out).await?;
         }
         let n = match tokio::time::timeout_at(deadline.into(), s.read(&mut tmp)).await {
             Ok(r) => r?,
@@ -1341,7 +1481,7 @@ async fn idle(a: &Args) -> Res<()> {
             Ok((s, extra)) => {
                 open += 1;
                 let closed = closed.clone();
-                let (mut r, w) = s.into_split();
+                let (mut r, w) = tokio::io::split(s);
                 writers.push(w);
                 // read (and drop) whatever arrives, so pings and closes are seen
                 tokio::spawn(async move {
@@ -1380,10 +1520,14 @@ async fn idle(a: &Args) -> Res<()> {
     }
     let lost = closed.load(Ordering::Relaxed);
     let mut rng = Rng::new(99);
-    for w in writers {
+    for mut w in writers {
         let mut out = Vec::new();
         push_client_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), &mut rng);
-        let _ = w.try_write(&out);
+        let close = async {
+            w.write_all(&out).await?;
+            w.flush().await
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(20), close).await;
     }
     println!(
         "{{\"mode\":\"idle\",\"open\":{open},\"failed\":{failed},\"closed_while_idle\":{lost}}}"
@@ -1414,6 +1558,8 @@ struct Args {
     warmup_opens: usize,
     relay_pids: Vec<u32>,
     upstream_pids: Vec<u32>,
+    ca_file: String,
+    tls_suite: String,
 }
 
 fn usage() -> ! {
@@ -1430,6 +1576,8 @@ fn usage() -> ! {
                     (each session: upgrade, Twilio's connected and start, their echo, close)
   loadgen idle      --url U [--conns 2000] [--parallel 64]
 common: [--threads N] (runtime worker threads, default 1)
+        [--ca-file CA.pem] (wss:// URLs: trust only this CA) [--tls-suite TLS13_AES_128_GCM_SHA256]
+        (the one cipher suite offered, by its rustls name; no resumption: full handshakes)
         [--relay-pids P,P..] [--upstream-pids P,..] (all but idle: CPU seconds of these
         processes over the measured window, from /proc/PID/stat)"
     );
@@ -1460,6 +1608,8 @@ fn parse_args() -> Args {
         warmup_opens: 100,
         relay_pids: vec![],
         upstream_pids: vec![],
+        ca_file: String::new(),
+        tls_suite: "TLS13_AES_128_GCM_SHA256".to_string(),
     };
     let mut kv: HashMap<String, String> = HashMap::new();
     let mut i = 1;
@@ -1500,6 +1650,8 @@ fn parse_args() -> Args {
             "warmup-opens" => a.warmup_opens = v.parse().unwrap_or_else(|_| usage()),
             "relay-pids" => a.relay_pids = pids(&v),
             "upstream-pids" => a.upstream_pids = pids(&v),
+            "ca-file" => a.ca_file = v,
+            "tls-suite" => a.tls_suite = v,
             _ => {
                 eprintln!("unknown option --{k}");
                 usage()
@@ -1530,6 +1682,18 @@ fn parse_args() -> Args {
 fn main() {
     let a = parse_args();
     BASE.get_or_init(Instant::now);
+    let tls = if a.ca_file.is_empty() {
+        None
+    } else {
+        match tls_config(&a.ca_file, &a.tls_suite) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                std::process::exit(2)
+            }
+        }
+    };
+    let _ = TLS.set(tls);
     let rt = if a.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
