@@ -34,7 +34,9 @@ struct TlsState {
 /// A connection to one peer. See the module docs.
 pub struct Stream {
     fd: AsyncFd<TcpStream>,
-    tls: Option<Mutex<TlsState>>,
+    /// Boxed: a rustls connection is over a kilobyte, and a plain session (most of them) must
+    /// not carry its room (idle memory per session is what a gateway of many holds).
+    tls: Option<Box<Mutex<TlsState>>>,
 }
 
 impl Stream {
@@ -52,7 +54,7 @@ impl Stream {
         };
         Self {
             fd,
-            tls: Some(Mutex::new(state)),
+            tls: Some(Box::new(Mutex::new(state))),
         }
     }
 
