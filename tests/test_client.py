@@ -28,7 +28,7 @@ from wsgate.client import (
     start,
 )
 from wsgate.request import parse_request
-from wsgate.start import handle_start, render_response
+from wsgate.start import answer_start, render_response
 from wsgate.tokens import TokenAuthority
 
 from .helpers import Bot, asyncio_only, in_thread, token_config
@@ -55,7 +55,7 @@ async def tcp_server(handler: Handler) -> AsyncIterator[tuple[int, list[int]]]:
 
 
 def start_handler(config: Config, authority: TokenAuthority, public_url: str) -> Handler:
-    """A /start service on anyio streams around wsgate.start.handle_start."""
+    """A /start service on anyio streams around wsgate.start.answer_start."""
 
     async def handle(stream: anyio.abc.SocketStream) -> None:
         reader = BufferedByteReceiveStream(stream)
@@ -63,7 +63,7 @@ def start_handler(config: Config, authority: TokenAuthority, public_url: str) ->
         request = parse_request(head)
         length = int(request.header("content-length") or 0)
         body = await reader.receive_exactly(length) if length else b""
-        status, document = handle_start(
+        answer = answer_start(
             request.method,
             request.path,
             request.headers,
@@ -74,7 +74,7 @@ def start_handler(config: Config, authority: TokenAuthority, public_url: str) ->
             lambda agent: True,
             public_url=public_url,
         )
-        await stream.send(render_response(status, document))
+        await stream.send(render_response(answer.status, answer.document))
 
     return handle
 

@@ -39,7 +39,7 @@ from wsgate.metrics import close_code_label, dial_failure, ended_by
 from wsgate.status import parse, quantile, render, status
 from wsgate.tokens import TokenAuthority
 
-from .helpers import Bot, Sentinel, connect, http_exchange, in_thread, upgrade_request
+from .helpers import Bot, Sentinel, connect, http_exchange, in_thread, start_json, upgrade_request
 from .processes import TIMEOUT, Wsgate
 from .telephony import opening_messages, provider_target
 
@@ -167,19 +167,6 @@ async def upgrade(gw: Gateway, target: str, *headers: str) -> int:
     return status_
 
 
-async def start_request(gw: Gateway, agent: str, key: str, body: Any = None) -> tuple[int, Any]:
-    payload: dict[str, Any] = {"transport": "websocket"}
-    if body is not None:
-        payload["body"] = body
-    data = json.dumps(payload).encode()
-    request = (
-        f"POST /v1/public/{agent}/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    ).encode() + data
-    status_, answer = await http_exchange(gw.port, request)
-    return status_, json.loads(answer)
-
-
 def bearer(token: str) -> str:
     return f"Authorization: Bearer {token}"
 
@@ -243,7 +230,7 @@ async def test_every_counter_moves_by_exactly_what_happened(bot: Bot) -> None:
             await in_thread(in_process)
 
             # A token session, then its token again (replayed).
-            code, started = await start_request(gw, "talk", "pk_test")
+            code, started = await start_json(gw, "talk", "pk_test")
             assert code == 200
             token = started["token"]
             tokens.append(token)
@@ -303,9 +290,9 @@ async def test_every_counter_moves_by_exactly_what_happened(bot: Bot) -> None:
                 release.set()
 
             # /start answers.
-            assert (await start_request(gw, "talk", "pk_wrong"))[0] == 401
-            assert (await start_request(gw, "nope", "pk_test"))[0] == 404
-            assert (await start_request(gw, "relay", "pk_test", body={"a": 1}))[0] == 400
+            assert (await start_json(gw, "talk", "pk_wrong"))[0] == 401
+            assert (await start_json(gw, "nope", "pk_test"))[0] == 404
+            assert (await start_json(gw, "relay", "pk_test", body={"a": 1}))[0] == 400
 
             await eventually(lambda: gw.sessions() == 0)
             m = await scrape(gw.port)
@@ -566,7 +553,7 @@ async def test_rate_limited_requests_and_twilio_refusals_are_counted(bot: Bot) -
     async with gateway(bot, client_request_rate=0.001) as gw:
         assert await upgrade(gw, "/ws/generic/nope.test") == 404  # the one request allowed
         assert await upgrade(gw, "/ws/generic/echo.test") == 429
-        assert (await start_request(gw, "talk", "pk_test"))[0] == 429
+        assert (await start_json(gw, "talk", "pk_test"))[0] == 429
         m = await scrape(gw.port)
     assert m("wsgate_upgrades_refused_total", agent="echo.test", status="429") == 1
     assert m("wsgate_start_requests_total", agent="", status="429") == 1

@@ -14,7 +14,7 @@ from wsgate.body import encode_body
 from wsgate.config import AgentConfig, OrgConfig
 from wsgate.start import (
     MAX_REQUEST_BYTES,
-    handle_start,
+    answer_start,
     is_start_path,
     render_response,
 )
@@ -56,7 +56,7 @@ def call(
         if key is not None:
             headers += (("authorization", f"Bearer {key}"),)
     body = raw if raw is not None else json.dumps(request).encode()
-    return handle_start(
+    answer = answer_start(
         method,
         f"/v1/public/{agent}/start",
         headers,
@@ -67,6 +67,7 @@ def call(
         lambda agent: capacity,
         public_url=public_url,
     )
+    return answer.status, answer.document
 
 
 def assert_error(answer: tuple[int, dict[str, Any]], status: int, reason: str = "") -> None:
@@ -202,9 +203,10 @@ def test_a_method_other_than_post_is_405() -> None:
 
 @pytest.mark.parametrize("path", ["/v1/public/Bad/start", "/v1/public/a/b/start", "/v1/public/"])
 def test_a_path_that_is_not_a_start_path_is_404_in_json(path: str) -> None:
-    status, document = handle_start(
+    answer = answer_start(
         "POST", path, (), b"", AGENTS, ORGS, AUTHORITY, lambda a: True, public_url=PUBLIC_URL
     )
+    status, document = answer.status, answer.document
     assert (status, document) == (404, {"error": "Not found", "code": "404"})
     assert is_start_path(path)
 

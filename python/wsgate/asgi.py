@@ -8,7 +8,7 @@
     app = Starlette(routes=[Mount("/", app=wsgate.asgi.start_app(config))])
 
 It answers ``POST /v1/public/{agent}/start`` exactly as the gateway's own listener does
-(:func:`wsgate.start.handle_start`: the same checks, statuses and JSON, tokens minted with the
+(:func:`wsgate.start.answer_start`: the same checks, statuses and JSON, tokens minted with the
 same secrets), so a backend can serve ``/start`` on its own domain while the gateways serve the
 WebSocket endpoints. Mounted under a prefix (``Mount("/api", ...)``), it serves
 ``/api/v1/public/{agent}/start``.
@@ -31,7 +31,7 @@ from .admission import RateLimiter
 from .config import AgentConfig, Config
 from .errors import ConfigError, HttpError
 from .responses import json_parts
-from .start import MAX_REQUEST_BYTES, handle_start, request_body_length
+from .start import MAX_REQUEST_BYTES, answer_start, request_body_length
 from .tokens import TokenAuthority, authority_for
 
 __all__ = ["start_app"]
@@ -79,7 +79,7 @@ def start_app(
         except HttpError as exc:
             await _answer(send, exc.status, {"error": exc.reason, "code": str(exc.status)})
             return
-        status, document = handle_start(
+        answer = answer_start(
             scope["method"],
             _route_path(scope),
             headers,
@@ -95,7 +95,7 @@ def start_app(
                 else functools.partial(key_rate.allow, now=anyio.current_time())
             ),
         )
-        await _answer(send, status, document)
+        await _answer(send, answer.status, answer.document)
 
     return app
 

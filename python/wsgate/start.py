@@ -55,7 +55,6 @@ __all__ = [
     "StartAnswer",
     "answer_start",
     "encode_body",
-    "handle_start",
     "is_start_path",
     "render_response",
     "request_body_length",
@@ -72,7 +71,7 @@ CapacityCheck = Callable[[AgentConfig], bool]
 
 
 def is_start_path(path: str) -> bool:
-    """Whether the server should hand this request path to :func:`handle_start`.
+    """Whether the server should hand this request path to :func:`answer_start`.
 
     True for anything under ``/v1/public/``, so that a malformed agent name is answered 404
     in this service's JSON format.
@@ -90,42 +89,6 @@ class StartAnswer:
     agent: AgentConfig | None = None
 
 
-def handle_start(
-    method: str,
-    path: str,
-    headers: Sequence[tuple[str, str]],
-    body: bytes,
-    agents: Mapping[str, AgentConfig],
-    orgs: Sequence[OrgConfig],
-    authority: TokenAuthority | None,
-    capacity_check: CapacityCheck,
-    *,
-    public_url: str,
-    key_rate_check: Callable[[str], bool] | None = None,
-) -> tuple[int, JSON]:
-    """Answer one ``/start`` request: ``(status, JSON document)``.
-
-    ``headers``: ``(lower-cased name, value)`` pairs (``Request.headers``). ``agents``: by
-    service host (``Config.agents_by_host()``). ``authority`` mints tokens; it may be None only
-    when no agent uses token auth. ``capacity_check(agent)``: True if the agent can take
-    another session. ``public_url``: the gateway's public ``ws(s)://`` base.
-    ``key_rate_check(key)``: False when that (valid) key is over its request rate (429).
-    """
-    answer = answer_start(
-        method,
-        path,
-        headers,
-        body,
-        agents,
-        orgs,
-        authority,
-        capacity_check,
-        public_url=public_url,
-        key_rate_check=key_rate_check,
-    )
-    return answer.status, answer.document
-
-
 def answer_start(
     method: str,
     path: str,
@@ -139,7 +102,15 @@ def answer_start(
     public_url: str,
     key_rate_check: Callable[[str], bool] | None = None,
 ) -> StartAnswer:
-    """:func:`handle_start`, saying which agent the answer was for (the gateway's metrics)."""
+    """Answer one ``/start`` request: its status, its JSON document, and the agent it was for
+    (the gateway's metrics), or None when none was named by a valid key.
+
+    ``headers``: ``(lower-cased name, value)`` pairs (``Request.headers``). ``agents``: by
+    service host (``Config.agents_by_host()``). ``authority`` mints tokens; it may be None only
+    when no agent uses token auth. ``capacity_check(agent)``: True if the agent can take
+    another session. ``public_url``: the gateway's public ``ws(s)://`` base.
+    ``key_rate_check(key)``: False when that (valid) key is over its request rate (429).
+    """
     match = START_PATH.fullmatch(path)
     if match is None:
         return StartAnswer(*_error(404, "Not found"))
@@ -235,7 +206,7 @@ def request_body_length(headers: Sequence[tuple[str, str]]) -> int:
     return int(text)
 
 
-#: ``/start``'s HTTP response for :func:`handle_start`'s answer.
+#: ``/start``'s HTTP response for :func:`answer_start`'s answer.
 render_response = json_response
 
 
