@@ -151,3 +151,23 @@ async def test_a_refusal_after_twilios_opening_is_its_close_code(bot: Bot) -> No
         assert await in_thread(call) == (1008, "calls are closed")
     assert calls == [CALL_IDS["twilio"]]
     assert bot.sessions == []
+
+
+async def test_a_bad_upstream_from_authorize_is_a_500_and_nothing_is_dialled(
+    bot: Bot, caplog: pytest.LogCaptureFixture
+) -> None:
+    def bad(request: wsgate.SessionRequest) -> Any:
+        return "http://not-a-websocket/ws"
+
+    async with Gateway(config(bot.url), authorize=bad).running() as gw:
+        with caplog.at_level(logging.ERROR, logger="wsgate"):
+
+            def refused() -> tuple[int, bytes]:
+                with pytest.raises(InvalidStatus) as answer:
+                    connect(f"{gw.url}/ws/generic/open.acme").close()
+                return answer.value.response.status_code, answer.value.response.body
+
+            assert await in_thread(refused) == (500, b"authorize failed\n")
+        assert gw.sessions() == 0
+    assert bot.sessions == []
+    assert "must be a ws:// URL" in caplog.text

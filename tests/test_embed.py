@@ -192,3 +192,18 @@ async def test_an_unreachable_bot_closes_the_client_1011_and_raises_502() -> Non
     assert error.value.status == 502
     assert error.value.reason.startswith("bot unreachable")
     assert result == [(1011, "bot unreachable")]
+
+
+@pytest.mark.anyio
+async def test_a_bad_upstream_url_is_refused_before_anything_is_sent() -> None:
+    left, right = socket.socketpair()
+    try:
+        with pytest.raises(ValueError, match="must be a ws:// URL"):
+            await wsgate.relay(left, "http://bot/ws")
+        right.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            right.recv(1)  # nothing was sent to the client, which is still the caller's
+        assert left.fileno() != -1
+    finally:
+        left.close()
+        right.close()

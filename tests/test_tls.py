@@ -470,3 +470,25 @@ async def test_frames_sent_with_the_upgrade_request_in_one_burst_are_all_relayed
                     return echoed
 
         assert await in_thread(burst) == big
+
+
+def test_an_upstream_ca_file_that_cannot_serve_is_refused_at_start(
+    pems: dict[str, str], tmp_path: Path
+) -> None:
+    missing = config(pems, "wss://bot.internal/ws", upstream_ca_file=str(tmp_path / "no.pem"))
+    with pytest.raises(wsgate.ConfigError, match=r"^upstream_ca_file: cannot read"):
+        Gateway(missing)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(wsgate.ConfigError, match="upstream_ca_file holds no certificate"):
+        Gateway(config(pems, "wss://bot.internal/ws", upstream_ca_file=str(junk)))
+
+
+def test_wsgate_start_with_an_unreadable_ca_file_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli_main(["start", "--url", "https://127.0.0.1:9", "--agent", "echo",
+                     "--key", "pk_tls", "--ca-file", str(tmp_path / "no.pem")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wsgate: --ca-file:") and err.count("\n") == 1
