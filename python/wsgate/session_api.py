@@ -284,14 +284,9 @@ def judge_control(
     wanted = "GET" if listing is not None else "DELETE"
     if method != wanted:
         return refusal(405, f"Method not allowed: use {wanted}", allow=wanted)
-    key = bearer(headers)
-    if key is None:
-        return refusal(401, "Missing private API key (Authorization: Bearer sk_...)")
-    if keys.public_orgs(key):
-        return refusal(403, "A public key cannot control sessions: use a private key")
-    orgs = keys.private_orgs(key)
-    if not orgs:
-        return refusal(401, "Invalid private API key")
+    orgs = _key_orgs(headers, keys, private=True)
+    if isinstance(orgs, Refusal):
+        return orgs
     agent = _agent(match.group(1), orgs, agents)
     if agent is None:
         return refusal(403, "This key is not valid for this agent")
@@ -336,14 +331,9 @@ def judge_forward(
         return refusal(400, f"path too long (at most {MAX_FORWARD_PATH} bytes)")
     if any(unquote(segment) in (".", "..") for segment in tail.split("/")):
         return refusal(400, "path must not hold '.' or '..' segments")
-    key = bearer(headers)
-    if key is None:
-        return refusal(401, "Missing public API key (Authorization: Bearer pk_...)")
-    if keys.private_orgs(key):
-        return refusal(403, "A private key cannot call the Session API: use a public key")
-    orgs = keys.public_orgs(key)
-    if not orgs:
-        return refusal(401, "Invalid public API key")
+    orgs = _key_orgs(headers, keys, private=False)
+    if isinstance(orgs, Refusal):
+        return orgs
     agent = _agent(match.group(1), orgs, agents)
     if agent is None:
         return refusal(404, "Service not found")
@@ -420,6 +410,25 @@ def page(sessions: Iterable[JSON], limit: int, after: str | None) -> JSON:
     shown = ordered[:limit]
     more = len(ordered) > limit
     return {"sessions": shown, "next": shown[-1]["sessionId"] if more else None}
+
+
+def _key_orgs(
+    headers: Sequence[tuple[str, str]], keys: SessionKeys, *, private: bool
+) -> list[str] | Refusal:
+    """The organisations of the request's Bearer key, which must be of the kind wanted: a
+    private key for session control, a public one for the Session API (401 missing or
+    unknown, 403 the other kind)."""
+    key = bearer(headers)
+    if key is None:
+        prefix = "sk" if private else "pk"
+        kind = "private" if private else "public"
+        return refusal(401, f"Missing {kind} API key (Authorization: Bearer {prefix}_...)")
+    if private and keys.public_orgs(key):
+        return refusal(403, "A public key cannot control sessions: use a private key")
+    if not private and keys.private_orgs(key):
+        return refusal(403, "A private key cannot call the Session API: use a public key")
+    orgs = keys.private_orgs(key) if private else keys.public_orgs(key)
+    return orgs or refusal(401, f"Invalid {'private' if private else 'public'} API key")
 
 
 def _agent(name: str, orgs: Sequence[str], agents: Mapping[str, AgentConfig]) -> AgentConfig | None:
