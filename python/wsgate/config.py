@@ -14,6 +14,7 @@ File layout::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -436,10 +437,10 @@ class AgentConfig:
         urls = self.upstream_urls
         return urls[0] if urls else None
 
-    @property
+    @functools.cached_property
     def upstream_urls(self) -> tuple[UpstreamURL, ...]:
         """Every upstream URL parsed, in order: one for a string, a pool's members for a list,
-        none for a builtin or in-process agent."""
+        none for a builtin or in-process agent. Parsed once (every session dials with them)."""
         upstream = self.upstream
         if upstream is None:
             return ()

@@ -8,10 +8,12 @@ engine by file descriptor once the client's upgrade is answered.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -54,7 +56,9 @@ async def dial(
     """
     try:
         with anyio.fail_after(timeout):
-            raw = await _connect(target.host, target.port)
+            # Plain: the upgrade request is sent as soon as the connection is up (send_all
+            # waits for it), which saves a turn of the event loop on a nearby bot.
+            raw = await _connect(target.host, target.port, established=target.tls)
             sock: Conn = raw
             if target.tls:
                 if tls is None:
@@ -159,17 +163,23 @@ async def call_bot(
         sock.close()
 
 
-async def _connect(host: str, port: int) -> socket.socket:
-    """Non-blocking TCP connect to the first address of ``host`` that accepts."""
-    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+async def _connect(host: str, port: int, *, established: bool = True) -> socket.socket:
+    """Non-blocking TCP connect to the first address of ``host`` that accepts.
+
+    ``established=False`` may return a socket whose connect is still in progress when the host
+    has one address (an IP literal): the first send waits for it (``EAGAIN`` until it is up)
+    and raises the connect's error (``ECONNREFUSED``...), as a wait here would."""
+    infos = await _addresses(host, port)
     error: OSError = OSError(errno.EHOSTUNREACH, os.strerror(errno.EHOSTUNREACH))
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
+    for family, address in infos:
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             code = sock.connect_ex(address)
             if code == errno.EINPROGRESS:
+                if not established and len(infos) == 1:
+                    return sock
                 await anyio.wait_writable(sock)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except BaseException:
@@ -180,3 +190,27 @@ async def _connect(host: str, port: int) -> socket.socket:
         sock.close()
         error = OSError(code, os.strerror(code))
     raise error
+
+
+async def _addresses(host: str, port: int) -> list[tuple[int, Any]]:
+    """``(family, address)`` of ``host``: an IP literal as it is (no resolver call, which
+    anyio runs in a worker thread: a thread hop per dial), a name through the resolver, asked
+    at every dial so that DNS changes are followed."""
+    numeric = _numeric(host)
+    if numeric is not None:
+        family = numeric
+        return [(family, (host, port) if family == socket.AF_INET else (host, port, 0, 0))]
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(family, address) for family, _, _, _, address in infos]
+
+
+@functools.lru_cache(maxsize=256)
+def _numeric(host: str) -> int | None:
+    """The address family of an IP literal, None for a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
