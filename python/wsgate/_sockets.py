@@ -24,6 +24,7 @@ Conn = socket.socket | TlsSocket
 __all__ = [
     "Conn",
     "HeadTooLarge",
+    "head_at_once",
     "listen",
     "read_exactly",
     "read_head",
@@ -61,24 +62,47 @@ async def _flush(sock: Conn) -> None:
         sock.flush()
 
 
-async def read_head(sock: Conn, limit: int) -> tuple[bytes, bytes]:
+async def read_head(sock: Conn, limit: int, already: bytes = b"") -> tuple[bytes, bytes]:
     """Read an HTTP head from a non-blocking socket: returns ``(head, rest)``.
 
     ``head`` ends with its empty line (``b"\\r\\n\\r\\n"``); ``rest`` holds the bytes read past it
     (the start of that side's WebSocket frames). The head without its final CRLF CRLF may be at
     most ``limit`` bytes, else :class:`HeadTooLarge`; memory stays under ``limit`` plus one read.
-    Raises ``EOFError`` if the peer closes first.
+    ``already``: bytes of the head read before (see :func:`head_at_once`). Raises ``EOFError``
+    if the peer closes first.
     """
-    buf = bytearray()
+    buf = bytearray(already)
     while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            if end > limit:
-                raise HeadTooLarge
-            return bytes(buf[: end + 4]), bytes(buf[end + 4 :])
-        if len(buf) >= limit + 4:
-            raise HeadTooLarge
+        split = _split_head(buf, limit)
+        if split is not None:
+            return split
         buf += await _receive(sock, _RECV_SIZE, "the handshake")
+
+
+def head_at_once(sock: Conn, limit: int) -> tuple[bytes, bytes] | bytes:
+    """One read without waiting: ``(head, rest)`` as :func:`read_head` gives them when the whole
+    head is there already (a client usually sends its request with its connect), else the bytes
+    read so far, for :func:`read_head`'s ``already``. Raises as :func:`read_head` does."""
+    try:
+        first = sock.recv(_RECV_SIZE)
+    except BlockingIOError:
+        return b""
+    if not first:
+        raise EOFError("connection closed during the handshake")
+    split = _split_head(first, limit)
+    return first if split is None else split
+
+
+def _split_head(buf: bytes | bytearray, limit: int) -> tuple[bytes, bytes] | None:
+    """``(head, rest)`` once ``buf`` holds a whole head, None while it may still come."""
+    end = buf.find(b"\r\n\r\n")
+    if end >= 0:
+        if end > limit:
+            raise HeadTooLarge
+        return bytes(buf[: end + 4]), bytes(buf[end + 4 :])
+    if len(buf) >= limit + 4:
+        raise HeadTooLarge
+    return None
 
 
 async def read_exactly(sock: Conn, n: int, already: bytes = b"") -> bytes:

@@ -21,7 +21,15 @@ from typing import NamedTuple
 import anyio
 
 from . import _core
-from ._sockets import Conn, read_exactly, read_head, read_until, send_all, send_and_close
+from ._sockets import (
+    Conn,
+    head_at_once,
+    read_exactly,
+    read_head,
+    read_until,
+    send_all,
+    send_and_close,
+)
 from .admission import PendingReads, RateLimiter
 from .config import AgentConfig, Config
 from .errors import HeadTooLarge, HttpError, OpeningError
@@ -103,8 +111,13 @@ class Connections:
         deadline = anyio.current_time() + self.config.gateway.handshake_timeout
         try:
             received: tuple[bytes, bytes] | None = None
-            with self.pending.reading(deadline):
-                received = await read_head(sock, _core.MAX_HEADER_BYTES)
+            at_once = head_at_once(sock, _core.MAX_HEADER_BYTES)
+            if isinstance(at_once, tuple):
+                received = at_once
+            else:
+                # Not all there yet: read on as a pending upgrade (evictable, under the deadline).
+                with self.pending.reading(deadline):
+                    received = await read_head(sock, _core.MAX_HEADER_BYTES, at_once)
             if received is None:
                 return None  # too slow, or evicted: dropped without an answer
             return await self._request(sock, *received, deadline, client)
