@@ -14,7 +14,7 @@ opens=${2:-300}
 lg=${LOADGEN:-/tmp/target-loadgen/release/loadgen}
 py=$(python -c 'import sys, os; print(os.path.realpath(sys.executable))')
 dir=$(mktemp -d)
-trap 'kill "${vg:-}" "${bot:-}" 2>/dev/null || true; rm -rf "$dir"' EXIT
+trap 'kill "${vg:-}" "${bot:-}" 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$dir"/cg.*.1 "$KEEP"; rm -rf "$dir"' EXIT
 free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 bot_port=$(free_port); port=$(free_port)
 "$lg" echo-server --port "$bot_port" >"$dir/bot.log" 2>&1 & bot=$!

@@ -97,6 +97,8 @@ class PendingReads:
 def client_key(address: object) -> str:
     """The key under which a client address is limited: the IPv4 address, or the /64 of an
     IPv6 one (one subscriber's whole prefix, which an attacker can rotate through at will)."""
+    if isinstance(address, tuple) and len(address) == 2 and isinstance(address[0], str):
+        return address[0]  # AF_INET: the kernel's dotted quad is already canonical
     host = address[0] if isinstance(address, tuple) and address else address
     if not isinstance(host, str):
         return ""

@@ -25,6 +25,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -144,6 +145,7 @@ class Metrics:
 
     def __init__(self, agents: Container[str] = frozenset()) -> None:
         self._agents = agents
+        self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
         self.registry = registry = CollectorRegistry()
         self._refused = Counter(
             "wsgate_upgrades_refused",
@@ -213,6 +215,15 @@ class Metrics:
         )
         ProcessCollector(registry=registry)
 
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: every session's end and dial count under a few
+        label sets (bounded, like the labels), and ``labels()`` checks and locks each time."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def agent(self, service_host: str | None) -> str:
         """``service_host`` as an ``agent`` label: a configured one, else ``""``."""
         return service_host if service_host and service_host in self._agents else ""
@@ -258,8 +269,8 @@ class Metrics:
         """A session ended after ``seconds`` (``stopped``: through the API)."""
         agent = self.agent(service_host)
         by, code = ended_by(outcome, inprocess, stopped), close_code_label(outcome.code)
-        self._closed.labels(agent, by, code).inc()
-        self._duration.labels(agent).observe(seconds)
+        self._child(self._closed, agent, by, code).inc()
+        self._child(self._duration, agent).observe(seconds)
 
     @contextmanager
     def dialling(self, service_host: str) -> Iterator[None]:
@@ -271,7 +282,7 @@ class Metrics:
         except HttpError as exc:
             self._dial_failures.labels(agent, dial_failure(exc)).inc()
             raise
-        self._dial.labels(agent).observe(time.perf_counter() - started)
+        self._child(self._dial, agent).observe(time.perf_counter() - started)
 
     def timed(self, store: ReplayStore) -> TimedStore:
         """``store``, with its round trips and failures counted here."""
