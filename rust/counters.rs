@@ -1,5 +1,6 @@
 //! Live counters per agent, read when the control plane is scraped for metrics: sessions opened,
-//! sessions active by what serves them, and data messages and payload bytes each way.
+//! sessions active by what serves them, and data messages and payload bytes each way; and each
+//! live session's own messages and bytes ([`Live`]), read when its agent's sessions are listed.
 //!
 //! An agent is registered once ([`Counters::register`]) and named by its index from then on.
 //! Each session holds a [`Meter`] on its agent's counters; the session loop (`driver.rs`)
@@ -75,6 +76,36 @@ impl Shard {
             messages_out: self.messages_out.load(Relaxed),
             bytes_out: self.bytes_out.load(Relaxed),
         }
+    }
+}
+
+/// One live session's messages and bytes so far, each way: what its [`Meter`] published last.
+/// Written only by the session's own worker thread (relaxed stores of the totals, so a reader
+/// never sees a sum half-made), read by whoever lists sessions.
+#[derive(Default)]
+pub struct Live {
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl Live {
+    /// What the session had carried when its meter last published.
+    pub fn read(&self) -> Tally {
+        Tally {
+            messages_in: self.messages_in.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+        }
+    }
+
+    fn store(&self, t: Tally) {
+        self.messages_in.store(t.messages_in, Relaxed);
+        self.bytes_in.store(t.bytes_in, Relaxed);
+        self.messages_out.store(t.messages_out, Relaxed);
+        self.bytes_out.store(t.bytes_out, Relaxed);
     }
 }
 
@@ -160,6 +191,7 @@ impl Counters {
             counted: Some((agent.clone(), shard % self.shards)),
             served,
             published: Tally::default(),
+            live: None,
         }
     }
 
@@ -188,11 +220,13 @@ impl Counters {
 }
 
 /// One session's hold on its agent's counters: it adds what the session carried as the
-/// session goes, and counts the session as no longer active when dropped.
+/// session goes, and counts the session as no longer active when dropped. It also keeps the
+/// session's own [`Live`] totals, if it was given one ([`showing`](Self::showing)).
 pub struct Meter {
     counted: Option<(Arc<Agent>, usize)>,
     served: Served,
     published: Tally,
+    live: Option<Arc<Live>>,
 }
 
 impl Meter {
@@ -202,24 +236,34 @@ impl Meter {
             counted: None,
             served: Served::Upstream,
             published: Tally::default(),
+            live: None,
         }
+    }
+
+    /// The same meter, also publishing the session's totals to `live`.
+    #[must_use]
+    pub fn showing(mut self, live: Arc<Live>) -> Self {
+        self.live = Some(live);
+        self
     }
 
     /// The session has carried `now` in all: adds what is new since the last call.
     #[inline]
     pub fn publish(&mut self, now: Tally) {
-        let Some((agent, shard)) = &self.counted else {
-            return;
-        };
         let before = self.published;
         if now == before {
             return;
         }
-        let s = &agent.shards[*shard];
-        bump(&s.messages_in, now.messages_in, before.messages_in);
-        bump(&s.bytes_in, now.bytes_in, before.bytes_in);
-        bump(&s.messages_out, now.messages_out, before.messages_out);
-        bump(&s.bytes_out, now.bytes_out, before.bytes_out);
+        if let Some(live) = &self.live {
+            live.store(now);
+        }
+        if let Some((agent, shard)) = &self.counted {
+            let s = &agent.shards[*shard];
+            bump(&s.messages_in, now.messages_in, before.messages_in);
+            bump(&s.bytes_in, now.bytes_in, before.bytes_in);
+            bump(&s.messages_out, now.messages_out, before.messages_out);
+            bump(&s.bytes_out, now.bytes_out, before.bytes_out);
+        }
         self.published = now;
     }
 }
@@ -283,6 +327,33 @@ mod tests {
         assert!(!c.knows(Some(0)));
         drop(c.meter(Some(0), Served::Builtin, 0));
         assert!(c.snapshot().is_empty());
+    }
+
+    #[test]
+    fn a_sessions_live_totals_follow_its_meter_with_or_without_an_agent() {
+        let c = Counters::new(1);
+        let a = c.register("a.o");
+        let (counted, alone) = (Arc::new(Live::default()), Arc::new(Live::default()));
+        let mut m1 = c
+            .meter(Some(a), Served::Upstream, 0)
+            .showing(counted.clone());
+        let mut m2 = Meter::none().showing(alone.clone());
+        m1.publish(tally(1, 10, 0, 0));
+        m1.publish(tally(2, 15, 1, 4));
+        m2.publish(tally(7, 70, 6, 60));
+        assert_eq!(
+            counted.read(),
+            tally(2, 15, 1, 4),
+            "totals, not what was added last"
+        );
+        assert_eq!(alone.read(), tally(7, 70, 6, 60));
+        assert_eq!(c.snapshot()[0].tally, tally(2, 15, 1, 4));
+        drop(m1);
+        assert_eq!(
+            counted.read(),
+            tally(2, 15, 1, 4),
+            "still readable by whoever holds it"
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! Python learns of finished sessions through one doorbell (a socketpair) per engine: a byte is
 //! written when the outcome queue turns non-empty, so one event-loop wake-up drains many
 //! outcomes. Nothing here touches Python or holds its GIL. Live counts per agent, for metrics,
-//! are the [`Counters`]' (a session of a registered agent carries a `Meter` on them).
+//! are the [`Counters`]' (a session of a registered agent carries a `Meter` on them); each
+//! live session's own messages and bytes are its [`Live`], kept beside its command channel
+//! and read all at once by [`Engine::tallies`].
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
@@ -18,7 +20,7 @@ use tokio::runtime::Handle as Runtime;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
-use crate::counters::{Counters, Meter, Served, Snapshot};
+use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
 use crate::driver::Command;
 use crate::inproc::{self, Handle, Message};
 use crate::relay::Pending;
@@ -42,10 +44,16 @@ struct Queue {
     rung: bool,
 }
 
+/// A live session as the engine reaches it: its commands, and its traffic so far.
+struct Entry {
+    commands: mpsc::UnboundedSender<Command>,
+    live: Arc<Live>,
+}
+
 struct Shared {
     queue: Mutex<Queue>,
     bell: UnixStream,
-    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Command>>>,
+    sessions: Mutex<HashMap<u64, Entry>>,
     inproc: Mutex<HashMap<u64, Arc<Handle>>>,
 }
 
@@ -206,7 +214,7 @@ impl Engine {
         self.counters.snapshot()
     }
 
-    fn register(&self, id: u64) -> io::Result<mpsc::UnboundedReceiver<Command>> {
+    fn register(&self, id: u64) -> io::Result<(mpsc::UnboundedReceiver<Command>, Arc<Live>)> {
         let mut sessions = lock(&self.shared.sessions);
         if sessions.contains_key(&id) {
             return Err(io::Error::new(
@@ -214,9 +222,30 @@ impl Engine {
                 "session id already in use",
             ));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        sessions.insert(id, tx);
-        Ok(rx)
+        let (commands, rx) = mpsc::unbounded_channel();
+        let live = Arc::new(Live::default());
+        let entry = Entry {
+            commands,
+            live: live.clone(),
+        };
+        sessions.insert(id, entry);
+        Ok((rx, live))
+    }
+
+    /// The messages and bytes so far of the live sessions among `ids` (of every live session
+    /// when `None`), as their meters last published them: one lock, no work per message.
+    pub fn tallies(&self, ids: Option<&[u64]>) -> Vec<(u64, Tally)> {
+        let sessions = lock(&self.shared.sessions);
+        match ids {
+            None => sessions
+                .iter()
+                .map(|(&id, e)| (id, e.live.read()))
+                .collect(),
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| sessions.get(id).map(|e| (*id, e.live.read())))
+                .collect(),
+        }
     }
 
     /// Runs one session on the next worker: `adopt` takes its sockets into that worker's
@@ -246,9 +275,9 @@ impl Engine {
             let _guard = rt.enter();
             adopt()?
         };
-        let rx = self.register(id)?;
+        let (rx, live) = self.register(id)?;
         // Counted from here on: the session's task owns the meter, however it ends.
-        let meter = self.counters.meter(agent, served, worker);
+        let meter = self.counters.meter(agent, served, worker).showing(live);
         let mut report = Report {
             shared: self.shared.clone(),
             outcome: Some(Outcome::new(id)),
@@ -352,8 +381,9 @@ impl Engine {
 
     /// Closes both sides of a live session with `code` and `reason`. False if it is unknown.
     pub fn close(&self, id: u64, code: u16, reason: &str) -> bool {
+        let close = Command::Close(code, reason.to_owned());
         match lock(&self.shared.sessions).get(&id) {
-            Some(tx) => tx.send(Command::Close(code, reason.to_owned())).is_ok(),
+            Some(e) => e.commands.send(close).is_ok(),
             None => false,
         }
     }

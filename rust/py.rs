@@ -248,6 +248,38 @@ impl From<counters::Snapshot> for AgentCounts {
     }
 }
 
+/// One live session's messages and bytes so far (see `Engine.session_counts`).
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+struct SessionCounts {
+    session_id: u64,
+    messages_in: u64,
+    messages_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+#[pymethods]
+impl SessionCounts {
+    fn __repr__(&self) -> String {
+        format!(
+            "SessionCounts(session_id={}, messages_in={}, messages_out={})",
+            self.session_id, self.messages_in, self.messages_out
+        )
+    }
+}
+
+impl From<(u64, counters::Tally)> for SessionCounts {
+    fn from((session_id, t): (u64, counters::Tally)) -> Self {
+        Self {
+            session_id,
+            messages_in: t.messages_in,
+            messages_out: t.messages_out,
+            bytes_in: t.bytes_in,
+            bytes_out: t.bytes_out,
+        }
+    }
+}
+
 /// A whole message from an in-process session's client (`data` is `str` or `bytes`), or
 /// `data = None`: the session's outbox drained, sending may go on.
 #[pyclass(module = "wsgate._core", frozen, get_all)]
@@ -387,6 +419,19 @@ impl Engine {
         snapshot.into_iter().map(AgentCounts::from).collect()
     }
 
+    #[pyo3(signature = (session_ids = None))]
+    fn session_counts(&self, py: Python<'_>, session_ids: Option<Vec<u64>>) -> Vec<SessionCounts> {
+        // One snapshot without the GIL: the lock may wait on a session starting or ending.
+        let inner = &self.inner;
+        let tallies = py.detach(|| {
+            inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .tallies(session_ids.as_deref())
+        });
+        tallies.into_iter().map(SessionCounts::from).collect()
+    }
+
     #[pyo3(signature = (session_id, client_fd, bot_fd, client_pending, bot_pending, max_message_size, time_limit = None, client_tls = None, bot_tls = None, *, agent = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn relay(
@@ -515,6 +560,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Outcome>()?;
     m.add_class::<Message>()?;
     m.add_class::<AgentCounts>()?;
+    m.add_class::<SessionCounts>()?;
     // TLS
     py_tls::register(m)?;
     Ok(())

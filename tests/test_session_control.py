@@ -40,6 +40,7 @@ from .helpers import (
     in_thread,
     open_ws,
     session_id,
+    until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -296,6 +297,66 @@ async def test_list_shows_live_sessions_in_pages(bot: Bot) -> None:
         finally:
             for ws in clients:
                 await in_thread(ws.close)
+
+
+def traffic(entry: dict[str, Any]) -> tuple[int, int, int, int]:
+    """A list entry's messages and bytes: in (client -> bot), then out."""
+    return entry["messagesIn"], entry["bytesIn"], entry["messagesOut"], entry["bytesOut"]
+
+
+async def listed_traffic(gw: Gateway, agent: str) -> dict[str, tuple[int, int, int, int]]:
+    _, listed = await call_json(gw, "GET", f"/v1/agents/{agent}/sessions", "sk_test")
+    return {s["sessionId"]: traffic(s) for s in listed["sessions"]}
+
+
+async def test_list_shows_each_sessions_messages_and_bytes_each_way(bot: Bot) -> None:
+    async with gateway(bot.url) as gw:
+        busy = await in_thread(open_ws, f"{gw.url}/ws/generic/bot.test")
+        quiet = await in_thread(open_ws, f"{gw.url}/ws/generic/bot.test")
+        echo = await in_thread(open_ws, f"{gw.url}/ws/generic/echo.test")
+        try:
+            for message in ("hello", "wörld", b"\x00" * 1000):  # 5, 6 and 1000 bytes
+                busy.send(message)
+                assert await in_thread(busy.recv, 20) == message
+            echo.send("x")
+            assert await in_thread(echo.recv, 20) == "x"
+            expected = {session_id(busy): (3, 1011, 3, 1011), session_id(quiet): (0, 0, 0, 0)}
+
+            async def shown() -> bool:
+                # Published by the session's thread after the read that relayed the message:
+                # a moment after the echo reached the client, at worst.
+                return await listed_traffic(gw, "bot") == expected
+
+            await until(shown, within=10, what="the list shows each session's own traffic")
+            assert await listed_traffic(gw, "echo") == {session_id(echo): (1, 1, 1, 1)}
+        finally:
+            for ws in (busy, quiet, echo):
+                await in_thread(ws.close)
+
+
+async def test_list_shows_an_inprocess_sessions_messages_and_bytes() -> None:
+    async def shouter(args: Any) -> None:
+        async for text in args.websocket.iter_text():
+            await args.websocket.send_text(text.upper() * 2)
+
+    config = Config(
+        gateway=GatewaySettings(port=0),
+        orgs=ORGS,
+        agents=[AgentConfig("bot", "test", bot=shouter)],
+    )
+    async with Gateway(config).running() as gw:
+        ws = await in_thread(open_ws, f"{gw.url}/ws/generic/bot.test")
+        try:
+            ws.send("abc")
+            assert await in_thread(ws.recv, 20) == "ABCABC"
+            expected = {session_id(ws): (1, 3, 1, 6)}
+
+            async def shown() -> bool:
+                return await listed_traffic(gw, "bot") == expected
+
+            await until(shown, within=10, what="the list shows the in-process session's traffic")
+        finally:
+            await in_thread(ws.close)
 
 
 @dataclass
@@ -556,12 +617,14 @@ async def test_client_and_cli_list_and_stop(bot: Bot, capsys: pytest.CaptureFixt
         sid = session_id(ws)
         listed = await list_sessions(gw.url, "bot", "sk_test", limit=10)
         assert [s["sessionId"] for s in listed["sessions"]] == [sid]
+        assert traffic(listed["sessions"][0]) == (0, 0, 0, 0)
         with pytest.raises(SessionControlError) as refused:
             await list_sessions(gw.url, "bot", "pk_test")
         assert refused.value.status == 403
         argv = ["sessions", "list", "--url", gw.url, "--agent", "bot", "--key", "sk_test"]
         assert await in_thread(main, argv) == 0
-        assert json.loads(capsys.readouterr().out)["sessions"][0]["sessionId"] == sid
+        (entry,) = json.loads(capsys.readouterr().out)["sessions"]
+        assert (entry["sessionId"], traffic(entry)) == (sid, (0, 0, 0, 0))
         stop = ["sessions", "stop", "--url", gw.url, "--agent", "bot", "--key", "sk_test"]
         assert await in_thread(main, [*stop, "--id", sid]) == 0
         assert json.loads(capsys.readouterr().out) == {"status": "stopped", "sessionId": sid}

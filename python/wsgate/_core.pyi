@@ -19,6 +19,7 @@ __all__ = [
     "Engine",
     "Message",
     "Outcome",
+    "SessionCounts",
     "TlsClientContext",
     "TlsConnection",
     "TlsError",
@@ -166,6 +167,21 @@ class AgentCounts:
     bytes_out: int
 
 @final
+class SessionCounts:
+    """One live session's traffic so far, as :meth:`Engine.session_counts` read it: what its
+    thread last published (after its latest read), so a message just relayed may show a
+    moment later."""
+
+    #: The ``session_id`` the session was started with.
+    session_id: int
+    #: Data messages and payload bytes, client -> bot (``in``) and bot -> client (``out``);
+    #: for an in-process bot, as :class:`Outcome` counts them.
+    messages_in: int
+    messages_out: int
+    bytes_in: int
+    bytes_out: int
+
+@final
 class Message:
     """News of an in-process session, reported by :meth:`Engine.drain`."""
 
@@ -200,6 +216,12 @@ class Engine:
 
     def counters(self) -> list[AgentCounts]:
         """Every registered agent's counters, in the order of registration."""
+
+    def session_counts(self, session_ids: list[int] | None = None) -> list[SessionCounts]:
+        """The traffic so far of the live sessions among ``session_ids`` (ids not live are
+        left out), or of every live session, of any kind and agent: one snapshot taken
+        without the GIL. Each session's thread publishes its totals once per read (relaxed
+        atomic stores beside the agent's counters), so this costs nothing per message."""
 
     def relay(
         self,

@@ -132,6 +132,11 @@ class RelaySession:
         """Whether the outcome has arrived."""
         return self._outcome is not None
 
+    @property
+    def outcome(self) -> _core.Outcome | None:
+        """The outcome, once it has arrived."""
+        return self._outcome
+
     def _finish(self, outcome: _core.Outcome) -> None:
         self._outcome = outcome
         if self._done is not None:

@@ -186,11 +186,18 @@ class Sessions:
         self._free(opened)
 
     def listed(self, service_host: str) -> list[dict[str, Any]]:
-        """The agent's live sessions as the list shows them."""
+        """The agent's live sessions as the list shows them, with their messages and bytes
+        each way so far (one snapshot of the engine's per-session counters for all of them)."""
         now, wall = anyio.current_time(), time.time()
+        shown = [o for o in self.live.values() if o.service_host == service_host and not o.stopped]
+        snapshot = self.relay.engine.session_counts([o.relay.id for o in shown])
+        counts: dict[int, _core.SessionCounts | _core.Outcome] = {c.session_id: c for c in snapshot}
         entries: list[dict[str, Any]] = []
-        for opened in self.live.values():
-            if opened.service_host != service_host or opened.stopped:
+        for opened in shown:
+            # Not in the engine any more: over, with its final counts (an in-process bot may
+            # still be finishing), or its outcome not drained yet (then it is left out).
+            traffic = counts.get(opened.relay.id) or opened.relay.outcome
+            if traffic is None:
                 continue
             call = opened.opening
             started = wall - (now - opened.started)
@@ -206,6 +213,10 @@ class Sessions:
                     else "builtin",
                     "provider": None if call is None else call.provider,
                     "callId": None if call is None else call.call_id,
+                    "messagesIn": traffic.messages_in,
+                    "bytesIn": traffic.bytes_in,
+                    "messagesOut": traffic.messages_out,
+                    "bytesOut": traffic.bytes_out,
                 }
             )
         return entries
