@@ -42,6 +42,7 @@ from .helpers import (
     session_id,
     until,
 )
+from .telephony import CALL_IDS, PROVIDERS, opening_messages, provider_target
 
 pytestmark = pytest.mark.anyio
 
@@ -357,6 +358,65 @@ async def test_list_shows_an_inprocess_sessions_messages_and_bytes() -> None:
             await until(shown, within=10, what="the list shows the in-process session's traffic")
         finally:
             await in_thread(ws.close)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_telephony_session_is_named_on_its_101_listed_and_stopped(
+    bot: Bot, provider: str
+) -> None:
+    """Twilio's 101 is answered before its opening names the agent: the id is chosen then."""
+    async with gateway(bot.url) as gw:
+        ws = await in_thread(open_ws, gw.url + provider_target(provider, "bot.test"))
+        try:
+            sid = session_id(ws)
+            opening = opening_messages(provider, service_host="bot.test")
+            for message in opening:
+                ws.send(message)
+            for message in opening:  # echoed: the bot has recorded its session
+                assert await in_thread(ws.recv, 20) == message
+            assert bot.sessions[0].headers["X-Daily-Session-Id"] == sid
+            _, listed = await call_json(gw, "GET", "/v1/agents/bot/sessions", "sk_test")
+            (entry,) = listed["sessions"]
+            assert (entry["sessionId"], entry["provider"], entry["callId"]) == (
+                sid,
+                provider,
+                CALL_IDS[provider],
+            )
+            status, _ = await call(gw, "DELETE", f"/v1/agents/bot/sessions/{sid}", "sk_test")
+            assert status == 200
+            assert await in_thread(closed_with, ws.recv, 20) == (1000, "session stopped")
+        finally:
+            await in_thread(ws.close)
+
+
+async def test_a_twilio_stream_with_a_token_keeps_the_id_start_gave() -> None:
+    """Its 101 names no id (the token's is known once its signature is checked, after the
+    opening); the session is the one /start answered, addressable by that id."""
+    bot = Bot()
+    agent = AgentConfig("bot", "test", websocket_auth="token", upstream=bot.url)
+    config = Config(gateway=GatewaySettings(port=0, secrets=["s" * 32]), orgs=ORGS, agents=[agent])
+    try:
+        async with Gateway(config).running() as gw:
+            status, answer = await call_json(
+                gw, "POST", "/v1/public/bot/start", "pk_test", b'{"transport":"websocket"}'
+            )
+            assert status == 200
+            stream_url = gw.url + provider_target("twilio", "bot.test", answer["token"])
+            ws = await in_thread(open_ws, stream_url)
+            try:
+                assert ws.response is not None and "X-Session-Id" not in ws.response.headers
+                opening = opening_messages("twilio", service_host="bot.test")
+                for message in opening:
+                    ws.send(message)
+                for message in opening:
+                    assert await in_thread(ws.recv, 20) == message
+                assert bot.sessions[0].headers["X-Daily-Session-Id"] == answer["sessionId"]
+                target = f"/v1/agents/bot/sessions/{answer['sessionId']}"
+                assert (await call(gw, "DELETE", target, "sk_test"))[0] == 200
+            finally:
+                await in_thread(ws.close)
+    finally:
+        bot.close()
 
 
 @dataclass

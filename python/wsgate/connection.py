@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -57,6 +58,7 @@ from .session_api import (
 from .session_routes import call_app, session_app_of
 from .sessions import Opened, Sessions
 from .start import answer_start, is_start_path, request_body_length
+from .tokens import token_from_request
 from .upstream import call_bot
 from .urls import UpstreamURL
 
@@ -200,7 +202,13 @@ class Connections:
         frame (:func:`~wsgate.providers.close_for`); nothing is dialled before the route is
         known."""
         upgrade = precheck(request)  # what the request alone decides is still an HTTP answer
-        await send_all(sock, switching_protocols(upgrade.client_key, None))
+        # The session's id, named on the 101 as on every endpoint, is chosen before the session
+        # exists. Not with a token: its session has the id /start answered, which cannot be
+        # read from the token before its signature is checked, once the opening names the host.
+        named = None
+        if token_from_request(request, upgrade.path_token) is None:
+            named = str(uuid.uuid4())
+        await send_all(sock, switching_protocols(upgrade.client_key, None, named))
         reader = OpeningReader("twilio")
         try:
             opening: Opening | None = None
@@ -213,7 +221,9 @@ class Connections:
             target = route(
                 request, self.agents, self.check_token, opening_host=opening.service_host
             )
-            return await self.sessions.admit(sock, reader.raw, target, request, client, opening)
+            return await self.sessions.admit(
+                sock, reader.raw, target, request, client, opening, session_uuid=named
+            )
         except OpeningError as exc:
             log.debug("twilio opening refused with %d: %s", exc.code, exc.reason)
             self.metrics.upgrade_refused(None, exc)

@@ -128,14 +128,17 @@ class Sessions:
         request: Request,
         client: str,
         opening: Opening | None,
+        *,
+        session_uuid: str | None = None,
     ) -> Opened:
         """Capacity, the token's claim, then the start; on any failure the capacity and the
-        token are given back."""
+        token are given back. ``session_uuid``: the id a 101 already sent named (Twilio's),
+        for a session without a token; a token's session has the id ``/start`` gave."""
         self.reserve(target.agent, client)
         lease: Lease | None = None
         try:
             lease = await self.capacity.acquire(target.agent)  # shared capacity: 503
-            session_uuid = str(uuid.uuid4())
+            session_uuid = session_uuid or str(uuid.uuid4())
             authority = self.authority
             verified: VerifiedToken | None = None
             if target.token is not None:
