@@ -17,8 +17,8 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -384,6 +384,26 @@ async def http_answer(port: int, request: bytes) -> tuple[int, dict[str, str], b
     return int(lines[0].split(" ", 2)[1]), headers, body
 
 
+async def receive_until(stream: SocketStream, data: bytes, wanted: bytes | None = None) -> bytes:
+    """Read from ``stream`` onto ``data`` until ``wanted`` is in it, or (None) the peer closed."""
+    while wanted is None or wanted not in data:
+        try:
+            data += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            break
+    return data
+
+
+def dechunk(answer: bytes) -> bytes:
+    """The body of a whole HTTP answer (head included) in chunked framing."""
+    from wsgate.http_body import ChunkedBody
+
+    _, _, body = answer.partition(b"\r\n\r\n")
+    decoded = ChunkedBody(len(body)).feed(body)
+    assert decoded is not None, "the chunked body did not end"
+    return decoded
+
+
 async def call(
     gw: Gateway | int, method: str, target: str, key: str | None, body: bytes = b"", *extra: str
 ) -> tuple[int, bytes]:
@@ -599,6 +619,25 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@contextmanager
+def uvicorn_in_thread(app: Any) -> Iterator[int]:
+    """Serve the ASGI ``app`` with uvicorn in a thread of its own (its own asyncio loop, so the
+    gateway's tests run under trio too); yields its port on 127.0.0.1."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    # Listening before uvicorn starts: connections wait in the backlog until it accepts.
+    sock = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 # --- Pipecat ----------------------------------------------------------------------------------

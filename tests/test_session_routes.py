@@ -16,7 +16,16 @@ import wsgate
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig, RouteResponse, Routes
 from wsgate.errors import ConfigError
 
-from .helpers import call, call_json, http_answer, in_thread, open_ws, session_id
+from .helpers import (
+    call,
+    call_json,
+    dechunk,
+    http_answer,
+    in_thread,
+    open_ws,
+    receive_until,
+    session_id,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -180,6 +189,48 @@ async def test_a_fastapi_app_is_called_in_process() -> None:
         assert (status, answer) == (200, {"header": sid, "state": sid, "body": {"a": 1}})
         status, _ = await call(gw, "GET", f"{base}/missing", "pk_test")
         assert status == 404
+
+
+async def test_an_apps_answer_is_streamed_as_the_app_sends_it() -> None:
+    """Parts of an ASGI answer reach the caller as they are sent (chunked: the gateway frames
+    it); an answer that pauses longer than ``session_api_timeout`` is cut short."""
+    second_part = anyio.Event()
+    fields = [(b"content-type", b"text/plain"), (b"content-length", b"999")]
+    start = {"type": "http.response.start", "status": 200, "headers": fields}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(start)
+        await send({"type": "http.response.body", "body": b"part-1\n", "more_body": True})
+        if scope["path"] == "/stalls":
+            await anyio.sleep_forever()
+        await second_part.wait()  # only once the caller holds part 1
+        await send({"type": "http.response.body", "body": b"part-2\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    config = routes_config(session_api=app, session_api_timeout=1.0)
+    async with Gateway(config).running() as gw, live_session(gw) as sid:
+        base = f"/v1/public/bot/sessions/{sid}"
+        request = f"GET {base}/parts HTTP/1.1\r\nAuthorization: Bearer pk_test\r\n\r\n"
+        async with await anyio.connect_tcp("127.0.0.1", gw.port) as s:
+            await s.send(request.encode())
+            with anyio.fail_after(20):
+                data = await receive_until(s, b"", b"part-1\n")
+                assert b"part-2" not in data
+                second_part.set()
+                data = await receive_until(s, data)
+        head = data.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        assert head[0] == b"http/1.1 200 ok"
+        # The app's own length is not the gateway's framing: dropped.
+        assert b"transfer-encoding: chunked" in head and b"content-length: 999" not in head
+        assert dechunk(data) == b"part-1\npart-2\n"
+        stalls = f"GET {base}/stalls HTTP/1.1\r\nAuthorization: Bearer pk_test\r\n\r\n"
+        status, headers, body = await http_answer(gw.port, stalls.encode())
+        # Its head and first part went; then the connection ended without the last chunk.
+        assert (status, headers["transfer-encoding"], body) == (
+            200,
+            "chunked",
+            b"7\r\npart-1\n\r\n",
+        )
 
 
 def test_routes_check_what_they_are_given() -> None:

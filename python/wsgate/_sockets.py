@@ -28,8 +28,8 @@ __all__ = [
     "listen",
     "read_exactly",
     "read_head",
-    "read_to_end",
     "read_until",
+    "receive",
     "send_all",
     "send_and_close",
 ]
@@ -114,18 +114,6 @@ async def read_exactly(sock: Conn, n: int, already: bytes = b"") -> bytes:
     return bytes(buf)
 
 
-async def read_to_end(sock: Conn, limit: int, already: bytes = b"") -> bytes | None:
-    """Everything the peer sends until it closes, after ``already``; None once more than
-    ``limit`` bytes came (memory stays under ``limit`` plus one read)."""
-    buf = bytearray(already)
-    while len(buf) <= limit:
-        try:
-            buf += await _receive(sock, _RECV_SIZE, "the answer")
-        except EOFError:
-            return bytes(buf)
-    return None
-
-
 async def read_until(
     sock: Conn,
     feed: Callable[[bytes], T | None],
@@ -142,6 +130,12 @@ async def read_until(
         result = feed(await _receive(sock, _RECV_SIZE, "the opening"))
         if result is not None:
             return result
+
+
+async def receive(sock: Conn, during: str) -> bytes:
+    """The next bytes from ``sock`` (one read's worth), waiting for them; ``EOFError`` once
+    the peer closed."""
+    return await _receive(sock, _RECV_SIZE, during)
 
 
 async def _receive(sock: Conn, size: int, during: str) -> bytes:

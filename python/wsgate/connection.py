@@ -2,13 +2,13 @@
 
 The path: read the request head (``handshake_timeout`` for the whole request, evictable while it
 is being sent: :class:`~wsgate.admission.PendingReads`) -> parse -> a health check, ``/start``
-(:mod:`wsgate.start`), session control and the Session API (:mod:`wsgate.session_api`),
-``/ws/twilio`` (answer the upgrade, read the opening, then route), or
-:func:`~wsgate.routing.route` -> :meth:`~wsgate.sessions.Sessions.admit`. Every refusal is
-answered here, in one place: an ``HttpError`` before the upgrade is a plain-text response, after
-it (Twilio) a close frame; nothing is started before every check has passed. Each refusal and
-each ``/start`` answer is counted here too (:mod:`wsgate.metrics`), and ``GET /metrics`` answered
-unless a metrics listener of its own serves it (``metrics_port``).
+(:mod:`wsgate.start`), session control and the Session API (:mod:`wsgate.session_calls`, which
+answers them whole), ``/ws/twilio`` (answer the upgrade, read the opening, then route), or
+:func:`~wsgate.routing.route` -> :meth:`~wsgate.sessions.Sessions.admit`. Every refusal of an
+upgrade is answered here, in one place: an ``HttpError`` before the upgrade is a plain-text
+response, after it (Twilio) a close frame; nothing is started before every check has passed.
+Each refusal and each ``/start`` answer is counted here too (:mod:`wsgate.metrics`), and ``GET
+/metrics`` answered unless a metrics listener of its own serves it (``metrics_port``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 import anyio
 
@@ -34,33 +33,17 @@ from ._sockets import (
 from .admission import PendingReads, RateLimiter
 from .config import AgentConfig, Config
 from .errors import HeadTooLarge, HttpError, OpeningError
-from .forwarding import FORWARD_HEADER, Forwarder
 from .handshake import close_frame, switching_protocols
 from .metrics import METRICS_PATH, Metrics
 from .providers import Opening, OpeningReader, close_for
 from .request import Request, parse_request
 from .responses import json_response, plain_lines_response, plain_response
 from .routing import TokenCheck, named_agent, precheck, route
-from .session_api import (
-    CONTROL_PREFIX,
-    Forward,
-    ListSessions,
-    Refusal,
-    SessionKeys,
-    Stop,
-    forward_head,
-    is_forward_path,
-    judge_control,
-    judge_forward,
-    page,
-    refusal,
-)
-from .session_routes import call_app, session_app_of
+from .session_api import CONTROL_PREFIX, SessionKeys, is_forward_path
+from .session_calls import SessionCalls
 from .sessions import Opened, Sessions
 from .start import answer_start, is_start_path, request_body_length
 from .tokens import token_from_request
-from .upstream import call_bot
-from .urls import UpstreamURL
 
 __all__ = ["HEALTH_PATHS", "Connections"]
 
@@ -87,8 +70,6 @@ class Connections:
         keys: SessionKeys | None = None,
     ) -> None:
         self.config = config
-        #: Public and private keys of the organisations (session control, the Session API).
-        self.keys = SessionKeys.from_config(config) if keys is None else keys
         self.metrics = Metrics(agents) if metrics is None else metrics
         #: The gateway's own mapping (registrations of in-process bots show here).
         self.agents = agents
@@ -104,8 +85,9 @@ class Connections:
         self._key_rate = RateLimiter(per_key) if per_key else None
         # With a listener of its own (metrics_port), /metrics leaves the clients' port.
         self._serves_metrics = settings.metrics and settings.metrics_port is None
-        #: Stops and Session API calls for sessions held by another gateway of the store.
-        self.forwarder = Forwarder.of(settings, sessions.capacity)
+        #: Session control and the Session API (keys: the organisations' public and private).
+        keys = SessionKeys.from_config(config) if keys is None else keys
+        self.calls = SessionCalls(config, agents, sessions, pending, self.metrics, keys)
 
     async def handle(self, sock: Conn, client: str) -> Opened | None:
         """Run the client's request; returns the session it opened, or None if refused."""
@@ -171,12 +153,10 @@ class Connections:
             client, anyio.current_time()
         )
         if request.path.startswith(CONTROL_PREFIX):
-            action = "list" if request.path.rstrip("/").endswith("/sessions") else "stop"
-            await self._reply(sock, action, await self._control(request))
+            await self.calls.control(sock, request)
             return None
         if is_forward_path(request.path):
-            answer = await self._session_api(sock, request, pending, deadline)
-            await self._reply(sock, "session_api", answer)
+            await self.calls.session_api(sock, request, pending, deadline)
             return None
         if is_start_path(request.path):
             if limited:
@@ -272,189 +252,6 @@ class Connections:
         self.metrics.start_answered(agent, answer.status)
         await send_and_close(sock, json_response(answer.status, answer.document))
 
-    async def _control(self, request: Request) -> _Answer:
-        """``DELETE /v1/agents/{agent}/sessions/{id}`` (stop) and ``GET
-        /v1/agents/{agent}/sessions`` (list), with a private key. A stop of a session held
-        by another gateway of the store is forwarded there (:mod:`wsgate.forwarding`)."""
-        hop = self._hop(request)
-        if hop is False:
-            return _Answer(_refusal_bytes(_untrusted()))
-        judged = judge_control(
-            request.method,
-            request.path,
-            request.query_params(),
-            request.headers,
-            self.agents,
-            self.keys,
-        )
-        if isinstance(judged, Refusal):
-            return _Answer(_refusal_bytes(judged), judged.agent)
-        sessions = self.sessions
-        host = judged.agent.service_host
-        if isinstance(judged, ListSessions):
-            document = page(sessions.listed(host), judged.limit, judged.after)
-            return _Answer(json_response(200, document), judged.agent)
-        opened = sessions.find(judged.session_id, host)
-        if opened is None:
-            answer = None if hop else await self._elsewhere(request, b"", judged)
-            if answer is not None:
-                return _Answer(answer, judged.agent, forwarded=True)
-            return _Answer(_refusal_bytes(_not_live()), judged.agent)
-        sessions.stop(opened)
-        log.info("session %s %s stopped through the API", host, opened.session_uuid)
-        document = {"status": "stopped", "sessionId": opened.session_uuid}
-        return _Answer(json_response(200, document), judged.agent)
-
-    async def _session_api(
-        self, sock: Conn, request: Request, pending: bytes, deadline: float
-    ) -> _Answer:
-        """``/v1/public/{agent}/sessions/{id}/{path}`` with a public key: the request goes to
-        the HTTP origin of the bot that holds the session, its answer comes back as it is.
-        Buffered both ways (bounded: ``/start``'s body limit, ``MAX_ANSWER_BYTES``). A
-        session held by another gateway of the store: forwarded there."""
-        hop = self._hop(request)
-        if hop is False:
-            return _Answer(_refusal_bytes(_untrusted()))
-        judged = judge_forward(
-            request.method, request.path, request.query, request.headers, self.agents, self.keys
-        )
-        if isinstance(judged, Refusal):
-            return _Answer(_refusal_bytes(judged), judged.agent)
-        try:
-            length = request_body_length(request.headers)
-        except HttpError as exc:
-            return _Answer(_refusal_bytes(refusal(exc.status, exc.reason)), judged.agent)
-        return await self._forward(sock, request, judged, length, pending, deadline, hop)
-
-    async def _forward(
-        self,
-        sock: Conn,
-        request: Request,
-        judged: Forward,
-        length: int,
-        pending: bytes,
-        deadline: float,
-        hop: bool | None,
-    ) -> _Answer:
-        """The bot's answer to a judged Session API request, or a refusal's; none when the
-        client was too slow with its body (dropped, like a slow ``/start``)."""
-        agent = judged.agent
-        opened = self.sessions.find(judged.session_id, agent.service_host)
-        if opened is None:
-            if hop or self.forwarder is None:
-                return _Answer(_refusal_bytes(_not_live()), agent)
-            body = await self._body(sock, request, length, pending, deadline)
-            if body is None:
-                return _Answer(None, agent)
-            answer = await self._elsewhere(request, body, judged)
-            if answer is None:
-                return _Answer(_refusal_bytes(_not_live()), agent)
-            return _Answer(answer, agent, forwarded=True)
-        app = None if opened.bot is None else session_app_of(agent)
-        origin = agent.session_api_url or opened.upstream
-        if app is None and (origin is None or opened.bot is not None):
-            no_routes = refusal(404, "Not found: this session's bot serves no routes")
-            return _Answer(_refusal_bytes(no_routes), agent)
-        body = await self._body(sock, request, length, pending, deadline)
-        if body is None:
-            return _Answer(None, agent)
-        settings = self.config.gateway
-        try:
-            if app is not None:
-                answer = await call_app(
-                    app,
-                    method=request.method,
-                    target=judged.target,
-                    headers=request.headers,
-                    body=body,
-                    session_id=opened.session_uuid,
-                    timeout=settings.session_api_timeout,
-                )
-            else:
-                assert origin is not None
-                session = opened.session_uuid
-                answer = await self._call_upstream(origin, request, judged, session, body)
-        except HttpError as exc:
-            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
-            log.log(level, "session API call to %s refused with %d: %s",
-                    agent.service_host, exc.status, exc.reason)  # fmt: skip
-            answer = _refusal_bytes(refusal(exc.status, exc.reason))
-        return _Answer(answer, agent)
-
-    async def _reply(self, sock: Conn, action: str, answer: _Answer) -> None:
-        """Send a session control or Session API answer (none: the client was dropped), and
-        count it."""
-        if answer.data is None:
-            return
-        host = None if answer.agent is None else answer.agent.service_host
-        self.metrics.session_control(host, action, _status_of(answer.data), answer.forwarded)
-        await send_and_close(sock, answer.data)
-
-    async def _call_upstream(
-        self, origin: UpstreamURL, request: Request, judged: Forward, session: str, body: bytes
-    ) -> bytes:
-        """One exchange with an upstream bot's HTTP origin (``origin.resource`` is the path of
-        a ``session_api_upstream``, empty for the WebSocket URL's origin)."""
-        base = origin.resource if judged.agent.session_api_url is not None else ""
-        head = forward_head(
-            request.method, base + judged.target, origin.host_header, request.headers, session,
-            len(body),
-        )  # fmt: skip
-        sessions, settings = self.sessions, self.config.gateway
-        tls = None
-        if origin.tls and sessions.bot_tls is not None:
-            tls = sessions.bot_tls(judged.agent)
-        return await call_bot(
-            origin,
-            head + body,
-            head_only=request.method == "HEAD",
-            dial_timeout=settings.dial_timeout,
-            answer_timeout=settings.session_api_timeout,
-            tls=tls,
-        )
-
-    async def _body(
-        self, sock: Conn, request: Request, length: int, pending: bytes, deadline: float
-    ) -> bytes | None:
-        """The request's body (None: too slow, or evicted), after a ``100 Continue`` if the
-        client asked for one."""
-        if length and any(v.lower() == "100-continue" for v in request.headers_all("expect")):
-            await send_all(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-        body: bytes | None = None
-        with self.pending.reading(deadline):
-            body = await read_exactly(sock, length, pending)
-        return body
-
-    def _hop(self, request: Request) -> bool | None:
-        """None: a client's request; True: forwarded by a gateway of the store (the right
-        secret); False: it claims to be, but is not to be trusted."""
-        values = request.headers_all(FORWARD_HEADER)
-        if not values:
-            return None
-        forwarder = self.forwarder
-        return forwarder is not None and len(values) == 1 and forwarder.trusts(values[0])
-
-    async def _elsewhere(
-        self, request: Request, body: bytes, judged: Stop | Forward
-    ) -> bytes | None:
-        """The answer of the gateway holding the session (or a refusal's: 502/503/504), or
-        None when no other gateway holds it."""
-        if self.forwarder is None:
-            return None
-        agent, bot_tls = judged.agent, self.sessions.bot_tls
-        try:
-            return await self.forwarder.forward(
-                request.method,
-                request.target,
-                request.headers,
-                body,
-                judged.session_id,
-                agent.service_host,
-                tls=None if bot_tls is None else lambda: bot_tls(agent),
-            )
-        except HttpError as exc:
-            return _refusal_bytes(refusal(exc.status, exc.reason))
-
     def _named_agent(self, received: tuple[bytes, bytes] | None) -> str | None:
         """The configured service host a refused request named, if any (its head parsed
         again: refusals only)."""
@@ -474,33 +271,6 @@ async def _respond(sock: Conn, status: int, text: str) -> None:
 async def _respond_json(sock: Conn, status: int, reason: str) -> None:
     """Answer ``/start`` with its JSON error, then close."""
     await send_and_close(sock, json_response(status, {"error": reason, "code": str(status)}))
-
-
-def _not_live() -> Refusal:
-    return refusal(404, "Session not found: not live on this gateway, or not this agent's")
-
-
-def _untrusted() -> Refusal:
-    return refusal(403, "Forwarded request not trusted")
-
-
-def _refusal_bytes(judged: Refusal) -> bytes:
-    return json_response(judged.status, judged.document, judged.allow or "POST")
-
-
-class _Answer(NamedTuple):
-    """A session control or Session API answer: its bytes (None: the client was dropped), the
-    agent once known, and whether another gateway gave it (:mod:`wsgate.forwarding`)."""
-
-    data: bytes | None
-    agent: AgentConfig | None = None
-    forwarded: bool = False
-
-
-def _status_of(answer: bytes) -> int:
-    """The status of a whole HTTP/1.x answer (``HTTP/1.1 200 OK``: 200)."""
-    code = answer[9:12]
-    return int(code) if code.isdigit() else 502
 
 
 async def _close(sock: Conn, code: int, reason: str) -> None:

@@ -5,8 +5,8 @@ How: with a ``capacity_store`` and a ``forward_secret`` (or ``$WSGATE_FORWARD_SE
 gateway writes its live sessions to the store's session registry (``wsgate:session:{id}`` ->
 its agent and ``internal_url``, renewed with the capacity leases: :mod:`wsgate.capacity`). A
 gateway asked about a session it does not hold looks it up there and sends the client's request,
-as it came (key included), to the holder's ``internal_url`` over HTTP with the secret in
-:data:`FORWARD_HEADER`; the holder's answer goes back as it is.
+as it came (key included, its body read whole first), to the holder's ``internal_url`` over HTTP
+with the secret in :data:`FORWARD_HEADER`; the holder's answer is streamed back as it is.
 
 Invariants:
 - A request carrying :data:`FORWARD_HEADER` is taken only with the right secret (compared in
@@ -19,7 +19,8 @@ Invariants:
 - A session the registry does not know, or knows for another agent or at this gateway's own
   address (out of date): 404, as without forwarding. Store down: 503. Holder unreachable: 502;
   no answer in time (``dial_timeout`` to connect, then ``dial_timeout`` +
-  ``session_api_timeout``, the holder's own budget and some): 504.
+  ``session_api_timeout``, the holder's own budget and some, for its answer to start and for
+  each pause in it): 504, or the answer cut short once it began.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import _core
+from ._sockets import Conn
 from .config import GatewaySettings, forward_secret
 from .errors import HttpError, StoreUnavailable
-from .upstream import call_bot
+from .upstream import pass_answer
 from .urls import parse_http_url
 
 if TYPE_CHECKING:
@@ -112,6 +114,7 @@ class Forwarder:
 
     async def forward(
         self,
+        client: Conn,
         method: str,
         target: str,
         headers: Sequence[tuple[str, str]],
@@ -119,11 +122,12 @@ class Forwarder:
         session_id: str,
         service_host: str,
         tls: Callable[[], _core.TlsClientContext] | None = None,
-    ) -> bytes | None:
-        """The holder's whole answer to the client's request, or None when no other gateway
-        holds the session (the caller answers 404). Raises ``HttpError``: 503 store down, 502
-        holder unreachable, 504 no answer in time. ``tls``: the roots for an ``https://``
-        holder."""
+    ) -> int | None:
+        """Send the client's request to the gateway holding the session and stream its answer
+        to ``client``: the answer's status, or None when no other gateway holds the session
+        (the caller answers 404). Raises ``HttpError``, with nothing sent to ``client``: 503
+        store down, 502 holder unreachable, 504 no answer in time. ``tls``: the roots for an
+        ``https://`` holder."""
         try:
             found = await self._capacity.locate(session_id)
         except StoreUnavailable as exc:
@@ -144,7 +148,8 @@ class Forwarder:
         )
         settings = self._settings
         try:
-            return await call_bot(
+            return await pass_answer(
+                client,
                 origin,
                 head + body,
                 head_only=method == "HEAD",

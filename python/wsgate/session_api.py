@@ -54,7 +54,6 @@ __all__ = [
     "CONTROL_PREFIX",
     "DEFAULT_PAGE",
     "FORWARD_METHODS",
-    "MAX_ANSWER_BYTES",
     "MAX_FORWARD_PATH",
     "MAX_PAGE",
     "PRIVATE_KEYS_ENV_PREFIX",
@@ -65,7 +64,7 @@ __all__ = [
     "Refusal",
     "SessionKeys",
     "Stop",
-    "answer_body_length",
+    "answer_framing",
     "forward_fields",
     "forward_head",
     "is_forward_path",
@@ -91,9 +90,6 @@ MAX_PAGE = 1000
 FORWARD_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
 #: Longest ``/{path}?{query}`` forwarded to a bot, in bytes of the raw target; over it, 400.
 MAX_FORWARD_PATH = 2048
-#: Largest answer of a bot to a Session API call, head excluded (that is ``MAX_HEADER_BYTES``);
-#: over it, 502. The answer is buffered whole before it is passed on.
-MAX_ANSWER_BYTES = 1024 * 1024
 #: ``WSGATE_PRIVATE_KEYS_<ORG>``: an organisation's private keys, comma-separated.
 PRIVATE_KEYS_ENV_PREFIX = "WSGATE_PRIVATE_KEYS_"
 
@@ -369,11 +365,11 @@ def forward_head(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def answer_body_length(head: bytes, head_only: bool) -> int | None:
-    """The length of the body behind a bot's answer ``head``: 0 for a ``HEAD`` request,
-    1xx, 204 and 304; its ``Content-Length``; None when it runs to the connection's end
-    (chunked, or no length: the bot closes, as asked). Raises ``ValueError`` for an answer that
-    is not HTTP/1.x or a bad length."""
+def answer_framing(head: bytes, head_only: bool) -> tuple[int, int | None]:
+    """The status of a bot's answer ``head`` and the length of the body behind it: 0 for a
+    ``HEAD`` request, 1xx, 204 and 304; its ``Content-Length``; None when it runs to the
+    connection's end (chunked, or no length: the bot closes, as asked). Raises ``ValueError``
+    for an answer that is not HTTP/1.x or a bad length."""
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code = rest[:3]
@@ -381,21 +377,21 @@ def answer_body_length(head: bytes, head_only: bool) -> int | None:
         raise ValueError("not an HTTP/1.x answer")
     status = int(code)
     if head_only or status < 200 or status in (204, 304):
-        return 0
+        return status, 0
     fields = [line.partition(":") for line in lines[1:] if line]
     if any(name.strip().lower() == "transfer-encoding" for name, _, _ in fields):
-        return None
+        return status, None
     lengths = {
         value.strip() for name, _, value in fields if name.strip().lower() == "content-length"
     }
     if not lengths:
-        return None
+        return status, None
     if len(lengths) > 1:
         raise ValueError("conflicting Content-Length")
     (text,) = lengths
-    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+    if not (text.isascii() and text.isdigit()) or len(text) > 15:
         raise ValueError("bad Content-Length")
-    return int(text)
+    return status, int(text)
 
 
 def page(sessions: Iterable[JSON], limit: int, after: str | None) -> JSON:

@@ -14,11 +14,12 @@ An in-process agent without ``session_api`` answers 404, like a route the bot do
 Invariants:
 - The request passed on is the one :func:`wsgate.session_api.judge_forward` accepted: its key,
   framing and hop-by-hop fields are not in it (:func:`forward_fields`).
-- The app's answer is buffered and bounded like an upstream bot's
-  (:data:`~wsgate.session_api.MAX_ANSWER_BYTES`, else 502) and takes at most
-  ``session_api_timeout`` (504). An app that raises gets 500 and its exception is logged once.
-- The answer's framing is the gateway's: ``Content-Length`` of the body given,
-  ``Connection: close``; the app's own framing fields are dropped.
+- The app's answer is streamed to the client as the app sends it, like an upstream bot's: it
+  starts within ``session_api_timeout`` (else 504) and never pauses longer (else it is cut
+  short). An app that raises before its answer began gets 500; its exception is logged once.
+- The answer's framing is the gateway's: ``Content-Length`` when the app sends its body in one
+  part, else ``Transfer-Encoding: chunked``; ``Connection: close``; the app's own framing
+  fields are dropped.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from urllib.parse import unquote
 
 import anyio
 
+from ._sockets import Conn, send_all
 from ._websocket_state import Headers, QueryParams
 from .config import AgentConfig
 from .errors import ConfigError, HttpError
 from .inprocess import load_bot
-from .session_api import MAX_ANSWER_BYTES, forward_fields
+from .session_api import forward_fields
 
 __all__ = [
     "ASGIApp",
@@ -213,6 +215,7 @@ def session_app_of(agent: AgentConfig) -> ASGIApp | None:
 
 async def call_app(
     app: ASGIApp,
+    client: Conn,
     *,
     method: str,
     target: str,
@@ -220,12 +223,15 @@ async def call_app(
     body: bytes,
     session_id: str,
     timeout: float,
-) -> bytes:
+) -> int:
     """Call an in-process bot's ASGI ``app`` with one judged Session API request (``target``:
-    ``/{path}[?query]``, still percent-encoded) and return its whole HTTP/1.1 answer.
+    ``/{path}[?query]``, still percent-encoded) and stream its answer to ``client`` as
+    HTTP/1.1 (:class:`_Writer`); returns the answer's status.
 
-    Raises ``HttpError``: 504 when ``timeout`` ran out, 502 for an answer too large or none at
-    all, 500 when the app raised (logged)."""
+    The answer must start within ``timeout``, and each later pause of the app (or of the client
+    reading) is at most ``timeout`` too. While nothing was sent, a failure raises ``HttpError``:
+    504 when the time ran out, 502 for no answer at all, 500 when the app raised (logged).
+    Later, the same cuts the answer short (logged)."""
     raw_path, _, query = target.partition("?")
     fields = [*forward_fields(headers), ("x-daily-session-id", session_id)]
     scope: Scope = {
@@ -244,7 +250,6 @@ async def call_app(
         "state": {"session_id": session_id},
         "wsgate.session_id": session_id,
     }
-    answer = _Answer()
     delivered = False
 
     async def receive() -> Message:
@@ -255,48 +260,93 @@ async def call_app(
         await anyio.sleep_forever()  # a disconnect is never reported: the answer is awaited
         raise AssertionError("unreachable")
 
-    try:
-        with anyio.fail_after(timeout):
-            await app(scope, receive, answer.send)
-    except TimeoutError:
-        raise HttpError(504, "bot did not answer in time") from None
-    except _TooLarge:
-        raise HttpError(502, "bot answer too large") from None
-    except Exception:
-        log.exception("the Session API app of an in-process bot raised")
-        raise HttpError(500, "bot's route failed") from None
-    if answer.status is None:
+    with anyio.CancelScope(deadline=anyio.current_time() + timeout) as pause:
+        writer = _Writer(client, method == "HEAD", pause, timeout)
+        try:
+            await app(scope, receive, writer.send)
+            await writer.finish()
+        except OSError as exc:
+            log.debug("a Session API answer of an in-process bot was cut short: %s", exc)
+            return writer.status or 500
+        except Exception:
+            log.exception("the Session API app of an in-process bot raised")
+            if not writer.sent:
+                raise HttpError(500, "bot's route failed") from None
+            return writer.status or 500
+    if writer.status is None:
+        if pause.cancelled_caught:
+            raise HttpError(504, "bot did not answer in time")
         raise HttpError(502, "bot gave no answer")
-    return answer.encode(head_only=method == "HEAD")
-
-
-class _TooLarge(Exception):
-    pass
+    if not writer.sent:  # started, no body in time
+        raise HttpError(504, "bot did not answer in time")
+    if pause.cancelled_caught:
+        log.warning("a Session API answer of an in-process bot was cut short: it paused too long")
+    return writer.status
 
 
 # Framing is the gateway's: these fields of the app's answer are dropped.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 
 
-class _Answer:
-    """An ASGI app's answer, buffered (at most ``MAX_ANSWER_BYTES`` of body)."""
+class _Writer:
+    """An ASGI app's answer, written to the client as it comes. The head goes with the first
+    body part: with ``Content-Length`` when that part is the last (the usual case: one write),
+    else with ``Transfer-Encoding: chunked`` and each part as a chunk. Framing is the
+    gateway's (the app's own framing fields are dropped), and ``Connection: close``. Each
+    message pushes ``pause``'s deadline ``idle`` seconds on."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Conn, head_only: bool, pause: anyio.CancelScope, idle: float):
+        self.client = client
+        self.head_only = head_only
+        self.pause = pause
+        self.idle = idle
         self.status: int | None = None
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body = bytearray()
+        #: The head went to the client.
+        self.sent = False
+        self.chunked = False
+        self.done = False
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
+            if self.status is not None:
+                raise RuntimeError("http.response.start sent twice")
             self.status = int(message["status"])
             self.headers = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers", ())]
         elif kind == "http.response.body":
-            self.body += message.get("body", b"")
-            if len(self.body) > MAX_ANSWER_BYTES:
-                raise _TooLarge
+            if self.status is None:
+                raise RuntimeError("http.response.body before http.response.start")
+            more = bool(message.get("more_body", False))
+            await self._write(bytes(message.get("body", b"")), more)
+        self.pause.deadline = anyio.current_time() + self.idle
 
-    def encode(self, *, head_only: bool) -> bytes:
+    async def finish(self) -> None:
+        """The app returned: its answer ends here, if it began."""
+        if self.status is not None and not self.done:
+            await self._write(b"", False)
+
+    async def _write(self, body: bytes, more: bool) -> None:
+        if self.done:
+            return
+        assert self.status is not None
+        has_body = not (self.status < 200 or self.status in (204, 304))
+        data = b""
+        if not self.sent:
+            data = self._head(has_body, None if more else len(body))
+            self.sent, self.chunked = True, more
+        if has_body and not self.head_only:
+            if not self.chunked:
+                data += body
+            elif body:
+                data += b"%x\r\n%b\r\n" % (len(body), body)
+            if self.chunked and not more:
+                data += b"0\r\n\r\n"
+        self.done = not more
+        if data:
+            await send_all(self.client, data)
+
+    def _head(self, has_body: bool, length: int | None) -> bytes:
         assert self.status is not None
         try:
             phrase = HTTPStatus(self.status).phrase
@@ -304,9 +354,10 @@ class _Answer:
             phrase = ""
         lines = [f"HTTP/1.1 {self.status} {phrase}".encode("latin-1")]
         lines += [k + b": " + v for k, v in self.headers if k not in _FRAMING]
-        no_body = self.status < 200 or self.status in (204, 304)
-        if not no_body:
-            lines.append(f"Content-Length: {len(self.body)}".encode())
+        if has_body:
+            framing = b"chunked" if length is None else b"%d" % length
+            lines.append(
+                (b"Transfer-Encoding: " if length is None else b"Content-Length: ") + framing
+            )
         lines.append(b"Connection: close")
-        head = b"\r\n".join(lines) + b"\r\n\r\n"
-        return head if head_only or no_body else head + bytes(self.body)
+        return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -2,13 +2,16 @@
 ``HttpError``: 504 when the bot did not answer in time, 502 for anything else.
 
 The bot's socket stays raw and non-blocking (see :mod:`wsgate._sockets`): it is handed to the Rust
-engine by file descriptor once the client's upgrade is answered.
+engine by file descriptor once the client's upgrade is answered. The Session API's one HTTP
+exchange with a bot's origin (:func:`pass_answer`) is here too, its answer streamed to the
+client.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -18,15 +21,17 @@ from typing import Any
 import anyio
 
 from . import _core
-from ._sockets import Conn, HeadTooLarge, read_exactly, read_head, read_to_end, send_all
+from ._sockets import Conn, HeadTooLarge, read_head, receive, send_all
 from .errors import HttpError
 from .handshake import BotHandshakeError, check_upstream_response, new_key
 from .handshake import upstream_request as build_upstream_request
-from .session_api import MAX_ANSWER_BYTES, answer_body_length
+from .session_api import answer_framing
 from .tls import TlsSocket
 from .urls import UpstreamURL
 
-__all__ = ["BotConnection", "call_bot", "dial"]
+__all__ = ["BotConnection", "dial", "pass_answer"]
+
+log = logging.getLogger("wsgate")
 
 
 @dataclass
@@ -99,7 +104,8 @@ async def dial(
     return BotConnection(sock, subprotocol, pending)
 
 
-async def call_bot(
+async def pass_answer(
+    client: Conn,
     target: UpstreamURL,
     request: bytes,
     *,
@@ -107,18 +113,84 @@ async def call_bot(
     dial_timeout: float,
     answer_timeout: float,
     tls: _core.TlsClientContext | None = None,
-) -> bytes:
-    """One HTTP exchange with the bot at ``target``'s origin (the Session API): connect within
-    ``dial_timeout``, send ``request`` (a whole request asking ``Connection: close``), and
-    return its whole answer, head and body as the bot sent them, within ``answer_timeout``.
-    ``head_only``: a ``HEAD`` request, whose answer has no body. Buffered: at most
-    ``MAX_HEADER_BYTES`` of head and :data:`~wsgate.session_api.MAX_ANSWER_BYTES` of body.
+) -> int:
+    """One HTTP exchange with the bot at ``target``'s origin (the Session API), its answer
+    streamed to ``client``: connect within ``dial_timeout``, send ``request`` (a whole request
+    asking ``Connection: close``), read the answer's head (at most ``MAX_HEADER_BYTES``) within
+    ``answer_timeout`` and pass it on, then the body as the bot sends it, read by read: the
+    ``Content-Length``'s worth, or up to the bot's close (chunked, or no length); none after
+    ``HEAD``, 1xx, 204 and 304 (``head_only``: a ``HEAD`` request). Head and body go on as the
+    bot sent them. Returns the answer's status.
 
-    Every failure is one ``HttpError``: 504 when either time ran out, 502 for anything else
-    (refused, reset, a bad or too large answer), with the bot's socket closed.
+    Until the head is passed on, every failure is one ``HttpError`` and ``client`` got
+    nothing: 504 when either time ran out, 502 for anything else (refused, reset, a bad
+    answer). After it, a pause of the bot (or of the client reading) longer than
+    ``answer_timeout``, or either side failing, cuts the answer short: the client sees a body
+    shorter than its framing said (logged). The bot's socket is closed either way.
     """
+    bot = await _connect_origin(target, dial_timeout, tls)
     try:
-        with anyio.fail_after(dial_timeout):
+        try:
+            with anyio.fail_after(answer_timeout):
+                await send_all(bot, request)
+                head, rest = await read_head(bot, _core.MAX_HEADER_BYTES)
+            status, length = answer_framing(head, head_only)
+        except TimeoutError:
+            raise HttpError(504, "bot did not answer in time") from None
+        except ValueError as exc:
+            raise HttpError(502, f"bot gave a bad answer: {exc}") from None
+        except HeadTooLarge:
+            raise HttpError(502, "bot answer head too large") from None
+        except EOFError:
+            raise HttpError(502, "bot closed the connection before its answer") from None
+        except _core.TlsError as exc:
+            raise HttpError(502, f"bot unreachable: TLS: {exc}") from None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise HttpError(502, f"bot connection failed: {reason.lower()}") from None
+        if not await _pass_body(client, bot, head, rest, length, answer_timeout):
+            log.warning("a Session API answer (status %d) was cut short", status)
+        return status
+    finally:
+        bot.close()
+
+
+async def _pass_body(
+    client: Conn, bot: Conn, head: bytes, rest: bytes, length: int | None, idle: float
+) -> bool:
+    """Send ``head`` and the body behind it to ``client``: ``rest`` (read with the head), then
+    each read of ``bot``, ``length`` bytes in all or up to the bot's close (None). Each step
+    (a write to the client and the next read of the bot) takes at most ``idle`` seconds.
+    Whether the whole body went."""
+    left = length
+    data = head + (rest if left is None else rest[:left])
+    if left is not None:
+        left -= len(data) - len(head)
+    try:
+        while True:
+            with anyio.move_on_after(idle) as pause:
+                await send_all(client, data)
+                if left == 0:
+                    return True
+                data = await receive(bot, "the answer")
+                if left is not None:
+                    data = data[:left]
+                    left -= len(data)
+            if pause.cancelled_caught:
+                return False
+    except EOFError:
+        return left is None  # a body without a length ends with the bot's close
+    except OSError:  # either side reset (a TLS failure too)
+        return False
+
+
+async def _connect_origin(
+    target: UpstreamURL, timeout: float, tls: _core.TlsClientContext | None
+) -> Conn:
+    """A connection to ``target``'s origin within ``timeout`` (TLS begun for ``https://``):
+    ``HttpError`` 504 when the time ran out, 502 for anything else."""
+    try:
+        with anyio.fail_after(timeout):
             raw = await _connect(target.host, target.port)
     except TimeoutError:
         raise HttpError(504, "bot unreachable: timed out") from None
@@ -127,40 +199,17 @@ async def call_bot(
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise HttpError(502, f"bot unreachable: {reason.lower()}") from None
-    sock: Conn = raw
+    if not target.tls:
+        return raw
+    if tls is None:
+        raw.close()
+        raise RuntimeError("a wss:// upstream needs a TLS client context")
     try:
-        if target.tls:
-            if tls is None:
-                raise RuntimeError("a wss:// upstream needs a TLS client context")
-            sock = TlsSocket(raw, tls.connect(target.host))
-        with anyio.fail_after(answer_timeout):
-            await send_all(sock, request)
-            head, rest = await read_head(sock, _core.MAX_HEADER_BYTES)
-            length = answer_body_length(head, head_only)
-            if length is None:
-                body = await read_to_end(sock, MAX_ANSWER_BYTES, rest)
-            elif length > MAX_ANSWER_BYTES:
-                body = None
-            else:
-                body = await read_exactly(sock, length, rest)
-        if body is None:
-            raise HttpError(502, "bot answer too large")
-        return head + body
-    except TimeoutError:
-        raise HttpError(504, "bot did not answer in time") from None
-    except ValueError as exc:
-        raise HttpError(502, f"bot gave a bad answer: {exc}") from None
-    except HeadTooLarge:
-        raise HttpError(502, "bot answer head too large") from None
-    except EOFError:
-        raise HttpError(502, "bot closed the connection before its answer") from None
-    except _core.TlsError as exc:
-        raise HttpError(502, f"bot unreachable: TLS: {exc}") from None
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise HttpError(502, f"bot connection failed: {reason.lower()}") from None
-    finally:
-        sock.close()
+        # The handshake runs inside the request's send and the answer's read.
+        return TlsSocket(raw, tls.connect(target.host))
+    except BaseException:
+        raw.close()
+        raise
 
 
 async def _connect(host: str, port: int, *, established: bool = True) -> socket.socket:
