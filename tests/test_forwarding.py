@@ -222,6 +222,10 @@ def test_the_forward_secret_comes_from_the_settings_or_the_environment() -> None
         GatewaySettings(forward_secret="short")
     with pytest.raises(ConfigError, match="at least 16"):
         forward_secret(GatewaySettings(), {"WSGATE_FORWARD_SECRET": "short"})
+    # It travels in a header: a newline (a file read with its last line) would end the field.
+    with pytest.raises(ConfigError, match="visible ASCII") as refused:
+        forward_secret(GatewaySettings(), {"WSGATE_FORWARD_SECRET": SECRET + "\n"})
+    assert SECRET not in str(refused.value)
     assert SECRET not in repr(GatewaySettings(forward_secret=SECRET))
     with pytest.raises(ConfigError, match="internal_url"):
         GatewaySettings(internal_url="ws://10.0.0.2:8765")

@@ -61,6 +61,8 @@ BotFunction = Callable[[Any], Awaitable[Any]]
 #: An ASGI application (scope, receive, send): an in-process bot's Session API.
 SessionApp = Callable[[Any, Any, Any], Awaitable[None]]
 # "package.module:function" (the attribute may be dotted), as uvicorn names an app.
+# A forward secret travels in a header: visible ASCII only (a newline would end the field).
+_FORWARD_SECRET = re.compile(r"[\x21-\x7e]{16,}")
 _BOT_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 BUILTINS = frozenset({"echo"})
 WebsocketAuth = Literal["none", "token"]
@@ -254,9 +256,8 @@ class GatewaySettings:
             _check_store_url("capacity_store", self.capacity_store)
         if self.internal_url is not None:
             _parse_http("internal_url", self.internal_url)
-        secret = self.forward_secret
-        if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
-            raise ConfigError("forward_secret must be a string of at least 16 characters")
+        if self.forward_secret is not None:
+            _check_forward_secret("forward_secret", self.forward_secret)
         if not _is_number(self.lease_ttl) or self.lease_ttl < 1:
             raise ConfigError(f"lease_ttl must be at least 1 second, got {self.lease_ttl!r}")
         if self.secrets is not None:
@@ -548,9 +549,17 @@ def forward_secret(
     if settings.forward_secret is not None:
         return settings.forward_secret
     value = (os.environ if environ is None else environ).get(FORWARD_SECRET_ENV)
-    if value is not None and len(value) < 16:
-        raise ConfigError(f"{FORWARD_SECRET_ENV} must be at least 16 characters")
+    if value is not None:
+        _check_forward_secret(FORWARD_SECRET_ENV, value)
     return value
+
+
+def _check_forward_secret(name: str, value: object) -> None:
+    if not isinstance(value, str) or not _FORWARD_SECRET.fullmatch(value):
+        raise ConfigError(
+            f"{name} must be at least 16 characters, visible ASCII without spaces "
+            "(e.g. openssl rand -hex 32)"
+        )
 
 
 #: The environment variable that gives ``internal_url`` when the settings do not.
