@@ -25,9 +25,10 @@ import pytest
 import yaml
 
 import wsgate
-from wsgate.config import Config
+from wsgate.config import FORWARD_SECRET_ENV, Config, forward_secret, internal_url
 from wsgate.errors import ConfigError
 from wsgate.server import _CLOSE_GRACE
+from wsgate.session_api import load_private_keys, private_keys_env
 from wsgate.tokens import load_secrets
 
 from .processes import Wsgate
@@ -403,7 +404,7 @@ def test_the_token_secrets_are_mounted_at_the_settings_secrets_file() -> None:
     assert mounted_file(gateway_container(), gateway_pod(), "secret") == secrets_file
     (volume,) = [v for v in gateway_pod()["spec"]["volumes"] if "secret" in v]
     secret = k8s("Secret", volume["secret"]["secretName"])
-    assert set(secret["stringData"]) == {volume["secret"]["items"][0]["key"]}
+    assert volume["secret"]["items"][0]["key"] in secret["stringData"]
     for name, service in gateway_services().items():
         (mount,) = service["secrets"]
         assert mount["target"] == secrets_file, name
@@ -413,7 +414,7 @@ def test_the_token_secrets_are_mounted_at_the_settings_secrets_file() -> None:
 def test_the_shipped_secret_is_a_placeholder_that_a_gateway_refuses(tmp_path: Path) -> None:
     (volume,) = [v for v in gateway_pod()["spec"]["volumes"] if "secret" in v]
     secret = k8s("Secret", volume["secret"]["secretName"])
-    (content,) = secret["stringData"].values()
+    content = secret["stringData"][volume["secret"]["items"][0]["key"]]
     assert "REPLACE" in content
     # What the pod would see at secrets_file: no secret, so the gateway does not start (rather
     # than sign tokens with a secret published in the repository).
@@ -421,6 +422,63 @@ def test_the_shipped_secret_is_a_placeholder_that_a_gateway_refuses(tmp_path: Pa
     secrets_file.write_text(content, encoding="utf-8")
     with pytest.raises(ConfigError, match="no secret given"):
         load_secrets(secrets_file=secrets_file, environ={})
+    # Nor with its forward secret, as the pod would see it.
+    environ = pod_environment(secret["stringData"])
+    with pytest.raises(ConfigError, match=FORWARD_SECRET_ENV):
+        forward_secret(config().gateway, environ)
+
+
+def pod_environment(secret_data: dict[str, str], pod_ip: str = "10.1.2.3") -> dict[str, str]:
+    """The environment the gateway container gets, in order: literal values with ``$(NAME)``
+    expanded from the variables before them, the pod's IP, and the Secret's keys
+    (``secret_data``; an optional key that is missing is left out)."""
+    environ: dict[str, str] = {}
+    for variable in gateway_container()["env"]:
+        name, source = variable["name"], variable.get("valueFrom")
+        if source is None:
+            environ[name] = re.sub(r"\$\((\w+)\)", lambda m: environ[m[1]], variable["value"])
+        elif "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "status.podIP", name
+            environ[name] = pod_ip
+        else:
+            ref = source["secretKeyRef"]
+            assert ref["name"] == k8s("Secret", ref["name"])["metadata"]["name"], name
+            if ref["key"] in secret_data:
+                environ[name] = secret_data[ref["key"]]
+            else:
+                assert ref.get("optional") is True, f"{name}: no {ref['key']} in the Secret"
+    return environ
+
+
+def test_replicas_reach_each_other_to_forward_session_control() -> None:
+    """A stop or Session API call sent to the replica that does not hold the session is
+    forwarded (README: *Several gateways*): that needs the store's session registry
+    (capacity_store), a forward secret shared by every replica, and each replica's own
+    internal_url, which the others can reach on the settings' port."""
+    settings = config().gateway
+    assert settings.capacity_store is not None
+    # The shipped file leaves both to the environment: one file for every replica.
+    assert settings.forward_secret is None and settings.internal_url is None
+    port = settings.port
+    listening = f"ws://0.0.0.0:{port}"
+    secret = "f" * 32
+    # Compose: each gateway service names itself; the secret comes from one env_file for both.
+    gateways = gateway_services()
+    for name, service in gateways.items():
+        assert service["env_file"] == "wsgate.env", name
+        environ = {**service["environment"], FORWARD_SECRET_ENV: secret}
+        assert internal_url(settings, listening, environ) == f"http://{name}:{port}"
+        assert forward_secret(settings, environ) == secret
+    assert dockerignore_excludes(dockerignore(), "deploy/wsgate.env")
+    assert "/deploy/wsgate.env" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+    # Kubernetes: each pod's own IP, and the Secret's forward-secret for every replica.
+    environ = pod_environment({"secrets": "s", "forward-secret": secret}, pod_ip="10.1.2.3")
+    assert internal_url(settings, listening, environ) == f"http://10.1.2.3:{port}"
+    assert forward_secret(settings, environ) == secret
+    assert private_keys_env("demo") not in environ  # optional: a Secret without them is fine
+    with_keys = pod_environment({"secrets": "s", "forward-secret": secret,
+                                 "private-keys-demo": "sk_a,sk_b"})  # fmt: skip
+    assert load_private_keys(config().orgs, with_keys) == {"demo": ("sk_a", "sk_b")}
 
 
 def test_the_replay_store_url_names_the_valkey_service_of_compose_and_kubernetes() -> None:
@@ -553,12 +611,16 @@ def test_the_image_lints_clean_with_hadolint() -> None:
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
-def test_the_dockerignore_keeps_build_output_out_and_what_the_build_copies_in() -> None:
-    patterns = [
+def dockerignore() -> list[str]:
+    return [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
+
+
+def test_the_dockerignore_keeps_build_output_out_and_what_the_build_copies_in() -> None:
+    patterns = dockerignore()
     for path in (
         ".git/HEAD",
         "target/release/libwsgate_core.so",
@@ -570,6 +632,7 @@ def test_the_dockerignore_keeps_build_output_out_and_what_the_build_copies_in() 
         "dist/wsgate-0.1.0.tar.gz",
         "python/wsgate/__pycache__/config.cpython-312.pyc",
         "deploy/wsgate.secrets",
+        "deploy/wsgate.env",
     ):
         assert dockerignore_excludes(patterns, path), path
     copied = [
