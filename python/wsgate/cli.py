@@ -9,7 +9,8 @@
   (or ``WSGATE_SECRETS``). ``verify`` reads the token from standard input, so it stays out of
   the process list and shell history. A token binds its body exactly as one from ``/start``;
 - ``wsgate sessions list|stop --url URL --agent NAME [--key sk_…] [--limit N --after ID |
-  --id ID]``: list an agent's live sessions (one page, JSON) or stop one, with a private key
+  --id ID]``: list an agent's live sessions (one page, JSON: ids, start, provider and call,
+  messages and bytes each way) or stop one, with a private key
   (default ``WSGATE_PRIVATE_KEY``);
 - ``wsgate status [--url URL]``: a running gateway's ``/metrics`` as a table per agent
   (:mod:`wsgate.status`).

@@ -136,7 +136,10 @@ async def list_sessions(
 ) -> dict[str, Any]:
     """``GET {base_url}/v1/agents/{agent}/sessions`` with the organisation's private key: one
     page, ``{"sessions": [...], "next": <sessionId> | None}``; pass ``next`` as ``after`` for
-    the following one. Raises :class:`SessionControlError` for an error answer."""
+    the following one. Each session: ``sessionId``, ``startedAt``, ``seconds``, ``bot``,
+    ``provider``, ``callId``, and its traffic so far: ``messagesIn``, ``bytesIn`` (client to
+    bot), ``messagesOut``, ``bytesOut``. Raises :class:`SessionControlError` for an error
+    answer."""
     if not is_name(agent):
         raise ValueError("agent must be 1-63 lowercase letters, digits or '-'")
     query = "&".join(

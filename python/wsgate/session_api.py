@@ -1,6 +1,6 @@
 r"""Session control, Sans-I/O: who may stop, list or call a live session, judged from the
 request alone. The I/O (the registry of live sessions, the close, the proxy to the bot) is in
-:mod:`wsgate.connection` and :mod:`wsgate.sessions`.
+:mod:`wsgate.session_calls` and :mod:`wsgate.sessions`.
 
 Two kinds of key, kept apart (:class:`SessionKeys`): an organisation's *private* keys
 (``sk_…``) list and stop its sessions and never mint a token; its *public* keys (``pk_…``) call
