@@ -56,6 +56,11 @@ async def fail(request: wsgate.RouteRequest) -> None:
     raise RuntimeError("a bug in the bot's route")
 
 
+@ROUTES.route("/lost")
+async def lost(request: wsgate.RouteRequest) -> None:
+    raise ConnectionResetError("a connection of the bot's own")
+
+
 @ROUTES.route("/hang")
 async def hang(request: wsgate.RouteRequest) -> None:
     await anyio.sleep_forever()
@@ -140,6 +145,9 @@ async def test_routes_refuse_unknown_paths_methods_and_bad_bodies(caplog: Any) -
         status, answer = await call_json(gw, "GET", f"{base}/fail", "pk_test")
         assert (status, answer["error"]) == (500, "bot's route failed")
         assert "a bug in the bot's route" in caplog.text
+        # An OSError of its own too: nothing was answered yet, so the client gets the 500.
+        status, answer = await call_json(gw, "GET", f"{base}/lost", "pk_test")
+        assert (status, answer["error"]) == (500, "bot's route failed")
         status, answer = await call_json(gw, "GET", f"{base}/hang", "pk_test")
         assert status == 504
         # The key's checks come first, as for upstream bots.

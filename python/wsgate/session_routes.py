@@ -265,11 +265,11 @@ async def call_app(
         try:
             await app(scope, receive, writer.send)
             await writer.finish()
-        except OSError as exc:
-            log.debug("a Session API answer of an in-process bot was cut short: %s", exc)
-            return writer.status or 500
-        except Exception:
-            log.exception("the Session API app of an in-process bot raised")
+        except Exception as exc:
+            if writer.sent and isinstance(exc, OSError):  # the client left mid-answer
+                log.debug("a Session API answer of an in-process bot was cut short: %s", exc)
+            else:
+                log.exception("the Session API app of an in-process bot raised")
             if not writer.sent:
                 raise HttpError(500, "bot's route failed") from None
             return writer.status or 500
