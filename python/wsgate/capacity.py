@@ -159,6 +159,12 @@ class Capacity(Protocol):
         """Give the place back (the session ended or did not start)."""
         ...
 
+    async def release_now(self, lease: Lease | None) -> None:
+        """Give the place back before a refusal is answered (a token already used, a bot
+        unreachable): a client that retries at once must find it free, not still held until
+        the next background round."""
+        ...
+
     @property
     def status(self) -> str | None:
         """None while all is well; else one line on why limits are counted here."""
@@ -188,6 +194,9 @@ class LocalCapacity:
         return None
 
     def release(self, lease: Lease | None) -> None:
+        pass
+
+    async def release_now(self, lease: Lease | None) -> None:
         pass
 
     @property
@@ -323,6 +332,24 @@ class RedisCapacity:
         if lease is None or self._live.pop(lease.member, None) is None:
             return
         self._give_back(lease)
+
+    async def release_now(self, lease: Lease | None) -> None:
+        if lease is None or self._live.pop(lease.member, None) is None or not self._shared:
+            return
+        _, sync, _ = self._script_objects()
+        try:
+            # The renewal script with one lease, counted as released.
+            await self._store.script(
+                sync,
+                [KEY_PREFIX + lease.service_host],
+                [self._ttl_ms, 1, lease.member],
+                name="renew",
+            )
+        except StoreUnavailable as exc:
+            self._fall_back(exc)  # unrenewed, it leaves within lease_ttl
+        except BaseException:
+            self._give_back(lease)  # cancelled: the background round gives it back
+            raise
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Renew every ``lease_ttl / 3``; give back ended leases as they end."""

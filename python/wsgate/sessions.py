@@ -160,6 +160,11 @@ class Sessions:
                     with anyio.CancelScope(shield=True):
                         await authority.release(verified)
                 raise
+        except HttpError:
+            # Refused: the shared place is free again before the client hears why.
+            self.release(target.service_host, client)
+            await self.capacity.release_now(lease)
+            raise
         except BaseException:
             self.release(target.service_host, client, lease)
             raise
