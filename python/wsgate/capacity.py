@@ -33,6 +33,13 @@ Entries are written and renewed in the same rounds as the leases (a new session'
 round, which it wakes: within a store round trip of its 101), deleted when the session ends,
 and live ``lease_ttl`` unless renewed; in local mode none is written (a session then is reached
 only on its own gateway), and they are all put back when the store is.
+
+Beside it, one index per agent, ``wsgate:gateways:{agent.org}``: a sorted set of the
+``internal_url`` of every gateway holding live sessions of that agent, scored by when the entry
+expires (the server's clock), so a list asked of any gateway knows whom else to ask
+(:meth:`RedisCapacity.gateways`). A gateway joins an agent's index in the round after its first
+session of that agent registers, renews its place in every renewal round, and leaves it in the
+round after its last one ended; a gateway killed leaves it within ``lease_ttl``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import anyio
 from anyio.abc import TaskStatus
@@ -72,6 +79,8 @@ log = logging.getLogger("wsgate")
 KEY_PREFIX = "wsgate:lease:"
 #: Prefix of the session registry's keys (one per live session: ``wsgate:session:{id}``).
 SESSION_PREFIX = "wsgate:session:"
+#: Prefix of the per-agent index of gateways holding its sessions (``wsgate:gateways:{agent}``).
+GATEWAYS_PREFIX = "wsgate:gateways:"
 #: Leases renewed or given back per script call (a gateway holding more makes several).
 BATCH = 1000
 
@@ -133,6 +142,43 @@ for i, key in ipairs(KEYS) do
 end
 return #KEYS
 """
+
+# KEYS[i]: an agent's index of gateways. ARGV[1]: lease_ttl in ms; ARGV[2]: how many of the keys
+# (the first ones) this gateway leaves; ARGV[3]: its internal URL. Expired members go as others
+# are written: a gateway killed is not read after its expiry, and not kept after the next write.
+_INDEX = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[1])
+local left = tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  if i <= left then
+    redis.call('ZREM', key, ARGV[3])
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    redis.call('ZADD', key, now + ttl, ARGV[3])
+    if redis.call('PTTL', key) < ttl then
+      redis.call('PEXPIRE', key, ttl)
+    end
+  end
+end
+return #KEYS
+"""
+
+# KEYS[1]: an agent's index of gateways. The members not expired, on the server's clock.
+_GATEWAYS = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+"""
+
+
+class _Scripts(NamedTuple):
+    acquire: Script
+    sync: Script
+    register: Script
+    index: Script
+    gateways: Script
 
 
 class CapacityStoreUnavailable(StoreUnavailable):
@@ -246,7 +292,7 @@ class RedisCapacity:
         self._given_back: list[tuple[str, str]] = []
         self._shared = True
         self._wake: anyio.Event | None = None
-        self._scripts: tuple[Script, Script, Script] | None = None
+        self._scripts: _Scripts | None = None
         #: This gateway's address for the others; None: no session registry.
         self.internal_url = internal_url
         # session id -> its registry entry: every live session of this gateway.
@@ -254,6 +300,9 @@ class RedisCapacity:
         # Entries to write (new sessions) and keys to delete (ended ones) at the next sync.
         self._new_entries: list[str] = []
         self._ended_entries: list[str] = []
+        # Agent (service host) -> its live sessions here; the agents whose index holds us.
+        self._agents: dict[str, int] = {}
+        self._indexed: set[str] = set()
 
     def __repr__(self) -> str:
         mode = "shared" if self._shared else "local"
@@ -284,13 +333,20 @@ class RedisCapacity:
         if self.internal_url is None:
             return
         self._entries[session_id] = f"{service_host} {self.internal_url()}"
+        self._agents[service_host] = self._agents.get(service_host, 0) + 1
         if self._shared:
             self._new_entries.append(session_id)
             self._poke()
 
     def unregister(self, session_id: str) -> None:
-        if self._entries.pop(session_id, None) is None:
+        entry = self._entries.pop(session_id, None)
+        if entry is None:
             return
+        host = entry.partition(" ")[0]
+        if self._agents[host] > 1:
+            self._agents[host] -= 1
+        else:
+            del self._agents[host]
         if self._shared:
             self._ended_entries.append(session_id)
             self._poke()
@@ -305,13 +361,20 @@ class RedisCapacity:
         host, _, where = text.partition(" ")
         return host, where
 
+    async def gateways(self, service_host: str) -> list[str]:
+        """The internal URLs of the gateways holding live sessions of the agent (this one's
+        too, if it does), from the agent's index. Raises :class:`CapacityStoreUnavailable`."""
+        found = await self._store.script(
+            self._script_objects().gateways, [GATEWAYS_PREFIX + service_host], [], name="gateways"
+        )
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in found or ()]
+
     async def acquire(self, agent: AgentConfig) -> Lease | None:
         lease = Lease(agent.service_host, f"{self.gateway_id}:{uuid.uuid4().hex}")
         if self._shared:
-            acquire, _, _ = self._script_objects()
             try:
                 granted = await self._store.script(
-                    acquire,
+                    self._script_objects().acquire,
                     [KEY_PREFIX + agent.service_host],
                     [agent.max_sessions, lease.member, self._ttl_ms],
                     name="acquire",
@@ -381,7 +444,7 @@ class RedisCapacity:
             return
         pairs = given_back + ([(h, m) for m, h in self._live.items()] if renew else [])
         released = len(given_back)
-        _, sync, register = self._script_objects()
+        scripts = self._script_objects()
         try:
             entries = [s for s in (self._entries if renew else new) if s in self._entries]
             ended = [s for s in ended if s not in self._entries]
@@ -390,11 +453,12 @@ class RedisCapacity:
                 count = max(0, min(len(ended) - start, len(keys)))
                 values = ["" if i < count else self._entries[k] for i, k in enumerate(keys)]
                 await self._store.script(
-                    register,
+                    scripts.register,
                     [SESSION_PREFIX + key for key in keys],
                     [self._ttl_ms, count, *values],
                     name="register",
                 )
+            await self._index(scripts.index, renew=renew)
             for start in range(0, max(len(pairs), 1), BATCH):
                 chunk = pairs[start : start + BATCH]
                 if not chunk:
@@ -403,7 +467,7 @@ class RedisCapacity:
                     break
                 count = max(0, min(released - start, len(chunk)))
                 await self._store.script(
-                    sync,
+                    scripts.sync,
                     [KEY_PREFIX + host for host, _ in chunk],
                     [self._ttl_ms, count, *(member for _, member in chunk)],
                     name="renew",
@@ -442,16 +506,28 @@ class RedisCapacity:
             self._shared = False
             log.warning("%s: max_sessions counted on this gateway until it is back", exc)
 
-    def _script_objects(self) -> tuple[Script, Script, Script]:
+    async def _index(self, script: Script, *, renew: bool) -> None:
+        """Join the index of each agent with live sessions here (all of them on ``renew``, else
+        those new here) and leave those of agents with none any more."""
+        if self.internal_url is None:
+            return
+        live = set(self._agents)
+        joined = live if renew else live - self._indexed
+        left = self._indexed - live
+        if not (joined or left):
+            return
+        keys = [GATEWAYS_PREFIX + host for host in (*left, *joined)]
+        own = self.internal_url()
+        await self._store.script(script, keys, [self._ttl_ms, len(left), own], name="index")
+        self._indexed = (self._indexed | joined) - left
+
+    def _script_objects(self) -> _Scripts:
         if self._scripts is None:
             from glide import Script
 
             # glide's Script is not annotated.
-            self._scripts = (
-                Script(_ACQUIRE),  # type: ignore[no-untyped-call]
-                Script(_SYNC),  # type: ignore[no-untyped-call]
-                Script(_REGISTER),  # type: ignore[no-untyped-call]
-            )
+            texts = (_ACQUIRE, _SYNC, _REGISTER, _INDEX, _GATEWAYS)
+            self._scripts = _Scripts(*(Script(t) for t in texts))  # type: ignore[no-untyped-call]
         return self._scripts
 
 

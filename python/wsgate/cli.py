@@ -222,6 +222,9 @@ def _sessions(args: argparse.Namespace) -> int:
         print(f"wsgate: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(answer))
+    if answer.get("unreachable"):  # a list without the sessions of gateways not reached
+        missed = ", ".join(map(str, answer["unreachable"]))
+        print(f"wsgate: not reached, their sessions are not listed: {missed}", file=sys.stderr)
     return 0
 
 

@@ -138,8 +138,10 @@ async def list_sessions(
     page, ``{"sessions": [...], "next": <sessionId> | None}``; pass ``next`` as ``after`` for
     the following one. Each session: ``sessionId``, ``startedAt``, ``seconds``, ``bot``,
     ``provider``, ``callId``, and its traffic so far: ``messagesIn``, ``bytesIn`` (client to
-    bot), ``messagesOut``, ``bytesOut``. Raises :class:`SessionControlError` for an error
-    answer."""
+    bot), ``messagesOut``, ``bytesOut``. With several gateways sharing a session registry,
+    the sessions of all of them: each also names its ``gateway``, and ``unreachable`` lists the
+    gateways whose sessions are missing (not answering). Raises :class:`SessionControlError`
+    for an error answer."""
     if not is_name(agent):
         raise ValueError("agent must be 1-63 lowercase letters, digits or '-'")
     query = "&".join(

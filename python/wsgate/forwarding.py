@@ -21,6 +21,15 @@ Invariants:
   no answer in time (``dial_timeout`` to connect, then ``dial_timeout`` +
   ``session_api_timeout``, the holder's own budget and some, for its answer to start and for
   each pause in it): 504, or the answer cut short once it began.
+
+The list (``GET /v1/agents/{agent}/sessions``) is not about one session: the gateway asked
+reads from the agent's index in the store which other gateways hold its sessions
+(:meth:`wsgate.capacity.RedisCapacity.gateways`), forwards the same request to each of them at
+once (:meth:`Forwarder.lists`), and merges their pages with its own
+(:func:`wsgate.session_api.merge_pages`). Each is a hop like the others: answered with that
+gateway's own sessions only. All of them together get ``dial_timeout``; a gateway that did not
+answer by then, or not with a page, is named in the list's ``unreachable`` and logged, and the
+list is answered without its sessions. Store down: 503, as for a stop.
 """
 
 from __future__ import annotations
@@ -28,13 +37,16 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from . import _core
 from ._sockets import Conn
 from .config import GatewaySettings, forward_secret
 from .errors import HttpError, StoreUnavailable
-from .upstream import pass_answer
+from .session_api import hop_page
+from .upstream import fetch, pass_answer
 from .urls import parse_http_url
 
 if TYPE_CHECKING:
@@ -46,6 +58,8 @@ log = logging.getLogger("wsgate")
 
 #: The header a forwarded request carries: the shared secret.
 FORWARD_HEADER = "x-wsgate-forward"
+#: Largest page another gateway may answer to a list (1000 sessions take about 300 kB).
+MAX_PAGE_BYTES = 4 * 1024 * 1024
 
 # The request's own framing and routing: set again for the hop.
 _FRAMING = frozenset(
@@ -108,6 +122,11 @@ class Forwarder:
             return None
         return cls(settings, capacity, secret)
 
+    @property
+    def own_url(self) -> str:
+        """This gateway's address in the registry (``internal_url``)."""
+        return self._own()
+
     def trusts(self, value: str) -> bool:
         """Whether a :data:`FORWARD_HEADER` value is the shared secret (constant time)."""
         return hmac.compare_digest(value.encode("utf-8", "surrogateescape"), self._secret)
@@ -163,3 +182,53 @@ class Forwarder:
                 "did not answer in time" if exc.status == 504 else "unreachable"
             )
             raise HttpError(exc.status, reason) from None
+
+    async def lists(
+        self,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        service_host: str,
+        tls: Callable[[], _core.TlsClientContext] | None = None,
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The list request (``target``: its path and query; ``headers``: the client's, key
+        included) forwarded at once to every other gateway holding sessions of the agent: the
+        pages they answered within ``dial_timeout``, and the internal URLs of those that did
+        not (sorted). Raises ``HttpError`` 503 when the store cannot say who they are."""
+        try:
+            where = await self._capacity.gateways(service_host)
+        except StoreUnavailable as exc:
+            log.warning("gateway index lookup failed: %s", exc)
+            raise HttpError(503, "session registry unreachable") from None
+        others = sorted(set(where) - {self._own()})
+        pages: dict[str, dict[str, Any]] = {}
+        failed: set[str] = set()
+        timeout = self._settings.dial_timeout
+
+        async def ask(url: str) -> None:
+            try:
+                origin = parse_http_url(url)
+                head = forwarded_head("GET", target, origin.host_header, headers,
+                                      self._secret_text, 0)  # fmt: skip
+                context = None if tls is None or not origin.tls else tls()
+                status, body = await fetch(
+                    origin, head, dial_timeout=timeout, limit=MAX_PAGE_BYTES, tls=context
+                )
+                if status != 200:
+                    raise ValueError(f"answered {status}")
+                pages[url] = hop_page(body)
+            except HttpError as exc:
+                failed.add(url)
+                log.warning("list of %s: gateway %s not reached: %s", service_host, url,
+                            exc.reason.removeprefix("bot "))  # fmt: skip
+            except (ValueError, RecursionError) as exc:
+                failed.add(url)
+                log.warning("list of %s: gateway %s: %s", service_host, url, exc)
+
+        with anyio.move_on_after(timeout):
+            async with anyio.create_task_group() as group:
+                for url in others:
+                    group.start_soon(ask, url)
+        missing = [url for url in others if url not in pages]
+        for url in set(missing) - failed:
+            log.warning("list of %s: gateway %s did not answer in time", service_host, url)
+        return [pages[url] for url in others if url in pages], missing

@@ -37,6 +37,7 @@ a public key (401), the agent of that key's organisation (404 ``Service not foun
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -67,10 +68,12 @@ __all__ = [
     "answer_framing",
     "forward_fields",
     "forward_head",
+    "hop_page",
     "is_forward_path",
     "judge_control",
     "judge_forward",
     "load_private_keys",
+    "merge_pages",
     "page",
     "private_keys_env",
     "refusal",
@@ -406,6 +409,33 @@ def page(sessions: Iterable[JSON], limit: int, after: str | None) -> JSON:
     shown = ordered[:limit]
     more = len(ordered) > limit
     return {"sessions": shown, "next": shown[-1]["sessionId"] if more else None}
+
+
+def merge_pages(pages: Sequence[JSON], limit: int, after: str | None) -> JSON:
+    """One page of the list from the same page (``limit``, ``after``) of each gateway: the
+    first ``limit`` by ``sessionId`` of them all. Each gateway's page holds its first ``limit``
+    after ``after``, so the merged page is the one a single gateway holding every session would
+    give, and its ``next`` pages on the same way across gateways. ``next`` is null only when no
+    gateway has more."""
+    document = page([s for one in pages for s in one["sessions"]], limit, after)
+    shown = document["sessions"]
+    if document["next"] is None and shown and any(one["next"] is not None for one in pages):
+        document["next"] = shown[-1]["sessionId"]
+    return document
+
+
+def hop_page(payload: bytes) -> JSON:
+    """The page another gateway answered to a list forwarded to it (:func:`page`'s shape),
+    checked; ``ValueError`` for anything else."""
+    document = json.loads(payload)
+    sessions = document.get("sessions") if isinstance(document, dict) else None
+    following = document.get("next") if isinstance(document, dict) else None
+    if not isinstance(sessions, list) or not (following is None or isinstance(following, str)):
+        raise ValueError("not a page of sessions")
+    for entry in sessions:
+        if not (isinstance(entry, dict) and isinstance(entry.get("sessionId"), str)):
+            raise ValueError("a session without a sessionId")
+    return {"sessions": sessions, "next": following}
 
 
 def _key_orgs(

@@ -4,7 +4,8 @@
 store holds goes there (:mod:`wsgate.forwarding`).
 
 - ``GET /v1/agents/{agent}/sessions``: a page of the agent's live sessions, each with its
-  messages and bytes each way so far (:meth:`wsgate.sessions.Sessions.listed`).
+  messages and bytes each way so far (:meth:`wsgate.sessions.Sessions.listed`); with a
+  session registry, those of every gateway of the store (:meth:`SessionCalls._list`).
 - ``DELETE /v1/agents/{agent}/sessions/{id}``: the session stopped.
 - ``/v1/public/{agent}/sessions/{id}/{path}``: the request passed to the session's bot and its
   answer streamed back. The request's body is read whole first (``Content-Length`` or chunked,
@@ -33,6 +34,7 @@ from .metrics import Metrics
 from .request import Request
 from .responses import json_response
 from .session_api import (
+    JSON,
     Forward,
     ListSessions,
     Refusal,
@@ -41,6 +43,7 @@ from .session_api import (
     forward_head,
     judge_control,
     judge_forward,
+    merge_pages,
     page,
     refusal,
 )
@@ -112,7 +115,10 @@ class SessionCalls:
         sessions = self.sessions
         host = judged.agent.service_host
         if isinstance(judged, ListSessions):
-            document = page(sessions.listed(host), judged.limit, judged.after)
+            try:
+                document = await self._list(request, judged, hop)
+            except HttpError as exc:
+                return _Answer(_refusal_bytes(refusal(exc.status, exc.reason)), judged.agent)
             return _Answer(json_response(200, document), judged.agent)
         opened = sessions.find(judged.session_id, host)
         if opened is None:
@@ -122,6 +128,29 @@ class SessionCalls:
         log.info("session %s %s stopped through the API", host, opened.session_uuid)
         document = {"status": "stopped", "sessionId": opened.session_uuid}
         return _Answer(json_response(200, document), judged.agent)
+
+    async def _list(self, request: Request, judged: ListSessions, hop: bool | None) -> JSON:
+        """A page of the agent's live sessions: this gateway's alone without a registry (or
+        for a hop: it is never fanned out again); else every gateway's of the store, each
+        entry naming its ``gateway``, and ``unreachable`` the gateways whose sessions are not
+        in it (:meth:`wsgate.forwarding.Forwarder.lists`). Raises ``HttpError`` 503."""
+        agent, forwarder = judged.agent, self.forwarder
+        mine = self.sessions.listed(agent.service_host)
+        if forwarder is None:
+            return page(mine, judged.limit, judged.after)
+        own = forwarder.own_url
+        for entry in mine:
+            entry["gateway"] = own
+        document = page(mine, judged.limit, judged.after)
+        if hop:
+            return document
+        bot_tls = self.sessions.bot_tls
+        tls = None if bot_tls is None else lambda: bot_tls(agent)
+        pages, unreachable = await forwarder.lists(
+            request.target, request.headers, agent.service_host, tls
+        )
+        merged = merge_pages([document, *pages], judged.limit, judged.after)
+        return {**merged, "unreachable": unreachable}
 
     async def _session_api(
         self, sock: Conn, request: Request, pending: bytes, deadline: float

@@ -4,7 +4,7 @@
 The bot's socket stays raw and non-blocking (see :mod:`wsgate._sockets`): it is handed to the Rust
 engine by file descriptor once the client's upgrade is answered. The Session API's one HTTP
 exchange with a bot's origin (:func:`pass_answer`) is here too, its answer streamed to the
-client.
+client, and a whole exchange with another gateway (:func:`fetch`, for the list).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .session_api import answer_framing
 from .tls import TlsSocket
 from .urls import UpstreamURL
 
-__all__ = ["BotConnection", "dial", "pass_answer"]
+__all__ = ["BotConnection", "dial", "fetch", "pass_answer"]
 
 log = logging.getLogger("wsgate")
 
@@ -153,6 +153,46 @@ async def pass_answer(
         return status
     finally:
         bot.close()
+
+
+async def fetch(
+    target: UpstreamURL,
+    request: bytes,
+    *,
+    dial_timeout: float,
+    limit: int,
+    tls: _core.TlsClientContext | None = None,
+) -> tuple[int, bytes]:
+    """One whole HTTP exchange with ``target``'s origin (another gateway of the store): send
+    ``request`` (asking ``Connection: close``), read the answer's head and its body (its
+    ``Content-Length``, or up to the peer's close; at most ``limit`` bytes). The connect takes
+    at most ``dial_timeout``; the rest is the caller's to bound. Returns ``(status, body)``;
+    raises ``HttpError`` 504 (connect timed out) or 502 (anything else)."""
+    conn = await _connect_origin(target, dial_timeout, tls)
+    try:
+        await send_all(conn, request)
+        head, rest = await read_head(conn, _core.MAX_HEADER_BYTES)
+        status, length = answer_framing(head, False)
+        body = bytearray(rest)
+        while length is None or len(body) < length:
+            if len(body) > limit:
+                raise ValueError(f"answer over {limit} bytes")
+            try:
+                body += await receive(conn, "the answer")
+            except EOFError:
+                if length is not None:
+                    raise
+                break
+        return status, bytes(body if length is None else body[:length])
+    except (ValueError, HeadTooLarge) as exc:
+        raise HttpError(502, f"bad answer: {exc or type(exc).__name__}") from None
+    except EOFError:
+        raise HttpError(502, "closed before its whole answer") from None
+    except OSError as exc:  # a TLS failure too
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise HttpError(502, f"connection failed: {reason.lower()}") from None
+    finally:
+        conn.close()
 
 
 async def _pass_body(
