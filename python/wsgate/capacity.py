@@ -399,7 +399,7 @@ class RedisCapacity:
     async def release_now(self, lease: Lease | None) -> None:
         if lease is None or self._live.pop(lease.member, None) is None or not self._shared:
             return
-        _, sync, _ = self._script_objects()
+        sync = self._script_objects().sync
         try:
             # The renewal script with one lease, counted as released.
             await self._store.script(
