@@ -1529,11 +1529,11 @@ def main() -> int:
     targets: list[Target] = []
     skipped: dict[str, str] = {}
     for n in want_t:
-        threads = n.removeprefix("wsgate-t")
-        if n not in make and not threads.isdigit():
+        count = n.removeprefix("wsgate-t")
+        if n not in make and not count.isdigit():
             log(f"unknown target {n}")
             return 2
-        t = make[n]() if n in make else WsgateThreads(tmp, up, py, ms, wpp, threads=int(threads))
+        t = make[n]() if n in make else WsgateThreads(tmp, up, py, ms, wpp, threads=int(count))
         if isinstance(t, Wsgate) and not isinstance(t, WsgateThreads):
             t.relay_threads = a.relay_threads
         if unmet.get(n):
