@@ -477,6 +477,8 @@ class Wsgate(Target):
     name = "wsgate"
     #: Extra lines of its [gateway] table.
     settings = ""
+    #: Its relay_threads (None: the gateway's default); --relay-threads, or a wsgate-tN target.
+    relay_threads: int | None = None
 
     def __init__(
         self, tmp: Path, up: int, python: str, max_sessions: int, pythonpath: str | None = None
@@ -522,11 +524,13 @@ class Wsgate(Target):
             return
         cfg = self.tmp / f"{self.name}.toml"
         out = self.tmp / f"{self.name}.out"
+        threads = "" if self.relay_threads is None else f"relay_threads = {self.relay_threads}\n"
         cfg.write_text(
             "[gateway]\n"
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
             "max_message_size = 1048576\n"
+            f"{threads}"
             f"{self.settings}\n"
             "[[org]]\n"
             'name = "bench"\n'
@@ -561,9 +565,10 @@ class Wsgate(Target):
             capture_output=True,
             text=True,
         ).stdout.strip()
+        threads = "" if self.relay_threads is None else f"; relay_threads {self.relay_threads}"
         self.note = (
             f"python -m wsgate serve --config {cfg.name} (wsgate from {where}"
-            f"{', commit ' + rev if rev else ''}; max_sessions {self.max_sessions})"
+            f"{', commit ' + rev if rev else ''}; max_sessions {self.max_sessions}{threads})"
         )
 
 
@@ -622,6 +627,18 @@ class WsgateBefore(Wsgate):
     beside `wsgate` for an A/B in one run."""
 
     name = "wsgate-before"
+
+
+class WsgateThreads(Wsgate):
+    """wsgate with `relay_threads = N` (target `wsgate-tN`): thread counts side by side."""
+
+    def __init__(self, *args, threads: int, **kw):
+        super().__init__(*args, **kw)
+        self.name = f"wsgate-t{threads}"
+        self.relay_threads = threads
+
+    def variants(self) -> list[tuple[str, str]]:
+        return [(self.name, self.url)]
 
 
 class WsgateNoMetrics(Wsgate):
@@ -1399,6 +1416,13 @@ def main() -> int:
         "e.g. a worktree's python/ with its _core extension",
     )
     ap.add_argument(
+        "--relay-threads",
+        type=int,
+        default=None,
+        help="relay_threads of every wsgate target (default: the gateway's own); a target "
+        "wsgate-tN runs wsgate with N, beside the others (e.g. wsgate-t1,wsgate-t2)",
+    )
+    ap.add_argument(
         "--before-pythonpath",
         default=None,
         help="wsgate-before: PYTHONPATH of the other build (its python/ with its _core)",
@@ -1505,10 +1529,13 @@ def main() -> int:
     targets: list[Target] = []
     skipped: dict[str, str] = {}
     for n in want_t:
-        if n not in make:
+        count = n.removeprefix("wsgate-t")
+        if n not in make and not count.isdigit():
             log(f"unknown target {n}")
             return 2
-        t = make[n]()
+        t = make[n]() if n in make else WsgateThreads(tmp, up, py, ms, wpp, threads=int(count))
+        if isinstance(t, Wsgate) and not isinstance(t, WsgateThreads):
+            t.relay_threads = a.relay_threads
         if unmet.get(n):
             t.skip = unmet[n]
         else:

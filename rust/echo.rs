@@ -1,54 +1,40 @@
 //! The built-in echo bot: one pump from the client back to itself. Frames come back unmasked, a
 //! ping as a pong, the client's close as the bot's reply.
 
-use std::future::Future;
-use tokio::sync::mpsc;
-
 use crate::counters::{Meter, Tally};
-use crate::driver::{self, Command, Io};
+use crate::driver::{self, Driven, Io, Step};
 use crate::pump::Pump;
-use crate::session::{Action, Input, Kind, Limits, Outcome, Session, Side, Transform};
+use crate::session::{Action, Kind, Limits, Session, Side, Transform};
 use crate::stream::Stream;
 
-/// Serves session `id`'s client until the session ends. `pending`: what the client sent past
-/// its upgrade request.
-pub fn run(
+/// Session `id` serving `client` until it ends, for a relay thread to run. `pending`: what the
+/// client sent past its upgrade request.
+pub fn session(
     id: u64,
-    client: &Stream,
+    client: Stream,
     pending: Vec<u8>,
     limits: Limits,
-    commands: mpsc::UnboundedReceiver<Command>,
     meter: Meter,
-) -> impl Future<Output = Outcome> + '_ {
-    let pump = Pump::new(
-        client,
-        client,
-        Transform::Echo,
-        limits.max_message_size,
-        pending,
-    );
-    let io = Echo { pump };
-    driver::run(
-        Session::new(id, Kind::Echo),
-        io,
-        limits.time_limit,
-        commands,
-        meter,
-    )
+) -> Driven<impl Io + Send> {
+    let pump = Pump::new(Transform::Echo, limits.max_message_size, pending);
+    let io = Echo { pump, client };
+    driver::drive(Session::new(id, Kind::Echo), io, limits.time_limit, meter)
 }
 
-struct Echo<'a> {
-    pump: Pump<'a>,
+struct Echo {
+    pump: Pump,
+    client: Stream,
 }
 
-impl Io for Echo<'_> {
+impl Io for Echo {
     fn live(&self) -> bool {
-        self.pump.wants_poll()
+        self.pump.wants_poll(&self.client)
     }
 
-    async fn step(&mut self) -> Option<Input> {
+    fn step(&mut self) -> Step {
         // The client is both ends of the pump.
-        self.pump.step().await.input(Side::Client, Side::Client)
+        let ev = self.pump.step(&self.client, &self.client);
+        ev.step(Side::Client, Side::Client)
     }
 
     fn apply(&mut self, action: Action) {
@@ -74,5 +60,9 @@ impl Io for Echo<'_> {
             messages_out: messages,
             bytes_out: bytes,
         }
+    }
+
+    fn stream(&self, side: usize) -> Option<&Stream> {
+        (side == 0).then_some(&self.client)
     }
 }

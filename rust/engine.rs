@@ -1,6 +1,6 @@
-//! The engine: sessions handed over by the control plane as connected sockets, served on tokio
-//! worker threads until they end (`relay.rs`, `echo.rs`, `inproc/`), and their outcomes queued
-//! for Python.
+//! The engine: sessions handed over by the control plane as connected sockets, served on relay
+//! threads (`shard.rs`) until they end (`relay.rs`, `echo.rs`, `inproc/`), and their outcomes
+//! queued for Python.
 //!
 //! Python learns of finished sessions through one doorbell (a socketpair) per engine: a byte is
 //! written when the outcome queue turns non-empty, so one event-loop wake-up drains many
@@ -16,15 +16,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::runtime::Handle as Runtime;
-use tokio::sync::mpsc;
-use tokio::sync::oneshot;
-
 use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
-use crate::driver::Command;
 use crate::inproc::{self, Handle, Message};
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
+use crate::shard::{Shard, Task};
 use crate::sockets::adopt;
 use crate::tls::Tls;
 use crate::{echo, relay};
@@ -44,15 +40,16 @@ struct Queue {
     rung: bool,
 }
 
-/// A live session as the engine reaches it: its commands, and its traffic so far.
+/// A live session as the engine reaches it: its relay thread, and its traffic so far.
 struct Entry {
-    commands: mpsc::UnboundedSender<Command>,
+    worker: usize,
     live: Arc<Live>,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
     bell: UnixStream,
+    /// Live sessions: the relay thread of each, and its traffic so far.
     sessions: Mutex<HashMap<u64, Entry>>,
     inproc: Mutex<HashMap<u64, Arc<Handle>>>,
 }
@@ -78,59 +75,6 @@ impl Shared {
     }
 }
 
-/// Reports a session's outcome when its task ends, however it ends (also when the runtime is
-/// shut down mid-session, or a bug panics), so no waiter in Python is left hanging.
-struct Report {
-    shared: Arc<Shared>,
-    outcome: Option<Outcome>,
-}
-
-impl Drop for Report {
-    fn drop(&mut self) {
-        if let Some(o) = self.outcome.take() {
-            self.shared.push(Item::Outcome(o));
-        }
-    }
-}
-
-/// One relay thread: a single-threaded tokio runtime that owns its sessions from start to end.
-struct Worker {
-    handle: Runtime,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Worker {
-    fn start(index: usize) -> io::Result<Self> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = rt.handle().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(format!("wsgate-relay-{index}"))
-            .spawn(move || {
-                let _ = rt.block_on(stopped);
-                // Dropping the runtime drops its sessions: each one's Report queues an outcome.
-                drop(rt);
-            })?;
-        Ok(Self {
-            handle,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-
-    fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// One side of a session as the control plane hands it over: its socket past the handshake,
 /// the TLS connection on it (if any, in the state the handshake left it), and the bytes read
 /// past the handshake (the start of its frames).
@@ -145,12 +89,13 @@ pub struct Handed {
 
 /// The relay engine. See the module docs.
 ///
-/// Threads work like nginx's workers: each runs its own single-threaded runtime, and a session
-/// (both its sockets) lives on one of them, handed out in turn. No work stealing, no wake-ups
-/// across threads on the hot path: measured cheaper per message than tokio's multi-threaded
-/// scheduler for this workload of many independent sessions.
+/// Threads work like nginx's workers: each runs its own epoll loop, and a session (both its
+/// sockets) lives on one of them, handed out in turn. No work stealing, no wake-ups across
+/// threads on the hot path: measured cheaper per message than tokio's multi-threaded scheduler,
+/// then than a current-thread tokio runtime per thread, for this workload of many independent
+/// sessions.
 pub struct Engine {
-    workers: Vec<Worker>,
+    workers: Vec<Shard>,
     next: std::sync::atomic::AtomicUsize,
     shared: Arc<Shared>,
     bell_rx: UnixStream,
@@ -169,7 +114,6 @@ impl Engine {
         } else {
             std::thread::available_parallelism().map_or(1, usize::from)
         };
-        let workers = (0..n).map(Worker::start).collect::<io::Result<Vec<_>>>()?;
         let (bell, bell_rx) = UnixStream::pair()?;
         bell.set_nonblocking(true)?;
         bell_rx.set_nonblocking(true)?;
@@ -179,6 +123,13 @@ impl Engine {
             sessions: Mutex::new(HashMap::new()),
             inproc: Mutex::new(HashMap::new()),
         });
+        let report = {
+            let shared = shared.clone();
+            Arc::new(move |o: Outcome| shared.push(Item::Outcome(o)))
+        };
+        let workers = (0..n)
+            .map(|i| Shard::start(i, report.clone()))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
             counters: Counters::new(workers.len()),
             workers,
@@ -194,13 +145,13 @@ impl Engine {
         self.bell_rx.as_raw_fd()
     }
 
-    /// The worker whose turn it is: its index and its runtime.
-    fn runtime(&self) -> io::Result<(usize, &Runtime)> {
+    /// The index of the relay thread whose turn it is.
+    fn pick(&self) -> io::Result<usize> {
         if self.workers.is_empty() {
             return Err(io::Error::other("engine is shut down"));
         }
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.workers.len();
-        Ok((i, &self.workers[i].handle))
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(i % self.workers.len())
     }
 
     /// The index of agent `name` in the live counters, registered now if it is new. Sessions
@@ -214,7 +165,7 @@ impl Engine {
         self.counters.snapshot()
     }
 
-    fn register(&self, id: u64) -> io::Result<(mpsc::UnboundedReceiver<Command>, Arc<Live>)> {
+    fn register(&self, id: u64, worker: usize) -> io::Result<Arc<Live>> {
         let mut sessions = lock(&self.shared.sessions);
         if sessions.contains_key(&id) {
             return Err(io::Error::new(
@@ -222,14 +173,15 @@ impl Engine {
                 "session id already in use",
             ));
         }
-        let (commands, rx) = mpsc::unbounded_channel();
         let live = Arc::new(Live::default());
-        let entry = Entry {
-            commands,
-            live: live.clone(),
-        };
-        sessions.insert(id, entry);
-        Ok((rx, live))
+        sessions.insert(
+            id,
+            Entry {
+                worker,
+                live: live.clone(),
+            },
+        );
+        Ok(live)
     }
 
     /// The messages and bytes so far of the live sessions among `ids` (of every live session
@@ -248,21 +200,20 @@ impl Engine {
         }
     }
 
-    /// Runs one session on the next worker: `adopt` takes its sockets into that worker's
-    /// runtime, `session` relays them until the end, counted for `agent` (an index from
+    /// Runs one session on relay thread `worker`: `adopt` prepares its sockets, `session` makes
+    /// the session of them, counted for `agent` (an index from
     /// [`register_agent`](Self::register_agent), or `None`) as served by `served`. Its outcome
     /// is queued however it ends.
-    fn launch<S, F, Fut>(
+    fn launch<S, T>(
         &self,
         id: u64,
+        worker: usize,
         (agent, served): (Option<usize>, Served),
         adopt: impl FnOnce() -> io::Result<S>,
-        session: F,
+        session: impl FnOnce(S, Meter) -> T,
     ) -> io::Result<()>
     where
-        S: Send + 'static,
-        F: FnOnce(S, mpsc::UnboundedReceiver<Command>, Arc<Shared>, Meter) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Outcome> + Send,
+        T: Task + 'static,
     {
         if !self.counters.knows(agent) {
             return Err(io::Error::new(
@@ -270,23 +221,11 @@ impl Engine {
                 "unknown agent index",
             ));
         }
-        let (worker, rt) = self.runtime()?;
-        let sockets = {
-            let _guard = rt.enter();
-            adopt()?
-        };
-        let (rx, live) = self.register(id)?;
-        // Counted from here on: the session's task owns the meter, however it ends.
+        let sockets = adopt()?;
+        let live = self.register(id, worker)?;
+        // Counted from here on: the session owns the meter, however it ends.
         let meter = self.counters.meter(agent, served, worker).showing(live);
-        let mut report = Report {
-            shared: self.shared.clone(),
-            outcome: Some(Outcome::new(id)),
-        };
-        rt.spawn(async move {
-            let shared = report.shared.clone();
-            report.outcome = Some(session(sockets, rx, shared, meter).await);
-            drop(report); // queues the outcome
-        });
+        self.workers[worker].start_task(id, Box::new(session(sockets, meter)));
         Ok(())
     }
 
@@ -308,11 +247,10 @@ impl Engine {
         let (c, b) = ((client.sock, client.tls), (bot.sock, bot.tls));
         self.launch(
             id,
+            self.pick()?,
             (agent, Served::Upstream),
             || Ok((adopt(c.0, c.1, dpt)?, adopt(b.0, b.1, dpt)?)),
-            move |(client, bot), rx, _, meter| async move {
-                relay::run(id, &client, &bot, pending, limits, rx, meter).await
-            },
+            |(client, bot), meter| relay::session(id, client, bot, pending, limits, meter),
         )
     }
 
@@ -328,11 +266,10 @@ impl Engine {
         let (sock, tls, pending) = (client.sock, client.tls, client.pending);
         self.launch(
             id,
+            self.pick()?,
             (agent, Served::Builtin),
             || adopt(sock, tls, dpt),
-            move |client, rx, _, meter| async move {
-                echo::run(id, &client, pending, limits, rx, meter).await
-            },
+            |client, meter| echo::session(id, client, pending, limits, meter),
         )
     }
 
@@ -348,17 +285,19 @@ impl Engine {
         agent: Option<usize>,
     ) -> io::Result<()> {
         let dpt = self.dead_peer_timeout;
-        let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit));
+        let worker = self.pick()?;
+        let poker = self.workers[worker].poker(id);
+        let handle = Arc::new(Handle::new(inbox_limit, send_buffer_limit, Some(poker)));
         let ours = handle.clone();
+        let shared = self.shared.clone();
+        let deliver = move |m: Message| shared.push(Item::Message(m));
         let (sock, tls, pending) = (client.sock, client.tls, client.pending);
         self.launch(
             id,
+            worker,
             (agent, Served::InProcess),
             || adopt(sock, tls, dpt),
-            move |client, rx, shared, meter| async move {
-                let deliver = |m: Message| shared.push(Item::Message(m));
-                inproc::run(id, &client, pending, limits, &ours, rx, deliver, meter).await
-            },
+            |client, meter| inproc::session(id, client, pending, limits, ours, deliver, meter),
         )?;
         // Registered after the launch: a session that failed to start has no handle to leak.
         lock(&self.shared.inproc).insert(id, handle);
@@ -381,9 +320,14 @@ impl Engine {
 
     /// Closes both sides of a live session with `code` and `reason`. False if it is unknown.
     pub fn close(&self, id: u64, code: u16, reason: &str) -> bool {
-        let close = Command::Close(code, reason.to_owned());
-        match lock(&self.shared.sessions).get(&id) {
-            Some(e) => e.commands.send(close).is_ok(),
+        let Some(worker) = lock(&self.shared.sessions).get(&id).map(|e| e.worker) else {
+            return false;
+        };
+        match self.workers.get(worker) {
+            Some(w) => {
+                w.stop_task(id, code, reason.to_owned());
+                true
+            }
             None => false,
         }
     }
@@ -400,7 +344,7 @@ impl Engine {
     /// Drops every session (closing its sockets) and stops the worker threads.
     pub fn shutdown(&mut self) {
         for w in &mut self.workers {
-            w.stop();
+            w.quit();
         }
         self.workers.clear();
     }

@@ -2,8 +2,9 @@
 //!
 //! The session core (`session`, on the wire codec `frame`) decides everything and does no I/O;
 //! `pump`, `relay`, `echo` and `inproc` move bytes for it, `driver` is the one loop every session
-//! runs, and `engine` owns the threads and the queue to Python. Only `py` knows Python, so
-//! `cargo test --no-default-features` runs everything without an interpreter.
+//! runs, `shard` the relay thread that runs it, and `engine` owns the threads and the queue to
+//! Python. Only `py` knows Python, so `cargo test --no-default-features` runs everything without
+//! an interpreter.
 #![deny(missing_docs)]
 
 pub mod body;
@@ -17,6 +18,7 @@ pub mod limits;
 pub mod pump;
 pub mod relay;
 pub mod session;
+pub mod shard;
 mod sockets;
 pub mod stream;
 pub mod tls;

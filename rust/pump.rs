@@ -2,17 +2,21 @@
 //! and how they are rewritten (in place, in the buffer they were read into) is the session core's
 //! [`Forwarder`]; the pump only moves them, so a 1 MiB message never sits whole in memory.
 //!
-//! Every await point (`readable`, `writable`) is cancel-safe: whatever was read and not yet
-//! written is kept in the pump, so a session can `select!` over both pumps and its commands.
+//! A pump never waits: [`Pump::step`] does what the sockets' readiness allows and says when
+//! nothing more can be done until an event ([`Event::Blocked`]). Whatever was read and not yet
+//! written is kept in the pump, and the source is not read again until it is written: a slow
+//! destination holds its source back, and backpressure reaches the sender through TCP.
 //! Memory per pump is bounded: at most one read buffer ([`READ_BUF`]) is held, and only while
 //! its bytes wait for the destination to accept them; an idle pump holds no buffer at all.
 
 use std::io::ErrorKind;
 
+use crate::driver::Step;
 use crate::frame::{Violation, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
 use crate::limits::READ_BUF;
 use crate::session::{Forwarded, Forwarder, Input, OwnClose, Side, Transform};
 use crate::stream::Stream;
+
 /// A read buffer's capacity: a read plus the largest carry (a whole control frame).
 const BUF_CAPACITY: usize = READ_BUF + MAX_HEADER_LEN + MAX_CONTROL_PAYLOAD;
 /// Spare read buffers kept per relay thread: a busy thread reuses them instead of calling the
@@ -49,9 +53,12 @@ fn give_back(mut buf: Vec<u8>, pooled: bool) {
     }
 }
 
-/// What a call to [`Pump::step`] saw.
+/// What a call to [`Pump::step`] did or saw.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
+    /// Nothing can be done until an event on a socket: the source is drained (or done) and
+    /// nothing is left to write, or the destination is full.
+    Blocked,
     /// Frames were read (and queued for the destination), or pending bytes were written.
     Progress,
     /// The source sent a close frame (already queued for the destination): its code and reason,
@@ -66,22 +73,22 @@ pub enum Event {
 }
 
 impl Event {
-    /// What the session core hears of it, for a pump from side `src` to side `dst`.
-    pub fn input(self, src: Side, dst: Side) -> Option<Input> {
+    /// What the session loop makes of it, for a pump from side `src` to side `dst`.
+    pub fn step(self, src: Side, dst: Side) -> Step {
         match self {
-            Self::Progress => None,
-            Self::Close(c) => Some(Input::Close(src, c)),
-            Self::Eof => Some(Input::Gone(src)),
-            Self::Violation(v) => Some(Input::Violation(src, v)),
-            Self::DstLost => Some(Input::Gone(dst)),
+            Self::Blocked => Step::Blocked,
+            Self::Progress => Step::Progress,
+            Self::Close(c) => Step::Input(Input::Close(src, c)),
+            Self::Eof => Step::Input(Input::Gone(src)),
+            Self::Violation(v) => Step::Input(Input::Violation(src, v)),
+            Self::DstLost => Step::Input(Input::Gone(dst)),
         }
     }
 }
 
-/// One direction of a session. See the module docs.
-pub struct Pump<'a> {
-    src: &'a Stream,
-    dst: &'a Stream,
+/// One direction of a session. See the module docs. Its sockets are lent to each call (the
+/// session owns them; a relayed session's two pumps share them crosswise).
+pub struct Pump {
     fwd: Forwarder,
     /// Bytes that arrived with the HTTP handshake: the start of the frame stream.
     pending_in: Vec<u8>,
@@ -95,18 +102,11 @@ pub struct Pump<'a> {
     shutdown_after_flush: bool,
 }
 
-impl<'a> Pump<'a> {
-    /// A pump reading `src` and writing `dst` (the same socket for the echo bot).
-    pub fn new(
-        src: &'a Stream,
-        dst: &'a Stream,
-        transform: Transform,
-        max_message_size: u64,
-        pending_in: Vec<u8>,
-    ) -> Self {
+impl Pump {
+    /// A pump that rewrites frames as `transform` says; `pending_in`: what its source sent past
+    /// its handshake.
+    pub fn new(transform: Transform, max_message_size: u64, pending_in: Vec<u8>) -> Self {
         Self {
-            src,
-            dst,
             fwd: Forwarder::new(transform, max_message_size),
             pending_in,
             out: Vec::new(),
@@ -123,71 +123,60 @@ impl<'a> Pump<'a> {
         (self.fwd.messages(), self.fwd.bytes())
     }
 
-    /// Whether [`step`](Self::step) still has anything to do.
-    pub fn wants_poll(&self) -> bool {
+    /// Whether [`step`](Self::step) still has anything to do, with `dst` its destination.
+    pub fn wants_poll(&self, dst: &Stream) -> bool {
         !self.src_done
             || self.out_pos < self.out.len()
-            || (self.dst_open && (self.shutdown_after_flush || self.dst.pending_out()))
+            || (self.dst_open && (self.shutdown_after_flush || dst.pending_out()))
     }
 
-    /// Writes what is queued, then reads and forwards the next chunk of the source.
-    pub async fn step(&mut self) -> Event {
-        if let Err(ev) = self.flush().await {
-            return ev;
+    /// Writes what is queued, then reads and forwards the next chunk of `src` to `dst`.
+    pub fn step(&mut self, src: &Stream, dst: &Stream) -> Event {
+        match self.flush(dst) {
+            Err(ev) => return ev,
+            Ok(false) => return Event::Blocked,
+            Ok(true) => {}
         }
         if self.src_done {
-            return Event::Progress;
+            return Event::Blocked;
         }
         let (mut buf, pooled) = if self.pending_in.is_empty() {
-            loop {
-                // TLS may hold decrypted bytes already: then the socket's readiness is moot.
-                let mut ready = if self.src.buffered() {
-                    None
-                } else {
-                    let Ok(ready) = self.src.fd().readable().await else {
-                        self.src_done = true;
-                        return Event::Eof;
+            if !src.may_read() {
+                return Event::Blocked;
+            }
+            // Taken only now that the socket is readable: an idle pump holds no buffer, and
+            // the carry stays in the forwarder until a read succeeds.
+            let mut buf = take_buffer();
+            let carry = self.fwd.carry();
+            let c = carry.len();
+            buf[..c].copy_from_slice(carry);
+            match src.read(&mut buf[c..]) {
+                Ok(0) => {
+                    give_back(buf, true);
+                    self.src_done = true;
+                    return Event::Eof;
+                }
+                Ok(n) => {
+                    if c + n < BUF_CAPACITY && !src.is_tls() {
+                        // A short plain read emptied the socket: skip the read that would only
+                        // say EAGAIN (as nginx does). Data arriving meanwhile brings an event.
+                        // (A TLS read says so only by WouldBlock.)
+                        src.read_drained();
+                    }
+                    buf.truncate(c + n);
+                    self.fwd.clear_carry();
+                    (buf, true)
+                }
+                Err(e) => {
+                    give_back(buf, true);
+                    return match e.kind() {
+                        ErrorKind::WouldBlock => Event::Blocked,
+                        ErrorKind::Interrupted => Event::Progress,
+                        _ => {
+                            self.src_done = true;
+                            Event::Eof
+                        }
                     };
-                    Some(ready)
-                };
-                // Taken only now that the socket is readable: an idle pump holds no buffer, and
-                // the carry stays in the forwarder until a read succeeds, so a `select!` that
-                // drops this future while it waits loses nothing.
-                let mut buf = take_buffer();
-                let carry = self.fwd.carry();
-                let c = carry.len();
-                buf[..c].copy_from_slice(carry);
-                match self.src.read(&mut buf[c..]) {
-                    Ok(0) => {
-                        give_back(buf, true);
-                        self.src_done = true;
-                        return Event::Eof;
-                    }
-                    Ok(n) => {
-                        if c + n < BUF_CAPACITY && !self.src.buffered() {
-                            // A short plain read emptied the socket: skip the read that would
-                            // only say EAGAIN (as nginx does). Data arriving meanwhile re-arms
-                            // it. (A TLS read says so only by WouldBlock.)
-                            if let Some(ready) = ready.as_mut() {
-                                ready.clear_ready();
-                            }
-                        }
-                        buf.truncate(c + n);
-                        self.fwd.clear_carry();
-                        break (buf, true);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        if let Some(ready) = ready.as_mut() {
-                            ready.clear_ready();
-                        }
-                        give_back(buf, true);
-                    }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => give_back(buf, true),
-                    Err(_) => {
-                        give_back(buf, true);
-                        self.src_done = true;
-                        return Event::Eof;
-                    }
                 }
             }
         } else {
@@ -207,9 +196,9 @@ impl<'a> Pump<'a> {
             self.out_pos = 0;
             self.out_pooled = pooled;
             if ev == Event::Progress {
-                // Write now, in this same poll: the usual case needs no second trip through
-                // the session's select!. What does not fit waits in `out` for `flush`.
-                if let Err(lost) = self.write_some() {
+                // Write now, in this same step: the usual case needs no second one. What does
+                // not fit waits in `out` for `flush`.
+                if let Err(lost) = self.write_some(dst) {
                     return lost;
                 }
             }
@@ -220,9 +209,9 @@ impl<'a> Pump<'a> {
     }
 
     /// Writes what the destination takes without waiting; frees the buffer once all is out.
-    fn write_some(&mut self) -> Result<(), Event> {
+    fn write_some(&mut self, dst: &Stream) -> Result<(), Event> {
         while self.out_pos < self.out.len() {
-            match self.dst.write(&self.out[self.out_pos..]) {
+            match dst.write(&self.out[self.out_pos..]) {
                 Ok(n) => self.out_pos += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -271,42 +260,33 @@ impl<'a> Pump<'a> {
         self.release_out();
     }
 
-    async fn flush(&mut self) -> Result<(), Event> {
+    /// Writes what is queued for `dst` (our bytes, then TLS records), then the half-close if
+    /// one is due. `Ok(false)`: `dst` is full and something is still queued.
+    fn flush(&mut self, dst: &Stream) -> Result<bool, Event> {
         // Plaintext to write, or TLS records it left queued.
-        while self.dst_open && (self.out_pos < self.out.len() || self.dst.pending_out()) {
-            let dst = self.dst;
-            let Ok(mut ready) = dst.fd().writable().await else {
-                self.abandon_dst();
-                return Err(Event::DstLost);
-            };
-            match ready.try_io(|_| dst.write(&self.out[self.out_pos..])) {
-                Ok(Ok(n)) => self.out_pos += n,
-                Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
-                Ok(Err(_)) => {
+        while self.dst_open && (self.out_pos < self.out.len() || dst.pending_out()) {
+            if !dst.may_write() {
+                return Ok(false);
+            }
+            match dst.write(&self.out[self.out_pos..]) {
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
                     self.abandon_dst();
                     return Err(Event::DstLost);
                 }
-                Err(_would_block) => {} // readiness cleared: wait again
             }
         }
         // Back to the pool: an idle session holds no buffer.
         self.release_out();
         if self.shutdown_after_flush && self.dst_open {
             // TLS: the close_notify first, written before the half-close.
-            loop {
-                let dst = self.dst;
-                match dst.shutdown_write() {
-                    Ok(false) => {
-                        let Ok(mut ready) = dst.fd().writable().await else {
-                            break;
-                        };
-                        let _ = ready.try_io(|_| dst.flush_out());
-                    }
-                    Ok(true) | Err(_) => break,
-                }
+            if let Ok(false) = dst.shutdown_write() {
+                return Ok(false);
             }
             self.dst_open = false;
         }
-        Ok(())
+        Ok(true)
     }
 }

@@ -2,13 +2,10 @@
 //! their handshakes, as two pumps. Client → bot frames are re-masked with our own keys, bot →
 //! client frames pass unchanged; what closes mean is the session core's.
 
-use std::future::Future;
-use tokio::sync::mpsc;
-
 use crate::counters::{Meter, Tally};
-use crate::driver::{self, Command, Io};
+use crate::driver::{self, Driven, Io, Step};
 use crate::pump::Pump;
-use crate::session::{Action, Input, Kind, Limits, Outcome, Session, Side, Transform};
+use crate::session::{Action, Kind, Limits, Session, Side, Transform};
 use crate::stream::Stream;
 
 /// The bytes each side sent past its handshake, read by the control plane already.
@@ -19,57 +16,75 @@ pub struct Pending {
     pub bot: Vec<u8>,
 }
 
-/// Relays session `id` until it ends. (A plain `fn` returning the driver's future, so that the
-/// pumps are not kept twice in it: see `driver::run`.)
-pub fn run<'a>(
+/// Session `id` relaying `client` and `bot` until it ends, for a relay thread to run.
+pub fn session(
     id: u64,
-    client: &'a Stream,
-    bot: &'a Stream,
+    client: Stream,
+    bot: Stream,
     pending: Pending,
     limits: Limits,
-    commands: mpsc::UnboundedReceiver<Command>,
     meter: Meter,
-) -> impl Future<Output = Outcome> + 'a {
+) -> Driven<impl Io + Send> {
     let max = limits.max_message_size;
     let io = Pair {
-        up: Pump::new(client, bot, Transform::Remask, max, pending.client),
-        down: Pump::new(bot, client, Transform::Keep, max, pending.bot),
+        up: Pump::new(Transform::Remask, max, pending.client),
+        down: Pump::new(Transform::Keep, max, pending.bot),
+        client,
+        bot,
+        up_first: false,
     };
-    driver::run(
-        Session::new(id, Kind::Relay),
-        io,
-        limits.time_limit,
-        commands,
-        meter,
-    )
+    driver::drive(Session::new(id, Kind::Relay), io, limits.time_limit, meter)
 }
 
 /// Both directions: `up` client → bot, `down` bot → client.
-struct Pair<'a> {
-    up: Pump<'a>,
-    down: Pump<'a>,
+struct Pair {
+    up: Pump,
+    down: Pump,
+    client: Stream,
+    bot: Stream,
+    /// Which pump the next step tries first: they take turns, so neither starves the other.
+    up_first: bool,
 }
 
-impl<'a> Pair<'a> {
+impl Pair {
     /// The pump that writes to `side`.
-    fn towards(&mut self, side: Side) -> &mut Pump<'a> {
+    fn towards(&mut self, side: Side) -> &mut Pump {
         match side {
             Side::Client => &mut self.down,
             Side::Bot => &mut self.up,
         }
     }
+
+    /// One step of the pump from `src` (`up`: the client's), if it has anything to do.
+    fn step_one(&mut self, up: bool) -> Option<Step> {
+        let (pump, src, dst, sides) = if up {
+            let sides = (Side::Client, Side::Bot);
+            (&mut self.up, &self.client, &self.bot, sides)
+        } else {
+            let sides = (Side::Bot, Side::Client);
+            (&mut self.down, &self.bot, &self.client, sides)
+        };
+        if !pump.wants_poll(dst) {
+            return None;
+        }
+        match pump.step(src, dst).step(sides.0, sides.1) {
+            Step::Blocked => None,
+            step => Some(step),
+        }
+    }
 }
 
-impl Io for Pair<'_> {
+impl Io for Pair {
     fn live(&self) -> bool {
-        self.up.wants_poll() || self.down.wants_poll()
+        self.up.wants_poll(&self.bot) || self.down.wants_poll(&self.client)
     }
 
-    async fn step(&mut self) -> Option<Input> {
-        tokio::select! {
-            ev = self.up.step(), if self.up.wants_poll() => ev.input(Side::Client, Side::Bot),
-            ev = self.down.step(), if self.down.wants_poll() => ev.input(Side::Bot, Side::Client),
-        }
+    fn step(&mut self) -> Step {
+        let first = self.up_first;
+        self.up_first = !first;
+        self.step_one(first)
+            .or_else(|| self.step_one(!first))
+            .unwrap_or(Step::Blocked)
     }
 
     fn apply(&mut self, action: Action) {
@@ -94,6 +109,14 @@ impl Io for Pair<'_> {
             bytes_in,
             messages_out,
             bytes_out,
+        }
+    }
+
+    fn stream(&self, side: usize) -> Option<&Stream> {
+        match side {
+            0 => Some(&self.client),
+            1 => Some(&self.bot),
+            _ => None,
         }
     }
 }

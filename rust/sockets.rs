@@ -1,33 +1,26 @@
-//! Sockets handed over by the control plane, taken into tokio: non-blocking first (a blocking fd
-//! would stall a worker thread), Nagle off (small audio frames must not wait for ACKs), and
+//! Sockets handed over by the control plane, made ready for a relay thread: non-blocking first (a
+//! blocking fd would stall the thread), Nagle off (small audio frames must not wait for ACKs), and
 //! dead-peer detection by the kernel (TCP keepalive and `TCP_USER_TIMEOUT`), which costs nothing
 //! per message, unlike pings of our own.
 
 use std::io;
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
-
 use crate::stream::Stream;
 use crate::tls::Tls;
 
-/// Takes a handed-over socket into tokio: non-blocking first (a blocking fd would stall a worker
-/// thread), Nagle off (small audio frames must not wait for ACKs), dead-peer detection on; with
-/// the TLS connection the control plane began on it, if any.
+/// Makes a handed-over socket ready for a relay thread: non-blocking first (a blocking fd would
+/// stall the thread), Nagle off (small audio frames must not wait for ACKs), dead-peer detection
+/// on; with the TLS connection the control plane began on it, if any.
 pub(crate) fn adopt(
     s: std::net::TcpStream,
     tls: Option<Tls>,
     dead_peer_timeout: Duration,
 ) -> io::Result<Stream> {
     prepare(&s, dead_peer_timeout)?;
-    // Raw readiness (not tokio's TcpStream) so a pump can drop readiness after a short read,
-    // sparing the read that would only return EAGAIN.
-    // SAFETY: the AsyncFd owns `s`, an open socket whose descriptor stays the same and open
-    // until the AsyncFd is dropped (nothing else holds it: Python detached it).
-    let fd = unsafe { AsyncFd::register(s) }.map_err(|e| e.into_parts().1)?;
     Ok(match tls {
-        Some(tls) => Stream::tls(fd, tls),
-        None => Stream::plain(fd),
+        Some(tls) => Stream::tls(s, tls),
+        None => Stream::plain(s),
     })
 }
 

@@ -1,23 +1,25 @@
-//! A session's connection to one peer as the pumps see it: a non-blocking TCP socket in tokio's
-//! reactor, plain or with TLS on it.
+//! A session's connection to one peer as the pumps see it: a non-blocking TCP socket registered
+//! with its relay thread's epoll (`shard.rs`), plain or with TLS on it.
 //!
 //! [`read`](Stream::read) and [`write`](Stream::write) keep the socket's non-blocking contract
-//! (`WouldBlock`: wait for readiness), so the pumps are the same code for both. With TLS:
+//! (`WouldBlock`: wait for readiness), so the pumps are the same code for both. The socket's
+//! readiness is kept here: set by the shard's edge-triggered events, cleared by a `WouldBlock`
+//! (or by a pump that knows the next call would only return it), so no call is made that is
+//! known to fail. With TLS:
 //! - a read may find plaintext already decrypted without the socket being readable
-//!   ([`buffered`](Stream::buffered) says when not to wait for readiness);
+//!   ([`may_read`](Stream::may_read) counts it);
 //! - a write encrypts what it accepts and may leave records queued
-//!   ([`pending_out`](Stream::pending_out)); [`flush_out`](Stream::flush_out) writes them, and a
-//!   pump is not idle while any wait.
+//!   ([`pending_out`](Stream::pending_out)); a write of nothing writes them, and a pump is not
+//!   idle while any wait.
 //!
 //! One [`Tls`] serves both directions of a connection, and the two pumps of a session (or the
-//! echo bot's single pump) both reach it: it sits behind a mutex, never held across an await,
-//! uncontended in practice (a session's pumps run in one task).
+//! echo bot's single pump) both reach it: a session runs on one thread, so it sits in a
+//! `RefCell`, borrowed for one call at a time.
 
+use std::cell::{Cell, RefCell, RefMut};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
-use tokio::io::unix::AsyncFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use crate::tls::Tls;
 
@@ -33,40 +35,91 @@ struct TlsState {
 
 /// A connection to one peer. See the module docs.
 pub struct Stream {
-    fd: AsyncFd<TcpStream>,
+    sock: TcpStream,
     /// Boxed: a rustls connection is over a kilobyte, and a plain session (most of them) must
     /// not carry its room (idle memory per session is what a gateway of many holds).
-    tls: Option<Box<Mutex<TlsState>>>,
+    tls: Option<Box<RefCell<TlsState>>>,
+    /// The socket may have bytes to read.
+    readable: Cell<bool>,
+    /// The socket may take bytes.
+    writable: Cell<bool>,
+    /// The peer's EOF (or an error) was seen: reads never wait again (they return what is left,
+    /// then the end), however short a read was.
+    read_closed: Cell<bool>,
+    /// The connection broke: writes never wait again (they fail).
+    write_closed: Cell<bool>,
 }
 
 impl Stream {
-    /// A plain connection.
-    pub fn plain(fd: AsyncFd<TcpStream>) -> Self {
-        Self { fd, tls: None }
+    /// A plain connection on a non-blocking socket, not ready either way until its first event
+    /// (registering it reports its state as one).
+    pub fn plain(sock: TcpStream) -> Self {
+        Self {
+            sock,
+            tls: None,
+            readable: Cell::new(false),
+            writable: Cell::new(false),
+            read_closed: Cell::new(false),
+            write_closed: Cell::new(false),
+        }
     }
 
     /// A connection whose TLS `tls` the control plane began (handshake done or under way).
-    pub fn tls(fd: AsyncFd<TcpStream>, tls: Tls) -> Self {
+    pub fn tls(sock: TcpStream, tls: Tls) -> Self {
         let state = TlsState {
             tls,
             buffered: true, // the control plane may have left decrypted bytes in it
             closed: false,
         };
         Self {
-            fd,
-            tls: Some(Box::new(Mutex::new(state))),
+            tls: Some(Box::new(RefCell::new(state))),
+            ..Self::plain(sock)
         }
     }
 
-    /// The socket's readiness, for waiting.
-    pub fn fd(&self) -> &AsyncFd<TcpStream> {
-        &self.fd
+    /// The socket's descriptor, for registering it.
+    pub fn raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
     }
 
-    fn state(&self) -> Option<MutexGuard<'_, TlsState>> {
-        self.tls
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+    /// What an event said of the socket: it became readable, writable, the peer's EOF came
+    /// (or an error: the next read reports it), the connection broke (the next write fails).
+    pub fn mark_ready(&self, readable: bool, writable: bool, read_closed: bool, broken: bool) {
+        self.readable.set(self.readable.get() | readable);
+        self.writable.set(self.writable.get() | writable);
+        self.read_closed
+            .set(self.read_closed.get() | read_closed | broken);
+        self.write_closed.set(self.write_closed.get() | broken);
+    }
+
+    /// Whether a read may find something without an event first: the socket was not found
+    /// empty since its last event, its end is due, or TLS holds decrypted bytes.
+    pub fn may_read(&self) -> bool {
+        self.readable.get() || self.read_closed.get() || self.buffered()
+    }
+
+    /// Whether the socket was not found full since its last event (or a write would fail).
+    pub fn may_write(&self) -> bool {
+        self.writable.get() || self.write_closed.get()
+    }
+
+    /// The socket is empty: wait for an event before reading it again.
+    pub fn read_drained(&self) {
+        self.readable.set(false);
+    }
+
+    /// The socket is full: wait for an event before writing to it again.
+    pub fn write_blocked(&self) {
+        self.writable.set(false);
+    }
+
+    /// Whether this is a TLS connection.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn state(&self) -> Option<RefMut<'_, TlsState>> {
+        self.tls.as_ref().map(|c| c.borrow_mut())
     }
 
     /// Whether a read may succeed without waiting for the socket to be readable.
@@ -79,118 +132,94 @@ impl Stream {
         self.state().is_some_and(|s| s.tls.wants_write())
     }
 
-    /// Reads plaintext, without waiting. `Ok(0)`: the peer's EOF (or close_notify).
-    /// Whether a plain read that filled less than `buf` drained the socket is the caller's
-    /// guess; with TLS only `WouldBlock` says so.
+    /// Reads plaintext, without waiting. `Ok(0)`: the peer's EOF (or close_notify). A
+    /// `WouldBlock` marks the socket drained. Whether a plain read that filled less than `buf`
+    /// drained the socket is the caller's guess; with TLS only `WouldBlock` says so.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(mut st) = self.state() else {
-            return self.fd.get_ref().read(buf);
+        let r = match self.state() {
+            None => (&self.sock).read(buf),
+            Some(mut st) => read_tls(&mut st, &self.sock, buf),
         };
-        loop {
-            match st.tls.read_plain(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                // EOF without close_notify: an EOF all the same (truncation cannot hurt a
-                // framed protocol: a cut frame is never forwarded whole).
-                Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
-                Err(e) => return Err(e),
-            }
-            st.buffered = false;
-            match st.tls.read_tls(&mut self.fd.get_ref()) {
-                Ok(0) => return Ok(0),
-                Ok(_) => {
-                    st.buffered = true;
-                    // Answers the peer may wait for (a KeyUpdate's), without waiting.
-                    let _ = flush(&mut st.tls, self.fd.get_ref());
-                }
-                Err(e) => {
-                    if e.kind() == ErrorKind::InvalidData {
-                        // A TLS error: its alert goes out if it can, then the peer is gone.
-                        let _ = flush(&mut st.tls, self.fd.get_ref());
-                    }
-                    return Err(e);
-                }
-            }
+        if matches!(&r, Err(e) if e.kind() == ErrorKind::WouldBlock) {
+            self.read_drained();
         }
+        r
     }
 
     /// Writes `data` (or encrypts what it accepts), without waiting. With TLS, records left
-    /// queued are written first; `WouldBlock` while any remain.
+    /// queued are written first; `WouldBlock` while any remain. A socket found full is marked
+    /// so.
     pub fn write(&self, data: &[u8]) -> io::Result<usize> {
-        let Some(mut st) = self.state() else {
-            return self.fd.get_ref().write(data);
-        };
-        flush(&mut st.tls, self.fd.get_ref())?;
-        if data.is_empty() {
-            return Ok(0);
-        }
-        let n = st.tls.write_plain(data)?;
-        match flush(&mut st.tls, self.fd.get_ref()) {
-            Ok(()) => Ok(n),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(n), // queued: flushed later
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Writes queued TLS records, without waiting (`WouldBlock` while any remain).
-    pub fn flush_out(&self) -> io::Result<()> {
         match self.state() {
-            Some(mut st) => flush(&mut st.tls, self.fd.get_ref()),
-            None => Ok(()),
+            None => self.blocks((&self.sock).write(data)),
+            Some(mut st) => {
+                self.blocks(flush(&mut st.tls, &self.sock))?;
+                if data.is_empty() {
+                    return Ok(0);
+                }
+                let n = st.tls.write_plain(data)?;
+                match self.blocks(flush(&mut st.tls, &self.sock)) {
+                    Ok(()) => Ok(n),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(n), // queued: flushed later
+                    Err(e) => Err(e),
+                }
+            }
         }
     }
 
-    /// Ends our side: a TLS close_notify first (queued; see [`flush_out`](Self::flush_out)),
-    /// then, once nothing is queued, the TCP half-close. Returns whether the half-close was
-    /// done (false: records still wait, call again once writable).
+    /// Marks the socket full when `r` is a `WouldBlock`.
+    fn blocks<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if matches!(&r, Err(e) if e.kind() == ErrorKind::WouldBlock) {
+            self.write_blocked();
+        }
+        r
+    }
+
+    /// Ends our side: a TLS close_notify first, then, once no record is left queued, the TCP
+    /// half-close. Returns whether the half-close was done (false: records still wait, call
+    /// again once writable).
     pub fn shutdown_write(&self) -> io::Result<bool> {
         if let Some(mut st) = self.state() {
             if !st.closed {
                 st.closed = true;
                 st.tls.close_notify();
             }
-            match flush(&mut st.tls, self.fd.get_ref()) {
+            match self.blocks(flush(&mut st.tls, &self.sock)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
-        self.fd.get_ref().shutdown(Shutdown::Write)?;
+        self.sock.shutdown(Shutdown::Write)?;
         Ok(true)
     }
+}
 
-    /// Reads up to `max` bytes of plaintext onto the end of `v`, waiting for them.
-    /// Cancel-safe: `v` is touched only once the read is done.
-    pub async fn read_vec(&self, v: &mut Vec<u8>, max: usize) -> io::Result<usize> {
-        loop {
-            let mut ready = if self.buffered() {
-                None
-            } else {
-                Some(self.fd.readable().await?)
-            };
-            let start = v.len();
-            v.resize(start + max, 0);
-            let r = self.read(&mut v[start..]);
-            v.truncate(start + r.as_ref().map_or(0, |n| *n));
-            match r {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if let Some(ready) = ready.as_mut() {
-                        ready.clear_ready();
-                    }
-                }
-                r => return r,
-            }
+/// A TLS read: plaintext already decrypted, else records read from the socket and decrypted.
+fn read_tls(st: &mut TlsState, sock: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match st.tls.read_plain(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            // EOF without close_notify: an EOF all the same (truncation cannot hurt a framed
+            // protocol: a cut frame is never forwarded whole).
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
+            Err(e) => return Err(e),
         }
-    }
-
-    /// Writes some of `data` (or, for an empty `data`, the queued TLS records), waiting until
-    /// the socket takes it. Cancel-safe.
-    pub async fn write_async(&self, data: &[u8]) -> io::Result<usize> {
-        loop {
-            let mut ready = self.fd.writable().await?;
-            match ready.try_io(|_| self.write(data)) {
-                Ok(r) => return r,
-                Err(_would_block) => {}
+        st.buffered = false;
+        match st.tls.read_tls(&mut &*sock) {
+            Ok(0) => return Ok(0),
+            Ok(_) => {
+                st.buffered = true;
+                // Answers the peer may wait for (a KeyUpdate's), without waiting.
+                let _ = flush(&mut st.tls, sock);
+            }
+            Err(e) => {
+                if e.kind() == ErrorKind::InvalidData {
+                    // A TLS error: its alert goes out if it can, then the peer is gone.
+                    let _ = flush(&mut st.tls, sock);
+                }
+                return Err(e);
             }
         }
     }

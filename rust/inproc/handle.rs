@@ -1,13 +1,13 @@
 //! The part of an in-process session that Python's calls reach: the outbox Python's `send`
-//! fills and the session task writes, and the count of delivered bytes Python has not consumed
-//! (the inbox's backpressure).
+//! fills and the session writes, and the count of delivered bytes Python has not consumed (the
+//! inbox's backpressure). A call that gives the session something to do gives it a turn on its
+//! relay thread (one poke until the session has looked again, however many calls).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use tokio::sync::Notify;
-
 use crate::frame::{close_frame, write_header, Opcode, MAX_HEADER_LEN};
+use crate::shard::Poker;
 
 /// What an in-process session tells Python, besides its outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,26 +43,28 @@ pub(super) struct OutState {
 /// The part of an in-process session that Python's calls reach.
 pub struct Handle {
     pub(super) out: Mutex<OutState>,
-    pub(super) out_wake: Notify,
     pub(super) send_buffer_limit: usize,
     pub(super) undelivered: AtomicUsize,
-    pub(super) credit_wake: Notify,
     pub(super) inbox_limit: usize,
+    /// Gives the session a turn; `None` in tests without a relay thread.
+    poker: Option<Poker>,
+    /// A poke went since the session last looked.
+    poked: AtomicBool,
     /// Data messages Python's bot queued for the client, and their payload bytes.
     sent_messages: AtomicU64,
     sent_bytes: AtomicU64,
 }
 
 impl Handle {
-    /// A handle with these limits, in bytes.
-    pub fn new(inbox_limit: usize, send_buffer_limit: usize) -> Self {
+    /// A handle with these limits, in bytes, for a session that `poker` wakes.
+    pub fn new(inbox_limit: usize, send_buffer_limit: usize, poker: Option<Poker>) -> Self {
         Self {
             out: Mutex::new(OutState::default()),
-            out_wake: Notify::new(),
             send_buffer_limit,
             undelivered: AtomicUsize::new(0),
-            credit_wake: Notify::new(),
             inbox_limit,
+            poker,
+            poked: AtomicBool::new(false),
             sent_messages: AtomicU64::new(0),
             sent_bytes: AtomicU64::new(0),
         }
@@ -97,7 +99,7 @@ impl Handle {
         self.sent_messages.fetch_add(1, Ordering::Relaxed);
         self.sent_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.out_wake.notify_one();
+        self.wake();
         Some(queued)
     }
 
@@ -111,31 +113,47 @@ impl Handle {
 
     /// Python's bot took `n` bytes of delivered messages.
     pub fn consumed(&self, n: usize) {
-        let _ = self
+        let before = self
             .undelivered
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
                 Some(u.saturating_sub(n))
-            });
-        self.credit_wake.notify_one();
+            })
+            .unwrap_or(0);
+        // Only a session out of credit waits for this.
+        if before >= self.inbox_limit && before.saturating_sub(n) < self.inbox_limit {
+            self.wake();
+        }
     }
 
+    /// Gives the session a turn, unless one is due already.
+    fn wake(&self) {
+        if !self.poked.swap(true, Ordering::SeqCst) {
+            if let Some(p) = &self.poker {
+                p.poke();
+            }
+        }
+    }
+
+    /// The session is looking at the handle now: the next call must wake it again.
+    pub(super) fn rearm(&self) {
+        self.poked.store(false, Ordering::SeqCst);
+    }
+
+    /// Queues our close for the client (called during the session's turn: no wake needed).
     pub(super) fn queue_close(&self, code: u16, reason: &str) {
         let mut st = self.out();
         if !st.closed {
             st.closed = true;
             st.buf.extend_from_slice(&close_frame(code, reason, None));
         }
-        drop(st);
-        self.out_wake.notify_one();
     }
 
+    /// Queues a pong for the client (called during the session's turn: no wake needed).
     pub(super) fn queue_pong(&self, payload: &[u8]) {
         let mut st = self.out();
         if !st.closed {
             push_frame(&mut st.buf, Opcode::PONG, payload);
         }
-        drop(st);
-        self.out_wake.notify_one();
     }
 }
 
@@ -152,7 +170,7 @@ mod tests {
 
     #[test]
     fn sends_past_the_limit_report_it_and_stop_after_a_close() {
-        let h = Handle::new(10, 8);
+        let h = Handle::new(10, 8, None);
         assert_eq!(h.send(true, b"hi"), Some(4));
         assert_eq!(h.send(false, b"12345"), Some(11));
         assert!(h.out().over);

@@ -7,40 +7,37 @@
 //! `inbox_limit` undelivered bytes the session stops reading its client, so a bot that never
 //! reads costs a bounded amount of memory and the client meets TCP backpressure.
 //!
-//! Outbound, Python's `send` frames the message into a per-session outbox and wakes the session
-//! task, which writes it. `send` returns the bytes queued; past `send_buffer_limit` Python waits
+//! Outbound, Python's `send` frames the message into a per-session outbox and gives the session
+//! a turn on its relay thread, where it is written. `send` returns the bytes queued; past `send_buffer_limit` Python waits
 //! for a `Drained` message, queued once the outbox has emptied to half the limit.
 
 mod handle;
 
-use std::future::Future;
 use std::sync::atomic::Ordering;
-
-use tokio::sync::mpsc;
+use std::sync::Arc;
 
 pub use handle::{Delivery, Handle, Message};
 
 use crate::counters::{Meter, Tally};
-use crate::driver::{self, Command, Io};
+use crate::driver::{self, Driven, Io, Step};
 use crate::limits::READ_BUF;
-use crate::session::{Action, Assembler, Inbound, Input, Kind, Limits, Outcome, Session, Side};
+use crate::session::{Action, Assembler, Inbound, Input, Kind, Limits, Session, Side};
 use crate::stream::Stream;
 
-/// Serves one client for an in-process bot until the session ends. `deliver` queues a message
-/// for Python (and rings the doorbell); `meter` hears of its traffic.
-#[allow(clippy::too_many_arguments)] // the session's parts, each used once: no struct to name
-pub fn run<'a>(
+/// Session `id` serving `client` for an in-process bot until it ends, for a relay thread to run.
+/// `deliver` queues a message for Python (and rings the doorbell); `meter` hears of its traffic.
+pub fn session(
     id: u64,
-    client: &'a Stream,
+    client: Stream,
     pending: Vec<u8>,
     limits: Limits,
-    handle: &'a Handle,
-    commands: mpsc::UnboundedReceiver<Command>,
-    deliver: impl Fn(Message) + Send + Sync + 'a,
+    handle: Arc<Handle>,
+    deliver: impl Fn(Message) + Send + Sync,
     meter: Meter,
-) -> impl Future<Output = Outcome> + 'a {
+) -> Driven<impl Io + Send> {
     let peer = Peer {
         id,
+        fresh: !pending.is_empty(),
         client,
         handle,
         deliver,
@@ -56,23 +53,24 @@ pub fn run<'a>(
         messages: 0,
         bytes: 0,
     };
-    driver::run(
+    driver::drive(
         Session::new(id, Kind::InProcess),
         peer,
         limits.time_limit,
-        commands,
         meter,
     )
 }
 
 /// The client's socket and the session's side of the [`Handle`].
-struct Peer<'a, D> {
+struct Peer<D> {
     id: u64,
-    client: &'a Stream,
-    handle: &'a Handle,
+    client: Stream,
+    handle: Arc<Handle>,
     deliver: D,
     asm: Assembler,
     inbuf: Vec<u8>,
+    /// Bytes came into `inbuf` since it was last judged.
+    fresh: bool,
     inbound: Vec<Inbound>,
     /// The client's stream goes on (no close, no broken rule yet).
     reading: bool,
@@ -87,7 +85,7 @@ struct Peer<'a, D> {
     bytes: u64,
 }
 
-impl<D: Fn(Message)> Peer<'_, D> {
+impl<D: Fn(Message)> Peer<D> {
     /// Delivers what has arrived; returns the close or broken rule that ended the stream.
     fn judge(&mut self) -> Option<Input> {
         if self.asm.feed(&mut self.inbuf, &mut self.inbound) {
@@ -159,58 +157,72 @@ impl<D: Fn(Message)> Peer<'_, D> {
     }
 }
 
-impl<D> Drop for Peer<'_, D> {
+impl<D> Drop for Peer<D> {
     fn drop(&mut self) {
         // The session is over, however it ended: Python's sends are dropped from now on.
         self.handle.out().closed = true;
     }
 }
 
-impl<D: Fn(Message) + Send + Sync> Io for Peer<'_, D> {
+impl<D: Fn(Message) + Send + Sync> Io for Peer<D> {
     fn live(&self) -> bool {
         !self.done
     }
 
-    async fn step(&mut self) -> Option<Input> {
-        // Judge what has arrived before waiting for more.
-        if self.reading && !self.inbuf.is_empty() {
+    fn step(&mut self) -> Step {
+        // Python's calls from here on give the session another turn.
+        self.handle.rearm();
+        // Judge what has arrived before reading more.
+        if self.reading && self.fresh {
+            self.fresh = false;
             if let Some(input) = self.judge() {
-                return Some(input);
+                return Step::Input(input);
             }
         }
         if !self.refill() {
             self.done = true;
-            return None;
+            return Step::Progress;
         }
-        let (client, handle) = (self.client, self.handle);
+        let client = &self.client;
+        let gone = Step::Input(Input::Gone(Side::Client));
+        if (self.out_pos < self.out.len() || client.pending_out()) && client.may_write() {
+            match client.write(&self.out[self.out_pos..]) {
+                Ok(n) => {
+                    self.out_pos += n;
+                    return Step::Progress;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Step::Progress,
+                Err(_) => return gone,
+            }
+        }
+        let handle = &self.handle;
         let has_credit = handle.undelivered.load(Ordering::Acquire) < handle.inbox_limit;
-        let gone = Some(Input::Gone(Side::Client));
-        tokio::select! {
-            r = client.read_vec(&mut self.inbuf, READ_BUF),
-                if (self.reading && has_credit) || (!self.reading && !self.client_closed) =>
-            {
-                if !self.reading {
+        let wants = (self.reading && has_credit) || (!self.reading && !self.client_closed);
+        if !wants || !client.may_read() {
+            return Step::Blocked;
+        }
+        let start = self.inbuf.len();
+        self.inbuf.resize(start + READ_BUF, 0);
+        let r = client.read(&mut self.inbuf[start..]);
+        self.inbuf.truncate(start + r.as_ref().map_or(0, |n| *n));
+        match r {
+            Ok(0) => gone,
+            Ok(n) => {
+                if n < READ_BUF && !client.is_tls() {
+                    client.read_drained(); // as a pump's short read
+                }
+                if self.reading {
+                    self.fresh = true;
+                } else {
                     // After our close: read and drop until the client's close reply or EOF.
                     self.inbuf.clear();
                 }
-                match r {
-                    Ok(0) | Err(_) => gone,
-                    Ok(_) => None,
-                }
+                Step::Progress
             }
-            _ = handle.credit_wake.notified(), if self.reading && !has_credit => None,
-            _ = handle.out_wake.notified(), if self.out_pos == self.out.len() => None,
-            w = client.write_async(&self.out[self.out_pos..]),
-                if self.out_pos < self.out.len() || client.pending_out() =>
-            {
-                match w {
-                    Ok(n) => {
-                        self.out_pos += n;
-                        None
-                    }
-                    Err(_) => gone,
-                }
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Step::Blocked,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Step::Progress,
+            Err(_) => gone,
         }
     }
 
@@ -239,5 +251,9 @@ impl<D: Fn(Message) + Send + Sync> Io for Peer<'_, D> {
             messages_out,
             bytes_out,
         }
+    }
+
+    fn stream(&self, side: usize) -> Option<&Stream> {
+        (side == 0).then_some(&self.client)
     }
 }

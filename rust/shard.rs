@@ -1,0 +1,556 @@
+//! A relay thread: one epoll instance (through `mio`) and the sessions that live on it, from
+//! their handover to their end. The loop is nginx's: wait for events, mark each socket's
+//! readiness, run each session that has something to do, until it can do nothing more without
+//! another event. No task scheduler, waker or future sits between an event and the session: a
+//! message costs the two syscalls that move it and a share of one `epoll_wait`.
+//!
+//! What else can wake a session reaches it through the shard, never a channel of its own:
+//! - its deadline (the time limit, then the close timeout): one heap of deadlines per shard,
+//!   whose earliest is `epoll_wait`'s timeout;
+//! - a stop from the control plane, a new session, an in-process bot's send: mail in the
+//!   shard's inbox, and one eventfd write when the inbox turns non-empty.
+//!
+//! A session runs at most [`BUDGET`] steps at a time, then waits its turn behind the others: one
+//! busy session cannot starve its neighbours.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::session::Outcome;
+use crate::stream::Stream;
+
+/// Steps a session may take per turn before the others get theirs.
+pub const BUDGET: u32 = 64;
+
+/// The inbox's token; a socket's is its session's slot times two, plus its side.
+const MAIL: Token = Token(usize::MAX);
+
+/// Where outcomes go (the engine's queue for Python).
+pub type Report = Arc<dyn Fn(Outcome) + Send + Sync>;
+
+/// What a session asks for after a turn.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Run {
+    /// Nothing to do until an event, its deadline or mail.
+    Blocked,
+    /// Its budget ran out with work left: run it again soon.
+    More,
+    /// It is over: take its outcome.
+    Done,
+}
+
+/// A session as a shard runs it (`driver::Driven`).
+pub trait Task: Send {
+    /// Its sockets: 0 the client's, 1 the bot's when it has one.
+    fn stream(&self, side: usize) -> Option<&Stream>;
+
+    /// Does what its sockets' readiness, its deadline (passed at `now`) and its mail allow.
+    fn run(&mut self, now: Instant) -> Run;
+
+    /// The control plane stops it with this close code and reason (acted on at its next turn).
+    fn stop(&mut self, code: u16, reason: String);
+
+    /// When it next wants a turn whatever happens (`None`: never).
+    fn deadline(&self) -> Option<Instant>;
+
+    /// How it ended, once [`run`](Self::run) said [`Run::Done`].
+    fn finish(self: Box<Self>) -> Outcome;
+}
+
+enum Mail {
+    Start(u64, Box<dyn Task>),
+    Stop(u64, u16, String),
+    Poke(u64),
+    Quit,
+}
+
+struct Inbox {
+    mail: Mutex<Vec<Mail>>,
+    waker: mio::Waker,
+}
+
+impl Inbox {
+    fn send(&self, m: Mail) {
+        let first = {
+            let mut q = self.mail.lock().unwrap_or_else(PoisonError::into_inner);
+            q.push(m);
+            q.len() == 1
+        };
+        // The shard takes the whole inbox per wake-up: only the first letter needs to ring.
+        if first {
+            let _ = self.waker.wake();
+        }
+    }
+
+    fn take(&self) -> Vec<Mail> {
+        std::mem::take(&mut *self.mail.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Wakes one session of a shard from another thread (an in-process bot's send).
+#[derive(Clone)]
+pub struct Poker {
+    inbox: Arc<Inbox>,
+    id: u64,
+}
+
+impl Poker {
+    /// Gives the session a turn soon.
+    pub fn poke(&self) {
+        self.inbox.send(Mail::Poke(self.id));
+    }
+}
+
+/// One relay thread. See the module docs.
+pub struct Shard {
+    inbox: Arc<Inbox>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Shard {
+    /// Starts relay thread number `index`; the outcomes of its sessions go to `report`.
+    pub fn start(index: usize, report: Report) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = mio::Waker::new(poll.registry(), MAIL)?;
+        let inbox = Arc::new(Inbox {
+            mail: Mutex::new(Vec::new()),
+            waker,
+        });
+        let ours = inbox.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("wsgate-relay-{index}"))
+            .spawn(move || Loop::new(poll, ours, report).run())?;
+        Ok(Self {
+            inbox,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands session `id` over to this thread.
+    pub fn start_task(&self, id: u64, task: Box<dyn Task>) {
+        self.inbox.send(Mail::Start(id, task));
+    }
+
+    /// Stops session `id` with this close code and reason, if it is still here.
+    pub fn stop_task(&self, id: u64, code: u16, reason: String) {
+        self.inbox.send(Mail::Stop(id, code, reason));
+    }
+
+    /// What wakes session `id` from another thread.
+    pub fn poker(&self, id: u64) -> Poker {
+        Poker {
+            inbox: self.inbox.clone(),
+            id,
+        }
+    }
+
+    /// Drops every session (each reports an outcome) and ends the thread.
+    pub fn quit(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.inbox.send(Mail::Quit);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        self.quit();
+    }
+}
+
+struct Entry {
+    id: u64,
+    task: Box<dyn Task>,
+    /// In the run queue already.
+    queued: bool,
+    /// The deadline in the heap for it.
+    armed: Option<Instant>,
+}
+
+/// The thread's state: its sessions in slots (a socket's token names its slot).
+struct Loop {
+    poll: Poll,
+    inbox: Arc<Inbox>,
+    report: Report,
+    slots: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    by_id: HashMap<u64, usize>,
+    deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Slots to run this turn, and those that asked for another.
+    runq: Vec<usize>,
+    again: Vec<usize>,
+}
+
+impl Loop {
+    fn new(poll: Poll, inbox: Arc<Inbox>, report: Report) -> Self {
+        Self {
+            poll,
+            inbox,
+            report,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_id: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            runq: Vec::new(),
+            again: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = if self.runq.is_empty() {
+                self.deadlines
+                    .peek()
+                    .map(|Reverse((t, ..))| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break; // the epoll fd is broken: end every session
+            }
+            let mut mail = false;
+            for ev in events.iter() {
+                if ev.token() == MAIL {
+                    mail = true;
+                    continue;
+                }
+                let (slot, side) = (ev.token().0 >> 1, ev.token().0 & 1);
+                let Some(Some(entry)) = self.slots.get_mut(slot) else {
+                    continue; // a closed socket's last event
+                };
+                if let Some(s) = entry.task.stream(side) {
+                    s.mark_ready(
+                        ev.is_readable(),
+                        ev.is_writable(),
+                        ev.is_read_closed(),
+                        ev.is_error() || ev.is_write_closed(),
+                    );
+                }
+                if !entry.queued {
+                    entry.queued = true;
+                    self.runq.push(slot);
+                }
+            }
+            if mail && !self.read_mail() {
+                break;
+            }
+            let now = Instant::now();
+            while let Some(&Reverse((t, slot, id))) = self.deadlines.peek() {
+                if t > now {
+                    break;
+                }
+                self.deadlines.pop();
+                self.queue_if(slot, id);
+            }
+            let runq = std::mem::take(&mut self.runq);
+            for &slot in &runq {
+                self.turn(slot, now);
+            }
+            self.runq = runq;
+            self.runq.clear();
+            std::mem::swap(&mut self.runq, &mut self.again);
+        }
+        // Dropping the sessions closes their sockets; each reports that the engine stopped.
+        for entry in self.slots.drain(..).flatten() {
+            (self.report)(Outcome::new(entry.id));
+        }
+    }
+
+    /// Takes the inbox; false once told to quit.
+    fn read_mail(&mut self) -> bool {
+        let mut quit = false;
+        for m in self.inbox.take() {
+            match m {
+                // Handed over as the engine stopped: it ends at once, as the others.
+                Mail::Start(id, _) if quit => (self.report)(Outcome::new(id)),
+                Mail::Start(id, task) => self.insert(id, task),
+                Mail::Stop(id, code, reason) => {
+                    if let Some(&slot) = self.by_id.get(&id) {
+                        if let Some(entry) = self.slots[slot].as_mut() {
+                            entry.task.stop(code, reason);
+                        }
+                        self.queue_if(slot, id);
+                    }
+                }
+                Mail::Poke(id) => {
+                    if let Some(&slot) = self.by_id.get(&id) {
+                        self.queue_if(slot, id);
+                    }
+                }
+                Mail::Quit => quit = true,
+            }
+        }
+        !quit
+    }
+
+    fn queue_if(&mut self, slot: usize, id: u64) {
+        if let Some(Some(entry)) = self.slots.get_mut(slot) {
+            if entry.id == id && !entry.queued {
+                entry.queued = true;
+                self.runq.push(slot);
+            }
+        }
+    }
+
+    fn insert(&mut self, id: u64, task: Box<dyn Task>) {
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        for side in 0..2 {
+            let Some(s) = task.stream(side) else { continue };
+            let token = Token(slot << 1 | side);
+            let both = Interest::READABLE | Interest::WRITABLE;
+            // The registration reports the socket's state as a first event.
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&s.raw_fd()), token, both)
+            {
+                self.free.push(slot);
+                let mut outcome = Outcome::new(id);
+                outcome.detail = format!("relay thread could not take the session: {e}");
+                (self.report)(outcome);
+                return;
+            }
+        }
+        self.slots[slot] = Some(Entry {
+            id,
+            task,
+            queued: true,
+            armed: None,
+        });
+        self.by_id.insert(id, slot);
+        self.runq.push(slot);
+    }
+
+    /// Runs the session in `slot` once, then files it by what it asked for.
+    fn turn(&mut self, slot: usize, now: Instant) {
+        let Some(entry) = self.slots[slot].as_mut() else {
+            return;
+        };
+        entry.queued = false;
+        // A panic ends the session it happened in, not the thread's other sessions.
+        match catch_unwind(AssertUnwindSafe(|| entry.task.run(now))) {
+            Ok(Run::Blocked) => {}
+            Ok(Run::More) => {
+                entry.queued = true;
+                self.again.push(slot);
+            }
+            Ok(Run::Done) => {
+                let Entry { id, task, .. } = self.remove(slot);
+                let outcome = catch_unwind(AssertUnwindSafe(|| task.finish()));
+                (self.report)(outcome.unwrap_or_else(|_| Outcome::new(id)));
+                return;
+            }
+            Err(_) => {
+                let Entry { id, .. } = self.remove(slot);
+                (self.report)(Outcome::new(id));
+                return;
+            }
+        }
+        let deadline = entry.task.deadline();
+        if deadline != entry.armed {
+            entry.armed = deadline;
+            if let Some(t) = deadline {
+                self.deadlines.push(Reverse((t, slot, entry.id)));
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) -> Entry {
+        let entry = self.slots[slot].take().expect("a live slot");
+        for side in 0..2 {
+            if let Some(s) = entry.task.stream(side) {
+                let _ = self.poll.registry().deregister(&mut SourceFd(&s.raw_fd()));
+            }
+        }
+        self.by_id.remove(&entry.id);
+        self.free.push(slot);
+        // Deadlines of ended sessions stay in the heap until due; past twice the live ones,
+        // the heap is rebuilt from the live ones (a day's time limits must not pile up).
+        if self.deadlines.len() > 2 * self.by_id.len() + 64 {
+            self.deadlines = (self.slots.iter().enumerate())
+                .filter_map(|(slot, e)| {
+                    let e = e.as_ref()?;
+                    Some(Reverse((e.armed?, slot, e.id)))
+                })
+                .collect();
+        }
+        entry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop through the engine's own entry points, on loopback TCP: what a turn must not
+    //! miss (an EOF behind a session's last bytes, a stop, its deadline, a shutdown).
+
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    use crate::engine::{Engine, Handed, Item};
+    use crate::frame::{close_frame, encode_frame, Opcode};
+    use crate::session::{EndedBy, Limits, Outcome};
+
+    const KEY: Option<[u8; 4]> = Some([1, 2, 3, 4]);
+
+    /// A connected pair: (ours, the one handed to the engine).
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (theirs, _) = l.accept().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (ours, theirs)
+    }
+
+    fn handed(sock: TcpStream) -> Handed {
+        Handed {
+            sock,
+            tls: None,
+            pending: Vec::new(),
+        }
+    }
+
+    fn limits(time_limit: Option<Duration>) -> Limits {
+        Limits {
+            max_message_size: 1 << 20,
+            time_limit,
+        }
+    }
+
+    /// The outcome of session `id`, waiting at most 5 s for it.
+    fn outcome(engine: &Engine, id: u64) -> Outcome {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            for item in engine.drain() {
+                if let Item::Outcome(o) = item {
+                    if o.session_id == id {
+                        return o;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no outcome for session {id}");
+    }
+
+    /// Reads exactly `n` bytes.
+    fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        s.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn an_eof_right_behind_the_last_bytes_ends_the_session() {
+        // Frame and FIN wait in the socket together, so the first event reports both: a short
+        // read must not hide the end that follows it.
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let (mut client, theirs) = pair();
+        client
+            .write_all(&encode_frame(true, Opcode::TEXT, b"hi", KEY))
+            .unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        engine.echo(1, handed(theirs), limits(None), None).unwrap();
+        assert_eq!(
+            read_n(&mut client, 4),
+            encode_frame(true, Opcode::TEXT, b"hi", None)
+        );
+        let o = outcome(&engine, 1);
+        assert_eq!(
+            (o.ended_by, o.detail.as_str()),
+            (EndedBy::Client, "client gone")
+        );
+        assert_eq!((o.messages_in, o.bytes_in), (1, 2));
+    }
+
+    #[test]
+    fn a_stop_closes_both_sides_of_a_relayed_session() {
+        let engine = Engine::new(2, Duration::from_secs(60)).unwrap();
+        let (mut client, c) = pair();
+        let (mut bot, b) = pair();
+        engine
+            .relay(7, handed(c), handed(b), limits(None), None)
+            .unwrap();
+        client
+            .write_all(&encode_frame(true, Opcode::BINARY, b"ping", KEY))
+            .unwrap();
+        let got = read_n(&mut bot, 10); // 2 + 4 (our key) + 4
+        assert_eq!(&got[..2], &[0x82, 0x84]);
+        assert!(engine.close(7, 4000, "bye"));
+        let expected = close_frame(4000, "bye", None);
+        assert_eq!(read_n(&mut client, expected.len()), expected);
+        let to_bot = read_n(&mut bot, expected.len() + 4); // masked by us
+        assert_eq!(&to_bot[..2], &[0x88, 0x85]);
+        // Both peers answer and leave: the session ends by the gateway's stop.
+        client.write_all(&close_frame(4000, "", KEY)).unwrap();
+        bot.write_all(&close_frame(4000, "", None)).unwrap();
+        drop((client, bot));
+        let o = outcome(&engine, 7);
+        assert_eq!((o.ended_by, o.code), (EndedBy::Gateway, 4000));
+        assert_eq!((o.messages_in, o.bytes_in), (1, 4));
+        assert!(
+            !engine.close(7, 1000, ""),
+            "gone once its outcome is queued"
+        );
+    }
+
+    #[test]
+    fn the_time_limit_closes_the_session() {
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let (mut client, theirs) = pair();
+        let started = Instant::now();
+        let limit = Some(Duration::from_millis(100));
+        engine.echo(3, handed(theirs), limits(limit), None).unwrap();
+        let expected = close_frame(1000, "session time limit", None);
+        assert_eq!(read_n(&mut client, expected.len()), expected);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        // The reply completes the handshake: the gateway ends its side, then the client.
+        client.write_all(&close_frame(1000, "", KEY)).unwrap();
+        assert_eq!(client.read_to_end(&mut Vec::new()).unwrap(), 0);
+        client.shutdown(Shutdown::Write).unwrap();
+        let o = outcome(&engine, 3);
+        assert_eq!((o.ended_by, o.code), (EndedBy::Gateway, 1000));
+    }
+
+    #[test]
+    fn a_shutdown_ends_every_live_session_with_an_outcome() {
+        let mut engine = Engine::new(2, Duration::from_secs(60)).unwrap();
+        let mut clients = Vec::new();
+        for id in 1..=4 {
+            let (client, theirs) = pair();
+            engine.echo(id, handed(theirs), limits(None), None).unwrap();
+            clients.push(client);
+        }
+        engine.shutdown();
+        let mut ended: Vec<u64> = engine
+            .drain()
+            .into_iter()
+            .filter_map(|item| match item {
+                Item::Outcome(o) => Some(o.session_id),
+                Item::Message(_) => None,
+            })
+            .collect();
+        ended.sort_unstable();
+        assert_eq!(ended, [1, 2, 3, 4]);
+        for mut c in clients {
+            assert_eq!(c.read(&mut [0; 8]).unwrap(), 0, "its socket is closed");
+        }
+    }
+}
