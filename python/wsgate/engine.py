@@ -143,8 +143,12 @@ class RelaySession:
             self._done.set()
         if self.inbox is not None:
             self.inbox.ended(outcome)
-        if self.on_done is not None:
-            self.on_done(outcome)
+        # Called once, then let go: a callback that holds what holds this session (the
+        # gateway's Opened does) would otherwise keep the pair alive as a reference cycle, to
+        # be found only by a full collection, long after a burst of sessions ended.
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(outcome)
 
 
 def _tls_of(conn: Conn) -> _core.TlsConnection | None:
