@@ -2,10 +2,9 @@
 //! ping as a pong, the client's close as the bot's reply.
 
 use std::future::Future;
-use tokio::sync::mpsc;
 
 use crate::counters::{Meter, Tally};
-use crate::driver::{self, Command, Io};
+use crate::driver::{self, Commands, Io};
 use crate::pump::Pump;
 use crate::session::{Action, Input, Kind, Limits, Outcome, Session, Side, Transform};
 use crate::stream::Stream;
@@ -17,7 +16,7 @@ pub fn run(
     client: &Stream,
     pending: Vec<u8>,
     limits: Limits,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: Commands,
     meter: Meter,
 ) -> impl Future<Output = Outcome> + '_ {
     let pump = Pump::new(

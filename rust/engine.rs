@@ -6,7 +6,7 @@
 //! written when the outcome queue turns non-empty, so one event-loop wake-up drains many
 //! outcomes. Nothing here touches Python or holds its GIL. Live counts per agent, for metrics,
 //! are the [`Counters`]' (a session of a registered agent carries a `Meter` on them); each
-//! live session's own messages and bytes are its [`Live`], kept beside its command channel
+//! live session's own messages and bytes are its [`Live`], kept beside its command's sender
 //! and read all at once by [`Engine::tallies`].
 
 use std::collections::HashMap;
@@ -17,11 +17,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::runtime::Handle as Runtime;
-use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
 use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
-use crate::driver::Command;
+use crate::driver::{Command, Commands};
 use crate::inproc::{self, Handle, Message};
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
@@ -44,9 +43,10 @@ struct Queue {
     rung: bool,
 }
 
-/// A live session as the engine reaches it: its commands, and its traffic so far.
+/// A live session as the engine reaches it: its command, and its traffic so far.
 struct Entry {
-    commands: mpsc::UnboundedSender<Command>,
+    /// The sender of its one command, until it is sent.
+    command: Option<oneshot::Sender<Command>>,
     live: Arc<Live>,
 }
 
@@ -79,16 +79,32 @@ impl Shared {
 }
 
 /// Reports a session's outcome when its task ends, however it ends (also when the runtime is
-/// shut down mid-session, or a bug panics), so no waiter in Python is left hanging.
+/// shut down mid-session, or a bug panics), so no waiter in Python is left hanging. It keeps
+/// the session's id, not an outcome in waiting: every live session's task holds one.
 struct Report {
     shared: Arc<Shared>,
-    outcome: Option<Outcome>,
+    /// The session's, until its outcome is queued.
+    id: Option<u64>,
+}
+
+impl Report {
+    /// Queues the session's outcome.
+    fn send(mut self, outcome: Outcome) {
+        self.id = None;
+        self.shared.push(Item::Outcome(outcome));
+    }
+
+    /// Queues a message of an in-process session.
+    fn deliver(&self, message: Message) {
+        self.shared.push(Item::Message(message));
+    }
 }
 
 impl Drop for Report {
     fn drop(&mut self) {
-        if let Some(o) = self.outcome.take() {
-            self.shared.push(Item::Outcome(o));
+        if let Some(id) = self.id.take() {
+            // Dropped unfinished: an outcome that says nothing more than its end.
+            self.shared.push(Item::Outcome(Outcome::new(id)));
         }
     }
 }
@@ -214,7 +230,7 @@ impl Engine {
         self.counters.snapshot()
     }
 
-    fn register(&self, id: u64) -> io::Result<(mpsc::UnboundedReceiver<Command>, Arc<Live>)> {
+    fn register(&self, id: u64) -> io::Result<(Commands, Arc<Live>)> {
         let mut sessions = lock(&self.shared.sessions);
         if sessions.contains_key(&id) {
             return Err(io::Error::new(
@@ -222,10 +238,10 @@ impl Engine {
                 "session id already in use",
             ));
         }
-        let (commands, rx) = mpsc::unbounded_channel();
+        let (command, rx) = oneshot::channel();
         let live = Arc::new(Live::default());
         let entry = Entry {
-            commands,
+            command: Some(command),
             live: live.clone(),
         };
         sessions.insert(id, entry);
@@ -249,9 +265,13 @@ impl Engine {
     }
 
     /// Runs one session on the next worker: `adopt` takes its sockets into that worker's
-    /// runtime, `session` relays them until the end, counted for `agent` (an index from
-    /// [`register_agent`](Self::register_agent), or `None`) as served by `served`. Its outcome
-    /// is queued however it ends.
+    /// runtime, `session` relays them until the end and sends its outcome to the [`Report`],
+    /// counted for `agent` (an index from [`register_agent`](Self::register_agent), or `None`)
+    /// as served by `served`. Its outcome is queued however it ends.
+    ///
+    /// The future `session` returns is the task itself, not awaited inside another: each
+    /// layer of `async` keeps what it was given beside the future it awaits, and this is what
+    /// an idle session costs.
     fn launch<S, F, Fut>(
         &self,
         id: u64,
@@ -261,8 +281,8 @@ impl Engine {
     ) -> io::Result<()>
     where
         S: Send + 'static,
-        F: FnOnce(S, mpsc::UnboundedReceiver<Command>, Arc<Shared>, Meter) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Outcome> + Send,
+        F: FnOnce(S, Commands, Report, Meter) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         if !self.counters.knows(agent) {
             return Err(io::Error::new(
@@ -278,15 +298,11 @@ impl Engine {
         let (rx, live) = self.register(id)?;
         // Counted from here on: the session's task owns the meter, however it ends.
         let meter = self.counters.meter(agent, served, worker).showing(live);
-        let mut report = Report {
+        let report = Report {
             shared: self.shared.clone(),
-            outcome: Some(Outcome::new(id)),
+            id: Some(id),
         };
-        rt.spawn(async move {
-            let shared = report.shared.clone();
-            report.outcome = Some(session(sockets, rx, shared, meter).await);
-            drop(report); // queues the outcome
-        });
+        rt.spawn(session(sockets, rx, report, meter));
         Ok(())
     }
 
@@ -310,8 +326,8 @@ impl Engine {
             id,
             (agent, Served::Upstream),
             || Ok((adopt(c.0, c.1, dpt)?, adopt(b.0, b.1, dpt)?)),
-            move |(client, bot), rx, _, meter| async move {
-                relay::run(id, &client, &bot, pending, limits, rx, meter).await
+            move |(client, bot), rx, report, meter| async move {
+                report.send(relay::run(id, &client, &bot, pending, limits, rx, meter).await);
             },
         )
     }
@@ -330,8 +346,8 @@ impl Engine {
             id,
             (agent, Served::Builtin),
             || adopt(sock, tls, dpt),
-            move |client, rx, _, meter| async move {
-                echo::run(id, &client, pending, limits, rx, meter).await
+            move |client, rx, report, meter| async move {
+                report.send(echo::run(id, &client, pending, limits, rx, meter).await);
             },
         )
     }
@@ -355,9 +371,11 @@ impl Engine {
             id,
             (agent, Served::InProcess),
             || adopt(sock, tls, dpt),
-            move |client, rx, shared, meter| async move {
-                let deliver = |m: Message| shared.push(Item::Message(m));
-                inproc::run(id, &client, pending, limits, &ours, rx, deliver, meter).await
+            move |client, rx, report, meter| async move {
+                let deliver = |m: Message| report.deliver(m);
+                let outcome =
+                    inproc::run(id, &client, pending, limits, &ours, rx, deliver, meter).await;
+                report.send(outcome);
             },
         )?;
         // Registered after the launch: a session that failed to start has no handle to leak.
@@ -380,10 +398,13 @@ impl Engine {
     }
 
     /// Closes both sides of a live session with `code` and `reason`. False if it is unknown.
+    /// A session stops once: a later close of the same session changes nothing.
     pub fn close(&self, id: u64, code: u16, reason: &str) -> bool {
-        let close = Command::Close(code, reason.to_owned());
-        match lock(&self.shared.sessions).get(&id) {
-            Some(e) => e.commands.send(close).is_ok(),
+        match lock(&self.shared.sessions).get_mut(&id) {
+            Some(e) => match e.command.take() {
+                Some(tx) => tx.send(Command::Close(code, reason.to_owned())).is_ok(),
+                None => true,
+            },
             None => false,
         }
     }

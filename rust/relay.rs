@@ -3,10 +3,9 @@
 //! client frames pass unchanged; what closes mean is the session core's.
 
 use std::future::Future;
-use tokio::sync::mpsc;
 
 use crate::counters::{Meter, Tally};
-use crate::driver::{self, Command, Io};
+use crate::driver::{self, Commands, Io};
 use crate::pump::Pump;
 use crate::session::{Action, Input, Kind, Limits, Outcome, Session, Side, Transform};
 use crate::stream::Stream;
@@ -27,7 +26,7 @@ pub fn run<'a>(
     bot: &'a Stream,
     pending: Pending,
     limits: Limits,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: Commands,
     meter: Meter,
 ) -> impl Future<Output = Outcome> + 'a {
     let max = limits.max_message_size;

@@ -16,12 +16,10 @@ mod handle;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::mpsc;
-
 pub use handle::{Delivery, Handle, Message};
 
 use crate::counters::{Meter, Tally};
-use crate::driver::{self, Command, Io};
+use crate::driver::{self, Commands, Io};
 use crate::limits::READ_BUF;
 use crate::session::{Action, Assembler, Inbound, Input, Kind, Limits, Outcome, Session, Side};
 use crate::stream::Stream;
@@ -35,7 +33,7 @@ pub fn run<'a>(
     pending: Vec<u8>,
     limits: Limits,
     handle: &'a Handle,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: Commands,
     deliver: impl Fn(Message) + Send + Sync + 'a,
     meter: Meter,
 ) -> impl Future<Output = Outcome> + 'a {
