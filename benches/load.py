@@ -137,6 +137,71 @@ def established_to_port(port: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# how many sessions fit
+
+#: Descriptors a relay process holds besides its sessions' two each (listener, epoll, the
+#: doorbell, logs, stdio; wsgate has ~15, nginx's and haproxy's fewer), with room to spare.
+FD_RESERVE = 48
+#: RLIMIT_NOFILE as raised by raise_nofile (inherited by every process the bench starts), and
+#: why it is below what was wanted ("" when it is not).
+NOFILE = (0, "")
+
+
+def raise_nofile(want: int) -> None:
+    """Raise RLIMIT_NOFILE to `want` (at least 65,536) for this process and the ones it starts.
+    Raising the hard limit needs CAP_SYS_RESOURCE; without it the soft limit goes to the hard."""
+    global NOFILE
+    want = max(want, 65536)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    why = ""
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            hard = want
+        except (ValueError, OSError):
+            why = (
+                f"RLIMIT_NOFILE's hard limit is {hard:,} (ulimit -Hn) and this process may not "
+                "raise it (no CAP_SYS_RESOURCE)"
+            )
+    soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    NOFILE = (soft, why)
+
+
+def ephemeral_ports() -> int:
+    """Ports connect() picks from (ip_local_port_range): the most connections one source
+    address can hold to one destination address and port."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return hi - lo + 1
+    except (OSError, ValueError):
+        return 28232  # Linux's default range, 32768-60999
+
+
+def fit_sessions(n: int) -> tuple[int, str]:
+    """How many of `n` relayed sessions this machine allows at once, and why fewer if so: a relay
+    process holds two descriptors per session (client and bot), and every connection goes from
+    127.0.0.1 to one port (the relay's, then the echo bot's), so at most one ephemeral port
+    range of them."""
+    limit, why_limit = NOFILE
+    by_fds = (limit - FD_RESERVE) // 2
+    by_ports = ephemeral_ports() - 64
+    fit = min(n, by_fds, by_ports)
+    why = []
+    if n > by_fds:
+        why.append(
+            f"{n:,} sessions need {2 * n + FD_RESERVE:,} descriptors in one relay process and "
+            f"the file limit is {limit:,}" + (f" ({why_limit})" if why_limit else "")
+        )
+    if n > by_ports:
+        why.append(
+            f"loopback from one source address to one port has {by_ports + 64:,} ephemeral "
+            "ports (ip_local_port_range); more needs several source addresses (127.0.0.x)"
+        )
+    return fit, "; ".join(why)
+
+
+# --------------------------------------------------------------------------------------------
 # process handling
 
 
@@ -449,6 +514,47 @@ class NginxTls(Nginx):
         )
 
 
+class Haproxy(Target):
+    """HAProxy in HTTP mode relaying upgraded sessions as tunnels (benches/haproxy.cfg.template),
+    one thread by default: the other peer besides nginx."""
+
+    name = "haproxy"
+
+    def __init__(self, tmp: Path, up: int, threads: int, maxconn: int):
+        super().__init__(tmp, up)
+        self.threads = threads
+        self.maxconn = maxconn
+
+    def start(self) -> None:
+        exe = shutil.which("haproxy") or (
+            "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
+        )
+        if not exe:
+            self.skip = "haproxy not installed (apt-get install -y haproxy)"
+            return
+        prefix = self.tmp / self.name
+        prefix.mkdir(exist_ok=True)
+        conf = (HERE / "haproxy.cfg.template").read_text()
+        for k, v in {
+            "THREADS": str(self.threads),
+            "MAXCONN": str(self.maxconn),
+            "PORT": str(self.port),
+            "UPSTREAM_PORT": str(self.up),
+        }.items():
+            conf = conf.replace(f"@@{k}@@", v)
+        (prefix / "haproxy.cfg").write_text(conf)
+        out = self.tmp / f"{self.name}.out"
+        self.proc = spawn([exe, "-db", "-f", str(prefix / "haproxy.cfg")], out)
+        if not wait_port(self.port, 10, self.proc):
+            self.skip = f"haproxy did not start: {out.read_text()[-300:]}"
+        version = subprocess.run([exe, "-v"], capture_output=True, text=True).stdout
+        v = version.split()[2] if len(version.split()) > 2 else "?"
+        self.note = (
+            f"haproxy {v}, HTTP mode (WebSocket upgrades become tunnels, timeout tunnel 1h), "
+            f"nbthread {self.threads}, maxconn {self.maxconn}"
+        )
+
+
 class Websocat(Target):
     name = "websocat"
 
@@ -745,6 +851,139 @@ def idle_phase(lg: Path, t: Target, n: int, up_port: int) -> dict:
         "fds": [fd0, fd1, fd2],
         "upstream_sessions_after_close": up2,
     }
+
+
+def warm_up(lg: Path, t: Target) -> None:
+    """Open and close a few sessions, so one-time lazy set-up is not counted per session."""
+    subprocess.run(
+        [str(lg), "idle", "--url", t.url, "--conns", "20", "--messages", "1", *tls_args(t.url)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def burst_phase(lg: Path, t: Target, n: int, a: argparse.Namespace, up_port: int) -> dict:
+    """Memory given back: the relay's RSS before a burst (baseline), with `n` sessions open that
+    each relayed a few messages, and every second for --burst-seconds after they all closed.
+    The figure is the RSS at the end over the baseline."""
+    warm_up(lg, t)
+    time.sleep(2.0)
+    base = t.rss_kib()
+    fd0 = fds(t.pids())
+    up0 = established_to_port(up_port)
+    p = subprocess.Popen(
+        [
+            str(lg),
+            "idle",
+            "--url",
+            t.url,
+            "--conns",
+            str(n),
+            "--messages",
+            str(a.burst_messages),
+            "--size",
+            str(a.burst_size),
+            *tls_args(t.url),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    STARTED.append(p)
+    line = p.stdout.readline().strip()
+    if not line.startswith("ready"):
+        p.stdin.close()
+        p.wait(30)
+        raise RuntimeError(f"burst: {line} {p.stderr.read()[-300:]}")
+    fields = dict(f.split("=", 1) for f in line.split()[1:])
+    time.sleep(1.0)
+    peak = t.rss_kib()
+    upstream_sessions = established_to_port(up_port) - up0
+    p.stdin.close()
+    p.stdout.read()
+    p.wait(120)
+    closed_at = time.monotonic()
+    samples: list[tuple[float, int]] = []
+    for k in range(1, int(a.burst_seconds) + 1):
+        time.sleep(max(0.0, closed_at + k - time.monotonic()))
+        samples.append((k, t.rss_kib()))
+    after = samples[-1][1] if samples else t.rss_kib()
+    return {
+        "sessions": int(fields.get("open", 0)),
+        "relayed": int(fields.get("relayed", 0)),
+        "messages_each": a.burst_messages,
+        "upstream_sessions": upstream_sessions,
+        "rss_base_kib": base,
+        "rss_peak_kib": peak,
+        "rss_after_kib": after,
+        "seconds": a.burst_seconds,
+        "samples": samples,
+        # the figure: RSS --burst-seconds after the close over the baseline (target <= 1.25)
+        "after_over_base": after / base if base else float("nan"),
+        # how much of what the burst took was given back
+        "given_back": (peak - after) / (peak - base) if peak > base else float("nan"),
+        "fds": [fd0, fds(t.pids())],
+    }
+
+
+def scale_phase(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, n: int) -> dict:
+    """`n` sessions of telephony-shaped traffic at a fixed total rate (--scale-rate round trips
+    per second, so each session sends once every n / rate seconds): CPU per relayed message and
+    RSS per session at that many sessions, on a fresh relay process."""
+    t.restart()
+    warm_up(lg, t)
+    time.sleep(1.0)
+    rss0 = t.rss_kib()
+    interval_ms = n * 1000.0 / a.scale_rate
+    # every session sends at least twice before the window opens
+    warmup_ms = int(max(a.warmup_ms, 2 * interval_ms))
+    cmd = [
+        str(lg),
+        "telephony",
+        "--url",
+        t.url,
+        "--conns",
+        str(n),
+        "--size",
+        str(a.tel_size),
+        "--interval-ms",
+        f"{interval_ms:.3f}",
+        "--seconds",
+        str(a.scale_seconds),
+        "--warmup-ms",
+        str(warmup_ms),
+        "--pace-us",
+        str(a.pace_us),
+        *cpu_args(t, echo_pid),
+    ]
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    STARTED.append(p)
+    peak = 0
+    while p.poll() is None:  # the relay's RSS, sampled while the sessions live
+        peak = max(peak, t.rss_kib())
+        time.sleep(0.25)
+    out, err = p.communicate()
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"scale {n}: telephony failed ({p.returncode}): {err.strip()[-300:]}")
+    r = json.loads(lines[-1])
+    r.update(
+        {
+            "sessions": n,
+            "rss0_kib": rss0,
+            "rss_peak_kib": peak,
+            "per_session_kib": (peak - rss0) / n,
+            "cpu_us_per_msg": r["relay_cpu_s"] * 1e6 / (2 * r["received"])
+            if r.get("received") and "relay_cpu_s" in r
+            else float("nan"),
+        }
+    )
+    return r
 
 
 def cpu_args(t: Target, echo_pid: int) -> list[str]:
@@ -1047,11 +1286,19 @@ def print_twilio_report(ts: dict, s: dict, a: argparse.Namespace) -> None:
         if all(c == "-" for c in cells):
             continue
         print(f"| {label} | " + " | ".join(cells) + " |")
-    tw, gen, ng = (ts.get(k) for k in ("wsgate /ws/twilio", "wsgate /ws/generic", "nginx"))
+    tw, gen, ng, hp = (
+        ts.get(k) for k in ("wsgate /ws/twilio", "wsgate /ws/generic", "nginx", "haproxy")
+    )
     if not tw:
         return
-    pairs = [("wsgate /ws/twilio ÷ /ws/generic", gen), ("wsgate /ws/twilio ÷ nginx", ng)]
-    pairs = [(lbl, b) for lbl, b in pairs if b]
+    pairs = [
+        ("wsgate /ws/twilio ÷ /ws/generic", tw, gen),
+        ("wsgate /ws/twilio ÷ nginx", tw, ng),
+        ("wsgate /ws/twilio ÷ haproxy", tw, hp),
+        ("wsgate /ws/generic ÷ nginx", gen, ng),
+        ("wsgate /ws/generic ÷ haproxy", gen, hp),
+    ]
+    pairs = [(lbl, x, y) for lbl, x, y in pairs if x and y]
     rows = [
         ("CPU per relayed media message", "tw_cpu_us_per_msg"),
         ("media p50", "tw_p50_us"),
@@ -1063,13 +1310,14 @@ def print_twilio_report(ts: dict, s: dict, a: argparse.Namespace) -> None:
         ("open time p99", "open_p99_us"),
         ("relay CPU per session", "open_cpu_us"),
     ]
-    print("\n| ratio | " + " | ".join(lbl for lbl, _ in pairs) + " |")
+    print("\n| ratio | " + " | ".join(lbl for lbl, _, _ in pairs) + " |")
     print("| --- | " + " | ".join("---:" for _ in pairs) + " |")
     for label, key in rows:
-        print(f"| {label} | " + " | ".join(ratio(tw.get(key), b.get(key)) for _, b in pairs) + " |")
+        cells = [ratio(x.get(key), y.get(key)) for _, x, y in pairs]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     print(
         "| 1 / opens per second | "
-        + " | ".join(ratio(b["open_per_s"], tw["open_per_s"]) for _, b in pairs)
+        + " | ".join(ratio(y["open_per_s"], x["open_per_s"]) for _, x, y in pairs)
         + " |"
     )
     if gen:
@@ -1134,19 +1382,20 @@ def print_report(targets: list[Target], s: dict, a: argparse.Namespace, skipped:
             continue  # a phase that was not run
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     print("\n".join(out))
-    for base in ("nginx", "direct"):
+    rows = [
+        ("sat msgs/s", "msgs_per_s"),
+        ("sat p99", "sat_p99_us"),
+        ("CPU/msg", "cpu_us_per_msg"),
+        ("tel p50", "tel_p50_us"),
+        ("tel p99", "tel_p99_us"),
+        ("tel p99, quietest round", "tel_quiet_p99_us"),
+        ("tel CPU/msg", "tel_cpu_us_per_msg"),
+        ("idle KiB/session", "idle_per_session_kib"),
+    ]
+    for base in ("nginx", "haproxy", "direct"):
         if base not in s:
             continue
         print(f"\nratios to {base} (target / {base}):")
-        rows = [
-            ("sat msgs/s", "msgs_per_s"),
-            ("sat p99", "sat_p99_us"),
-            ("CPU/msg", "cpu_us_per_msg"),
-            ("tel p50", "tel_p50_us"),
-            ("tel p99", "tel_p99_us"),
-            ("tel p99, quietest round", "tel_quiet_p99_us"),
-            ("idle KiB/session", "idle_per_session_kib"),
-        ]
         others = [n for n in names if n != base]
         print("| ratio | " + " | ".join(others) + " |")
         print("| --- | " + " | ".join("---:" for _ in others) + " |")
@@ -1154,8 +1403,116 @@ def print_report(targets: list[Target], s: dict, a: argparse.Namespace, skipped:
             cells = [ratio(s[n].get(key), s[base].get(key)) for n in others]
             if any(c != "-" for c in cells):
                 print(f"| {label} | " + " | ".join(cells) + " |")
+    peers = [n for n in PEERS if n in s]
+    ours = [n for n in names if n.startswith("wsgate")]
+    if peers and ours:
+        # the aim is to be ahead of the best peer on every figure: the better of nginx and
+        # haproxy, figure by figure (more round trips/s, less of everything else)
+        print(f"\nratios to the best peer ({' or '.join(peers)}, figure by figure):")
+        print("| ratio | best peer | " + " | ".join(ours) + " |")
+        print("| --- | --- | " + " | ".join("---:" for _ in ours) + " |")
+        for label, key in rows:
+            best = best_peer(s, peers, key)
+            if best is None:
+                continue
+            cells = [ratio(s[n].get(key), s[best].get(key)) for n in ours]
+            if any(c != "-" for c in cells):
+                print(f"| {label} | {best} | " + " | ".join(cells) + " |")
     for n, why in skipped.items():
         print(f"\nskipped {n}: {why}")
+
+
+#: The other relays wsgate is measured against.
+PEERS = ("nginx", "haproxy")
+
+
+def best_peer(s: dict, peers: list[str], key: str) -> str | None:
+    """The peer with the better figure `key`: the most round trips or opens per second, the
+    least of anything else; None when no peer has it."""
+    have = [p for p in peers if (v := s.get(p, {}).get(key)) is not None and v == v]
+    if not have:
+        return None
+    more_is_better = key in ("msgs_per_s", "open_per_s")
+    pick = max if more_is_better else min
+    return pick(have, key=lambda p: s[p][key])
+
+
+def print_memory_report(
+    targets: list[Target], res: dict, a: argparse.Namespace, fitted: dict, scale_skipped: dict
+) -> None:
+    """The burst (memory given back) and scale (CPU and memory by session count) phases."""
+    names = [t.name for t in targets if t.relay and "burst" in res.get(t.name, {})]
+    if names:
+        asked, n, why = fitted["burst"]
+        print(
+            f"\nmemory given back: {n:,} sessions opened at once"
+            + (f" ({asked:,} asked: {why})" if why else "")
+            + f", {a.burst_messages} x {a.burst_size} B relayed each way per session, all "
+            f"closed, then RSS every second for {a.burst_seconds:.0f} s"
+        )
+        print("| metric | " + " | ".join(names) + " |")
+        print("| --- | " + " | ".join("---:" for _ in names) + " |")
+        b = {n: res[n]["burst"] for n in names}
+        rows = [
+            ("sessions relayed / opened", lambda r: f"{r['relayed']:,} / {r['sessions']:,}"),
+            ("RSS before (KiB)", lambda r: f"{r['rss_base_kib']:,}"),
+            ("RSS with the sessions open (KiB)", lambda r: f"{r['rss_peak_kib']:,}"),
+        ]
+        for k in sorted({1, 5, 10, int(a.burst_seconds)}):
+            if k <= a.burst_seconds:
+                rows.append(
+                    (
+                        f"RSS {k} s after the close (KiB)",
+                        lambda r, k=k: f"{dict(r['samples']).get(k, float('nan')):,}",
+                    )
+                )
+        rows += [
+            (
+                f"RSS after {a.burst_seconds:.0f} s ÷ before (target <= 1.25)",
+                lambda r: fmt(r["after_over_base"], 2),
+            ),
+            ("share of the burst's memory given back", lambda r: fmt(r["given_back"], 2)),
+            ("descriptors before / after", lambda r: f"{r['fds'][0]} / {r['fds'][1]}"),
+        ]
+        for label, fn in rows:
+            print(f"| {label} | " + " | ".join(fn(b[n]) for n in names) + " |")
+    names = [t.name for t in targets if res.get(t.name, {}).get("scale")]
+    if names or scale_skipped:
+        print(
+            f"\nscale: telephony-shaped traffic, {a.scale_rate:,.0f} round trips/s over all the "
+            f"sessions ({a.tel_size} B), {a.scale_seconds:.0f} s; RSS per session = (the most "
+            "RSS seen during the run - RSS before) / sessions, on a fresh process"
+        )
+        counts = sorted({r["sessions"] for n in names for r in res[n]["scale"]})
+        peers = [p for p in PEERS if p in names]
+        ours = [n for n in names if n.startswith("wsgate")]
+        for what, key, nd in (
+            ("CPU µs per relayed message", "cpu_us_per_msg", 2),
+            ("KiB per session", "per_session_kib", 2),
+            ("round trip p50 µs", "p50_us", 0),
+            ("others' CPU (cores)", None, 2),
+        ):
+            cols = names + [f"{o} ÷ {p}" for o in ours for p in peers] if key else names
+            print(f"\n{what}:")
+            print("| sessions | " + " | ".join(cols) + " |")
+            print("| ---: | " + " | ".join("---:" for _ in cols) + " |")
+            for c in counts:
+                row = {
+                    n: next((r for r in res[n]["scale"] if r["sessions"] == c), None) for n in names
+                }
+
+                def fig(n: str, row=row, key=key) -> float:
+                    r = row.get(n)
+                    if r is None:
+                        return float("nan")
+                    return other_cpu(r) if key is None else r.get(key, float("nan"))
+
+                cells = [fmt(fig(n), nd) for n in names]
+                if key:
+                    cells += [ratio(fig(o), fig(p)) for o in ours for p in peers]
+                print(f"| {c:,} | " + " | ".join(cells) + " |")
+        for n, why in sorted(scale_skipped.items()):
+            print(f"\nscale: {n:,} sessions not run as asked: {why}")
 
 
 def negotiated(res: dict, tres: dict) -> str:
@@ -1353,12 +1710,13 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="short durations, one round (smoke test)")
-    ap.add_argument("--targets", default="direct,nginx,websocat,wsgate")
+    ap.add_argument("--targets", default="direct,nginx,haproxy,websocat,wsgate")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
         "--phases",
         default="idle,sat,tel,twilio,open",
-        help="any of idle (memory), sat, tel, twilio (media), open, comma-separated",
+        help="any of idle (memory), sat, tel, twilio (media), open, burst (memory given back "
+        "after --burst-sessions), scale (CPU and memory at --scale-sessions), comma-separated",
     )
     ap.add_argument("--sat-seconds", type=float, default=10.0)
     ap.add_argument("--tel-seconds", type=float, default=15.0)
@@ -1390,7 +1748,40 @@ def main() -> int:
     ap.add_argument("--tel-conns", type=int, default=500)
     ap.add_argument("--tel-size", type=int, default=320)
     ap.add_argument("--interval-ms", type=float, default=20.0)
-    ap.add_argument("--idle-conns", type=int, default=2000)
+    ap.add_argument(
+        "--idle-conns",
+        type=int,
+        default=2000,
+        help="idle: sessions held open (e.g. 10000; fewer when the file limit or the ports do "
+        "not allow that many, said in the report)",
+    )
+    ap.add_argument(
+        "--burst-sessions",
+        type=int,
+        default=10000,
+        help="burst: sessions opened at once, each relaying --burst-messages, then all closed",
+    )
+    ap.add_argument("--burst-messages", type=int, default=4, help="burst: messages per session")
+    ap.add_argument("--burst-size", type=int, default=256, help="burst: bytes per message")
+    ap.add_argument(
+        "--burst-seconds",
+        type=float,
+        default=30.0,
+        help="burst: RSS sampled every second this long after the close; the figure is the last",
+    )
+    ap.add_argument(
+        "--scale-sessions",
+        default="1000,10000,50000",
+        help="scale: session counts; each runs telephony-shaped traffic at --scale-rate in all",
+    )
+    ap.add_argument(
+        "--scale-rate",
+        type=float,
+        default=5000.0,
+        help="scale: round trips per second over all sessions (each sends every N/rate s)",
+    )
+    ap.add_argument("--scale-seconds", type=float, default=10.0)
+    ap.add_argument("--haproxy-threads", type=int, default=1, help="haproxy: nbthread (default 1)")
     ap.add_argument("--twilio-calls", type=int, default=500, help="twilio: concurrent calls")
     ap.add_argument("--twilio-seconds", type=float, default=None, help="default: --tel-seconds")
     ap.add_argument("--opens", type=int, default=2000, help="open: sessions per measurement")
@@ -1458,13 +1849,21 @@ def main() -> int:
     if a.twilio_seconds is None:
         a.twilio_seconds = a.tel_seconds
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    need = 2 * a.idle_conns + 256
-    if want < need:
-        log(f"warning: fd limit {want} < {need} needed for {a.idle_conns} idle sessions")
+    phases = {x.strip() for x in a.phases.split(",") if x.strip()}
+    scale_ns = [int(x) for x in a.scale_sessions.split(",") if x.strip()]
+    most = max(
+        [a.idle_conns if "idle" in phases else 0, a.burst_sessions if "burst" in phases else 0]
+        + (scale_ns if "scale" in phases else [0])
+    )
+    raise_nofile(2 * most + FD_RESERVE)
+    # what the file limit and the ports allow; the report says when it is fewer than asked
+    fitted: dict[str, tuple[int, int, str]] = {}  # phase: (asked, run, why fewer)
+    for phase, asked in (("idle", a.idle_conns), ("burst", a.burst_sessions)):
+        n, why = fit_sessions(asked)
+        fitted[phase] = (asked, n, why)
+        if phase in phases and why:
+            log(f"{phase}: {n:,} sessions, not {asked:,}: {why}")
+    a.idle_conns, a.burst_sessions = fitted["idle"][1], fitted["burst"][1]
 
     global LOADGEN
     lg = LOADGEN = build_loadgen(a.no_build)
@@ -1477,8 +1876,7 @@ def main() -> int:
 
     want_t = [x.strip() for x in a.targets.split(",") if x.strip()]
     open_pars = [int(x) for x in a.open_parallel.split(",") if x.strip()]
-    phases = {x.strip() for x in a.phases.split(",") if x.strip()}
-    if not phases <= {"idle", "sat", "tel", "twilio", "open"}:
+    if not phases <= {"idle", "sat", "tel", "twilio", "open", "burst", "scale"}:
         log(f"unknown phase in {a.phases}")
         return 2
     global TLS
@@ -1507,11 +1905,12 @@ def main() -> int:
         )
         if wait_port(rport, 10, rproc):
             redis_url = f"redis://127.0.0.1:{rport}/0"
-    ms = max(10000, 2 * a.idle_conns)
+    ms = max(10000, 2 * most)
     py, wpp = a.wsgate_python, a.wsgate_pythonpath
     make = {
         "direct": lambda: Direct(tmp, up),
         "nginx": lambda: Nginx(tmp, up, a.nginx_workers, a.nginx_buffer_size),
+        "haproxy": lambda: Haproxy(tmp, up, a.haproxy_threads, fit_sessions(10**9)[0]),
         "websocat": lambda: Websocat(tmp, up),
         "wsgate": lambda: Wsgate(tmp, up, py, ms, wpp),
         "wsgate-nometrics": lambda: WsgateNoMetrics(tmp, up, py, ms, wpp),
@@ -1551,6 +1950,7 @@ def main() -> int:
         log(f"{n}: {t.url} ({t.note}{extra})")
         targets.append(t)
 
+    scale_skipped: dict[int, str] = {}
     wr = next((t for t in targets if t.name == "wsgate-redis"), None)
     res: dict = {t.name: {"saturate": [], "telephony": [], "note": t.note} for t in targets}
     # Twilio-shaped media and opens, per variant (wsgate has two: /ws/twilio and /ws/generic)
@@ -1573,6 +1973,48 @@ def main() -> int:
                         f"  WARNING {t.name}: {r['sessions']} of {a.idle_conns} sessions opened, "
                         f"{r['upstream_sessions']} reached the upstream"
                     )
+                t.restart()
+        if "burst" in phases:
+            log(
+                f"memory given back: {a.burst_sessions:,} sessions x {a.burst_messages} messages,"
+                f" closed, RSS for {a.burst_seconds:.0f} s"
+            )
+            for t in targets:
+                if not t.relay:
+                    continue
+                r = burst_phase(lg, t, a.burst_sessions, a, up)
+                res[t.name]["burst"] = r
+                log(
+                    f"  {t.name}: RSS {r['rss_base_kib']:,} -> {r['rss_peak_kib']:,} -> "
+                    f"{r['rss_after_kib']:,} KiB ({r['after_over_base']:.2f}x the baseline), "
+                    f"{r['relayed']:,} of {r['sessions']:,} sessions relayed, fds {r['fds']}"
+                )
+                t.restart()
+        for n in scale_ns if "scale" in phases else []:
+            fit, why = fit_sessions(n)
+            if fit < n:
+                log(f"scale: {n:,} sessions not run: {why}")
+                scale_skipped[n] = why
+                if fit < 0.95 * n:
+                    continue
+                log(f"scale: {fit:,} sessions instead")
+            log(
+                f"scale: {fit:,} sessions, {a.scale_rate:,.0f} round trips/s in all "
+                f"(one every {fit / a.scale_rate:.2f} s per session), {a.scale_seconds}s"
+            )
+            for t in [t for t in targets if t.relay and not t.tls]:
+                r = quiet_run(scale_phase, lg, t, a, echo.pid, fit)
+                r["asked"] = n
+                res[t.name].setdefault("scale", []).append(r)
+                log(
+                    f"  {t.name}: {r['cpu_us_per_msg']:.2f} µs/msg, "
+                    f"{r['per_session_kib']:.2f} KiB/session (RSS {r['rss0_kib']:,} -> "
+                    f"{r['rss_peak_kib']:,}), p50 {r['p50_us']:.0f} p99 {r['p99_us']:.0f} µs, "
+                    f"lost {r['lost']}, errors {r['errors']}, others {other_cpu(r):.2f} cores"
+                )
+                time.sleep(1.0)
+        if "scale" in phases:
+            for t in targets:
                 t.restart()
         for rnd in range(a.rounds):
             order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
@@ -1663,6 +2105,9 @@ def main() -> int:
     )
     for t in targets:
         print(f"- {t.name}: {t.note}")
+    asked, n, why = fitted["idle"]
+    if "idle" in phases and why:
+        print(f"- idle: {n:,} sessions, not the {asked:,} asked: {why}")
     print()
     if phases & {"idle", "sat", "tel"}:
         print_report(targets, s, a, skipped)
@@ -1670,6 +2115,7 @@ def main() -> int:
         for n, why in skipped.items():
             print(f"skipped {n}: {why}")
     print_twilio_report(ts, s, a)
+    print_memory_report(targets, res, a, fitted, scale_skipped)
     if TLS and any(t.tls for t in targets):
         print(f"\nTLS: {TLS.describe()}; negotiated: {negotiated(res, tres)}")
     redis_rtt = {k: med([r[k] for r in redis_rtts]) for k in redis_rtts[0]} if redis_rtts else {}
@@ -1686,6 +2132,8 @@ def main() -> int:
     print_compare(targets, s, ts, a, res, tres)
     if a.json:
         doc = {"args": vars(a), "raw": res, "summary": s, "skipped": skipped}
+        doc["sessions_fitted"] = fitted
+        doc["scale_skipped"] = scale_skipped
         doc["redis_round_trips"] = redis_rtt
         doc["redis_round_trips_raw"] = redis_rtts
         doc.update({"twilio_raw": tres, "twilio_summary": ts})

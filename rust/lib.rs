@@ -15,6 +15,7 @@ pub mod engine;
 pub mod frame;
 pub mod inproc;
 pub mod limits;
+pub mod memory;
 pub mod pump;
 pub mod relay;
 pub mod session;

@@ -13,7 +13,7 @@ use pyo3::types::{PyBytes, PyString};
 
 use crate::inproc::Delivery;
 use crate::py_tls::{self, TlsConnection};
-use crate::{body, counters, engine, limits, session, token};
+use crate::{body, counters, engine, limits, memory, session, token};
 
 /// Largest upgrade request line plus headers, in bytes (SPEC §2). HTTP is the control plane's
 /// and no Rust code reads a request head; the number is defined here, beside the other limits
@@ -158,6 +158,13 @@ impl TokenClaims {
 #[pyfunction]
 fn new_nonce() -> String {
     token::new_nonce()
+}
+
+/// Gives the heap's free memory back to the operating system (see `memory.rs`); true when some
+/// was. Without the GIL: it walks every arena's free chunks.
+#[pyfunction]
+fn release_memory(py: Python<'_>) -> bool {
+    py.detach(memory::release)
 }
 
 /// How one relayed session ended.
@@ -556,6 +563,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TokenKeys>()?;
     m.add_class::<TokenClaims>()?;
     // The engine
+    m.add_function(wrap_pyfunction!(release_memory, m)?)?;
     m.add_class::<Engine>()?;
     m.add_class::<Outcome>()?;
     m.add_class::<Message>()?;

@@ -120,6 +120,12 @@ class TokenClaims:
 def new_nonce() -> str:
     """16 random bytes from the OS, base64url: a token's nonce."""
 
+def release_memory() -> bool:
+    """Give the heap's free memory back to the operating system (glibc's ``malloc_trim(0)``:
+    the free pages inside every arena, not only at their tops); True when some was. A no-op
+    returning False with another C library. Runs without the GIL; costs a walk of the free
+    chunks, so call it after many sessions ended, not per session."""
+
 @final
 class Outcome:
     """How one relayed session ended, reported once by :meth:`Engine.drain`."""

@@ -9,11 +9,18 @@ Every session starts with one typed call, :meth:`Relay.start` with a :class:`Han
 sessions (a :class:`InProcess` peer) report through the same doorbell: each
 ``_core.Message`` (a whole client message, or ``data=None``: the send buffer drained) goes to the
 session's :class:`Inbox` in order, before its outcome.
+
+Memory given back: once many sessions have ended (a burst over: :data:`TRIM_DROP` fewer live
+than at the peak since, and at most half of it), the doorbell task asks the allocator to return
+the free heap to the operating system (:func:`_core.release_memory`) at the first quiet moment
+(:data:`TRIM_QUIET` without an end, or :data:`TRIM_LATEST` after it became due). Without it the
+process keeps the RSS of its busiest moment. A steady churn of sessions never makes it due.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +33,9 @@ from ._sockets import Conn
 from .tls import TlsSocket
 
 __all__ = [
+    "TRIM_DROP",
+    "TRIM_LATEST",
+    "TRIM_QUIET",
     "Handover",
     "InProcess",
     "Inbox",
@@ -34,6 +44,18 @@ __all__ = [
     "RelaySession",
     "Upstream",
 ]
+
+
+log = logging.getLogger("wsgate")
+
+#: Memory is given back once this many fewer sessions are live than at the peak since it last
+#: was (and at most half that peak is left)...
+TRIM_DROP = 1000
+#: ...at the first moment no session has ended for this many seconds (the burst's ends have all
+#: arrived and the engine freed what they held)...
+TRIM_QUIET = 0.5
+#: ...or this many seconds after it became due, whichever comes first.
+TRIM_LATEST = 5.0
 
 
 class Inbox(Protocol):
@@ -143,8 +165,12 @@ class RelaySession:
             self._done.set()
         if self.inbox is not None:
             self.inbox.ended(outcome)
-        if self.on_done is not None:
-            self.on_done(outcome)
+        # Called once, then let go: a callback that holds what holds this session (the
+        # gateway's Opened does) would otherwise keep the pair alive as a reference cycle, to
+        # be found only by a full collection, long after a burst of sessions ended.
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(outcome)
 
 
 def _tls_of(conn: Conn) -> _core.TlsConnection | None:
@@ -171,6 +197,10 @@ class Relay:
         self._ids = itertools.count(1)
         self._live: dict[int, RelaySession] = {}
         self._counted = {agent: self.engine.register_agent(agent) for agent in counted}
+        #: The most sessions live at once since memory was last given back.
+        self._peak = 0
+        #: When giving memory back became due (``anyio.current_time``), or None.
+        self._trim_due: float | None = None
 
     def counters(self) -> list[_core.AgentCounts]:
         """The live counters of the ``counted`` agents: sessions, messages and bytes."""
@@ -190,8 +220,25 @@ class Relay:
         doorbell = self.engine.doorbell()
         task_status.started()
         while True:
-            await anyio.wait_readable(doorbell)
-            self.dispatch()
+            due = self._trim_due
+            if due is None:
+                await anyio.wait_readable(doorbell)
+                self.dispatch()
+                continue
+            wait = min(TRIM_QUIET, due + TRIM_LATEST - anyio.current_time())
+            with anyio.move_on_after(max(wait, 0.0)) as quiet:
+                await anyio.wait_readable(doorbell)
+            if quiet.cancelled_caught:
+                self.release_memory()
+            else:
+                self.dispatch()
+
+    def release_memory(self) -> None:
+        """Give the free heap back to the operating system now (see the module docs)."""
+        ended, self._peak = self._peak - len(self._live), len(self._live)
+        self._trim_due = None
+        released = _core.release_memory()
+        log.debug("%d sessions ended: free memory given back (%s)", ended, released)
 
     def dispatch(self) -> None:
         """Take everything the engine queued and hand each item to its session."""
@@ -204,6 +251,9 @@ class Relay:
             session = self._live.pop(item.session_id, None)
             if session is not None:
                 session._finish(item)
+        now_live, peak = len(self._live), self._peak
+        if self._trim_due is None and peak - now_live >= TRIM_DROP and now_live <= peak // 2:
+            self._trim_due = anyio.current_time()
 
     def start(self, handover: Handover) -> RelaySession:
         """Hand a session to the engine: the one way every kind of session starts. The sockets
@@ -273,4 +323,5 @@ class Relay:
         session = RelaySession(self, session_id, handover.agent, inbox)
         session.on_done = handover.on_done
         self._live[session_id] = session
+        self._peak = max(self._peak, len(self._live))
         return session

@@ -11,9 +11,9 @@ The gateway's drain waits on :meth:`Listener.until_idle`.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import socket
+import sys
 from collections.abc import Callable
 
 import anyio
@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 from . import _core
 from .admission import client_key
 from .connection import Connections
-from .sessions import Opened, Sessions
+from .sessions import Opened
 from .tls import TlsSocket
 
 __all__ = ["Listener"]
@@ -49,6 +49,8 @@ class Listener:
         #: Connections held: upgrading, or sessions.
         self.count = 0
         self._slot_freed: anyio.Event | None = None
+        #: What each relayed session's end calls: one bound method for all of them.
+        self._ended = self._session_done
         self._idle: anyio.Event | None = None
 
     async def accept(self, listener: socket.socket, connections: TaskGroup) -> None:
@@ -75,7 +77,9 @@ class Listener:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.count += 1
-                connections.start_soon(self._connection, sock, client_key(address))
+                # Interned: one string per client address, not one per connection (a live
+                # session keeps its client's).
+                connections.start_soon(self._connection, sock, sys.intern(client_key(address)))
                 if self.count >= self.limit:
                     break
 
@@ -98,14 +102,15 @@ class Listener:
                 return
             # Relayed in Rust: no Python task waits on it. The doorbell task reports its end.
             handed_off = True
-            opened.relay.on_done = functools.partial(self._session_done, handler.sessions, opened)
+            opened.on_end = self._ended
+            opened.relay.on_done = opened
         finally:
             if not handed_off:
                 self._closed()
 
-    def _session_done(self, sessions: Sessions, opened: Opened, outcome: _core.Outcome) -> None:
+    def _session_done(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (called from the relay's doorbell task)."""
-        sessions.ended(opened, outcome)
+        self.handler.sessions.ended(opened, outcome)
         self._closed()
 
     def _closed(self) -> None:

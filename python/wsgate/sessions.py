@@ -77,6 +77,15 @@ class Opened:
     stopped: bool = False
     #: Its places (capacity, lease, pool member) given back and out of the live registry.
     freed: bool = False
+    #: What a relayed session's end calls, with this and the outcome (the listener's).
+    on_end: Callable[[Opened, _core.Outcome], None] | None = None
+
+    def __call__(self, outcome: _core.Outcome) -> None:
+        """The session's ``on_done`` (:class:`~wsgate.engine.RelaySession`): it ended with
+        ``outcome``. The Opened is the callback itself, so a gateway holding many sessions
+        keeps no closure per session."""
+        if self.on_end is not None:
+            self.on_end(self, outcome)
 
 
 class Sessions:

@@ -643,6 +643,15 @@ enum Ev {
 }
 
 impl MsgReader {
+    /// A reader that grows its buffer only as needed (idle sessions: many, little traffic).
+    fn new_small(initial: Vec<u8>) -> Self {
+        MsgReader {
+            buf: initial,
+            head: [0; HEAD],
+            head_len: 0,
+            in_msg: false,
+        }
+    }
     fn new(initial: Vec<u8>) -> Self {
         let mut buf = initial;
         buf.reserve(65536);
@@ -1105,6 +1114,11 @@ async fn telephony(a: &Args) -> Res<()> {
     // dup of each socket at its exact slot: connection i sends at t0 + (i/n + k) * interval.
     // (tokio's timer wheel has 1 ms resolution, so per-connection intervals would fire in
     // clumps of n*1ms/interval messages; pacing keeps the offered load smooth.)
+    //
+    // The sender writes to the reader's own descriptor (not a dup: one descriptor per
+    // connection, so 10,000 connections fit a 20,000 file limit). Each reader task hands its
+    // socket back when done, and the sockets are closed only once the sender has stopped, so no
+    // descriptor the sender writes to is closed (or reused) under it.
     let pace = Duration::from_micros(a.pace_us);
     let mut writers = Vec::with_capacity(n);
     let mut hs = Vec::with_capacity(n);
@@ -1116,27 +1130,31 @@ async fn telephony(a: &Args) -> Res<()> {
                     .into(),
             );
         };
-        let std_s = s.into_std()?;
-        let w = std_s.try_clone()?; // shares O_NONBLOCK with the reader's fd
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+        // SAFETY: `fd` is the reader's open socket; it stays open until every reader's socket
+        // is dropped below, after the sender thread has been joined. ManuallyDrop: the writer
+        // never closes it.
+        let w = std::mem::ManuallyDrop::new(unsafe {
+            <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        });
         writers.push((i, w));
-        let s = TcpStream::from_std(std_s)?;
-        hs.push(tokio::spawn(tel_reader(
-            s,
-            extra,
-            i,
-            shape.clone(),
-            start,
-            stop,
-            stop + drain,
-        )));
+        let shape = shape.clone();
+        hs.push(tokio::spawn(async move {
+            let mut s = s;
+            let r = tel_reader(&mut s, extra, i, shape, start, stop, stop + drain).await;
+            (s, r)
+        }));
     }
     let size = shape.size();
     let sender =
         std::thread::spawn(move || tel_sender(writers, shape, t0, interval, start, stop, pace));
     let mut lats: Vec<u32> = Vec::new();
     let mut recv_counted = 0u64;
+    let mut sockets = Vec::with_capacity(n);
     for h in hs {
-        match h.await.unwrap() {
+        let (s, r) = h.await.unwrap();
+        sockets.push(s);
+        match r {
             Ok((rc, l)) => {
                 recv_counted += rc;
                 lats.extend(l);
@@ -1148,6 +1166,7 @@ async fn telephony(a: &Args) -> Res<()> {
         }
     }
     let st = sender.join().unwrap();
+    drop(sockets); // the sender is done with their descriptors
     if let Some(e) = st.error {
         errors += 1;
         first_err.get_or_insert(e);
@@ -1200,7 +1219,7 @@ struct SenderStats {
 /// The paced sender: one thread, a slot every interval/n, a nanosleep between slots. `ws` holds
 /// each connection's call number and socket.
 fn tel_sender(
-    mut ws: Vec<(usize, std::net::TcpStream)>,
+    mut ws: Vec<(usize, std::mem::ManuallyDrop<std::net::TcpStream>)>,
     shape: Shape,
     t0: Instant,
     interval: Duration,
@@ -1257,7 +1276,7 @@ fn tel_sender(
             st.blocked += 1;
         }
         buf.extend_from_slice(&frame);
-        let w = &mut ws[i].1;
+        let w: &mut std::net::TcpStream = &mut ws[i].1;
         while !buf.is_empty() {
             match w.write(buf) {
                 Ok(k) => {
@@ -1280,7 +1299,7 @@ fn tel_sender(
 /// Reads one connection's (call i's) echoes: counts those sent in [start, stop) and their
 /// latency.
 async fn tel_reader(
-    mut r: TcpStream,
+    r: &mut TcpStream,
     extra: Vec<u8>,
     i: usize,
     shape: Shape,
@@ -1475,25 +1494,63 @@ async fn idle(a: &Args) -> Res<()> {
     let mut failed = 0usize;
     let mut first_err = None;
     let closed = Arc::new(AtomicU64::new(0));
+    // --messages K: each session first sends K binary messages of --size bytes and waits for
+    // their echoes ("relay a little"), so buffers have been used before the sessions idle
+    let want = a.messages;
+    let relayed = Arc::new(AtomicU64::new(0));
+    let all_relayed = Arc::new(tokio::sync::Notify::new());
+    let mut rng = Rng::new(0x1d1e);
+    let payload = vec![0x5au8; a.size];
     let mut writers = Vec::new();
     for c in conns {
         match c {
             Ok((s, extra)) => {
                 open += 1;
                 let closed = closed.clone();
-                let (mut r, w) = tokio::io::split(s);
+                let (mut r, mut w) = tokio::io::split(s);
+                if want > 0 {
+                    let mut out = Vec::with_capacity(want * (a.size + 14));
+                    for _ in 0..want {
+                        push_client_frame(&mut out, OP_BIN, &payload, &mut rng);
+                    }
+                    if let Err(e) = async {
+                        w.write_all(&out).await?;
+                        w.flush().await
+                    }
+                    .await
+                    {
+                        first_err.get_or_insert(e.to_string());
+                    }
+                }
                 writers.push(w);
-                // read (and drop) whatever arrives, so pings and closes are seen
+                let (relayed, all_relayed) = (relayed.clone(), all_relayed.clone());
+                // read whatever arrives, so pings and closes are seen; count the echoes first
                 tokio::spawn(async move {
-                    let _ = extra;
+                    let mut rd = MsgReader::new_small(extra);
+                    let mut got = 0usize;
                     let mut tmp = [0u8; 512];
                     loop {
+                        if got < want {
+                            let mut msgs = 0;
+                            if rd
+                                .drain(|ev| msgs += matches!(ev, Ev::Msg(..)) as usize)
+                                .is_ok()
+                            {
+                                got += msgs;
+                                if got >= want {
+                                    relayed.fetch_add(1, Ordering::Relaxed);
+                                    all_relayed.notify_one();
+                                }
+                            }
+                        } else {
+                            rd.buf.clear();
+                        }
                         match r.read(&mut tmp).await {
                             Ok(0) | Err(_) => {
                                 closed.fetch_add(1, Ordering::Relaxed);
                                 return;
                             }
-                            Ok(_) => {}
+                            Ok(n) => rd.buf.extend_from_slice(&tmp[..n]),
                         }
                     }
                 });
@@ -1504,10 +1561,23 @@ async fn idle(a: &Args) -> Res<()> {
             }
         }
     }
+    if want > 0 {
+        // every open session's echoes, or give up after 60 s (counted in the ready line)
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while (relayed.load(Ordering::Relaxed) as usize) < open {
+            if tokio::time::timeout_at(deadline, all_relayed.notified())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
     if let Some(e) = &first_err {
         eprintln!("idle: {failed} connections failed; first error: {e}");
     }
-    println!("ready open={open} failed={failed}");
+    let relayed = relayed.load(Ordering::Relaxed);
+    println!("ready open={open} failed={failed} relayed={relayed}");
     std::io::stdout().flush().ok();
     // hold until stdin closes
     let mut stdin = tokio::io::stdin();
@@ -1530,7 +1600,8 @@ async fn idle(a: &Args) -> Res<()> {
         let _ = tokio::time::timeout(Duration::from_millis(20), close).await;
     }
     println!(
-        "{{\"mode\":\"idle\",\"open\":{open},\"failed\":{failed},\"closed_while_idle\":{lost}}}"
+        "{{\"mode\":\"idle\",\"open\":{open},\"failed\":{failed},\"relayed\":{relayed},\
+         \"closed_while_idle\":{lost}}}"
     );
     Ok(())
 }
@@ -1556,6 +1627,7 @@ struct Args {
     write_each: bool,
     service_host: String,
     warmup_opens: usize,
+    messages: usize,
     relay_pids: Vec<u32>,
     upstream_pids: Vec<u32>,
     ca_file: String,
@@ -1574,7 +1646,9 @@ fn usage() -> ! {
                     as JSON media messages)
   loadgen opens     --url U [--conns 2000] [--parallel 64] [--warmup-opens 100] [--service-host echo.bench]
                     (each session: upgrade, Twilio's connected and start, their echo, close)
-  loadgen idle      --url U [--conns 2000] [--parallel 64]
+  loadgen idle      --url U [--conns 2000] [--parallel 64] [--messages 0] [--size 256]
+                    (--messages K: each session sends K binary messages of --size bytes and
+                    waits for their echoes before \"ready\"; the line counts them: relayed=N)
 common: [--threads N] (runtime worker threads, default 1)
         [--ca-file CA.pem] (wss:// URLs: trust only this CA) [--tls-suite TLS13_AES_128_GCM_SHA256]
         (the one cipher suite offered, by its rustls name; no resumption: full handshakes)
@@ -1606,6 +1680,7 @@ fn parse_args() -> Args {
         write_each: false,
         service_host: "echo.bench".to_string(),
         warmup_opens: 100,
+        messages: 0,
         relay_pids: vec![],
         upstream_pids: vec![],
         ca_file: String::new(),
@@ -1648,6 +1723,7 @@ fn parse_args() -> Args {
             "parallel" => a.parallel = v.parse().unwrap_or_else(|_| usage()),
             "service-host" => a.service_host = v,
             "warmup-opens" => a.warmup_opens = v.parse().unwrap_or_else(|_| usage()),
+            "messages" => a.messages = v.parse().unwrap_or_else(|_| usage()),
             "relay-pids" => a.relay_pids = pids(&v),
             "upstream-pids" => a.upstream_pids = pids(&v),
             "ca-file" => a.ca_file = v,
@@ -1669,6 +1745,7 @@ fn parse_args() -> Args {
         }
         "idle" | "opens" => {
             a.conns = if a.conns == 0 { 2000 } else { a.conns };
+            a.size = if a.size == 0 { 256 } else { a.size };
         }
         "echo-server" => {}
         _ => usage(),

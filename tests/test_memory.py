@@ -1,0 +1,111 @@
+"""What a gateway holds for its sessions and gives back: nothing left of a session once it
+ended (no reference cycle waiting for a collection), and the free heap returned to the operating
+system once after a burst of sessions ended, never per session. (How much memory, in bytes, is
+for the benches: benches/README.md.)"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import anyio
+import pytest
+
+import wsgate.engine
+from wsgate import _core
+from wsgate.engine import RelaySession
+from wsgate.sessions import Opened
+
+from .helpers import Bot, connect, in_thread, serving, until
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def releases(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each call of ``_core.release_memory``, recorded (and made for real); memory is due back
+    after 4 sessions ended, once 50 ms pass without another end."""
+    calls: list[bool] = []
+    real = _core.release_memory
+
+    def recorded() -> bool:
+        calls.append(real())
+        return calls[-1]
+
+    monkeypatch.setattr(_core, "release_memory", recorded)
+    monkeypatch.setattr(wsgate.engine, "TRIM_DROP", 4)
+    monkeypatch.setattr(wsgate.engine, "TRIM_QUIET", 0.05)
+    return calls
+
+
+@pytest.fixture
+def no_collection() -> Iterator[None]:
+    """The cyclic garbage collector off: what is left was not freed by reference counting."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def sessions_at_once(url: str, n: int) -> None:
+    """``n`` sessions open together, each echoed once, then all closed."""
+    with ExitStack() as open_ones:
+        clients = [open_ones.enter_context(connect(url)) for _ in range(n)]
+        for ws in clients:
+            ws.send("x")
+            assert ws.recv(timeout=10) == "x"
+
+
+def sessions_one_by_one(url: str, n: int) -> None:
+    """``n`` sessions, each opened, echoed once and closed before the next."""
+    for _ in range(n):
+        with connect(url) as ws:
+            ws.send("x")
+            assert ws.recv(timeout=10) == "x"
+
+
+def left(kind: type) -> int:
+    """Objects of exactly ``kind`` still tracked (``type()``: a dead weak proxy among them
+    would raise on ``isinstance``)."""
+    return sum(type(o) is kind for o in gc.get_objects())
+
+
+async def test_nothing_of_an_ended_session_waits_for_a_garbage_collection(
+    bot: Bot, no_collection: None
+) -> None:
+    async with serving(bot.url) as gw:
+        await in_thread(sessions_at_once, f"{gw.url}/ws/generic/bot.test", 5)
+        await until(lambda: _true(gw.sessions() == 0), within=10, what="the sessions end")
+        await anyio.sleep(0.05)  # the doorbell task finished their outcomes
+        assert (left(Opened), left(RelaySession)) == (0, 0)
+
+
+async def test_memory_is_given_back_once_after_a_burst_of_sessions_ended(
+    bot: Bot, releases: list[bool]
+) -> None:
+    async with serving(bot.url) as gw:
+        await in_thread(sessions_at_once, f"{gw.url}/ws/generic/bot.test", 6)
+        await until(lambda: _true(bool(releases)), within=10, what="memory given back")
+        await anyio.sleep(0.3)
+        assert len(releases) == 1, "once for the burst, not per session"
+
+
+async def test_a_steady_churn_of_sessions_never_makes_giving_memory_back_due(
+    bot: Bot, releases: list[bool]
+) -> None:
+    async with serving(bot.url) as gw:
+        await in_thread(sessions_one_by_one, f"{gw.url}/ws/generic/bot.test", 12)
+        await until(lambda: _true(gw.sessions() == 0), within=10, what="the sessions end")
+        await anyio.sleep(0.3)
+        assert releases == []
+
+
+def test_release_memory_says_whether_the_allocator_gave_any_back() -> None:
+    assert isinstance(_core.release_memory(), bool)
+
+
+async def _true(value: bool) -> bool:
+    return value
