@@ -79,8 +79,12 @@ async def test_nothing_of_an_ended_session_waits_for_a_garbage_collection(
     async with serving(bot.url) as gw:
         await in_thread(sessions_at_once, f"{gw.url}/ws/generic/bot.test", 5)
         await until(lambda: _true(gw.sessions() == 0), within=10, what="the sessions end")
-        await anyio.sleep(0.05)  # the doorbell task finished their outcomes
-        assert (left(Opened), left(RelaySession)) == (0, 0)
+        # With the collector off, only reference counting can free them: a cycle would stay.
+        await until(
+            lambda: _true((left(Opened), left(RelaySession)) == (0, 0)),
+            within=5,
+            what="nothing of the ended sessions left",
+        )
 
 
 async def test_memory_is_given_back_once_after_a_burst_of_sessions_ended(
@@ -101,10 +105,6 @@ async def test_a_steady_churn_of_sessions_never_makes_giving_memory_back_due(
         await until(lambda: _true(gw.sessions() == 0), within=10, what="the sessions end")
         await anyio.sleep(0.3)
         assert releases == []
-
-
-def test_release_memory_says_whether_the_allocator_gave_any_back() -> None:
-    assert isinstance(_core.release_memory(), bool)
 
 
 async def _true(value: bool) -> bool:
