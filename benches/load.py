@@ -747,6 +747,14 @@ class WsgateThreads(Wsgate):
         return [(self.name, self.url)]
 
 
+class WsgateBuild(Wsgate):
+    """Another build of wsgate named by --builds (NAME=PYTHONPATH): target wsgate-NAME."""
+
+    def __init__(self, *args, name: str, **kw):
+        super().__init__(*args, **kw)
+        self.name = name
+
+
 class WsgateNoMetrics(Wsgate):
     """wsgate with `metrics = false`: run beside `wsgate`, the cost of its metrics (the relay
     engine's live counters per agent) per relayed message."""
@@ -1196,6 +1204,8 @@ def summarize(targets: list[Target], res: dict) -> dict:
             row["idle_rss_open_kib"] = idle.get("rss_open_kib", float("nan"))
             row["idle_rss_after_close_kib"] = idle.get("rss_after_close_kib", float("nan"))
             row["idle_upstream_sessions"] = idle.get("upstream_sessions", float("nan"))
+            burst = r.get("burst") or {}
+            row["burst_after_over_base"] = burst.get("after_over_base", float("nan"))
         s[t.name] = row
     return s
 
@@ -1585,6 +1595,7 @@ def print_compare(
         ("tel CPU µs per relayed message", "tel_cpu_us_per_msg", 2, None),
         ("tel p50 µs", "tel_p50_us", 0, None),
         ("idle KiB per session", "idle_per_session_kib", 2, None),
+        ("RSS after a burst ÷ before", "burst_after_over_base", 2, None),
     ]
     for k, par in enumerate(int(x) for x in a.open_parallel.split(",") if x.strip()):
         at = f", {par} at a time"
@@ -1819,6 +1830,12 @@ def main() -> int:
         help="wsgate-before: PYTHONPATH of the other build (its python/ with its _core)",
     )
     ap.add_argument(
+        "--builds",
+        default="",
+        help="more wsgate builds for one run, NAME=PYTHONPATH,...: each is target wsgate-NAME "
+        "(name it in --targets), e.g. mimalloc=/tmp/wt-mi/python",
+    )
+    ap.add_argument(
         "--tls-key",
         choices=["ecdsa", "rsa"],
         default="ecdsa",
@@ -1919,6 +1936,11 @@ def main() -> int:
         "wsgate-redis": lambda: WsgateRedis(tmp, up, py, ms, wpp, redis_url=redis_url or ""),
         "wsgate-before": lambda: WsgateBefore(tmp, up, py, ms, a.before_pythonpath),
     }
+    builds = dict(b.split("=", 1) for b in a.builds.split(",") if "=" in b)
+    for name, path in builds.items():
+        make[f"wsgate-{name}"] = lambda name=name, path=path: WsgateBuild(
+            tmp, up, py, ms, path, name=f"wsgate-{name}"
+        )
     unmet = {
         "nginx-tls": None if TLS else "no certificate (trustme missing)",
         "wsgate-tls": None if TLS else "no certificate (trustme missing)",
