@@ -30,6 +30,7 @@ __all__ = [
     "check_body_json",
     "decode_body",
     "new_nonce",
+    "release_memory",
 ]
 
 #: Largest ``?body=`` JSON document, in bytes after base64 decoding (SPEC §4).
