@@ -1490,8 +1490,9 @@ def print_memory_report(
     if names or scale_skipped:
         print(
             f"\nscale: telephony-shaped traffic, {a.scale_rate:,.0f} round trips/s over all the "
-            f"sessions ({a.tel_size} B), {a.scale_seconds:.0f} s; RSS per session = (the most "
-            "RSS seen during the run - RSS before) / sessions, on a fresh process"
+            f"sessions ({a.tel_size} B), {a.scale_seconds:.0f} s, medians of {a.scale_rounds} "
+            "run(s); RSS per session = (the most RSS seen during the run - RSS before) / "
+            "sessions, on a fresh process"
         )
         counts = sorted({r["sessions"] for n in names for r in res[n]["scale"]})
         peers = [p for p in PEERS if p in names]
@@ -1507,15 +1508,12 @@ def print_memory_report(
             print("| sessions | " + " | ".join(cols) + " |")
             print("| ---: | " + " | ".join("---:" for _ in cols) + " |")
             for c in counts:
-                row = {
-                    n: next((r for r in res[n]["scale"] if r["sessions"] == c), None) for n in names
-                }
+                row = {n: [r for r in res[n]["scale"] if r["sessions"] == c] for n in names}
 
                 def fig(n: str, row=row, key=key) -> float:
-                    r = row.get(n)
-                    if r is None:
-                        return float("nan")
-                    return other_cpu(r) if key is None else r.get(key, float("nan"))
+                    return med(
+                        [other_cpu(r) if key is None else r.get(key, float("nan")) for r in row[n]]
+                    )
 
                 cells = [fmt(fig(n), nd) for n in names]
                 if key:
@@ -1792,6 +1790,12 @@ def main() -> int:
         help="scale: round trips per second over all sessions (each sends every N/rate s)",
     )
     ap.add_argument("--scale-seconds", type=float, default=10.0)
+    ap.add_argument(
+        "--scale-rounds",
+        type=int,
+        default=1,
+        help="scale: runs of every session count, targets in rotating order; medians reported",
+    )
     ap.add_argument("--haproxy-threads", type=int, default=1, help="haproxy: nbthread (default 1)")
     ap.add_argument("--twilio-calls", type=int, default=500, help="twilio: concurrent calls")
     ap.add_argument("--twilio-seconds", type=float, default=None, help="default: --tel-seconds")
@@ -2012,19 +2016,24 @@ def main() -> int:
                     f"{r['relayed']:,} of {r['sessions']:,} sessions relayed, fds {r['fds']}"
                 )
                 t.restart()
-        for n in scale_ns if "scale" in phases else []:
+        scaled = [t for t in targets if t.relay and not t.tls]
+        for rnd, n in [(r, n) for r in range(a.scale_rounds) for n in scale_ns]:
+            if "scale" not in phases:
+                break
             fit, why = fit_sessions(n)
             if fit < n:
-                log(f"scale: {n:,} sessions not run: {why}")
+                if not rnd:
+                    log(f"scale: {n:,} sessions not run: {why}")
                 scale_skipped[n] = why
                 if fit < 0.95 * n:
                     continue
                 log(f"scale: {fit:,} sessions instead")
             log(
-                f"scale: {fit:,} sessions, {a.scale_rate:,.0f} round trips/s in all "
+                f"scale, round {rnd + 1}/{a.scale_rounds}: {fit:,} sessions, "
+                f"{a.scale_rate:,.0f} round trips/s in all "
                 f"(one every {fit / a.scale_rate:.2f} s per session), {a.scale_seconds}s"
             )
-            for t in [t for t in targets if t.relay and not t.tls]:
+            for t in scaled[rnd % len(scaled) :] + scaled[: rnd % len(scaled)]:
                 r = quiet_run(scale_phase, lg, t, a, echo.pid, fit)
                 r["asked"] = n
                 res[t.name].setdefault("scale", []).append(r)
