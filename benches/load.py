@@ -410,6 +410,13 @@ class Direct(Target):
         self.note = "loadgen straight to the echo upstream"
 
 
+def system_exe(name: str) -> str | None:
+    """A Debian daemon's executable: on PATH, or in /usr/sbin (not on a user's PATH)."""
+    return shutil.which(name) or (
+        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None
+    )
+
+
 class Nginx(Target):
     name = "nginx"
 
@@ -419,9 +426,7 @@ class Nginx(Target):
         self.buffer_size = buffer_size
 
     def start(self) -> None:
-        exe = shutil.which("nginx") or (
-            "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
-        )
+        exe = system_exe("nginx")
         if not exe:
             self.skip = "nginx not installed (apt-get install -y nginx-light)"
             return
@@ -526,9 +531,7 @@ class Haproxy(Target):
         self.maxconn = maxconn
 
     def start(self) -> None:
-        exe = shutil.which("haproxy") or (
-            "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
-        )
+        exe = system_exe("haproxy")
         if not exe:
             self.skip = "haproxy not installed (apt-get install -y haproxy)"
             return
