@@ -1,5 +1,5 @@
 # One documented line per target. `make test` is the README's (and CI's) test command.
-.PHONY: install-dev test test-py test-rust lint bench fuzz-smoke
+.PHONY: install-dev test test-py test-threads test-rust lint bench fuzz-smoke
 
 # Build the extension in place (editable): replaces any stale _core*.so under python/wsgate/.
 install-dev:
@@ -7,11 +7,17 @@ install-dev:
 	python -m pip install -q -e '.[test,pipecat]'
 
 # Everything CI runs: build, Python tests on asyncio and trio, Rust tests, linters and types.
-test: install-dev test-rust test-py lint fuzz-smoke
+test: install-dev test-rust test-py test-threads lint fuzz-smoke
 
 # pytest on real sockets (both anyio backends).
 test-py:
 	python -m pytest -q
+
+# The relay's tests again with another relay thread count than the default (half the CPUs: one
+# on CI's two), so that every one passes with one thread and with sessions spread over several.
+RELAY_TESTS = relay_messages relay_close split_frames limits hostile tls inprocess session_control embed
+test-threads:
+	WSGATE_RELAY_THREADS=3 python -m pytest -q $(RELAY_TESTS:%=tests/test_%.py)
 
 # Plain-Rust tests, no interpreter needed.
 test-rust:

@@ -1814,7 +1814,7 @@ def main() -> int:
         "--nginx-workers",
         type=int,
         default=os.cpu_count() or 1,
-        help="default: os.cpu_count(), the thread count of wsgate's relay engine",
+        help="default: os.cpu_count(), nginx's own `auto`",
     )
     ap.add_argument("--nginx-buffer-size", default="4k")
     ap.add_argument("--wsgate-python", default=sys.executable)

@@ -20,7 +20,7 @@ use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
 use crate::inproc::{self, Handle, Message};
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
-use crate::shard::{Shard, Task};
+use crate::shard::{self, Shard, Task};
 use crate::sockets::adopt;
 use crate::tls::Tls;
 use crate::{echo, relay};
@@ -104,15 +104,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts `threads` worker threads (0: one per CPU). A peer that vanishes without a FIN
-    /// (power cut, NAT timeout) is detected within `dead_peer_timeout` by the kernel: TCP
-    /// keepalive probes while the connection is idle, `TCP_USER_TIMEOUT` while data waits
-    /// for its ACK. Either costs nothing per message, unlike pings of our own.
+    /// Starts `threads` relay threads (0: [`shard::default_count`]). A peer that vanishes
+    /// without a FIN (power cut, NAT timeout) is detected within `dead_peer_timeout` by the
+    /// kernel: TCP keepalive probes while the connection is idle, `TCP_USER_TIMEOUT` while data
+    /// waits for its ACK. Either costs nothing per message, unlike pings of our own.
     pub fn new(threads: usize, dead_peer_timeout: Duration) -> io::Result<Self> {
         let n = if threads > 0 {
             threads
         } else {
-            std::thread::available_parallelism().map_or(1, usize::from)
+            shard::default_count()?
         };
         let (bell, bell_rx) = UnixStream::pair()?;
         bell.set_nonblocking(true)?;

@@ -30,6 +30,36 @@ use crate::stream::Stream;
 /// Steps a session may take per turn before the others get theirs.
 pub const BUDGET: u32 = 64;
 
+/// The variable that sets how many relay threads an engine told 0 starts (as tokio's
+/// `TOKIO_WORKER_THREADS` does its workers): a deployment sizes it without editing settings, and
+/// the tests run the relay tests under each count.
+pub const THREADS_ENV: &str = "WSGATE_RELAY_THREADS";
+
+/// How many relay threads an engine told 0 starts: `$WSGATE_RELAY_THREADS` if set (a positive
+/// integer, else an error), otherwise half the CPUs this process may use, at least one.
+///
+/// Half, from the figures in `benches/README.md` ("Relay threads"): on 2 CPUs shared with the
+/// kernel's network work and the peers, one relay thread spent less CPU per relayed message
+/// than two (0.83-0.92x, saturated and telephony alike) and kept the lower p99, with the same
+/// saturated throughput; four did worse still. A thread that stays busy takes several events
+/// per wake-up, where a thread per CPU sleeps and wakes for nearly every message. A host whose
+/// relay alone saturates its CPUs may set `relay_threads` to their number.
+pub fn default_count() -> io::Result<usize> {
+    match std::env::var(THREADS_ENV) {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{THREADS_ENV} must be a positive integer, not {v:?}"),
+            )),
+        },
+        Err(_) => {
+            let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+            Ok((cpus / 2).max(1))
+        }
+    }
+}
+
 /// The inbox's token; a socket's is its session's slot times two, plus its side.
 const MAIL: Token = Token(usize::MAX);
 

@@ -1,6 +1,6 @@
 """The embedding API (README "Embedding"): wsgate.relay from a plain asyncio server and from trio
 (the shipped examples, run as they are), accept_upgrade, concurrent relays that end out of order,
-and an unreachable bot."""
+an unreachable bot, and how many relay threads an engine starts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import asyncio
 import base64
 import importlib.util
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -207,3 +210,48 @@ async def test_a_bad_upstream_url_is_refused_before_anything_is_sent() -> None:
     finally:
         left.close()
         right.close()
+
+
+RELAY_THREADS = """
+import os, sys, time
+import wsgate._core as core
+
+def relay_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+    return sum(n.startswith("wsgate-relay-") for n in names)
+
+try:
+    engine = core.Engine(int(sys.argv[1]), 60.0)
+except OSError as exc:
+    print(exc)
+else:
+    # Each thread names itself once it runs: count until the count holds for 0.2 s.
+    seen, since = relay_threads(), time.monotonic()
+    while time.monotonic() - since < 0.2:
+        time.sleep(0.01)
+        if (n := relay_threads()) != seen:
+            seen, since = n, time.monotonic()
+    print(seen)
+"""
+
+
+@pytest.mark.parametrize(
+    ("threads", "variable", "started"),
+    [
+        (3, "5", "3"),  # the setting, when it says a number
+        (0, "5", "5"),  # else $WSGATE_RELAY_THREADS
+        (0, None, str(max(1, len(os.sched_getaffinity(0)) // 2))),  # else half the CPUs
+        (0, "0", 'WSGATE_RELAY_THREADS must be a positive integer, not "0"'),
+    ],
+)
+def test_an_engine_starts_its_setting_else_the_variable_else_half_the_cpus_in_relay_threads(
+    threads: int, variable: str | None, started: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "WSGATE_RELAY_THREADS"}
+    if variable is not None:
+        env["WSGATE_RELAY_THREADS"] = variable
+    run = subprocess.run(
+        [sys.executable, "-c", RELAY_THREADS, str(threads)],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert run.stdout.strip() == started, run.stderr

@@ -208,9 +208,10 @@ class Engine:
     """
 
     def __new__(cls, threads: int = 0, dead_peer_timeout: float = 60.0) -> Engine:
-        """Start the engine with ``threads`` worker threads (0: one per CPU). A peer that
-        vanishes without a FIN is detected within ``dead_peer_timeout`` seconds (at least 1) by
-        TCP keepalive and ``TCP_USER_TIMEOUT``: nothing is spent per message."""
+        """Start the engine with ``threads`` relay threads (0: ``$WSGATE_RELAY_THREADS`` if set,
+        else half the CPUs, at least one; a bad ``$WSGATE_RELAY_THREADS`` raises ``OSError``). A
+        peer that vanishes without a FIN is detected within ``dead_peer_timeout`` seconds (at
+        least 1) by TCP keepalive and ``TCP_USER_TIMEOUT``: nothing is spent per message."""
 
     def doorbell(self) -> int:
         """A file descriptor that is readable while outcomes wait to be drained."""

@@ -120,7 +120,8 @@ class GatewaySettings:
     #: Seconds a session may last (SPEC §6: 60-14400); then both sides get 1000. (Tests and
     #: embedders may go below the range with ``Gateway(..., session_time_limit=...)``.)
     max_session_duration: float = 7200.0
-    #: Relay threads of the Rust engine; 0 means one per CPU.
+    #: Relay threads of the Rust engine; 0: ``$WSGATE_RELAY_THREADS`` if set, else half the
+    #: CPUs (at least one; the figures are in benches/README.md, "Relay threads").
     relay_threads: int = 0
     #: TCP connections held at once (upgrading, or sessions); past it the gateway stops
     #: accepting until one ends and new ones wait in the kernel's backlog. Each session holds

@@ -65,8 +65,9 @@ def accept_upgrade(head: bytes, subprotocol: str | None = None) -> bytes:
 class Relayer:
     """A relay engine for sockets accepted by your own server (see the module's docstring).
 
-    ``threads``: the engine's worker threads (0: one per CPU). ``dead_peer_timeout``: seconds
-    after which a peer gone without a FIN is noticed (TCP keepalive, at least 1).
+    ``threads``: the engine's relay threads (0: ``$WSGATE_RELAY_THREADS``, else half the CPUs,
+    at least one). ``dead_peer_timeout``: seconds after which a peer gone without a FIN is
+    noticed (TCP keepalive, at least 1).
     """
 
     def __init__(self, *, threads: int = 0, dead_peer_timeout: float = 60.0) -> None:

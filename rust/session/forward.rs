@@ -15,7 +15,7 @@
 //! is forwarded; after a close to the destination nothing more is written there.
 
 use crate::frame::MAX_HEADER_LEN;
-use crate::frame::{apply_mask, close_frame, write_header, Header, Opcode, Violation};
+use crate::frame::{apply_mask, close_frame, header_len, write_header, Header, Opcode, Violation};
 
 use super::reader::{Frame, FrameReader};
 
@@ -169,7 +169,7 @@ impl Forwarder {
                     header,
                     message_end,
                 } => {
-                    let (key, hn) = self.rewrite_header(buf, w, &header);
+                    let (key, hn) = self.rewrite_header(buf, r, w, &header);
                     self.key = key;
                     w += hn;
                     self.messages += u64::from(message_end);
@@ -206,7 +206,7 @@ impl Forwarder {
 
     /// Passes the whole control frame read at `r` on at `w`; returns where output goes on.
     fn pass_control(&self, buf: &mut [u8], r: usize, w: usize, h: &Header) -> usize {
-        let (key, hn) = self.rewrite_header(buf, w, h);
+        let (key, hn) = self.rewrite_header(buf, r, w, h);
         let (from, end, to) = (r + h.header_len, r + h.header_len + h.len as usize, w + hn);
         if let Some(k) = key {
             apply_mask(&mut buf[from..end], k, 0);
@@ -215,9 +215,16 @@ impl Forwarder {
         to + h.len as usize
     }
 
-    /// Writes the outgoing header for `h` at `w`. Returns the key to XOR the payload with and
-    /// the new header's length (never longer than the old one, so it cannot reach the payload).
-    fn rewrite_header(&self, buf: &mut [u8], w: usize, h: &Header) -> (Option<[u8; 4]>, usize) {
+    /// Writes the outgoing header for `h`, read at `r`, at `w`. Returns the key to XOR the
+    /// payload with and the new header's length (never longer than the old one, so it cannot
+    /// reach the payload).
+    fn rewrite_header(
+        &self,
+        buf: &mut [u8],
+        r: usize,
+        w: usize,
+        h: &Header,
+    ) -> (Option<[u8; 4]>, usize) {
         let (opcode, out_mask, key) = match (self.transform, h.mask) {
             (Transform::Keep, _) => (h.opcode, None, None),
             (Transform::Remask, Some(k)) => {
@@ -234,6 +241,16 @@ impl Forwarder {
             (Transform::Echo, k) => (h.opcode, None, k),
             (Transform::Remask, None) => unreachable!("client frames are checked to be masked"),
         };
+        // The usual case: the header stays where it is, as long as it was (a relay keeps or
+        // drops no mask, and the sender used the shortest length form), so its bytes are
+        // already the ones to send but for our key.
+        let same_len = h.header_len == header_len(h.len, out_mask.is_some());
+        if r == w && opcode == h.opcode && out_mask.is_some() == h.mask.is_some() && same_len {
+            if let Some(ours) = out_mask {
+                buf[r + h.header_len - 4..r + h.header_len].copy_from_slice(&ours);
+            }
+            return (key, h.header_len);
+        }
         let mut hb = [0u8; MAX_HEADER_LEN];
         let hn = write_header(&mut hb, h.fin, opcode, out_mask, h.len);
         debug_assert!(hn <= h.header_len);
@@ -392,6 +409,44 @@ mod tests {
         let mut buf = encode_frame(true, Opcode::TEXT, b"x", Some(KEY));
         fwd.forward(&mut buf);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_length_in_a_longer_form_than_needed_goes_on_in_the_shortest() {
+        // 5 bytes announced in the 16-bit form, then a frame in the shortest form behind it.
+        let mut bot = vec![0x82, 126, 0, 5];
+        bot.extend_from_slice(b"hello");
+        bot.extend(encode_frame(true, Opcode::TEXT, b"next", None));
+        let mut fwd = Forwarder::new(Transform::Keep, 100);
+        let mut buf = bot;
+        assert_eq!(fwd.forward(&mut buf), Forwarded::Frames);
+        let mut expected = encode_frame(true, Opcode::BINARY, b"hello", None);
+        expected.extend(encode_frame(true, Opcode::TEXT, b"next", None));
+        assert_eq!(buf, expected);
+
+        let mut client = vec![0x82, 0x80 | 126, 0, 5];
+        client.extend_from_slice(&KEY);
+        let mut payload = *b"hello";
+        apply_mask(&mut payload, KEY, 0);
+        client.extend_from_slice(&payload);
+        client.extend(encode_frame(true, Opcode::TEXT, b"next", Some(KEY)));
+        let mut fwd = Forwarder::new(Transform::Remask, 100);
+        let mut buf = client;
+        assert_eq!(fwd.forward(&mut buf), Forwarded::Frames);
+        let (frames, keys) = frames_of(&buf, true);
+        assert_eq!(
+            buf.len(),
+            6 + 5 + 6 + 4,
+            "both headers in the shortest form"
+        );
+        assert_eq!(
+            frames,
+            [
+                (true, Opcode::BINARY, b"hello".to_vec()),
+                (true, Opcode::TEXT, b"next".to_vec())
+            ]
+        );
+        assert!(!keys.contains(&KEY));
     }
 
     #[test]
