@@ -2177,4 +2177,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A SIGTERM (`timeout`, a cancelled job) ends the run like an error: every process it started
+    # is stopped (they run in sessions of their own, so nginx and HAProxy would outlive it).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        sys.exit(main())
+    finally:
+        stop_all()
