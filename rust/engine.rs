@@ -11,19 +11,28 @@
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
 use crate::inproc::{self, Handle, Message};
+use crate::open::{self, Fast, News, Places, Route};
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
 use crate::shard::{self, Shard, Task};
-use crate::sockets::adopt;
+use crate::sockets::{adopt, prepare};
+use crate::stream::Stream;
 use crate::tls::Tls;
+use crate::upgrade;
 use crate::{echo, relay};
+
+/// Bytes read from a connection as it is accepted: a request head at most, and what the client
+/// sent behind it.
+const FIRST_READ: usize = upgrade::MAX_HEADER_BYTES + 4096;
 
 /// News for Python, in the order it happened: a session's messages come before its outcome.
 #[derive(Debug)]
@@ -32,6 +41,23 @@ pub enum Item {
     Outcome(Outcome),
     /// A message of an in-process session.
     Message(Message),
+    /// A session the engine opened by itself, or could not.
+    Open(News),
+}
+
+/// A connection [`Engine::accept`] took: opened by the engine, or for the control plane.
+pub enum Accepted {
+    /// The engine opens it (its news comes through the doorbell).
+    Opening,
+    /// The control plane's: the socket (non-blocking), its peer and the bytes read from it.
+    Handed {
+        /// The connection.
+        sock: TcpStream,
+        /// The client's address.
+        peer: Option<SocketAddr>,
+        /// What it sent so far (maybe nothing yet).
+        read: Vec<u8>,
+    },
 }
 
 #[derive(Default)]
@@ -75,6 +101,24 @@ impl Shared {
     }
 }
 
+/// A non-blocking socket connecting to `addr`, and the connect's error if it failed at once.
+fn connect(addr: SocketAddr) -> io::Result<(TcpStream, Option<io::Error>)> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking(),
+        None,
+    )?;
+    let failed = match sock.connect(&addr.into()) {
+        Ok(()) => None,
+        Err(e) if e.raw_os_error() == Some(EINPROGRESS) => None,
+        Err(e) => Some(e),
+    };
+    Ok((TcpStream::from(sock), failed))
+}
+
+/// Linux's `EINPROGRESS`: a non-blocking connect under way.
+const EINPROGRESS: i32 = 115;
+
 /// One side of a session as the control plane hands it over: its socket past the handshake,
 /// the TLS connection on it (if any, in the state the handshake left it), and the bytes read
 /// past the handshake (the start of its frames).
@@ -100,7 +144,13 @@ pub struct Engine {
     shared: Arc<Shared>,
     bell_rx: UnixStream,
     dead_peer_timeout: Duration,
-    counters: Counters,
+    counters: Arc<Counters>,
+    /// Session ids, for the control plane's sessions and the engine's own.
+    ids: AtomicU64,
+    /// Sessions open or being opened per service host (the control plane's and the engine's).
+    places: Places,
+    /// The agents whose sessions the engine opens by itself, by service host.
+    routes: Mutex<Arc<HashMap<String, Arc<Route>>>>,
 }
 
 impl Engine {
@@ -131,7 +181,10 @@ impl Engine {
             .map(|i| Shard::start(i, report.clone()))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
-            counters: Counters::new(workers.len()),
+            counters: Arc::new(Counters::new(workers.len())),
+            ids: AtomicU64::new(1),
+            places: Places::default(),
+            routes: Mutex::new(Arc::new(HashMap::new())),
             workers,
             next: std::sync::atomic::AtomicUsize::new(0),
             shared,
@@ -152,6 +205,176 @@ impl Engine {
         }
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(i % self.workers.len())
+    }
+
+    /// A fresh session id (unique for the engine's lifetime), for a session the control plane
+    /// opens.
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes a place among `service_host`'s `max` sessions; false when all are taken.
+    pub fn take_place(&self, service_host: &str, max: usize) -> bool {
+        open::take(&self.places.of(service_host), max)
+    }
+
+    /// Gives back a place [`take_place`](Self::take_place) took.
+    pub fn give_place(&self, service_host: &str) {
+        open::give(&self.places.of(service_host));
+    }
+
+    /// Sessions open or being opened: of `service_host`, or in all.
+    pub fn places(&self, service_host: Option<&str>) -> usize {
+        self.places.count(service_host)
+    }
+
+    /// The agents whose sessions the engine opens by itself from now on (none: every
+    /// connection goes to the control plane). See `open.rs`.
+    pub fn set_routes(&self, routes: Vec<Route>) -> io::Result<()> {
+        let mut table = HashMap::new();
+        for mut r in routes {
+            if !self.counters.knows(r.agent) {
+                return Err(io::Error::new(
+                    ErrorKind::InvalidInput,
+                    "unknown agent index",
+                ));
+            }
+            r.place = self.places.of(&r.service_host);
+            table.insert(r.service_host.clone(), Arc::new(r));
+        }
+        *lock(&self.routes) = Arc::new(table);
+        Ok(())
+    }
+
+    /// Accepts up to `max` connections waiting on `listener`, reads what each sent, and opens
+    /// the sessions whose request the route table serves (see `open.rs`); the others are
+    /// returned with what was read. A connection that closed at once, or failed, is dropped.
+    /// Stops at the first error of `accept` other than a connection aborted, and returns it
+    /// beside what it took.
+    pub fn accept(&self, listener: RawFd, max: usize) -> (Vec<Accepted>, Option<io::Error>) {
+        let routes = lock(&self.routes).clone();
+        // SAFETY: the control plane keeps the listening socket open during the call.
+        let listening = unsafe { BorrowedFd::borrow_raw(listener) };
+        let listening = socket2::SockRef::from(&listening);
+        let mut taken = Vec::new();
+        let mut buf = vec![0u8; FIRST_READ];
+        while taken.len() < max {
+            let (sock, peer) = match listening.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return (taken, Some(e)),
+            };
+            let sock = TcpStream::from(sock);
+            if sock.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let _ = sock.set_nodelay(true);
+            let n = match (&sock).read(&mut buf) {
+                Ok(0) => continue, // gone before its request
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+                Err(_) => continue,
+            };
+            let read = &buf[..n];
+            let sock = match self.open_fast(&routes, sock, read) {
+                None => {
+                    taken.push(Accepted::Opening);
+                    continue;
+                }
+                Some(sock) => sock,
+            };
+            taken.push(Accepted::Handed {
+                sock,
+                peer: peer.as_socket(),
+                read: read.to_vec(),
+            });
+        }
+        (taken, None)
+    }
+
+    /// Opens the session whose request the control plane read (`read`: the head and what
+    /// followed it) if the route table serves it, as [`accept`](Self::accept) does for a
+    /// request read whole at once; otherwise gives the socket back.
+    pub fn open(&self, client: TcpStream, read: &[u8]) -> Option<TcpStream> {
+        let routes = lock(&self.routes).clone();
+        self.open_fast(&routes, client, read)
+    }
+
+    /// Opens the session `read` asks for if the route table serves it and its agent has a place
+    /// left; otherwise gives the socket back.
+    fn open_fast(
+        &self,
+        routes: &HashMap<String, Arc<Route>>,
+        client: TcpStream,
+        read: &[u8],
+    ) -> Option<TcpStream> {
+        if routes.is_empty() || read.is_empty() {
+            return Some(client);
+        }
+        let Some(upgrade) = upgrade::recognise(read) else {
+            return Some(client);
+        };
+        let Some(route) = routes.get(upgrade.service_host) else {
+            return Some(client);
+        };
+        if !open::take(&route.place, route.max_sessions) {
+            return Some(client); // the Python path answers 503
+        }
+        match self.dial_fast(route, client, read, upgrade) {
+            Ok(()) => None,
+            Err(client) => {
+                open::give(&route.place);
+                Some(client)
+            }
+        }
+    }
+
+    /// Starts the bot's connect and hands the session to a relay thread; gives the client back
+    /// if that cannot be done (no descriptor left: the Python path fails the same way, in its
+    /// own words).
+    fn dial_fast(
+        &self,
+        route: &Arc<Route>,
+        client: TcpStream,
+        read: &[u8],
+        upgrade: upgrade::Upgrade<'_>,
+    ) -> Result<(), TcpStream> {
+        let dpt = self.dead_peer_timeout;
+        let Ok(worker) = self.pick() else {
+            return Err(client);
+        };
+        let Ok((bot, failed)) = connect(route.bot) else {
+            return Err(client);
+        };
+        if prepare(&bot, dpt).is_err() || prepare(&client, dpt).is_err() {
+            return Err(client);
+        }
+        let (client, bot) = (Stream::plain(client), Stream::plain(bot));
+        let id = self.next_id();
+        let Ok(live) = self.register(id, worker) else {
+            unreachable!("ids are unique");
+        };
+        let counters = self.counters.clone();
+        let agent = route.agent;
+        let meter = Box::new(move || {
+            counters
+                .meter(agent, Served::Upstream, worker)
+                .showing(live)
+        });
+        let shared = self.shared.clone();
+        let tell: open::Tell = Arc::new(move |news| shared.push(Item::Open(news)));
+        let o = open::Open {
+            route: route.clone(),
+            upgrade,
+            read,
+            meter,
+            tell,
+        };
+        let task = Fast::new(id, client, bot, failed, o);
+        self.workers[worker].start_task(id, Box::new(task));
+        Ok(())
     }
 
     /// The index of agent `name` in the live counters, registered now if it is new. Sessions

@@ -16,6 +16,7 @@ pub mod frame;
 pub mod inproc;
 pub mod limits;
 pub mod memory;
+pub mod open;
 pub mod pump;
 pub mod relay;
 pub mod session;
@@ -24,8 +25,11 @@ mod sockets;
 pub mod stream;
 pub mod tls;
 pub mod token;
+pub mod upgrade;
 
 #[cfg(feature = "python")]
 mod py;
+#[cfg(feature = "python")]
+mod py_open;
 #[cfg(feature = "python")]
 mod py_tls;

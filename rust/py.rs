@@ -12,13 +12,13 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use crate::inproc::Delivery;
+use crate::py_open::{self, FastRoute};
 use crate::py_tls::{self, TlsConnection};
 use crate::{body, counters, engine, limits, memory, session, token};
 
-/// Largest upgrade request line plus headers, in bytes (SPEC §2). HTTP is the control plane's
-/// and no Rust code reads a request head; the number is defined here, beside the other limits
-/// the extension exports, so that Python never repeats it.
-const MAX_HEADER_BYTES: usize = 8192;
+/// Largest upgrade request line plus headers, in bytes (SPEC §2): exported, so that Python never
+/// repeats it.
+const MAX_HEADER_BYTES: usize = crate::upgrade::MAX_HEADER_BYTES;
 
 pyo3::create_exception!(
     _core,
@@ -326,6 +326,7 @@ fn item_to_py(py: Python<'_>, item: engine::Item) -> PyResult<Py<PyAny>> {
             )?
             .into_any()
         }
+        engine::Item::Open(news) => py_open::news_to_py(py, news)?,
     })
 }
 
@@ -347,7 +348,10 @@ fn tcp_from_fd(fd: RawFd) -> PyResult<std::net::TcpStream> {
 
 /// A session's limits: a positive largest message, and a time limit that is `None` or a
 /// positive finite number of seconds.
-fn check_limits(max_message_size: u64, time_limit: Option<f64>) -> PyResult<session::Limits> {
+pub(crate) fn check_limits(
+    max_message_size: u64,
+    time_limit: Option<f64>,
+) -> PyResult<session::Limits> {
     if max_message_size == 0 {
         return Err(PyValueError::new_err("max_message_size must be positive"));
     }
@@ -480,6 +484,88 @@ impl Engine {
         Ok(())
     }
 
+    fn next_session_id(&self) -> u64 {
+        self.engine().next_id()
+    }
+
+    fn take_place(&self, service_host: &str, max_sessions: usize) -> bool {
+        self.engine().take_place(service_host, max_sessions)
+    }
+
+    fn give_place(&self, service_host: &str) {
+        self.engine().give_place(service_host);
+    }
+
+    #[pyo3(signature = (service_host = None))]
+    fn places(&self, service_host: Option<&str>) -> usize {
+        self.engine().places(service_host)
+    }
+
+    fn set_routes(&self, routes: Vec<Bound<'_, FastRoute>>) -> PyResult<()> {
+        let mut table = Vec::with_capacity(routes.len());
+        for r in &routes {
+            let taken = r
+                .get()
+                .route
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            table.push(taken.ok_or_else(|| {
+                PyValueError::new_err("the FastRoute was given to an engine already")
+            })?);
+        }
+        self.engine().set_routes(table)?;
+        Ok(())
+    }
+
+    /// Accepts up to `max` connections: `(connections, errno)`. Each connection is None (the
+    /// engine opens its session) or `(fd, address, bytes read)`; `errno` is that of the error
+    /// that stopped the batch, if any.
+    fn accept(
+        &self,
+        py: Python<'_>,
+        listener: RawFd,
+        max: usize,
+    ) -> PyResult<(Vec<Py<PyAny>>, Option<i32>)> {
+        let inner = &self.inner;
+        let (taken, error) = py.detach(|| {
+            inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .accept(listener, max)
+        });
+        let mut out = Vec::with_capacity(taken.len());
+        for a in taken {
+            out.push(match a {
+                engine::Accepted::Opening => py.None(),
+                engine::Accepted::Handed { sock, peer, read } => {
+                    let address = py_open::address(py, peer)?;
+                    let fd = std::os::fd::IntoRawFd::into_raw_fd(sock);
+                    (fd, address, PyBytes::new(py, &read))
+                        .into_pyobject(py)?
+                        .into_any()
+                        .unbind()
+                }
+            });
+        }
+        Ok((out, error.map(|e| e.raw_os_error().unwrap_or(5))))
+    }
+
+    /// Opens the session whose request `read` holds (head and what followed) on socket `fd`,
+    /// if the route table serves it: True, the descriptor is the engine's; False, it is still
+    /// the caller's.
+    fn open(&self, fd: RawFd, read: &[u8]) -> PyResult<bool> {
+        let sock = tcp_from_fd(fd)?;
+        Ok(match self.engine().open(sock, read) {
+            None => true,
+            Some(sock) => {
+                // Not taken: the caller's socket object still owns the descriptor.
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(sock);
+                false
+            }
+        })
+    }
+
     fn close(&self, session_id: u64, code: u16, reason: &str) -> bool {
         self.engine().close(session_id, code, reason)
     }
@@ -569,6 +655,9 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Message>()?;
     m.add_class::<AgentCounts>()?;
     m.add_class::<SessionCounts>()?;
+    m.add_class::<FastRoute>()?;
+    m.add_class::<py_open::Opened>()?;
+    m.add_class::<py_open::Unopened>()?;
     // TLS
     py_tls::register(m)?;
     Ok(())

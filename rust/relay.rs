@@ -24,7 +24,7 @@ pub fn session(
     pending: Pending,
     limits: Limits,
     meter: Meter,
-) -> Driven<impl Io + Send> {
+) -> Driven<Pair> {
     let max = limits.max_message_size;
     let io = Pair {
         up: Pump::new(Transform::Remask, max, pending.client),
@@ -37,7 +37,7 @@ pub fn session(
 }
 
 /// Both directions: `up` client → bot, `down` bot → client.
-struct Pair {
+pub struct Pair {
     up: Pump,
     down: Pump,
     client: Stream,

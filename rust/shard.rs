@@ -574,7 +574,7 @@ mod tests {
             .into_iter()
             .filter_map(|item| match item {
                 Item::Outcome(o) => Some(o.session_id),
-                Item::Message(_) => None,
+                Item::Message(_) | Item::Open(_) => None,
             })
             .collect();
         ended.sort_unstable();

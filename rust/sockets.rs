@@ -24,7 +24,8 @@ pub(crate) fn adopt(
     })
 }
 
-fn prepare(s: &std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<()> {
+/// Non-blocking, Nagle off, dead-peer detection on (see [`adopt`]).
+pub(crate) fn prepare(s: &std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<()> {
     s.set_nonblocking(true)?;
     s.set_nodelay(true)?;
     let sock = socket2::SockRef::from(s);

@@ -77,6 +77,11 @@ impl Stream {
         }
     }
 
+    /// A descriptor of its own on the same socket (for the control plane to answer on).
+    pub fn try_clone_socket(&self) -> io::Result<TcpStream> {
+        self.sock.try_clone()
+    }
+
     /// The socket's descriptor, for registering it.
     pub fn raw_fd(&self) -> RawFd {
         self.sock.as_raw_fd()

@@ -4,7 +4,7 @@ Private: users import :mod:`wsgate`. This stub is the whole typed surface betwee
 control plane and the Rust data plane; ``python -m mypy.stubtest wsgate._core`` keeps it honest.
 """
 
-from typing import Literal, final
+from typing import Any, Literal, final
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -17,7 +17,9 @@ __all__ = [
     "AgentCounts",
     "BodyError",
     "Engine",
+    "FastRoute",
     "Message",
+    "Opened",
     "Outcome",
     "SessionCounts",
     "TlsClientContext",
@@ -27,6 +29,7 @@ __all__ = [
     "TokenClaims",
     "TokenError",
     "TokenKeys",
+    "Unopened",
     "check_body_json",
     "decode_body",
     "new_nonce",
@@ -198,6 +201,55 @@ class Message:
     data: str | bytes | None
 
 @final
+class FastRoute:
+    """One agent whose generic-endpoint sessions the engine opens by itself (see
+    :meth:`Engine.set_routes`): its place count, its bot (a plain ``ws://`` bot at an IP
+    address: its URL's path and query as ``resource``, its ``Host`` header), and its sessions'
+    limits. Given to one engine only."""
+
+    def __new__(
+        cls,
+        service_host: str,
+        max_sessions: int,
+        bot_ip: str,
+        bot_port: int,
+        resource: str,
+        host_header: str,
+        max_message_size: int,
+        time_limit: float | None,
+        dial_timeout: float,
+        *,
+        agent: int | None = None,
+    ) -> FastRoute: ...
+
+@final
+class Opened:
+    """A session the engine opened by itself: answered 101 (``X-Session-Id: session_uuid``,
+    the bot's ``X-Daily-Session-Id``) and relaying; its outcome follows as any session's."""
+
+    session_id: int
+    session_uuid: str
+    service_host: str
+    #: From the start of the bot's dial to its 101.
+    dial_seconds: float
+
+@final
+class Unopened:
+    """A session the engine could not open: its bot's dial failed, its place was given back.
+    ``fd`` is the client's socket, the caller's to answer and close (-1: the client went away).
+    ``failure``: ``timed_out``, ``os`` (``errno``), ``closed`` (before the whole answer),
+    ``too_large`` (the answer's head), ``answer`` (``head``: not a 101 that passes with
+    ``key``), ``client_gone``."""
+
+    session_id: int
+    service_host: str
+    fd: int
+    failure: str
+    errno: int
+    head: bytes
+    key: str
+
+@final
 class Engine:
     """The relay: moves frames between sockets on Rust threads, with the GIL released.
 
@@ -296,10 +348,43 @@ class Engine:
     def consumed(self, session_id: int, nbytes: int) -> None:
         """Python's bot took ``nbytes`` of an in-process session's messages."""
 
+    def next_session_id(self) -> int:
+        """A fresh session id: the engine's own sessions and the caller's draw from one count."""
+
+    def take_place(self, service_host: str, max_sessions: int) -> bool:
+        """Take a place among the agent's ``max_sessions``; False when every one is taken. The
+        sessions the engine opens by itself take theirs from the same count."""
+
+    def give_place(self, service_host: str) -> None:
+        """Give back a place :meth:`take_place` took."""
+
+    def places(self, service_host: str | None = None) -> int:
+        """Places taken: of one service host, or of all."""
+
+    def set_routes(self, routes: list[FastRoute]) -> None:
+        """From now on, open by itself every session that :meth:`accept` reads whole and that
+        one of ``routes`` serves (replacing the previous table; an empty list: none). An
+        ``agent`` index never registered raises ``OSError``."""
+
+    def accept(
+        self, listener: int, max: int
+    ) -> tuple[list[tuple[int, Any, bytes] | None], int | None]:
+        """Accept up to ``max`` connections from the listening socket ``listener`` (the
+        caller's, non-blocking) and read once from each. A request the route table serves is
+        opened by the engine (``None`` in the list; an :class:`Opened` or :class:`Unopened`
+        comes through :meth:`drain`); any other connection is the caller's: ``(fd, address,
+        bytes read)``, non-blocking, Nagle off. A connection closed before its first byte is
+        dropped. ``errno``: of the accept error that stopped the batch, if any."""
+
+    def open(self, fd: int, read: bytes) -> bool:
+        """Open by itself the session whose request ``read`` holds (its head and what followed
+        it), read by the caller from socket ``fd``, when one of the routes serves it: True, the
+        descriptor is the engine's now (detach it); False, nothing was done."""
+
     def close(self, session_id: int, code: int, reason: str) -> bool:
         """Close both sides of a live session with ``code`` and ``reason``; False if unknown."""
 
-    def drain(self) -> list[Outcome | Message]:
+    def drain(self) -> list[Outcome | Message | Opened | Unopened]:
         """Take everything queued since the last call, in order (a session's messages before
         its outcome), and clear the doorbell."""
 

@@ -79,16 +79,19 @@ async def read_head(sock: Conn, limit: int, already: bytes = b"") -> tuple[bytes
         buf += await _receive(sock, _RECV_SIZE, "the handshake")
 
 
-def head_at_once(sock: Conn, limit: int) -> tuple[bytes, bytes] | bytes:
-    """One read without waiting: ``(head, rest)`` as :func:`read_head` gives them when the whole
+def head_at_once(sock: Conn, limit: int, read: bytes = b"") -> tuple[bytes, bytes] | bytes:
+    """One read without waiting (none when ``read`` holds the bytes of one made already, as the
+    connection was accepted): ``(head, rest)`` as :func:`read_head` gives them when the whole
     head is there already (a client usually sends its request with its connect), else the bytes
     read so far, for :func:`read_head`'s ``already``. Raises as :func:`read_head` does."""
-    try:
-        first = sock.recv(_RECV_SIZE)
-    except BlockingIOError:
-        return b""
+    first = read
     if not first:
-        raise EOFError("connection closed during the handshake")
+        try:
+            first = sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return b""
+        if not first:
+            raise EOFError("connection closed during the handshake")
     split = _split_head(first, limit)
     return first if split is None else split
 

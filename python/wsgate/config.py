@@ -123,6 +123,12 @@ class GatewaySettings:
     #: Relay threads of the Rust engine; 0: ``$WSGATE_RELAY_THREADS`` if set, else half the
     #: CPUs (at least one; the figures are in benches/README.md, "Relay threads").
     relay_threads: int = 0
+    #: Sessions of the plainest agents opened by the Rust engine, without a turn of Python's
+    #: event loop per step: ``none`` auth, one ``ws://`` bot at an IP address, on a gateway
+    #: without TLS on its listener, ``authorize``, a capacity store or per-client limits
+    #: (:mod:`wsgate.fastpath`). Same checks, answers, logs and metrics. False: every
+    #: request goes through Python.
+    engine_opens: bool = True
     #: TCP connections held at once (upgrading, or sessions); past it the gateway stops
     #: accepting until one ends and new ones wait in the kernel's backlog. Each session holds
     #: two descriptors (client and bot): raise the process's open-files limit to match.
@@ -220,8 +226,9 @@ class GatewaySettings:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
-        if not isinstance(self.metrics, bool):
-            raise ConfigError(f"metrics must be true or false, got {self.metrics!r}")
+        for name in ("metrics", "engine_opens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         port = self.metrics_port
         if port is not None and (not _is_int(port) or not 0 <= port <= 65535):
             raise ConfigError(f"metrics_port must be an integer of 0 to 65535, got {port!r}")

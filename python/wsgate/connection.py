@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import uuid
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import anyio
 
@@ -33,6 +35,7 @@ from ._sockets import (
 from .admission import PendingReads, RateLimiter
 from .config import AgentConfig, Config
 from .errors import HeadTooLarge, HttpError, OpeningError
+from .fastpath import TO_ENGINE, _Handed
 from .handshake import close_frame, switching_protocols
 from .metrics import METRICS_PATH, Metrics
 from .providers import Opening, OpeningReader, close_for
@@ -44,6 +47,7 @@ from .session_calls import SessionCalls
 from .sessions import Opened, Sessions
 from .start import answer_start, is_start_path, request_body_length
 from .tokens import token_from_request
+from .upstream import engine_dial_error
 
 __all__ = ["HEALTH_PATHS", "Connections"]
 
@@ -89,13 +93,17 @@ class Connections:
         keys = SessionKeys.from_config(config) if keys is None else keys
         self.calls = SessionCalls(config, agents, sessions, pending, self.metrics, keys)
 
-    async def handle(self, sock: Conn, client: str) -> Opened | None:
-        """Run the client's request; returns the session it opened, or None if refused."""
+    async def handle(
+        self, sock: Conn, client: str, read: bytes = b""
+    ) -> Opened | Literal[_Handed.TO_ENGINE] | None:
+        """Run the client's request (``read``: its first bytes, read as it was accepted);
+        returns the session it opened, :data:`~wsgate.fastpath.TO_ENGINE` when the engine took
+        it over once it was read (:mod:`wsgate.fastpath`), or None if refused."""
         # handshake_timeout covers the whole request: head, and a /start body.
         deadline = anyio.current_time() + self.config.gateway.handshake_timeout
         try:
             received: tuple[bytes, bytes] | None = None
-            at_once = head_at_once(sock, _core.MAX_HEADER_BYTES)
+            at_once = head_at_once(sock, _core.MAX_HEADER_BYTES, read)
             if isinstance(at_once, tuple):
                 received = at_once
             else:
@@ -104,6 +112,11 @@ class Connections:
                     received = await read_head(sock, _core.MAX_HEADER_BYTES, at_once)
             if received is None:
                 return None  # too slow, or evicted: dropped without an answer
+            if self.sessions.fast and isinstance(sock, socket.socket):
+                # Read here, not at its accept: the engine may still open it by itself.
+                if self.sessions.relay.engine.open(sock.fileno(), b"".join(received)):
+                    sock.detach()
+                    return TO_ENGINE
             return await self._request(sock, *received, deadline, client)
         except HeadTooLarge:
             self.metrics.refused(None, 431)
@@ -125,6 +138,15 @@ class Connections:
             self.metrics.refused(None, 500)
             await _respond(sock, 500, "internal error")
         return None
+
+    async def unopened(self, sock: Conn, news: _core.Unopened) -> None:
+        """Answer a session the engine could not open (:mod:`wsgate.fastpath`): its bot's dial
+        failed, counted, logged and answered as a dial of the Python path's."""
+        error = engine_dial_error(news)
+        self.metrics.dial_failed(news.service_host, error)
+        log.warning("refused with %d: %s", error.status, error.reason)
+        self.metrics.upgrade_refused(news.service_host, error)
+        await _respond(sock, error.status, error.reason)
 
     def health(self, path: str) -> bytes:
         """``/livez`` (200 while the process serves) or ``/readyz`` (503 "draining" once a

@@ -19,7 +19,6 @@ process keeps the RSS of its busiest moment. A steady churn of sessions never ma
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -194,8 +193,10 @@ class Relay:
         self, threads: int = 0, dead_peer_timeout: float = 60.0, *, counted: Iterable[str] = ()
     ) -> None:
         self.engine = _core.Engine(threads, dead_peer_timeout)
-        self._ids = itertools.count(1)
         self._live: dict[int, RelaySession] = {}
+        #: Where the news of sessions the engine opens by itself goes (:mod:`wsgate.fastpath`),
+        #: in order with the outcomes.
+        self.on_news: Callable[[_core.Opened | _core.Unopened], None] | None = None
         self._counted = {agent: self.engine.register_agent(agent) for agent in counted}
         #: The most sessions live at once since memory was last given back.
         self._peak = 0
@@ -206,9 +207,21 @@ class Relay:
         """The live counters of the ``counted`` agents: sessions, messages and bytes."""
         return self.engine.counters()
 
+    def counted(self, agent: str) -> int | None:
+        """The engine's counter index of ``agent``, if its sessions are counted."""
+        return self._counted.get(agent)
+
     def new_session_id(self) -> int:
-        """A fresh session id (a counter: unique for this gateway's lifetime)."""
-        return next(self._ids)
+        """A fresh session id (unique for this gateway's lifetime; the engine's own sessions
+        draw from the same count)."""
+        return self.engine.next_session_id()
+
+    def adopt(self, session_id: int, agent: str) -> RelaySession:
+        """A session the engine opened by itself, now known here like one handed over."""
+        session = RelaySession(self, session_id, agent)
+        self._live[session_id] = session
+        self._peak = max(self._peak, len(self._live))
+        return session
 
     @property
     def live(self) -> list[RelaySession]:
@@ -247,6 +260,10 @@ class Relay:
                 live = self._live.get(item.session_id)
                 if live is not None and live.inbox is not None:
                     live.inbox.deliver(item.data)
+                continue
+            if not isinstance(item, _core.Outcome):
+                if self.on_news is not None:
+                    self.on_news(item)
                 continue
             session = self._live.pop(item.session_id, None)
             if session is not None:

@@ -6,12 +6,18 @@ runs it through :meth:`~wsgate.connection.Connections.handle`, and counts it unt
 refused request at once, an in-process session when its bot is done (its task supervises it), a
 relayed session when the engine reports its end through the doorbell (no task waits on it).
 The gateway's drain waits on :meth:`Listener.until_idle`.
+
+Without TLS on the listener the engine accepts (``_core.Engine.accept``, one call per batch):
+it reads each connection once and opens by itself the sessions :mod:`wsgate.fastpath` lets it;
+the others come here with the bytes read. The engine's sessions are counted from their accept
+to their end (or to the answer of one it could not open, :meth:`Listener.news`).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -22,6 +28,7 @@ from anyio.abc import TaskGroup
 from . import _core
 from .admission import client_key
 from .connection import Connections
+from .fastpath import TO_ENGINE
 from .sessions import Opened
 from .tls import TlsSocket
 
@@ -41,8 +48,12 @@ class Listener:
         handler: Connections,
         limit: int,
         tls: Callable[[], _core.TlsServerContext | None],
+        engine: _core.Engine | None = None,
     ) -> None:
         self.handler = handler
+        #: The engine that accepts for a listener without TLS (None: Python accepts).
+        self.engine = engine
+        self._connections: TaskGroup | None = None
         self.limit = limit
         #: The listener's TLS now (a reload swaps it for new connections).
         self.tls = tls
@@ -55,12 +66,17 @@ class Listener:
 
     async def accept(self, listener: socket.socket, connections: TaskGroup) -> None:
         """Accept until cancelled; each connection runs in a task of ``connections``."""
+        self._connections = connections
+        engine = self.engine if self.tls() is None else None
         while True:
             while self.count >= self.limit:
                 # Full: leave new connections in the kernel's backlog until one ends.
                 self._slot_freed = anyio.Event()
                 await self._slot_freed.wait()
             await anyio.wait_readable(listener)
+            if engine is not None:
+                await self._accept_in_engine(engine, listener, connections)
+                continue
             for _ in range(_ACCEPT_BATCH):
                 try:
                     sock, address = listener.accept()
@@ -83,7 +99,47 @@ class Listener:
                 if self.count >= self.limit:
                     break
 
-    async def _connection(self, sock: socket.socket, client: str) -> None:
+    async def _accept_in_engine(
+        self, engine: _core.Engine, listener: socket.socket, connections: TaskGroup
+    ) -> None:
+        """One batch accepted by the engine: its own sessions are counted, the others run here."""
+        batch = min(_ACCEPT_BATCH, self.limit - self.count)
+        accepted, error = engine.accept(listener.fileno(), batch)
+        self.count += len(accepted)
+        for handed in accepted:
+            if handed is None:
+                continue  # the engine's: its news comes through the doorbell
+            fd, address, read = handed
+            family = socket.AF_INET6 if len(address) == 4 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+            sock.setblocking(False)
+            connections.start_soon(self._connection, sock, sys.intern(client_key(address)), read)
+        if error is not None:
+            if error not in _ACCEPT_PAUSE_ERRNOS:
+                raise OSError(error, os.strerror(error))
+            log.warning("accept failed (%s); pausing 100 ms", os.strerror(error))
+            await anyio.sleep(0.1)
+
+    def news(self, news: _core.Opened | _core.Unopened) -> None:
+        """A session the engine opened by itself (or could not): counted here since its
+        accept; an opened one until its end, one not opened until it is answered."""
+        if isinstance(news, _core.Opened):
+            self.handler.sessions.opened(news).on_end = self._ended
+        elif news.fd < 0:
+            self._closed()  # the client went away before its 101
+        else:
+            assert self._connections is not None  # the engine accepted it in accept()
+            self._connections.start_soon(self._unopened, news)
+
+    async def _unopened(self, news: _core.Unopened) -> None:
+        try:
+            with socket.socket(fileno=news.fd) as sock:
+                sock.setblocking(False)
+                await self.handler.unopened(sock, news)
+        finally:
+            self._closed()
+
+    async def _connection(self, sock: socket.socket, client: str, read: bytes = b"") -> None:
         handler = self.handler
         handed_off = False
         try:
@@ -91,11 +147,14 @@ class Listener:
                 # TLS: the handshake runs inside the first reads of the request.
                 tls = self.tls()
                 conn = sock if tls is None else TlsSocket(sock, tls.accept())
-                opened = await handler.handle(conn, client)
+                opened = await handler.handle(conn, client, read)
             finally:
                 # Closes the socket unless it was handed (detached) to the engine.
                 sock.close()
             if opened is None:
+                return
+            if opened is TO_ENGINE:
+                handed_off = True  # counted until its news (Listener.news)
                 return
             if opened.bot is not None:
                 await handler.sessions.supervise(opened)  # an in-process bot runs in this task

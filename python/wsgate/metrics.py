@@ -275,14 +275,21 @@ class Metrics:
     @contextmanager
     def dialling(self, service_host: str) -> Iterator[None]:
         """Around a dial of the agent's bot: its time if it succeeds, its reason if not."""
-        agent = self.agent(service_host)
         started = time.perf_counter()
         try:
             yield
         except HttpError as exc:
-            self._dial_failures.labels(agent, dial_failure(exc)).inc()
+            self.dial_failed(service_host, exc)
             raise
-        self._child(self._dial, agent).observe(time.perf_counter() - started)
+        self.dialled(service_host, time.perf_counter() - started)
+
+    def dialled(self, service_host: str, seconds: float) -> None:
+        """A dial of the agent's bot succeeded in ``seconds`` (the engine's own dials too)."""
+        self._child(self._dial, self.agent(service_host)).observe(seconds)
+
+    def dial_failed(self, service_host: str, error: HttpError) -> None:
+        """A dial of the agent's bot failed with ``error`` (502 or 504)."""
+        self._dial_failures.labels(self.agent(service_host), dial_failure(error)).inc()
 
     def timed(self, store: ReplayStore) -> TimedStore:
         """``store``, with its round trips and failures counted here."""

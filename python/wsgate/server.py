@@ -27,10 +27,11 @@ from anyio.abc import TaskStatus
 from ._sockets import listen
 from .admission import PendingReads
 from .authorize import Authorize
-from .capacity import open_capacity
+from .capacity import LocalCapacity, open_capacity
 from .config import Config, SessionApp, default_config, internal_url, load_config
 from .connection import Connections
 from .engine import Relay
+from .fastpath import fast_agents, fast_routes
 from .inprocess import Bot, bot_of
 from .listener import Listener
 from .metrics import GatewayState, Metrics
@@ -282,8 +283,23 @@ class Gateway:
                 metrics=self.metrics,
                 keys=self._keys,
             )
+            tls_listener = self._certs.listener is not None
             accepted = self._listener = Listener(
-                handler, settings.max_connections, lambda: self._certs.listener
+                handler,
+                settings.max_connections,
+                lambda: self._certs.listener,
+                engine=None if tls_listener else relay.engine,
+            )
+            # The plainest agents' sessions, opened by the engine without Python per step.
+            hooks = self._authorize is not None or not isinstance(capacity, LocalCapacity)
+            fast = fast_agents(settings, self._agents, self._bots, tls_listener=tls_listener,
+                               hooks=hooks)  # fmt: skip
+            sessions.fast = fast
+            if fast:
+                log.info("the engine opens the sessions of %s by itself", ", ".join(sorted(fast)))
+            relay.on_news = accepted.news
+            relay.engine.set_routes(
+                fast_routes(settings, fast, self.session_time_limit, relay.counted)
             )
             state = GatewayState(lambda: accepted.count, lambda: len(self._pending),
                                  lambda: self._stop_requested)  # fmt: skip

@@ -116,8 +116,12 @@ class Sessions:
         self.time_limit = time_limit
         #: Counts beyond this gateway's own (a capacity store shared by several gateways).
         self.capacity: Capacity = LocalCapacity() if capacity is None else capacity
-        self._per_agent: dict[str, int] = {}
+        # Places per agent are the engine's (sessions it opens by itself take theirs there);
+        # per client, counted only when limited.
+        self._places = relay.engine
         self._per_client: dict[str, int] = {}
+        #: The agents whose sessions the engine opens by itself (:mod:`wsgate.fastpath`).
+        self.fast: dict[str, AgentConfig] = {}
         self.pools = Pools(settings.upstream_retry_after)
         #: Live sessions by session id (``sessionId``, ``X-Session-Id``), from the handover to
         #: their end or stop; bounded by the agents' capacity.
@@ -125,9 +129,7 @@ class Sessions:
 
     def count(self, service_host: str | None = None) -> int:
         """Sessions open or being opened (past routing): of one service host, or in all."""
-        if service_host is not None:
-            return self._per_agent.get(service_host, 0)
-        return sum(self._per_agent.values())
+        return self._places.places(service_host)
 
     async def admit(
         self,
@@ -357,25 +359,40 @@ class Sessions:
 
     def reserve(self, agent: AgentConfig, client: str) -> None:
         """Take a place in the agent's capacity (503) and the client's (429)."""
-        count = self._per_agent.get(agent.service_host, 0)
-        if count >= agent.max_sessions:
+        if not self._places.take_place(agent.service_host, agent.max_sessions):
             raise HttpError(503, "agent at capacity")
         limit = self.settings.client_max_sessions
-        mine = self._per_client.get(client, 0)
-        if limit and mine >= limit:
-            raise HttpError(429, "too many sessions from this address")
-        self._per_agent[agent.service_host] = count + 1
-        self._per_client[client] = mine + 1
+        if limit:
+            mine = self._per_client.get(client, 0)
+            if mine >= limit:
+                self._places.give_place(agent.service_host)
+                raise HttpError(429, "too many sessions from this address")
+            self._per_client[client] = mine + 1
 
     def release(self, service_host: str, client: str, lease: Lease | None = None) -> None:
         """Give back the places :meth:`reserve` took, and the capacity store's lease."""
         self.capacity.release(lease)
-        for counts, key in ((self._per_agent, service_host), (self._per_client, client)):
-            count = counts[key] - 1
+        self._places.give_place(service_host)
+        if self.settings.client_max_sessions:
+            count = self._per_client[client] - 1
             if count:
-                counts[key] = count
+                self._per_client[client] = count
             else:
-                del counts[key]
+                del self._per_client[client]
+
+    def opened(self, news: _core.Opened) -> Opened:
+        """A session the engine opened by itself (:mod:`wsgate.fastpath`): registered, listed
+        and counted from now on like one handed over here; its place was taken by the engine
+        and is given back at its end as any session's."""
+        service_host = news.service_host
+        session = self.relay.adopt(news.session_id, service_host)
+        (upstream,) = self.fast[service_host].upstream_urls
+        opened = Opened(session, service_host, news.session_uuid, anyio.current_time(),
+                        upstream=upstream)  # fmt: skip
+        session.on_done = opened
+        self.live[opened.session_uuid] = opened
+        self.metrics.dialled(service_host, news.dial_seconds)
+        return opened
 
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (its outcome came through the doorbell): free its place."""

@@ -29,7 +29,7 @@ from .session_api import answer_framing
 from .tls import TlsSocket
 from .urls import UpstreamURL
 
-__all__ = ["BotConnection", "dial", "fetch", "pass_answer"]
+__all__ = ["BotConnection", "dial", "engine_dial_error", "fetch", "is_ip_literal", "pass_answer"]
 
 log = logging.getLogger("wsgate")
 
@@ -87,21 +87,62 @@ async def dial(
                 sock.close()
                 raise
     except TimeoutError:
-        raise HttpError(504, "bot unreachable: timed out") from None
+        raise _timed_out() from None
     except BotHandshakeError as exc:
         raise HttpError(502, f"bot unreachable: {exc}") from None
     except _core.TlsError as exc:
         raise HttpError(502, f"bot unreachable: TLS: {exc}") from None
     except HeadTooLarge:
-        raise HttpError(502, "bot unreachable: response head too large") from None
+        raise _too_large() from None
     except EOFError:
-        raise HttpError(502, "bot unreachable: connection closed before its answer") from None
+        raise _closed() from None
     except socket.gaierror:
         raise HttpError(502, "bot unreachable: cannot resolve its host") from None
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise HttpError(502, f"bot unreachable: {reason.lower()}") from None
+        raise _os_error(exc.strerror or type(exc).__name__) from None
     return BotConnection(sock, subprotocol, pending)
+
+
+# Each a function: an exception object is raised once (raising one again would chain it).
+def _timed_out() -> HttpError:
+    return HttpError(504, "bot unreachable: timed out")
+
+
+def _too_large() -> HttpError:
+    return HttpError(502, "bot unreachable: response head too large")
+
+
+def _closed() -> HttpError:
+    return HttpError(502, "bot unreachable: connection closed before its answer")
+
+
+def _os_error(reason: str) -> HttpError:
+    return HttpError(502, f"bot unreachable: {reason.lower()}")
+
+
+def engine_dial_error(unopened: _core.Unopened) -> HttpError:
+    """What :func:`dial` says of the failure of a dial the engine made
+    (:mod:`wsgate.fastpath`): the same status and words."""
+    failure = unopened.failure
+    if failure == "timed_out":
+        return _timed_out()
+    if failure == "too_large":
+        return _too_large()
+    if failure == "closed":
+        return _closed()
+    if failure == "answer":
+        try:
+            check_upstream_response(unopened.head, unopened.key, ())
+        except BotHandshakeError as exc:
+            return HttpError(502, f"bot unreachable: {exc}")
+        # The engine's check is stricter than this one: refused all the same.
+        return HttpError(502, "bot unreachable: malformed response")
+    return _os_error(os.strerror(unopened.errno))
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address (not a name to resolve)."""
+    return _numeric(host) is not None
 
 
 async def pass_answer(

@@ -1,0 +1,105 @@
+"""Which agents' sessions the Rust engine opens by itself (``engine_opens``), and what Python
+does with the news of each.
+
+An open through Python costs about a millisecond of CPU (accept, a task, the request read and
+parsed, the bot dialled and its 101 read, the handover), most of it event-loop machinery around
+a few system calls (benches/README.md, "Session opens"). For the plainest agents the engine does
+it all on a relay thread (``rust/open.rs``): it accepts, reads the request once, and when it is
+a whole generic-endpoint upgrade that one of the routes given here serves, takes a place, dials
+the bot, checks its 101, answers the client and relays. Everything else — a request not all
+there in the first read, another endpoint, any refusal, an agent not listed — comes back to the
+Python path with the bytes read, so every check of SPEC §2 and every error keeps its one
+implementation in Python. The recogniser in Rust only ever takes what Python would take.
+
+An agent is listed when nothing but the request decides its sessions: ``none`` auth, an
+``upstream`` that is one ``ws://`` URL at an IP literal (no resolver, no pool to choose from, no
+TLS), no in-process bot. The gateway lists none when it has TLS on its listener, an
+``authorize`` hook, a capacity store or per-client limits (``client_request_rate``,
+``client_max_sessions``), which all need Python for every session.
+
+Python hears of each such session once, through the engine's doorbell: opened (it is
+registered, listed, stoppable, counted and logged at its end like any other; its dial time
+observed) or not (the client's socket comes back and is answered 502/504 in the words of
+:func:`~wsgate.upstream.dial`, counted and logged as Python's own refusals).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+
+from . import _core
+from .config import AgentConfig, GatewaySettings
+from .upstream import is_ip_literal
+
+__all__ = ["TO_ENGINE", "fast_agents", "fast_routes"]
+
+
+class _Handed(enum.Enum):
+    TO_ENGINE = "engine"
+
+
+#: What :meth:`wsgate.connection.Connections.handle` returns for a connection whose request it
+#: read and the engine then took (its news comes through the doorbell).
+TO_ENGINE = _Handed.TO_ENGINE
+
+
+def fast_agents(
+    settings: GatewaySettings,
+    agents: Mapping[str, AgentConfig],
+    bots: Mapping[str, object],
+    *,
+    tls_listener: bool,
+    hooks: bool,
+) -> dict[str, AgentConfig]:
+    """The agents whose sessions the engine may open by itself (see the module docs).
+    ``hooks``: the gateway has an ``authorize`` hook or a capacity store."""
+    if (
+        not settings.engine_opens
+        or tls_listener
+        or hooks
+        or settings.client_request_rate
+        or settings.client_max_sessions
+    ):
+        return {}
+    chosen = {}
+    for service_host, agent in agents.items():
+        if (
+            agent.websocket_auth != "none"
+            or service_host in bots
+            or not isinstance(agent.upstream, str)
+        ):
+            continue
+        (url,) = agent.upstream_urls
+        if not url.tls and is_ip_literal(url.host):
+            chosen[service_host] = agent
+    return chosen
+
+
+def fast_routes(
+    settings: GatewaySettings,
+    agents: Mapping[str, AgentConfig],
+    time_limit: float,
+    counted: Callable[[str], int | None],
+) -> list[_core.FastRoute]:
+    """The engine's route table for ``agents`` (from :func:`fast_agents`): each session's
+    limits as the Python path gives them, counted under the index ``counted`` gives its agent
+    (:meth:`wsgate.engine.Relay.counted`)."""
+    routes = []
+    for service_host, agent in agents.items():
+        (url,) = agent.upstream_urls
+        routes.append(
+            _core.FastRoute(
+                service_host,
+                agent.max_sessions,
+                url.host,
+                url.port,
+                url.resource,
+                url.host_header,
+                settings.max_message_size,
+                time_limit,
+                settings.dial_timeout,
+                agent=counted(service_host),
+            )
+        )
+    return routes

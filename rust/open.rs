@@ -1,0 +1,660 @@
+//! Sessions the data plane opens by itself: the common case of SPEC §2 without a turn of
+//! Python's event loop per step.
+//!
+//! The control plane pushes a route table ([`Route`]: the agents whose sessions need nothing but
+//! the request's own checks, a place in `max_sessions` and a plain `ws://` bot at an IP address).
+//! The engine accepts connections ([`crate::engine::Engine::accept`]), reads each one's request
+//! once, and opens what [`crate::upgrade::recognise`] takes and the table routes: a place is taken,
+//! the bot dialled, its 101 checked, the client answered, and the relay starts on the same relay
+//! thread (an [`Opening`] turns into the relayed session in place). Everything else — a request
+//! not all there yet, another endpoint, a refusal — goes to the Python path with the bytes read.
+//!
+//! Python hears of each session once, through the doorbell with the outcomes ([`News`]): opened
+//! (it registers, counts and later logs it as any session), or not opened (the client's socket
+//! comes back with why, for the Python path to answer 502/504 as it answers its own dials).
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::counters::Meter;
+use crate::driver::Driven;
+use crate::relay::{self, Pair, Pending};
+use crate::session::{Limits, Outcome};
+use crate::shard::{Run, Task};
+use crate::stream::Stream;
+use crate::upgrade::{self, MAX_HEADER_BYTES};
+
+/// How one agent's sessions are opened in the data plane.
+#[derive(Debug)]
+pub struct Route {
+    /// `{agent}.{org}`.
+    pub service_host: String,
+    /// Sessions it may have at once (its place count is shared with the Python path).
+    pub max_sessions: usize,
+    /// The bot's address (an IP literal in its URL: no resolver call).
+    pub bot: SocketAddr,
+    /// The bot URL's path and query.
+    pub resource: String,
+    /// The bot's `Host` header.
+    pub host_header: String,
+    /// Its sessions' limits.
+    pub limits: Limits,
+    /// Time for the bot's connect and 101.
+    pub dial_timeout: Duration,
+    /// Its index in the live counters, if counted.
+    pub agent: Option<usize>,
+    /// Its place count (set by the engine from [`Places`]).
+    pub(crate) place: Arc<AtomicUsize>,
+}
+
+/// Sessions open or being opened, per service host: `max_sessions` as one count for the Python
+/// path and the data plane's.
+#[derive(Default)]
+pub struct Places {
+    map: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+}
+
+impl Places {
+    /// The count of `service_host`.
+    pub fn of(&self, service_host: &str) -> Arc<AtomicUsize> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.entry(service_host.to_owned()).or_default().clone()
+    }
+
+    /// Sessions of `service_host` now, or of all when `None`.
+    pub fn count(&self, service_host: Option<&str>) -> usize {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        match service_host {
+            Some(h) => map.get(h).map_or(0, |c| c.load(Ordering::Acquire)),
+            None => map.values().map(|c| c.load(Ordering::Acquire)).sum(),
+        }
+    }
+}
+
+/// Takes a place if fewer than `max` are taken.
+pub fn take(place: &AtomicUsize, max: usize) -> bool {
+    place
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// Gives a place back.
+pub fn give(place: &AtomicUsize) {
+    let _ = place.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+}
+
+/// Why a bot's dial failed, for the Python path to word as its own dials' failures.
+#[derive(Debug)]
+pub enum Failure {
+    /// No 101 within the dial timeout.
+    TimedOut,
+    /// The connect, the request or the read failed with this OS error number.
+    Os(i32),
+    /// The bot closed before its whole answer.
+    Closed,
+    /// Its answer's head was over [`MAX_HEADER_BYTES`].
+    TooLarge,
+    /// Its answer's head, not an acceptable 101 for `key`.
+    Answer {
+        /// The head, `\r\n\r\n` included.
+        head: Vec<u8>,
+        /// The `Sec-WebSocket-Key` we sent.
+        key: String,
+    },
+    /// The bot answered, but the client's 101 could not be written: the client went away.
+    ClientGone,
+}
+
+/// What Python hears of a session the data plane opened (or could not).
+#[derive(Debug)]
+pub enum News {
+    /// Answered 101 and relaying.
+    Opened {
+        /// The engine's session id.
+        session_id: u64,
+        /// The id the client's 101 and the bot's request named.
+        session_uuid: String,
+        /// Its agent.
+        service_host: String,
+        /// From the dial's start to the bot's 101, in seconds.
+        dial_seconds: f64,
+    },
+    /// Its bot's dial failed; its place was given back.
+    Unopened {
+        /// The engine's session id (no outcome follows that Python needs).
+        session_id: u64,
+        /// Its agent.
+        service_host: String,
+        /// The client's socket, to be answered (`None`: it went away).
+        client: Option<TcpStream>,
+        /// Why.
+        failure: Failure,
+    },
+}
+
+/// Where [`News`] goes (the engine's queue for Python).
+pub type Tell = Arc<dyn Fn(News) + Send + Sync>;
+
+/// A session opened by the data plane, as its relay thread runs it: dialling, then relayed.
+pub struct Fast {
+    id: u64,
+    state: State,
+}
+
+// The relayed session is the state that lives (for hours): inline, in the one allocation the
+// relay thread holds per session; the short-lived opening is the boxed one.
+#[allow(clippy::large_enum_variant)]
+enum State {
+    Opening(Box<Opening>),
+    Relaying(Driven<Pair>),
+    Over(Outcome),
+}
+
+/// A session whose bot is being dialled.
+pub struct Opening {
+    route: Arc<Route>,
+    client: Stream,
+    bot: Stream,
+    client_key: String,
+    client_pending: Vec<u8>,
+    request: Vec<u8>,
+    sent: usize,
+    tried: bool,
+    key: String,
+    session_uuid: String,
+    response: Vec<u8>,
+    started: Instant,
+    deadline: Instant,
+    /// The connect failed at once.
+    failed: Option<io::Error>,
+    stop: Option<(u16, String)>,
+    meter: Option<Box<dyn FnOnce() -> Meter + Send>>,
+    tell: Tell,
+}
+
+/// What [`Fast::new`] needs beside the sockets.
+pub struct Open<'a> {
+    /// The agent's route.
+    pub route: Arc<Route>,
+    /// The client's request, recognised.
+    pub upgrade: upgrade::Upgrade<'a>,
+    /// The bytes read from the client (its head, and any frames behind it).
+    pub read: &'a [u8],
+    /// Makes the session's meter once it is relayed (counted from then on, as a session the
+    /// Python path hands over).
+    pub meter: Box<dyn FnOnce() -> Meter + Send>,
+    /// Where its news goes.
+    pub tell: Tell,
+}
+
+impl Fast {
+    /// Session `id`: `client` (past the read of its request) and `bot` (connecting: `failed` if
+    /// the connect failed at once), both prepared for a relay thread.
+    pub fn new(
+        id: u64,
+        client: Stream,
+        bot: Stream,
+        failed: Option<io::Error>,
+        o: Open<'_>,
+    ) -> Self {
+        let key = upgrade::new_key();
+        let session_uuid = upgrade::new_uuid();
+        let r = &o.route;
+        let request = upgrade::bot_request(
+            &r.resource,
+            &r.host_header,
+            &key,
+            &session_uuid,
+            o.upgrade.body.as_ref(),
+        );
+        let started = Instant::now();
+        let opening = Opening {
+            deadline: started + r.dial_timeout,
+            route: o.route.clone(),
+            client,
+            bot,
+            client_key: o.upgrade.key.to_owned(),
+            client_pending: o.read[o.upgrade.head_len..].to_vec(),
+            request,
+            sent: 0,
+            tried: false,
+            key,
+            session_uuid,
+            response: Vec::new(),
+            started,
+            failed,
+            stop: None,
+            meter: Some(o.meter),
+            tell: o.tell,
+        };
+        Self {
+            id,
+            state: State::Opening(Box::new(opening)),
+        }
+    }
+}
+
+/// What one step of an opening came to.
+enum Dial {
+    Blocked,
+    /// The bot's 101 passed; the bytes behind it.
+    Answered(Vec<u8>),
+    Failed(Failure),
+}
+
+fn os(e: &io::Error) -> Failure {
+    match e.raw_os_error() {
+        Some(n) => Failure::Os(n),
+        None if e.kind() == ErrorKind::UnexpectedEof => Failure::Closed,
+        None => Failure::Os(libc_eio()),
+    }
+}
+
+/// `EIO`: an error without an OS number (not expected from a plain socket).
+const fn libc_eio() -> i32 {
+    5
+}
+
+impl Opening {
+    fn dial(&mut self, now: Instant) -> Dial {
+        if let Some(e) = self.failed.take() {
+            return Dial::Failed(os(&e));
+        }
+        if now >= self.deadline {
+            return Dial::Failed(Failure::TimedOut);
+        }
+        // The request goes as soon as the connect is up: the first try needs no event (a
+        // connect still under way answers WouldBlock).
+        while self.sent < self.request.len() {
+            if self.tried && !self.bot.may_write() {
+                return Dial::Blocked;
+            }
+            self.tried = true;
+            match self.bot.write(&self.request[self.sent..]) {
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Dial::Blocked,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Dial::Failed(os(&e)),
+            }
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            if !self.bot.may_read() {
+                return Dial::Blocked;
+            }
+            match self.bot.read(&mut buf) {
+                Ok(0) => return Dial::Failed(Failure::Closed),
+                Ok(n) => self.response.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Dial::Blocked,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Dial::Failed(os(&e)),
+            }
+            // As `_sockets.read_head` splits it: the end within the limit, or too large.
+            match self.response.windows(4).position(|w| w == b"\r\n\r\n") {
+                Some(end) if end > MAX_HEADER_BYTES => return Dial::Failed(Failure::TooLarge),
+                Some(end) => {
+                    let rest = self.response.split_off(end + 4);
+                    if upgrade::bot_accepted(&self.response, &self.key) {
+                        return Dial::Answered(rest);
+                    }
+                    let head = std::mem::take(&mut self.response);
+                    let key = std::mem::take(&mut self.key);
+                    return Dial::Failed(Failure::Answer { head, key });
+                }
+                None if self.response.len() >= MAX_HEADER_BYTES + 4 => {
+                    return Dial::Failed(Failure::TooLarge)
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+impl Fast {
+    /// The opening is over: relay, or report why not and end.
+    fn settle(&mut self, dial: Dial, now: Instant) -> Run {
+        let State::Opening(opening) =
+            std::mem::replace(&mut self.state, State::Over(Outcome::new(self.id)))
+        else {
+            unreachable!("settled twice");
+        };
+        let o = *opening;
+        let failure = match dial {
+            Dial::Blocked => unreachable!("a blocked dial is not settled"),
+            Dial::Failed(f) => f,
+            Dial::Answered(bot_pending) => {
+                let answer = upgrade::switching_protocols(&o.client_key, &o.session_uuid);
+                // A fresh connection's send buffer takes a 101 whole; anything else means the
+                // client is gone (as the Python path's send of its 101 would fail).
+                match o.client.write(&answer) {
+                    Ok(n) if n == answer.len() => return self.relay(o, bot_pending, now),
+                    _ => Failure::ClientGone,
+                }
+            }
+        };
+        upgrade_failed(self.id, o, failure)
+    }
+
+    fn relay(&mut self, mut o: Opening, bot_pending: Vec<u8>, now: Instant) -> Run {
+        (o.tell)(News::Opened {
+            session_id: self.id,
+            session_uuid: std::mem::take(&mut o.session_uuid),
+            service_host: o.route.service_host.clone(),
+            dial_seconds: o.started.elapsed().as_secs_f64(),
+        });
+        let meter = (o.meter.take().expect("a meter per session"))();
+        let pending = Pending {
+            client: o.client_pending,
+            bot: bot_pending,
+        };
+        let mut driven = relay::session(self.id, o.client, o.bot, pending, o.route.limits, meter);
+        if let Some((code, reason)) = o.stop {
+            driven.stop(code, reason);
+        }
+        let run = driven.run(now);
+        self.state = State::Relaying(driven);
+        run
+    }
+}
+
+/// Gives the place back and tells Python why the session did not open (with the client's
+/// socket to answer, unless it went away); the session is over.
+fn upgrade_failed(id: u64, o: Opening, failure: Failure) -> Run {
+    give(&o.route.place);
+    let client = match failure {
+        Failure::ClientGone => None,
+        // Its own descriptor: ours is closed when the session is dropped from the thread.
+        _ => o.client.try_clone_socket().ok(),
+    };
+    (o.tell)(News::Unopened {
+        session_id: id,
+        service_host: o.route.service_host.clone(),
+        client,
+        failure,
+    });
+    Run::Done
+}
+
+impl Task for Fast {
+    fn stream(&self, side: usize) -> Option<&Stream> {
+        match &self.state {
+            State::Opening(o) => match side {
+                0 => Some(&o.client),
+                1 => Some(&o.bot),
+                _ => None,
+            },
+            State::Relaying(d) => d.stream(side),
+            State::Over(_) => None,
+        }
+    }
+
+    fn run(&mut self, now: Instant) -> Run {
+        match &mut self.state {
+            State::Opening(o) => match o.dial(now) {
+                Dial::Blocked => Run::Blocked,
+                settled => self.settle(settled, now),
+            },
+            State::Relaying(d) => d.run(now),
+            State::Over(_) => Run::Done,
+        }
+    }
+
+    fn stop(&mut self, code: u16, reason: String) {
+        match &mut self.state {
+            State::Opening(o) => o.stop = Some((code, reason)),
+            State::Relaying(d) => d.stop(code, reason),
+            State::Over(_) => {}
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match &self.state {
+            State::Opening(o) => Some(o.deadline),
+            State::Relaying(d) => d.deadline(),
+            State::Over(_) => None,
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Outcome {
+        match self.state {
+            State::Relaying(d) => Box::new(d).finish(),
+            State::Over(o) => o,
+            // Dropped while dialling (the engine stopped): nothing was opened.
+            State::Opening(o) => {
+                give(&o.route.place);
+                Outcome::new(self.id)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Through the engine's own entry points, on loopback TCP: a request the table serves is
+    //! opened and relayed, anything else is handed back with its bytes, and a failed dial comes
+    //! back as news with the client's socket.
+
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    use super::{Failure, News, Route};
+    use crate::engine::{Accepted, Engine, Item};
+    use crate::frame::{encode_frame, Opcode};
+    use crate::session::Limits;
+    use crate::upgrade::accept_key;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn route(host: &str, bot: std::net::SocketAddr, max: usize, timeout_ms: u64) -> Route {
+        Route {
+            service_host: host.to_owned(),
+            max_sessions: max,
+            bot,
+            resource: "/ws".to_owned(),
+            host_header: bot.to_string(),
+            limits: Limits {
+                max_message_size: 1 << 20,
+                time_limit: None,
+            },
+            dial_timeout: Duration::from_millis(timeout_ms),
+            agent: None,
+            place: Default::default(),
+        }
+    }
+
+    fn upgrade(target: &str) -> String {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    }
+
+    /// A listening gateway socket, and a client that sent `request` to it.
+    fn connected(request: &str) -> (TcpListener, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(request.as_bytes()).unwrap();
+        (l, c)
+    }
+
+    /// Accepts the one waiting connection (on loopback its request is in its socket once the
+    /// client's write returned: the kernel delivers it within that call).
+    fn accept_one(engine: &Engine, l: &TcpListener) -> Accepted {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (mut got, err) = engine.accept(l.as_raw_fd(), 8);
+            assert!(err.is_none());
+            if let Some(a) = got.pop() {
+                assert!(got.is_empty());
+                return a;
+            }
+            assert!(Instant::now() < end, "nothing to accept");
+            std::thread::yield_now();
+        }
+    }
+
+    /// The head a peer sent, read up to its blank line.
+    fn read_head(s: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).unwrap(), 1, "closed before its head");
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(": ")))
+    }
+
+    fn news(engine: &Engine) -> News {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            for item in engine.drain() {
+                if let Item::Open(n) = item {
+                    return n;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no news");
+    }
+
+    #[test]
+    fn a_request_the_table_serves_is_opened_and_relayed() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        engine
+            .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 5, 5000)])
+            .unwrap();
+        let (l, mut client) = connected(&upgrade("/ws/generic/a.b"));
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        assert_eq!(engine.places(Some("a.b")), 1, "its place is taken");
+        let (mut bot, _) = bot_l.accept().unwrap();
+        bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let request = read_head(&mut bot);
+        assert!(request.starts_with("GET /ws HTTP/1.1\r\n"));
+        let uuid = header(&request, "X-Daily-Session-Id").unwrap().to_owned();
+        let key = header(&request, "Sec-WebSocket-Key").unwrap();
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            accept_key(key)
+        );
+        bot.write_all(answer.as_bytes()).unwrap();
+        let head = read_head(&mut client);
+        assert!(head.starts_with("HTTP/1.1 101 "));
+        assert_eq!(header(&head, "X-Session-Id"), Some(uuid.as_str()));
+        assert_eq!(
+            header(&head, "Sec-WebSocket-Accept"),
+            Some(accept_key(KEY).as_str())
+        );
+        match news(&engine) {
+            News::Opened {
+                session_uuid,
+                service_host,
+                ..
+            } => assert_eq!((session_uuid, service_host.as_str()), (uuid, "a.b")),
+            other => panic!("{other:?}"),
+        }
+        // Relayed: the bot's frame reaches the client unchanged.
+        let frame = encode_frame(true, Opcode::TEXT, b"hello", None);
+        bot.write_all(&frame).unwrap();
+        let mut got = vec![0; frame.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, frame);
+    }
+
+    #[test]
+    fn anything_else_is_handed_back_with_its_bytes() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        engine
+            .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 1, 5000)])
+            .unwrap();
+        for request in [
+            upgrade("/ws/generic/other.b"),
+            upgrade("/ws/twilio"),
+            "GET /livez HTTP/1.1\r\n\r\n".to_owned(),
+        ] {
+            let (l, _client) = connected(&request);
+            match accept_one(&engine, &l) {
+                Accepted::Handed { read, .. } => assert_eq!(read, request.as_bytes()),
+                Accepted::Opening => panic!("{request:?} was taken"),
+            }
+        }
+        // Full: the place count is the control plane's too.
+        assert!(engine.take_place("a.b", 1));
+        let (l, _client) = connected(&upgrade("/ws/generic/a.b"));
+        assert!(matches!(accept_one(&engine, &l), Accepted::Handed { .. }));
+        assert_eq!(engine.places(Some("a.b")), 1);
+    }
+
+    #[test]
+    fn a_failed_dial_gives_the_place_and_the_client_back() {
+        // Refused: a port nothing listens on.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        // A bot that accepts and never answers.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        // A bot that answers something else than a 101.
+        let wrong = TcpListener::bind("127.0.0.1:0").unwrap();
+        let wrong_addr = wrong.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = wrong.accept().unwrap();
+            read_head(&mut s);
+            s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        engine
+            .set_routes(vec![
+                route("refused.b", closed, 5, 5000),
+                route("silent.b", silent.local_addr().unwrap(), 5, 150),
+                route("wrong.b", wrong_addr, 5, 5000),
+            ])
+            .unwrap();
+        for host in ["refused.b", "silent.b", "wrong.b"] {
+            let (l, _client) = connected(&upgrade(&format!("/ws/generic/{host}")));
+            assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+            let News::Unopened {
+                service_host,
+                client,
+                failure,
+                ..
+            } = news(&engine)
+            else {
+                panic!("{host} opened")
+            };
+            assert_eq!(service_host, host);
+            assert!(
+                client.is_some(),
+                "the client's socket comes back to be answered"
+            );
+            match (host, failure) {
+                ("refused.b", Failure::Os(e)) => assert_eq!(e, 111), // ECONNREFUSED
+                ("silent.b", Failure::TimedOut) => {}
+                ("wrong.b", Failure::Answer { head, .. }) => {
+                    assert!(head.starts_with(b"HTTP/1.1 404"))
+                }
+                (h, f) => panic!("{h}: {f:?}"),
+            }
+            assert_eq!(engine.places(Some(host)), 0, "its place is given back");
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The Python side of sessions the engine opens by itself (`open.rs`): the route table's entries
+//! as Python builds them, and the news of each session as Python reads it from `Engine.drain`.
+
+use std::net::SocketAddr;
+use std::os::fd::IntoRawFd;
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::open::{Failure, News, Route};
+use crate::session::Limits;
+
+/// One agent the engine opens sessions for by itself (see `Engine.set_routes`).
+#[pyclass(module = "wsgate._core", frozen)]
+pub struct FastRoute {
+    pub(crate) route: std::sync::Mutex<Option<Route>>,
+}
+
+#[pymethods]
+impl FastRoute {
+    #[new]
+    #[pyo3(signature = (service_host, max_sessions, bot_ip, bot_port, resource, host_header, max_message_size, time_limit, dial_timeout, *, agent = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
+    fn new(
+        service_host: String,
+        max_sessions: usize,
+        bot_ip: &str,
+        bot_port: u16,
+        resource: String,
+        host_header: String,
+        max_message_size: u64,
+        time_limit: Option<f64>,
+        dial_timeout: f64,
+        agent: Option<usize>,
+    ) -> PyResult<Self> {
+        let ip = bot_ip
+            .parse()
+            .map_err(|_| PyValueError::new_err("bot_ip must be an IP address"))?;
+        if !(dial_timeout.is_finite() && dial_timeout > 0.0) {
+            return Err(PyValueError::new_err("dial_timeout must be positive"));
+        }
+        let limits: Limits = crate::py::check_limits(max_message_size, time_limit)?;
+        let route = Route {
+            service_host,
+            max_sessions,
+            bot: SocketAddr::new(ip, bot_port),
+            resource,
+            host_header,
+            limits,
+            dial_timeout: Duration::from_secs_f64(dial_timeout),
+            agent,
+            place: Default::default(),
+        };
+        Ok(Self {
+            route: std::sync::Mutex::new(Some(route)),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        let route = self
+            .route
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match route.as_ref() {
+            Some(r) => format!("FastRoute({:?} -> {})", r.service_host, r.bot),
+            None => "FastRoute(<given to an engine>)".to_owned(),
+        }
+    }
+}
+
+/// A session the engine opened: answered 101 and relaying.
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+pub struct Opened {
+    session_id: u64,
+    session_uuid: String,
+    service_host: String,
+    dial_seconds: f64,
+}
+
+#[pymethods]
+impl Opened {
+    fn __repr__(&self) -> String {
+        format!(
+            "Opened(session_id={}, service_host={:?})",
+            self.session_id, self.service_host
+        )
+    }
+}
+
+/// A session the engine could not open: its bot's dial failed (its place is given back). `fd`
+/// is the client's socket, now the caller's to answer and close (-1: the client went away).
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+pub struct Unopened {
+    session_id: u64,
+    service_host: String,
+    fd: i32,
+    /// `timed_out`, `os` (`errno`), `closed`, `too_large`, `answer` (`head`, `key`),
+    /// `client_gone`.
+    failure: &'static str,
+    errno: i32,
+    head: Py<PyBytes>,
+    key: String,
+}
+
+#[pymethods]
+impl Unopened {
+    fn __repr__(&self) -> String {
+        format!(
+            "Unopened(session_id={}, service_host={:?}, failure={:?})",
+            self.session_id, self.service_host, self.failure
+        )
+    }
+}
+
+/// News as Python reads it.
+pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
+    Ok(match news {
+        News::Opened {
+            session_id,
+            session_uuid,
+            service_host,
+            dial_seconds,
+        } => Py::new(
+            py,
+            Opened {
+                session_id,
+                session_uuid,
+                service_host,
+                dial_seconds,
+            },
+        )?
+        .into_any(),
+        News::Unopened {
+            session_id,
+            service_host,
+            client,
+            failure,
+        } => {
+            let (kind, errno, head, key) = match failure {
+                Failure::TimedOut => ("timed_out", 0, Vec::new(), String::new()),
+                Failure::Os(n) => ("os", n, Vec::new(), String::new()),
+                Failure::Closed => ("closed", 0, Vec::new(), String::new()),
+                Failure::TooLarge => ("too_large", 0, Vec::new(), String::new()),
+                Failure::Answer { head, key } => ("answer", 0, head, key),
+                Failure::ClientGone => ("client_gone", 0, Vec::new(), String::new()),
+            };
+            Py::new(
+                py,
+                Unopened {
+                    session_id,
+                    service_host,
+                    fd: client.map_or(-1, IntoRawFd::into_raw_fd),
+                    failure: kind,
+                    errno,
+                    head: PyBytes::new(py, &head).unbind(),
+                    key,
+                },
+            )?
+            .into_any()
+        }
+    })
+}
+
+/// A peer address as Python's `socket` module writes it: `(host, port)` for IPv4, `(host, port,
+/// flowinfo, scope_id)` for IPv6.
+pub fn address(py: Python<'_>, peer: Option<SocketAddr>) -> PyResult<Py<PyAny>> {
+    Ok(match peer {
+        None => py.None(),
+        Some(SocketAddr::V4(a)) => (a.ip().to_string(), a.port())
+            .into_pyobject(py)?
+            .into_any()
+            .unbind(),
+        Some(SocketAddr::V6(a)) => (a.ip().to_string(), a.port(), a.flowinfo(), a.scope_id())
+            .into_pyobject(py)?
+            .into_any()
+            .unbind(),
+    })
+}

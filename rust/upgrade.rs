@@ -1,0 +1,387 @@
+//! The WebSocket handshakes of a session opened in the data plane (`open.rs`), without I/O: the
+//! client's upgrade request recognised, the bot's upgrade request and the check of its 101, and
+//! the client's 101.
+//!
+//! The recogniser serves the common case only and says "not mine" for everything else: a request
+//! it takes is one the Python control plane would take, with the same result (SPEC §2: path,
+//! upgrade, service host, body). Anything it is unsure of — a refusal, a subprotocol, a token
+//! segment, a query it does not know, a percent-escape — goes to the Python path, which has the
+//! one implementation of every error. So it is stricter than the Python parser
+//! (`python/wsgate/request.py`), never looser: `httparse` parses (its defaults refuse what the
+//! Python parser refuses: whitespace before a colon, obsolete line folding), and a bare CR or LF
+//! anywhere, or a target outside visible ASCII, is not taken.
+
+use base64::Engine as _;
+use sha1::{Digest, Sha1};
+
+use crate::body::{self, DecodedBody};
+
+/// Longest request head (or bot response head) read, in bytes: past it the Python path answers
+/// 431 (a bot's: 502).
+pub const MAX_HEADER_BYTES: usize = 8192;
+
+/// More header fields than this and the Python parser answers 400: not taken.
+const MAX_HEADERS: usize = 100;
+
+/// RFC 6455 §1.3: the GUID appended to `Sec-WebSocket-Key` before hashing.
+const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+const GENERIC: &str = "/ws/generic";
+
+/// A generic-endpoint upgrade request the data plane may open by itself.
+#[derive(Debug)]
+pub struct Upgrade<'a> {
+    /// The service host it names (not yet looked up).
+    pub service_host: &'a str,
+    /// Its `Sec-WebSocket-Key`.
+    pub key: &'a str,
+    /// Its `?body=`, decoded and checked.
+    pub body: Option<DecodedBody>,
+    /// Length of the head, `\r\n\r\n` included: what follows is the client's first frames.
+    pub head_len: usize,
+}
+
+/// The end of the head in `buf` (the index past its `\r\n\r\n`), if it is all there and within
+/// [`MAX_HEADER_BYTES`].
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    (end <= MAX_HEADER_BYTES).then_some(end + 4)
+}
+
+/// Every CR followed by LF and every LF preceded by CR (the Python parser splits on CRLF and
+/// refuses a stray one anywhere).
+fn crlf_only(head: &[u8]) -> bool {
+    head.iter().enumerate().all(|(i, &b)| match b {
+        b'\r' => head.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && head[i - 1] == b'\r',
+        _ => true,
+    })
+}
+
+/// Comma-separated elements of every value of one header, trimmed, empty ones skipped.
+fn elements<'v, 'b: 'v>(values: &'v [&'b [u8]]) -> impl Iterator<Item = &'b [u8]> + 'v {
+    values
+        .iter()
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(|e| e.trim_ascii())
+        .filter(|e| !e.is_empty())
+}
+
+/// The values of header `name` (ASCII case-insensitive), trimmed.
+fn values<'b>(headers: &[httparse::Header<'b>], name: &str) -> Vec<&'b [u8]> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.trim_ascii())
+        .collect()
+}
+
+fn has_element(values: &[&[u8]], want: &[u8]) -> bool {
+    elements(values).any(|e| e.eq_ignore_ascii_case(want))
+}
+
+/// Base64 of exactly 16 bytes, padded, standard alphabet (RFC 6455 §4.1).
+fn valid_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
+}
+
+/// A service host as it may appear unescaped (`names.SERVICE_HOST` allows a subset of these; the
+/// route table, whose keys are valid service hosts, decides).
+fn plain_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+}
+
+/// The request head at the start of `buf`, if it is a generic-endpoint upgrade the data plane
+/// may open (see the module docs); `None` leaves it to the Python path.
+pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
+    let head_len = head_end(buf)?;
+    let head = &buf[..head_len];
+    if !crlf_only(head) {
+        return None;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head_len => {}
+        _ => return None,
+    }
+    if req.method != Some("GET") || req.version != Some(1) {
+        return None;
+    }
+    let target = req.path?;
+    if !target.bytes().all(|b| (0x21..=0x7e).contains(&b)) || target.contains('#') {
+        return None;
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut host = match path.strip_prefix(GENERIC) {
+        Some("") => None,
+        Some(rest) => Some(rest.strip_prefix('/').filter(|h| plain_host(h))?),
+        None => return None,
+    };
+    let mut body_raw = None;
+    for piece in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = piece.split_once('=').unwrap_or((piece, ""));
+        match name {
+            "serviceHost" if host.is_none() && plain_host(value) => host = Some(value),
+            "body" if body_raw.is_none() => body_raw = Some(value),
+            _ => return None, // twice, both ways, escaped, or a parameter of its own
+        }
+    }
+    let host = host?;
+    let fields: &[httparse::Header<'_>] = req.headers;
+    let one = |name| {
+        let v = values(fields, name);
+        (v.len() == 1).then(|| v[0])
+    };
+    let lengths = values(fields, "content-length");
+    if one("host").is_none()
+        || !(lengths.is_empty() || lengths == [b"0"])
+        || !values(fields, "transfer-encoding").is_empty()
+        || !has_element(&values(fields, "upgrade"), b"websocket")
+        || !has_element(&values(fields, "connection"), b"upgrade")
+        || one("sec-websocket-version") != Some(b"13")
+        || elements(&values(fields, "sec-websocket-protocol"))
+            .next()
+            .is_some()
+    {
+        return None;
+    }
+    let key = one("sec-websocket-key").filter(|k| valid_key(k))?;
+    let body = match body_raw {
+        None => None,
+        Some(raw) => Some(body::decode_body(raw).ok()?),
+    };
+    Some(Upgrade {
+        service_host: host,
+        key: std::str::from_utf8(key).ok()?,
+        body,
+        head_len,
+    })
+}
+
+/// The `Sec-WebSocket-Accept` value that answers `Sec-WebSocket-Key: key`.
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// A fresh random `Sec-WebSocket-Key`.
+pub fn new_key() -> String {
+    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>())
+}
+
+/// A random (version 4) UUID, as Python's `str(uuid.uuid4())` writes it.
+pub fn new_uuid() -> String {
+    let mut b = rand::random::<[u8; 16]>();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// The upgrade request sent to the bot, byte for byte what `handshake.upstream_request` builds
+/// without subprotocols: `resource` is the upstream URL's path and query, the body's value
+/// appended to it.
+pub fn bot_request(
+    resource: &str,
+    host_header: &str,
+    key: &str,
+    session_uuid: &str,
+    body: Option<&DecodedBody>,
+) -> Vec<u8> {
+    let mut target = resource.to_owned();
+    if let Some(b) = body {
+        target.push(if resource.contains('?') { '&' } else { '?' });
+        target.push_str("body=");
+        target.push_str(&b.upstream_value);
+    }
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+         X-Daily-Session-Id: {session_uuid}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Whether `head` (the bot's response head, `\r\n\r\n` included) is a 101 that
+/// `handshake.check_upstream_response` accepts for our `key` with no subprotocol offered. False
+/// is not a verdict: the Python check says what is wrong (or, should it find nothing, the
+/// session is refused all the same).
+pub fn bot_accepted(head: &[u8], key: &str) -> bool {
+    if !crlf_only(head) {
+        return false;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        _ => return false,
+    }
+    if resp.version != Some(1) || resp.code != Some(101) {
+        return false;
+    }
+    let fields = resp.headers;
+    let upgrades = values(fields, "upgrade");
+    let upgrade: Vec<&[u8]> = elements(&upgrades).collect();
+    let accept = values(fields, "sec-websocket-accept");
+    upgrade.len() == 1
+        && upgrade[0].eq_ignore_ascii_case(b"websocket")
+        && has_element(&values(fields, "connection"), b"upgrade")
+        && accept.len() == 1
+        && accept[0] == accept_key(key).as_bytes()
+        && elements(&values(fields, "sec-websocket-extensions"))
+            .next()
+            .is_none()
+        && elements(&values(fields, "sec-websocket-protocol"))
+            .next()
+            .is_none()
+}
+
+/// The 101 that opens the client's WebSocket, as `handshake.switching_protocols` writes it with
+/// no subprotocol and the session's id.
+pub fn switching_protocols(client_key: &str, session_uuid: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\nX-Session-Id: {session_uuid}\r\n\r\n",
+        accept_key(client_key)
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn request(target: &str, extra: &str) -> Vec<u8> {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn the_accept_key_is_rfc_6455s_example() {
+        assert_eq!(accept_key(KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn takes_both_forms_of_the_generic_endpoint() {
+        let path = request("/ws/generic/a.b", "");
+        let up = recognise(&path).unwrap();
+        assert_eq!(
+            (up.service_host, up.key, up.head_len),
+            ("a.b", KEY, path.len())
+        );
+        let query = request("/ws/generic?serviceHost=a.b", "");
+        assert_eq!(recognise(&query).unwrap().service_host, "a.b");
+    }
+
+    #[test]
+    fn the_bytes_after_the_head_are_not_part_of_it() {
+        let mut buf = request("/ws/generic/a.b", "");
+        let len = buf.len();
+        buf.extend_from_slice(b"\x81\x80abcd");
+        assert_eq!(recognise(&buf).unwrap().head_len, len);
+    }
+
+    #[test]
+    fn a_body_is_decoded() {
+        // {"a":1}
+        let req = request("/ws/generic/a.b?body=eyJhIjoxfQ%3D%3D", "");
+        let up = recognise(&req).unwrap();
+        let body = up.body.unwrap();
+        assert_eq!(body.json, r#"{"a":1}"#);
+        let req = bot_request("/ws?x=1", "bot:80", "k", "u", Some(&body));
+        assert!(req.starts_with(b"GET /ws?x=1&body=eyJhIjoxfQ%3D%3D HTTP/1.1\r\nHost: bot:80\r\n"));
+    }
+
+    #[test]
+    fn leaves_everything_else_to_the_python_path() {
+        for (target, extra) in [
+            ("/ws/generic", ""),                     // no service host: 400
+            ("/ws/generic/a.b/tok", ""),             // a token segment
+            ("/ws/generic/a%2Eb", ""),               // escaped
+            ("/ws/generic/a.b?serviceHost=a.b", ""), // both ways: 400
+            ("/ws/generic?serviceHost=a.b&serviceHost=a.b", ""),
+            ("/ws/generic/a.b?token=x", ""), // a parameter of its own
+            ("/ws/generic/a.b?body=!!", ""), // a bad body: 400
+            ("/ws/twilio", ""),              // a provider
+            ("/ws/generic/a.b", "Sec-WebSocket-Protocol: p\r\n"),
+            ("/ws/generic/a.b", "Host: again\r\n"), // two Host: 400
+            ("/ws/generic/a.b", "Content-Length: 3\r\n"), // a body: 400
+            ("/ws/generic/a.b", "Transfer-Encoding: chunked\r\n"),
+            ("/ws/generic/a.b", "Sec-WebSocket-Version: 8\r\n"),
+            ("/ws/generic/a.b", "Bad Name: x\r\n"), // 400
+            ("/ws/generic/a.b", "X-Folded: a\r\n b\r\n"), // obsolete folding: 400
+        ] {
+            assert!(
+                recognise(&request(target, extra)).is_none(),
+                "{target} {extra:?}"
+            );
+        }
+        let bare_lf = request("/ws/generic/a.b", "X: y\n");
+        assert!(recognise(&bare_lf).is_none());
+        let post = String::from_utf8(request("/ws/generic/a.b", "")).unwrap();
+        assert!(recognise(post.replacen("GET", "POST", 1).as_bytes()).is_none());
+        let old = post.replacen("HTTP/1.1", "HTTP/1.0", 1);
+        assert!(recognise(old.as_bytes()).is_none());
+        let bad_key = post.replace(KEY, "c2hvcnQ=");
+        assert!(recognise(bad_key.as_bytes()).is_none());
+        assert!(
+            recognise(&post.as_bytes()[..post.len() - 2]).is_none(),
+            "not all there"
+        );
+    }
+
+    #[test]
+    fn an_oversized_head_is_not_taken() {
+        let big = request(
+            "/ws/generic/a.b",
+            &format!("X: {}\r\n", "a".repeat(MAX_HEADER_BYTES)),
+        );
+        assert!(recognise(&big).is_none());
+    }
+
+    #[test]
+    fn a_bot_101_is_checked_against_our_key() {
+        let ok = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            accept_key(KEY)
+        );
+        assert!(bot_accepted(ok.as_bytes(), KEY));
+        assert!(!bot_accepted(ok.as_bytes(), "AAAAAAAAAAAAAAAAAAAAAA=="));
+        let ext = ok.replace("\r\n\r\n", "\r\nSec-WebSocket-Extensions: x\r\n\r\n");
+        assert!(!bot_accepted(ext.as_bytes(), KEY));
+        let proto = ok.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: p\r\n\r\n");
+        assert!(!bot_accepted(proto.as_bytes(), KEY));
+        assert!(!bot_accepted(ok.replace("101", "200").as_bytes(), KEY));
+    }
+
+    #[test]
+    fn the_client_101_names_the_session() {
+        let uuid = new_uuid();
+        assert_eq!(uuid.len(), 36);
+        assert_eq!(&uuid[14..15], "4");
+        let text = String::from_utf8(switching_protocols(KEY, &uuid)).unwrap();
+        assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(text.ends_with(&format!("X-Session-Id: {uuid}\r\n\r\n")));
+    }
+}

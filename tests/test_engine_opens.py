@@ -1,0 +1,216 @@
+"""Sessions the Rust engine opens by itself (``engine_opens``, :mod:`wsgate.fastpath`): for a
+plain agent a client sees the same gateway with the setting on or off — the same 101, the same
+request at the bot, its first frames relayed, one count of ``max_sessions`` shared with the
+Python path, and every failure of the bot's dial answered in the same words."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
+
+from .helpers import (
+    Bot,
+    RawUpstream,
+    Sentinel,
+    accept_upgrade,
+    frame,
+    in_thread,
+    make_config,
+    until,
+    upgrade_request,
+)
+
+pytestmark = pytest.mark.anyio
+
+engine_opens = pytest.mark.parametrize("engine_opens", [True, False], ids=["engine", "python"])
+
+
+def sent_whole(port: int, request: bytes, timeout: float = 20) -> tuple[socket.socket, bytes]:
+    """A client that sends ``request`` in one write as soon as it is connected, as a telephony
+    provider does: the socket, and the answer's head (read a byte at a time)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(request)
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def header(head: bytes, name: str) -> str | None:
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        field, _, value = line.partition(":")
+        if field.lower() == name.lower():
+            return value.strip()
+    return None
+
+
+class Answering(RawUpstream):
+    """A bot that answers the upgrade, records the request, then sends ``then`` and echoes the
+    first frame it gets."""
+
+    def __init__(self) -> None:
+        self.request = b""
+        self.first = b""
+        super().__init__()
+
+    def session(self, conn: socket.socket) -> None:
+        self.request = accept_upgrade(conn, then=frame(0x1, b"from the bot", mask=False))
+        conn.settimeout(20)
+        self.first = conn.recv(4096)
+
+
+@engine_opens
+async def test_a_request_sent_with_its_connect_is_relayed_the_same(engine_opens: bool) -> None:
+    bot = Answering()
+    async with Gateway(make_config(bot.url, engine_opens=engine_opens)).running() as gw:
+        # The request and the client's first frame in one write.
+        first = frame(0x2, b"\x00\x01 first")
+        request = upgrade_request("/ws/generic/bot.test?body=eyJhIjoxfQ%3D%3D") + first
+        sock, head = await in_thread(sent_whole, gw.port, request)
+        with sock:
+            assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+            assert header(head, "Sec-WebSocket-Accept") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+            await in_thread(bot.done.wait, 20)
+            bot_head = bot.request.decode()
+            assert bot_head.startswith("GET /ws?body=eyJhIjoxfQ%3D%3D HTTP/1.1\r\n")
+            assert header(bot.request, "X-Daily-Session-Id") == header(head, "X-Session-Id")
+            # The frame behind the request reached the bot (masked again, by the gateway).
+            assert bot.first[0] == 0x82 and len(bot.first) == len(first)
+            expected = frame(0x1, b"from the bot", mask=False)
+            assert await in_thread(sock.recv, len(expected), socket.MSG_WAITALL) == expected
+        await until(lambda: _zero(gw), within=10, what="the session's place given back")
+
+
+async def _zero(gw: Gateway) -> bool:
+    return gw.sessions("bot.test") == 0
+
+
+@engine_opens
+async def test_max_sessions_is_one_count_for_both_paths(bot: Bot, engine_opens: bool) -> None:
+    config = make_config(bot.url, engine_opens=engine_opens, max_sessions=1)
+    async with Gateway(config).running() as gw:
+        first, head = await in_thread(sent_whole, gw.port, upgrade_request("/ws/generic/bot.test"))
+        with first:
+            assert head.startswith(b"HTTP/1.1 101")
+            assert gw.sessions("bot.test") == 1
+            second, refused = await in_thread(
+                sent_whole, gw.port, upgrade_request("/ws/generic/bot.test")
+            )
+            second.close()
+            assert refused.startswith(b"HTTP/1.1 503 ")
+        await until(lambda: _zero(gw), within=10, what="the first session's end")
+        third, head = await in_thread(sent_whole, gw.port, upgrade_request("/ws/generic/bot.test"))
+        third.close()
+        assert head.startswith(b"HTTP/1.1 101")
+
+
+class NotABot(RawUpstream):
+    """Answers the upgrade with a 404."""
+
+    def session(self, conn: socket.socket) -> None:
+        accepted = b""
+        while b"\r\n\r\n" not in accepted:
+            accepted += conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A bot URL whose port refuses connections."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    yield f"ws://127.0.0.1:{port}/ws"
+
+
+@engine_opens
+async def test_a_failed_dial_is_answered_in_the_same_words(
+    engine_opens: bool, refused_url: str, sentinel: Sentinel
+) -> None:
+    wrong = NotABot()
+    cfg = Config(
+        gateway=GatewaySettings(port=0, dial_timeout=0.3, engine_opens=engine_opens),
+        orgs=[OrgConfig("test")],
+        agents=[
+            AgentConfig("dead", "test", upstream=refused_url),
+            AgentConfig("mute", "test", upstream=sentinel.url),
+            AgentConfig("wrong", "test", upstream=wrong.url),
+        ],
+    )
+    expected = {
+        "dead": (502, "bot unreachable: connection refused"),
+        "mute": (504, "bot unreachable: timed out"),
+        "wrong": (502, "bot unreachable: bot answered 404 instead of 101"),
+    }
+    async with Gateway(cfg).running() as gw:
+        for agent, (status, reason) in expected.items():
+            request = upgrade_request(f"/ws/generic/{agent}.test")
+            sock, head = await in_thread(sent_whole, gw.port, request)
+            with sock:
+                body = await in_thread(sock.recv, 4096)
+            assert head.startswith(f"HTTP/1.1 {status} ".encode()), (agent, head)
+            assert body.decode().strip() == reason
+            assert gw.sessions(f"{agent}.test") == 0
+
+
+async def test_the_gateway_says_which_agents_the_engine_opens(
+    bot: Bot, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = Config(
+        gateway=GatewaySettings(port=0, secrets=["s" * 32]),
+        orgs=[OrgConfig("test")],
+        agents=[
+            AgentConfig("plain", "test", upstream=bot.url),
+            AgentConfig("named", "test", upstream=bot.url.replace("127.0.0.1", "localhost")),
+            AgentConfig("talk", "test", upstream=bot.url, websocket_auth="token"),
+            AgentConfig("echo", "test", builtin="echo"),
+        ],
+    )
+    with caplog.at_level(logging.INFO, logger="wsgate"):
+        async with Gateway(cfg).running():
+            pass
+        off = Config(
+            gateway=GatewaySettings(port=0, engine_opens=False),
+            orgs=cfg.orgs,
+            agents=cfg.agents[:1],
+        )
+        async with Gateway(off).running():
+            pass
+    lines = [r.getMessage() for r in caplog.records if "engine opens" in r.getMessage()]
+    assert lines == ["the engine opens the sessions of plain.test by itself"]
+
+
+async def test_many_sessions_at_once_each_get_their_own_bot_session(bot: Bot) -> None:
+    # Opened on the relay threads while others are being opened: each client's 101 names the
+    # id its bot session was given, and every one relays.
+    async with Gateway(make_config(bot.url)).running() as gw:
+        ids: list[tuple[str | None, bytes]] = []
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            sock, head = sent_whole(gw.port, upgrade_request("/ws/generic/bot.test"))
+            with sock:
+                sock.sendall(frame(0x1, f"n{i}".encode()))
+                echo = sock.recv(64)
+            with lock:
+                ids.append((header(head, "X-Session-Id"), echo))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(in_thread, one, i)
+    sent = {header for header, _ in ids}
+    assert len(sent) == 50 and None not in sent
+    assert sorted(echo for _, echo in ids) == sorted(frame(0x1, f"n{i}".encode(), mask=False)
+                                                     for i in range(50))  # fmt: skip
+    assert {s.headers.get("X-Daily-Session-Id") for s in bot.sessions} == sent
