@@ -24,7 +24,7 @@ use crate::open::{self, Fast, News, Places, Route};
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
 use crate::shard::{self, Shard, Task};
-use crate::sockets::{adopt, prepare};
+use crate::sockets::{adopt, options, prepare};
 use crate::stream::Stream;
 use crate::tls::Tls;
 use crate::upgrade;
@@ -110,14 +110,11 @@ fn connect(addr: SocketAddr) -> io::Result<(TcpStream, Option<io::Error>)> {
     )?;
     let failed = match sock.connect(&addr.into()) {
         Ok(()) => None,
-        Err(e) if e.raw_os_error() == Some(EINPROGRESS) => None,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => None,
         Err(e) => Some(e),
     };
     Ok((TcpStream::from(sock), failed))
 }
-
-/// Linux's `EINPROGRESS`: a non-blocking connect under way.
-const EINPROGRESS: i32 = 115;
 
 /// One side of a session as the control plane hands it over: its socket past the handshake,
 /// the TLS connection on it (if any, in the state the handshake left it), and the bytes read
@@ -151,6 +148,8 @@ pub struct Engine {
     places: Places,
     /// The agents whose sessions the engine opens by itself, by service host.
     routes: Mutex<Arc<HashMap<String, Arc<Route>>>>,
+    /// The listening socket whose options were set for its sockets (-1: none yet).
+    listener: std::sync::atomic::AtomicI32,
 }
 
 impl Engine {
@@ -185,6 +184,7 @@ impl Engine {
             ids: AtomicU64::new(1),
             places: Places::default(),
             routes: Mutex::new(Arc::new(HashMap::new())),
+            listener: std::sync::atomic::AtomicI32::new(-1),
             workers,
             next: std::sync::atomic::AtomicUsize::new(0),
             shared,
@@ -256,10 +256,17 @@ impl Engine {
         // SAFETY: the control plane keeps the listening socket open during the call.
         let listening = unsafe { BorrowedFd::borrow_raw(listener) };
         let listening = socket2::SockRef::from(&listening);
+        // The relayed sockets' options, set on the listener once: its sockets inherit them.
+        if self.listener.swap(listener, Ordering::AcqRel) != listener {
+            if let Err(e) = options(&listening, self.dead_peer_timeout) {
+                self.listener.store(-1, Ordering::Release);
+                return (Vec::new(), Some(e));
+            }
+        }
         let mut taken = Vec::new();
         let mut buf = vec![0u8; FIRST_READ];
         while taken.len() < max {
-            let (sock, peer) = match listening.accept() {
+            let (sock, peer) = match listening.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) {
                 Ok(s) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
@@ -267,10 +274,6 @@ impl Engine {
                 Err(e) => return (taken, Some(e)),
             };
             let sock = TcpStream::from(sock);
-            if sock.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let _ = sock.set_nodelay(true);
             let n = match (&sock).read(&mut buf) {
                 Ok(0) => continue, // gone before its request
                 Ok(n) => n,
@@ -278,7 +281,7 @@ impl Engine {
                 Err(_) => continue,
             };
             let read = &buf[..n];
-            let sock = match self.open_fast(&routes, sock, read) {
+            let sock = match self.open_fast(&routes, sock, read, true) {
                 None => {
                     taken.push(Accepted::Opening);
                     continue;
@@ -299,7 +302,7 @@ impl Engine {
     /// request read whole at once; otherwise gives the socket back.
     pub fn open(&self, client: TcpStream, read: &[u8]) -> Option<TcpStream> {
         let routes = lock(&self.routes).clone();
-        self.open_fast(&routes, client, read)
+        self.open_fast(&routes, client, read, false)
     }
 
     /// Opens the session `read` asks for if the route table serves it and its agent has a place
@@ -309,6 +312,7 @@ impl Engine {
         routes: &HashMap<String, Arc<Route>>,
         client: TcpStream,
         read: &[u8],
+        prepared: bool,
     ) -> Option<TcpStream> {
         if routes.is_empty() || read.is_empty() {
             return Some(client);
@@ -322,7 +326,7 @@ impl Engine {
         if !open::take(&route.place, route.max_sessions) {
             return Some(client); // the Python path answers 503
         }
-        match self.dial_fast(route, client, read, upgrade) {
+        match self.dial_fast(route, client, read, upgrade, prepared) {
             Ok(()) => None,
             Err(client) => {
                 open::give(&route.place);
@@ -340,6 +344,7 @@ impl Engine {
         client: TcpStream,
         read: &[u8],
         upgrade: upgrade::Upgrade<'_>,
+        prepared: bool,
     ) -> Result<(), TcpStream> {
         let dpt = self.dead_peer_timeout;
         let Ok(worker) = self.pick() else {
@@ -348,7 +353,11 @@ impl Engine {
         let Ok((bot, failed)) = connect(route.bot) else {
             return Err(client);
         };
-        if prepare(&bot, dpt).is_err() || prepare(&client, dpt).is_err() {
+        // Non-blocking since its creation; the client's options came from the listener when
+        // the engine accepted it (`prepared`).
+        if options(&socket2::SockRef::from(&bot), dpt).is_err()
+            || (!prepared && prepare(&client, dpt).is_err())
+        {
             return Err(client);
         }
         let (client, bot) = (Stream::plain(client), Stream::plain(bot));

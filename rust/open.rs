@@ -252,13 +252,9 @@ fn os(e: &io::Error) -> Failure {
     match e.raw_os_error() {
         Some(n) => Failure::Os(n),
         None if e.kind() == ErrorKind::UnexpectedEof => Failure::Closed,
-        None => Failure::Os(libc_eio()),
+        // An error without an OS number (not expected from a plain socket).
+        None => Failure::Os(libc::EIO),
     }
-}
-
-/// `EIO`: an error without an OS number (not expected from a plain socket).
-const fn libc_eio() -> i32 {
-    5
 }
 
 impl Opening {

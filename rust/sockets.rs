@@ -27,8 +27,15 @@ pub(crate) fn adopt(
 /// Non-blocking, Nagle off, dead-peer detection on (see [`adopt`]).
 pub(crate) fn prepare(s: &std::net::TcpStream, dead_peer_timeout: Duration) -> io::Result<()> {
     s.set_nonblocking(true)?;
-    s.set_nodelay(true)?;
-    let sock = socket2::SockRef::from(s);
+    options(&socket2::SockRef::from(s), dead_peer_timeout)
+}
+
+/// Nagle off and dead-peer detection on: the options a relayed socket needs besides being
+/// non-blocking. Set on a listening socket, every socket it accepts has them already (Linux
+/// copies them to the accepted socket), so the engine sets them once per listener, not per
+/// session.
+pub(crate) fn options(sock: &socket2::SockRef<'_>, dead_peer_timeout: Duration) -> io::Result<()> {
+    sock.set_tcp_nodelay(true)?;
     // Half the budget idle, then three probes spread over the other half.
     let probes = 3;
     let interval = (dead_peer_timeout / 2 / probes).max(Duration::from_secs(1));

@@ -138,6 +138,8 @@ class Bot:
             max_size=None,
             compression=None,
             select_subprotocol=self._select_subprotocol,
+            # As a bot server's (uvicorn's is 2048): the gateway dials 200 sessions at once.
+            backlog=1024,
         )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
