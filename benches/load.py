@@ -586,6 +586,8 @@ class Wsgate(Target):
     name = "wsgate"
     #: Extra lines of its [gateway] table.
     settings = ""
+    #: Extra arguments of `wsgate serve`.
+    args: tuple[str, ...] = ()
     #: Its relay_threads (None: the gateway's default); --relay-threads, or a wsgate-tN target.
     relay_threads: int | None = None
 
@@ -652,6 +654,7 @@ class Wsgate(Target):
             f"max_sessions = {self.max_sessions}\n"
         )
         cmd = [self.python, "-m", "wsgate", "serve", "--config", str(cfg), "--port", str(self.port)]
+        cmd += list(self.args)
         self.proc = spawn(cmd, out, cwd=REPO, env=self.env())
         if not wait_port(self.port, 20, self.proc):
             self.skip = f"wsgate did not start: {out.read_text()[-400:]}"
@@ -756,6 +759,14 @@ class WsgateBuild(Wsgate):
     def __init__(self, *args, name: str, **kw):
         super().__init__(*args, **kw)
         self.name = name
+
+
+class WsgateQuiet(Wsgate):
+    """wsgate with `--log-level WARNING`: no line per session, as nginx (`access_log off`) and
+    HAProxy (warnings only) run here; the cost of the session log line beside `wsgate`."""
+
+    name = "wsgate-quiet"
+    args = ("--log-level", "WARNING")
 
 
 class WsgateNoMetrics(Wsgate):
@@ -1938,6 +1949,7 @@ def main() -> int:
         "websocat": lambda: Websocat(tmp, up),
         "wsgate": lambda: Wsgate(tmp, up, py, ms, wpp),
         "wsgate-nometrics": lambda: WsgateNoMetrics(tmp, up, py, ms, wpp),
+        "wsgate-quiet": lambda: WsgateQuiet(tmp, up, py, ms, wpp),
         "nginx-tls": lambda: NginxTls(tmp, up, a.nginx_workers, a.nginx_buffer_size),
         "wsgate-tls": lambda: WsgateTls(tmp, up, py, ms, wpp),
         "wsgate-redis": lambda: WsgateRedis(tmp, up, py, ms, wpp, redis_url=redis_url or ""),

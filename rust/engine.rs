@@ -86,6 +86,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Queues `item` without ringing: Python takes it with the next item that rings, or when it
+    /// reads its registry (news of an opened session: nothing waits on it).
+    fn push_quiet(&self, item: Item) {
+        lock(&self.queue).items.push(item);
+    }
+
     fn push(&self, item: Item) {
         if let Item::Outcome(o) = &item {
             lock(&self.sessions).remove(&o.session_id);
@@ -373,7 +379,12 @@ impl Engine {
                 .showing(live)
         });
         let shared = self.shared.clone();
-        let tell: open::Tell = Arc::new(move |news| shared.push(Item::Open(news)));
+        let tell: open::Tell = Arc::new(move |news| match news {
+            // Nothing in Python waits for it: it comes with the session's outcome, or when
+            // Python reads its registry, without a wake-up of its own.
+            News::Opened { .. } => shared.push_quiet(Item::Open(news)),
+            News::Unopened { .. } => shared.push(Item::Open(news)),
+        });
         let o = open::Open {
             route: route.clone(),
             upgrade,

@@ -225,7 +225,8 @@ class Relay:
 
     @property
     def live(self) -> list[RelaySession]:
-        """Sessions handed to the engine whose outcome has not arrived."""
+        """Sessions handed to the engine (or opened by it) whose outcome has not arrived."""
+        self.dispatch()  # the engine's own sessions are told of without a ring: catch up
         return list(self._live.values())
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -254,7 +255,9 @@ class Relay:
         log.debug("%d sessions ended: free memory given back (%s)", ended, released)
 
     def dispatch(self) -> None:
-        """Take everything the engine queued and hand each item to its session."""
+        """Take everything the engine queued and hand each item to its session. News of a
+        session the engine opened is queued without ringing the doorbell (nothing waits on it):
+        whoever reads the registry calls this first to catch up."""
         for item in self.engine.drain():
             if isinstance(item, _core.Message):
                 live = self._live.get(item.session_id)

@@ -188,6 +188,7 @@ class Sessions:
 
     def find(self, session_uuid: str, service_host: str) -> Opened | None:
         """The live session of that id, if it belongs to that agent."""
+        self.relay.dispatch()  # sessions the engine opened, told of without a ring
         opened = self.live.get(session_uuid)
         if opened is None or opened.service_host != service_host or opened.stopped:
             return None
@@ -207,6 +208,7 @@ class Sessions:
     def listed(self, service_host: str) -> list[dict[str, Any]]:
         """The agent's live sessions as the list shows them, with their messages and bytes
         each way so far (one snapshot of the engine's per-session counters for all of them)."""
+        self.relay.dispatch()  # sessions the engine opened, told of without a ring
         now, wall = anyio.current_time(), time.time()
         shown = [o for o in self.live.values() if o.service_host == service_host and not o.stopped]
         snapshot = self.relay.engine.session_counts([o.relay.id for o in shown])
@@ -414,7 +416,7 @@ class Sessions:
         seconds = anyio.current_time() - opened.started
         inprocess, stopped = opened.bot is not None, opened.stopped
         self.metrics.session_ended(opened.service_host, inprocess, outcome, seconds, stopped)
-        log_outcome(opened, outcome)
+        log_outcome(opened, outcome, seconds)
 
 
 def _session_request(
@@ -450,9 +452,11 @@ async def peek_opening(sock: Conn, pending: bytes, provider: str) -> tuple[Openi
     return opening, reader.raw
 
 
-def log_outcome(opened: Opened, outcome: _core.Outcome) -> None:
+def log_outcome(opened: Opened, outcome: _core.Outcome, seconds: float) -> None:
+    """The session's one log line (INFO), ``seconds`` after its start."""
     # Codes only: close reasons, bodies and tokens come from users and stay out of the log.
-    seconds = anyio.current_time() - opened.started
+    if not log.isEnabledFor(logging.INFO):
+        return  # nothing to build: a gateway of many sessions may log only warnings
 
     def code(close: tuple[int, str] | None) -> str:
         return "-" if close is None else str(close[0])
