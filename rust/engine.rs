@@ -107,6 +107,27 @@ impl Shared {
     }
 }
 
+/// The claims of the token `upgrade` carries for `service_host`, if it passes every check the
+/// Python path makes before using it up (signature, service host, expiry, body binding).
+fn check_token(
+    tokens: &open::Tokens,
+    upgrade: &upgrade::Upgrade<'_>,
+    service_host: &str,
+) -> Option<crate::token::Claims> {
+    let token = upgrade.token.as_ref().ok().copied().flatten()?;
+    let claims = tokens.keys.verify(token, service_host, unix_now()).ok()?;
+    let body = upgrade.body.as_ref().map(|b| b.json.as_bytes());
+    claims.check_body(body).ok()?;
+    Some(claims)
+}
+
+/// Unix seconds now, as tokens count them.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// A non-blocking socket connecting to `addr`, and the connect's error if it failed at once.
 fn connect(addr: SocketAddr) -> io::Result<(TcpStream, Option<io::Error>)> {
     let sock = socket2::Socket::new(
@@ -329,13 +350,41 @@ impl Engine {
         let Some(route) = routes.get(upgrade.service_host) else {
             return Some(client);
         };
+        // A token agent's token, checked as the Python path checks it; any refusal is its to
+        // answer (403), so the token is left unused here.
+        let checked = match &route.tokens {
+            None => None,
+            Some(tokens) => match check_token(tokens, &upgrade, &route.service_host) {
+                Some(claims) => Some((tokens, claims)),
+                None => return Some(client),
+            },
+        };
         if !open::take(&route.place, route.max_sessions) {
             return Some(client); // the Python path answers 503
         }
-        match self.dial_fast(route, client, read, upgrade, prepared) {
+        // Used up after the capacity check, as the Python path does: a 503 does not burn it.
+        let claimed = match checked {
+            None => None,
+            Some((tokens, claims)) => {
+                let started = std::time::Instant::now();
+                if tokens.nonces.claim(&claims.nonce, claims.exp, unix_now()) != Ok(true) {
+                    open::give(&route.place);
+                    return Some(client); // replayed (403) or the set full (503): Python's
+                }
+                Some(open::Claimed {
+                    nonces: tokens.nonces.clone(),
+                    nonce: claims.nonce,
+                    calls: vec![started.elapsed().as_secs_f64()],
+                })
+            }
+        };
+        match self.dial_fast(route, client, read, upgrade, prepared, claimed) {
             Ok(()) => None,
-            Err(client) => {
+            Err((client, claimed)) => {
                 open::give(&route.place);
+                if let Some(c) = claimed {
+                    c.nonces.release(&c.nonce);
+                }
                 Some(client)
             }
         }
@@ -351,20 +400,21 @@ impl Engine {
         read: &[u8],
         upgrade: upgrade::Upgrade<'_>,
         prepared: bool,
-    ) -> Result<(), TcpStream> {
+        claimed: Option<open::Claimed>,
+    ) -> Result<(), (TcpStream, Option<open::Claimed>)> {
         let dpt = self.dead_peer_timeout;
         let Ok(worker) = self.pick() else {
-            return Err(client);
+            return Err((client, claimed));
         };
         let Ok((bot, failed)) = connect(route.bot) else {
-            return Err(client);
+            return Err((client, claimed));
         };
         // Non-blocking since its creation; the client's options came from the listener when
         // the engine accepted it (`prepared`).
         if options(&socket2::SockRef::from(&bot), dpt).is_err()
             || (!prepared && prepare(&client, dpt).is_err())
         {
-            return Err(client);
+            return Err((client, claimed));
         }
         let (client, bot) = (Stream::plain(client), Stream::plain(bot));
         let id = self.next_id();
@@ -391,6 +441,7 @@ impl Engine {
             read,
             meter,
             tell,
+            claimed,
         };
         let task = Fast::new(id, client, bot, failed, o);
         self.workers[worker].start_task(id, Box::new(task));

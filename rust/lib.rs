@@ -16,6 +16,7 @@ pub mod frame;
 pub mod inproc;
 pub mod limits;
 pub mod memory;
+pub mod nonces;
 pub mod open;
 pub mod pump;
 pub mod relay;

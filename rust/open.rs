@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::counters::Meter;
 use crate::driver::Driven;
+use crate::nonces::Nonces;
 use crate::relay::{self, Pair, Pending};
 use crate::session::{Limits, Outcome};
 use crate::shard::{Run, Task};
@@ -47,8 +48,44 @@ pub struct Route {
     pub dial_timeout: Duration,
     /// Its index in the live counters, if counted.
     pub agent: Option<usize>,
+    /// For a `token` agent: the keys its tokens are checked with and the set they are used up
+    /// in (the memory replay store's). `None`: a `none` agent (a token it carries is ignored).
+    pub tokens: Option<Tokens>,
     /// Its place count (set by the engine from [`Places`]).
     pub(crate) place: Arc<AtomicUsize>,
+}
+
+/// How a `token` agent's tokens are checked and used up (SPEC §3).
+pub struct Tokens {
+    /// The signing secrets.
+    pub keys: Arc<crate::token::Keys>,
+    /// Spent nonces, shared with the Python path.
+    pub nonces: Arc<Nonces>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens")
+    }
+}
+
+/// A token checked and used up for one session: given back if the session does not start.
+pub struct Claimed {
+    /// The set it was used up in.
+    pub nonces: Arc<Nonces>,
+    /// Its nonce.
+    pub nonce: String,
+    /// How long each call to the set took, in seconds (for the replay store's metrics).
+    pub calls: Vec<f64>,
+}
+
+impl Claimed {
+    /// Gives the token back (its session did not start): the client may use it again.
+    fn release(&mut self) {
+        let started = Instant::now();
+        self.nonces.release(&self.nonce);
+        self.calls.push(started.elapsed().as_secs_f64());
+    }
 }
 
 /// Sessions open or being opened, per service host: `max_sessions` as one count for the Python
@@ -124,6 +161,8 @@ pub enum News {
         service_host: String,
         /// From the dial's start to the bot's 101, in seconds.
         dial_seconds: f64,
+        /// How long each call to the replay store took (a token agent's claim), in seconds.
+        store_seconds: Vec<f64>,
     },
     /// Its bot's dial failed; its place was given back.
     Unopened {
@@ -135,6 +174,9 @@ pub enum News {
         client: Option<TcpStream>,
         /// Why.
         failure: Failure,
+        /// How long each call to the replay store took (a token's claim and release), in
+        /// seconds.
+        store_seconds: Vec<f64>,
     },
 }
 
@@ -176,6 +218,8 @@ pub struct Opening {
     stop: Option<(u16, String)>,
     meter: Option<Box<dyn FnOnce() -> Meter + Send>>,
     tell: Tell,
+    /// Its token, used up: given back if the session does not open.
+    claimed: Option<Claimed>,
 }
 
 /// What [`Fast::new`] needs beside the sockets.
@@ -191,6 +235,8 @@ pub struct Open<'a> {
     pub meter: Box<dyn FnOnce() -> Meter + Send>,
     /// Where its news goes.
     pub tell: Tell,
+    /// Its token, checked and used up (a `token` agent's session), whose nonce names it.
+    pub claimed: Option<Claimed>,
 }
 
 impl Fast {
@@ -204,7 +250,11 @@ impl Fast {
         o: Open<'_>,
     ) -> Self {
         let key = upgrade::new_key();
-        let session_uuid = upgrade::new_uuid();
+        let session_uuid = match &o.claimed {
+            // The id /start answered with, derived from the token's nonce.
+            Some(c) => upgrade::session_id_for(&c.nonce),
+            None => upgrade::new_uuid(),
+        };
         let r = &o.route;
         let request = upgrade::bot_request(
             &r.resource,
@@ -232,6 +282,7 @@ impl Fast {
             stop: None,
             meter: Some(o.meter),
             tell: o.tell,
+            claimed: o.claimed,
         };
         Self {
             id,
@@ -343,6 +394,7 @@ impl Fast {
             session_uuid: std::mem::take(&mut o.session_uuid),
             service_host: o.route.service_host.clone(),
             dial_seconds: o.started.elapsed().as_secs_f64(),
+            store_seconds: o.claimed.take().map(|c| c.calls).unwrap_or_default(),
         });
         let meter = (o.meter.take().expect("a meter per session"))();
         let pending = Pending {
@@ -361,8 +413,11 @@ impl Fast {
 
 /// Gives the place back and tells Python why the session did not open (with the client's
 /// socket to answer, unless it went away); the session is over.
-fn upgrade_failed(id: u64, o: Opening, failure: Failure) -> Run {
+fn upgrade_failed(id: u64, mut o: Opening, failure: Failure) -> Run {
     give(&o.route.place);
+    if let Some(c) = &mut o.claimed {
+        c.release(); // the client may retry with its token
+    }
     let client = match failure {
         Failure::ClientGone => None,
         // Its own descriptor: ours is closed when the session is dropped from the thread.
@@ -373,6 +428,7 @@ fn upgrade_failed(id: u64, o: Opening, failure: Failure) -> Run {
         service_host: o.route.service_host.clone(),
         client,
         failure,
+        store_seconds: o.claimed.take().map(|c| c.calls).unwrap_or_default(),
     });
     Run::Done
 }
@@ -422,8 +478,11 @@ impl Task for Fast {
             State::Relaying(d) => Box::new(d).finish(),
             State::Over(o) => o,
             // Dropped while dialling (the engine stopped): nothing was opened.
-            State::Opening(o) => {
+            State::Opening(mut o) => {
                 give(&o.route.place);
+                if let Some(c) = &mut o.claimed {
+                    c.release();
+                }
                 Outcome::new(self.id)
             }
         }
@@ -462,6 +521,7 @@ mod tests {
             },
             dial_timeout: Duration::from_millis(timeout_ms),
             agent: None,
+            tokens: None,
             place: Default::default(),
         }
     }

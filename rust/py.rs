@@ -14,7 +14,7 @@ use pyo3::types::{PyBytes, PyString};
 use crate::inproc::Delivery;
 use crate::py_open::{self, FastRoute};
 use crate::py_tls::{self, TlsConnection};
-use crate::{body, counters, engine, limits, memory, session, token};
+use crate::{body, counters, engine, limits, memory, nonces, session, token};
 
 /// Largest upgrade request line plus headers, in bytes (SPEC §2): exported, so that Python never
 /// repeats it.
@@ -91,8 +91,9 @@ fn check_body_json(document: &[u8]) -> PyResult<()> {
 
 /// A deployment's signing secrets, keyed once: the first signs, all verify.
 #[pyclass(module = "wsgate._core", frozen)]
-struct TokenKeys {
-    keys: token::Keys,
+pub(crate) struct TokenKeys {
+    /// Shared with the engine's route table (`open.rs`), which checks tokens too.
+    pub(crate) keys: std::sync::Arc<token::Keys>,
 }
 
 #[pymethods]
@@ -100,7 +101,9 @@ impl TokenKeys {
     #[new]
     fn new(secrets: Vec<Vec<u8>>) -> PyResult<Self> {
         token::Keys::new(&secrets)
-            .map(|keys| Self { keys })
+            .map(|keys| Self {
+                keys: std::sync::Arc::new(keys),
+            })
             .ok_or_else(|| {
                 PyValueError::new_err("secrets must be a non-empty list of non-empty bytes")
             })
@@ -151,6 +154,51 @@ impl TokenClaims {
 
     fn __repr__(&self) -> String {
         format!("{:?}", self.claims)
+    }
+}
+
+/// Spent token nonces (`nonces.rs`): the memory replay store's set, shared with the engine.
+#[pyclass(module = "wsgate._core", frozen)]
+pub(crate) struct Nonces {
+    pub(crate) set: std::sync::Arc<nonces::Nonces>,
+}
+
+#[pymethods]
+impl Nonces {
+    #[new]
+    fn new(max_entries: usize) -> PyResult<Self> {
+        if max_entries == 0 {
+            return Err(PyValueError::new_err("max_entries must be at least 1"));
+        }
+        Ok(Self {
+            set: std::sync::Arc::new(nonces::Nonces::new(max_entries)),
+        })
+    }
+
+    fn claim(&self, nonce: &str, exp: u64, now: u64) -> PyResult<bool> {
+        self.set
+            .claim(nonce, exp, now)
+            .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("replay store full"))
+    }
+
+    fn release(&self, nonce: &str) {
+        self.set.release(nonce);
+    }
+
+    fn entries(&self) -> usize {
+        self.set.entries()
+    }
+
+    fn clear(&self) {
+        self.set.clear();
+    }
+
+    fn __len__(&self) -> usize {
+        self.set.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Nonces({} claimed)", self.set.len())
     }
 }
 
@@ -648,6 +696,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(new_nonce, m)?)?;
     m.add_class::<TokenKeys>()?;
     m.add_class::<TokenClaims>()?;
+    m.add_class::<Nonces>()?;
     // The engine
     m.add_function(wrap_pyfunction!(release_memory, m)?)?;
     m.add_class::<Engine>()?;

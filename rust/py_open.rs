@@ -9,7 +9,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::open::{Failure, News, Route};
+use crate::open::{Failure, News, Route, Tokens};
+use crate::py::{Nonces, TokenKeys};
 use crate::session::Limits;
 
 /// One agent the engine opens sessions for by itself (see `Engine.set_routes`).
@@ -21,7 +22,7 @@ pub struct FastRoute {
 #[pymethods]
 impl FastRoute {
     #[new]
-    #[pyo3(signature = (service_host, max_sessions, bot_ip, bot_port, resource, host_header, max_message_size, time_limit, dial_timeout, *, agent = None))]
+    #[pyo3(signature = (service_host, max_sessions, bot_ip, bot_port, resource, host_header, max_message_size, time_limit, dial_timeout, *, agent = None, keys = None, nonces = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature in `_core.pyi`
     fn new(
         service_host: String,
@@ -34,7 +35,21 @@ impl FastRoute {
         time_limit: Option<f64>,
         dial_timeout: f64,
         agent: Option<usize>,
+        keys: Option<&TokenKeys>,
+        nonces: Option<&Nonces>,
     ) -> PyResult<Self> {
+        let tokens = match (keys, nonces) {
+            (None, None) => None,
+            (Some(k), Some(n)) => Some(Tokens {
+                keys: k.keys.clone(),
+                nonces: n.set.clone(),
+            }),
+            _ => {
+                return Err(PyValueError::new_err(
+                    "a token agent's route needs both keys and nonces",
+                ))
+            }
+        };
         let ip = bot_ip
             .parse()
             .map_err(|_| PyValueError::new_err("bot_ip must be an IP address"))?;
@@ -51,6 +66,7 @@ impl FastRoute {
             limits,
             dial_timeout: Duration::from_secs_f64(dial_timeout),
             agent,
+            tokens,
             place: Default::default(),
         };
         Ok(Self {
@@ -77,6 +93,7 @@ pub struct Opened {
     session_uuid: String,
     service_host: String,
     dial_seconds: f64,
+    store_seconds: Vec<f64>,
 }
 
 #[pymethods]
@@ -102,6 +119,7 @@ pub struct Unopened {
     errno: i32,
     head: Py<PyBytes>,
     key: String,
+    store_seconds: Vec<f64>,
 }
 
 #[pymethods]
@@ -122,6 +140,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
             session_uuid,
             service_host,
             dial_seconds,
+            store_seconds,
         } => Py::new(
             py,
             Opened {
@@ -129,6 +148,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
                 session_uuid,
                 service_host,
                 dial_seconds,
+                store_seconds,
             },
         )?
         .into_any(),
@@ -137,6 +157,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
             service_host,
             client,
             failure,
+            store_seconds,
         } => {
             let (kind, errno, head, key) = match failure {
                 Failure::TimedOut => ("timed_out", 0, Vec::new(), String::new()),
@@ -156,6 +177,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
                     errno,
                     head: PyBytes::new(py, &head).unbind(),
                     key,
+                    store_seconds,
                 },
             )?
             .into_any()

@@ -37,9 +37,18 @@ pub struct Upgrade<'a> {
     pub key: &'a str,
     /// Its `?body=`, decoded and checked.
     pub body: Option<DecodedBody>,
+    /// The token it carries, from the first place present (`tokens.token_from_request`): an
+    /// `Authorization: Bearer` header, the first `token` parameter, the path's last segment.
+    /// `Err`: one the recogniser cannot read as Python would (another scheme, an escape): a
+    /// `token` agent's request is then left to the Python path.
+    pub token: Result<Option<&'a str>, Unsure>,
     /// Length of the head, `\r\n\r\n` included: what follows is the client's first frames.
     pub head_len: usize,
 }
+
+/// A token the recogniser cannot read as the Python path would.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsure;
 
 /// The end of the head in `buf` (the index past its `\r\n\r\n`), if it is all there and within
 /// [`MAX_HEADER_BYTES`].
@@ -118,17 +127,40 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
         return None;
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let mut host = match path.strip_prefix(GENERIC) {
-        Some("") => None,
-        Some(rest) => Some(rest.strip_prefix('/').filter(|h| plain_host(h))?),
+    let (mut host, path_token) = match path.strip_prefix(GENERIC) {
+        Some("") => (None, None),
+        Some(rest) => {
+            let rest = rest.strip_prefix('/')?;
+            let (host, token) = match rest.split_once('/') {
+                None => (rest, None),
+                // Escapes are unquoted strictly by the Python path (404 when not UTF-8).
+                Some((host, token)) if !token.is_empty() && !token.contains(['/', '%']) => {
+                    (host, Some(token))
+                }
+                Some(_) => return None,
+            };
+            if !plain_host(host) {
+                return None;
+            }
+            (Some(host), token)
+        }
         None => return None,
     };
-    let mut body_raw = None;
+    let (mut body_raw, mut query_token) = (None, None);
     for piece in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = piece.split_once('=').unwrap_or((piece, ""));
         match name {
             "serviceHost" if host.is_none() && plain_host(value) => host = Some(value),
             "body" if body_raw.is_none() => body_raw = Some(value),
+            // The first one counts; one the Python path would unquote is not read here.
+            "token" if query_token.is_none() => {
+                query_token = Some(if value.contains('%') {
+                    Err(Unsure)
+                } else {
+                    Ok(value)
+                })
+            }
+            "token" => {}
             _ => return None, // twice, both ways, escaped, or a parameter of its own
         }
     }
@@ -152,6 +184,13 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
         return None;
     }
     let key = one("sec-websocket-key").filter(|k| valid_key(k))?;
+    let authorization = values(fields, "authorization");
+    let token = match (authorization.as_slice(), query_token, path_token) {
+        ([], None, t) => Ok(t),
+        ([], Some(t), _) => t.map(Some),
+        ([value], _, _) => bearer(value).map(Some),
+        _ => Err(Unsure), // several: the Python path joins them
+    };
     let body = match body_raw {
         None => None,
         Some(raw) => Some(body::decode_body(raw).ok()?),
@@ -160,8 +199,21 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
         service_host: host,
         key: std::str::from_utf8(key).ok()?,
         body,
+        token,
         head_len,
     })
+}
+
+/// The credentials of `Authorization: Bearer <credentials>` (another scheme: [`Unsure`]).
+fn bearer(value: &[u8]) -> Result<&str, Unsure> {
+    let value = std::str::from_utf8(value).map_err(|_| Unsure)?;
+    let (scheme, credentials) = value.split_once(' ').ok_or(Unsure)?;
+    let credentials = credentials.trim_matches([' ', '\t']);
+    if scheme.eq_ignore_ascii_case("bearer") && !credentials.is_empty() {
+        Ok(credentials)
+    } else {
+        Err(Unsure)
+    }
 }
 
 /// The `Sec-WebSocket-Accept` value that answers `Sec-WebSocket-Key: key`.
@@ -179,7 +231,24 @@ pub fn new_key() -> String {
 
 /// A random (version 4) UUID, as Python's `str(uuid.uuid4())` writes it.
 pub fn new_uuid() -> String {
-    let mut b = rand::random::<[u8; 16]>();
+    uuid4(rand::random::<[u8; 16]>())
+}
+
+/// The session id of the token with this nonce, as `tokens.session_id_for` derives it: a
+/// version 4 UUID made of SHA-256 of the nonce (one-way, and the same on every gateway).
+pub fn session_id_for(nonce: &str) -> String {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"wsgate session id\x00")
+        .chain_update(nonce.as_bytes())
+        .finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    uuid4(b)
+}
+
+/// `b` as a version 4, RFC 4122 variant UUID.
+fn uuid4(mut b: [u8; 16]) -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
@@ -316,11 +385,12 @@ mod tests {
     fn leaves_everything_else_to_the_python_path() {
         for (target, extra) in [
             ("/ws/generic", ""),                     // no service host: 400
-            ("/ws/generic/a.b/tok", ""),             // a token segment
+            ("/ws/generic/a.b/t%6Fk", ""),           // an escaped token segment
+            ("/ws/generic/a.b/tok/x", ""),           // three segments: 404
             ("/ws/generic/a%2Eb", ""),               // escaped
             ("/ws/generic/a.b?serviceHost=a.b", ""), // both ways: 400
             ("/ws/generic?serviceHost=a.b&serviceHost=a.b", ""),
-            ("/ws/generic/a.b?token=x", ""), // a parameter of its own
+            ("/ws/generic/a.b?room=x", ""),  // a parameter of its own
             ("/ws/generic/a.b?body=!!", ""), // a bad body: 400
             ("/ws/twilio", ""),              // a provider
             ("/ws/generic/a.b", "Sec-WebSocket-Protocol: p\r\n"),
@@ -347,6 +417,36 @@ mod tests {
         assert!(
             recognise(&post.as_bytes()[..post.len() - 2]).is_none(),
             "not all there"
+        );
+    }
+
+    #[test]
+    fn the_token_comes_from_the_first_place_present() {
+        let token = |target: &str, extra: &str| {
+            let req = request(target, extra);
+            let up = recognise(&req).unwrap();
+            up.token.map(|t| t.map(str::to_owned))
+        };
+        let got = |s: &str| Ok(Some(s.to_owned()));
+        assert_eq!(token("/ws/generic/a.b", ""), Ok(None));
+        assert_eq!(token("/ws/generic/a.b/p", ""), got("p"));
+        assert_eq!(token("/ws/generic/a.b/p?token=q&token=r", ""), got("q"));
+        let bearer = "Authorization: Bearer  h \r\n";
+        assert_eq!(token("/ws/generic/a.b/p?token=q", bearer), got("h"));
+        // What the Python path would read otherwise is left to it.
+        assert_eq!(token("/ws/generic/a.b?token=%71", ""), Err(Unsure));
+        assert_eq!(
+            token("/ws/generic/a.b", "Authorization: Basic eA==\r\n"),
+            Err(Unsure)
+        );
+    }
+
+    #[test]
+    fn a_tokens_session_id_is_the_python_paths() {
+        // str(uuid.UUID(bytes=sha256(b"wsgate session id\x00nonce-1").digest()[:16], version=4))
+        assert_eq!(
+            session_id_for("nonce-1"),
+            "713f2ab2-cd4e-46e8-85ab-a670125b6b98"
         );
     }
 

@@ -16,6 +16,7 @@ import pytest
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 
 from .helpers import (
+    TOKEN_SECRET,
     Bot,
     RawUpstream,
     Sentinel,
@@ -23,6 +24,8 @@ from .helpers import (
     frame,
     in_thread,
     make_config,
+    start_json,
+    token_gateway,
     until,
     upgrade_request,
 )
@@ -92,7 +95,7 @@ async def test_a_request_sent_with_its_connect_is_relayed_the_same(engine_opens:
 
 
 async def _zero(gw: Gateway) -> bool:
-    return gw.sessions("bot.test") == 0
+    return await _none_of(gw, "bot.test")
 
 
 @engine_opens
@@ -188,7 +191,7 @@ async def test_the_gateway_says_which_agents_the_engine_opens(
         async with Gateway(off).running():
             pass
     lines = [r.getMessage() for r in caplog.records if "engine opens" in r.getMessage()]
-    assert lines == ["the engine opens the sessions of plain.test by itself"]
+    assert lines == ["the engine opens the sessions of plain.test, talk.test by itself"]
 
 
 async def test_many_sessions_at_once_each_get_their_own_bot_session(bot: Bot) -> None:
@@ -214,3 +217,78 @@ async def test_many_sessions_at_once_each_get_their_own_bot_session(bot: Bot) ->
     assert sorted(echo for _, echo in ids) == sorted(frame(0x1, f"n{i}".encode(), mask=False)
                                                      for i in range(50))  # fmt: skip
     assert {s.headers.get("X-Daily-Session-Id") for s in bot.sessions} == sent
+
+
+async def _token(gw: Gateway, agent: str = "talk") -> tuple[str, str]:
+    """A token minted by the gateway's /start for ``agent``.test, and its session id."""
+    status, answer = await start_json(gw, agent, "pk_test")
+    assert status == 200, answer
+    return answer["token"], answer["sessionId"]
+
+
+@engine_opens
+async def test_a_token_opens_one_session_named_by_start(bot: Bot, engine_opens: bool) -> None:
+    async with token_gateway(bot.url, engine_opens=engine_opens) as gw:
+        token, session_id = await _token(gw)
+        request = upgrade_request(f"/ws/generic/talk.test?token={token}")
+        sock, head = await in_thread(sent_whole, gw.port, request)
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert header(head, "X-Session-Id") == session_id
+        await in_thread(bot.wait_ended)
+        assert bot.sessions[0].headers["X-Daily-Session-Id"] == session_id
+        # Used up, whichever path opened it.
+        sock, head = await in_thread(sent_whole, gw.port, request)
+        with sock:
+            body = await in_thread(sock.recv, 4096)
+        assert head.startswith(b"HTTP/1.1 403 ") and body.strip() == b"token already used"
+
+
+@engine_opens
+async def test_a_token_whose_session_did_not_open_may_be_used_again(
+    engine_opens: bool, refused_url: str
+) -> None:
+    async with token_gateway(refused_url, engine_opens=engine_opens) as gw:
+        token, _ = await _token(gw)
+        for _ in range(2):  # 502 both times: the failed dial gave the token back
+            sock, head = await in_thread(
+                sent_whole,
+                gw.port,
+                upgrade_request("/ws/generic/talk.test", f"Authorization: Bearer {token}"),
+            )
+            sock.close()
+            assert head.startswith(b"HTTP/1.1 502 "), head
+
+
+@engine_opens
+async def test_a_token_refused_for_capacity_is_not_used_up(bot: Bot, engine_opens: bool) -> None:
+    cfg = Config(
+        gateway=GatewaySettings(port=0, secrets=[TOKEN_SECRET], engine_opens=engine_opens),
+        orgs=[OrgConfig("test", public_keys=["pk_test"])],
+        agents=[
+            AgentConfig("talk", "test", websocket_auth="token", upstream=bot.url, max_sessions=1)
+        ],
+    )
+    async with Gateway(cfg).running() as gw:
+        first, _ = await _token(gw)
+        second, _ = await _token(gw)
+        held, head = await in_thread(
+            sent_whole, gw.port, upgrade_request(f"/ws/generic/talk.test/{first}")
+        )
+        with held:
+            assert head.startswith(b"HTTP/1.1 101 ")
+            sock, refused = await in_thread(
+                sent_whole, gw.port, upgrade_request(f"/ws/generic/talk.test/{second}")
+            )
+            sock.close()
+            assert refused.startswith(b"HTTP/1.1 503 ")
+        await until(lambda: _none_of(gw, "talk.test"), within=10, what="the first session's end")
+        sock, head = await in_thread(
+            sent_whole, gw.port, upgrade_request(f"/ws/generic/talk.test/{second}")
+        )
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 101 ")
+
+
+async def _none_of(gw: Gateway, agent: str) -> bool:
+    return gw.sessions(agent) == 0

@@ -55,11 +55,11 @@ async def test_claim_release_cycles_keep_one_entry_per_nonce() -> None:
     for _ in range(1000):
         assert await store.claim("retried", T0 + 10)
         await store.release("retried")
-    assert len(store._heap) == 1
+    assert store.entries == 1
     assert await store.claim("other", T0 + 10)
     clock.now = T0 + 10
     assert await store.claim("after", T0 + 20)  # the released nonce expired on time
-    assert len(store._heap) == 1
+    assert store.entries == 1  # "retried" and "other" expired at T0 + 10
 
 
 @pytest.mark.anyio

@@ -19,6 +19,7 @@ __all__ = [
     "Engine",
     "FastRoute",
     "Message",
+    "Nonces",
     "Opened",
     "Outcome",
     "SessionCounts",
@@ -121,6 +122,28 @@ class TokenClaims:
         this token binds. Raises :class:`TokenError` when it is missing, not allowed, or
         different."""
 
+@final
+class Nonces:
+    """Spent token nonces (the memory replay store's set), at most ``max_entries``; a nonce
+    leaves when its token expires. Shared with the engine's own sessions (:class:`FastRoute`)."""
+
+    def __new__(cls, max_entries: int) -> Nonces: ...
+    def claim(self, nonce: str, exp: int, now: int) -> bool:
+        """Use up ``nonce`` (its token expires at ``exp``) at Unix second ``now``: True the
+        first time (or after :meth:`release`), False once used. ``OverflowError`` when full."""
+
+    def release(self, nonce: str) -> None:
+        """Give back a claimed nonce (its session did not start)."""
+
+    def entries(self) -> int:
+        """Entries held: claimed nonces, and released ones until they expire."""
+
+    def clear(self) -> None:
+        """Forget every nonce."""
+
+    def __len__(self) -> int:
+        """Nonces claimed now."""
+
 def new_nonce() -> str:
     """16 random bytes from the OS, base64url: a token's nonce."""
 
@@ -220,7 +243,11 @@ class FastRoute:
         dial_timeout: float,
         *,
         agent: int | None = None,
-    ) -> FastRoute: ...
+        keys: TokenKeys | None = None,
+        nonces: Nonces | None = None,
+    ) -> FastRoute:
+        """``keys`` and ``nonces`` (both or neither): a ``token`` agent's, its tokens checked
+        with the one and used up in the other before its bot is dialled."""
 
 @final
 class Opened:
@@ -232,6 +259,8 @@ class Opened:
     service_host: str
     #: From the start of the bot's dial to its 101.
     dial_seconds: float
+    #: How long each call to the replay store took (a token agent's claim), in seconds.
+    store_seconds: list[float]
 
 @final
 class Unopened:
@@ -248,6 +277,8 @@ class Unopened:
     errno: int
     head: bytes
     key: str
+    #: How long each call to the replay store took (a token's claim and release), in seconds.
+    store_seconds: list[float]
 
 @final
 class Engine:

@@ -143,6 +143,7 @@ class Connections:
         """Answer a session the engine could not open (:mod:`wsgate.fastpath`): its bot's dial
         failed, counted, logged and answered as a dial of the Python path's."""
         error = engine_dial_error(news)
+        self.metrics.store_called(news.store_seconds)
         self.metrics.dial_failed(news.service_host, error)
         log.warning("refused with %d: %s", error.status, error.reason)
         self.metrics.upgrade_refused(news.service_host, error)

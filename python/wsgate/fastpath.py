@@ -11,11 +11,15 @@ there in the first read, another endpoint, any refusal, an agent not listed — 
 Python path with the bytes read, so every check of SPEC §2 and every error keeps its one
 implementation in Python. The recogniser in Rust only ever takes what Python would take.
 
-An agent is listed when nothing but the request decides its sessions: ``none`` auth, an
-``upstream`` that is one ``ws://`` URL at an IP literal (no resolver, no pool to choose from, no
-TLS), no in-process bot. The gateway lists none when it has TLS on its listener, an
-``authorize`` hook, a capacity store or per-client limits (``client_request_rate``,
-``client_max_sessions``), which all need Python for every session.
+An agent is listed when nothing but the request decides its sessions: an ``upstream`` that is
+one ``ws://`` URL at an IP literal (no resolver, no pool to choose from, no TLS), no in-process
+bot, and ``none`` auth — or ``token`` auth with the memory replay store on the real clock: the
+engine then checks the token as :meth:`~wsgate.tokens.TokenAuthority.check` does (with the same
+keys), holds the body to it, and uses it up in the same set of nonces
+(``MemoryReplayStore.nonces``) after the capacity check; a token it does not take (missing,
+refused, replayed) is left to the Python path, which answers it. The gateway lists none when it
+has TLS on its listener, an ``authorize`` hook, a capacity store or per-client limits
+(``client_request_rate``, ``client_max_sessions``), which all need Python for every session.
 
 Python hears of each such session once, through the engine's doorbell: opened (it is
 registered, listed, stoppable, counted and logged at its end like any other; its dial time
@@ -26,13 +30,16 @@ observed) or not (the client's socket comes back and is answered 502/504 in the 
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Mapping
 
 from . import _core
 from .config import AgentConfig, GatewaySettings
+from .replay import MemoryReplayStore
+from .tokens import TokenAuthority
 from .upstream import is_ip_literal
 
-__all__ = ["TO_ENGINE", "fast_agents", "fast_routes"]
+__all__ = ["TO_ENGINE", "engine_tokens", "fast_agents", "fast_routes"]
 
 
 class _Handed(enum.Enum):
@@ -51,9 +58,11 @@ def fast_agents(
     *,
     tls_listener: bool,
     hooks: bool,
+    authority: TokenAuthority | None = None,
 ) -> dict[str, AgentConfig]:
     """The agents whose sessions the engine may open by itself (see the module docs).
-    ``hooks``: the gateway has an ``authorize`` hook or a capacity store."""
+    ``hooks``: the gateway has an ``authorize`` hook or a capacity store; ``authority``: its
+    token authority, if any (its token agents are listed when :func:`engine_tokens` can)."""
     if (
         not settings.engine_opens
         or tls_listener
@@ -64,11 +73,8 @@ def fast_agents(
         return {}
     chosen = {}
     for service_host, agent in agents.items():
-        if (
-            agent.websocket_auth != "none"
-            or service_host in bots
-            or not isinstance(agent.upstream, str)
-        ):
+        tokens_ok = agent.websocket_auth == "none" or engine_tokens(authority) is not None
+        if not tokens_ok or service_host in bots or not isinstance(agent.upstream, str):
             continue
         (url,) = agent.upstream_urls
         if not url.tls and is_ip_literal(url.host):
@@ -76,18 +82,41 @@ def fast_agents(
     return chosen
 
 
+def engine_tokens(
+    authority: TokenAuthority | None,
+) -> tuple[_core.TokenKeys, _core.Nonces] | None:
+    """What the engine checks and uses up tokens with — the authority's keys and its memory
+    store's nonces — when it can do so exactly as the authority would: the memory store (not
+    Redis: a round trip per session that is the Python path's), both on the real clock."""
+    if authority is None:
+        return None
+    store = authority.store
+    if not isinstance(store, MemoryReplayStore):
+        return None
+    if authority.clock is not time.time or store.clock is not time.time:
+        return None
+    return authority.keys, store.nonces
+
+
 def fast_routes(
     settings: GatewaySettings,
     agents: Mapping[str, AgentConfig],
     time_limit: float,
     counted: Callable[[str], int | None],
+    authority: TokenAuthority | None = None,
 ) -> list[_core.FastRoute]:
     """The engine's route table for ``agents`` (from :func:`fast_agents`): each session's
     limits as the Python path gives them, counted under the index ``counted`` gives its agent
-    (:meth:`wsgate.engine.Relay.counted`)."""
+    (:meth:`wsgate.engine.Relay.counted`), a token agent's tokens checked with ``authority``'s
+    keys and used up in its nonces."""
+    tokens = engine_tokens(authority)
     routes = []
     for service_host, agent in agents.items():
         (url,) = agent.upstream_urls
+        keys, nonces = (None, None)
+        if agent.websocket_auth == "token":
+            assert tokens is not None  # fast_agents lists token agents only then
+            keys, nonces = tokens
         routes.append(
             _core.FastRoute(
                 service_host,
@@ -100,6 +129,8 @@ def fast_routes(
                 time_limit,
                 settings.dial_timeout,
                 agent=counted(service_host),
+                keys=keys,
+                nonces=nonces,
             )
         )
     return routes

@@ -126,6 +126,7 @@ class Listener:
         if isinstance(news, _core.Opened):
             self.handler.sessions.opened(news).on_end = self._ended
         elif news.fd < 0:
+            self.handler.metrics.store_called(news.store_seconds)
             self._closed()  # the client went away before its 101
         else:
             assert self._connections is not None  # the engine accepted it in accept()

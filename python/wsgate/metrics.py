@@ -291,6 +291,12 @@ class Metrics:
         """A dial of the agent's bot failed with ``error`` (502 or 504)."""
         self._dial_failures.labels(self.agent(service_host), dial_failure(error)).inc()
 
+    def store_called(self, seconds: Iterable[float]) -> None:
+        """Calls to the replay store made elsewhere (the engine's own sessions), each taking
+        so many seconds."""
+        for s in seconds:
+            self._store.observe(s)
+
     def timed(self, store: ReplayStore) -> TimedStore:
         """``store``, with its round trips and failures counted here."""
         return TimedStore(store, self._store.observe, self._store_errors.inc)

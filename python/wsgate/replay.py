@@ -28,7 +28,6 @@ alike; the capacity store (:mod:`wsgate.capacity`) reaches Redis the same way.
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from . import _core
 from .errors import ConfigError, ReplayStoreUnavailable
 from .redis_store import RedisStore
 
@@ -77,8 +77,9 @@ class MemoryReplayStore:
     """A TTL set in this process: entries leave when their token expires.
 
     Good for one gateway process; several processes need a shared store
-    (:class:`RedisReplayStore`). ``clock`` returns Unix seconds (injectable for tests). Use it
-    from one event loop thread: a claim never awaits, so it is atomic there.
+    (:class:`RedisReplayStore`). ``clock`` returns Unix seconds (injectable for tests). The
+    set is the core's (``_core.Nonces``), so the sessions the engine opens by itself
+    (:mod:`wsgate.fastpath`) use tokens up in the same set; a claim is atomic.
     """
 
     def __init__(
@@ -89,50 +90,35 @@ class MemoryReplayStore:
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
-        self._clock = clock
-        self._max_entries = max_entries
-        # nonce -> (exp, claimed). A released nonce stays, unclaimed, until it expires: it keeps
-        # its one heap entry, so claim-release cycles add nothing.
-        self._expiry: dict[str, tuple[int, bool]] = {}
-        # (exp, nonce) in expiry order: expired entries are dropped from the front.
-        self._heap: list[tuple[int, str]] = []
+        #: The clock claims are judged by (Unix seconds).
+        self.clock = clock
+        #: The nonces (a released nonce stays, unclaimed, until it expires: claim-release
+        #: cycles add nothing).
+        self.nonces = _core.Nonces(max_entries)
 
     def __len__(self) -> int:
         """Nonces held now (expired ones included until the next claim)."""
-        return sum(1 for _, claimed in self._expiry.values() if claimed)
+        return len(self.nonces)
 
     def __repr__(self) -> str:
         return f"<MemoryReplayStore {len(self)} nonces>"
 
+    @property
+    def entries(self) -> int:
+        """Entries held: claimed nonces, and released ones until their token expires."""
+        return self.nonces.entries()
+
     async def claim(self, nonce: str, exp: int) -> bool:
-        self._expire(math.floor(self._clock()))
-        entry = self._expiry.get(nonce)
-        if entry is not None:
-            if entry[1]:
-                return False
-            self._expiry[nonce] = (entry[0], True)
-            return True
-        if len(self._expiry) >= self._max_entries:
-            raise ReplayStoreUnavailable("replay store full")
-        self._expiry[nonce] = (exp, True)
-        heapq.heappush(self._heap, (exp, nonce))
-        return True
+        try:
+            return self.nonces.claim(nonce, exp, math.floor(self.clock()))
+        except OverflowError:
+            raise ReplayStoreUnavailable("replay store full") from None
 
     async def release(self, nonce: str) -> None:
-        entry = self._expiry.get(nonce)
-        if entry is not None:
-            self._expiry[nonce] = (entry[0], False)
+        self.nonces.release(nonce)
 
     async def aclose(self) -> None:
-        self._expiry.clear()
-        self._heap.clear()
-
-    def _expire(self, now: int) -> None:
-        # A token is refused from second `exp` on (rust/token.rs), so its nonce can go then.
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, nonce = heapq.heappop(heap)
-            del self._expiry[nonce]
+        self.nonces.clear()
 
 
 # --- Redis -------------------------------------------------------------------------------------

@@ -293,13 +293,13 @@ class Gateway:
             # The plainest agents' sessions, opened by the engine without Python per step.
             hooks = self._authorize is not None or not isinstance(capacity, LocalCapacity)
             fast = fast_agents(settings, self._agents, self._bots, tls_listener=tls_listener,
-                               hooks=hooks)  # fmt: skip
+                               hooks=hooks, authority=self.authority)  # fmt: skip
             sessions.fast = fast
             if fast:
                 log.info("the engine opens the sessions of %s by itself", ", ".join(sorted(fast)))
             relay.on_news = accepted.news
             relay.engine.set_routes(
-                fast_routes(settings, fast, self.session_time_limit, relay.counted)
+                fast_routes(settings, fast, self.session_time_limit, relay.counted, self.authority)
             )
             state = GatewayState(lambda: accepted.count, lambda: len(self._pending),
                                  lambda: self._stop_requested)  # fmt: skip

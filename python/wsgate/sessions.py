@@ -394,6 +394,7 @@ class Sessions:
         session.on_done = opened
         self.live[opened.session_uuid] = opened
         self.metrics.dialled(service_host, news.dial_seconds)
+        self.metrics.store_called(news.store_seconds)
         return opened
 
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:

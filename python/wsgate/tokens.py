@@ -254,6 +254,16 @@ class TokenAuthority:
     def _now(self) -> int:
         return math.floor(self._clock())
 
+    @property
+    def keys(self) -> _core.TokenKeys:
+        """The secrets, keyed (what the engine checks tokens with: :mod:`wsgate.fastpath`)."""
+        return self._keys
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock tokens are judged by (Unix seconds)."""
+        return self._clock
+
     def with_store(self, store: ReplayStore) -> TokenAuthority:
         """This authority (the same secrets, lifetime and clock) on another replay store, e.g.
         the same store with its calls timed (:meth:`wsgate.metrics.Metrics.timed`)."""
