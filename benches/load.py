@@ -19,7 +19,8 @@ What it does (details in benches/README.md, section "Relay load bench"):
 
 More targets: nginx-tls and wsgate-tls (wss:// on the client hop, a per-run certificate, the bot
 hop plain), wsgate-redis (a shared capacity store in a redis-server started for the run),
-wsgate-before (another wsgate, from --before-pythonpath: an A/B of two builds in one run).
+wsgate-before (another wsgate, from --before-pythonpath: an A/B of two builds in one run),
+wsgate-token (opens only: a token agent, every open of the run carrying a fresh one-time token).
 
 Only the standard library is used; process figures come from /proc.
 """
@@ -352,6 +353,8 @@ class Target:
     #: wss:// on the client hop: no telephony or Twilio runs (loadgen's paced sender writes to
     #: the raw sockets)
     tls = False
+    #: measured in the open phase only (wsgate-token: only loadgen's opens send tokens)
+    opens_only = False
 
     def __init__(self, tmp: Path, upstream_port: int):
         self.tmp = tmp
@@ -586,6 +589,8 @@ class Wsgate(Target):
     name = "wsgate"
     #: Extra lines of its [gateway] table.
     settings = ""
+    #: Extra lines of its bench agent's [[agent]] table.
+    agent_settings = ""
     #: Extra arguments of `wsgate serve`.
     args: tuple[str, ...] = ()
     #: Its relay_threads (None: the gateway's default); --relay-threads, or a wsgate-tN target.
@@ -652,6 +657,7 @@ class Wsgate(Target):
             f'upstream = "ws://127.0.0.1:{self.up}/ws"\n'
             # the per-agent session cap (default 50) must not be what the bench measures
             f"max_sessions = {self.max_sessions}\n"
+            f"{self.agent_settings}"
         )
         cmd = [self.python, "-m", "wsgate", "serve", "--config", str(cfg), "--port", str(self.port)]
         cmd += list(self.args)
@@ -769,6 +775,56 @@ class WsgateQuiet(Wsgate):
     args = ("--log-level", "WARNING")
 
 
+#: The secret of wsgate-token's gateway, fixed: the bench's tokens are minted with it.
+TOKEN_SECRET = "wsgate-load-bench-token-secret-0123456789"
+
+# Mints argv[2] tokens for echo.bench with the secret argv[1], one per line, into argv[3]. Run
+# with the gateway's own Python and PYTHONPATH (Wsgate.env: --wsgate-pythonpath), so the tokens
+# come from the very wsgate that checks them, whatever the bench's own environment holds.
+MINT = r"""
+import sys
+from wsgate.tokens import TokenAuthority
+authority = TokenAuthority([sys.argv[1]])
+with open(sys.argv[3], "w") as f:
+    for _ in range(int(sys.argv[2])):
+        f.write(authority.mint("echo.bench").token + "\n")
+"""
+
+
+class WsgateToken(Wsgate):
+    """wsgate whose bench agent takes one-time tokens (`websocket_auth = "token"`, secrets
+    TOKEN_SECRET): each session's token is checked and used up. Opens only, through
+    /ws/generic: loadgen sends tokens in its `opens` mode alone (`--tokens`)."""
+
+    name = "wsgate-token"
+    settings = f'secrets = ["{TOKEN_SECRET}"]\n'
+    agent_settings = 'websocket_auth = "token"\n'
+    opens_only = True
+
+    def variants(self) -> list[tuple[str, str]]:
+        return [(self.name, self.url)]
+
+    def mint_tokens(self, n: int) -> Path:
+        """A new file of `n` fresh tokens for echo.bench (valid for the default token_ttl,
+        300 s, from now): one loadgen run's, never given to another (each opens one session).
+        Minted by a `python -c` of the gateway's Python and PYTHONPATH (MINT): simpler and
+        surer than importing a wsgate into the bench's own process."""
+        fd, name = tempfile.mkstemp(prefix="tokens-", suffix=".txt", dir=self.tmp)
+        os.close(fd)
+        r = subprocess.run(
+            [self.python, "-c", MINT, TOKEN_SECRET, str(n), name],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=self.env(),
+            timeout=120,
+        )
+        if r.returncode != 0:
+            os.unlink(name)
+            raise RuntimeError(f"minting tokens failed: {r.stderr.strip()[-300:]}")
+        return Path(name)
+
+
 class WsgateNoMetrics(Wsgate):
     """wsgate with `metrics = false`: run beside `wsgate`, the cost of its metrics (the relay
     engine's live counters per agent) per relayed message."""
@@ -786,6 +842,8 @@ class WsgateNoMetrics(Wsgate):
 
 def probe(lg: Path, t: Target) -> str | None:
     """One short round trip run through the target: None when it relays."""
+    if isinstance(t, WsgateToken):
+        return probe_tokens(lg, t)
     try:
         r = run_json(
             [
@@ -809,6 +867,27 @@ def probe(lg: Path, t: Target) -> str | None:
         return str(e)
     if r["round_trips"] == 0 or r["errors"]:
         return f"probe relayed {r['round_trips']} round trips, errors: {r.get('first_error')}"
+    return None
+
+
+def probe_tokens(lg: Path, t: WsgateToken) -> str | None:
+    """A token agent's probe (saturate sends no token): an open without a token is refused,
+    two with fresh tokens are relayed. None when so."""
+    base = [str(lg), "opens", "--url", t.url, "--parallel", "1", "--warmup-opens", "0"]
+    tokens = None
+    try:
+        r = run_json([*base, "--conns", "1"], timeout=30)
+        if r["opened"]:
+            return "an open without a token was relayed: the agent does not check tokens"
+        tokens = t.mint_tokens(2)
+        r = run_json([*base, "--conns", "2", "--tokens", str(tokens)], timeout=30)
+    except Exception as e:
+        return str(e)
+    finally:
+        if tokens:
+            tokens.unlink(missing_ok=True)
+    if r["opened"] != 2 or r["errors"]:
+        return f"probe opened {r['opened']} of 2 with tokens, errors: {r.get('first_error')}"
     return None
 
 
@@ -1112,28 +1191,43 @@ def twilio(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, url: str) 
 
 
 def opens(
-    lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, url: str, par: int = 1
+    lg: Path,
+    t: Target,
+    a: argparse.Namespace,
+    echo_pid: int,
+    url: str,
+    par: int = 1,
+    minter: WsgateToken | None = None,
 ) -> dict:
-    """--opens sessions, --open-parallel at a time: upgrade, Twilio's opening, its echo, close."""
-    return run_json(
-        [
-            str(lg),
-            "opens",
-            "--url",
-            url,
-            "--service-host",
-            "echo.bench",
-            "--conns",
-            str(a.opens),
-            "--parallel",
-            str(par),
-            "--warmup-opens",
-            str(a.warmup_opens),
-            *tls_args(url),
-            *cpu_args(t, echo_pid),
-        ],
-        timeout=600,
-    )
+    """--opens sessions, --open-parallel at a time: upgrade, Twilio's opening, its echo, close.
+    With a `minter` (wsgate-token is in the run), every open carries a fresh token in its query,
+    whatever the target (the others pass it along): the same bytes on every target. The
+    tokens are minted right before loadgen runs, for it alone (each opens one session)."""
+    tokens = minter.mint_tokens(a.warmup_opens + a.opens) if minter else None
+    try:
+        return run_json(
+            [
+                str(lg),
+                "opens",
+                "--url",
+                url,
+                "--service-host",
+                "echo.bench",
+                "--conns",
+                str(a.opens),
+                "--parallel",
+                str(par),
+                "--warmup-opens",
+                str(a.warmup_opens),
+                *(["--tokens", str(tokens)] if tokens else []),
+                *tls_args(url),
+                *cpu_args(t, echo_pid),
+            ],
+            timeout=600,
+        )
+    finally:
+        if tokens:
+            tokens.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1950,6 +2044,7 @@ def main() -> int:
         "wsgate": lambda: Wsgate(tmp, up, py, ms, wpp),
         "wsgate-nometrics": lambda: WsgateNoMetrics(tmp, up, py, ms, wpp),
         "wsgate-quiet": lambda: WsgateQuiet(tmp, up, py, ms, wpp),
+        "wsgate-token": lambda: WsgateToken(tmp, up, py, ms, wpp),
         "nginx-tls": lambda: NginxTls(tmp, up, a.nginx_workers, a.nginx_buffer_size),
         "wsgate-tls": lambda: WsgateTls(tmp, up, py, ms, wpp),
         "wsgate-redis": lambda: WsgateRedis(tmp, up, py, ms, wpp, redis_url=redis_url or ""),
@@ -1993,6 +2088,11 @@ def main() -> int:
 
     scale_skipped: dict[int, str] = {}
     wr = next((t for t in targets if t.name == "wsgate-redis"), None)
+    # wsgate-token in the run: every open of the open phase carries a token, minted by it
+    minter = next((t for t in targets if isinstance(t, WsgateToken)), None)
+    for t in targets:
+        if t.opens_only and phases - {"open"}:
+            log(f"{t.name}: measured in the open phase only")
     res: dict = {t.name: {"saturate": [], "telephony": [], "note": t.note} for t in targets}
     # Twilio-shaped media and opens, per variant (wsgate has two: /ws/twilio and /ws/generic)
     tres: dict = {
@@ -2004,7 +2104,7 @@ def main() -> int:
         if "idle" in phases:
             log(f"idle memory: {a.idle_conns} sessions per relay")
             for t in targets:
-                if not t.relay:
+                if not t.relay or t.opens_only:
                     continue
                 r = idle_phase(lg, t, a.idle_conns, up)
                 res[t.name]["idle"] = r
@@ -2021,7 +2121,7 @@ def main() -> int:
                 f" closed, RSS for {a.burst_seconds:.0f} s"
             )
             for t in targets:
-                if not t.relay:
+                if not t.relay or t.opens_only:
                     continue
                 r = burst_phase(lg, t, a.burst_sessions, a, up)
                 res[t.name]["burst"] = r
@@ -2031,7 +2131,7 @@ def main() -> int:
                     f"{r['relayed']:,} of {r['sessions']:,} sessions relayed, fds {r['fds']}"
                 )
                 t.restart()
-        scaled = [t for t in targets if t.relay and not t.tls]
+        scaled = [t for t in targets if t.relay and not t.tls and not t.opens_only]
         for rnd, n in [(r, n) for r in range(a.scale_rounds) for n in scale_ns]:
             if "scale" not in phases:
                 break
@@ -2069,7 +2169,7 @@ def main() -> int:
                     f"round {rnd + 1}/{a.rounds}: saturation {a.conns}x{a.inflight} "
                     f"{a.size} B ({a.write} writes), {a.sat_seconds}s each"
                 )
-            for t in order if "sat" in phases else []:
+            for t in [t for t in order if not t.opens_only] if "sat" in phases else []:
                 r = quiet_run(saturate, lg, t, a, echo.pid)
                 res[t.name]["saturate"].append(r)
                 log(
@@ -2084,7 +2184,7 @@ def main() -> int:
                     f"round {rnd + 1}/{a.rounds}: telephony {a.tel_conns} x {a.tel_size} B"
                     f" / {a.interval_ms} ms, {a.tel_seconds}s each"
                 )
-            for t in [t for t in order if not t.tls] if "tel" in phases else []:
+            for t in [t for t in order if not (t.tls or t.opens_only)] if "tel" in phases else []:
                 r = quiet_run(telephony, lg, t, a, echo.pid)
                 res[t.name]["telephony"].append(r)
                 log(
@@ -2100,7 +2200,7 @@ def main() -> int:
                     f"round {rnd + 1}/{a.rounds}: twilio {a.twilio_calls} calls x media"
                     f" / {a.interval_ms} ms, {a.twilio_seconds}s each"
                 )
-            plain = [v for v in variants if not v[0].tls]
+            plain = [v for v in variants if not (v[0].tls or v[0].opens_only)]
             for t, label, url in plain if "twilio" in phases else []:
                 r = quiet_run(twilio, lg, t, a, echo.pid, url)
                 r["url"] = url
@@ -2122,7 +2222,7 @@ def main() -> int:
             for k, par in enumerate(open_pars if "open" in phases else []):
                 log(f"round {rnd + 1}/{a.rounds}: opens, {a.opens} sessions {par} at a time")
                 for t, label, url in variants:
-                    r = quiet_run(opens, lg, t, a, echo.pid, url, par)
+                    r = quiet_run(opens, lg, t, a, echo.pid, url, par, minter)
                     r["url"] = url
                     if k:
                         label = f"{label} @{par}"

@@ -10,6 +10,7 @@
 //!   telephony    N connections, each sending one message every T ms; round-trip latency
 //!   twilio       telephony in Twilio's shape: `connected` and `start`, then JSON media messages
 //!   opens        N sessions opened (Twilio's opening, until its echo) and closed; time and CPU
+//!                (`--tokens FILE`: open i carries line i as `token=` in its query)
 //!   idle         open N sessions, print "ready", hold them until stdin closes
 //!
 //! Client URLs may be `wss://` (all but telephony and twilio, whose paced sender writes to the
@@ -312,8 +313,9 @@ async fn send(s: &mut Conn, b: &[u8]) -> std::io::Result<()> {
     s.flush().await
 }
 
-/// Connect and upgrade; returns the stream and any bytes read past the 101 response.
-async fn connect(url: &Url, seed: u64) -> Res<(Conn, Vec<u8>)> {
+/// Connect and upgrade, asking for `target` (the URL's path and query, or a variant of it);
+/// returns the stream and any bytes read past the 101 response.
+async fn connect(url: &Url, target: &str, seed: u64) -> Res<(Conn, Vec<u8>)> {
     let tcp = TcpStream::connect(&url.addr).await?;
     tcp.set_nodelay(true)?;
     let mut s = match &url.tls {
@@ -344,7 +346,7 @@ async fn connect(url: &Url, seed: u64) -> Res<(Conn, Vec<u8>)> {
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        url.path, url.host, key
+        target, url.host, key
     );
     send(&mut s, req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(1024);
@@ -379,9 +381,16 @@ async fn connect(url: &Url, seed: u64) -> Res<(Conn, Vec<u8>)> {
     }
 }
 
-/// Connect and upgrade, then send call `i`'s Twilio opening (`connected`, `start`) when given.
-async fn dial(url: &Url, i: usize, seed: u64, opening: Option<&Twilio>) -> Res<(Conn, Vec<u8>)> {
-    let (mut s, extra) = connect(url, seed).await?;
+/// Connect and upgrade (asking for `target`), then send call `i`'s Twilio opening (`connected`,
+/// `start`) when given.
+async fn dial(
+    url: &Url,
+    target: &str,
+    i: usize,
+    seed: u64,
+    opening: Option<&Twilio>,
+) -> Res<(Conn, Vec<u8>)> {
+    let (mut s, extra) = connect(url, target, seed).await?;
     if let Some(tw) = opening {
         send(&mut s, &tw.opening(i, &mut Rng::new(seed ^ 0x0be1))).await?;
     }
@@ -406,7 +415,8 @@ async fn connect_many(
             let _p = sem.acquire().await.unwrap();
             let mut last = None;
             for attempt in 0..3 {
-                match dial(&url, i, i as u64 * 7919 + attempt, opening.as_deref()).await {
+                let seed = i as u64 * 7919 + attempt;
+                match dial(&url, &url.path, i, seed, opening.as_deref()).await {
                     Ok(v) => return Ok(v),
                     Err(e) => {
                         last = Some(e);
@@ -1359,17 +1369,48 @@ async fn tel_reader(
 /// bot is dialled after `start`, through /ws/generic before the 101). Then it closes (1000) and
 /// waits for the close to come back, so the relay's CPU over the window is what a session
 /// costs it from accept to close.
+///
+/// `--tokens FILE`: one token per line (blank lines skipped), for a token agent; open i (the
+/// warm-up's from 0, the measured ones from `--warmup-opens` on) appends `token=<line i>` to its
+/// query, as is (no percent-encoding: tokens are base64url and dots). Each token opens one
+/// session, so the file must hold at least `--warmup-opens` + `--conns` of them.
 async fn opens(a: &Args) -> Res<()> {
     let url = Arc::new(parse_url(&a.url)?);
     let tw = Arc::new(Twilio::new(&a.service_host, 0, 0, a.interval_ms));
-    let (_, werr, wfirst) = open_many(&url, &tw, 0, a.warmup_opens, a.parallel).await;
+    let tokens = if a.tokens.is_empty() {
+        None
+    } else {
+        let text = std::fs::read_to_string(&a.tokens)
+            .map_err(|e| format!("--tokens {}: {e}", a.tokens))?;
+        let lines: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        let need = a.warmup_opens + a.conns;
+        if lines.len() < need {
+            return Err(format!(
+                "--tokens {}: {} tokens, but {} warm-up + {} measured opens need {need} \
+                 (one per open)",
+                a.tokens,
+                lines.len(),
+                a.warmup_opens,
+                a.conns
+            )
+            .into());
+        }
+        Some(Arc::new(lines))
+    };
+    let tk = &tokens;
+    let (_, werr, wfirst) = open_many(&url, &tw, tk, 0, a.warmup_opens, a.parallel).await;
     if werr == a.warmup_opens && werr > 0 {
         return Err(format!("every warm-up open failed: {}", wfirst.unwrap_or_default()).into());
     }
     let (r0, u0, s0, m0) = cpu_sample(a);
     let t0 = Instant::now();
     let (mut lats, errors, first_err) =
-        open_many(&url, &tw, a.warmup_opens, a.conns, a.parallel).await;
+        open_many(&url, &tw, tk, a.warmup_opens, a.conns, a.parallel).await;
     let el = t0.elapsed().as_secs_f64();
     let (r1, u1, s1, m1) = cpu_sample(a);
     lats.sort_unstable();
@@ -1393,11 +1434,12 @@ async fn opens(a: &Args) -> Res<()> {
     Ok(())
 }
 
-/// Calls `first..first + n`, opened and closed on `par` workers; (open times in ns, errors,
-/// the first error).
+/// Calls `first..first + n`, opened and closed on `par` workers, call i with token i when
+/// `tokens` are given; (open times in ns, errors, the first error).
 async fn open_many(
     url: &Arc<Url>,
     tw: &Arc<Twilio>,
+    tokens: &Option<Arc<Vec<String>>>,
     first: usize,
     n: usize,
     par: usize,
@@ -1405,7 +1447,7 @@ async fn open_many(
     let next = Arc::new(AtomicU64::new(0));
     let mut hs = Vec::with_capacity(par);
     for _ in 0..par.max(1) {
-        let (url, tw, next) = (url.clone(), tw.clone(), next.clone());
+        let (url, tw, next, tokens) = (url.clone(), tw.clone(), next.clone(), tokens.clone());
         hs.push(tokio::spawn(async move {
             let mut lats = Vec::new();
             let mut errors = 0usize;
@@ -1415,7 +1457,13 @@ async fn open_many(
                 if k >= n {
                     break;
                 }
-                match open_one(&url, &tw, first + k).await {
+                let i = first + k;
+                // the request target: the URL's, or with `token=<token i>` appended to its query
+                let target = match &tokens {
+                    None => std::borrow::Cow::Borrowed(url.path.as_str()),
+                    Some(t) => std::borrow::Cow::Owned(with_token(&url.path, &t[i])),
+                };
+                match open_one(&url, &target, &tw, i).await {
                     Ok(l) => lats.push(l),
                     Err(e) => {
                         errors += 1;
@@ -1438,11 +1486,18 @@ async fn open_many(
     out
 }
 
-/// One session: open time (connect to the echo of `start`, in ns), then a polite close.
-async fn open_one(url: &Url, tw: &Twilio, i: usize) -> Res<u32> {
+/// `path` (a request target) with `token=<token>` added to its query.
+fn with_token(path: &str, token: &str) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{sep}token={token}")
+}
+
+/// One session (asking for `target`): open time (connect to the echo of `start`, in ns), then
+/// a polite close.
+async fn open_one(url: &Url, target: &str, tw: &Twilio, i: usize) -> Res<u32> {
     let t = now_ns();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let (mut s, extra) = dial(url, i, i as u64 * 7919, Some(tw)).await?;
+    let (mut s, extra) = dial(url, target, i, i as u64 * 7919, Some(tw)).await?;
     let mut rd = MsgReader::new(extra);
     let mut tmp = vec![0u8; 4096];
     let mut open_ns = None;
@@ -1632,6 +1687,8 @@ struct Args {
     upstream_pids: Vec<u32>,
     ca_file: String,
     tls_suite: String,
+    /// opens: a file of tokens, one per open (empty: none)
+    tokens: String,
 }
 
 fn usage() -> ! {
@@ -1645,7 +1702,10 @@ fn usage() -> ! {
                     (each call sends Twilio's connected and start, then 160 B of μ-law per interval
                     as JSON media messages)
   loadgen opens     --url U [--conns 2000] [--parallel 64] [--warmup-opens 100] [--service-host echo.bench]
-                    (each session: upgrade, Twilio's connected and start, their echo, close)
+                    [--tokens FILE]
+                    (each session: upgrade, Twilio's connected and start, their echo, close;
+                    --tokens: one token per line, open i (warm-up's first) adds token=<line i>
+                    to the URL's query; at least --warmup-opens + --conns lines)
   loadgen idle      --url U [--conns 2000] [--parallel 64] [--messages 0] [--size 256]
                     (--messages K: each session sends K binary messages of --size bytes and
                     waits for their echoes before \"ready\"; the line counts them: relayed=N)
@@ -1685,6 +1745,7 @@ fn parse_args() -> Args {
         upstream_pids: vec![],
         ca_file: String::new(),
         tls_suite: "TLS13_AES_128_GCM_SHA256".to_string(),
+        tokens: String::new(),
     };
     let mut kv: HashMap<String, String> = HashMap::new();
     let mut i = 1;
@@ -1728,6 +1789,7 @@ fn parse_args() -> Args {
             "upstream-pids" => a.upstream_pids = pids(&v),
             "ca-file" => a.ca_file = v,
             "tls-suite" => a.tls_suite = v,
+            "tokens" => a.tokens = v,
             _ => {
                 eprintln!("unknown option --{k}");
                 usage()
@@ -1751,6 +1813,10 @@ fn parse_args() -> Args {
         _ => usage(),
     }
     if a.cmd != "echo-server" && a.url.is_empty() {
+        usage();
+    }
+    if !a.tokens.is_empty() && a.cmd != "opens" {
+        eprintln!("--tokens is an option of opens only");
         usage();
     }
     a
