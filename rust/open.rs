@@ -144,7 +144,8 @@ pub enum Failure {
         /// The `Sec-WebSocket-Key` we sent.
         key: String,
     },
-    /// The bot answered, but the client's 101 could not be written: the client went away.
+    /// Dropped before it settled (the engine stopping, a panic, a relay thread that could not
+    /// take it): no client left to answer.
     ClientGone,
 }
 
@@ -163,6 +164,9 @@ pub enum News {
         dial_seconds: f64,
         /// How long each call to the replay store took (a token agent's claim), in seconds.
         store_seconds: Vec<f64>,
+        /// When it was answered 101, in seconds of `CLOCK_MONOTONIC` (Python's
+        /// `time.monotonic()`): its news may reach Python only with its end.
+        opened_at: f64,
     },
     /// Its bot's dial failed; its place was given back.
     Unopened {
@@ -195,12 +199,76 @@ pub struct Fast {
 enum State {
     Opening(Box<Opening>),
     Relaying(Driven<Pair>),
-    Over(Outcome),
+    /// Not opened: its sockets are kept until the relay thread has taken them out of its epoll
+    /// (the client's file lives on in the copy Python answers on, and an epoll registration
+    /// lives as long as its file: left in, its events would reach the session that gets the
+    /// slot next).
+    Over(Outcome, Option<(Stream, Stream)>),
+}
+
+/// What an opening holds for others: its place, its token, and Python's count of its
+/// connection. Given back exactly once: by the session's end if it opens, when it fails, or
+/// here if the opening is dropped without either (the engine stopping, a panic, a relay thread
+/// that could not register its sockets).
+struct Held {
+    id: u64,
+    route: Arc<Route>,
+    claimed: Option<Claimed>,
+    tell: Tell,
+    armed: bool,
+}
+
+impl Held {
+    /// It did not open: the place and the token back, and Python told (with the client's socket
+    /// to answer, unless it is gone).
+    fn fail(&mut self, client: Option<TcpStream>, failure: Failure) {
+        self.armed = false;
+        give(&self.route.place);
+        let store_seconds = match self.claimed.take() {
+            Some(mut c) => {
+                c.release(); // the client may retry with its token
+                c.calls
+            }
+            None => Vec::new(),
+        };
+        (self.tell)(News::Unopened {
+            session_id: self.id,
+            service_host: self.route.service_host.clone(),
+            client,
+            failure,
+            store_seconds,
+        });
+    }
+
+    /// It opened: the place is the session's now (Python gives it back at its end).
+    fn opened(&mut self) -> Vec<f64> {
+        self.armed = false;
+        self.claimed.take().map(|c| c.calls).unwrap_or_default()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.armed {
+            self.fail(None, Failure::ClientGone);
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, in seconds: the clock of Python's `time.monotonic()`.
+fn monotonic_now() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// A session whose bot is being dialled.
 pub struct Opening {
-    route: Arc<Route>,
+    held: Held,
     client: Stream,
     bot: Stream,
     client_key: String,
@@ -212,14 +280,12 @@ pub struct Opening {
     session_uuid: String,
     response: Vec<u8>,
     started: Instant,
-    deadline: Instant,
+    /// When the dial fails for time (`None`: a `dial_timeout` too long to count).
+    deadline: Option<Instant>,
     /// The connect failed at once.
     failed: Option<io::Error>,
     stop: Option<(u16, String)>,
     meter: Option<Box<dyn FnOnce() -> Meter + Send>>,
-    tell: Tell,
-    /// Its token, used up: given back if the session does not open.
-    claimed: Option<Claimed>,
 }
 
 /// What [`Fast::new`] needs beside the sockets.
@@ -265,8 +331,14 @@ impl Fast {
         );
         let started = Instant::now();
         let opening = Opening {
-            deadline: started + r.dial_timeout,
-            route: o.route.clone(),
+            deadline: started.checked_add(r.dial_timeout),
+            held: Held {
+                id,
+                route: o.route.clone(),
+                claimed: o.claimed,
+                tell: o.tell,
+                armed: true,
+            },
             client,
             bot,
             client_key: o.upgrade.key.to_owned(),
@@ -281,8 +353,6 @@ impl Fast {
             failed,
             stop: None,
             meter: Some(o.meter),
-            tell: o.tell,
-            claimed: o.claimed,
         };
         Self {
             id,
@@ -313,7 +383,7 @@ impl Opening {
         if let Some(e) = self.failed.take() {
             return Dial::Failed(os(&e));
         }
-        if now >= self.deadline {
+        if self.deadline.is_some_and(|d| now >= d) {
             return Dial::Failed(Failure::TimedOut);
         }
         // The request goes as soon as the connect is up: the first try needs no event (a
@@ -366,42 +436,45 @@ impl Opening {
 impl Fast {
     /// The opening is over: relay, or report why not and end.
     fn settle(&mut self, dial: Dial, now: Instant) -> Run {
-        let State::Opening(opening) =
-            std::mem::replace(&mut self.state, State::Over(Outcome::new(self.id)))
-        else {
+        let over = State::Over(Outcome::new(self.id), None);
+        let State::Opening(opening) = std::mem::replace(&mut self.state, over) else {
             unreachable!("settled twice");
         };
         let o = *opening;
         let failure = match dial {
             Dial::Blocked => unreachable!("a blocked dial is not settled"),
             Dial::Failed(f) => f,
-            Dial::Answered(bot_pending) => {
-                let answer = upgrade::switching_protocols(&o.client_key, &o.session_uuid);
-                // A fresh connection's send buffer takes a 101 whole; anything else means the
-                // client is gone (as the Python path's send of its 101 would fail).
-                match o.client.write(&answer) {
-                    Ok(n) if n == answer.len() => return self.relay(o, bot_pending, now),
-                    _ => Failure::ClientGone,
-                }
-            }
+            Dial::Answered(bot_pending) => return self.relay(o, bot_pending, now),
         };
-        upgrade_failed(self.id, o, failure)
+        self.fail(o, failure)
     }
 
     fn relay(&mut self, mut o: Opening, bot_pending: Vec<u8>, now: Instant) -> Run {
-        (o.tell)(News::Opened {
+        let answer = upgrade::switching_protocols(&o.client_key, &o.session_uuid);
+        let store_seconds = o.held.opened();
+        // Queued before the client can read its 101: a Session API call made with the id the
+        // 101 names finds the session (Python reads the queue before it looks).
+        (o.held.tell)(News::Opened {
             session_id: self.id,
             session_uuid: std::mem::take(&mut o.session_uuid),
-            service_host: o.route.service_host.clone(),
+            service_host: o.held.route.service_host.clone(),
             dial_seconds: o.started.elapsed().as_secs_f64(),
-            store_seconds: o.claimed.take().map(|c| c.calls).unwrap_or_default(),
+            store_seconds,
+            opened_at: monotonic_now(),
         });
+        // A fresh connection's send buffer takes a 101 whole. If it does not, the client is
+        // gone or broken: its socket is shut, and the relay ends the session at once (its end
+        // is logged like any other's).
+        if !matches!(o.client.write(&answer), Ok(n) if n == answer.len()) {
+            o.client.shutdown_both();
+        }
         let meter = (o.meter.take().expect("a meter per session"))();
         let pending = Pending {
             client: o.client_pending,
             bot: bot_pending,
         };
-        let mut driven = relay::session(self.id, o.client, o.bot, pending, o.route.limits, meter);
+        let limits = o.held.route.limits;
+        let mut driven = relay::session(self.id, o.client, o.bot, pending, limits, meter);
         if let Some((code, reason)) = o.stop {
             driven.stop(code, reason);
         }
@@ -409,28 +482,25 @@ impl Fast {
         self.state = State::Relaying(driven);
         run
     }
-}
 
-/// Gives the place back and tells Python why the session did not open (with the client's
-/// socket to answer, unless it went away); the session is over.
-fn upgrade_failed(id: u64, mut o: Opening, failure: Failure) -> Run {
-    give(&o.route.place);
-    if let Some(c) = &mut o.claimed {
-        c.release(); // the client may retry with its token
+    /// It did not open: the place and the token back, Python told why (with its own copy of
+    /// the client's socket to answer on, unless the client went away); the sockets stay until
+    /// the relay thread takes the session out.
+    fn fail(&mut self, o: Opening, failure: Failure) -> Run {
+        let Opening {
+            mut held,
+            client,
+            bot,
+            ..
+        } = o;
+        let answer_on = match failure {
+            Failure::ClientGone => None,
+            _ => client.try_clone_socket().ok(),
+        };
+        held.fail(answer_on, failure);
+        self.state = State::Over(Outcome::new(self.id), Some((client, bot)));
+        Run::Done
     }
-    let client = match failure {
-        Failure::ClientGone => None,
-        // Its own descriptor: ours is closed when the session is dropped from the thread.
-        _ => o.client.try_clone_socket().ok(),
-    };
-    (o.tell)(News::Unopened {
-        session_id: id,
-        service_host: o.route.service_host.clone(),
-        client,
-        failure,
-        store_seconds: o.claimed.take().map(|c| c.calls).unwrap_or_default(),
-    });
-    Run::Done
 }
 
 impl Task for Fast {
@@ -442,7 +512,12 @@ impl Task for Fast {
                 _ => None,
             },
             State::Relaying(d) => d.stream(side),
-            State::Over(_) => None,
+            State::Over(_, Some((client, bot))) => match side {
+                0 => Some(client),
+                1 => Some(bot),
+                _ => None,
+            },
+            State::Over(_, None) => None,
         }
     }
 
@@ -453,7 +528,7 @@ impl Task for Fast {
                 settled => self.settle(settled, now),
             },
             State::Relaying(d) => d.run(now),
-            State::Over(_) => Run::Done,
+            State::Over(..) => Run::Done,
         }
     }
 
@@ -461,30 +536,24 @@ impl Task for Fast {
         match &mut self.state {
             State::Opening(o) => o.stop = Some((code, reason)),
             State::Relaying(d) => d.stop(code, reason),
-            State::Over(_) => {}
+            State::Over(..) => {}
         }
     }
 
     fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::Opening(o) => Some(o.deadline),
+            State::Opening(o) => o.deadline,
             State::Relaying(d) => d.deadline(),
-            State::Over(_) => None,
+            State::Over(..) => None,
         }
     }
 
     fn finish(self: Box<Self>) -> Outcome {
         match self.state {
             State::Relaying(d) => Box::new(d).finish(),
-            State::Over(o) => o,
-            // Dropped while dialling (the engine stopped): nothing was opened.
-            State::Opening(mut o) => {
-                give(&o.route.place);
-                if let Some(c) = &mut o.claimed {
-                    c.release();
-                }
-                Outcome::new(self.id)
-            }
+            State::Over(o, _) => o,
+            // Dropped while dialling (the engine stopped): its `Held` gives everything back.
+            State::Opening(_) => Outcome::new(self.id),
         }
     }
 }
@@ -656,6 +725,28 @@ mod tests {
         let (l, _client) = connected(&upgrade("/ws/generic/a.b"));
         assert!(matches!(accept_one(&engine, &l), Accepted::Handed { .. }));
         assert_eq!(engine.places(Some("a.b")), 1);
+    }
+
+    #[test]
+    fn an_opening_dropped_by_a_shutdown_gives_its_place_back_and_says_so() {
+        // A bot that accepts and never answers: the session is still opening at the shutdown.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let r = route("a.b", silent.local_addr().unwrap(), 1, 60_000);
+        engine.set_routes(vec![r]).unwrap();
+        let (l, _client) = connected(&upgrade("/ws/generic/a.b"));
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        let _dialled = silent.accept().unwrap();
+        engine.shutdown();
+        assert_eq!(engine.places(Some("a.b")), 0);
+        match news(&engine) {
+            News::Unopened {
+                client: None,
+                failure: Failure::ClientGone,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

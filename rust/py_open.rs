@@ -64,7 +64,8 @@ impl FastRoute {
             resource,
             host_header,
             limits,
-            dial_timeout: Duration::from_secs_f64(dial_timeout),
+            // Too long to count (over u64 seconds): no time limit on the dial, as in Python.
+            dial_timeout: Duration::try_from_secs_f64(dial_timeout).unwrap_or(Duration::MAX),
             agent,
             tokens,
             place: Default::default(),
@@ -94,6 +95,7 @@ pub struct Opened {
     service_host: String,
     dial_seconds: f64,
     store_seconds: Vec<f64>,
+    opened_at: f64,
 }
 
 #[pymethods]
@@ -141,6 +143,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
             service_host,
             dial_seconds,
             store_seconds,
+            opened_at,
         } => Py::new(
             py,
             Opened {
@@ -149,6 +152,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
                 service_host,
                 dial_seconds,
                 store_seconds,
+                opened_at,
             },
         )?
         .into_any(),

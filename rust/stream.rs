@@ -77,6 +77,13 @@ impl Stream {
         }
     }
 
+    /// Shuts both directions of the socket (a connection that cannot be used): reads and
+    /// writes fail from now on.
+    pub fn shutdown_both(&self) {
+        let _ = self.sock.shutdown(Shutdown::Both);
+        self.mark_ready(true, true, true, true);
+    }
+
     /// A descriptor of its own on the same socket (for the control plane to answer on).
     pub fn try_clone_socket(&self) -> io::Result<TcpStream> {
         self.sock.try_clone()

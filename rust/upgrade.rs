@@ -110,7 +110,8 @@ fn plain_host(s: &str) -> bool {
 pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
     let head_len = head_end(buf)?;
     let head = &buf[..head_len];
-    if !crlf_only(head) {
+    // httparse skips empty lines before the request line; the Python parser refuses them.
+    if !crlf_only(head) || head.starts_with(b"\r\n") {
         return None;
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -287,37 +288,86 @@ pub fn bot_request(
 }
 
 /// Whether `head` (the bot's response head, `\r\n\r\n` included) is a 101 that
-/// `handshake.check_upstream_response` accepts for our `key` with no subprotocol offered. False
-/// is not a verdict: the Python check says what is wrong (or, should it find nothing, the
-/// session is refused all the same).
+/// `handshake.check_upstream_response` accepts for our `key` with no subprotocol offered: the
+/// same rules, written out rather than parsed by httparse, which refuses some answers that
+/// check takes (a control character in the reason phrase) and takes some it refuses (empty
+/// lines before the status line). False is not a verdict: the Python check says what is wrong.
 pub fn bot_accepted(head: &[u8], key: &str) -> bool {
-    if !crlf_only(head) {
+    let Some(head) = head.strip_suffix(b"\r\n\r\n") else {
+        return false;
+    };
+    let mut lines = split_crlf(head);
+    let status = lines.next().unwrap_or_default();
+    let (version, rest) = match status.iter().position(|&b| b == b' ') {
+        Some(i) => (&status[..i], &status[i + 1..]),
+        None => (status, &b""[..]),
+    };
+    let code_ok = rest.len() >= 3
+        && rest[..3].iter().all(u8::is_ascii_digit)
+        && (rest.len() == 3 || rest[3] == b' ');
+    if version != b"HTTP/1.1" || !code_ok || &rest[..3] != b"101" {
         return false;
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(head) {
-        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        _ => return false,
+    // `request.parse_header_lines`: at most 100, each `token ":" value`, the value visible
+    // ASCII, obs-text, space and tab, stripped of spaces and tabs.
+    let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
+    for line in lines {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        let value_ok = value.iter().all(|&b| b == b'\t' || b >= 0x20 && b != 0x7f);
+        if fields.len() == MAX_HEADERS || name.is_empty() || !name.iter().all(is_tchar) || !value_ok
+        {
+            return false;
+        }
+        fields.push((name, value.trim_ascii()));
     }
-    if resp.version != Some(1) || resp.code != Some(101) {
-        return false;
-    }
-    let fields = resp.headers;
-    let upgrades = values(fields, "upgrade");
+    let values = |want: &str| -> Vec<&[u8]> {
+        fields
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(want.as_bytes()))
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    let upgrades = values("upgrade");
     let upgrade: Vec<&[u8]> = elements(&upgrades).collect();
-    let accept = values(fields, "sec-websocket-accept");
+    let accept = values("sec-websocket-accept");
     upgrade.len() == 1
         && upgrade[0].eq_ignore_ascii_case(b"websocket")
-        && has_element(&values(fields, "connection"), b"upgrade")
+        && has_element(&values("connection"), b"upgrade")
         && accept.len() == 1
         && accept[0] == accept_key(key).as_bytes()
-        && elements(&values(fields, "sec-websocket-extensions"))
+        && elements(&values("sec-websocket-extensions"))
             .next()
             .is_none()
-        && elements(&values(fields, "sec-websocket-protocol"))
-            .next()
-            .is_none()
+        && elements(&values("sec-websocket-protocol")).next().is_none()
+}
+
+/// `bytes.split(b"\r\n")`.
+fn split_crlf(mut s: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        match s.windows(2).position(|w| w == b"\r\n") {
+            Some(i) => {
+                let line = &s[..i];
+                s = &s[i + 2..];
+                Some(line)
+            }
+            None => {
+                done = true;
+                Some(s)
+            }
+        }
+    })
+}
+
+/// An RFC 9110 token character (a header name's).
+fn is_tchar(b: &u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b)
 }
 
 /// The 101 that opens the client's WebSocket, as `handshake.switching_protocols` writes it with
@@ -473,6 +523,19 @@ mod tests {
         let proto = ok.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: p\r\n\r\n");
         assert!(!bot_accepted(proto.as_bytes(), KEY));
         assert!(!bot_accepted(ok.replace("101", "200").as_bytes(), KEY));
+        // As the Python check: the reason phrase is not looked at; an empty line first is.
+        let reason = ok.replace("Switching Protocols", "Go\x01Ahead");
+        assert!(bot_accepted(reason.as_bytes(), KEY));
+        assert!(!bot_accepted(format!("\r\n{ok}").as_bytes(), KEY));
+        let folded = ok.replace("\r\n\r\n", "\r\nX: a\r\n b\r\n\r\n");
+        assert!(!bot_accepted(folded.as_bytes(), KEY));
+    }
+
+    #[test]
+    fn an_empty_line_before_the_request_is_not_taken() {
+        let mut req = b"\r\n".to_vec();
+        req.extend(request("/ws/generic/a.b", ""));
+        assert!(recognise(&req).is_none());
     }
 
     #[test]

@@ -292,3 +292,37 @@ async def test_a_token_refused_for_capacity_is_not_used_up(bot: Bot, engine_open
 
 async def _none_of(gw: Gateway, agent: str) -> bool:
     return gw.sessions(agent) == 0
+
+
+@engine_opens
+async def test_a_sessions_length_counts_from_its_opening(
+    bot: Bot, engine_opens: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The engine tells of an opened session without a wake-up of its own (maybe only with its
+    # end): its length still counts from its 101, in the log line and the list alike.
+    with caplog.at_level(logging.INFO, logger="wsgate"):
+        async with Gateway(make_config(bot.url, engine_opens=engine_opens)).running() as gw:
+            sock, head = await in_thread(
+                sent_whole, gw.port, upgrade_request("/ws/generic/bot.test")
+            )
+            with sock:
+                assert head.startswith(b"HTTP/1.1 101 ")
+                await anyio.sleep(0.4)  # the session's length under test, not a wait for an event
+                assert gw._sessions is not None
+                (listed,) = gw._sessions.listed("bot.test")
+                assert listed["seconds"] >= 0.4
+            await until(lambda: _zero(gw), within=10, what="the session's end")
+    (ended,) = [r for r in caplog.records if getattr(r, "event", None) == "session_end"]
+    assert ended.fields["duration"] >= 0.4  # type: ignore[attr-defined]
+
+
+@engine_opens
+async def test_an_empty_line_before_the_request_is_refused_either_way(
+    bot: Bot, engine_opens: bool
+) -> None:
+    async with Gateway(make_config(bot.url, engine_opens=engine_opens)).running() as gw:
+        request = b"\r\n" + upgrade_request("/ws/generic/bot.test")
+        sock, head = await in_thread(sent_whole, gw.port, request)
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 400 ")
+        assert bot.sessions == []

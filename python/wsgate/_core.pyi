@@ -261,6 +261,8 @@ class Opened:
     dial_seconds: float
     #: How long each call to the replay store took (a token agent's claim), in seconds.
     store_seconds: list[float]
+    #: When it was answered 101, on ``time.monotonic()``'s clock (its news may come late).
+    opened_at: float
 
 @final
 class Unopened:

@@ -389,8 +389,9 @@ class Sessions:
         service_host = news.service_host
         session = self.relay.adopt(news.session_id, service_host)
         (upstream,) = self.fast[service_host].upstream_urls
-        opened = Opened(session, service_host, news.session_uuid, anyio.current_time(),
-                        upstream=upstream)  # fmt: skip
+        # Told of without a ring, maybe only with its end: started when the engine says.
+        started = anyio.current_time() - max(0.0, time.monotonic() - news.opened_at)
+        opened = Opened(session, service_host, news.session_uuid, started, upstream=upstream)
         session.on_done = opened
         self.live[opened.session_uuid] = opened
         self.metrics.dialled(service_host, news.dial_seconds)
