@@ -27,7 +27,7 @@ use crate::relay::{self, Pair, Pending};
 use crate::session::{Limits, Outcome};
 use crate::shard::{Run, Task};
 use crate::stream::Stream;
-use crate::upgrade::{self, MAX_HEADER_BYTES};
+use crate::upgrade;
 
 /// How one agent's sessions are opened in the data plane.
 #[derive(Debug)]
@@ -135,7 +135,7 @@ pub enum Failure {
     Os(i32),
     /// The bot closed before its whole answer.
     Closed,
-    /// Its answer's head was over [`MAX_HEADER_BYTES`].
+    /// Its answer's head was over [`upgrade::MAX_HEADER_BYTES`].
     TooLarge,
     /// Its answer's head, not an acceptable 101 for `key`.
     Answer {
@@ -412,11 +412,10 @@ impl Opening {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Dial::Failed(os(&e)),
             }
-            // As `_sockets.read_head` splits it: the end within the limit, or too large.
-            match self.response.windows(4).position(|w| w == b"\r\n\r\n") {
-                Some(end) if end > MAX_HEADER_BYTES => return Dial::Failed(Failure::TooLarge),
-                Some(end) => {
-                    let rest = self.response.split_off(end + 4);
+            match upgrade::split_head(&self.response) {
+                Err(upgrade::TooLarge) => return Dial::Failed(Failure::TooLarge),
+                Ok(Some(end)) => {
+                    let rest = self.response.split_off(end);
                     if upgrade::bot_accepted(&self.response, &self.key) {
                         return Dial::Answered(rest);
                     }
@@ -424,10 +423,7 @@ impl Opening {
                     let key = std::mem::take(&mut self.key);
                     return Dial::Failed(Failure::Answer { head, key });
                 }
-                None if self.response.len() >= MAX_HEADER_BYTES + 4 => {
-                    return Dial::Failed(Failure::TooLarge)
-                }
-                None => {}
+                Ok(None) => {}
             }
         }
     }

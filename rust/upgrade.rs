@@ -50,11 +50,19 @@ pub struct Upgrade<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unsure;
 
-/// The end of the head in `buf` (the index past its `\r\n\r\n`), if it is all there and within
-/// [`MAX_HEADER_BYTES`].
-pub fn head_end(buf: &[u8]) -> Option<usize> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    (end <= MAX_HEADER_BYTES).then_some(end + 4)
+/// The head is over [`MAX_HEADER_BYTES`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooLarge;
+
+/// Where the head in `buf` ends (the index past its `\r\n\r\n`), `None` while it may still
+/// come, or [`TooLarge`]: `_sockets._split_head`'s rule, for a request and a bot's answer alike.
+pub fn split_head(buf: &[u8]) -> Result<Option<usize>, TooLarge> {
+    match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) if end > MAX_HEADER_BYTES => Err(TooLarge),
+        Some(end) => Ok(Some(end + 4)),
+        None if buf.len() >= MAX_HEADER_BYTES + 4 => Err(TooLarge),
+        None => Ok(None),
+    }
 }
 
 /// Every CR followed by LF and every LF preceded by CR (the Python parser splits on CRLF and
@@ -76,12 +84,15 @@ fn elements<'v, 'b: 'v>(values: &'v [&'b [u8]]) -> impl Iterator<Item = &'b [u8]
         .filter(|e| !e.is_empty())
 }
 
-/// The values of header `name` (ASCII case-insensitive), trimmed.
-fn values<'b>(headers: &[httparse::Header<'b>], name: &str) -> Vec<&'b [u8]> {
-    headers
+/// A head's fields: (name, value trimmed), as `request.parse_header_lines` keeps them.
+type Fields<'b> = Vec<(&'b [u8], &'b [u8])>;
+
+/// The values of header `name` (ASCII case-insensitive).
+fn values<'b>(fields: &[(&'b [u8], &'b [u8])], name: &str) -> Vec<&'b [u8]> {
+    fields
         .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value.trim_ascii())
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| *v)
         .collect()
 }
 
@@ -108,7 +119,7 @@ fn plain_host(s: &str) -> bool {
 /// The request head at the start of `buf`, if it is a generic-endpoint upgrade the data plane
 /// may open (see the module docs); `None` leaves it to the Python path.
 pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
-    let head_len = head_end(buf)?;
+    let head_len = split_head(buf).ok().flatten()?;
     let head = &buf[..head_len];
     // httparse skips empty lines before the request line; the Python parser refuses them.
     if !crlf_only(head) || head.starts_with(b"\r\n") {
@@ -166,7 +177,10 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
         }
     }
     let host = host?;
-    let fields: &[httparse::Header<'_>] = req.headers;
+    let fields: Fields<'_> = (req.headers.iter())
+        .map(|h| (h.name.as_bytes(), h.value.trim_ascii()))
+        .collect();
+    let fields = fields.as_slice();
     let one = |name| {
         let v = values(fields, name);
         (v.len() == 1).then(|| v[0])
@@ -310,7 +324,7 @@ pub fn bot_accepted(head: &[u8], key: &str) -> bool {
     }
     // `request.parse_header_lines`: at most 100, each `token ":" value`, the value visible
     // ASCII, obs-text, space and tab, stripped of spaces and tabs.
-    let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
+    let mut fields: Fields<'_> = Vec::new();
     for line in lines {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             return false;
@@ -323,25 +337,20 @@ pub fn bot_accepted(head: &[u8], key: &str) -> bool {
         }
         fields.push((name, value.trim_ascii()));
     }
-    let values = |want: &str| -> Vec<&[u8]> {
-        fields
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(want.as_bytes()))
-            .map(|(_, v)| *v)
-            .collect()
-    };
-    let upgrades = values("upgrade");
+    let upgrades = values(&fields, "upgrade");
     let upgrade: Vec<&[u8]> = elements(&upgrades).collect();
-    let accept = values("sec-websocket-accept");
+    let accept = values(&fields, "sec-websocket-accept");
     upgrade.len() == 1
         && upgrade[0].eq_ignore_ascii_case(b"websocket")
-        && has_element(&values("connection"), b"upgrade")
+        && has_element(&values(&fields, "connection"), b"upgrade")
         && accept.len() == 1
         && accept[0] == accept_key(key).as_bytes()
-        && elements(&values("sec-websocket-extensions"))
+        && elements(&values(&fields, "sec-websocket-extensions"))
             .next()
             .is_none()
-        && elements(&values("sec-websocket-protocol")).next().is_none()
+        && elements(&values(&fields, "sec-websocket-protocol"))
+            .next()
+            .is_none()
 }
 
 /// `bytes.split(b"\r\n")`.

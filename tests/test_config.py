@@ -153,6 +153,7 @@ def test_a_file_is_read_from_disk_and_named_in_errors(tmp_path: Path) -> None:
         ("[gateway]\nmax_session_duration = 14401", "max_session_duration must be 60 to 14400"),
         ("[gateway]\nmax_message_size = 0", "max_message_size must be an integer >= 1"),
         ("[gateway]\nrelay_threads = -1", "relay_threads must be an integer >= 0"),
+        ("[gateway]\nengine_opens = 'yes'", "engine_opens must be a boolean"),
         ("[gateway]\npublic_url = 'http://x'", "public_url 'http://x' must start with ws://"),
         ("[gateway]\nregion = ''", "region must not be empty"),
         ("[gateway]\ndead_peer_timeout = 0.5", "dead_peer_timeout must be at least 1 second"),
