@@ -1668,7 +1668,12 @@ PER_ROUND = {
     "open_p99_us": ("opens", lambda x: x["p99_us"]),
     "open_cpu_us": (
         "opens",
-        lambda x: x["relay_cpu_s"] * 1e6 / x["opened"] if x["opened"] else float("nan"),
+        # The direct connection has no relay, so no relay CPU.
+        lambda x: (
+            x["relay_cpu_s"] * 1e6 / x["opened"]
+            if x.get("relay_cpu_s") is not None and x["opened"]
+            else float("nan")
+        ),
     ),
 }
 
