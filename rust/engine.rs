@@ -21,10 +21,12 @@ use std::time::Duration;
 use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
 use crate::inproc::{self, Handle, Message};
 use crate::open::{self, Fast, News, Places, Route};
+use crate::opener::{Opener, Routes, Verdict, Wait};
+use crate::reading::Reading;
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
 use crate::shard::{self, Shard, Task};
-use crate::sockets::{adopt, options, prepare};
+use crate::sockets::{adopt, options};
 use crate::stream::Stream;
 use crate::tls::Tls;
 use crate::upgrade;
@@ -32,7 +34,7 @@ use crate::{echo, relay};
 
 /// Bytes read from a connection as it is accepted: a request head at most, and what the client
 /// sent behind it.
-const FIRST_READ: usize = upgrade::MAX_HEADER_BYTES + 4096;
+pub(crate) const FIRST_READ: usize = upgrade::MAX_HEADER_BYTES + 4096;
 
 /// News for Python, in the order it happened: a session's messages come before its outcome.
 #[derive(Debug)]
@@ -72,7 +74,7 @@ struct Entry {
     live: Arc<Live>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     queue: Mutex<Queue>,
     bell: UnixStream,
     /// Live sessions: the relay thread of each, and its traffic so far.
@@ -88,11 +90,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     /// Queues `item` without ringing: Python takes it with the next item that rings, or when it
     /// reads its registry (news of an opened session: nothing waits on it).
-    fn push_quiet(&self, item: Item) {
+    pub(crate) fn push_quiet(&self, item: Item) {
         lock(&self.queue).items.push(item);
     }
 
-    fn push(&self, item: Item) {
+    pub(crate) fn push(&self, item: Item) {
         if let Item::Outcome(o) = &item {
             lock(&self.sessions).remove(&o.session_id);
             lock(&self.inproc).remove(&o.session_id);
@@ -105,42 +107,27 @@ impl Shared {
             let _ = (&self.bell).write(&[1]);
         }
     }
-}
 
-/// The claims of the token `upgrade` carries for `service_host`, if it passes every check the
-/// Python path makes before using it up (signature, service host, expiry, body binding).
-fn check_token(
-    tokens: &open::Tokens,
-    upgrade: &upgrade::Upgrade<'_>,
-    service_host: &str,
-) -> Option<crate::token::Claims> {
-    let token = upgrade.token.as_ref().ok().copied().flatten()?;
-    let claims = tokens.keys.verify(token, service_host, unix_now()).ok()?;
-    let body = upgrade.body.as_ref().map(|b| b.json.as_bytes());
-    claims.check_body(body).ok()?;
-    Some(claims)
-}
-
-/// Unix seconds now, as tokens count them.
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// A non-blocking socket connecting to `addr`, and the connect's error if it failed at once.
-fn connect(addr: SocketAddr) -> io::Result<(TcpStream, Option<io::Error>)> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM.nonblocking(),
-        None,
-    )?;
-    let failed = match sock.connect(&addr.into()) {
-        Ok(()) => None,
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => None,
-        Err(e) => Some(e),
-    };
-    Ok((TcpStream::from(sock), failed))
+    /// Registers live session `id` on relay thread `worker`: its traffic, read by
+    /// [`Engine::tallies`], and where its stops go.
+    pub(crate) fn register(&self, id: u64, worker: usize) -> io::Result<Arc<Live>> {
+        let mut sessions = lock(&self.sessions);
+        if sessions.contains_key(&id) {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "session id already in use",
+            ));
+        }
+        let live = Arc::new(Live::default());
+        sessions.insert(
+            id,
+            Entry {
+                worker,
+                live: live.clone(),
+            },
+        );
+        Ok(live)
+    }
 }
 
 /// One side of a session as the control plane hands it over: its socket past the handshake,
@@ -173,9 +160,9 @@ pub struct Engine {
     ids: AtomicU64,
     /// Sessions open or being opened per service host (the control plane's and the engine's).
     places: Places,
-    /// The agents whose sessions the engine opens by itself, by service host.
-    routes: Mutex<Arc<HashMap<String, Arc<Route>>>>,
-    /// The listening socket whose options were set for its sockets (-1: none yet).
+    /// What opens the sessions the engine opens by itself (and its route table).
+    opener: Arc<Opener>,
+    /// The listening socket prepared for its sockets to inherit their options (-1: none).
     listener: std::sync::atomic::AtomicI32,
 }
 
@@ -206,11 +193,16 @@ impl Engine {
         let workers = (0..n)
             .map(|i| Shard::start(i, report.clone()))
             .collect::<io::Result<Vec<_>>>()?;
+        let counters = Arc::new(Counters::new(workers.len()));
         Ok(Self {
-            counters: Arc::new(Counters::new(workers.len())),
+            counters: counters.clone(),
             ids: AtomicU64::new(1),
             places: Places::default(),
-            routes: Mutex::new(Arc::new(HashMap::new())),
+            opener: Arc::new(Opener::new(
+                shared.clone(),
+                counters.clone(),
+                dead_peer_timeout,
+            )),
             listener: std::sync::atomic::AtomicI32::new(-1),
             workers,
             next: std::sync::atomic::AtomicUsize::new(0),
@@ -269,27 +261,58 @@ impl Engine {
             r.place = self.places.of(&r.service_host);
             table.insert(r.service_host.clone(), Arc::new(r));
         }
-        *lock(&self.routes) = Arc::new(table);
+        self.opener.set_routes(Arc::new(table));
         Ok(())
     }
 
+    /// Sets the options of the relayed sockets (`sockets::options`) on the listening socket
+    /// `listener`, before it listens: the sockets [`accept`](Self::accept) takes from it inherit
+    /// them (no calls per connection). A socket accepted from a listener not prepared so gets
+    /// them when its session opens (a connection queued before the options were set would not
+    /// have inherited them).
+    pub fn prepare_listener(&self, listener: RawFd) -> io::Result<()> {
+        // SAFETY: the caller keeps the socket open during the call.
+        let sock = unsafe { BorrowedFd::borrow_raw(listener) };
+        options(&socket2::SockRef::from(&sock), self.dead_peer_timeout)?;
+        self.listener.store(listener, Ordering::Release);
+        Ok(())
+    }
+
+    /// How requests not there when their connection was accepted are waited for: on a relay
+    /// thread, at most `wait.most` at once, each for `wait.timeout` from its accept (none until
+    /// this is called: such connections go to the control plane unread). See `reading.rs`.
+    pub fn set_wait(&self, wait: Wait) {
+        self.opener.set_wait(wait);
+    }
+
+    /// Connections whose request a relay thread waits for now.
+    pub fn waiting(&self) -> usize {
+        self.opener.waiting()
+    }
+
+    /// Evicts every connection whose request a relay thread waits for (the gateway is closing).
+    pub fn stop_waiting(&self) {
+        for (id, worker) in self.opener.stop_waiting() {
+            if let Some(w) = self.workers.get(worker) {
+                w.stop_task(id, 0, String::new());
+            }
+        }
+    }
+
     /// Accepts up to `max` connections waiting on `listener`, reads what each sent, and opens
-    /// the sessions whose request the route table serves (see `open.rs`); the others are
-    /// returned with what was read. A connection that closed at once, or failed, is dropped.
-    /// Stops at the first error of `accept` other than a connection aborted, and returns it
-    /// beside what it took.
+    /// the sessions whose request the route table serves (see `open.rs`); a request not all
+    /// there yet is waited for on a relay thread while there is room (`reading.rs`). The others
+    /// are returned with what was read. A connection that closed at once, or failed, is
+    /// dropped. Stops at the first error of `accept` other than a connection aborted, and
+    /// returns it beside what it took.
     pub fn accept(&self, listener: RawFd, max: usize) -> (Vec<Accepted>, Option<io::Error>) {
-        let routes = lock(&self.routes).clone();
+        let routes = self.opener.routes();
         // SAFETY: the control plane keeps the listening socket open during the call.
         let listening = unsafe { BorrowedFd::borrow_raw(listener) };
         let listening = socket2::SockRef::from(&listening);
-        // The relayed sockets' options, set on the listener once: its sockets inherit them.
-        if self.listener.swap(listener, Ordering::AcqRel) != listener {
-            if let Err(e) = options(&listening, self.dead_peer_timeout) {
-                self.listener.store(-1, Ordering::Release);
-                return (Vec::new(), Some(e));
-            }
-        }
+        // Its sockets inherit the relayed sockets' options if it was prepared before it
+        // listened; otherwise each gets them when its session opens.
+        let prepared = self.listener.load(Ordering::Acquire) == listener;
         let mut taken = Vec::new();
         let mut buf = vec![0u8; FIRST_READ];
         while taken.len() < max {
@@ -307,145 +330,57 @@ impl Engine {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
                 Err(_) => continue,
             };
-            let read = &buf[..n];
-            let sock = match self.open_fast(&routes, sock, read, true) {
-                None => {
-                    taken.push(Accepted::Opening);
-                    continue;
-                }
-                Some(sock) => sock,
-            };
-            taken.push(Accepted::Handed {
-                sock,
-                peer: peer.as_socket(),
-                read: read.to_vec(),
-            });
+            let (read, peer) = (&buf[..n], peer.as_socket());
+            match self.take(&routes, Stream::plain(sock), read, (peer, prepared)) {
+                None => taken.push(Accepted::Opening),
+                Some(client) => taken.push(Accepted::Handed {
+                    sock: client.into_socket(),
+                    peer,
+                    read: read.to_vec(),
+                }),
+            }
         }
         (taken, None)
     }
 
-    /// Opens the session whose request the control plane read (`read`: the head and what
-    /// followed it) if the route table serves it, as [`accept`](Self::accept) does for a
-    /// request read whole at once; otherwise gives the socket back.
-    pub fn open(&self, client: TcpStream, read: &[u8]) -> Option<TcpStream> {
-        let routes = lock(&self.routes).clone();
-        self.open_fast(&routes, client, read, false)
-    }
-
-    /// Opens the session `read` asks for if the route table serves it and its agent has a place
-    /// left; otherwise gives the socket back.
-    fn open_fast(
+    /// Starts what the engine does with a connection it accepted: open its session, or wait on
+    /// a relay thread for the rest of its request; otherwise gives it back.
+    fn take(
         &self,
-        routes: &HashMap<String, Arc<Route>>,
-        client: TcpStream,
+        routes: &Routes,
+        client: Stream,
         read: &[u8],
-        prepared: bool,
-    ) -> Option<TcpStream> {
-        if routes.is_empty() || read.is_empty() {
+        (peer, prepared): (Option<SocketAddr>, bool),
+    ) -> Option<Stream> {
+        if routes.is_empty() {
             return Some(client);
         }
-        let Some(upgrade) = upgrade::recognise(read) else {
+        let Ok(worker) = self.pick() else {
             return Some(client);
         };
-        let Some(route) = routes.get(upgrade.service_host) else {
-            return Some(client);
-        };
-        // A token agent's token, checked as the Python path checks it; any refusal is its to
-        // answer (403), so the token is left unused here.
-        let checked = match &route.tokens {
-            None => None,
-            Some(tokens) => match check_token(tokens, &upgrade, &route.service_host) {
-                Some(claims) => Some((tokens, claims)),
-                None => return Some(client),
+        let id = self.next_id();
+        let task = match upgrade::split_head(read) {
+            Ok(None) => match self.opener.start_waiting(id, worker) {
+                Some((timeout, waiting, victim)) => {
+                    if let Some((id, worker)) = victim {
+                        self.workers[worker].stop_task(id, 0, String::new());
+                    }
+                    let reading =
+                        Reading::new(client, read, (peer, prepared), (worker, timeout), waiting);
+                    Fast::reading(id, reading)
+                }
+                None => return Some(client), // not waited for: the Python path reads it
+            },
+            _ => match self
+                .opener
+                .open(routes, client, read, prepared, (id, worker))
+            {
+                Verdict::Started(task) => task,
+                Verdict::Back(client) => return Some(client),
             },
         };
-        if !open::take(&route.place, route.max_sessions) {
-            return Some(client); // the Python path answers 503
-        }
-        // Used up after the capacity check, as the Python path does: a 503 does not burn it.
-        let claimed = match checked {
-            None => None,
-            Some((tokens, claims)) => {
-                let started = std::time::Instant::now();
-                if tokens.nonces.claim(&claims.nonce, claims.exp, unix_now()) != Ok(true) {
-                    open::give(&route.place);
-                    return Some(client); // replayed (403) or the set full (503): Python's
-                }
-                Some(open::Claimed {
-                    nonces: tokens.nonces.clone(),
-                    nonce: claims.nonce,
-                    calls: vec![started.elapsed().as_secs_f64()],
-                })
-            }
-        };
-        match self.dial_fast(route, client, read, upgrade, prepared, claimed) {
-            Ok(()) => None,
-            Err((client, claimed)) => {
-                open::give(&route.place);
-                if let Some(c) = claimed {
-                    c.nonces.release(&c.nonce);
-                }
-                Some(client)
-            }
-        }
-    }
-
-    /// Starts the bot's connect and hands the session to a relay thread; gives the client back
-    /// if that cannot be done (no descriptor left: the Python path fails the same way, in its
-    /// own words).
-    fn dial_fast(
-        &self,
-        route: &Arc<Route>,
-        client: TcpStream,
-        read: &[u8],
-        upgrade: upgrade::Upgrade<'_>,
-        prepared: bool,
-        claimed: Option<open::Claimed>,
-    ) -> Result<(), (TcpStream, Option<open::Claimed>)> {
-        let dpt = self.dead_peer_timeout;
-        let Ok(worker) = self.pick() else {
-            return Err((client, claimed));
-        };
-        let Ok((bot, failed)) = connect(route.bot) else {
-            return Err((client, claimed));
-        };
-        // Non-blocking since its creation; the client's options came from the listener when
-        // the engine accepted it (`prepared`).
-        if options(&socket2::SockRef::from(&bot), dpt).is_err()
-            || (!prepared && prepare(&client, dpt).is_err())
-        {
-            return Err((client, claimed));
-        }
-        let (client, bot) = (Stream::plain(client), Stream::plain(bot));
-        let id = self.next_id();
-        let Ok(live) = self.register(id, worker) else {
-            unreachable!("ids are unique");
-        };
-        let counters = self.counters.clone();
-        let agent = route.agent;
-        let meter = Box::new(move || {
-            counters
-                .meter(agent, Served::Upstream, worker)
-                .showing(live)
-        });
-        let shared = self.shared.clone();
-        let tell: open::Tell = Arc::new(move |news| match news {
-            // Nothing in Python waits for it: it comes with the session's outcome, or when
-            // Python reads its registry, without a wake-up of its own.
-            News::Opened { .. } => shared.push_quiet(Item::Open(news)),
-            News::Unopened { .. } => shared.push(Item::Open(news)),
-        });
-        let o = open::Open {
-            route: route.clone(),
-            upgrade,
-            read,
-            meter,
-            tell,
-            claimed,
-        };
-        let task = Fast::new(id, client, bot, failed, o);
-        self.workers[worker].start_task(id, Box::new(task));
-        Ok(())
+        self.workers[worker].start_task(id, task);
+        None
     }
 
     /// The index of agent `name` in the live counters, registered now if it is new. Sessions
@@ -460,22 +395,7 @@ impl Engine {
     }
 
     fn register(&self, id: u64, worker: usize) -> io::Result<Arc<Live>> {
-        let mut sessions = lock(&self.shared.sessions);
-        if sessions.contains_key(&id) {
-            return Err(io::Error::new(
-                ErrorKind::InvalidInput,
-                "session id already in use",
-            ));
-        }
-        let live = Arc::new(Live::default());
-        sessions.insert(
-            id,
-            Entry {
-                worker,
-                live: live.clone(),
-            },
-        );
-        Ok(live)
+        self.shared.register(id, worker)
     }
 
     /// The messages and bytes so far of the live sessions among `ids` (of every live session

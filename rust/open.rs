@@ -4,10 +4,11 @@
 //! The control plane pushes a route table ([`Route`]: the agents whose sessions need nothing but
 //! the request's own checks, a place in `max_sessions` and a plain `ws://` bot at an IP address).
 //! The engine accepts connections ([`crate::engine::Engine::accept`]), reads each one's request
-//! once, and opens what [`crate::upgrade::recognise`] takes and the table routes: a place is taken,
-//! the bot dialled, its 101 checked, the client answered, and the relay starts on the same relay
-//! thread (an [`Opening`] turns into the relayed session in place). Everything else — a request
-//! not all there yet, another endpoint, a refusal — goes to the Python path with the bytes read.
+//! (at once, or on a relay thread as it arrives: `reading.rs`), and opens what
+//! [`crate::upgrade::recognise`] takes and the table routes: a place is taken, the bot dialled,
+//! its 101 checked, the client answered, and the relay starts on the same relay thread (an
+//! [`Opening`] turns into the relayed session in place). Everything else — another endpoint, a
+//! refusal — goes to the Python path with the bytes read.
 //!
 //! Python hears of each session once, through the doorbell with the outcomes ([`News`]): opened
 //! (it registers, counts and later logs it as any session), or not opened (the client's socket
@@ -23,6 +24,8 @@ use std::time::{Duration, Instant};
 use crate::counters::Meter;
 use crate::driver::Driven;
 use crate::nonces::Nonces;
+use crate::opener::Verdict;
+use crate::reading::{Reading, Step};
 use crate::relay::{self, Pair, Pending};
 use crate::session::{Limits, Outcome};
 use crate::shard::{Run, Task};
@@ -182,6 +185,21 @@ pub enum News {
         /// seconds.
         store_seconds: Vec<f64>,
     },
+    /// A connection whose request a relay thread read (`reading.rs`) and did not open: Python's
+    /// to serve, or, without a client, gone (the client left or was too slow).
+    Handed {
+        /// The client's socket (`None`: gone, nothing to answer).
+        client: Option<TcpStream>,
+        /// Its address.
+        peer: Option<SocketAddr>,
+        /// What it sent: its request's head whole (or more than the limit of one), and any
+        /// bytes behind it.
+        read: Vec<u8>,
+        /// Seconds since its accept (its `handshake_timeout` runs from there).
+        waited: f64,
+        /// Gone because it was evicted: too many connections were waited for at once.
+        evicted: bool,
+    },
 }
 
 /// Where [`News`] goes (the engine's queue for Python).
@@ -197,13 +215,15 @@ pub struct Fast {
 // relay thread holds per session; the short-lived opening is the boxed one.
 #[allow(clippy::large_enum_variant)]
 enum State {
+    /// Its request is being read (`reading.rs`).
+    Reading(Box<Reading>),
     Opening(Box<Opening>),
     Relaying(Driven<Pair>),
     /// Not opened: its sockets are kept until the relay thread has taken them out of its epoll
     /// (the client's file lives on in the copy Python answers on, and an epoll registration
     /// lives as long as its file: left in, its events would reach the session that gets the
     /// slot next).
-    Over(Outcome, Option<(Stream, Stream)>),
+    Over(Outcome, [Option<Stream>; 2]),
 }
 
 /// What an opening holds for others: its place, its token, and Python's count of its
@@ -306,6 +326,15 @@ pub struct Open<'a> {
 }
 
 impl Fast {
+    /// Session `id`, whose request its relay thread reads (`reading.rs`), then opens it or
+    /// hands it to Python.
+    pub fn reading(id: u64, reading: Reading) -> Box<Self> {
+        Box::new(Self {
+            id,
+            state: State::Reading(Box::new(reading)),
+        })
+    }
+
     /// Session `id`: `client` (past the read of its request) and `bot` (connecting: `failed` if
     /// the connect failed at once), both prepared for a relay thread.
     pub fn new(
@@ -430,9 +459,49 @@ impl Opening {
 }
 
 impl Fast {
+    /// The request was read: open its session here, or hand the connection to Python.
+    fn read(&mut self, step: Step, now: Instant) -> Run {
+        let over = State::Over(Outcome::new(self.id), [None, None]);
+        let State::Reading(reading) = std::mem::replace(&mut self.state, over) else {
+            unreachable!("read twice");
+        };
+        let waited = reading.waited();
+        let Reading {
+            client,
+            read,
+            peer,
+            prepared,
+            worker,
+            waiting,
+            ..
+        } = *reading;
+        if let Step::Gone | Step::Evicted = step {
+            let evicted = matches!(step, Step::Evicted);
+            waiting.hand(None, peer, Vec::new(), (waited, evicted));
+            self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
+            return Run::Done;
+        }
+        let opener = waiting.opener().clone();
+        match opener.open(&opener.routes(), client, &read, prepared, (self.id, worker)) {
+            Verdict::Started(fast) => {
+                waiting.opened();
+                self.state = fast.state;
+                self.run(now)
+            }
+            Verdict::Back(client) => {
+                // Python answers on a copy of its own; this one stays until deregistered.
+                let copy = client.try_clone_socket().ok();
+                let read = if copy.is_some() { read } else { Vec::new() };
+                waiting.hand(copy, peer, read, (waited, false));
+                self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
+                Run::Done
+            }
+        }
+    }
+
     /// The opening is over: relay, or report why not and end.
     fn settle(&mut self, dial: Dial, now: Instant) -> Run {
-        let over = State::Over(Outcome::new(self.id), None);
+        let over = State::Over(Outcome::new(self.id), [None, None]);
         let State::Opening(opening) = std::mem::replace(&mut self.state, over) else {
             unreachable!("settled twice");
         };
@@ -494,7 +563,7 @@ impl Fast {
             _ => client.try_clone_socket().ok(),
         };
         held.fail(answer_on, failure);
-        self.state = State::Over(Outcome::new(self.id), Some((client, bot)));
+        self.state = State::Over(Outcome::new(self.id), [Some(client), Some(bot)]);
         Run::Done
     }
 }
@@ -502,23 +571,23 @@ impl Fast {
 impl Task for Fast {
     fn stream(&self, side: usize) -> Option<&Stream> {
         match &self.state {
+            State::Reading(r) => (side == 0).then_some(&r.client),
             State::Opening(o) => match side {
                 0 => Some(&o.client),
                 1 => Some(&o.bot),
                 _ => None,
             },
             State::Relaying(d) => d.stream(side),
-            State::Over(_, Some((client, bot))) => match side {
-                0 => Some(client),
-                1 => Some(bot),
-                _ => None,
-            },
-            State::Over(_, None) => None,
+            State::Over(_, kept) => kept.get(side).and_then(Option::as_ref),
         }
     }
 
     fn run(&mut self, now: Instant) -> Run {
         match &mut self.state {
+            State::Reading(r) => match r.step(now) {
+                Step::Blocked => Run::Blocked,
+                step => self.read(step, now),
+            },
             State::Opening(o) => match o.dial(now) {
                 Dial::Blocked => Run::Blocked,
                 settled => self.settle(settled, now),
@@ -530,6 +599,8 @@ impl Task for Fast {
 
     fn stop(&mut self, code: u16, reason: String) {
         match &mut self.state {
+            // Not yet a session Python knows: only an eviction stops it.
+            State::Reading(r) => r.evict(),
             State::Opening(o) => o.stop = Some((code, reason)),
             State::Relaying(d) => d.stop(code, reason),
             State::Over(..) => {}
@@ -538,6 +609,7 @@ impl Task for Fast {
 
     fn deadline(&self) -> Option<Instant> {
         match &self.state {
+            State::Reading(r) => r.deadline(),
             State::Opening(o) => o.deadline,
             State::Relaying(d) => d.deadline(),
             State::Over(..) => None,
@@ -548,14 +620,15 @@ impl Task for Fast {
         match self.state {
             State::Relaying(d) => Box::new(d).finish(),
             State::Over(o, _) => o,
-            // Dropped while dialling (the engine stopped): its `Held` gives everything back.
-            State::Opening(_) => Outcome::new(self.id),
+            // Dropped while dialling (the engine stopped): its `Held` gives everything back;
+            // while reading, its `Waiting` tells Python.
+            State::Opening(_) | State::Reading(_) => Outcome::new(self.id),
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Through the engine's own entry points, on loopback TCP: a request the table serves is
     //! opened and relayed, anything else is handed back with its bytes, and a failed dial comes
     //! back as news with the client's socket.
@@ -571,9 +644,14 @@ mod tests {
     use crate::session::Limits;
     use crate::upgrade::accept_key;
 
-    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+    pub(crate) const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
-    fn route(host: &str, bot: std::net::SocketAddr, max: usize, timeout_ms: u64) -> Route {
+    pub(crate) fn route(
+        host: &str,
+        bot: std::net::SocketAddr,
+        max: usize,
+        timeout_ms: u64,
+    ) -> Route {
         Route {
             service_host: host.to_owned(),
             max_sessions: max,
@@ -591,7 +669,7 @@ mod tests {
         }
     }
 
-    fn upgrade(target: &str) -> String {
+    pub(crate) fn upgrade(target: &str) -> String {
         format!(
             "GET {target} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -610,7 +688,7 @@ mod tests {
 
     /// Accepts the one waiting connection (on loopback its request is in its socket once the
     /// client's write returned: the kernel delivers it within that call).
-    fn accept_one(engine: &Engine, l: &TcpListener) -> Accepted {
+    pub(crate) fn accept_one(engine: &Engine, l: &TcpListener) -> Accepted {
         let end = Instant::now() + Duration::from_secs(5);
         loop {
             let (mut got, err) = engine.accept(l.as_raw_fd(), 8);
@@ -625,7 +703,7 @@ mod tests {
     }
 
     /// The head a peer sent, read up to its blank line.
-    fn read_head(s: &mut TcpStream) -> String {
+    pub(crate) fn read_head(s: &mut TcpStream) -> String {
         let mut head = Vec::new();
         let mut b = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -635,12 +713,12 @@ mod tests {
         String::from_utf8(head).unwrap()
     }
 
-    fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    pub(crate) fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         head.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(": ")))
     }
 
-    fn news(engine: &Engine) -> News {
+    pub(crate) fn news(engine: &Engine) -> News {
         let end = Instant::now() + Duration::from_secs(5);
         while Instant::now() < end {
             for item in engine.drain() {

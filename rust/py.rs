@@ -566,6 +566,36 @@ impl Engine {
         Ok(())
     }
 
+    /// Sets the relayed sockets' options on listening socket `listener` before it listens, for
+    /// the sockets `accept` takes from it to inherit.
+    fn prepare_listener(&self, listener: RawFd) -> PyResult<()> {
+        Ok(self.engine().prepare_listener(listener)?)
+    }
+
+    /// Connections accepted before their request arrived are waited for on a relay thread, at
+    /// most `most` at once, each for `timeout` seconds from its accept (a `Handed` news tells
+    /// how each ended that did not open). `most` 0: none (they come back from `accept` unread).
+    fn set_wait(&self, timeout: f64, most: usize) -> PyResult<()> {
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(PyValueError::new_err("timeout must be positive"));
+        }
+        let timeout =
+            std::time::Duration::try_from_secs_f64(timeout).unwrap_or(std::time::Duration::MAX);
+        self.engine()
+            .set_wait(crate::opener::Wait { timeout, most });
+        Ok(())
+    }
+
+    /// Connections whose request a relay thread waits for now.
+    fn waiting(&self) -> usize {
+        self.engine().waiting()
+    }
+
+    /// Evicts every connection whose request a relay thread waits for.
+    fn stop_waiting(&self) {
+        self.engine().stop_waiting();
+    }
+
     /// Accepts up to `max` connections: `(connections, errno)`. Each connection is None (the
     /// engine opens its session) or `(fd, address, bytes read)`; `errno` is that of the error
     /// that stopped the batch, if any.
@@ -597,21 +627,6 @@ impl Engine {
             });
         }
         Ok((out, error.map(|e| e.raw_os_error().unwrap_or(5))))
-    }
-
-    /// Opens the session whose request `read` holds (head and what followed) on socket `fd`,
-    /// if the route table serves it: True, the descriptor is the engine's; False, it is still
-    /// the caller's.
-    fn open(&self, fd: RawFd, read: &[u8]) -> PyResult<bool> {
-        let sock = tcp_from_fd(fd)?;
-        Ok(match self.engine().open(sock, read) {
-            None => true,
-            Some(sock) => {
-                // Not taken: the caller's socket object still owns the descriptor.
-                let _ = std::os::fd::IntoRawFd::into_raw_fd(sock);
-                false
-            }
-        })
     }
 
     fn close(&self, session_id: u64, code: u16, reason: &str) -> bool {
@@ -707,6 +722,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FastRoute>()?;
     m.add_class::<py_open::Opened>()?;
     m.add_class::<py_open::Unopened>()?;
+    m.add_class::<py_open::Handed>()?;
     // TLS
     py_tls::register(m)?;
     Ok(())

@@ -134,6 +134,26 @@ impl Unopened {
     }
 }
 
+/// A connection the engine accepted and read but did not open (see `Engine.set_wait`): the
+/// caller's to serve on `fd` from the bytes `read`, `waited` seconds after its accept (-1: the
+/// client went away or was too slow, nothing to answer).
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+pub struct Handed {
+    fd: i32,
+    address: Py<PyAny>,
+    read: Py<PyBytes>,
+    waited: f64,
+    /// Gone because too many connections were waited for at once (`max_pending_upgrades`).
+    evicted: bool,
+}
+
+#[pymethods]
+impl Handed {
+    fn __repr__(&self) -> String {
+        format!("Handed(fd={}, waited={:.3})", self.fd, self.waited)
+    }
+}
+
 /// News as Python reads it.
 pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
     Ok(match news {
@@ -186,6 +206,23 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
             )?
             .into_any()
         }
+        News::Handed {
+            client,
+            peer,
+            read,
+            waited,
+            evicted,
+        } => Py::new(
+            py,
+            Handed {
+                fd: client.map_or(-1, IntoRawFd::into_raw_fd),
+                address: address(py, peer)?,
+                read: PyBytes::new(py, &read).unbind(),
+                waited,
+                evicted,
+            },
+        )?
+        .into_any(),
     })
 }
 

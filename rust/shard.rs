@@ -204,6 +204,8 @@ struct Entry {
     queued: bool,
     /// The deadline in the heap for it.
     armed: Option<Instant>,
+    /// Which of its sockets are in the epoll (a session may gain its bot's after its start).
+    registered: [bool; 2],
 }
 
 /// The thread's state: its sessions in slots (a socket's token names its slot).
@@ -340,28 +342,24 @@ impl Loop {
             self.slots.push(None);
             self.slots.len() - 1
         });
-        for side in 0..2 {
+        let mut registered = [false; 2];
+        for (side, done) in registered.iter_mut().enumerate() {
             let Some(s) = task.stream(side) else { continue };
-            let token = Token(slot << 1 | side);
-            let both = Interest::READABLE | Interest::WRITABLE;
-            // The registration reports the socket's state as a first event.
-            if let Err(e) = self
-                .poll
-                .registry()
-                .register(&mut SourceFd(&s.raw_fd()), token, both)
-            {
+            if let Err(e) = register(self.poll.registry(), s, slot, side) {
                 self.free.push(slot);
                 let mut outcome = Outcome::new(id);
                 outcome.detail = format!("relay thread could not take the session: {e}");
                 (self.report)(outcome);
                 return;
             }
+            *done = true;
         }
         self.slots[slot] = Some(Entry {
             id,
             task,
             queued: true,
             armed: None,
+            registered,
         });
         self.by_id.insert(id, slot);
         self.runq.push(slot);
@@ -390,6 +388,15 @@ impl Loop {
                 let Entry { id, .. } = self.remove(slot);
                 (self.report)(Outcome::new(id));
                 return;
+            }
+        }
+        // A socket it gained in this turn (an opening's bot, once its request was read). Should
+        // the epoll refuse it, the session's own deadline ends it (an opening's dial timeout).
+        for (side, done) in entry.registered.iter_mut().enumerate() {
+            if !*done {
+                if let Some(s) = entry.task.stream(side) {
+                    *done = register(self.poll.registry(), s, slot, side).is_ok();
+                }
             }
         }
         let deadline = entry.task.deadline();
@@ -422,6 +429,14 @@ impl Loop {
         }
         entry
     }
+}
+
+/// Puts `s`, side `side` of the session in `slot`, in the epoll. The registration reports the
+/// socket's state as a first event.
+fn register(registry: &mio::Registry, s: &Stream, slot: usize, side: usize) -> io::Result<()> {
+    let token = Token(slot << 1 | side);
+    let both = Interest::READABLE | Interest::WRITABLE;
+    registry.register(&mut SourceFd(&s.raw_fd()), token, both)
 }
 
 #[cfg(test)]

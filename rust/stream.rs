@@ -84,6 +84,17 @@ impl Stream {
         self.mark_ready(true, true, true, true);
     }
 
+    /// The socket (for its options).
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    /// The socket, for the control plane (a plain connection's: nothing is lost).
+    pub fn into_socket(self) -> TcpStream {
+        debug_assert!(self.tls.is_none(), "a TLS connection's state would be lost");
+        self.sock
+    }
+
     /// A descriptor of its own on the same socket (for the control plane to answer on).
     pub fn try_clone_socket(&self) -> io::Result<TcpStream> {
         self.sock.try_clone()

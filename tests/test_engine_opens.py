@@ -326,3 +326,78 @@ async def test_an_empty_line_before_the_request_is_refused_either_way(
         sock.close()
         assert head.startswith(b"HTTP/1.1 400 ")
         assert bot.sessions == []
+
+
+async def _pending(gw: Gateway, n: int) -> bool:
+    return gw.pending_upgrades == n
+
+
+async def _evicted(gw: Gateway, n: int) -> bool:
+    return gw.evicted_upgrades == n
+
+
+@engine_opens
+async def test_a_request_sent_after_the_connect_in_pieces_is_relayed_the_same(
+    engine_opens: bool,
+) -> None:
+    # Over a real network the request arrives a round trip after the connect: with the engine
+    # opening, a relay thread reads it as it comes (reading.rs) and opens the session there.
+    bot = Answering()
+    async with Gateway(make_config(bot.url, engine_opens=engine_opens)).running() as gw:
+        sock = await in_thread(socket.create_connection, ("127.0.0.1", gw.port), 20)
+        with sock:
+            await until(lambda: _pending(gw, 1), within=10, what="the connection pending")
+            request = upgrade_request("/ws/generic/bot.test")
+            for piece in (request[:25], request[25:]):
+                await in_thread(sock.sendall, piece)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += await in_thread(sock.recv, 1)
+            assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+            assert gw.pending_upgrades == 0
+            expected = frame(0x1, b"from the bot", mask=False)
+            assert await in_thread(sock.recv, len(expected), socket.MSG_WAITALL) == expected
+            first = frame(0x2, b"from the client")
+            await in_thread(sock.sendall, first)
+            await in_thread(bot.done.wait, 20)
+            assert header(bot.request, "X-Daily-Session-Id") == header(head, "X-Session-Id")
+            assert bot.first[0] == 0x82 and len(bot.first) == len(first)
+
+
+@engine_opens
+async def test_a_request_not_all_sent_within_the_handshake_timeout_is_dropped(
+    engine_opens: bool, sentinel: Sentinel
+) -> None:
+    config = make_config(sentinel.url, engine_opens=engine_opens, handshake_timeout=0.5)
+    async with Gateway(config).running() as gw:
+        sock = await in_thread(socket.create_connection, ("127.0.0.1", gw.port), 20)
+        with sock:
+            await in_thread(sock.sendall, b"GET /ws/generic/bot.test HTTP/1.1\r\n")
+            await until(lambda: _pending(gw, 1), within=10, what="the connection pending")
+            # Closed without an answer, once the timeout (counted from the accept) is over.
+            assert await in_thread(sock.recv, 4096) == b""
+        await until(lambda: _pending(gw, 0), within=10, what="no connection pending")
+    assert not sentinel.dialled()
+
+
+@engine_opens
+async def test_past_max_pending_upgrades_the_oldest_connection_is_evicted(
+    engine_opens: bool, sentinel: Sentinel
+) -> None:
+    config = make_config(sentinel.url, engine_opens=engine_opens, max_pending_upgrades=2)
+    async with Gateway(config).running() as gw:
+        socks = []
+        try:
+            for n in (1, 2):
+                socks.append(await in_thread(socket.create_connection, ("127.0.0.1", gw.port)))
+                await until(lambda n=n: _pending(gw, n), within=10, what=f"{n} pending")
+            socks.append(await in_thread(socket.create_connection, ("127.0.0.1", gw.port)))
+            # The oldest is closed unanswered; the two others wait on.
+            socks[0].settimeout(20)
+            assert await in_thread(socks[0].recv, 4096) == b""
+            await until(lambda: _pending(gw, 2), within=10, what="two pending")
+            await until(lambda: _evicted(gw, 1), within=10, what="the eviction counted")
+        finally:
+            for s in socks:
+                s.close()
+    assert not sentinel.dialled()

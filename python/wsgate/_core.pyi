@@ -283,6 +283,21 @@ class Unopened:
     store_seconds: list[float]
 
 @final
+class Handed:
+    """A connection the engine accepted and whose request a relay thread read, not opened by
+    it (see :meth:`Engine.set_wait`): the caller's to serve on ``fd`` (non-blocking) from the
+    bytes ``read`` (a whole head, or more than the limit of one), ``waited`` seconds after its
+    accept. ``fd`` -1: the client went away or took over the wait's timeout (nothing to
+    answer)."""
+
+    fd: int
+    address: Any
+    read: bytes
+    waited: float
+    #: Gone (fd -1) because too many connections were waited for at once, it the oldest.
+    evicted: bool
+
+@final
 class Engine:
     """The relay: moves frames between sockets on Rust threads, with the GIL released.
 
@@ -405,19 +420,34 @@ class Engine:
         """Accept up to ``max`` connections from the listening socket ``listener`` (the
         caller's, non-blocking) and read once from each. A request the route table serves is
         opened by the engine (``None`` in the list; an :class:`Opened` or :class:`Unopened`
-        comes through :meth:`drain`); any other connection is the caller's: ``(fd, address,
-        bytes read)``, non-blocking, Nagle off. A connection closed before its first byte is
-        dropped. ``errno``: of the accept error that stopped the batch, if any."""
+        comes through :meth:`drain`), and so is one whose request is not all there yet while
+        :meth:`set_wait` leaves room (``None``; a :class:`Handed` comes through :meth:`drain`
+        unless it opens); any other connection is the caller's: ``(fd, address, bytes read)``,
+        non-blocking, Nagle off. A connection closed before its first byte is dropped.
+        ``errno``: of the accept error that stopped the batch, if any."""
 
-    def open(self, fd: int, read: bytes) -> bool:
-        """Open by itself the session whose request ``read`` holds (its head and what followed
-        it), read by the caller from socket ``fd``, when one of the routes serves it: True, the
-        descriptor is the engine's now (detach it); False, nothing was done."""
+    def prepare_listener(self, listener: int) -> None:
+        """Set the relayed sockets' options (Nagle off, the dead-peer keepalive and
+        ``TCP_USER_TIMEOUT``) on the socket ``listener`` before it listens: the sockets
+        :meth:`accept` takes from it inherit them. Sockets from a listener not prepared so get
+        them one by one."""
+
+    def set_wait(self, timeout: float, most: int) -> None:
+        """Wait on a relay thread for requests not there when :meth:`accept` read: at most
+        ``most`` connections at once (past it the oldest is evicted; 0, the default: none is
+        waited for), each for ``timeout`` seconds from its accept (positive, else
+        ``ValueError``)."""
+
+    def waiting(self) -> int:
+        """Connections whose request a relay thread waits for now."""
+
+    def stop_waiting(self) -> None:
+        """Evict every connection whose request a relay thread waits for."""
 
     def close(self, session_id: int, code: int, reason: str) -> bool:
         """Close both sides of a live session with ``code`` and ``reason``; False if unknown."""
 
-    def drain(self) -> list[Outcome | Message | Opened | Unopened]:
+    def drain(self) -> list[Outcome | Message | Opened | Unopened | Handed]:
         """Take everything queued since the last call, in order (a session's messages before
         its outcome), and clear the doorbell."""
 

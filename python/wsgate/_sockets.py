@@ -180,6 +180,18 @@ async def send_and_close(sock: Conn, data: bytes) -> None:
 
 async def listen(host: str, port: int) -> socket.socket:
     """A non-blocking listening socket bound to ``host:port`` (port 0: any free port)."""
+    sock = await bind(host, port)
+    try:
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def bind(host: str, port: int) -> socket.socket:
+    """A non-blocking socket bound to ``host:port`` (port 0: any free port), not listening yet:
+    options set before ``listen()`` are inherited by every socket it accepts."""
     infos = await anyio.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
@@ -188,7 +200,6 @@ async def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -79,19 +79,23 @@ class PendingReads:
                 break
             del self._reading[victim]
             victim.cancel()
-            self.evicted += 1
-            self._unlogged += 1
-        if self._unlogged:
-            now = anyio.current_time()
-            if now - self._last_log >= _LOG_INTERVAL:
-                log.warning(
-                    "evicted %d connection(s) still sending their request: more than "
-                    "max_pending_upgrades (%d) at once",
-                    self._unlogged,
-                    self.limit,
-                )
-                self._unlogged = 0
-                self._last_log = now
+            self.note_eviction()
+
+    def note_eviction(self) -> None:
+        """Count (and log, at most once a second) a connection evicted: one of these, or one
+        the engine read for the same limit (``reading.rs``: the connections it accepts)."""
+        self.evicted += 1
+        self._unlogged += 1
+        now = anyio.current_time()
+        if now - self._last_log >= _LOG_INTERVAL:
+            log.warning(
+                "evicted %d connection(s) still sending their request: more than "
+                "max_pending_upgrades (%d) at once",
+                self._unlogged,
+                self.limit,
+            )
+            self._unlogged = 0
+            self._last_log = now
 
 
 def client_key(address: object) -> str:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Literal
 
 import anyio
 
@@ -35,7 +33,6 @@ from ._sockets import (
 from .admission import PendingReads, RateLimiter
 from .config import AgentConfig, Config
 from .errors import HeadTooLarge, HttpError, OpeningError
-from .fastpath import TO_ENGINE, _Handed
 from .handshake import close_frame, switching_protocols
 from .metrics import METRICS_PATH, Metrics
 from .providers import Opening, OpeningReader, close_for
@@ -94,13 +91,14 @@ class Connections:
         self.calls = SessionCalls(config, agents, sessions, pending, self.metrics, keys)
 
     async def handle(
-        self, sock: Conn, client: str, read: bytes = b""
-    ) -> Opened | Literal[_Handed.TO_ENGINE] | None:
-        """Run the client's request (``read``: its first bytes, read as it was accepted);
-        returns the session it opened, :data:`~wsgate.fastpath.TO_ENGINE` when the engine took
-        it over once it was read (:mod:`wsgate.fastpath`), or None if refused."""
-        # handshake_timeout covers the whole request: head, and a /start body.
-        deadline = anyio.current_time() + self.config.gateway.handshake_timeout
+        self, sock: Conn, client: str, read: bytes = b"", waited: float | None = None
+    ) -> Opened | None:
+        """Run the client's request (``read``: its first bytes, read as it was accepted, or
+        its head whole when the engine read it for ``waited`` seconds and did not open it:
+        :mod:`wsgate.fastpath`); returns the session it opened, or None if refused."""
+        # handshake_timeout covers the whole request from the accept: head, and a /start body.
+        timeout = self.config.gateway.handshake_timeout - (waited or 0.0)
+        deadline = anyio.current_time() + timeout
         try:
             received: tuple[bytes, bytes] | None = None
             at_once = head_at_once(sock, _core.MAX_HEADER_BYTES, read)
@@ -112,11 +110,6 @@ class Connections:
                     received = await read_head(sock, _core.MAX_HEADER_BYTES, at_once)
             if received is None:
                 return None  # too slow, or evicted: dropped without an answer
-            if self.sessions.fast and isinstance(sock, socket.socket):
-                # Read here, not at its accept: the engine may still open it by itself.
-                if self.sessions.relay.engine.open(sock.fileno(), b"".join(received)):
-                    sock.detach()
-                    return TO_ENGINE
             return await self._request(sock, *received, deadline, client)
         except HeadTooLarge:
             self.metrics.refused(None, 431)

@@ -4,10 +4,11 @@ does with the news of each.
 An open through Python costs about a millisecond of CPU (accept, a task, the request read and
 parsed, the bot dialled and its 101 read, the handover), most of it event-loop machinery around
 a few system calls (benches/README.md, "Session opens"). For the plainest agents the engine does
-it all on a relay thread (``rust/open.rs``): it accepts, reads the request once, and when it is
-a whole generic-endpoint upgrade that one of the routes given here serves, takes a place, dials
-the bot, checks its 101, answers the client and relays. Everything else — a request not all
-there in the first read, another endpoint, any refusal, an agent not listed — comes back to the
+it all on a relay thread (``rust/open.rs``): it accepts, reads the request (at once, or on a
+relay thread as it arrives: ``rust/reading.rs``, under the Python path's ``handshake_timeout``
+and ``max_pending_upgrades``), and when it is a whole generic-endpoint upgrade that one of the
+routes given here serves, takes a place, dials the bot, checks its 101, answers the client and
+relays. Everything else — another endpoint, any refusal, an agent not listed — comes back to the
 Python path with the bytes read, so every check of SPEC §2 and every error keeps its one
 implementation in Python. The recogniser in Rust only ever takes what Python would take.
 
@@ -29,7 +30,6 @@ observed) or not (the client's socket comes back and is answered 502/504 in the 
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Callable, Mapping
 
@@ -39,16 +39,7 @@ from .replay import MemoryReplayStore
 from .tokens import TokenAuthority
 from .upstream import is_ip_literal
 
-__all__ = ["TO_ENGINE", "engine_tokens", "fast_agents", "fast_routes"]
-
-
-class _Handed(enum.Enum):
-    TO_ENGINE = "engine"
-
-
-#: What :meth:`wsgate.connection.Connections.handle` returns for a connection whose request it
-#: read and the engine then took (its news comes through the doorbell).
-TO_ENGINE = _Handed.TO_ENGINE
+__all__ = ["engine_tokens", "fast_agents", "fast_routes"]
 
 
 def fast_agents(

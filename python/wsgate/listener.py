@@ -28,7 +28,6 @@ from anyio.abc import TaskGroup
 from . import _core
 from .admission import client_key
 from .connection import Connections
-from .fastpath import TO_ENGINE
 from .sessions import Opened
 from .tls import TlsSocket
 
@@ -120,11 +119,23 @@ class Listener:
             log.warning("accept failed (%s); pausing 100 ms", os.strerror(error))
             await anyio.sleep(0.1)
 
-    def news(self, news: _core.Opened | _core.Unopened) -> None:
-        """A session the engine opened by itself (or could not): counted here since its
-        accept; an opened one until its end, one not opened until it is answered."""
+    def news(self, news: _core.Opened | _core.Unopened | _core.Handed) -> None:
+        """A session the engine opened by itself (or could not), or a connection whose request
+        it read for nothing: counted here since its accept; an opened one until its end, one
+        not opened until it is answered, one handed until its request is served."""
         if isinstance(news, _core.Opened):
             self.handler.sessions.opened(news).on_end = self._ended
+        elif isinstance(news, _core.Handed):
+            if news.fd < 0:
+                if news.evicted:
+                    self.handler.pending.note_eviction()
+                self._closed()  # gone, too slow or evicted: dropped without an answer
+                return
+            assert self._connections is not None  # the engine accepted it in accept()
+            family = socket.AF_INET6 if len(news.address) == 4 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=news.fd)
+            client = sys.intern(client_key(news.address))
+            self._connections.start_soon(self._connection, sock, client, news.read, news.waited)
         elif news.fd < 0:
             self.handler.metrics.store_called(news.store_seconds)
             self._closed()  # the client went away before its 101
@@ -140,7 +151,9 @@ class Listener:
         finally:
             self._closed()
 
-    async def _connection(self, sock: socket.socket, client: str, read: bytes = b"") -> None:
+    async def _connection(
+        self, sock: socket.socket, client: str, read: bytes = b"", waited: float | None = None
+    ) -> None:
         handler = self.handler
         handed_off = False
         try:
@@ -148,14 +161,11 @@ class Listener:
                 # TLS: the handshake runs inside the first reads of the request.
                 tls = self.tls()
                 conn = sock if tls is None else TlsSocket(sock, tls.accept())
-                opened = await handler.handle(conn, client, read)
+                opened = await handler.handle(conn, client, read, waited)
             finally:
                 # Closes the socket unless it was handed (detached) to the engine.
                 sock.close()
             if opened is None:
-                return
-            if opened is TO_ENGINE:
-                handed_off = True  # counted until its news (Listener.news)
                 return
             if opened.bot is not None:
                 await handler.sessions.supervise(opened)  # an in-process bot runs in this task

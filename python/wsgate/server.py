@@ -24,7 +24,7 @@ from typing import TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
-from ._sockets import listen
+from ._sockets import bind, listen
 from .admission import PendingReads
 from .authorize import Authorize
 from .capacity import LocalCapacity, open_capacity
@@ -168,6 +168,14 @@ class Gateway:
         return register
 
     @property
+    def pending_upgrades(self) -> int:
+        """Connections still sending their request, read here or waited for by the engine
+        (``max_pending_upgrades`` bounds those of each)."""
+        sessions = self._sessions
+        waiting = 0 if sessions is None else sessions.relay.engine.waiting()
+        return len(self._pending) + waiting
+
+    @property
     def evicted_upgrades(self) -> int:
         """Connections dropped while still sending their request, to make room for newer ones
         (see ``max_pending_upgrades``)."""
@@ -244,19 +252,22 @@ class Gateway:
         self._stop_event = anyio.Event()
         if self._stop_requested:
             self._stop_event.set()
-        listener = await listen(settings.host, settings.port)
+        listener = await bind(settings.host, settings.port)  # listens once the engine is up
         relay: Relay | None = None
         # This gateway's address in the session registry (internal_url, or where it listens).
         capacity = open_capacity(settings, lambda: internal_url(settings, self.url))
         metrics_listener: socket.socket | None = None
         try:
-            self._port = listener.getsockname()[1]
             if settings.metrics and settings.metrics_port is not None:
                 metrics_listener = await listen(settings.metrics_host, settings.metrics_port)
                 self._metrics_port = metrics_listener.getsockname()[1]
             # Only the configured agents are counted (bounded labels), and nothing when off.
             counted = self._agents if settings.metrics else ()
             relay = Relay(settings.relay_threads, settings.dead_peer_timeout, counted=counted)
+            # Before it listens: every connection inherits the relayed sockets' options.
+            relay.engine.prepare_listener(listener.fileno())
+            listener.listen(socket.SOMAXCONN)
+            self._port = listener.getsockname()[1]
             authority = self.authority
             if authority is not None:
                 authority = authority.with_store(self.metrics.timed(authority.store))
@@ -295,13 +306,16 @@ class Gateway:
             fast = fast_agents(settings, self._agents, self._bots, tls_listener=tls_listener,
                                hooks=hooks, authority=self.authority)  # fmt: skip
             sessions.fast = fast
-            if fast:
-                log.info("the engine opens the sessions of %s by itself", ", ".join(sorted(fast)))
             relay.on_news = accepted.news
             relay.engine.set_routes(
                 fast_routes(settings, fast, self.session_time_limit, relay.counted, self.authority)
             )
-            state = GatewayState(lambda: accepted.count, lambda: len(self._pending),
+            if fast:
+                log.info("the engine opens the sessions of %s by itself", ", ".join(sorted(fast)))
+                # A request not there at the accept is read on a relay thread, under the limits
+                # of one read here (reading.rs).
+                relay.engine.set_wait(settings.handshake_timeout, settings.max_pending_upgrades)
+            state = GatewayState(lambda: accepted.count, lambda: self.pending_upgrades,
                                  lambda: self._stop_requested)  # fmt: skip
             self.metrics.watch(relay.counters, state)
             async with anyio.create_task_group() as engine_tasks:
@@ -355,6 +369,7 @@ class Gateway:
             return
         log.info("closing %d connection(s) with 1001", accepted.count)
         self._pending.cancel_all()
+        relay.engine.stop_waiting()
         for session in relay.live:
             session.close(1001, "gateway shutting down")
         with anyio.move_on_after(_CLOSE_GRACE):

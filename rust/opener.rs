@@ -1,0 +1,361 @@
+//! Deciding and starting the sessions the data plane opens by itself (`open.rs`), wherever the
+//! request was read: by the engine as it accepted the connection, or by a relay thread that
+//! waited for it (`reading.rs`).
+//!
+//! One [`Opener`] per engine, shared with its relay threads: the route table, the place counts,
+//! the token checks, the bot's connect, and where the news goes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::counters::{Counters, Served};
+use crate::engine::{Item, Shared};
+use crate::open::{self, Fast, News, Route};
+use crate::sockets::{options, prepare};
+use crate::stream::Stream;
+use crate::upgrade;
+
+/// The routes by service host.
+pub type Routes = Arc<HashMap<String, Arc<Route>>>;
+
+/// How long, and for how many connections at once, relay threads wait for requests that had not
+/// arrived when their connection was accepted (none until the control plane says).
+#[derive(Clone, Copy, Debug)]
+pub struct Wait {
+    /// From the accept to the request's whole head (the gateway's `handshake_timeout`).
+    pub timeout: Duration,
+    /// Connections waited for at once (the gateway's `max_pending_upgrades`); past it, the
+    /// oldest is evicted (dropped unanswered, as the control plane evicts its own). 0: none is
+    /// waited for (each goes to the control plane unread).
+    pub most: usize,
+}
+
+/// What opening a session needs. See the module docs.
+pub struct Opener {
+    routes: Mutex<Routes>,
+    shared: Arc<Shared>,
+    counters: Arc<Counters>,
+    dead_peer_timeout: Duration,
+    wait: Mutex<Wait>,
+    /// Connections whose request a relay thread waits for now.
+    waiting: Mutex<Waited>,
+}
+
+/// A connection waited for: its id and its relay thread.
+pub(crate) type Waiter = (u64, usize);
+
+/// The connections waited for: their ids and relay threads, oldest first (with ids of those
+/// since settled, skipped when met), and the ids still waited for.
+#[derive(Default)]
+struct Waited {
+    order: VecDeque<Waiter>,
+    live: HashSet<u64>,
+}
+
+impl Waited {
+    /// The oldest still waited for, now no longer counted.
+    fn oldest(&mut self) -> Option<Waiter> {
+        while let Some((id, worker)) = self.order.pop_front() {
+            if self.live.remove(&id) {
+                return Some((id, worker));
+            }
+        }
+        None
+    }
+
+    fn settled(&mut self, id: u64) {
+        self.live.remove(&id);
+        // Settled ones leave the order when met; past twice the live ones it is rebuilt.
+        if self.order.len() > 2 * self.live.len() + 64 {
+            let live = &self.live;
+            self.order.retain(|(id, _)| live.contains(id));
+        }
+    }
+}
+
+/// What [`Opener::open`] came to.
+pub enum Verdict {
+    /// The session, dialling its bot: for relay thread `worker` to run.
+    Started(Box<Fast>),
+    /// Not the data plane's to open (not recognised, not routed, refused, or no place left):
+    /// the client, for the control plane.
+    Back(Stream),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Opener {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        counters: Arc<Counters>,
+        dead_peer_timeout: Duration,
+    ) -> Self {
+        Self {
+            routes: Mutex::new(Arc::new(HashMap::new())),
+            shared,
+            counters,
+            dead_peer_timeout,
+            wait: Mutex::new(Wait {
+                timeout: Duration::ZERO,
+                most: 0,
+            }),
+            waiting: Mutex::default(),
+        }
+    }
+
+    /// The route table now.
+    pub fn routes(&self) -> Routes {
+        lock(&self.routes).clone()
+    }
+
+    pub(crate) fn set_routes(&self, routes: Routes) {
+        *lock(&self.routes) = routes;
+    }
+
+    /// How requests not there at the accept are waited for (see [`Wait`]).
+    pub fn set_wait(&self, wait: Wait) {
+        *lock(&self.wait) = wait;
+    }
+
+    /// Starts waiting for the request of connection `id` on relay thread `worker`, unless no
+    /// connection is waited for: the time to wait, its place among those waited for (until the
+    /// guard is dropped) and, when that made one too many, the oldest other one, to evict.
+    pub(crate) fn start_waiting(
+        self: &Arc<Self>,
+        id: u64,
+        worker: usize,
+    ) -> Option<(Duration, Waiting, Option<Waiter>)> {
+        let wait = *lock(&self.wait);
+        if wait.most == 0 {
+            return None;
+        }
+        let mut waited = lock(&self.waiting);
+        // The newcomer is never the victim: it has had no time to send anything yet.
+        let victim = if waited.live.len() >= wait.most {
+            waited.oldest()
+        } else {
+            None
+        };
+        waited.order.push_back((id, worker));
+        waited.live.insert(id);
+        let waiting = Waiting {
+            opener: self.clone(),
+            id,
+            told: false,
+        };
+        Some((wait.timeout, waiting, victim))
+    }
+
+    /// Every connection waited for now (no longer counted), for the caller to evict.
+    pub(crate) fn stop_waiting(&self) -> Vec<Waiter> {
+        let mut waited = lock(&self.waiting);
+        std::iter::from_fn(|| waited.oldest()).collect()
+    }
+
+    /// Connections whose request a relay thread waits for now.
+    pub fn waiting(&self) -> usize {
+        lock(&self.waiting).live.len()
+    }
+
+    /// Queues news for Python, ringing the doorbell.
+    pub(crate) fn tell(&self, news: News) {
+        self.shared.push(Item::Open(news));
+    }
+
+    /// Opens session `id` on relay thread `worker` if `read` (the request's whole head and what
+    /// followed it) is one the route table serves and its agent has a place left; otherwise
+    /// gives the client back. `prepared`: the client's socket options came from the listener.
+    pub fn open(
+        &self,
+        routes: &Routes,
+        client: Stream,
+        read: &[u8],
+        prepared: bool,
+        (id, worker): (u64, usize),
+    ) -> Verdict {
+        if routes.is_empty() || read.is_empty() {
+            return Verdict::Back(client);
+        }
+        let Some(upgrade) = upgrade::recognise(read) else {
+            return Verdict::Back(client);
+        };
+        let Some(route) = routes.get(upgrade.service_host) else {
+            return Verdict::Back(client);
+        };
+        // A token agent's token, checked as the Python path checks it; any refusal is its to
+        // answer (403), so the token is left unused here.
+        let checked = match &route.tokens {
+            None => None,
+            Some(tokens) => match check_token(tokens, &upgrade, &route.service_host) {
+                Some(claims) => Some((tokens, claims)),
+                None => return Verdict::Back(client),
+            },
+        };
+        if !open::take(&route.place, route.max_sessions) {
+            return Verdict::Back(client); // the Python path answers 503
+        }
+        // Used up after the capacity check, as the Python path does: a 503 does not burn it.
+        let claimed = match checked {
+            None => None,
+            Some((tokens, claims)) => {
+                let started = Instant::now();
+                if tokens.nonces.claim(&claims.nonce, claims.exp, unix_now()) != Ok(true) {
+                    open::give(&route.place);
+                    return Verdict::Back(client); // replayed (403) or the set full (503)
+                }
+                Some(open::Claimed {
+                    nonces: tokens.nonces.clone(),
+                    nonce: claims.nonce,
+                    calls: vec![started.elapsed().as_secs_f64()],
+                })
+            }
+        };
+        // The bot's connect; a client given back if it cannot start (no descriptor left: the
+        // Python path fails the same way, in its own words).
+        let dpt = self.dead_peer_timeout;
+        let dialled = connect(route.bot).and_then(|(bot, failed)| {
+            // Non-blocking since its creation; the client's options came from the listener
+            // when the engine accepted it (`prepared`).
+            options(&socket2::SockRef::from(&bot), dpt)?;
+            if !prepared {
+                prepare(client.socket(), dpt)?;
+            }
+            Ok((bot, failed))
+        });
+        let Ok((bot, failed)) = dialled else {
+            open::give(&route.place);
+            if let Some(c) = claimed {
+                c.nonces.release(&c.nonce);
+            }
+            return Verdict::Back(client);
+        };
+        let Ok(live) = self.shared.register(id, worker) else {
+            unreachable!("ids are unique");
+        };
+        let counters = self.counters.clone();
+        let agent = route.agent;
+        let meter = Box::new(move || {
+            counters
+                .meter(agent, Served::Upstream, worker)
+                .showing(live)
+        });
+        let shared = self.shared.clone();
+        let tell: open::Tell = Arc::new(move |news| match news {
+            // Nothing in Python waits for it: it comes with the session's outcome, or when
+            // Python reads its registry, without a wake-up of its own.
+            News::Opened { .. } => shared.push_quiet(Item::Open(news)),
+            _ => shared.push(Item::Open(news)),
+        });
+        let o = open::Open {
+            route: route.clone(),
+            upgrade,
+            read,
+            meter,
+            tell,
+            claimed,
+        };
+        Verdict::Started(Box::new(Fast::new(
+            id,
+            client,
+            Stream::plain(bot),
+            failed,
+            o,
+        )))
+    }
+}
+
+/// A connection counted among those waited for, until dropped. Python counts it from its accept,
+/// so it hears how it ended: opened (the session's own news), handed to it, or, if dropped
+/// without either (the client gone, too slow, the engine stopping), gone.
+pub struct Waiting {
+    opener: Arc<Opener>,
+    id: u64,
+    told: bool,
+}
+
+impl Waiting {
+    /// The opener it was counted by.
+    pub fn opener(&self) -> &Arc<Opener> {
+        &self.opener
+    }
+
+    /// It opened: its session's news tells Python.
+    pub fn opened(mut self) {
+        self.told = true;
+    }
+
+    /// It goes to Python: the client (`None`: gone, or `evicted`), what it sent and how long it
+    /// was waited for.
+    pub fn hand(
+        mut self,
+        client: Option<TcpStream>,
+        peer: Option<SocketAddr>,
+        read: Vec<u8>,
+        (waited, evicted): (f64, bool),
+    ) {
+        self.told = true;
+        self.opener.tell(News::Handed {
+            client,
+            peer,
+            read,
+            waited,
+            evicted,
+        });
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        lock(&self.opener.waiting).settled(self.id);
+        if !self.told {
+            self.opener.tell(News::Handed {
+                client: None,
+                peer: None,
+                read: Vec::new(),
+                waited: 0.0,
+                evicted: false,
+            });
+        }
+    }
+}
+
+/// The claims of the token `upgrade` carries for `service_host`, if it passes every check the
+/// Python path makes before using it up (signature, service host, expiry, body binding).
+fn check_token(
+    tokens: &open::Tokens,
+    upgrade: &upgrade::Upgrade<'_>,
+    service_host: &str,
+) -> Option<crate::token::Claims> {
+    let token = upgrade.token.as_ref().ok().copied().flatten()?;
+    let claims = tokens.keys.verify(token, service_host, unix_now()).ok()?;
+    let body = upgrade.body.as_ref().map(|b| b.json.as_bytes());
+    claims.check_body(body).ok()?;
+    Some(claims)
+}
+
+/// Unix seconds now, as tokens count them.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A non-blocking socket connecting to `addr`, and the connect's error if it failed at once.
+fn connect(addr: SocketAddr) -> io::Result<(TcpStream, Option<io::Error>)> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking(),
+        None,
+    )?;
+    let failed = match sock.connect(&addr.into()) {
+        Ok(()) => None,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => None,
+        Err(e) => Some(e),
+    };
+    Ok((TcpStream::from(sock), failed))
+}

@@ -1,0 +1,322 @@
+//! A connection accepted before its request was all there, read on a relay thread until it is.
+//!
+//! Most connections are accepted before their request arrives (the request follows the TCP
+//! handshake by a round trip; over TLS by several). Rather than hand each such connection to
+//! Python to wait on, the engine registers it on a relay thread, which reads it as it comes; once
+//! the head is whole, the session is opened in place as one read at the accept would have been
+//! (`opener.rs`), or the connection goes to Python with the bytes read ([`News::Handed`]).
+//!
+//! The limits are the Python path's: the head is at most [`upgrade::MAX_HEADER_BYTES`] (past it,
+//! Python answers 431), the wait ends `handshake_timeout` after the accept (the connection is
+//! then dropped without an answer, as Python drops one too slow), and at most
+//! `max_pending_upgrades` connections are waited for at once: past that, new ones go to Python
+//! unread, whose own count of pending reads evicts the oldest of its own.
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::engine::FIRST_READ;
+use crate::opener::Waiting;
+use crate::stream::Stream;
+use crate::upgrade;
+
+/// A connection whose request is being read.
+pub struct Reading {
+    /// The client.
+    pub(crate) client: Stream,
+    /// What it sent so far.
+    pub(crate) read: Vec<u8>,
+    pub(crate) peer: Option<SocketAddr>,
+    /// Its socket inherited the relayed sockets' options from the listener.
+    pub(crate) prepared: bool,
+    accepted: Instant,
+    deadline: Option<Instant>,
+    /// Its relay thread.
+    pub(crate) worker: usize,
+    /// Evicted: too many connections were waited for at once, and it was the oldest.
+    evicted: bool,
+    /// Counted among the connections waited for; tells Python if dropped unsettled.
+    pub(crate) waiting: Waiting,
+}
+
+/// What a read came to.
+pub enum Step {
+    /// Nothing more to read until an event.
+    Blocked,
+    /// The head is whole (or over the limit): open the session, or hand it to Python.
+    Whole,
+    /// The client went away, failed, or took too long: dropped without an answer.
+    Gone,
+    /// Evicted: dropped without an answer.
+    Evicted,
+}
+
+impl Reading {
+    /// `client` (from `peer`; `prepared`: with the relayed sockets' options), accepted now with
+    /// `read` read so far, read on relay thread `worker` for `timeout` at most.
+    pub fn new(
+        client: Stream,
+        read: &[u8],
+        (peer, prepared): (Option<SocketAddr>, bool),
+        (worker, timeout): (usize, Duration),
+        waiting: Waiting,
+    ) -> Self {
+        let accepted = Instant::now();
+        Self {
+            client,
+            read: read.to_vec(),
+            peer,
+            prepared,
+            accepted,
+            deadline: accepted.checked_add(timeout),
+            worker,
+            evicted: false,
+            waiting,
+        }
+    }
+
+    /// Seconds since its accept.
+    pub fn waited(&self) -> f64 {
+        self.accepted.elapsed().as_secs_f64()
+    }
+
+    /// When the wait ends (`None`: a timeout too long to count).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Drops it at its next step (its relay thread runs it next).
+    pub fn evict(&mut self) {
+        self.evicted = true;
+    }
+
+    /// Reads what the client sent since.
+    pub fn step(&mut self, now: Instant) -> Step {
+        if self.evicted {
+            return Step::Evicted;
+        }
+        if self.deadline.is_some_and(|d| now >= d) {
+            return Step::Gone;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            if !self.client.may_read() {
+                return Step::Blocked;
+            }
+            let room = (FIRST_READ - self.read.len()).min(buf.len());
+            match self.client.read(&mut buf[..room]) {
+                Ok(0) => return Step::Gone,
+                Ok(n) => {
+                    self.read.extend_from_slice(&buf[..n]);
+                    let whole = !matches!(upgrade::split_head(&self.read), Ok(None));
+                    if whole || self.read.len() >= FIRST_READ {
+                        return Step::Whole;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Blocked,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Step::Gone,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Through the engine's own entry points, on loopback TCP: a connection accepted before its
+    //! request is read on its relay thread, then opened, handed to Python with what it sent, or
+    //! dropped (and Python told), within the limits of the wait.
+
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use crate::engine::{Accepted, Engine};
+    use crate::frame::{encode_frame, Opcode};
+    use crate::open::tests::{accept_one, header, news, read_head, route, upgrade};
+    use crate::open::News;
+    use crate::opener::Wait;
+    use crate::upgrade::{accept_key, MAX_HEADER_BYTES};
+
+    /// An engine routing `a.b` to `bot`, waiting `timeout_ms` for up to `most` requests.
+    fn engine(bot: std::net::SocketAddr, timeout_ms: u64, most: usize) -> Engine {
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        engine.set_routes(vec![route("a.b", bot, 5, 5000)]).unwrap();
+        let timeout = Duration::from_millis(timeout_ms);
+        engine.set_wait(Wait { timeout, most });
+        engine
+    }
+
+    /// A listening gateway socket and a client connected to it that sent nothing yet.
+    fn silent_client() -> (TcpListener, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (l, c)
+    }
+
+    #[test]
+    fn a_request_sent_after_the_accept_is_read_there_and_opened() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = engine(bot_l.local_addr().unwrap(), 5000, 8);
+        let (l, mut client) = silent_client();
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        assert_eq!(engine.waiting(), 1);
+        // In two writes: the relay thread reads on until the head is whole.
+        let request = upgrade("/ws/generic/a.b");
+        let (first, rest) = request.split_at(20);
+        client.write_all(first.as_bytes()).unwrap();
+        client.write_all(rest.as_bytes()).unwrap();
+        let (mut bot, _) = bot_l.accept().unwrap();
+        bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let asked = read_head(&mut bot);
+        let key = header(&asked, "Sec-WebSocket-Key").unwrap();
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            accept_key(key)
+        );
+        bot.write_all(answer.as_bytes()).unwrap();
+        assert!(read_head(&mut client).starts_with("HTTP/1.1 101 "));
+        assert!(matches!(news(&engine), News::Opened { .. }));
+        assert_eq!(engine.waiting(), 0);
+        // Relayed: the bot's frame reaches the client unchanged.
+        let frame = encode_frame(true, Opcode::TEXT, b"hello", None);
+        bot.write_all(&frame).unwrap();
+        let mut got = vec![0; frame.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, frame);
+    }
+
+    #[test]
+    fn a_request_not_the_engines_is_handed_with_its_bytes() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = engine(bot_l.local_addr().unwrap(), 5000, 8);
+        let (l, mut client) = silent_client();
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        let request = "GET /livez HTTP/1.1\r\nHost: gw\r\n\r\n";
+        client.write_all(request.as_bytes()).unwrap();
+        let News::Handed {
+            client: Some(mut answer_on),
+            read,
+            waited,
+            ..
+        } = news(&engine)
+        else {
+            panic!("not handed with its socket")
+        };
+        assert_eq!(read, request.as_bytes());
+        assert!(waited >= 0.0);
+        // The socket is Python's to answer on; the engine's copy is closed.
+        answer_on.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+        assert!(read_head(&mut client).starts_with("HTTP/1.1 200"));
+        assert_eq!(engine.waiting(), 0);
+        assert_eq!(engine.places(None), 0);
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_handed_for_its_431() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = engine(bot_l.local_addr().unwrap(), 5000, 8);
+        let (l, mut client) = silent_client();
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        let long = format!(
+            "GET /ws/generic/a.b HTTP/1.1\r\nX: {}",
+            "x".repeat(MAX_HEADER_BYTES)
+        );
+        client.write_all(long.as_bytes()).unwrap();
+        let News::Handed {
+            client: Some(_),
+            read,
+            ..
+        } = news(&engine)
+        else {
+            panic!("not handed")
+        };
+        assert!(
+            read.len() > MAX_HEADER_BYTES,
+            "what it sent, past the limit"
+        );
+        assert!(long.as_bytes().starts_with(&read));
+    }
+
+    #[test]
+    fn a_client_gone_or_too_slow_is_dropped_and_python_told() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = engine(bot_l.local_addr().unwrap(), 200, 8);
+        // Gone before its request.
+        let (l, client) = silent_client();
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        client.shutdown(Shutdown::Both).unwrap();
+        assert!(matches!(news(&engine), News::Handed { client: None, .. }));
+        // Half a request, then nothing: dropped at the timeout, without an answer.
+        let (l, mut client) = silent_client();
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        client
+            .write_all(b"GET /ws/generic/a.b HTTP/1.1\r\n")
+            .unwrap();
+        let News::Handed {
+            client: None,
+            waited,
+            ..
+        } = news(&engine)
+        else {
+            panic!("not dropped")
+        };
+        assert!(waited >= 0.2, "dropped after {waited} s");
+        let mut b = [0u8; 1];
+        assert_eq!(client.read(&mut b).unwrap(), 0, "closed, no answer");
+        assert_eq!(engine.waiting(), 0);
+    }
+
+    #[test]
+    fn past_the_room_the_oldest_is_evicted() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = engine(bot_l.local_addr().unwrap(), 5000, 1);
+        let (l, mut first) = silent_client();
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        let (l, mut second) = silent_client();
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        let News::Handed {
+            client: None,
+            evicted: true,
+            ..
+        } = news(&engine)
+        else {
+            panic!("not evicted")
+        };
+        let mut b = [0u8; 1];
+        assert_eq!(
+            first.read(&mut b).unwrap(),
+            0,
+            "the oldest, closed unanswered"
+        );
+        assert_eq!(engine.waiting(), 1);
+        // The newcomer is still waited for: its request opens.
+        second
+            .write_all(upgrade("/ws/generic/a.b").as_bytes())
+            .unwrap();
+        let _bot = bot_l.accept().unwrap();
+        assert_eq!(engine.waiting(), 0);
+        // And at the gateway's close, every one is evicted.
+        let (l, mut third) = silent_client();
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        engine.stop_waiting();
+        let n = news(&engine);
+        assert!(matches!(n, News::Handed { evicted: true, .. }), "{n:?}");
+        assert_eq!(third.read(&mut b).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_shutdown_drops_the_connections_waited_for_and_tells_python() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut engine = engine(bot_l.local_addr().unwrap(), 60_000, 8);
+        let (l, _client) = silent_client();
+        assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        engine.shutdown();
+        assert!(matches!(news(&engine), News::Handed { client: None, .. }));
+        assert_eq!(engine.waiting(), 0);
+    }
+}
