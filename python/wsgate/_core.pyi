@@ -18,6 +18,7 @@ __all__ = [
     "BodyError",
     "Engine",
     "FastRoute",
+    "Handed",
     "Message",
     "Nonces",
     "Opened",
