@@ -269,9 +269,36 @@ fn provider(suite: &str) -> Res<rustls::crypto::CryptoProvider> {
     Ok(provider)
 }
 
+/// Session storage that lets the server issue TLS 1.3 tickets but keeps none: a client that
+/// offers one back gets a full handshake.
+#[derive(Debug)]
+struct ForgetfulStore;
+
+impl rustls::server::StoresServerSessions for ForgetfulStore {
+    fn put(&self, _id: Vec<u8>, _value: Vec<u8>) -> bool {
+        true
+    }
+    fn get(&self, _id: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn take(&self, _id: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
 /// The echo server's TLS (`--tls-cert`, `--tls-key`): that chain and key, the one suite of
-/// `--tls-suite`, and no resumption (no session cache, no tickets), so every relay's dial of
-/// the bot is a full handshake whatever its own client would resume. No ALPN.
+/// `--tls-suite`, and no resumption, so every relay's dial of the bot is a full handshake
+/// whatever its own client would resume. No ALPN.
+///
+/// It still sends rustls's default two TLS 1.3 tickets after each handshake (tickets it cannot
+/// honour, see [`ForgetfulStore`]), as bots' TLS stacks do (OpenSSL and rustls both send two).
+/// A server that sends none leaves the client's Finished unanswered, so its ACK is delayed
+/// (~40 ms on Linux), and a client without TCP_NODELAY at that point (nginx sets it on its
+/// upstream socket only at the upgrade) holds its request behind it (Nagle): every open
+/// through nginx would wait ~40 ms for nothing a real bot would make it wait for.
 fn server_tls_config(cert: &str, key: &str, suite: &str) -> Res<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)?
@@ -283,8 +310,7 @@ fn server_tls_config(cert: &str, key: &str, suite: &str) -> Res<Arc<rustls::Serv
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(ForgetfulStore);
     Ok(Arc::new(cfg))
 }
 
