@@ -1732,6 +1732,7 @@ PER_ROUND = {
     "relay_cpu_util": ("saturate", lambda x: x.get("relay_cpu_s", float("nan")) / x["seconds"]),
     "tel_cpu_us_per_msg": ("telephony", lambda x: _per_msg(x, "received")),
     "tel_p50_us": ("telephony", lambda x: x["p50_us"]),
+    "tel_p99_us": ("telephony", lambda x: x["p99_us"]),
     "open_per_s": ("opens", lambda x: x["opens_per_s"]),
     "open_p50_us": ("opens", lambda x: x["p50_us"]),
     "open_p99_us": ("opens", lambda x: x["p99_us"]),
@@ -1774,6 +1775,8 @@ def print_compare(
         ("others' CPU during sat (cores)", "sat_other_cpu_util", 2, None),
         ("tel CPU µs per relayed message", "tel_cpu_us_per_msg", 2, None),
         ("tel p50 µs", "tel_p50_us", 0, None),
+        ("tel p99 µs", "tel_p99_us", 0, None),
+        ("others' CPU during tel (cores)", "tel_other_cpu_util", 2, None),
         ("idle KiB per session", "idle_per_session_kib", 2, None),
         ("RSS after a burst ÷ before", "burst_after_over_base", 2, None),
     ]
