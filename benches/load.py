@@ -18,9 +18,11 @@ What it does (details in benches/README.md, section "Relay load bench"):
      /ws/generic, and of the pairs given with --compare); --json FILE keeps the raw figures.
 
 More targets: nginx-tls and wsgate-tls (wss:// on the client hop, a per-run certificate, the bot
-hop plain), wsgate-redis (a shared capacity store in a redis-server started for the run),
-wsgate-before (another wsgate, from --before-pythonpath: an A/B of two builds in one run),
-wsgate-token (opens only: a token agent, every open of the run carrying a fresh one-time token).
+hop plain), nginx-tls-both and wsgate-tls-both (wss:// on both hops: the bot is a second echo
+upstream serving that certificate), wsgate-redis (a shared capacity store in a redis-server
+started for the run), wsgate-before (another wsgate, from --before-pythonpath: an A/B of two
+builds in one run), wsgate-token (opens only: a token agent, every open of the run carrying a
+fresh one-time token).
 
 Only the standard library is used; process figures come from /proc.
 """
@@ -350,9 +352,10 @@ def tls_args(url: str) -> list[str]:
 class Target:
     name = "?"
     relay = True  # False for direct
-    #: wss:// on the client hop: no telephony or Twilio runs (loadgen's paced sender writes to
-    #: the raw sockets)
+    #: wss:// on the client hop (left out of the scale phase: not tried with TLS)
     tls = False
+    #: wss:// on the bot hop too: the upstream is the TLS echo server (its port in `up`)
+    bot_tls = False
     #: measured in the open phase only (wsgate-token: only loadgen's opens send tokens)
     opens_only = False
 
@@ -460,6 +463,8 @@ class Nginx(Target):
             "LISTEN_SSL": " ssl" if self.tls else "",
             "SSL_LINES": self.ssl_lines(),
             "UPSTREAM_PORT": str(self.up),
+            "UPSTREAM_SCHEME": "https" if self.bot_tls else "http",
+            "PROXY_SSL_LINES": self.proxy_ssl_lines(),
             "BUFFER_SIZE": self.buffer_size,
         }.items():
             conf = conf.replace(f"@@{k}@@", v)
@@ -484,9 +489,13 @@ class Nginx(Target):
         ssl = next((ln for ln in version.splitlines() if ln.startswith("built with")), "")
         self.note = f"nginx {v}, {self.workers} workers, proxy_buffer_size {self.buffer_size}"
         if self.tls:
-            self.note += f"; TLS to the client ({ssl}), plain to the bot"
+            bot = "TLS to the bot too" if self.bot_tls else "plain to the bot"
+            self.note += f"; TLS to the client ({ssl}), {bot}"
 
     def ssl_lines(self) -> str:
+        return ""
+
+    def proxy_ssl_lines(self) -> str:
         return ""
 
 
@@ -518,6 +527,32 @@ class NginxTls(Nginx):
                 "ssl_session_cache off;",
                 "ssl_session_tickets off;",
                 "ssl_conf_command NumTickets 0;",
+            )
+        )
+
+
+class NginxTlsBoth(NginxTls):
+    """nginx-tls dialling the bot over TLS too (`proxy_pass https://`), verifying its
+    certificate against the run's CA, with no session reuse: a full handshake per session on
+    both hops, as wsgate-tls-both."""
+
+    name = "nginx-tls-both"
+    bot_tls = True
+
+    def proxy_ssl_lines(self) -> str:
+        assert TLS is not None
+        # proxy_ssl_name: nginx checks a DNS name only (X509_check_host), not an IP address,
+        # so it verifies the leaf's "localhost"; it sends no SNI (proxy_ssl_server_name off,
+        # nginx's default), as wsgate sends none to 127.0.0.1. proxy_ssl_protocols: nginx
+        # 1.22's default leaves TLS 1.3 out. The echo bot serves the one suite of --tls-suite.
+        return "\n".join(
+            f"            {line}"
+            for line in (
+                f"proxy_ssl_trusted_certificate {TLS.ca};",
+                "proxy_ssl_verify on;",
+                "proxy_ssl_name localhost;",
+                "proxy_ssl_protocols TLSv1.2 TLSv1.3;",
+                "proxy_ssl_session_reuse off;",
             )
         )
 
@@ -595,6 +630,8 @@ class Wsgate(Target):
     args: tuple[str, ...] = ()
     #: Its relay_threads (None: the gateway's default); --relay-threads, or a wsgate-tN target.
     relay_threads: int | None = None
+    #: The bot's scheme: ws, or wss (wsgate-tls-both: the TLS echo upstream on `up`)
+    upstream_scheme = "ws"
 
     def __init__(
         self, tmp: Path, up: int, python: str, max_sessions: int, pythonpath: str | None = None
@@ -654,7 +691,7 @@ class Wsgate(Target):
             "[[agent]]\n"
             'name = "echo"\n'
             'org = "bench"\n'
-            f'upstream = "ws://127.0.0.1:{self.up}/ws"\n'
+            f'upstream = "{self.upstream_scheme}://127.0.0.1:{self.up}/ws"\n'
             # the per-agent session cap (default 50) must not be what the bench measures
             f"max_sessions = {self.max_sessions}\n"
             f"{self.agent_settings}"
@@ -720,6 +757,22 @@ class WsgateTls(Wsgate):
 
     def variants(self) -> list[tuple[str, str]]:
         return [(self.name, self.url)]
+
+
+class WsgateTlsBoth(WsgateTls):
+    """wsgate-tls dialling the bot over TLS too (`upstream = "wss://127.0.0.1:P/ws"`), its
+    certificate verified against the run's CA (`upstream_ca_file`). The echo bot sends no
+    tickets and keeps no sessions, so wsgate's client (which would resume) does a full
+    handshake per session, as nginx-tls-both."""
+
+    name = "wsgate-tls-both"
+    bot_tls = True
+    upstream_scheme = "wss"
+
+    @property
+    def settings(self) -> str:  # type: ignore[override]
+        assert TLS is not None
+        return super().settings + f'upstream_ca_file = "{TLS.ca}"\n'
 
 
 class WsgateRedis(Wsgate):
@@ -1058,6 +1111,7 @@ def scale_phase(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, n: in
         str(warmup_ms),
         "--pace-us",
         str(a.pace_us),
+        *tls_args(t.url),
         *cpu_args(t, echo_pid),
     ]
     p = subprocess.Popen(
@@ -1087,8 +1141,12 @@ def scale_phase(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, n: in
     return r
 
 
+#: The echo upstreams' pids by port (the plain one, and the TLS one of the *-tls-both targets).
+ECHO_PIDS: dict[int, int] = {}
+
+
 def cpu_args(t: Target, echo_pid: int) -> list[str]:
-    a = ["--upstream-pids", str(echo_pid)]
+    a = ["--upstream-pids", str(ECHO_PIDS.get(t.up, echo_pid))]
     if t.relay:
         a += ["--relay-pids", ",".join(map(str, t.pids()))]
     return a
@@ -1157,6 +1215,7 @@ def telephony(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int) -> dict
             str(a.warmup_ms),
             "--pace-us",
             str(a.pace_us),
+            *tls_args(t.url),
             *cpu_args(t, echo_pid),
         ],
         timeout=a.tel_seconds + 120,
@@ -1184,6 +1243,7 @@ def twilio(lg: Path, t: Target, a: argparse.Namespace, echo_pid: int, url: str) 
             str(a.warmup_ms),
             "--pace-us",
             str(a.pace_us),
+            *tls_args(url),
             *cpu_args(t, echo_pid),
         ],
         timeout=a.twilio_seconds + 120,
@@ -1635,14 +1695,23 @@ def negotiated(res: dict, tres: dict) -> str:
     """What loadgen's TLS connections negotiated (version, suite, key exchange), as it said."""
     seen = set()
     for r in res.values():
-        for x in r["saturate"]:
+        for x in r["saturate"] + r["telephony"]:
             if x.get("tls"):
                 seen.add(x["tls"])
     for r in tres.values():
-        for x in r["opens"]:
+        for x in r["opens"] + r["twilio"]:
             if x.get("tls"):
                 seen.add(x["tls"])
     return "; ".join(sorted(seen)) or "-"
+
+
+def bot_negotiated(out: Path) -> str:
+    """What the relays' dials of the TLS echo upstream negotiated, as it printed them."""
+    try:
+        lines = out.read_text().splitlines()
+    except OSError:
+        return "-"
+    return "; ".join(sorted({ln[4:] for ln in lines if ln.startswith("tls ")})) or "-"
 
 
 def open_label(t: Target) -> str:
@@ -1663,6 +1732,7 @@ PER_ROUND = {
     "relay_cpu_util": ("saturate", lambda x: x.get("relay_cpu_s", float("nan")) / x["seconds"]),
     "tel_cpu_us_per_msg": ("telephony", lambda x: _per_msg(x, "received")),
     "tel_p50_us": ("telephony", lambda x: x["p50_us"]),
+    "tel_p99_us": ("telephony", lambda x: x["p99_us"]),
     "open_per_s": ("opens", lambda x: x["opens_per_s"]),
     "open_p50_us": ("opens", lambda x: x["p50_us"]),
     "open_p99_us": ("opens", lambda x: x["p99_us"]),
@@ -1705,6 +1775,8 @@ def print_compare(
         ("others' CPU during sat (cores)", "sat_other_cpu_util", 2, None),
         ("tel CPU µs per relayed message", "tel_cpu_us_per_msg", 2, None),
         ("tel p50 µs", "tel_p50_us", 0, None),
+        ("tel p99 µs", "tel_p99_us", 0, None),
+        ("others' CPU during tel (cores)", "tel_other_cpu_util", 2, None),
         ("idle KiB per session", "idle_per_session_kib", 2, None),
         ("RSS after a burst ÷ before", "burst_after_over_base", 2, None),
     ]
@@ -1956,12 +2028,13 @@ def main() -> int:
         "--tls-key",
         choices=["ecdsa", "rsa"],
         default="ecdsa",
-        help="nginx-tls, wsgate-tls: the per-run certificate's key (ECDSA P-256 or RSA 2048)",
+        help="the TLS targets: the per-run certificate's key (ECDSA P-256 or RSA 2048)",
     )
     ap.add_argument(
         "--tls-suite",
         default="TLS13_AES_128_GCM_SHA256",
-        help="nginx-tls, wsgate-tls: the one cipher suite loadgen offers (rustls's name)",
+        help="the TLS targets: the one cipher suite loadgen offers and the TLS echo bot "
+        "serves (rustls's name)",
     )
     ap.add_argument(
         "--compare",
@@ -2014,11 +2087,31 @@ def main() -> int:
         log(f"unknown phase in {a.phases}")
         return 2
     global TLS
-    if {"nginx-tls", "wsgate-tls"} & set(want_t):
+    tls_targets = {"nginx-tls", "wsgate-tls", "nginx-tls-both", "wsgate-tls-both"}
+    if tls_targets & set(want_t):
         try:
             TLS = TlsFiles(tmp, a.tls_key, a.tls_suite)
         except ImportError:
             log("trustme is not installed (pip install trustme): no TLS targets")
+    ECHO_PIDS[up] = echo.pid
+    # the bot of nginx-tls-both and wsgate-tls-both: the same echo, serving wss:// with the
+    # run's certificate, the one suite of --tls-suite, no resumption
+    up_tls, echo_tls, echo_tls_out = 0, None, tmp / "echo-tls.out"
+    if TLS and {"nginx-tls-both", "wsgate-tls-both"} & set(want_t):
+        up_tls = free_port()
+        echo_tls = spawn(
+            [
+                *(str(lg), "echo-server", "--port", str(up_tls)),
+                *("--tls-cert", str(TLS.cert), "--tls-key", str(TLS.key)),
+                *("--tls-suite", TLS.suite),
+            ],
+            echo_tls_out,
+        )
+        if wait_port(up_tls, 10, echo_tls):
+            ECHO_PIDS[up_tls] = echo_tls.pid
+        else:
+            log(f"TLS echo upstream did not start: {echo_tls_out.read_text()[-300:]}")
+            echo_tls = None
     redis_url = None
     redis_rtts: list[dict] = []  # one probe per round
     if "wsgate-redis" in want_t and shutil.which("redis-server"):
@@ -2052,6 +2145,8 @@ def main() -> int:
         "wsgate-token": lambda: WsgateToken(tmp, up, py, ms, wpp),
         "nginx-tls": lambda: NginxTls(tmp, up, a.nginx_workers, a.nginx_buffer_size),
         "wsgate-tls": lambda: WsgateTls(tmp, up, py, ms, wpp),
+        "nginx-tls-both": lambda: NginxTlsBoth(tmp, up_tls, a.nginx_workers, a.nginx_buffer_size),
+        "wsgate-tls-both": lambda: WsgateTlsBoth(tmp, up_tls, py, ms, wpp),
         "wsgate-redis": lambda: WsgateRedis(tmp, up, py, ms, wpp, redis_url=redis_url or ""),
         "wsgate-before": lambda: WsgateBefore(tmp, up, py, ms, a.before_pythonpath),
     }
@@ -2063,6 +2158,8 @@ def main() -> int:
     unmet = {
         "nginx-tls": None if TLS else "no certificate (trustme missing)",
         "wsgate-tls": None if TLS else "no certificate (trustme missing)",
+        "nginx-tls-both": None if echo_tls else "no TLS echo upstream (trustme missing?)",
+        "wsgate-tls-both": None if echo_tls else "no TLS echo upstream (trustme missing?)",
         "wsgate-redis": None if redis_url else "redis-server did not start or is not installed",
         "wsgate-before": None if a.before_pythonpath else "no --before-pythonpath",
     }
@@ -2111,7 +2208,7 @@ def main() -> int:
             for t in targets:
                 if not t.relay or t.opens_only:
                     continue
-                r = idle_phase(lg, t, a.idle_conns, up)
+                r = idle_phase(lg, t, a.idle_conns, t.up)
                 res[t.name]["idle"] = r
                 log(f"  {t.name}: {r}")
                 if r["sessions"] != a.idle_conns or r["upstream_sessions"] != a.idle_conns:
@@ -2128,7 +2225,7 @@ def main() -> int:
             for t in targets:
                 if not t.relay or t.opens_only:
                     continue
-                r = burst_phase(lg, t, a.burst_sessions, a, up)
+                r = burst_phase(lg, t, a.burst_sessions, a, t.up)
                 res[t.name]["burst"] = r
                 log(
                     f"  {t.name}: RSS {r['rss_base_kib']:,} -> {r['rss_peak_kib']:,} -> "
@@ -2189,7 +2286,7 @@ def main() -> int:
                     f"round {rnd + 1}/{a.rounds}: telephony {a.tel_conns} x {a.tel_size} B"
                     f" / {a.interval_ms} ms, {a.tel_seconds}s each"
                 )
-            for t in [t for t in order if not (t.tls or t.opens_only)] if "tel" in phases else []:
+            for t in [t for t in order if not t.opens_only] if "tel" in phases else []:
                 r = quiet_run(telephony, lg, t, a, echo.pid)
                 res[t.name]["telephony"].append(r)
                 log(
@@ -2205,8 +2302,8 @@ def main() -> int:
                     f"round {rnd + 1}/{a.rounds}: twilio {a.twilio_calls} calls x media"
                     f" / {a.interval_ms} ms, {a.twilio_seconds}s each"
                 )
-            plain = [v for v in variants if not (v[0].tls or v[0].opens_only)]
-            for t, label, url in plain if "twilio" in phases else []:
+            media = [v for v in variants if not v[0].opens_only]
+            for t, label, url in media if "twilio" in phases else []:
                 r = quiet_run(twilio, lg, t, a, echo.pid, url)
                 r["url"] = url
                 tres[label]["twilio"].append(r)
@@ -2269,6 +2366,8 @@ def main() -> int:
     print_memory_report(targets, res, a, fitted, scale_skipped)
     if TLS and any(t.tls for t in targets):
         print(f"\nTLS: {TLS.describe()}; negotiated: {negotiated(res, tres)}")
+        if echo_tls:
+            print(f"TLS on the bot hop (the echo upstream's view): {bot_negotiated(echo_tls_out)}")
     redis_rtt = {k: med([r[k] for r in redis_rtts]) for k in redis_rtts[0]} if redis_rtts else {}
     if redis_rtt:
         print(

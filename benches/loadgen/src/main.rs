@@ -5,7 +5,7 @@
 //! every read is drained of all complete frames and answered with one write.
 //!
 //! Subcommands (see `usage()`):
-//!   echo-server  an upstream that echoes every frame on /ws (any path is accepted)
+//!   echo-server  an upstream that echoes every frame on /ws (any path is accepted); wss:// too
 //!   saturate     N connections, each keeping K binary messages in flight; round trips/s
 //!   telephony    N connections, each sending one message every T ms; round-trip latency
 //!   twilio       telephony in Twilio's shape: `connected` and `start`, then JSON media messages
@@ -13,9 +13,11 @@
 //!                (`--tokens FILE`: open i carries line i as `token=` in its query)
 //!   idle         open N sessions, print "ready", hold them until stdin closes
 //!
-//! Client URLs may be `wss://` (all but telephony and twilio, whose paced sender writes to the
-//! raw sockets): TLS by rustls (ring), trusting only the CA of `--ca-file`, one cipher suite
-//! offered (`--tls-suite`), no session resumption, so every open is a full handshake.
+//! Client URLs may be `wss://`: TLS by rustls (ring), trusting only the CA of `--ca-file`, one
+//! cipher suite offered (`--tls-suite`), no session resumption, so every open is a full
+//! handshake. (telephony and twilio take each stream apart after its upgrade, so that the paced
+//! sender encrypts and writes on the reader's descriptor: see `PacedOut`.) The echo server
+//! serves `wss://` with `--tls-cert` and `--tls-key` (the same suite, no resumption).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -243,6 +245,17 @@ fn tls_config(ca_file: &str, suite: &str) -> Res<Arc<rustls::ClientConfig>> {
     if roots.is_empty() {
         return Err(format!("{ca_file}: no certificate").into());
     }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider(suite)?))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// ring's provider with one cipher suite (by its rustls name) and every key exchange group.
+fn provider(suite: &str) -> Res<rustls::crypto::CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     let all = std::mem::take(&mut provider.cipher_suites);
     let names: Vec<String> = all.iter().map(|c| format!("{:?}", c.suite())).collect();
@@ -253,13 +266,66 @@ fn tls_config(ca_file: &str, suite: &str) -> Res<Arc<rustls::ClientConfig>> {
     if provider.cipher_suites.is_empty() {
         return Err(format!("--tls-suite {suite}: not one of {}", names.join(", ")).into());
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+    Ok(provider)
+}
+
+/// Session storage that lets the server issue TLS 1.3 tickets but keeps none: a client that
+/// offers one back gets a full handshake.
+#[derive(Debug)]
+struct ForgetfulStore;
+
+impl rustls::server::StoresServerSessions for ForgetfulStore {
+    fn put(&self, _id: Vec<u8>, _value: Vec<u8>) -> bool {
+        true
+    }
+    fn get(&self, _id: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn take(&self, _id: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
+/// The echo server's TLS (`--tls-cert`, `--tls-key`): that chain and key, the one suite of
+/// `--tls-suite`, and no resumption, so every relay's dial of the bot is a full handshake
+/// whatever its own client would resume. No ALPN.
+///
+/// It still sends rustls's default two TLS 1.3 tickets after each handshake (tickets it cannot
+/// honour, see [`ForgetfulStore`]), as bots' TLS stacks do (OpenSSL and rustls both send two).
+/// A server that sends none leaves the client's Finished unanswered, so its ACK is delayed
+/// (~40 ms on Linux), and a client without TCP_NODELAY at that point (nginx sets it on its
+/// upstream socket only at the upgrade) holds its request behind it (Nagle): every open
+/// through nginx would wait ~40 ms for nothing a real bot would make it wait for.
+fn server_tls_config(cert: &str, key: &str, suite: &str) -> Res<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("--tls-cert {cert}: {e}"))?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {key}: {e}"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider(suite)?))
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    cfg.resumption = rustls::client::Resumption::disabled();
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    cfg.session_storage = Arc::new(ForgetfulStore);
     Ok(Arc::new(cfg))
+}
+
+/// "TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519": what a connection negotiated.
+fn describe_tls(c: &rustls::CommonState) -> Res<String> {
+    Ok(format!(
+        "{:?} {:?} {:?}",
+        c.protocol_version().ok_or("no TLS version")?,
+        c.negotiated_cipher_suite()
+            .ok_or("no cipher suite")?
+            .suite(),
+        c.negotiated_key_exchange_group()
+            .ok_or("no key exchange")?
+            .name()
+    ))
 }
 
 /// A client connection, plain or TLS.
@@ -323,17 +389,7 @@ async fn connect(url: &Url, target: &str, seed: u64) -> Res<(Conn, Vec<u8>)> {
         Some((connector, name)) => {
             let t = connector.connect(name.clone(), tcp).await?;
             if NEGOTIATED.get().is_none() {
-                let c = t.get_ref().1;
-                let _ = NEGOTIATED.set(format!(
-                    "{:?} {:?} {:?}",
-                    c.protocol_version().ok_or("no TLS version")?,
-                    c.negotiated_cipher_suite()
-                        .ok_or("no cipher suite")?
-                        .suite(),
-                    c.negotiated_key_exchange_group()
-                        .ok_or("no key exchange")?
-                        .name()
-                ));
+                let _ = NEGOTIATED.set(describe_tls(t.get_ref().1)?);
             }
             Conn::Tls(Box::new(t))
         }
@@ -530,8 +586,9 @@ impl Twilio {
 // ---------------------------------------------------------------------------------------------
 // echo server
 
-async fn echo_conn(mut s: TcpStream) -> Res<()> {
-    s.set_nodelay(true)?;
+/// One upstream session, in the clear or over TLS (`S` a TcpStream or a server TlsStream: each
+/// write is flushed, which pushes a TLS stream's records out and does nothing to a TcpStream).
+async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> Res<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut tmp = vec![0u8; 65536];
     // handshake
@@ -561,6 +618,7 @@ async fn echo_conn(mut s: TcpStream) -> Res<()> {
     let Some(key) = key else {
         s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             .await?;
+        s.flush().await?;
         return Ok(());
     };
     let resp = format!(
@@ -569,6 +627,7 @@ async fn echo_conn(mut s: TcpStream) -> Res<()> {
         accept_key(&key)
     );
     s.write_all(resp.as_bytes()).await?;
+    s.flush().await?;
     buf.drain(..end);
     let mut out: Vec<u8> = Vec::with_capacity(65536);
     loop {
@@ -602,6 +661,7 @@ async fn echo_conn(mut s: TcpStream) -> Res<()> {
         }
         if !out.is_empty() {
             s.write_all(&out).await?;
+            s.flush().await?;
             out.clear();
         }
         if closing {
@@ -616,18 +676,47 @@ async fn echo_conn(mut s: TcpStream) -> Res<()> {
     }
 }
 
-async fn echo_server(port: u16) -> Res<()> {
-    let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+/// The echo upstream on 127.0.0.1:`port`; with `--tls-cert` and `--tls-key`, wss:// (see
+/// [`server_tls_config`]). Over TLS it prints one line `tls <version> <suite> <group>` to
+/// stdout for each distinct set of parameters its clients negotiate.
+async fn echo_server(a: &Args) -> Res<()> {
+    let tls = match (a.tls_cert.is_empty(), a.tls_key.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(tokio_rustls::TlsAcceptor::from(server_tls_config(
+            &a.tls_cert,
+            &a.tls_key,
+            &a.tls_suite,
+        )?)),
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
+    let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], a.port))).await?;
     eprintln!(
-        "echo-server listening on 127.0.0.1:{}",
-        l.local_addr()?.port()
+        "echo-server listening on 127.0.0.1:{}{}",
+        l.local_addr()?.port(),
+        if tls.is_some() { " (TLS)" } else { "" }
     );
     println!("listening {}", l.local_addr()?.port());
     std::io::stdout().flush().ok();
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
     loop {
         let (s, _) = l.accept().await?;
+        s.set_nodelay(true)?;
+        let (tls, seen) = (tls.clone(), seen.clone());
         tokio::spawn(async move {
-            let _ = echo_conn(s).await;
+            let Some(acceptor) = tls else {
+                let _ = echo_conn(s).await;
+                return;
+            };
+            let Ok(t) = acceptor.accept(s).await else {
+                return;
+            };
+            if let Ok(d) = describe_tls(t.get_ref().1) {
+                if seen.lock().unwrap().insert(d.clone()) {
+                    println!("tls {d}");
+                    std::io::stdout().flush().ok();
+                }
+            }
+            let _ = echo_conn(t).await;
         });
     }
 }
@@ -1129,16 +1218,25 @@ async fn telephony(a: &Args) -> Res<()> {
     // connection, so 10,000 connections fit a 20,000 file limit). Each reader task hands its
     // socket back when done, and the sockets are closed only once the sender has stopped, so no
     // descriptor the sender writes to is closed (or reused) under it.
+    //
+    // Over TLS (wss://) the stream is taken apart after its upgrade: the socket stays with the
+    // reader, and the rustls connection is shared by the reader (which decrypts) and the sender
+    // (which encrypts each message into one record and writes it on the same descriptor), each
+    // holding its lock only for that. TLS 1.3 keys each direction on its own, so neither waits
+    // on the other beyond the lock.
     let pace = Duration::from_micros(a.pace_us);
     let mut writers = Vec::with_capacity(n);
     let mut hs = Vec::with_capacity(n);
     for (i, s, extra) in streams {
-        let Conn::Plain(s) = s else {
-            return Err(
-                "telephony and twilio runs take ws:// URLs only (the paced sender \
-                        writes to the raw sockets)"
-                    .into(),
-            );
+        let (s, tls) = match s {
+            Conn::Plain(s) => (s, None),
+            Conn::Tls(t) => {
+                let (s, mut c) = t.into_inner();
+                // the sender keeps what the socket cannot take now in rustls's buffer, as it
+                // keeps it in its own in the clear: no limit, so a message is never refused
+                c.set_buffer_limit(None);
+                (s, Some(Arc::new(std::sync::Mutex::new(c))))
+            }
         };
         let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
         // SAFETY: `fd` is the reader's open socket; it stays open until every reader's socket
@@ -1147,10 +1245,10 @@ async fn telephony(a: &Args) -> Res<()> {
         let w = std::mem::ManuallyDrop::new(unsafe {
             <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd)
         });
-        writers.push((i, w));
+        writers.push((i, PacedOut::new(w, tls.clone())));
         let shape = shape.clone();
         hs.push(tokio::spawn(async move {
-            let mut s = s;
+            let mut s = TelIo { tcp: s, tls };
             let r = tel_reader(&mut s, extra, i, shape, start, stop, stop + drain).await;
             (s, r)
         }));
@@ -1219,6 +1317,138 @@ async fn telephony(a: &Args) -> Res<()> {
     Ok(())
 }
 
+/// One connection as the paced sender sees it: its descriptor, and its TLS state when it is
+/// wss:// (shared with its reader). A frame the socket cannot take now waits for the next slot:
+/// in `pending` in the clear, in rustls's outgoing buffer (already encrypted) over TLS.
+struct PacedOut {
+    w: std::mem::ManuallyDrop<std::net::TcpStream>,
+    tls: Option<Arc<std::sync::Mutex<rustls::ClientConnection>>>,
+    pending: Vec<u8>,
+}
+
+impl PacedOut {
+    fn new(
+        w: std::mem::ManuallyDrop<std::net::TcpStream>,
+        tls: Option<Arc<std::sync::Mutex<rustls::ClientConnection>>>,
+    ) -> Self {
+        PacedOut {
+            w,
+            tls,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Queue `frame` and write what the socket takes now (non-blocking). Ok(true) when an
+    /// earlier frame was still waiting: the socket had been full.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<bool> {
+        use std::io::ErrorKind;
+        let w: &mut std::net::TcpStream = &mut self.w;
+        let Some(tls) = &self.tls else {
+            let blocked = !self.pending.is_empty();
+            self.pending.extend_from_slice(frame);
+            while !self.pending.is_empty() {
+                match w.write(&self.pending) {
+                    Ok(k) => {
+                        self.pending.drain(..k);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.pending.clear();
+                        return Err(e);
+                    }
+                }
+            }
+            return Ok(blocked);
+        };
+        let mut c = tls.lock().unwrap();
+        let blocked = c.wants_write();
+        // one record (the buffer has no limit, so all of it is taken)
+        c.writer().write_all(frame)?;
+        while c.wants_write() {
+            match c.write_tls(w) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(blocked)
+    }
+}
+
+/// A telephony reader's connection: the socket, and its TLS state when it is wss:// (shared
+/// with the paced sender, which writes).
+struct TelIo {
+    tcp: TcpStream,
+    tls: Option<Arc<std::sync::Mutex<rustls::ClientConnection>>>,
+}
+
+/// `Read` on a tokio socket without waiting (rustls's `read_tls` takes a `Read`).
+struct TryRead<'a>(&'a TcpStream);
+impl std::io::Read for TryRead<'_> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_read(b)
+    }
+}
+
+/// `Write` on a tokio socket without waiting.
+struct TryWrite<'a>(&'a TcpStream);
+impl std::io::Write for TryWrite<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.try_write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TelIo {
+    /// Read what has arrived (decrypted over TLS); Ok(0) when the peer has closed.
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::{ErrorKind, Read as _};
+        let Some(tls) = &self.tls else {
+            return self.tcp.read(buf).await;
+        };
+        loop {
+            {
+                let mut c = tls.lock().unwrap();
+                match c.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    // closed without close_notify: as a TCP close in the clear
+                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
+                    Err(e) => return Err(e),
+                }
+            }
+            self.tcp.readable().await?;
+            let mut c = tls.lock().unwrap();
+            match c.read_tls(&mut TryRead(&self.tcp)) {
+                Ok(_) => {
+                    // on Ok(0) (end of stream) the reader says so next time round
+                    c.process_new_packets()
+                        .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Send `b` (the close frame) if the socket takes it now; the caller does not wait.
+    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        let Some(tls) = &self.tls else {
+            return self.tcp.write_all(b).await;
+        };
+        let mut c = tls.lock().unwrap();
+        c.writer().write_all(b)?;
+        while c.wants_write() {
+            c.write_tls(&mut TryWrite(&self.tcp))?;
+        }
+        Ok(())
+    }
+}
+
 struct SenderStats {
     counted: u64,
     late: u64,
@@ -1229,7 +1459,7 @@ struct SenderStats {
 /// The paced sender: one thread, a slot every interval/n, a nanosleep between slots. `ws` holds
 /// each connection's call number and socket.
 fn tel_sender(
-    mut ws: Vec<(usize, std::mem::ManuallyDrop<std::net::TcpStream>)>,
+    mut ws: Vec<(usize, PacedOut)>,
     shape: Shape,
     t0: Instant,
     interval: Duration,
@@ -1237,7 +1467,6 @@ fn tel_sender(
     stop: Instant,
     pace: Duration,
 ) -> SenderStats {
-    use std::io::ErrorKind;
     // default timer slack is 50 us; ask for 1 us so the slots keep their spacing
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64);
@@ -1249,7 +1478,6 @@ fn tel_sender(
     let mut rng = Rng::new(0x7e1e);
     let mut payload = Vec::with_capacity(1024);
     let mut seq = vec![0u64; n];
-    let mut pending: Vec<Vec<u8>> = vec![Vec::new(); n];
     let mut st = SenderStats {
         counted: 0,
         late: 0,
@@ -1281,24 +1509,10 @@ fn tel_sender(
             st.counted += 1; // the readers count the same window
         }
         // a socket that cannot take the frame now keeps it for its next slot
-        let buf = &mut pending[i];
-        if !buf.is_empty() {
-            st.blocked += 1;
-        }
-        buf.extend_from_slice(&frame);
-        let w: &mut std::net::TcpStream = &mut ws[i].1;
-        while !buf.is_empty() {
-            match w.write(buf) {
-                Ok(k) => {
-                    buf.drain(..k);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    st.error.get_or_insert(format!("send: {e}"));
-                    buf.clear();
-                    break;
-                }
+        match ws[i].1.send(&frame) {
+            Ok(blocked) => st.blocked += blocked as u64,
+            Err(e) => {
+                st.error.get_or_insert(format!("send: {e}"));
             }
         }
     }
@@ -1309,7 +1523,7 @@ fn tel_sender(
 /// Reads one connection's (call i's) echoes: counts those sent in [start, stop) and their
 /// latency.
 async fn tel_reader(
-    r: &mut TcpStream,
+    r: &mut TelIo,
     extra: Vec<u8>,
     i: usize,
     shape: Shape,
@@ -1689,12 +1903,17 @@ struct Args {
     tls_suite: String,
     /// opens: a file of tokens, one per open (empty: none)
     tokens: String,
+    /// echo-server: serve wss:// with this PEM chain and key (empty: plain ws://)
+    tls_cert: String,
+    tls_key: String,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage:
-  loadgen echo-server --port P [--threads N]
+  loadgen echo-server --port P [--threads N] [--tls-cert CHAIN.pem --tls-key KEY.pem]
+                    (--tls-*: wss://, the one suite of --tls-suite, no resumption; prints
+                    \"tls <version> <suite> <group>\" once per distinct negotiation)
   loadgen saturate  --url U [--conns 32] [--inflight 8] [--size 256] [--seconds 10] [--warmup-ms 1000]
                     [--write batch|each] (batch: the replies of one read answered with one write)
   loadgen telephony --url U [--conns 500] [--size 320] [--interval-ms 20] [--seconds 10] [--warmup-ms 1000] [--drain-ms 1000] [--pace-us 100]
@@ -1746,6 +1965,8 @@ fn parse_args() -> Args {
         ca_file: String::new(),
         tls_suite: "TLS13_AES_128_GCM_SHA256".to_string(),
         tokens: String::new(),
+        tls_cert: String::new(),
+        tls_key: String::new(),
     };
     let mut kv: HashMap<String, String> = HashMap::new();
     let mut i = 1;
@@ -1790,6 +2011,8 @@ fn parse_args() -> Args {
             "ca-file" => a.ca_file = v,
             "tls-suite" => a.tls_suite = v,
             "tokens" => a.tokens = v,
+            "tls-cert" => a.tls_cert = v,
+            "tls-key" => a.tls_key = v,
             _ => {
                 eprintln!("unknown option --{k}");
                 usage()
@@ -1811,6 +2034,10 @@ fn parse_args() -> Args {
         }
         "echo-server" => {}
         _ => usage(),
+    }
+    if (!a.tls_cert.is_empty() || !a.tls_key.is_empty()) && a.cmd != "echo-server" {
+        eprintln!("--tls-cert and --tls-key are options of echo-server only");
+        usage();
     }
     if a.cmd != "echo-server" && a.url.is_empty() {
         usage();
@@ -1850,7 +2077,7 @@ fn main() {
     .expect("tokio runtime");
     let r = rt.block_on(async {
         match a.cmd.as_str() {
-            "echo-server" => echo_server(a.port).await,
+            "echo-server" => echo_server(&a).await,
             "saturate" => saturate(&a).await,
             "telephony" | "twilio" => telephony(&a).await,
             "opens" => opens(&a).await,
