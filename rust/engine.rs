@@ -278,6 +278,13 @@ impl Engine {
         Ok(())
     }
 
+    /// The listener's TLS for connections accepted from now on (`None`: plain). With TLS, every
+    /// connection is read on a relay thread (its handshake, then its request): see
+    /// [`set_wait`](Self::set_wait), which must leave room.
+    pub fn set_tls(&self, config: Option<Arc<rustls::ServerConfig>>) {
+        self.opener.set_tls(config);
+    }
+
     /// How requests not there when their connection was accepted are waited for: on a relay
     /// thread, at most `wait.most` at once, each for `wait.timeout` from its accept (none until
     /// this is called: such connections go to the control plane unread). See `reading.rs`.
@@ -307,6 +314,13 @@ impl Engine {
     /// returns it beside what it took.
     pub fn accept(&self, listener: RawFd, max: usize) -> (Vec<Accepted>, Option<io::Error>) {
         let routes = self.opener.routes();
+        // With TLS, nothing is read here: the handshake and the request are read on a relay
+        // thread (a connection given back is as accepted, for the control plane's own TLS).
+        let tls = if routes.is_empty() {
+            None
+        } else {
+            self.opener.tls()
+        };
         // SAFETY: the control plane keeps the listening socket open during the call.
         let listening = unsafe { BorrowedFd::borrow_raw(listener) };
         let listening = socket2::SockRef::from(&listening);
@@ -324,14 +338,20 @@ impl Engine {
                 Err(e) => return (taken, Some(e)),
             };
             let sock = TcpStream::from(sock);
-            let n = match (&sock).read(&mut buf) {
-                Ok(0) => continue, // gone before its request
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
-                Err(_) => continue,
+            let (client, n) = match &tls {
+                Some(config) => match Tls::server(config) {
+                    Ok(t) => (Stream::tls(sock, t), 0),
+                    Err(_) => (Stream::plain(sock), 0), // for the control plane's TLS
+                },
+                None => match (&sock).read(&mut buf) {
+                    Ok(0) => continue, // gone before its request
+                    Ok(n) => (Stream::plain(sock), n),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => (Stream::plain(sock), 0),
+                    Err(_) => continue,
+                },
             };
             let (read, peer) = (&buf[..n], peer.as_socket());
-            match self.take(&routes, Stream::plain(sock), read, (peer, prepared)) {
+            match self.take(&routes, client, read, (peer, prepared)) {
                 None => taken.push(Accepted::Opening),
                 Some(client) => taken.push(Accepted::Handed {
                     sock: client.into_socket(),

@@ -30,6 +30,7 @@ use crate::relay::{self, Pair, Pending};
 use crate::session::{Limits, Outcome};
 use crate::shard::{Run, Task};
 use crate::stream::Stream;
+use crate::tls::Tls;
 use crate::upgrade;
 
 /// How one agent's sessions are opened in the data plane.
@@ -177,8 +178,8 @@ pub enum News {
         session_id: u64,
         /// Its agent.
         service_host: String,
-        /// The client's socket, to be answered (`None`: it went away).
-        client: Option<TcpStream>,
+        /// The client's socket and its TLS, to be answered (`None`: it went away).
+        client: Option<Client>,
         /// Why.
         failure: Failure,
         /// How long each call to the replay store took (a token's claim and release), in
@@ -188,8 +189,9 @@ pub enum News {
     /// A connection whose request a relay thread read (`reading.rs`) and did not open: Python's
     /// to serve, or, without a client, gone (the client left or was too slow).
     Handed {
-        /// The client's socket (`None`: gone, nothing to answer).
-        client: Option<TcpStream>,
+        /// The client's socket and its TLS, the handshake done (`None`: gone, nothing to
+        /// answer).
+        client: Option<Client>,
         /// Its address.
         peer: Option<SocketAddr>,
         /// What it sent: its request's head whole (or more than the limit of one), and any
@@ -201,6 +203,10 @@ pub enum News {
         evicted: bool,
     },
 }
+
+/// A client for Python to answer or serve: its own descriptor of the socket, and its TLS (boxed:
+/// a rustls connection is over a kilobyte, and news of a plain one is queued by the thousand).
+pub type Client = (TcpStream, Option<Box<Tls>>);
 
 /// Where [`News`] goes (the engine's queue for Python).
 pub type Tell = Arc<dyn Fn(News) + Send + Sync>;
@@ -241,7 +247,7 @@ struct Held {
 impl Held {
     /// It did not open: the place and the token back, and Python told (with the client's socket
     /// to answer, unless it is gone).
-    fn fail(&mut self, client: Option<TcpStream>, failure: Failure) {
+    fn fail(&mut self, client: Option<Client>, failure: Failure) {
         self.armed = false;
         give(&self.route.place);
         let store_seconds = match self.claimed.take() {
@@ -488,9 +494,8 @@ impl Fast {
                 self.state = fast.state;
                 self.run(now)
             }
-            Verdict::Back(client) => {
-                // Python answers on a copy of its own; this one stays until deregistered.
-                let copy = client.try_clone_socket().ok();
+            Verdict::Back(mut client) => {
+                let copy = for_python(&mut client);
                 let read = if copy.is_some() { read } else { Vec::new() };
                 waiting.hand(copy, peer, read, (waited, false));
                 self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
@@ -554,18 +559,25 @@ impl Fast {
     fn fail(&mut self, o: Opening, failure: Failure) -> Run {
         let Opening {
             mut held,
-            client,
+            mut client,
             bot,
             ..
         } = o;
         let answer_on = match failure {
             Failure::ClientGone => None,
-            _ => client.try_clone_socket().ok(),
+            _ => for_python(&mut client),
         };
         held.fail(answer_on, failure);
         self.state = State::Over(Outcome::new(self.id), [Some(client), Some(bot)]);
         Run::Done
     }
+}
+
+/// The client for Python to answer or serve: a copy of its socket of its own (this one stays
+/// until the relay thread deregisters it) and its TLS, taken off.
+fn for_python(client: &mut Stream) -> Option<Client> {
+    let copy = client.try_clone_socket().ok()?;
+    Some((copy, client.take_tls().map(Box::new)))
 }
 
 impl Task for Fast {

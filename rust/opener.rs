@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::counters::{Counters, Served};
 use crate::engine::{Item, Shared};
-use crate::open::{self, Fast, News, Route};
+use crate::open::{self, Client, Fast, News, Route};
 use crate::sockets::{options, prepare};
 use crate::stream::Stream;
 use crate::upgrade;
@@ -42,6 +42,8 @@ pub struct Opener {
     wait: Mutex<Wait>,
     /// Connections whose request a relay thread waits for now.
     waiting: Mutex<Waited>,
+    /// The listener's TLS (`None`: plain).
+    tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
 }
 
 /// A connection waited for: its id and its relay thread.
@@ -105,6 +107,7 @@ impl Opener {
                 most: 0,
             }),
             waiting: Mutex::default(),
+            tls: Mutex::new(None),
         }
     }
 
@@ -115,6 +118,17 @@ impl Opener {
 
     pub(crate) fn set_routes(&self, routes: Routes) {
         *lock(&self.routes) = routes;
+    }
+
+    /// The TLS new connections get (`None`: plain): their handshake is read on a relay thread
+    /// with their request. Connections already taken keep theirs.
+    pub fn set_tls(&self, config: Option<Arc<rustls::ServerConfig>>) {
+        *lock(&self.tls) = config;
+    }
+
+    /// The TLS new connections get.
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        lock(&self.tls).clone()
     }
 
     /// How requests not there at the accept are waited for (see [`Wait`]).
@@ -289,16 +303,18 @@ impl Waiting {
         self.told = true;
     }
 
-    /// It goes to Python: the client (`None`: gone, or `evicted`), what it sent and how long it
-    /// was waited for.
+    /// It goes to Python: the client (`None`: gone, or `evicted`) and its TLS, what it sent
+    /// and how long it was waited for.
     pub fn hand(
         mut self,
-        client: Option<TcpStream>,
+        client: Option<Client>,
         peer: Option<SocketAddr>,
         read: Vec<u8>,
         (waited, evicted): (f64, bool),
     ) {
         self.told = true;
+        // No longer counted when Python hears of it.
+        lock(&self.opener.waiting).settled(self.id);
         self.opener.tell(News::Handed {
             client,
             peer,

@@ -572,6 +572,13 @@ impl Engine {
         Ok(self.engine().prepare_listener(listener)?)
     }
 
+    /// The listener's TLS for connections accepted from now on (None: plain): their handshake
+    /// and request are read on a relay thread.
+    #[pyo3(signature = (context))]
+    fn set_tls(&self, context: Option<&crate::py_tls::TlsServerContext>) {
+        self.engine().set_tls(context.map(|c| c.config.clone()));
+    }
+
     /// Connections accepted before their request arrived are waited for on a relay thread, at
     /// most `most` at once, each for `timeout` seconds from its accept (a `Handed` news tells
     /// how each ended that did not open). `most` 0: none (they come back from `accept` unread).

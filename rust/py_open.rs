@@ -9,8 +9,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::open::{Failure, News, Route, Tokens};
+use crate::open::{Client, Failure, News, Route, Tokens};
 use crate::py::{Nonces, TokenKeys};
+use crate::py_tls::TlsConnection;
 use crate::session::Limits;
 
 /// One agent the engine opens sessions for by itself (see `Engine.set_routes`).
@@ -115,6 +116,8 @@ pub struct Unopened {
     session_id: u64,
     service_host: String,
     fd: i32,
+    /// The client's TLS, to answer through (`None`: a plain connection).
+    tls: Option<Py<TlsConnection>>,
     /// `timed_out`, `os` (`errno`), `closed`, `too_large`, `answer` (`head`, `key`),
     /// `client_gone`.
     failure: &'static str,
@@ -140,6 +143,8 @@ impl Unopened {
 #[pyclass(module = "wsgate._core", frozen, get_all)]
 pub struct Handed {
     fd: i32,
+    /// The client's TLS, its handshake done (`None`: a plain connection).
+    tls: Option<Py<TlsConnection>>,
     address: Py<PyAny>,
     read: Py<PyBytes>,
     waited: f64,
@@ -191,12 +196,14 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
                 Failure::Answer { head, key } => ("answer", 0, head, key),
                 Failure::ClientGone => ("client_gone", 0, Vec::new(), String::new()),
             };
+            let (fd, tls) = client_to_py(py, client)?;
             Py::new(
                 py,
                 Unopened {
                     session_id,
                     service_host,
-                    fd: client.map_or(-1, IntoRawFd::into_raw_fd),
+                    fd,
+                    tls,
                     failure: kind,
                     errno,
                     head: PyBytes::new(py, &head).unbind(),
@@ -212,18 +219,37 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
             read,
             waited,
             evicted,
-        } => Py::new(
-            py,
-            Handed {
-                fd: client.map_or(-1, IntoRawFd::into_raw_fd),
-                address: address(py, peer)?,
-                read: PyBytes::new(py, &read).unbind(),
-                waited,
-                evicted,
-            },
-        )?
-        .into_any(),
+        } => {
+            let (fd, tls) = client_to_py(py, client)?;
+            Py::new(
+                py,
+                Handed {
+                    fd,
+                    tls,
+                    address: address(py, peer)?,
+                    read: PyBytes::new(py, &read).unbind(),
+                    waited,
+                    evicted,
+                },
+            )?
+            .into_any()
+        }
     })
+}
+
+/// A client for Python: its descriptor (-1: none) and its TLS.
+fn client_to_py(
+    py: Python<'_>,
+    client: Option<Client>,
+) -> PyResult<(i32, Option<Py<TlsConnection>>)> {
+    let Some((sock, tls)) = client else {
+        return Ok((-1, None));
+    };
+    let tls = match tls {
+        Some(t) => Some(Py::new(py, TlsConnection::new(*t))?),
+        None => None,
+    };
+    Ok((sock.into_raw_fd(), tls))
 }
 
 /// A peer address as Python's `socket` module writes it: `(host, port)` for IPv4, `(host, port,

@@ -28,7 +28,7 @@ impl From<tls::TlsError> for PyErr {
 /// The listener's certificate and key.
 #[pyclass(module = "wsgate._core", frozen)]
 pub struct TlsServerContext {
-    config: Arc<rustls::ServerConfig>,
+    pub(crate) config: Arc<rustls::ServerConfig>,
 }
 
 #[pymethods]
@@ -75,7 +75,7 @@ pub struct TlsConnection {
 }
 
 impl TlsConnection {
-    fn new(tls: Tls) -> Self {
+    pub(crate) fn new(tls: Tls) -> Self {
         Self {
             inner: Mutex::new(Some(tls)),
         }

@@ -89,10 +89,16 @@ impl Stream {
         &self.sock
     }
 
-    /// The socket, for the control plane (a plain connection's: nothing is lost).
+    /// The socket, for the control plane. A TLS connection's state is dropped: only for one
+    /// nothing was read from yet.
     pub fn into_socket(self) -> TcpStream {
-        debug_assert!(self.tls.is_none(), "a TLS connection's state would be lost");
         self.sock
+    }
+
+    /// Takes the TLS connection off (for the control plane to go on with it on its own copy of
+    /// the socket); this stream is not to be read or written after.
+    pub fn take_tls(&mut self) -> Option<Tls> {
+        self.tls.take().map(|st| st.into_inner().tls)
     }
 
     /// A descriptor of its own on the same socket (for the control plane to answer on).

@@ -100,6 +100,12 @@ fn now() -> u64 {
 /// One TLS connection, either end, driven by whoever holds the socket.
 pub struct Tls(rustls::Connection);
 
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
 impl Tls {
     /// The server end of a new connection.
     pub fn server(config: &Arc<ServerConfig>) -> Result<Self, TlsError> {

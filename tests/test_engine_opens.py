@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
+import trustme
 
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 
@@ -401,3 +404,62 @@ async def test_past_max_pending_upgrades_the_oldest_connection_is_evicted(
             for s in socks:
                 s.close()
     assert not sentinel.dialled()
+
+
+def _over_tls(port: int, context: ssl.SSLContext, request: bytes, then: bytes = b"") -> bytes:
+    """What a wss:// client that sends ``request`` (and ``then`` after the answer's head) reads
+    until the gateway closes or 20 s pass."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return data
+                data += chunk
+            if then:
+                s.sendall(then)
+            while chunk := s.recv(4096):
+                data += chunk
+                if then and data.endswith(frame(0x1, b"from the bot", mask=False)):
+                    return data  # a session: the bot's first frame came
+            return data
+
+
+@engine_opens
+async def test_over_tls_a_session_and_a_failed_dial_are_answered_the_same(
+    engine_opens: bool, refused_url: str, tmp_path: Path
+) -> None:
+    # The engine does the TLS handshake on a relay thread with the request; a dial that fails
+    # is answered 502 through the client's TLS, as Python answers it.
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    bot = Answering()
+    settings = GatewaySettings(port=0, tls_cert=str(cert), tls_key=str(key),
+                               engine_opens=engine_opens)  # fmt: skip
+    agents = [AgentConfig("bot", "test", upstream=bot.url),
+              AgentConfig("dead", "test", upstream=refused_url)]  # fmt: skip
+    async with Gateway(
+        Config(gateway=settings, orgs=[OrgConfig("test")], agents=agents)
+    ).running() as gw:
+        first = frame(0x2, b"over tls")
+        got = await in_thread(
+            _over_tls, gw.port, context, upgrade_request("/ws/generic/bot.test"), first
+        )
+        assert got.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert got.endswith(frame(0x1, b"from the bot", mask=False))
+        await in_thread(bot.done.wait, 20)
+        # The client's frame (its close may follow in the same read).
+        assert bot.first[0] == 0x82 and bot.first[1] & 0x7F == len(b"over tls")
+        refused = await in_thread(
+            _over_tls, gw.port, context, upgrade_request("/ws/generic/dead.test")
+        )
+        assert refused.startswith(b"HTTP/1.1 502 ")
+        assert refused.endswith(b"bot unreachable: connection refused\n")
+        assert gw.sessions() == 0

@@ -276,6 +276,8 @@ class Unopened:
     session_id: int
     service_host: str
     fd: int
+    #: The client's TLS, to answer through (None: a plain connection).
+    tls: TlsConnection | None
     failure: str
     errno: int
     head: bytes
@@ -292,6 +294,8 @@ class Handed:
     answer)."""
 
     fd: int
+    #: The client's TLS, its handshake done (None: a plain connection).
+    tls: TlsConnection | None
     address: Any
     read: bytes
     waited: float
@@ -432,6 +436,13 @@ class Engine:
         ``TCP_USER_TIMEOUT``) on the socket ``listener`` before it listens: the sockets
         :meth:`accept` takes from it inherit them. Sockets from a listener not prepared so get
         them one by one."""
+
+    def set_tls(self, context: TlsServerContext | None) -> None:
+        """The listener's TLS for connections :meth:`accept` takes from now on (None: plain):
+        with TLS nothing is read at the accept, and each connection's handshake and request
+        are read on a relay thread (:meth:`set_wait` must leave room; past it, one comes back
+        from :meth:`accept` unread, for the caller's own TLS). A :class:`Handed` or
+        :class:`Unopened` then carries the connection's TLS."""
 
     def set_wait(self, timeout: float, most: int) -> None:
         """Wait on a relay thread for requests not there when :meth:`accept` read: at most

@@ -124,10 +124,11 @@ class GatewaySettings:
     #: CPUs (at least one; the figures are in benches/README.md, "Relay threads").
     relay_threads: int = 0
     #: Sessions of the plainest agents opened by the Rust engine, without a turn of Python's
-    #: event loop per step: ``none`` auth, one ``ws://`` bot at an IP address, on a gateway
-    #: without TLS on its listener, ``authorize``, a capacity store or per-client limits
-    #: (:mod:`wsgate.fastpath`). Same checks, answers, logs and metrics. False: every
-    #: request goes through Python.
+    #: event loop per step: ``none`` auth (or ``token`` with the memory replay store), one
+    #: ``ws://`` bot at an IP address, on a gateway without ``authorize``, a capacity store or
+    #: per-client limits (:mod:`wsgate.fastpath`); with TLS on the listener, the engine does
+    #: the handshakes too. Same checks, answers, logs and metrics. False: every request goes
+    #: through Python.
     engine_opens: bool = True
     #: TCP connections held at once (upgrading, or sessions); past it the gateway stops
     #: accepting until one ends and new ones wait in the kernel's backlog. Each session holds

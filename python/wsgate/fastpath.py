@@ -19,8 +19,10 @@ engine then checks the token as :meth:`~wsgate.tokens.TokenAuthority.check` does
 keys), holds the body to it, and uses it up in the same set of nonces
 (``MemoryReplayStore.nonces``) after the capacity check; a token it does not take (missing,
 refused, replayed) is left to the Python path, which answers it. The gateway lists none when it
-has TLS on its listener, an ``authorize`` hook, a capacity store or per-client limits
-(``client_request_rate``, ``client_max_sessions``), which all need Python for every session.
+has an ``authorize`` hook, a capacity store or per-client limits (``client_request_rate``,
+``client_max_sessions``), which all need Python for every session. With TLS on the listener the
+engine does each connection's handshake too, on the relay thread that reads its request; a
+connection it does not open comes to Python with its TLS, the handshake done.
 
 Python hears of each such session once, through the engine's doorbell: opened (it is
 registered, listed, stoppable, counted and logged at its end like any other; its dial time
@@ -47,7 +49,6 @@ def fast_agents(
     agents: Mapping[str, AgentConfig],
     bots: Mapping[str, object],
     *,
-    tls_listener: bool,
     hooks: bool,
     authority: TokenAuthority | None = None,
 ) -> dict[str, AgentConfig]:
@@ -56,7 +57,6 @@ def fast_agents(
     token authority, if any (its token agents are listed when :func:`engine_tokens` can)."""
     if (
         not settings.engine_opens
-        or tls_listener
         or hooks
         or settings.client_request_rate
         or settings.client_max_sessions

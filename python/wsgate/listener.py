@@ -7,10 +7,11 @@ refused request at once, an in-process session when its bot is done (its task su
 relayed session when the engine reports its end through the doorbell (no task waits on it).
 The gateway's drain waits on :meth:`Listener.until_idle`.
 
-Without TLS on the listener the engine accepts (``_core.Engine.accept``, one call per batch):
-it reads each connection once and opens by itself the sessions :mod:`wsgate.fastpath` lets it;
-the others come here with the bytes read. The engine's sessions are counted from their accept
-to their end (or to the answer of one it could not open, :meth:`Listener.news`).
+When given one, the engine accepts (``_core.Engine.accept``, one call per batch): it reads each
+connection (its TLS handshake too) at once or on a relay thread, and opens by itself the
+sessions :mod:`wsgate.fastpath` lets it; the others come here with the bytes read (and their
+TLS). The engine's sessions are counted from their accept to their end (or to the answer of one
+it could not open, or to the news of one it read, :meth:`Listener.news`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Listener:
     async def accept(self, listener: socket.socket, connections: TaskGroup) -> None:
         """Accept until cancelled; each connection runs in a task of ``connections``."""
         self._connections = connections
-        engine = self.engine if self.tls() is None else None
+        engine = self.engine
         while True:
             while self.count >= self.limit:
                 # Full: leave new connections in the kernel's backlog until one ends.
@@ -135,7 +136,8 @@ class Listener:
             family = socket.AF_INET6 if len(news.address) == 4 else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=news.fd)
             client = sys.intern(client_key(news.address))
-            self._connections.start_soon(self._connection, sock, client, news.read, news.waited)
+            handed = (news.read, news.waited, news.tls)
+            self._connections.start_soon(self._connection, sock, client, *handed)
         elif news.fd < 0:
             self.handler.metrics.store_called(news.store_seconds)
             self._closed()  # the client went away before its 101
@@ -147,20 +149,31 @@ class Listener:
         try:
             with socket.socket(fileno=news.fd) as sock:
                 sock.setblocking(False)
-                await self.handler.unopened(sock, news)
+                conn = sock if news.tls is None else TlsSocket(sock, news.tls)
+                await self.handler.unopened(conn, news)
         finally:
             self._closed()
 
     async def _connection(
-        self, sock: socket.socket, client: str, read: bytes = b"", waited: float | None = None
+        self,
+        sock: socket.socket,
+        client: str,
+        read: bytes = b"",
+        waited: float | None = None,
+        tls: _core.TlsConnection | None = None,
     ) -> None:
+        """Run one connection: accepted here, by the engine (``read``: its first bytes), or
+        read by the engine for ``waited`` seconds (``read``: its head; ``tls``: its TLS, the
+        handshake done)."""
         handler = self.handler
         handed_off = False
         try:
             try:
                 # TLS: the handshake runs inside the first reads of the request.
-                tls = self.tls()
-                conn = sock if tls is None else TlsSocket(sock, tls.accept())
+                if tls is None:
+                    context = self.tls()
+                    tls = None if context is None else context.accept()
+                conn = sock if tls is None else TlsSocket(sock, tls)
                 opened = await handler.handle(conn, client, read, waited)
             finally:
                 # Closes the socket unless it was handed (detached) to the engine.

@@ -24,6 +24,7 @@ from typing import TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
+from . import _core
 from ._sockets import bind, listen
 from .admission import PendingReads
 from .authorize import Authorize
@@ -118,6 +119,8 @@ class Gateway:
             no_token_auth_yet if self.authority is None else self.authority.check_request
         )
         self._sessions: Sessions | None = None
+        #: The engine, when it does the listener's TLS handshakes (a reload goes to it too).
+        self._engine_tls: _core.Engine | None = None
         # Connections still sending their request: the only ones that may be evicted.
         self._pending = PendingReads(self.config.gateway.max_pending_upgrades)
         self._listener: Listener | None = None
@@ -215,7 +218,10 @@ class Gateway:
         """Read ``tls_cert`` and ``tls_key`` again (SIGHUP does this): new connections get the
         new certificate, live sessions keep theirs. A file that cannot be used keeps the old
         certificate and is logged; returns whether the new one was taken."""
-        return self._certs.reload()
+        taken = self._certs.reload()
+        if taken and self._engine_tls is not None:
+            self._engine_tls.set_tls(self._certs.listener)
+        return taken
 
     def sessions(self, service_host: str | None = None) -> int:
         """Sessions open or being opened (past routing): of one service host, or in all."""
@@ -294,18 +300,21 @@ class Gateway:
                 metrics=self.metrics,
                 keys=self._keys,
             )
+            # The plainest agents' sessions, opened by the engine without Python per step.
+            hooks = self._authorize is not None or not isinstance(capacity, LocalCapacity)
+            fast = fast_agents(settings, self._agents, self._bots, hooks=hooks,
+                               authority=self.authority)  # fmt: skip
+            sessions.fast = fast
             tls_listener = self._certs.listener is not None
+            # The engine accepts, except on a TLS listener when it opens nothing: Python then
+            # does each handshake itself, as the engine would hand each one over.
+            accepts = not tls_listener or bool(fast)
             accepted = self._listener = Listener(
                 handler,
                 settings.max_connections,
                 lambda: self._certs.listener,
-                engine=None if tls_listener else relay.engine,
+                engine=relay.engine if accepts else None,
             )
-            # The plainest agents' sessions, opened by the engine without Python per step.
-            hooks = self._authorize is not None or not isinstance(capacity, LocalCapacity)
-            fast = fast_agents(settings, self._agents, self._bots, tls_listener=tls_listener,
-                               hooks=hooks, authority=self.authority)  # fmt: skip
-            sessions.fast = fast
             relay.on_news = accepted.news
             relay.engine.set_routes(
                 fast_routes(settings, fast, self.session_time_limit, relay.counted, self.authority)
@@ -315,6 +324,10 @@ class Gateway:
                 # A request not there at the accept is read on a relay thread, under the limits
                 # of one read here (reading.rs).
                 relay.engine.set_wait(settings.handshake_timeout, settings.max_pending_upgrades)
+                if tls_listener:
+                    # Handshakes too, with the request (its handshake_timeout covers both).
+                    relay.engine.set_tls(self._certs.listener)
+                    self._engine_tls = relay.engine
             state = GatewayState(lambda: accepted.count, lambda: self.pending_upgrades,
                                  lambda: self._stop_requested)  # fmt: skip
             self.metrics.watch(relay.counters, state)
