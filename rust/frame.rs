@@ -281,8 +281,47 @@ impl MessageState {
 /// XORs `buf` with `key`, starting at byte `offset` of the key stream (RFC 6455 §5.3).
 /// Unmasking with one key and masking with another is one call with `k1 ^ k2`.
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
-    let r = offset % 4;
-    let k = [key[r], key[(r + 1) % 4], key[(r + 2) % 4], key[(r + 3) % 4]];
+    // The key as it stands at `offset`: byte i of it masks byte i of `buf`.
+    let k = u32::from_le_bytes(key)
+        .rotate_right(8 * (offset % 4) as u32)
+        .to_le_bytes();
+    #[cfg(target_arch = "x86_64")]
+    let buf = if buf.len() >= 64 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above; the answer is cached).
+        let done = unsafe { mask_avx2(buf, k) };
+        // The rest is under 32 bytes and starts at phase 0 of `k` (32 is a multiple of 4).
+        &mut buf[done..]
+    } else {
+        buf
+    };
+    if !buf.is_empty() {
+        mask_words(buf, k);
+    }
+}
+
+/// XORs the 32-byte blocks at the start of `buf` with `k` repeated; returns how many bytes that
+/// was (the rest, under 32, is left as it was).
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn mask_avx2(buf: &mut [u8], k: [u8; 4]) -> usize {
+    use std::arch::x86_64::{
+        __m256i, _mm256_loadu_si256, _mm256_set1_epi32, _mm256_storeu_si256, _mm256_xor_si256,
+    };
+    let m = _mm256_set1_epi32(i32::from_ne_bytes(k));
+    let done = buf.len() / 32 * 32;
+    for c in buf.chunks_exact_mut(32) {
+        let p = c.as_mut_ptr().cast::<__m256i>();
+        // SAFETY: `c` is 32 bytes we may read and write; loadu/storeu take any alignment.
+        unsafe { _mm256_storeu_si256(p, _mm256_xor_si256(_mm256_loadu_si256(p), m)) };
+    }
+    done
+}
+
+/// [`apply_mask`] without vector extensions beyond the baseline, at phase 0 of `k`.
+fn mask_words(buf: &mut [u8], k: [u8; 4]) {
     // 32 bytes at a time, a fixed-size XOR the compiler makes vector instructions of; then 8
     // at a time; then bytes. Each step is a multiple of four long, so each starts at phase 0.
     let k32: [u8; 32] = std::array::from_fn(|i| k[i % 4]);
@@ -292,7 +331,7 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
             *b ^= m;
         }
     }
-    let k8 = u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]);
+    let k8 = u64::from(u32::from_ne_bytes(k)) * 0x1_0000_0001; // `k` twice
     let mut chunks = wide.into_remainder().chunks_exact_mut(8);
     for c in &mut chunks {
         let mut w = [0u8; 8];

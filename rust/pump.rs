@@ -130,6 +130,18 @@ impl Pump {
             || (self.dst_open && (self.shutdown_after_flush || dst.pending_out()))
     }
 
+    /// Whether [`step`](Self::step) would do anything now, with `src` and `dst` as their
+    /// readiness stands: something to write or a buffer to give back, a half-close due, or a
+    /// source that may be read. When not, `step` would only say [`Event::Blocked`], so a
+    /// session with two pumps asks this first and spares the call (one ready socket of two is
+    /// the usual turn).
+    pub fn has_work(&self, src: &Stream, dst: &Stream) -> bool {
+        let writing = self.dst_open
+            && (self.out_pos < self.out.len() || self.shutdown_after_flush || dst.pending_out());
+        let reading = !self.src_done && (!self.pending_in.is_empty() || src.may_read());
+        writing || reading || self.out.capacity() > 0
+    }
+
     /// Writes what is queued, then reads and forwards the next chunk of `src` to `dst`.
     pub fn step(&mut self, src: &Stream, dst: &Stream) -> Event {
         match self.flush(dst) {

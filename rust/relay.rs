@@ -64,7 +64,7 @@ impl Pair {
             let sides = (Side::Bot, Side::Client);
             (&mut self.down, &self.bot, &self.client, sides)
         };
-        if !pump.wants_poll(dst) {
+        if !pump.has_work(src, dst) {
             return None;
         }
         match pump.step(src, dst).step(sides.0, sides.1) {

@@ -146,7 +146,31 @@ impl Forwarder {
         let muted = self.muted;
         let (mut r, mut w) = (0usize, 0usize);
         let mut found = Forwarded::Frames;
+        // Our masking keys come from the thread's generator, looked up once per read.
+        let mut keys = Keys(None);
         while r < n {
+            // The usual case first: a whole small data frame, header and payload in one go.
+            // Its header is in the shortest form, so it stays as it is but for our key.
+            if self.transform != Transform::Echo {
+                if let Some(f) = self.reader.whole_data_frame(&buf[r..]) {
+                    let (body, end) = (r + f.header_len, r + f.header_len + f.len);
+                    // A client's frame (the masking rule is checked): re-masked with our key.
+                    if let Some(k) = f.mask {
+                        let ours = keys.next();
+                        buf[body - 4..body].copy_from_slice(&ours);
+                        let both = std::array::from_fn(|i| k[i] ^ ours[i]);
+                        apply_mask(&mut buf[body..end], both, 0);
+                    }
+                    if w != r {
+                        buf.copy_within(r..end, w);
+                    }
+                    w += end - r;
+                    r = end;
+                    self.bytes += f.len as u64;
+                    self.messages += u64::from(f.message_end);
+                    continue;
+                }
+            }
             let frame = self.reader.next(&buf[r..]);
             let len = frame.len();
             match frame {
@@ -169,14 +193,16 @@ impl Forwarder {
                     header,
                     message_end,
                 } => {
-                    let (key, hn) = self.rewrite_header(buf, r, w, &header);
+                    let (key, hn) = self.rewrite_header(buf, r, w, &header, &mut keys);
                     self.key = key;
                     w += hn;
                     self.messages += u64::from(message_end);
                 }
-                Frame::Control { header } => w = self.pass_control(buf, r, w, &header),
+                Frame::Control { header } => {
+                    w = self.pass_control(buf, r, w, &header, &mut keys);
+                }
                 Frame::Close { header, close } => {
-                    w = self.pass_control(buf, r, w, &header);
+                    w = self.pass_control(buf, r, w, &header, &mut keys);
                     self.muted = true;
                     self.discard = true;
                     found = Forwarded::Close(close);
@@ -205,8 +231,15 @@ impl Forwarder {
     }
 
     /// Passes the whole control frame read at `r` on at `w`; returns where output goes on.
-    fn pass_control(&self, buf: &mut [u8], r: usize, w: usize, h: &Header) -> usize {
-        let (key, hn) = self.rewrite_header(buf, r, w, h);
+    fn pass_control(
+        &self,
+        buf: &mut [u8],
+        r: usize,
+        w: usize,
+        h: &Header,
+        keys: &mut Keys,
+    ) -> usize {
+        let (key, hn) = self.rewrite_header(buf, r, w, h, keys);
         let (from, end, to) = (r + h.header_len, r + h.header_len + h.len as usize, w + hn);
         if let Some(k) = key {
             apply_mask(&mut buf[from..end], k, 0);
@@ -224,11 +257,12 @@ impl Forwarder {
         r: usize,
         w: usize,
         h: &Header,
+        keys: &mut Keys,
     ) -> (Option<[u8; 4]>, usize) {
         let (opcode, out_mask, key) = match (self.transform, h.mask) {
             (Transform::Keep, _) => (h.opcode, None, None),
             (Transform::Remask, Some(k)) => {
-                let ours: [u8; 4] = rand::random();
+                let ours = keys.next();
                 let both = [
                     k[0] ^ ours[0],
                     k[1] ^ ours[1],
@@ -256,6 +290,20 @@ impl Forwarder {
         debug_assert!(hn <= h.header_len);
         buf[w..w + hn].copy_from_slice(&hb[..hn]);
         (key, hn)
+    }
+}
+
+/// Fresh masking keys for one buffer: 32 bits of the thread's generator (ChaCha, seeded from the
+/// OS) each, the generator looked up at the first one only.
+struct Keys(Option<rand::rngs::ThreadRng>);
+
+impl Keys {
+    fn next(&mut self) -> [u8; 4] {
+        use rand::RngCore;
+        self.0
+            .get_or_insert_with(rand::rng)
+            .next_u32()
+            .to_ne_bytes()
     }
 }
 

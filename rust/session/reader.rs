@@ -72,6 +72,19 @@ impl Frame {
     }
 }
 
+/// A whole data frame at the start of the input, from [`FrameReader::whole_data_frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Whole {
+    /// Bytes of its header, which is in the shortest form for its length.
+    pub header_len: usize,
+    /// Bytes of its payload, all in the input after the header.
+    pub len: usize,
+    /// Its masking key (a client's frame).
+    pub mask: Option<[u8; 4]>,
+    /// It completes a message.
+    pub message_end: bool,
+}
+
 /// A data frame whose payload is still arriving.
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
@@ -105,6 +118,67 @@ impl FrameReader {
     /// Whether the stream is inside a data frame's payload (a frame cannot be cut short there).
     pub fn in_frame(&self) -> bool {
         self.frame.is_some()
+    }
+
+    /// The fast path of a relay, where a read usually holds several whole small frames: when
+    /// `input` starts with a whole text, binary or continuation frame (header and all of its
+    /// payload) whose header passes every rule [`next`](Self::next) checks and gives its length
+    /// in the shortest form of at most 16 bits, that frame; its `header_len + len` bytes are
+    /// consumed. Otherwise (inside a frame, a control frame, a frame not all there, a longer
+    /// length form, a broken rule) `None`, with nothing consumed and the reader unchanged:
+    /// [`next`](Self::next) then takes the bytes as usual.
+    #[inline]
+    pub fn whole_data_frame(&mut self, input: &[u8]) -> Option<Whole> {
+        if self.frame.is_some() || input.len() < 2 {
+            return None;
+        }
+        let (b0, b1) = (input[0], input[1]);
+        // No reserved bit, a data opcode (0, 1 or 2), the masking rule of the direction.
+        if b0 & 0x7F > 2 || (b1 & 0x80 != 0) != self.from_client {
+            return None;
+        }
+        let (len, mut header_len) = match b1 & 0x7F {
+            126 if input.len() >= 4 => (usize::from(u16::from_be_bytes([input[2], input[3]])), 4),
+            n if n < 126 => (usize::from(n), 2),
+            _ => return None,
+        };
+        if header_len == 4 && len < 126 {
+            return None; // not the shortest form: `next` takes it (the forwarder rewrites it)
+        }
+        let mask = if self.from_client {
+            let k = input.get(header_len..header_len + 4)?;
+            header_len += 4;
+            Some([k[0], k[1], k[2], k[3]])
+        } else {
+            None
+        };
+        if input.len() - header_len < len {
+            return None;
+        }
+        let fin = b0 & 0x80 != 0;
+        let opcode = match b0 & 0x0F {
+            0 => Opcode::CONTINUE,
+            1 => Opcode::TEXT,
+            _ => Opcode::BINARY,
+        };
+        let header = Header {
+            fin,
+            opcode,
+            mask,
+            len: len as u64,
+            header_len,
+        };
+        // Checked on a copy: a header that breaks a rule leaves the state as it was, for
+        // `next` to report the violation from it (with the same figures).
+        let mut message = self.message.clone();
+        let message_end = message.check(&header, self.max_message_size).ok()?;
+        self.message = message;
+        Some(Whole {
+            header_len,
+            len,
+            mask,
+            message_end,
+        })
     }
 
     /// What the bytes at the start of `input` are. The caller consumes [`Frame::len`] of them
@@ -261,6 +335,114 @@ mod tests {
         for cut in 0..wire.len() {
             assert_eq!(read_in_two(&wire, cut, true, 1000), whole, "cut at {cut}");
         }
+    }
+
+    /// What `input` reads as, frame by frame (data frames whole: payload unmasked, and whether
+    /// it completes a message), with the fast path of whole data frames (`fast`) or without;
+    /// and the bytes consumed.
+    fn read_all(input: &[u8], fast: bool) -> (Vec<String>, usize) {
+        let mut reader = FrameReader::new(true, 1 << 20);
+        let (mut seen, mut r, mut payload) = (Vec::new(), 0, Vec::new());
+        loop {
+            if fast {
+                if let Some(w) = reader.whole_data_frame(&input[r..]) {
+                    let body = r + w.header_len;
+                    let mut p = input[body..body + w.len].to_vec();
+                    apply_mask(&mut p, w.mask.unwrap(), 0);
+                    seen.push(format!("data {p:?} end={}", w.message_end));
+                    r = body + w.len;
+                    continue;
+                }
+            }
+            let f = reader.next(&input[r..]);
+            match &f {
+                Frame::Header {
+                    header,
+                    message_end,
+                } if header.len == 0 => {
+                    seen.push(format!("data [] end={message_end}"));
+                }
+                Frame::Header { .. } => {} // its payload makes the entry
+                Frame::Payload {
+                    len,
+                    mask,
+                    offset,
+                    message_end,
+                } => {
+                    let start = payload.len();
+                    payload.extend_from_slice(&input[r..r + len]);
+                    apply_mask(&mut payload[start..], mask.unwrap(), *offset);
+                    if !reader.in_frame() {
+                        seen.push(format!("data {payload:?} end={message_end}"));
+                        payload.clear();
+                    }
+                }
+                Frame::Incomplete => return (seen, r),
+                Frame::Violation(v) => {
+                    seen.push(format!("violation {v:?}"));
+                    return (seen, r);
+                }
+                other => seen.push(format!("{other:?}")),
+            }
+            r += f.len();
+        }
+    }
+
+    #[test]
+    fn whole_data_frames_read_the_fast_way_as_they_read_frame_by_frame() {
+        let mut wire = encode_frame(false, Opcode::TEXT, b"hel", Some(KEY));
+        wire.extend(encode_frame(true, Opcode::PING, b"p", Some(KEY)));
+        wire.extend(encode_frame(true, Opcode::CONTINUE, b"lo", Some(KEY)));
+        wire.extend(encode_frame(true, Opcode::BINARY, &[7; 300], Some(KEY)));
+        wire.extend(encode_frame(true, Opcode::BINARY, &[], Some(KEY)));
+        // 5 bytes announced in the 16-bit form: whole, but left to `next`.
+        wire.extend([0x82, 0x80 | 126, 0, 5]);
+        wire.extend(KEY);
+        wire.extend([1, 2, 3, 4, 5]);
+        wire.extend(encode_frame(true, Opcode::BINARY, &[1; 70_000], Some(KEY)));
+        // A new message inside a fragmented one: the fast way leaves it to `next`.
+        wire.extend(encode_frame(false, Opcode::TEXT, b"a", Some(KEY)));
+        wire.extend(encode_frame(true, Opcode::BINARY, b"b", Some(KEY)));
+        let (all, _) = read_all(&wire, false);
+        assert_eq!(all.len(), 9, "{all:#?}");
+        assert!(all[8].starts_with("violation ExpectedContinuation"));
+        for cut in (0..wire.len()).step_by(7).chain([wire.len()]) {
+            assert_eq!(
+                read_all(&wire[..cut], true),
+                read_all(&wire[..cut], false),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_fast_way_leaves_a_broken_rule_and_the_state_it_found_to_next() {
+        let mut reader = FrameReader::new(false, 10);
+        let first = encode_frame(false, Opcode::BINARY, &[0; 6], None);
+        assert!(reader.whole_data_frame(&first).is_some());
+        let second = encode_frame(true, Opcode::CONTINUE, &[0; 5], None);
+        assert_eq!(reader.whole_data_frame(&second), None);
+        assert_eq!(
+            reader.next(&second),
+            Frame::Violation(Violation::TooBig { size: 11, max: 10 })
+        );
+        let read =
+            |wire: &[u8], from_client| FrameReader::new(from_client, 10).whole_data_frame(wire);
+        assert_eq!(
+            read(&encode_frame(true, Opcode::CONTINUE, b"x", None), false),
+            None
+        );
+        assert_eq!(
+            read(&encode_frame(true, Opcode::TEXT, b"x", Some(KEY)), false),
+            None
+        );
+        assert_eq!(
+            read(&encode_frame(true, Opcode::TEXT, b"x", None), true),
+            None
+        );
+        assert_eq!(read(&[0xC2, 0x00], false), None, "reserved bits");
+        assert_eq!(read(&[0x83, 0x00], false), None, "unknown opcode");
+        assert!(read(&[0x82, 0x00], false).is_some());
     }
 
     #[test]
