@@ -13,6 +13,7 @@ format ignores them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -22,11 +23,23 @@ from typing import Any
 from . import _core
 from .metrics import close_code_label, ended_by
 
-__all__ = ["JsonFormatter", "configure", "session_fields"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "session_fields"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # The keys every line has; an event's fields never replace them.
 _BASE = ("ts", "level", "event", "message")
+
+
+class TextFormatter(logging.Formatter):
+    """``logging.Formatter`` with its default time (local, ``2026-12-02 10:43:01,123``), the
+    date and time made once a second: a gateway writes a line per session, and each
+    ``strftime`` of a local time costs a look at the time zone file."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        msec_format = self.default_msec_format or "%s,%03d"
+        return msec_format % (_local_second(int(record.created)), record.msecs)
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,7 +65,7 @@ def configure(level: str = "INFO", log_format: str = "text") -> None:
     lines (what ``wsgate serve`` does)."""
     handler = logging.StreamHandler(sys.stderr)
     json_lines = log_format == "json"
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
@@ -93,4 +106,14 @@ def session_fields(
 def _timestamp(created: float) -> str:
     seconds = int(created)
     millis = int((created - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return _utc_second(seconds) + f".{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=1)
+def _local_second(seconds: int) -> str:
+    return time.strftime(logging.Formatter.default_time_format, time.localtime(seconds))
+
+
+@functools.lru_cache(maxsize=1)
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
