@@ -201,6 +201,9 @@ pub enum News {
         waited: f64,
         /// Gone because it was evicted: too many connections were waited for at once.
         evicted: bool,
+        /// Gone because its TLS failed (plain text on the port, no common version or cipher, a
+        /// bad record): why, for a debug line.
+        tls_error: Option<String>,
     },
 }
 
@@ -481,9 +484,13 @@ impl Fast {
             waiting,
             ..
         } = *reading;
-        if let Step::Gone | Step::Evicted = step {
+        if let Step::Gone | Step::Evicted | Step::TlsFailed(_) = step {
             let evicted = matches!(step, Step::Evicted);
-            waiting.hand(None, peer, Vec::new(), (waited, evicted));
+            let tls_error = match step {
+                Step::TlsFailed(why) => Some(why),
+                _ => None,
+            };
+            waiting.hand(None, peer, Vec::new(), (waited, evicted), tls_error);
             self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
             return Run::Done;
         }
@@ -497,7 +504,7 @@ impl Fast {
             Verdict::Back(mut client) => {
                 let copy = for_python(&mut client);
                 let read = if copy.is_some() { read } else { Vec::new() };
-                waiting.hand(copy, peer, read, (waited, false));
+                waiting.hand(copy, peer, read, (waited, false), None);
                 self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
                 Run::Done
             }

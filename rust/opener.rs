@@ -311,6 +311,7 @@ impl Waiting {
         peer: Option<SocketAddr>,
         read: Vec<u8>,
         (waited, evicted): (f64, bool),
+        tls_error: Option<String>,
     ) {
         self.told = true;
         // No longer counted when Python hears of it.
@@ -321,6 +322,7 @@ impl Waiting {
             read,
             waited,
             evicted,
+            tls_error,
         });
     }
 }
@@ -335,6 +337,7 @@ impl Drop for Waiting {
                 read: Vec::new(),
                 waited: 0.0,
                 evicted: false,
+                tls_error: None,
             });
         }
     }

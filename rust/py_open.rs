@@ -150,6 +150,8 @@ pub struct Handed {
     waited: f64,
     /// Gone because too many connections were waited for at once (`max_pending_upgrades`).
     evicted: bool,
+    /// Gone because its TLS failed: why.
+    tls_error: Option<String>,
 }
 
 #[pymethods]
@@ -219,6 +221,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
             read,
             waited,
             evicted,
+            tls_error,
         } => {
             let (fd, tls) = client_to_py(py, client)?;
             Py::new(
@@ -230,6 +233,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
                     read: PyBytes::new(py, &read).unbind(),
                     waited,
                     evicted,
+                    tls_error,
                 },
             )?
             .into_any()

@@ -50,6 +50,8 @@ pub enum Step {
     Gone,
     /// Evicted: dropped without an answer.
     Evicted,
+    /// Its TLS handshake (or a record) failed: closed with its alert, without a session.
+    TlsFailed(String),
 }
 
 impl Reading {
@@ -124,6 +126,9 @@ impl Reading {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Blocked,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::InvalidData && self.client.is_tls() => {
+                    return Step::TlsFailed(e.to_string())
+                }
                 Err(_) => return Step::Gone,
             }
         }

@@ -406,6 +406,18 @@ async def test_past_max_pending_upgrades_the_oldest_connection_is_evicted(
     assert not sentinel.dialled()
 
 
+def _tls_files(where: Path) -> tuple[str, str, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 from a test CA, its key, and a client context trusting it."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = where / "cert.pem", where / "key.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return str(cert), str(key), context
+
+
 def _over_tls(port: int, context: ssl.SSLContext, request: bytes, then: bytes = b"") -> bytes:
     """What a wss:// client that sends ``request`` (and ``then`` after the answer's head) reads
     until the gateway closes or 20 s pass."""
@@ -433,15 +445,9 @@ async def test_over_tls_a_session_and_a_failed_dial_are_answered_the_same(
 ) -> None:
     # The engine does the TLS handshake on a relay thread with the request; a dial that fails
     # is answered 502 through the client's TLS, as Python answers it.
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
+    cert, key, context = _tls_files(tmp_path)
     bot = Answering()
-    settings = GatewaySettings(port=0, tls_cert=str(cert), tls_key=str(key),
+    settings = GatewaySettings(port=0, tls_cert=cert, tls_key=key,
                                engine_opens=engine_opens)  # fmt: skip
     agents = [AgentConfig("bot", "test", upstream=bot.url),
               AgentConfig("dead", "test", upstream=refused_url)]  # fmt: skip
@@ -463,3 +469,22 @@ async def test_over_tls_a_session_and_a_failed_dial_are_answered_the_same(
         assert refused.startswith(b"HTTP/1.1 502 ")
         assert refused.endswith(b"bot unreachable: connection refused\n")
         assert gw.sessions() == 0
+
+
+@engine_opens
+async def test_plain_text_on_the_tls_port_is_closed_and_logged_at_debug(
+    engine_opens: bool, sentinel: Sentinel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key, _ = _tls_files(tmp_path)
+    settings = GatewaySettings(port=0, tls_cert=cert, tls_key=key, engine_opens=engine_opens)
+    agents = [AgentConfig("bot", "test", upstream=sentinel.url)]
+    caplog.set_level(logging.DEBUG, logger="wsgate")
+    async with Gateway(
+        Config(gateway=settings, orgs=[OrgConfig("test")], agents=agents)
+    ).running() as gw:
+        sock, answer = await in_thread(sent_whole, gw.port, upgrade_request("/ws/generic/bot.test"))
+        sock.close()
+        assert not answer.startswith(b"HTTP/")  # closed (with a TLS alert at most)
+        await until(lambda: _pending(gw, 0), within=10, what="nothing pending")
+    assert any("TLS handshake failed" in r.getMessage() for r in caplog.records)
+    assert not sentinel.dialled()

@@ -301,6 +301,9 @@ class Handed:
     waited: float
     #: Gone (fd -1) because too many connections were waited for at once, it the oldest.
     evicted: bool
+    #: Gone (fd -1) because its TLS failed (plain text on the port, no common version or
+    #: cipher, a bad record): why.
+    tls_error: str | None
 
 @final
 class Engine:

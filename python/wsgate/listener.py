@@ -130,6 +130,8 @@ class Listener:
             if news.fd < 0:
                 if news.evicted:
                     self.handler.pending.note_eviction()
+                elif news.tls_error is not None:
+                    log.debug("TLS handshake failed: %s", news.tls_error)
                 self._closed()  # gone, too slow or evicted: dropped without an answer
                 return
             assert self._connections is not None  # the engine accepted it in accept()
