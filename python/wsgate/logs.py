@@ -67,6 +67,13 @@ def configure(level: str = "INFO", log_format: str = "text") -> None:
     json_lines = log_format == "json"
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # What neither format shows is not gathered for each record (a line per session adds up):
+    # the logging HOWTO's "Optimization" switches for the caller's file and line, the thread,
+    # the process (a getpid call each) and the multiprocessing name.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def session_fields(
