@@ -22,7 +22,7 @@ use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
 use crate::inproc::{self, Handle, Message};
 use crate::open::{self, Fast, News, Places, Route};
 use crate::opener::{Opener, Routes, Verdict, Wait};
-use crate::reading::Reading;
+use crate::reading::{Reading, CLOSING, EVICTED};
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
 use crate::shard::{self, Shard, Task};
@@ -301,7 +301,7 @@ impl Engine {
     pub fn stop_waiting(&self) {
         for (id, worker) in self.opener.stop_waiting() {
             if let Some(w) = self.workers.get(worker) {
-                w.stop_task(id, 0, String::new());
+                w.stop_task(id, CLOSING, String::new());
             }
         }
     }
@@ -341,7 +341,13 @@ impl Engine {
             let (client, n) = match &tls {
                 Some(config) => match Tls::server(config) {
                     Ok(t) => (Stream::tls(sock, t), 0),
-                    Err(_) => (Stream::plain(sock), 0), // for the control plane's TLS
+                    Err(_) => {
+                        // Unread: the control plane does its TLS.
+                        let peer = peer.as_socket();
+                        let read = Vec::new();
+                        taken.push(Accepted::Handed { sock, peer, read });
+                        continue;
+                    }
                 },
                 None => match (&sock).read(&mut buf) {
                     Ok(0) => continue, // gone before its request
@@ -383,7 +389,7 @@ impl Engine {
             Ok(None) => match self.opener.start_waiting(id, worker) {
                 Some((timeout, waiting, victim)) => {
                     if let Some((id, worker)) = victim {
-                        self.workers[worker].stop_task(id, 0, String::new());
+                        self.workers[worker].stop_task(id, EVICTED, String::new());
                     }
                     let reading =
                         Reading::new(client, read, (peer, prepared), (worker, timeout), waiting);

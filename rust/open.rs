@@ -494,6 +494,12 @@ impl Fast {
             self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
             return Run::Done;
         }
+        // Claimed first: from here on no eviction can pick it (one picked already wins).
+        if !waiting.claim() {
+            waiting.hand(None, peer, Vec::new(), (waited, true), None);
+            self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
+            return Run::Done;
+        }
         let opener = waiting.opener().clone();
         match opener.open(&opener.routes(), client, &read, prepared, (self.id, worker)) {
             Verdict::Started(fast) => {
@@ -618,8 +624,9 @@ impl Task for Fast {
 
     fn stop(&mut self, code: u16, reason: String) {
         match &mut self.state {
-            // Not yet a session Python knows: only an eviction stops it.
-            State::Reading(r) => r.evict(),
+            // Not yet a session Python knows: only an eviction or the gateway's close stops it
+            // (never once it is opening: `Waiting::claim`).
+            State::Reading(r) => r.stop(code),
             State::Opening(o) => o.stop = Some((code, reason)),
             State::Relaying(d) => d.stop(code, reason),
             State::Over(..) => {}

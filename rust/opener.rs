@@ -298,6 +298,12 @@ impl Waiting {
         &self.opener
     }
 
+    /// Takes it out of those an eviction may pick, before it is opened: false if one picked it
+    /// already (it is evicted then).
+    pub fn claim(&self) -> bool {
+        lock(&self.opener.waiting).live.remove(&self.id)
+    }
+
     /// It opened: its session's news tells Python.
     pub fn opened(mut self) {
         self.told = true;

@@ -21,6 +21,11 @@ use crate::opener::Waiting;
 use crate::stream::Stream;
 use crate::upgrade;
 
+/// The stop (`Task::stop`'s code) that evicts a connection waited for: one too many are.
+pub const EVICTED: u16 = 0;
+/// The stop that drops a connection waited for: the gateway is closing.
+pub const CLOSING: u16 = 1001;
+
 /// A connection whose request is being read.
 pub struct Reading {
     /// The client.
@@ -34,8 +39,8 @@ pub struct Reading {
     deadline: Option<Instant>,
     /// Its relay thread.
     pub(crate) worker: usize,
-    /// Evicted: too many connections were waited for at once, and it was the oldest.
-    evicted: bool,
+    /// Stopped: [`EVICTED`] or [`CLOSING`].
+    stopped: Option<u16>,
     /// Counted among the connections waited for; tells Python if dropped unsettled.
     pub(crate) waiting: Waiting,
 }
@@ -73,7 +78,7 @@ impl Reading {
             accepted,
             deadline: accepted.checked_add(timeout),
             worker,
-            evicted: false,
+            stopped: None,
             waiting,
         }
     }
@@ -88,15 +93,18 @@ impl Reading {
         self.deadline
     }
 
-    /// Drops it at its next step (its relay thread runs it next).
-    pub fn evict(&mut self) {
-        self.evicted = true;
+    /// Drops it at its next step (its relay thread runs it next): `code` [`EVICTED`], or
+    /// [`CLOSING`].
+    pub fn stop(&mut self, code: u16) {
+        self.stopped = Some(code);
     }
 
     /// Reads what the client sent since.
     pub fn step(&mut self, now: Instant) -> Step {
-        if self.evicted {
-            return Step::Evicted;
+        match self.stopped {
+            Some(EVICTED) => return Step::Evicted,
+            Some(_) => return Step::Gone,
+            None => {}
         }
         if self.deadline.is_some_and(|d| now >= d) {
             return Step::Gone;
@@ -181,6 +189,9 @@ mod tests {
         let request = upgrade("/ws/generic/a.b");
         let (first, rest) = request.split_at(20);
         client.write_all(first.as_bytes()).unwrap();
+        // Not a synchronisation (it passes either way): time for the relay thread to read the
+        // first piece alone, as a head arriving in several segments is read.
+        std::thread::sleep(Duration::from_millis(20));
         client.write_all(rest.as_bytes()).unwrap();
         let (mut bot, _) = bot_l.accept().unwrap();
         bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -323,7 +334,18 @@ mod tests {
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
         engine.stop_waiting();
         let n = news(&engine);
-        assert!(matches!(n, News::Handed { evicted: true, .. }), "{n:?}");
+        // Dropped, not evicted for the limit (Python counts no eviction).
+        assert!(
+            matches!(
+                n,
+                News::Handed {
+                    client: None,
+                    evicted: false,
+                    ..
+                }
+            ),
+            "{n:?}"
+        );
         assert_eq!(third.read(&mut b).unwrap(), 0);
     }
 
@@ -336,5 +358,75 @@ mod tests {
         engine.shutdown();
         assert!(matches!(news(&engine), News::Handed { client: None, .. }));
         assert_eq!(engine.waiting(), 0);
+    }
+
+    #[test]
+    fn an_eviction_never_stops_a_connection_already_being_opened() {
+        // One place to wait in: each second connection evicts the first unless the first's
+        // request (sent a few microseconds before) is being opened; then the first must open
+        // and stay open, never be stopped (a stop reaching it would close it with code 0).
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let bot = bot_l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for s in bot_l.incoming() {
+                let Ok(mut s) = s else { return };
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let asked = read_head(&mut s);
+                let key = header(&asked, "Sec-WebSocket-Key").unwrap();
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    accept_key(key)
+                );
+                let _ = s.write_all(answer.as_bytes());
+                kept.push(s);
+            }
+        });
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        engine
+            .set_routes(vec![route("a.b", bot, 100_000, 5000)])
+            .unwrap();
+        let timeout = Duration::from_secs(5);
+        engine.set_wait(Wait { timeout, most: 1 });
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let request = upgrade("/ws/generic/a.b");
+        let mut opened = 0;
+        for i in 0..200 {
+            let mut first = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+            first.write_all(request.as_bytes()).unwrap();
+            let spin = std::time::Instant::now() + Duration::from_micros(i % 60);
+            while std::time::Instant::now() < spin {}
+            let _second = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+            first
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match first.read(&mut b) {
+                    Ok(1) => head.push(b[0]),
+                    _ => break, // evicted before its request was read: closed unanswered
+                }
+            }
+            if head.is_empty() {
+                continue;
+            }
+            assert!(head.starts_with(b"HTTP/1.1 101"), "{i}");
+            opened += 1;
+            // A bounded look for a close that must not come.
+            first
+                .set_read_timeout(Some(Duration::from_millis(10)))
+                .unwrap();
+            assert!(first.read(&mut b).is_err(), "{i}: opened, then stopped");
+            let _ = engine.drain();
+        }
+        assert!(
+            opened > 0,
+            "no first connection opened: the race was not run"
+        );
     }
 }

@@ -488,3 +488,20 @@ async def test_plain_text_on_the_tls_port_is_closed_and_logged_at_debug(
         await until(lambda: _pending(gw, 0), within=10, what="nothing pending")
     assert any("TLS handshake failed" in r.getMessage() for r in caplog.records)
     assert not sentinel.dialled()
+
+
+@engine_opens
+async def test_a_connection_still_sending_at_a_forced_stop_is_not_counted_evicted(
+    engine_opens: bool, sentinel: Sentinel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="wsgate")
+    gw = Gateway(make_config(sentinel.url, engine_opens=engine_opens, drain_timeout=0.2))
+    async with gw.running():
+        sock = await in_thread(socket.create_connection, ("127.0.0.1", gw.port), 20)
+        with sock:
+            await in_thread(sock.sendall, b"GET /ws/generic/bot.test HTTP/1.1\r\n")
+            await until(lambda: _pending(gw, 1), within=10, what="the connection pending")
+            gw.stop()
+            gw.stop()  # a second stop: drop what is left now
+    assert gw.evicted_upgrades == 0
+    assert not [r for r in caplog.records if "evicted" in r.getMessage()]

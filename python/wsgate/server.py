@@ -264,6 +264,7 @@ class Gateway:
         capacity = open_capacity(settings, lambda: internal_url(settings, self.url))
         metrics_listener: socket.socket | None = None
         try:
+            self._port = listener.getsockname()[1]
             if settings.metrics and settings.metrics_port is not None:
                 metrics_listener = await listen(settings.metrics_host, settings.metrics_port)
                 self._metrics_port = metrics_listener.getsockname()[1]
@@ -273,7 +274,6 @@ class Gateway:
             # Before it listens: every connection inherits the relayed sockets' options.
             relay.engine.prepare_listener(listener.fileno())
             listener.listen(socket.SOMAXCONN)
-            self._port = listener.getsockname()[1]
             authority = self.authority
             if authority is not None:
                 authority = authority.with_store(self.metrics.timed(authority.store))
