@@ -739,6 +739,28 @@ pub(crate) mod tests {
         String::from_utf8(head).unwrap()
     }
 
+    /// Reads the bot's upgrade request and answers it 101: the request's head.
+    pub(crate) fn answer_101(bot: &mut TcpStream) -> String {
+        let request = read_head(bot);
+        let key = header(&request, "Sec-WebSocket-Key").unwrap();
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            accept_key(key)
+        );
+        let _ = bot.write_all(answer.as_bytes());
+        request
+    }
+
+    /// A frame the bot sends reaches the client unchanged.
+    pub(crate) fn relays_the_bots_frame(bot: &mut TcpStream, client: &mut TcpStream) {
+        let frame = encode_frame(true, Opcode::TEXT, b"hello", None);
+        bot.write_all(&frame).unwrap();
+        let mut got = vec![0; frame.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, frame);
+    }
+
     pub(crate) fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         head.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(": ")))
@@ -769,16 +791,9 @@ pub(crate) mod tests {
         assert_eq!(engine.places(Some("a.b")), 1, "its place is taken");
         let (mut bot, _) = bot_l.accept().unwrap();
         bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let request = read_head(&mut bot);
+        let request = answer_101(&mut bot);
         assert!(request.starts_with("GET /ws HTTP/1.1\r\n"));
         let uuid = header(&request, "X-Daily-Session-Id").unwrap().to_owned();
-        let key = header(&request, "Sec-WebSocket-Key").unwrap();
-        let answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n\r\n",
-            accept_key(key)
-        );
-        bot.write_all(answer.as_bytes()).unwrap();
         let head = read_head(&mut client);
         assert!(head.starts_with("HTTP/1.1 101 "));
         assert_eq!(header(&head, "X-Session-Id"), Some(uuid.as_str()));
@@ -794,12 +809,7 @@ pub(crate) mod tests {
             } => assert_eq!((session_uuid, service_host.as_str()), (uuid, "a.b")),
             other => panic!("{other:?}"),
         }
-        // Relayed: the bot's frame reaches the client unchanged.
-        let frame = encode_frame(true, Opcode::TEXT, b"hello", None);
-        bot.write_all(&frame).unwrap();
-        let mut got = vec![0; frame.len()];
-        client.read_exact(&mut got).unwrap();
-        assert_eq!(got, frame);
+        relays_the_bots_frame(&mut bot, &mut client);
     }
 
     #[test]

@@ -154,11 +154,12 @@ mod tests {
     use std::time::Duration;
 
     use crate::engine::{Accepted, Engine};
-    use crate::frame::{encode_frame, Opcode};
-    use crate::open::tests::{accept_one, header, news, read_head, route, upgrade};
+    use crate::open::tests::{
+        accept_one, answer_101, news, read_head, relays_the_bots_frame, route, upgrade,
+    };
     use crate::open::News;
     use crate::opener::Wait;
-    use crate::upgrade::{accept_key, MAX_HEADER_BYTES};
+    use crate::upgrade::MAX_HEADER_BYTES;
 
     /// An engine routing `a.b` to `bot`, waiting `timeout_ms` for up to `most` requests.
     fn engine(bot: std::net::SocketAddr, timeout_ms: u64, most: usize) -> Engine {
@@ -195,23 +196,11 @@ mod tests {
         client.write_all(rest.as_bytes()).unwrap();
         let (mut bot, _) = bot_l.accept().unwrap();
         bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let asked = read_head(&mut bot);
-        let key = header(&asked, "Sec-WebSocket-Key").unwrap();
-        let answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n\r\n",
-            accept_key(key)
-        );
-        bot.write_all(answer.as_bytes()).unwrap();
+        answer_101(&mut bot);
         assert!(read_head(&mut client).starts_with("HTTP/1.1 101 "));
         assert!(matches!(news(&engine), News::Opened { .. }));
         assert_eq!(engine.waiting(), 0);
-        // Relayed: the bot's frame reaches the client unchanged.
-        let frame = encode_frame(true, Opcode::TEXT, b"hello", None);
-        bot.write_all(&frame).unwrap();
-        let mut got = vec![0; frame.len()];
-        client.read_exact(&mut got).unwrap();
-        assert_eq!(got, frame);
+        relays_the_bots_frame(&mut bot, &mut client);
     }
 
     #[test]
@@ -372,14 +361,7 @@ mod tests {
             for s in bot_l.incoming() {
                 let Ok(mut s) = s else { return };
                 s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let asked = read_head(&mut s);
-                let key = header(&asked, "Sec-WebSocket-Key").unwrap();
-                let answer = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-                     Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                    accept_key(key)
-                );
-                let _ = s.write_all(answer.as_bytes());
+                answer_101(&mut s);
                 kept.push(s);
             }
         });
