@@ -291,7 +291,8 @@ async def _serve(gateway: Gateway, is_default: bool) -> None:
             print(f"wsgate serving on {gateway.url}", flush=True)
             if is_default:
                 print(
-                    "try the built-in echo bot: "
+                    # websockets is not a dependency of the gateway: a fresh install has no client.
+                    "try the built-in echo bot: pip install websockets && "
                     f"python -m websockets {gateway.url}/ws/generic/echo.demo",
                     flush=True,
                 )
