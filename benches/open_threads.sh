@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# CPU per session opened, thread by thread, of one wsgate process: N opens PARALLEL at a time
+# through /ws/generic to loadgen's echo bot, each thread's utime+stime (/proc/PID/task/*/stat)
+# read before and after (benches/README.md, "Session opens, round 4"). Run it alternating two
+# builds (their PYTHONPATHs) for an A/B that load.py's short open rounds blur.
+#
+# usage: benches/open_threads.sh [PYTHONPATH] [N] [PARALLEL]
+#   defaults: ./python, 10000, 8. loadgen: $LOADGEN, else the one load.py builds
+#   (${CARGO_TARGET_DIR:-/tmp/target-loadgen}/release/loadgen).
+set -euo pipefail
+pythonpath=$(realpath "${1:-python}")
+n=${2:-10000}
+parallel=${3:-8}
+loadgen=${LOADGEN:-${CARGO_TARGET_DIR:-/tmp/target-loadgen}/release/loadgen}
+[ -x "$loadgen" ] || { echo "no loadgen at $loadgen: run benches/load.py once, or set LOADGEN" >&2; exit 2; }
+
+tmp=$(mktemp -d)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+gw_port=$(free_port)
+bot_port=$(free_port)
+cat > "$tmp/gw.toml" <<EOF
+[gateway]
+host = "127.0.0.1"
+port = $gw_port
+[[org]]
+name = "bench"
+public_keys = []
+[[agent]]
+name = "echo"
+org = "bench"
+upstream = "ws://127.0.0.1:$bot_port/ws"
+max_sessions = 100000
+EOF
+"$loadgen" echo-server --port "$bot_port" > "$tmp/bot.log" 2>&1 &
+pids+=($!)
+PYTHONPATH=$pythonpath python3 -m wsgate serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
+gw=$!
+pids+=("$gw")
+for _ in $(seq 100); do
+  grep -q "serving on" "$tmp/gw.log" 2>/dev/null && break
+  sleep 0.1
+done
+url="ws://127.0.0.1:$gw_port/ws/generic/echo.bench"
+
+# CPU ticks so far of each thread, summed by thread name.
+ticks() {
+  for t in /proc/"$gw"/task/*; do
+    echo "$(cat "$t/comm") $(awk '{print $14 + $15}' "$t/stat")"
+  done | awk '{a[$1] += $2} END {for (k in a) print k, a[k]}' | sort
+}
+"$loadgen" opens --url "$url" --conns 500 --parallel "$parallel" --warmup-opens 100 > /dev/null
+ticks > "$tmp/before"
+"$loadgen" opens --url "$url" --conns "$n" --parallel "$parallel" --warmup-opens 0
+ticks > "$tmp/after"
+hz=$(getconf CLK_TCK)
+join "$tmp/before" "$tmp/after" |
+  awk -v n="$n" -v hz="$hz" '{printf "%s %.0f us/session\n", $1, ($3 - $2) * 1e6 / hz / n}'
