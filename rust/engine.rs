@@ -279,8 +279,9 @@ impl Engine {
     }
 
     /// The listener's TLS for connections accepted from now on (`None`: plain). With TLS, every
-    /// connection is read on a relay thread (its handshake, then its request): see
-    /// [`set_wait`](Self::set_wait), which must leave room.
+    /// connection is read on a relay thread (its handshake, then its request) as
+    /// [`set_wait`](Self::set_wait) says; with no wait set, each comes back unread, for the
+    /// control plane's own TLS.
     pub fn set_tls(&self, config: Option<Arc<rustls::ServerConfig>>) {
         self.opener.set_tls(config);
     }

@@ -484,19 +484,16 @@ impl Fast {
             waiting,
             ..
         } = *reading;
-        if let Step::Gone | Step::Evicted | Step::TlsFailed(_) = step {
-            let evicted = matches!(step, Step::Evicted);
-            let tls_error = match step {
-                Step::TlsFailed(why) => Some(why),
-                _ => None,
-            };
+        // Dropped without an answer: whether evicted, and why its TLS failed. A whole request
+        // is claimed first: from then on no eviction can pick it (one that picked it wins).
+        let dropped = match step {
+            Step::Whole if waiting.claim() => None,
+            Step::Whole | Step::Evicted => Some((true, None)),
+            Step::TlsFailed(why) => Some((false, Some(why))),
+            Step::Gone | Step::Blocked => Some((false, None)),
+        };
+        if let Some((evicted, tls_error)) = dropped {
             waiting.hand(None, peer, Vec::new(), (waited, evicted), tls_error);
-            self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
-            return Run::Done;
-        }
-        // Claimed first: from here on no eviction can pick it (one picked already wins).
-        if !waiting.claim() {
-            waiting.hand(None, peer, Vec::new(), (waited, true), None);
             self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
             return Run::Done;
         }

@@ -443,7 +443,7 @@ class Engine:
     def set_tls(self, context: TlsServerContext | None) -> None:
         """The listener's TLS for connections :meth:`accept` takes from now on (None: plain):
         with TLS nothing is read at the accept, and each connection's handshake and request
-        are read on a relay thread (:meth:`set_wait` must leave room; past it, one comes back
+        are read on a relay thread as :meth:`set_wait` says (with no wait set, each comes back
         from :meth:`accept` unread, for the caller's own TLS). A :class:`Handed` or
         :class:`Unopened` then carries the connection's TLS."""
 

@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -110,10 +111,8 @@ class Listener:
             if handed is None:
                 continue  # the engine's: its news comes through the doorbell
             fd, address, read = handed
-            family = socket.AF_INET6 if len(address) == 4 else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-            sock.setblocking(False)
-            connections.start_soon(self._connection, sock, sys.intern(client_key(address)), read)
+            sock, client = _adopt(fd, address)
+            connections.start_soon(self._connection, sock, client, read)
         if error is not None:
             if error not in _ACCEPT_PAUSE_ERRNOS:
                 raise OSError(error, os.strerror(error))
@@ -135,9 +134,7 @@ class Listener:
                 self._closed()  # gone, too slow or evicted: dropped without an answer
                 return
             assert self._connections is not None  # the engine accepted it in accept()
-            family = socket.AF_INET6 if len(news.address) == 4 else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=news.fd)
-            client = sys.intern(client_key(news.address))
+            sock, client = _adopt(news.fd, news.address)
             handed = (news.read, news.waited, news.tls)
             self._connections.start_soon(self._connection, sock, client, *handed)
         elif news.fd < 0:
@@ -215,3 +212,13 @@ class Listener:
         """Wake :meth:`until_idle` to look again."""
         if self._idle is not None:
             self._idle.set()
+
+
+def _adopt(fd: int, address: Any) -> tuple[socket.socket, str]:
+    """A connection the engine accepted: its socket (non-blocking) and its client key, interned
+    (one string per client address, not one per connection: a live session keeps its
+    client's)."""
+    family = socket.AF_INET6 if len(address) == 4 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    sock.setblocking(False)
+    return sock, sys.intern(client_key(address))
