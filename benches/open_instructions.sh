@@ -15,22 +15,11 @@ lg=${LOADGEN:-/tmp/target-loadgen/release/loadgen}
 py=$(python -c 'import sys, os; print(os.path.realpath(sys.executable))')
 dir=$(mktemp -d)
 trap 'kill "${vg:-}" "${bot:-}" 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$dir"/cg.*.1 "$KEEP"; rm -rf "$dir"' EXIT
-free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/bench_gateway.sh
+. "$(dirname "$0")/bench_gateway.sh"
 bot_port=$(free_port); port=$(free_port)
 "$lg" echo-server --port "$bot_port" >"$dir/bot.log" 2>&1 & bot=$!
-cat >"$dir/gw.toml" <<TOML
-[gateway]
-host = "127.0.0.1"
-port = $port
-[[org]]
-name = "bench"
-public_keys = []
-[[agent]]
-name = "echo"
-org = "bench"
-upstream = "ws://127.0.0.1:$bot_port/ws"
-max_sessions = 100000
-TOML
+bench_config "$dir/gw.toml" "$port" "$bot_port"
 PYTHONPATH=$pp valgrind --tool=callgrind --callgrind-out-file="$dir/cg.%p" \
     "$py" -m wsgate serve --config "$dir/gw.toml" >"$dir/gw.log" 2>&1 & vg=$!
 for _ in $(seq 240); do

@@ -17,22 +17,11 @@ loadgen=${LOADGEN:-${CARGO_TARGET_DIR:-/tmp/target-loadgen}/release/loadgen}
 tmp=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/bench_gateway.sh
+. "$(dirname "$0")/bench_gateway.sh"
 gw_port=$(free_port)
 bot_port=$(free_port)
-cat > "$tmp/gw.toml" <<EOF
-[gateway]
-host = "127.0.0.1"
-port = $gw_port
-[[org]]
-name = "bench"
-public_keys = []
-[[agent]]
-name = "echo"
-org = "bench"
-upstream = "ws://127.0.0.1:$bot_port/ws"
-max_sessions = 100000
-EOF
+bench_config "$tmp/gw.toml" "$gw_port" "$bot_port"
 "$loadgen" echo-server --port "$bot_port" > "$tmp/bot.log" 2>&1 &
 pids+=($!)
 PYTHONPATH=$pythonpath python3 -m wsgate serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
