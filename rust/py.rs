@@ -386,12 +386,18 @@ struct Engine {
 
 /// Takes ownership of a descriptor that Python detached from its socket object.
 fn tcp_from_fd(fd: RawFd) -> PyResult<std::net::TcpStream> {
-    if fd < 0 {
-        return Err(PyValueError::new_err("invalid file descriptor"));
-    }
+    check_fd(fd)?;
     // SAFETY: the caller detached `fd` from its Python socket, so nothing else owns or closes
     // it; from here on the engine does.
     Ok(unsafe { std::net::TcpStream::from_raw_fd(fd) })
+}
+
+/// A descriptor that may be one: Rust's `BorrowedFd` and `from_raw_fd` take no negative one.
+fn check_fd(fd: RawFd) -> PyResult<RawFd> {
+    if fd < 0 {
+        return Err(PyValueError::new_err("invalid file descriptor"));
+    }
+    Ok(fd)
 }
 
 /// A session's limits: a positive largest message, and a time limit that is `None` or a
@@ -569,7 +575,7 @@ impl Engine {
     /// Sets the relayed sockets' options on listening socket `listener` before it listens, for
     /// the sockets `accept` takes from it to inherit.
     fn prepare_listener(&self, listener: RawFd) -> PyResult<()> {
-        Ok(self.engine().prepare_listener(listener)?)
+        Ok(self.engine().prepare_listener(check_fd(listener)?)?)
     }
 
     /// The listener's TLS for connections accepted from now on (None: plain): their handshake
@@ -612,6 +618,7 @@ impl Engine {
         listener: RawFd,
         max: usize,
     ) -> PyResult<(Vec<Py<PyAny>>, Option<i32>)> {
+        let listener = check_fd(listener)?;
         let inner = &self.inner;
         let (taken, error) = py.detach(|| {
             inner

@@ -16,7 +16,7 @@ import anyio
 import pytest
 import trustme
 
-from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
+from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig, _core
 
 from .helpers import (
     TOKEN_SECRET,
@@ -505,3 +505,22 @@ async def test_a_connection_still_sending_at_a_forced_stop_is_not_counted_evicte
             gw.stop()  # a second stop: drop what is left now
     assert gw.evicted_upgrades == 0
     assert not [r for r in caplog.records if "evicted" in r.getMessage()]
+
+
+def test_the_engines_wait_and_listener_settings_refuse_what_cannot_work() -> None:
+    engine = _core.Engine(1, 60.0)
+    try:
+        for timeout in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="timeout must be positive"):
+                engine.set_wait(timeout, 10)
+        for call in (engine.prepare_listener, lambda fd: engine.accept(fd, 8)):
+            with pytest.raises(ValueError, match="invalid file descriptor"):
+                call(-1)
+        with open(__file__, "rb") as not_a_socket:
+            with pytest.raises(OSError):
+                engine.prepare_listener(not_a_socket.fileno())
+        engine.set_wait(5.0, 10)
+        assert engine.waiting() == 0
+        engine.set_tls(None)
+    finally:
+        engine.shutdown()
