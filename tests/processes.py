@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -18,12 +19,20 @@ TIMEOUT = 20.0
 class Wsgate:
     """A ``python -m wsgate`` process whose stdout and stderr lines are read into queues."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, max_files: int | None = None) -> None:
+        """``max_files``: the process's limit of open files, if not the test's own (its hard
+        limit too: ``wsgate serve`` raises its soft limit to the hard one)."""
+
+        def limit_files() -> None:
+            if max_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wsgate", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=limit_files,
         )
         self.stdout: queue.Queue[str | None] = queue.Queue()
         self.stderr: queue.Queue[str | None] = queue.Queue()

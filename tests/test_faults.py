@@ -268,6 +268,41 @@ def test_3000_idle_connections_do_not_stop_a_real_session_from_opening_with_defa
             s.close()
 
 
+#: The open-files limit of the gateway out of descriptors: a few dozen left for connections.
+FEW_FILES = 64
+
+
+def test_out_of_descriptors_accepting_pauses_then_serves_again_once_sessions_end(
+    backend: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "wsgate.toml"
+    config.write_text(
+        '[gateway]\nport = 0\n[[org]]\nname = "demo"\n'
+        f'[[agent]]\nname = "echo"\norg = "demo"\nbuiltin = "echo"\nmax_sessions = {FEW_FILES}\n'
+    )
+    gateway = Wsgate("serve", "--config", str(config), "--backend", backend, max_files=FEW_FILES)
+    socks: list[socket.socket] = []
+    try:
+        url = gateway.url()
+        # More upgrades than the gateway has descriptors left: its accept runs out.
+        for _ in range(FEW_FILES):
+            s = socket.create_connection(("127.0.0.1", port_of(url)), timeout=TIMEOUT)
+            s.sendall(upgrade_request("/ws/generic/echo.demo"))
+            socks.append(s)
+        gateway.expect(r"accept failed \(Too many open files\); pausing 100 ms", stream="stderr")
+        for s in socks:
+            s.close()
+        # Their descriptors given back, the gateway accepts again (it did not end).
+        with connect(f"{url}/ws/generic/echo.demo") as ws:
+            ws.send("after")
+            assert ws.recv(TIMEOUT) == "after"
+        assert gateway.proc.poll() is None
+    finally:
+        gateway.kill()
+        for s in socks:
+            s.close()
+
+
 # --------------------------------------------------------------------------------------------
 # An upstream bot process that crashes mid-session
 

@@ -1,9 +1,10 @@
 """The Python side of the Rust relay engine: hand sessions over, await their outcomes.
 
-One :class:`_core.Engine` per gateway. Finished sessions queue up in Rust; a single doorbell
-task wakes when the engine's doorbell descriptor turns readable, drains every queued outcome at
-once and completes each session's waiter. A wake-up of the event loop costs 40-60 µs, so there
-is at most one per batch of finished sessions and none per frame.
+One :class:`_core.Engine` per gateway. Finished sessions queue up in Rust; when the engine's
+doorbell descriptor turns readable, every queued outcome is drained at once and each session's
+waiter completed (by the event loop's own callback under asyncio, by a task under trio:
+:mod:`wsgate.readiness`). A wake-up of the event loop costs 40-60 µs, so there is at most one
+per batch of finished sessions and none per frame.
 
 Every session starts with one typed call, :meth:`Relay.start` with a :class:`Handover`. In-process
 sessions (a :class:`InProcess` peer) report through the same doorbell: each
@@ -29,6 +30,7 @@ from anyio.abc import TaskStatus
 
 from . import _core
 from ._sockets import Conn
+from .readiness import Readiness
 from .tls import TlsSocket
 
 __all__ = [
@@ -202,6 +204,9 @@ class Relay:
         self._peak = 0
         #: When giving memory back became due (``anyio.current_time``), or None.
         self._trim_due: float | None = None
+        #: While it is due: when the doorbell last rang, and what wakes run() when it becomes so.
+        self._last_ring = 0.0
+        self._trim_wanted: anyio.Event | None = None
 
     def counters(self) -> list[_core.AgentCounts]:
         """The live counters of the ``counted`` agents: sessions, messages and bytes."""
@@ -230,22 +235,30 @@ class Relay:
         return list(self._live.values())
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """The doorbell loop: one wake-up drains every outcome queued since the last one."""
-        doorbell = self.engine.doorbell()
-        task_status.started()
-        while True:
-            due = self._trim_due
-            if due is None:
-                await anyio.wait_readable(doorbell)
-                self.dispatch()
-                continue
-            wait = min(TRIM_QUIET, due + TRIM_LATEST - anyio.current_time())
-            with anyio.move_on_after(max(wait, 0.0)) as quiet:
-                await anyio.wait_readable(doorbell)
-            if quiet.cancelled_caught:
-                self.release_memory()
-            else:
-                self.dispatch()
+        """The doorbell: each ring dispatches everything queued since the last one (called by
+        the event loop itself under asyncio: :mod:`wsgate.readiness`). Memory is given back
+        from here when it comes due."""
+        ring = Readiness(self.engine.doorbell(), self._rang)
+        async with anyio.create_task_group() as doorbell:
+            doorbell.start_soon(ring.run)
+            task_status.started()
+            while True:
+                if self._trim_due is None:
+                    self._trim_wanted = anyio.Event()
+                    await self._trim_wanted.wait()
+                    continue
+                # Given back at the first quiet moment, or at the latest TRIM_LATEST after due.
+                at = min(self._last_ring + TRIM_QUIET, self._trim_due + TRIM_LATEST)
+                now = anyio.current_time()
+                if now < at:
+                    await anyio.sleep(at - now)
+                else:
+                    self.release_memory()
+
+    def _rang(self) -> None:
+        self.dispatch()
+        if self._trim_due is not None:
+            self._last_ring = anyio.current_time()
 
     def release_memory(self) -> None:
         """Give the free heap back to the operating system now (see the module docs)."""
@@ -273,7 +286,9 @@ class Relay:
                 session._finish(item)
         now_live, peak = len(self._live), self._peak
         if self._trim_due is None and peak - now_live >= TRIM_DROP and now_live <= peak // 2:
-            self._trim_due = anyio.current_time()
+            self._trim_due = self._last_ring = anyio.current_time()
+            if self._trim_wanted is not None:
+                self._trim_wanted.set()
 
     def start(self, handover: Handover) -> RelaySession:
         """Hand a session to the engine: the one way every kind of session starts. The sockets

@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -30,6 +31,7 @@ from anyio.abc import TaskGroup
 from . import _core
 from .admission import client_key
 from .connection import Connections
+from .readiness import Readiness
 from .sessions import Opened
 from .tls import TlsSocket
 
@@ -60,52 +62,68 @@ class Listener:
         self.tls = tls
         #: Connections held: upgrading, or sessions.
         self.count = 0
-        self._slot_freed: anyio.Event | None = None
+        #: Calls a batch of accepts whenever the listening socket is readable (in accept()).
+        self._readiness: Readiness | None = None
         #: What each relayed session's end calls: one bound method for all of them.
         self._ended = self._session_done
         self._idle: anyio.Event | None = None
 
     async def accept(self, listener: socket.socket, connections: TaskGroup) -> None:
-        """Accept until cancelled; each connection runs in a task of ``connections``."""
+        """Accept until cancelled; each connection runs in a task of ``connections``. A batch is
+        taken each time the socket is readable (a callback of the event loop under asyncio:
+        :mod:`wsgate.readiness`); at ``limit`` connections held, none until one ends."""
         self._connections = connections
         engine = self.engine
-        while True:
-            while self.count >= self.limit:
-                # Full: leave new connections in the kernel's backlog until one ends.
-                self._slot_freed = anyio.Event()
-                await self._slot_freed.wait()
-            await anyio.wait_readable(listener)
-            if engine is not None:
-                await self._accept_in_engine(engine, listener, connections)
-                continue
-            for _ in range(_ACCEPT_BATCH):
-                try:
-                    sock, address = listener.accept()
-                except BlockingIOError:
-                    break
-                except ConnectionAbortedError:
-                    continue
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_PAUSE_ERRNOS:
-                        raise
-                    log.warning("accept failed (%s); pausing 100 ms", exc.strerror)
-                    await anyio.sleep(0.1)
-                    break
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.count += 1
-                # Interned: one string per client address, not one per connection (a live
-                # session keeps its client's).
-                connections.start_soon(self._connection, sock, sys.intern(client_key(address)))
-                if self.count >= self.limit:
-                    break
+        if engine is None:
+            take = partial(self._accept_here, listener, connections)
+        else:
+            take = partial(self._accept_in_engine, engine, listener.fileno(), connections)
+        self._readiness = Readiness(listener.fileno(), take)
+        await self._readiness.run()
 
-    async def _accept_in_engine(
-        self, engine: _core.Engine, listener: socket.socket, connections: TaskGroup
-    ) -> None:
+    def _full(self) -> bool:
+        """At the limit: leave new connections in the kernel's backlog until one ends."""
+        if self.count < self.limit:
+            return False
+        assert self._readiness is not None
+        self._readiness.pause()
+        return True
+
+    def _pause(self, error: int) -> None:
+        """Out of descriptors or memory: try again in 100 ms (any other error ends the gateway)."""
+        if error not in _ACCEPT_PAUSE_ERRNOS:
+            raise OSError(error, os.strerror(error))
+        log.warning("accept failed (%s); pausing 100 ms", os.strerror(error))
+        assert self._readiness is not None
+        self._readiness.pause(0.1)
+
+    def _accept_here(self, listener: socket.socket, connections: TaskGroup) -> None:
+        """One batch accepted here: each connection runs in a task."""
+        for _ in range(_ACCEPT_BATCH):
+            if self._full():
+                return
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                self._pause(exc.errno or errno.EIO)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.count += 1
+            # Interned: one string per client address, not one per connection (a live
+            # session keeps its client's).
+            connections.start_soon(self._connection, sock, sys.intern(client_key(address)))
+        self._full()
+
+    def _accept_in_engine(self, engine: _core.Engine, fd: int, connections: TaskGroup) -> None:
         """One batch accepted by the engine: its own sessions are counted, the others run here."""
-        batch = min(_ACCEPT_BATCH, self.limit - self.count)
-        accepted, error = engine.accept(listener.fileno(), batch)
+        if self._full():
+            return
+        accepted, error = engine.accept(fd, min(_ACCEPT_BATCH, self.limit - self.count))
         self.count += len(accepted)
         for handed in accepted:
             if handed is None:
@@ -114,10 +132,9 @@ class Listener:
             sock, client = _adopt(fd, address)
             connections.start_soon(self._connection, sock, client, read)
         if error is not None:
-            if error not in _ACCEPT_PAUSE_ERRNOS:
-                raise OSError(error, os.strerror(error))
-            log.warning("accept failed (%s); pausing 100 ms", os.strerror(error))
-            await anyio.sleep(0.1)
+            self._pause(error)
+        else:
+            self._full()
 
     def news(self, news: _core.Opened | _core.Unopened | _core.Handed) -> None:
         """A session the engine opened by itself (or could not), or a connection whose request
@@ -197,8 +214,9 @@ class Listener:
 
     def _closed(self) -> None:
         self.count -= 1
-        if self._slot_freed is not None:
-            self._slot_freed.set()
+        readiness = self._readiness
+        if readiness is not None and readiness.paused and self.count < self.limit:
+            readiness.resume()
         if not self.count:
             self.poke()
 
