@@ -445,7 +445,13 @@ impl Opening {
             }
             match self.bot.read(&mut buf) {
                 Ok(0) => return Dial::Failed(Failure::Closed),
-                Ok(n) => self.response.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    if n < buf.len() && !self.bot.is_tls() {
+                        // Emptied (as a pump's short read): no EAGAIN read once relaying.
+                        self.bot.read_drained();
+                    }
+                    self.response.extend_from_slice(&buf[..n]);
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Dial::Blocked,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Dial::Failed(os(&e)),

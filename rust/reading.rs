@@ -126,6 +126,9 @@ impl Reading {
             match self.client.read(&mut buf[..room]) {
                 Ok(0) => return Step::Gone,
                 Ok(n) => {
+                    if n < room && !self.client.is_tls() {
+                        self.client.read_drained(); // emptied (as a pump's short read)
+                    }
                     self.read.extend_from_slice(&buf[..n]);
                     let whole = !matches!(upgrade::split_head(&self.read), Ok(None));
                     if whole || self.read.len() >= FIRST_READ {
