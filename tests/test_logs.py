@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import re
+from collections.abc import Callable, Iterator
 
+import pytest
+
+from wsgate import logs
 from wsgate.logs import TEXT_FORMAT, JsonFormatter, TextFormatter
 
 
@@ -27,3 +34,85 @@ def test_json_lines_carry_the_utc_time_to_the_millisecond() -> None:
     assert '"ts": "2025-12-02T09:43:01.125Z"' in formatter.format(record(1_764_668_581.125))
     assert '"ts": "2025-12-02T09:43:02.500Z"' in formatter.format(record(1_764_668_582.5))
     assert '"ts": "2023-11-14T22:13:20.250Z"' in formatter.format(record(1_700_000_000.25))
+
+
+# --------------------------------------------------------------------------------------------
+# A line written straight to configure()'s handler (write_info) reads as logging writes it.
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+
+
+@pytest.fixture
+def configured() -> Iterator[Callable[[str], io.StringIO]]:
+    """configure() for the test, its handler writing to a buffer; logging as it was after."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logs._ours)
+
+    def configure(log_format: str) -> io.StringIO:
+        logs.configure("INFO", log_format)
+        buffer = io.StringIO()
+        assert logs._ours is not None
+        logs._ours[0].setStream(buffer)
+        return buffer
+
+    yield configure
+    root.handlers[:], logs._ours = saved[0], saved[2]
+    root.setLevel(saved[1])
+
+
+class Passing(logging.Filter):
+    """A filter that lets every record through (but puts one on the way)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return True
+
+
+FIELDS = {"agent": "echo.test", "session": 7, "duration": 1.5, "message": "not this one"}
+
+
+def both_ways(buffer: io.StringIO) -> tuple[str, str]:
+    """The same line written straight, then through logging (a filter on the way)."""
+    log = logging.getLogger("wsgate")
+    assert logs.write_info(log, "session_end", "session 7 ended", lambda: dict(FIELDS))
+    log.addFilter(Passing())
+    try:
+        assert not logs.write_info(log, "session_end", "session 7 ended", lambda: dict(FIELDS))
+        log.info("session %d ended", 7, extra={"event": "session_end", "fields": dict(FIELDS)})
+    finally:
+        log.filters.clear()
+    straight, through = buffer.getvalue().splitlines()
+    return straight, through
+
+
+def test_a_text_line_written_straight_reads_as_logging_writes_it(
+    configured: Callable[[str], io.StringIO],
+) -> None:
+    straight, through = both_ways(configured("text"))
+    assert re.fullmatch(STAMP + " INFO session 7 ended", straight), straight
+    assert straight[23:] == through[23:]  # all but the time
+
+
+def test_a_json_line_written_straight_reads_as_logging_writes_it(
+    configured: Callable[[str], io.StringIO],
+) -> None:
+    straight, through = (json.loads(line) for line in both_ways(configured("json")))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", straight.pop("ts"))
+    through.pop("ts")
+    assert straight == through
+    assert straight["message"] == "session 7 ended" and straight["agent"] == "echo.test"
+
+
+def test_with_another_handler_or_formatter_lines_go_through_logging(
+    configured: Callable[[str], io.StringIO],
+) -> None:
+    log = logging.getLogger("wsgate")
+    buffer = configured("text")
+    other = logging.StreamHandler(io.StringIO())
+    logging.getLogger().addHandler(other)
+    assert not logs.write_info(log, "session_end", "x", dict)
+    logging.getLogger().removeHandler(other)
+    assert logs.write_info(log, "session_end", "x", dict)
+    assert logs._ours is not None
+    logs._ours[0].setFormatter(logging.Formatter("%(message)s"))  # an embedder's own format
+    assert not logs.write_info(log, "session_end", "x", dict)
+    assert len(buffer.getvalue().splitlines()) == 1

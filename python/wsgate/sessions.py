@@ -32,7 +32,7 @@ from .engine import Handover, InProcess, Limits, Relay, RelaySession, Upstream
 from .errors import HttpError, OpeningError
 from .handshake import switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
-from .logs import session_fields
+from .logs import session_fields, write_info
 from .metrics import Metrics, ended_by
 from .pools import Member, Pools
 from .providers import Opening, OpeningReader
@@ -469,9 +469,7 @@ def log_outcome(opened: Opened, outcome: _core.Outcome, seconds: float) -> None:
     if member is not None and member.listed:
         via += f" to {member.label}"
     by = ended_by(outcome, opened.bot is not None, opened.stopped)
-    log.info(
-        "session %d %s %s%s ended by %s (%s) after %.1f s; client close %s, bot close %s; "
-        "in %d msgs %d B, out %d msgs %d B",
+    args = (
         outcome.session_id,
         opened.service_host,
         opened.session_uuid,
@@ -485,20 +483,29 @@ def log_outcome(opened: Opened, outcome: _core.Outcome, seconds: float) -> None:
         outcome.bytes_in,
         outcome.messages_out,
         outcome.bytes_out,
-        extra={
-            "event": "session_end",
-            "fields": session_fields(
-                outcome,
-                agent=opened.service_host,
-                session_id=opened.session_uuid,
-                seconds=seconds,
-                inprocess=opened.bot is not None,
-                stopped=opened.stopped,
-                provider=None if call is None else call.provider,
-                call_id=None if call is None else call.call_id,
-            ),
-        },
     )
+
+    def fields() -> dict[str, Any]:
+        return session_fields(
+            outcome,
+            agent=opened.service_host,
+            session_id=opened.session_uuid,
+            seconds=seconds,
+            inprocess=opened.bot is not None,
+            stopped=opened.stopped,
+            provider=None if call is None else call.provider,
+            call_id=None if call is None else call.call_id,
+        )
+
+    if not write_info(log, "session_end", _SESSION_LINE % args, fields):
+        log.info(_SESSION_LINE, *args, extra={"event": "session_end", "fields": fields()})
+
+
+#: A session's end, as :func:`log_outcome` writes it.
+_SESSION_LINE = (
+    "session %d %s %s%s ended by %s (%s) after %.1f s; client close %s, bot close %s; "
+    "in %d msgs %d B, out %d msgs %d B"
+)
 
 
 def _iso(seconds: float) -> str:
