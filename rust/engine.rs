@@ -24,6 +24,7 @@ use crate::open::{self, Fast, News, Places, Route};
 use crate::opener::{Opener, Routes, Verdict, Wait};
 use crate::reading::{Reading, CLOSING, EVICTED};
 use crate::relay::Pending;
+use crate::scratch;
 use crate::session::{Limits, Outcome};
 use crate::shard::{self, Shard, Task};
 use crate::sockets::{adopt, options};
@@ -329,45 +330,48 @@ impl Engine {
         // listened; otherwise each gets them when its session opens.
         let prepared = self.listener.load(Ordering::Acquire) == listener;
         let mut taken = Vec::new();
-        let mut buf = vec![0u8; FIRST_READ];
-        while taken.len() < max {
-            let (sock, peer) = match listening.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) {
-                Ok(s) => s,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return (taken, Some(e)),
-            };
-            let sock = TcpStream::from(sock);
-            let (client, n) = match &tls {
-                Some(config) => match Tls::server(config) {
-                    Ok(t) => (Stream::tls(sock, t), 0),
-                    Err(_) => {
-                        // Unread: the control plane does its TLS.
-                        let peer = peer.as_socket();
-                        let read = Vec::new();
-                        taken.push(Accepted::Handed { sock, peer, read });
-                        continue;
-                    }
-                },
-                None => match (&sock).read(&mut buf) {
-                    Ok(0) => continue, // gone before its request
-                    Ok(n) => (Stream::plain(sock), n),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => (Stream::plain(sock), 0),
-                    Err(_) => continue,
-                },
-            };
-            let (read, peer) = (&buf[..n], peer.as_socket());
-            match self.take(&routes, client, read, (peer, prepared)) {
-                None => taken.push(Accepted::Opening),
-                Some(client) => taken.push(Accepted::Handed {
-                    sock: client.into_socket(),
-                    peer,
-                    read: read.to_vec(),
-                }),
+        let error = scratch::with(FIRST_READ, |buf| {
+            while taken.len() < max {
+                let (sock, peer) = match listening.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                {
+                    Ok(s) => s,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Some(e),
+                };
+                let sock = TcpStream::from(sock);
+                let (client, n) = match &tls {
+                    Some(config) => match Tls::server(config) {
+                        Ok(t) => (Stream::tls(sock, t), 0),
+                        Err(_) => {
+                            // Unread: the control plane does its TLS.
+                            let peer = peer.as_socket();
+                            let read = Vec::new();
+                            taken.push(Accepted::Handed { sock, peer, read });
+                            continue;
+                        }
+                    },
+                    None => match (&sock).read(buf) {
+                        Ok(0) => continue, // gone before its request
+                        Ok(n) => (Stream::plain(sock), n),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => (Stream::plain(sock), 0),
+                        Err(_) => continue,
+                    },
+                };
+                let (read, peer) = (&buf[..n], peer.as_socket());
+                match self.take(&routes, client, read, (peer, prepared)) {
+                    None => taken.push(Accepted::Opening),
+                    Some(client) => taken.push(Accepted::Handed {
+                        sock: client.into_socket(),
+                        peer,
+                        read: read.to_vec(),
+                    }),
+                }
             }
-        }
-        (taken, None)
+            None
+        });
+        (taken, error)
     }
 
     /// Starts what the engine does with a connection it accepted: open its session, or wait on

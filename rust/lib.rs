@@ -22,6 +22,7 @@ pub mod opener;
 pub mod pump;
 pub mod reading;
 pub mod relay;
+pub mod scratch;
 pub mod session;
 pub mod shard;
 mod sockets;

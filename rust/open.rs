@@ -27,6 +27,7 @@ use crate::nonces::Nonces;
 use crate::opener::Verdict;
 use crate::reading::{Reading, Step};
 use crate::relay::{self, Pair, Pending};
+use crate::scratch;
 use crate::session::{Limits, Outcome};
 use crate::shard::{Run, Task};
 use crate::stream::Stream;
@@ -438,38 +439,39 @@ impl Opening {
                 Err(e) => return Dial::Failed(os(&e)),
             }
         }
-        let mut buf = [0u8; 4096];
-        loop {
-            if !self.bot.may_read() {
-                return Dial::Blocked;
-            }
-            match self.bot.read(&mut buf) {
-                Ok(0) => return Dial::Failed(Failure::Closed),
-                Ok(n) => {
-                    if n < buf.len() && !self.bot.is_tls() {
-                        // Emptied (as a pump's short read): no EAGAIN read once relaying.
-                        self.bot.read_drained();
-                    }
-                    self.response.extend_from_slice(&buf[..n]);
+        scratch::with(4096, |buf| {
+            loop {
+                if !self.bot.may_read() {
+                    return Dial::Blocked;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Dial::Blocked,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Dial::Failed(os(&e)),
-            }
-            match upgrade::split_head(&self.response) {
-                Err(upgrade::TooLarge) => return Dial::Failed(Failure::TooLarge),
-                Ok(Some(end)) => {
-                    let rest = self.response.split_off(end);
-                    if upgrade::bot_accepted(&self.response, &self.key) {
-                        return Dial::Answered(rest);
+                match self.bot.read(buf) {
+                    Ok(0) => return Dial::Failed(Failure::Closed),
+                    Ok(n) => {
+                        if n < buf.len() && !self.bot.is_tls() {
+                            // Emptied (as a pump's short read): no EAGAIN read once relaying.
+                            self.bot.read_drained();
+                        }
+                        self.response.extend_from_slice(&buf[..n]);
                     }
-                    let head = std::mem::take(&mut self.response);
-                    let key = std::mem::take(&mut self.key);
-                    return Dial::Failed(Failure::Answer { head, key });
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Dial::Blocked,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Dial::Failed(os(&e)),
                 }
-                Ok(None) => {}
+                match upgrade::split_head(&self.response) {
+                    Err(upgrade::TooLarge) => return Dial::Failed(Failure::TooLarge),
+                    Ok(Some(end)) => {
+                        let rest = self.response.split_off(end);
+                        if upgrade::bot_accepted(&self.response, &self.key) {
+                            return Dial::Answered(rest);
+                        }
+                        let head = std::mem::take(&mut self.response);
+                        let key = std::mem::take(&mut self.key);
+                        return Dial::Failed(Failure::Answer { head, key });
+                    }
+                    Ok(None) => {}
+                }
             }
-        }
+        })
     }
 }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::FIRST_READ;
 use crate::opener::Waiting;
+use crate::scratch;
 use crate::stream::Stream;
 use crate::upgrade;
 
@@ -117,32 +118,33 @@ impl Reading {
                 Err(_) => return Step::Gone,
             }
         }
-        let mut buf = [0u8; 4096];
-        loop {
-            if !self.client.may_read() {
-                return Step::Blocked;
-            }
-            let room = (FIRST_READ - self.read.len()).min(buf.len());
-            match self.client.read(&mut buf[..room]) {
-                Ok(0) => return Step::Gone,
-                Ok(n) => {
-                    if n < room && !self.client.is_tls() {
-                        self.client.read_drained(); // emptied (as a pump's short read)
-                    }
-                    self.read.extend_from_slice(&buf[..n]);
-                    let whole = !matches!(upgrade::split_head(&self.read), Ok(None));
-                    if whole || self.read.len() >= FIRST_READ {
-                        return Step::Whole;
-                    }
+        scratch::with(4096, |buf| {
+            loop {
+                if !self.client.may_read() {
+                    return Step::Blocked;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Blocked,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::InvalidData && self.client.is_tls() => {
-                    return Step::TlsFailed(e.to_string())
+                let room = (FIRST_READ - self.read.len()).min(buf.len());
+                match self.client.read(&mut buf[..room]) {
+                    Ok(0) => return Step::Gone,
+                    Ok(n) => {
+                        if n < room && !self.client.is_tls() {
+                            self.client.read_drained(); // emptied (as a pump's short read)
+                        }
+                        self.read.extend_from_slice(&buf[..n]);
+                        let whole = !matches!(upgrade::split_head(&self.read), Ok(None));
+                        if whole || self.read.len() >= FIRST_READ {
+                            return Step::Whole;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Blocked,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::InvalidData && self.client.is_tls() => {
+                        return Step::TlsFailed(e.to_string())
+                    }
+                    Err(_) => return Step::Gone,
                 }
-                Err(_) => return Step::Gone,
             }
-        }
+        })
     }
 }
 
