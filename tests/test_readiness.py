@@ -4,7 +4,8 @@ socket pair, on both backends (a loop callback under asyncio, a waiting task und
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import anyio
 import pytest
@@ -71,9 +72,11 @@ async def test_called_at_each_readiness_until_cancelled(
         tg.cancel_scope.cancel()
 
 
-async def test_paused_it_is_not_called_until_resumed(
+@asynccontextmanager
+async def watching(
     pair: tuple[socket.socket, socket.socket],
-) -> None:
+) -> AsyncIterator[tuple[Reader, Readiness]]:
+    """A Readiness running on the pair's first socket, called once already (for b"x")."""
     a, b = pair
     reader = Reader(a)
     readiness = Readiness(a.fileno(), reader)
@@ -81,34 +84,34 @@ async def test_paused_it_is_not_called_until_resumed(
         tg.start_soon(readiness.run)
         b.send(b"x")
         await reader.next_call()
+        yield reader, readiness
+        tg.cancel_scope.cancel()
+
+
+async def test_paused_it_is_not_called_until_resumed(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    async with watching(pair) as (reader, readiness):
         readiness.pause()
         assert readiness.paused
-        b.send(b"y")
+        pair[1].send(b"y")
         await anyio.sleep(LOOK)
         assert reader.calls == 1
         readiness.resume()
         await reader.next_call()
         assert reader.read == b"xy" and not readiness.paused
-        tg.cancel_scope.cancel()
 
 
 async def test_a_timed_pause_resumes_by_itself(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    a, b = pair
-    reader = Reader(a)
-    readiness = Readiness(a.fileno(), reader)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(readiness.run)
-        b.send(b"x")
-        await reader.next_call()
+    async with watching(pair) as (reader, readiness):
         paused = anyio.current_time()
         readiness.pause(0.3)
-        b.send(b"y")
+        pair[1].send(b"y")
         await reader.next_call()
         assert anyio.current_time() - paused >= 0.25
         assert reader.read == b"xy"
-        tg.cancel_scope.cancel()
 
 
 async def test_what_the_callback_raises_ends_run_with_it(
