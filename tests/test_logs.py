@@ -116,3 +116,23 @@ def test_with_another_handler_or_formatter_lines_go_through_logging(
     logs._ours[0].setFormatter(logging.Formatter("%(message)s"))  # an embedder's own format
     assert not logs.write_info(log, "session_end", "x", dict)
     assert len(buffer.getvalue().splitlines()) == 1
+
+
+class Failing(io.StringIO):
+    """A stream that takes a line, then fails (a pipe whose reader is too slow)."""
+
+    def write(self, text: str) -> int:
+        super().write(text)
+        raise OSError(11, "Resource temporarily unavailable")
+
+
+def test_a_stream_failing_mid_line_is_reported_not_written_twice(
+    configured: Callable[[str], io.StringIO], capsys: pytest.CaptureFixture[str]
+) -> None:
+    configured("text")
+    assert logs._ours is not None
+    failing = Failing()
+    logs._ours[0].setStream(failing)
+    assert logs.write_info(logging.getLogger("wsgate"), "session_end", "session 7 ended", dict)
+    assert failing.getvalue().count("session 7 ended") == 1
+    assert "Logging error" in capsys.readouterr().err  # as logging reports a failing stream

@@ -3,6 +3,7 @@ socket pair, on both backends (a loop callback under asyncio, a waiting task und
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -112,6 +113,33 @@ async def test_a_timed_pause_resumes_by_itself(
         await reader.next_call()
         assert anyio.current_time() - paused >= 0.25
         assert reader.read == b"xy"
+
+
+async def test_a_timed_pause_resumed_early_leaves_no_timer_to_cut_the_next_one_short(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # As the listener out of descriptors: each call pauses 0.3 s (the socket stays readable).
+    a, b = pair
+    b.send(b"x")
+    calls: list[float] = []
+    first = anyio.Event()
+
+    def call() -> None:
+        calls.append(anyio.current_time())
+        first.set()
+        readiness.pause(0.3)
+
+    readiness = Readiness(a.fileno(), call)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(readiness.run)
+        with anyio.fail_after(5):
+            await first.wait()
+        await anyio.sleep(0.1)  # a third of the pause in, a connection ends:
+        readiness.resume()  # resumed early: called again at once, then paused 0.3 s again
+        await anyio.sleep(1.0)  # the length of the look: three more pauses
+        tg.cancel_scope.cancel()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(calls[1:])]
+    assert gaps and min(gaps) >= 0.29, gaps
 
 
 async def test_what_the_callback_raises_ends_run_with_it(

@@ -64,6 +64,8 @@ class Listener:
         self.count = 0
         #: Calls a batch of accepts whenever the listening socket is readable (in accept()).
         self._readiness: Readiness | None = None
+        #: Paused at ``limit`` connections (resumed when one ends).
+        self._at_limit = False
         #: What each relayed session's end calls: one bound method for all of them.
         self._ended = self._session_done
         self._idle: anyio.Event | None = None
@@ -87,6 +89,7 @@ class Listener:
             return False
         assert self._readiness is not None
         self._readiness.pause()
+        self._at_limit = True
         return True
 
     def _pause(self, error: int) -> None:
@@ -96,6 +99,7 @@ class Listener:
         log.warning("accept failed (%s); pausing 100 ms", os.strerror(error))
         assert self._readiness is not None
         self._readiness.pause(0.1)
+        self._at_limit = False
 
     def _accept_here(self, listener: socket.socket, connections: TaskGroup) -> None:
         """One batch accepted here: each connection runs in a task."""
@@ -215,7 +219,9 @@ class Listener:
     def _closed(self) -> None:
         self.count -= 1
         readiness = self._readiness
-        if readiness is not None and readiness.paused and self.count < self.limit:
+        if self._at_limit and self.count < self.limit and readiness is not None:
+            # Only the limit's pause: out of descriptors, accepts wait their 100 ms.
+            self._at_limit = False
             readiness.resume()
         if not self.count:
             self.poke()

@@ -110,8 +110,8 @@ def write_info(
     unchanged): the bytes its formatter would write, without a ``LogRecord`` or a trip through
     ``logging``. A gateway writes a line per session, and those cost more than the line
     (benches/README.md, "Session opens, round 5"). ``fields``: the event's, made only for JSON.
-    The caller checked ``logger.isEnabledFor(logging.INFO)``. False: not written; the caller
-    logs it the usual way."""
+    The caller checked ``logger.isEnabledFor(logging.INFO)``. False: not for this handler; the
+    caller logs it the usual way. A failing stream is reported as ``logging`` reports it."""
     ours = _ours
     if ours is None:
         return False
@@ -143,7 +143,9 @@ def write_info(
         stream.write(line + handler.terminator)
         stream.flush()
     except Exception:
-        return False  # logged the usual way: a failing stream is reported as logging does
+        # As StreamHandler.emit: reported by the handler, not written again (a stream that
+        # failed may have taken part of the line).
+        handler.handleError(logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None))
     finally:
         handler.release()
     return True

@@ -32,6 +32,8 @@ class Readiness:
         self._paused = False
         self._resumed: anyio.Event | None = None  # other backends: what a paused run waits on
         self._resume_after: float | None = None  # other backends: a timed pause's length
+        self._timer: asyncio.TimerHandle | None = None  # asyncio: a timed pause's end
+        self._pauses = 0  # other backends: pauses so far (a timed one ends only if the last)
         self._failed: BaseException | None = None
         self._ended: anyio.Event | None = None
 
@@ -48,22 +50,28 @@ class Readiness:
             await self._ended.wait()
         finally:
             self._unwatch()
+            self._cancel_timer()
             self._loop = None
         assert self._failed is not None  # the only way _ended is set
         raise self._failed
 
     def pause(self, seconds: float | None = None) -> None:
-        """Stop calling back until :meth:`resume` (or for ``seconds``, then resume)."""
+        """Stop calling back until :meth:`resume` (or for ``seconds``, then resume). A pause
+        replaces the one in force, its time included."""
         self._paused = True
+        self._pauses += 1
         self._unwatch()
+        self._cancel_timer()
+        self._resume_after = None
         if seconds is not None:
             if self._loop is not None:
-                self._loop.call_later(seconds, self.resume)
+                self._timer = self._loop.call_later(seconds, self.resume)
             else:
                 self._resume_after = seconds
 
     def resume(self) -> None:
         """Call back again when ``fd`` is readable (a no-op when not paused)."""
+        self._cancel_timer()
         if not self._paused:
             return
         self._paused = False
@@ -83,6 +91,11 @@ class Readiness:
         if self._loop is not None and not self._watching and not self._paused:
             self._loop.add_reader(self.fd, self._ready)
             self._watching = True
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _unwatch(self) -> None:
         if self._loop is not None and self._watching:
@@ -105,8 +118,10 @@ class Readiness:
             if self._paused:
                 seconds, self._resume_after = self._resume_after, None
                 if seconds is not None:
+                    pauses = self._pauses
                     await anyio.sleep(seconds)
-                    self.resume()
+                    if self._pauses == pauses:  # not resumed nor paused again meanwhile
+                        self.resume()
                     continue
                 self._resumed = anyio.Event()
                 await self._resumed.wait()
