@@ -311,6 +311,42 @@ async def listed_traffic(gw: Gateway, agent: str) -> dict[str, tuple[int, int, i
     return {s["sessionId"]: traffic(s) for s in listed["sessions"]}
 
 
+async def test_a_session_listed_and_one_never_asked_for_end_alike(
+    bot: Bot, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The engine keeps its sessions as their news until something asks for one (here the list):
+    # either way its end gives back its place, is counted and logged the same.
+    caplog.set_level("INFO", logger="wsgate")
+    async with gateway(bot.url) as gw:
+        never, listed = [await in_thread(open_ws, f"{gw.url}/ws/generic/bot.test") for _ in "ab"]
+        never_id, listed_id = session_id(never), session_id(listed)
+        await in_thread(never.close)  # ends before anything asked for it
+        await in_thread(bot.wait_ended)
+        _, answer = await call_json(gw, "GET", "/v1/agents/bot/sessions", "sk_test")
+        assert [s["sessionId"] for s in answer["sessions"]] == [listed_id]
+        await in_thread(listed.close)
+        with anyio.fail_after(10):
+            while gw.sessions("bot.test") or len(ends(caplog)) < 2:
+                await anyio.wait_all_tasks_blocked()
+        first, second = ends(caplog)
+        assert (first["session_id"], second["session_id"]) == (never_id, listed_id)
+        for fields in (first, second):
+            assert (fields["agent"], fields["ended_by"], fields["code"]) == (
+                "bot.test",
+                "client",
+                "1000",
+            )
+            assert fields["duration"] >= 0
+        exposition = gw.metrics.exposition(None).decode()
+        closed = 'wsgate_sessions_closed_total{agent="bot.test",code="1000",ended_by="client"} 2.0'
+        assert closed in exposition
+
+
+def ends(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The fields of the session lines logged so far."""
+    return [r.fields for r in caplog.records if getattr(r, "event", None) == "session_end"]
+
+
 async def test_list_shows_each_sessions_messages_and_bytes_each_way(bot: Bot) -> None:
     async with gateway(bot.url) as gw:
         busy = await in_thread(open_ws, f"{gw.url}/ws/generic/bot.test")

@@ -196,6 +196,12 @@ class Relay:
     ) -> None:
         self.engine = _core.Engine(threads, dead_peer_timeout)
         self._live: dict[int, RelaySession] = {}
+        #: Sessions the engine opened by itself that nothing has asked for yet (by id, in a
+        #: list, at a drain): their news as it came, until adopted or ended. Most end unasked,
+        #: and cost Python no object of their own (benches/README.md, "Session opens, round 5").
+        self._told: dict[int, _core.Opened] = {}
+        #: What the outcome of a session ended unadopted goes to, with its news.
+        self.on_told_end: Callable[[_core.Opened, _core.Outcome], None] | None = None
         #: Where the news of sessions the engine opens by itself goes (:mod:`wsgate.fastpath`),
         #: in order with the outcomes.
         self.on_news: Callable[[_core.Opened | _core.Unopened | _core.Handed], None] | None = None
@@ -221,18 +227,37 @@ class Relay:
         draw from the same count)."""
         return self.engine.next_session_id()
 
-    def adopt(self, session_id: int, agent: str) -> RelaySession:
-        """A session the engine opened by itself, now known here like one handed over."""
-        session = RelaySession(self, session_id, agent)
-        self._live[session_id] = session
-        self._peak = max(self._peak, len(self._live))
-        return session
+    def told(self, news: _core.Opened) -> None:
+        """A session the engine opened by itself: kept as its news until :meth:`adopt`, or
+        until its outcome goes to :attr:`on_told_end` (which must be set)."""
+        assert self.on_told_end is not None, "an engine session's end would go nowhere"
+        self._told[news.session_id] = news
+        self._peak = max(self._peak, self._count())
 
-    @property
-    def live(self) -> list[RelaySession]:
-        """Sessions handed to the engine (or opened by it) whose outcome has not arrived."""
+    def told_sessions(self) -> list[_core.Opened]:
+        """The news of the sessions the engine opened that were not adopted (nor ended)."""
+        return list(self._told.values())
+
+    def adopt(self, session_id: int) -> tuple[_core.Opened, RelaySession] | None:
+        """A session the engine opened by itself, now known here like one handed over; None
+        if it is not one :meth:`told` kept (adopted already, or ended)."""
+        news = self._told.pop(session_id, None)
+        if news is None:
+            return None
+        session = RelaySession(self, session_id, news.service_host)
+        self._live[session_id] = session
+        return news, session
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Close every session not ended yet with ``code`` and ``reason`` (the drain's end)."""
         self.dispatch()  # the engine's own sessions are told of without a ring: catch up
-        return list(self._live.values())
+        for session in list(self._live.values()):
+            session.close(code, reason)
+        for news in self.told_sessions():
+            self.engine.close(news.session_id, code, reason)
+
+    def _count(self) -> int:
+        return len(self._live) + len(self._told)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The doorbell: each ring dispatches everything queued since the last one (called by
@@ -262,7 +287,8 @@ class Relay:
 
     def release_memory(self) -> None:
         """Give the free heap back to the operating system now (see the module docs)."""
-        ended, self._peak = self._peak - len(self._live), len(self._live)
+        live = self._count()
+        ended, self._peak = self._peak - live, live
         self._trim_due = None
         released = _core.release_memory()
         log.debug("%d sessions ended: free memory given back (%s)", ended, released)
@@ -284,7 +310,11 @@ class Relay:
             session = self._live.pop(item.session_id, None)
             if session is not None:
                 session._finish(item)
-        now_live, peak = len(self._live), self._peak
+                continue
+            news = self._told.pop(item.session_id, None)
+            if news is not None and self.on_told_end is not None:
+                self.on_told_end(news, item)
+        now_live, peak = self._count(), self._peak
         if self._trim_due is None and peak - now_live >= TRIM_DROP and now_live <= peak // 2:
             self._trim_due = self._last_ring = anyio.current_time()
             if self._trim_wanted is not None:
@@ -358,5 +388,5 @@ class Relay:
         session = RelaySession(self, session_id, handover.agent, inbox)
         session.on_done = handover.on_done
         self._live[session_id] = session
-        self._peak = max(self._peak, len(self._live))
+        self._peak = max(self._peak, self._count())
         return session

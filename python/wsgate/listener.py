@@ -67,7 +67,7 @@ class Listener:
         #: Paused at ``limit`` connections (resumed when one ends).
         self._at_limit = False
         #: What each relayed session's end calls: one bound method for all of them.
-        self._ended = self._session_done
+        self._ended = self.session_done
         self._idle: anyio.Event | None = None
 
     async def accept(self, listener: socket.socket, connections: TaskGroup) -> None:
@@ -145,7 +145,7 @@ class Listener:
         it read for nothing: counted here since its accept; an opened one until its end, one
         not opened until it is answered, one handed until its request is served."""
         if isinstance(news, _core.Opened):
-            self.handler.sessions.opened(news).on_end = self._ended
+            self.handler.sessions.told(news)
         elif isinstance(news, _core.Handed):
             if news.fd < 0:
                 if news.evicted:
@@ -211,9 +211,14 @@ class Listener:
             if not handed_off:
                 self._closed()
 
-    def _session_done(self, opened: Opened, outcome: _core.Outcome) -> None:
+    def session_done(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (called from the relay's doorbell task)."""
         self.handler.sessions.ended(opened, outcome)
+        self._closed()
+
+    def told_ended(self, news: _core.Opened, outcome: _core.Outcome) -> None:
+        """A session the engine opened ended before anything asked for it (the doorbell's)."""
+        self.handler.sessions.told_ended(news, outcome)
         self._closed()
 
     def _closed(self) -> None:

@@ -316,6 +316,8 @@ class Gateway:
                 engine=relay.engine if accepts else None,
             )
             relay.on_news = accepted.news
+            relay.on_told_end = accepted.told_ended
+            sessions.on_adopted_end = accepted.session_done
             relay.engine.set_routes(
                 fast_routes(settings, fast, self.session_time_limit, relay.counted, self.authority)
             )
@@ -383,7 +385,6 @@ class Gateway:
         log.info("closing %d connection(s) with 1001", accepted.count)
         self._pending.cancel_all()
         relay.engine.stop_waiting()
-        for session in relay.live:
-            session.close(1001, "gateway shutting down")
+        relay.close_all(1001, "gateway shutting down")
         with anyio.move_on_after(_CLOSE_GRACE):
             await accepted.until_idle()

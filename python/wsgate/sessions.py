@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -124,8 +124,12 @@ class Sessions:
         self.fast: dict[str, AgentConfig] = {}
         self.pools = Pools(settings.upstream_retry_after)
         #: Live sessions by session id (``sessionId``, ``X-Session-Id``), from the handover to
-        #: their end or stop; bounded by the agents' capacity.
+        #: their end or stop; bounded by the agents' capacity. The engine's own join it when
+        #: asked for (:meth:`told`); until then their ids map to their news here.
         self.live: dict[str, Opened] = {}
+        self._told_ids: dict[str, _core.Opened] = {}
+        #: What the end of an engine session adopted here calls (the listener's count).
+        self.on_adopted_end: Callable[[Opened, _core.Outcome], None] | None = None
 
     def count(self, service_host: str | None = None) -> int:
         """Sessions open or being opened (past routing): of one service host, or in all."""
@@ -190,6 +194,11 @@ class Sessions:
         """The live session of that id, if it belongs to that agent."""
         self.relay.dispatch()  # sessions the engine opened, told of without a ring
         opened = self.live.get(session_uuid)
+        if opened is None:
+            told = self._told_ids.get(session_uuid)
+            if told is None or told.service_host != service_host:
+                return None  # not live, or another agent's: left as it is
+            opened = self._adopt(told.session_id)
         if opened is None or opened.service_host != service_host or opened.stopped:
             return None
         return opened
@@ -209,6 +218,9 @@ class Sessions:
         """The agent's live sessions as the list shows them, with their messages and bytes
         each way so far (one snapshot of the engine's per-session counters for all of them)."""
         self.relay.dispatch()  # sessions the engine opened, told of without a ring
+        for news in self.relay.told_sessions():
+            if news.service_host == service_host:
+                self._adopt(news.session_id)
         now, wall = anyio.current_time(), time.time()
         shown = [o for o in self.live.values() if o.service_host == service_host and not o.stopped]
         snapshot = self.relay.engine.session_counts([o.relay.id for o in shown])
@@ -382,21 +394,44 @@ class Sessions:
             else:
                 del self._per_client[client]
 
-    def opened(self, news: _core.Opened) -> Opened:
-        """A session the engine opened by itself (:mod:`wsgate.fastpath`): registered, listed
-        and counted from now on like one handed over here; its place was taken by the engine
-        and is given back at its end as any session's."""
+    def told(self, news: _core.Opened) -> None:
+        """A session the engine opened by itself (:mod:`wsgate.fastpath`): its dial counted,
+        its news kept. It becomes an :class:`Opened` in :attr:`live` only if asked for (by id,
+        in a list: :meth:`find`, :meth:`listed`); most end first, and :meth:`told_ended` frees
+        and logs them from their news. Its place was taken by the engine and is given back at
+        its end as any session's."""
+        self.relay.told(news)
+        self._told_ids[news.session_uuid] = news
+        self.metrics.dialled(news.service_host, news.dial_seconds)
+        self.metrics.store_called(news.store_seconds)
+
+    def _adopt(self, session_id: int) -> Opened | None:
+        """The Opened of a session :meth:`told` kept, registered from now on like one handed
+        over here (its end through :attr:`on_adopted_end`)."""
+        adopted = self.relay.adopt(session_id)
+        if adopted is None:
+            return None
+        news, session = adopted
+        del self._told_ids[news.session_uuid]
         service_host = news.service_host
-        session = self.relay.adopt(news.session_id, service_host)
         (upstream,) = self.fast[service_host].upstream_urls
         # Told of without a ring, maybe only with its end: started when the engine says.
         started = anyio.current_time() - max(0.0, time.monotonic() - news.opened_at)
         opened = Opened(session, service_host, news.session_uuid, started, upstream=upstream)
+        opened.on_end = self.on_adopted_end
         session.on_done = opened
         self.live[opened.session_uuid] = opened
-        self.metrics.dialled(service_host, news.dial_seconds)
-        self.metrics.store_called(news.store_seconds)
         return opened
+
+    def told_ended(self, news: _core.Opened, outcome: _core.Outcome) -> None:
+        """A session the engine opened ended without being adopted: its place given back,
+        its end counted and logged as an adopted one's would be."""
+        del self._told_ids[news.session_uuid]
+        service_host = news.service_host
+        self.release(service_host, "")
+        seconds = max(0.0, time.monotonic() - news.opened_at)
+        self.metrics.session_ended(service_host, False, outcome, seconds)
+        log_outcome(_Unadopted(service_host, news.session_uuid), outcome, seconds)
 
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (its outcome came through the doorbell): free its place."""
@@ -454,7 +489,33 @@ async def peek_opening(sock: Conn, pending: bytes, provider: str) -> tuple[Openi
     return opening, reader.raw
 
 
-def log_outcome(opened: Opened, outcome: _core.Outcome, seconds: float) -> None:
+class _Logged(Protocol):
+    """What a session's log line shows of it."""
+
+    service_host: str
+    session_uuid: str
+    opening: Opening | None
+    member: Member | None
+    bot: tuple[Bot, BotArguments, SessionChannel] | None
+    stopped: bool
+
+
+class _Unadopted:
+    """An engine session that ended unadopted, as its log line shows it: a plain relay of a
+    generic endpoint (no provider call, no pool member, no in-process bot, never stopped)."""
+
+    __slots__ = ("service_host", "session_uuid")
+    opening: Opening | None = None
+    member: Member | None = None
+    bot: tuple[Bot, BotArguments, SessionChannel] | None = None
+    stopped: bool = False
+
+    def __init__(self, service_host: str, session_uuid: str) -> None:
+        self.service_host = service_host
+        self.session_uuid = session_uuid
+
+
+def log_outcome(opened: _Logged, outcome: _core.Outcome, seconds: float) -> None:
     """The session's one log line (INFO), ``seconds`` after its start."""
     # Codes only: close reasons, bodies and tokens come from users and stay out of the log.
     if not log.isEnabledFor(logging.INFO):
