@@ -175,6 +175,13 @@ mod tests {
         engine
     }
 
+    /// A bot's listening socket, and an [`engine`] routing `a.b` to it.
+    fn with_bot(timeout_ms: u64, most: usize) -> (TcpListener, Engine) {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = engine(bot_l.local_addr().unwrap(), timeout_ms, most);
+        (bot_l, engine)
+    }
+
     /// A listening gateway socket and a client connected to it that sent nothing yet.
     fn silent_client() -> (TcpListener, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -186,8 +193,7 @@ mod tests {
 
     #[test]
     fn a_request_sent_after_the_accept_is_read_there_and_opened() {
-        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let engine = engine(bot_l.local_addr().unwrap(), 5000, 8);
+        let (bot_l, engine) = with_bot(5000, 8);
         let (l, mut client) = silent_client();
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
         assert_eq!(engine.waiting(), 1);
@@ -210,8 +216,7 @@ mod tests {
 
     #[test]
     fn a_request_not_the_engines_is_handed_with_its_bytes() {
-        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let engine = engine(bot_l.local_addr().unwrap(), 5000, 8);
+        let (_bot, engine) = with_bot(5000, 8);
         let (l, mut client) = silent_client();
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
         let request = "GET /livez HTTP/1.1\r\nHost: gw\r\n\r\n";
@@ -236,8 +241,7 @@ mod tests {
 
     #[test]
     fn a_head_over_the_limit_is_handed_for_its_431() {
-        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let engine = engine(bot_l.local_addr().unwrap(), 5000, 8);
+        let (_bot, engine) = with_bot(5000, 8);
         let (l, mut client) = silent_client();
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
         let long = format!(
@@ -262,8 +266,7 @@ mod tests {
 
     #[test]
     fn a_client_gone_or_too_slow_is_dropped_and_python_told() {
-        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let engine = engine(bot_l.local_addr().unwrap(), 200, 8);
+        let (_bot, engine) = with_bot(200, 8);
         // Gone before its request.
         let (l, client) = silent_client();
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
@@ -291,8 +294,7 @@ mod tests {
 
     #[test]
     fn past_the_room_the_oldest_is_evicted() {
-        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let engine = engine(bot_l.local_addr().unwrap(), 5000, 1);
+        let (bot_l, engine) = with_bot(5000, 1);
         let (l, mut first) = silent_client();
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
         let (l, mut second) = silent_client();
@@ -345,8 +347,7 @@ mod tests {
 
     #[test]
     fn a_shutdown_drops_the_connections_waited_for_and_tells_python() {
-        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut engine = engine(bot_l.local_addr().unwrap(), 60_000, 8);
+        let (_bot, mut engine) = with_bot(60_000, 8);
         let (l, _client) = silent_client();
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
         engine.shutdown();
