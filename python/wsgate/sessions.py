@@ -125,9 +125,10 @@ class Sessions:
         self.pools = Pools(settings.upstream_retry_after)
         #: Live sessions by session id (``sessionId``, ``X-Session-Id``), from the handover to
         #: their end or stop; bounded by the agents' capacity. The engine's own join it when
-        #: asked for (:meth:`told`); until then their ids map to their news here.
+        #: asked for (:meth:`told`).
         self.live: dict[str, Opened] = {}
-        self._told_ids: dict[str, _core.Opened] = {}
+        #: The engine's own sessions not asked for yet: their news, by session id.
+        self._told_by_uuid: dict[str, _core.Opened] = {}
         #: What the end of an engine session adopted here calls (the listener's count).
         self.on_adopted_end: Callable[[Opened, _core.Outcome], None] | None = None
 
@@ -195,7 +196,7 @@ class Sessions:
         self.relay.dispatch()  # sessions the engine opened, told of without a ring
         opened = self.live.get(session_uuid)
         if opened is None:
-            told = self._told_ids.get(session_uuid)
+            told = self._told_by_uuid.get(session_uuid)
             if told is None or told.service_host != service_host:
                 return None  # not live, or another agent's: left as it is
             opened = self._adopt(told.session_id)
@@ -401,7 +402,7 @@ class Sessions:
         and logs them from their news. Its place was taken by the engine and is given back at
         its end as any session's."""
         self.relay.told(news)
-        self._told_ids[news.session_uuid] = news
+        self._told_by_uuid[news.session_uuid] = news
         self.metrics.dialled(news.service_host, news.dial_seconds)
         self.metrics.store_called(news.store_seconds)
 
@@ -412,7 +413,7 @@ class Sessions:
         if adopted is None:
             return None
         news, session = adopted
-        del self._told_ids[news.session_uuid]
+        del self._told_by_uuid[news.session_uuid]
         service_host = news.service_host
         (upstream,) = self.fast[service_host].upstream_urls
         # Told of without a ring, maybe only with its end: started when the engine says.
@@ -426,7 +427,7 @@ class Sessions:
     def told_ended(self, news: _core.Opened, outcome: _core.Outcome) -> None:
         """A session the engine opened ended without being adopted: its place given back,
         its end counted and logged as an adopted one's would be."""
-        del self._told_ids[news.session_uuid]
+        del self._told_by_uuid[news.session_uuid]
         service_host = news.service_host
         self.release(service_host, "")
         seconds = max(0.0, time.monotonic() - news.opened_at)
