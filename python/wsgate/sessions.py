@@ -127,7 +127,7 @@ class Sessions:
         #: their end or stop; bounded by the agents' capacity. The engine's own join it when
         #: asked for (:meth:`told`).
         self.live: dict[str, Opened] = {}
-        #: The engine's own sessions not asked for yet: their news, by session id.
+        #: The engine's own sessions not asked for yet: their news, by ``sessionId``.
         self._told_by_uuid: dict[str, _core.Opened] = {}
         #: What the end of an engine session adopted here calls (the listener's count).
         self.on_adopted_end: Callable[[Opened, _core.Outcome], None] | None = None
