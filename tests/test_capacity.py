@@ -447,7 +447,9 @@ def test_three_gateways_hold_max_sessions_together_through_a_kill_and_a_redis_ou
         assert _open_session(ports[1], path)[0] == 503  # 10 again, and no more
         assert [len(live[1]), len(live[2])] == [5, 5]
 
-        # Redis stops: sessions go on, each gateway counts its own up to max_sessions.
+        # Redis stops: sessions go on, each gateway counts its own up to max_sessions. Each
+        # gateway asks the store during the outage (an open), so each knows it is down: one that
+        # never asked would say ready while its client may still be reconnecting.
         redis.stop()
         assert all(echoes(s, "during") for g in (1, 2) for s in live[g])
         while len(live[1]) < 10:
@@ -457,20 +459,26 @@ def test_three_gateways_hold_max_sessions_together_through_a_kill_and_a_redis_ou
         assert _open_session(ports[1], path)[0] == 503  # its own 10
         assert "counted on this gateway" in _readyz(ports[1])
         gateways[1].expect("counted on this gateway until it is back", stream="stderr")
+        status, sock = _open_session(ports[2], path)
+        assert status == 101 and sock is not None, "counted locally while Redis is down"
+        live[2].append(sock)
+        gateways[2].expect("counted on this gateway until it is back", stream="stderr")
 
         # Redis is back (empty): within a renewal period each gateway puts its leases back, so
-        # the shared count is 15 and gateway 2, with 5 of its own, refuses the 16th.
+        # the shared count is 16 and gateway 2, with 6 of its own, refuses the 17th.
         redis.start()
-        for port in ports[1:]:
-            wait_for(
-                lambda p=port: _readyz(p) == "ok",
-                within=lease_ttl + 2,
-                what="shared again",
+        back = time.monotonic()
+        for g, held in ((1, 10), (2, 6)):
+            gateways[g].expect(
+                rf"is back: max_sessions shared again \({held} lease", stream="stderr"
             )
+        assert time.monotonic() - back <= lease_ttl + 2
+        for port in ports[1:]:
+            assert _readyz(port) == "ok"
         assert _open_session(ports[2], path)[0] == 503
-        for s in live[1][:6]:
+        for s in live[1][:7]:
             s.close()
-        del live[1][:6]
+        del live[1][:7]
 
         def admitted_again() -> bool:
             sock = _open_session(ports[2], path)[1]
