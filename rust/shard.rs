@@ -410,8 +410,11 @@ impl Loop {
 
     fn remove(&mut self, slot: usize) -> Entry {
         let entry = self.slots[slot].take().expect("a live slot");
+        // Closing the last descriptor of a socket takes it out of the epoll (as nginx counts
+        // on, two syscalls a session fewer); one that Python holds a copy of stays registered
+        // until taken out here, or its events would reach the slot's next session.
         for side in 0..2 {
-            if let Some(s) = entry.task.stream(side) {
+            if let Some(s) = entry.task.stream(side).filter(|s| s.shared()) {
                 let _ = self.poll.registry().deregister(&mut SourceFd(&s.raw_fd()));
             }
         }

@@ -48,6 +48,9 @@ pub struct Stream {
     read_closed: Cell<bool>,
     /// The connection broke: writes never wait again (they fail).
     write_closed: Cell<bool>,
+    /// Another descriptor shares the socket (`try_clone_socket`): closing this one does not
+    /// take it out of the epoll.
+    shared: Cell<bool>,
 }
 
 impl Stream {
@@ -61,6 +64,7 @@ impl Stream {
             writable: Cell::new(false),
             read_closed: Cell::new(false),
             write_closed: Cell::new(false),
+            shared: Cell::new(false),
         }
     }
 
@@ -103,7 +107,13 @@ impl Stream {
 
     /// A descriptor of its own on the same socket (for the control plane to answer on).
     pub fn try_clone_socket(&self) -> io::Result<TcpStream> {
+        self.shared.set(true);
         self.sock.try_clone()
+    }
+
+    /// Whether another descriptor may share the socket (see `try_clone_socket`).
+    pub fn shared(&self) -> bool {
+        self.shared.get()
     }
 
     /// The socket's descriptor, for registering it.
