@@ -16,7 +16,8 @@ loadgen=${LOADGEN:-${CARGO_TARGET_DIR:-/tmp/target-loadgen}/release/loadgen}
 
 tmp=$(mktemp -d)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+# Waited for: a gateway still draining would take CPU from the next run's.
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 # shellcheck source=benches/bench_gateway.sh
 . "$(dirname "$0")/bench_gateway.sh"
 gw_port=$(free_port)
