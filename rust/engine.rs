@@ -30,6 +30,7 @@ use crate::shard::{self, Shard, Task};
 use crate::sockets::{adopt, options};
 use crate::stream::Stream;
 use crate::tls::Tls;
+use crate::twilio::Answering;
 use crate::upgrade;
 use crate::{echo, relay};
 
@@ -402,12 +403,35 @@ impl Engine {
                 }
                 None => return Some(client), // not waited for: the Python path reads it
             },
-            _ => match self
-                .opener
-                .open(routes, client, read, prepared, (id, worker))
-            {
-                Verdict::Started(task) => task,
-                Verdict::Back(client) => return Some(client),
+            _ => match upgrade::recognise_twilio(read) {
+                // A /ws/twilio stream: answered now, its opening read on the relay thread while
+                // it is waited for like a request.
+                Some((key, head_len)) => match self.opener.start_waiting(id, worker) {
+                    Some((timeout, waiting, victim)) => {
+                        if let Some((id, worker)) = victim {
+                            self.workers[worker].stop_task(id, EVICTED, String::new());
+                        }
+                        let answering = Answering::new(
+                            client,
+                            (read, head_len, key),
+                            (peer, prepared),
+                            (worker, timeout),
+                            waiting,
+                        );
+                        match answering {
+                            Some(a) => Fast::answering(id, a),
+                            None => return None, // gone before its 101 (Python told)
+                        }
+                    }
+                    None => return Some(client),
+                },
+                None => match self
+                    .opener
+                    .open(routes, client, read, prepared, (id, worker))
+                {
+                    Verdict::Started(task) => task,
+                    Verdict::Back(client) => return Some(client),
+                },
             },
         };
         self.workers[worker].start_task(id, task);

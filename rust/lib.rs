@@ -19,6 +19,7 @@ pub mod memory;
 pub mod nonces;
 pub mod open;
 pub mod opener;
+pub mod opening;
 pub mod pump;
 pub mod reading;
 pub mod relay;
@@ -29,6 +30,7 @@ mod sockets;
 pub mod stream;
 pub mod tls;
 pub mod token;
+pub mod twilio;
 pub mod upgrade;
 
 #[cfg(feature = "python")]

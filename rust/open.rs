@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::body::DecodedBody;
 use crate::counters::Meter;
 use crate::driver::Driven;
 use crate::nonces::Nonces;
@@ -32,6 +33,7 @@ use crate::session::{Limits, Outcome};
 use crate::shard::{Run, Task};
 use crate::stream::Stream;
 use crate::tls::Tls;
+use crate::twilio::{Answering, Heard};
 use crate::upgrade;
 
 /// How one agent's sessions are opened in the data plane.
@@ -172,6 +174,8 @@ pub enum News {
         /// When it was answered 101, in seconds of `CLOCK_MONOTONIC` (Python's
         /// `time.monotonic()`): its news may reach Python only with its end.
         opened_at: f64,
+        /// A `/ws/twilio` stream's call (`None`: a generic session).
+        call: Option<Call>,
     },
     /// Its bot's dial failed; its place was given back.
     Unopened {
@@ -186,6 +190,8 @@ pub enum News {
         /// How long each call to the replay store took (a token's claim and release), in
         /// seconds.
         store_seconds: Vec<f64>,
+        /// Answered 101 already (`/ws/twilio`): Python closes it rather than answer a status.
+        answered: bool,
     },
     /// A connection whose request a relay thread read (`reading.rs`) and did not open: Python's
     /// to serve, or, without a client, gone (the client left or was too slow).
@@ -205,7 +211,27 @@ pub enum News {
         /// Gone because its TLS failed (plain text on the port, no common version or cipher, a
         /// bad record): why, for a debug line.
         tls_error: Option<String>,
+        /// A `/ws/twilio` stream answered 101 (`twilio.rs`): the id the 101 named. `read` is
+        /// then its head and the frames read after it, and `waited` the seconds since the 101.
+        answered: Option<String>,
     },
+}
+
+/// A `/ws/twilio` stream's call, from its `start` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// `start.callSid`.
+    pub call_id: Option<String>,
+    /// `start.streamSid`.
+    pub stream_id: Option<String>,
+}
+
+/// A session answered 101 before it was opened (`/ws/twilio`).
+pub struct Answered {
+    /// The id the 101 named.
+    pub session_uuid: String,
+    /// Its call.
+    pub call: Call,
 }
 
 /// A client for Python to answer or serve: its own descriptor of the socket, and its TLS (boxed:
@@ -227,6 +253,8 @@ pub struct Fast {
 enum State {
     /// Its request is being read (`reading.rs`).
     Reading(Box<Reading>),
+    /// Answered 101 on `/ws/twilio`, its opening being read (`twilio.rs`).
+    Answering(Box<Answering>),
     Opening(Box<Opening>),
     Relaying(Driven<Pair>),
     /// Not opened: its sockets are kept until the relay thread has taken them out of its epoll
@@ -246,6 +274,8 @@ struct Held {
     claimed: Option<Claimed>,
     tell: Tell,
     armed: bool,
+    /// Its 101 went already (`/ws/twilio`).
+    answered: bool,
 }
 
 impl Held {
@@ -267,6 +297,7 @@ impl Held {
             client,
             failure,
             store_seconds,
+            answered: self.answered,
         });
     }
 
@@ -303,6 +334,8 @@ pub struct Opening {
     bot: Stream,
     client_key: String,
     client_pending: Vec<u8>,
+    /// A `/ws/twilio` stream's call: its 101 went already.
+    call: Option<Call>,
     request: Vec<u8>,
     sent: usize,
     tried: bool,
@@ -319,13 +352,17 @@ pub struct Opening {
 }
 
 /// What [`Fast::new`] needs beside the sockets.
-pub struct Open<'a> {
+pub struct Open {
     /// The agent's route.
     pub route: Arc<Route>,
-    /// The client's request, recognised.
-    pub upgrade: upgrade::Upgrade<'a>,
-    /// The bytes read from the client (its head, and any frames behind it).
-    pub read: &'a [u8],
+    /// The client's `Sec-WebSocket-Key`.
+    pub client_key: String,
+    /// Its `?body=`, decoded and checked.
+    pub body: Option<DecodedBody>,
+    /// What the client sent past its head, for the bot first.
+    pub client_pending: Vec<u8>,
+    /// A `/ws/twilio` stream: answered 101 already, and its call.
+    pub answered: Option<Answered>,
     /// Makes the session's meter once it is relayed (counted from then on, as a session the
     /// Python path hands over).
     pub meter: Box<dyn FnOnce() -> Meter + Send>,
@@ -345,20 +382,25 @@ impl Fast {
         })
     }
 
+    /// Session `id`: a `/ws/twilio` stream answered 101, whose opening its relay thread reads
+    /// (`twilio.rs`), then opens it or hands it to Python.
+    pub fn answering(id: u64, answering: Answering) -> Box<Self> {
+        Box::new(Self {
+            id,
+            state: State::Answering(Box::new(answering)),
+        })
+    }
+
     /// Session `id`: `client` (past the read of its request) and `bot` (connecting: `failed` if
     /// the connect failed at once), both prepared for a relay thread.
-    pub fn new(
-        id: u64,
-        client: Stream,
-        bot: Stream,
-        failed: Option<io::Error>,
-        o: Open<'_>,
-    ) -> Self {
+    pub fn new(id: u64, client: Stream, bot: Stream, failed: Option<io::Error>, o: Open) -> Self {
         let key = upgrade::new_key();
-        let session_uuid = match &o.claimed {
+        let (session_uuid, call) = match (o.answered, &o.claimed) {
+            // The id its 101 named.
+            (Some(a), _) => (a.session_uuid, Some(a.call)),
             // The id /start answered with, derived from the token's nonce.
-            Some(c) => upgrade::session_id_for(&c.nonce),
-            None => upgrade::new_uuid(),
+            (None, Some(c)) => (upgrade::session_id_for(&c.nonce), None),
+            (None, None) => (upgrade::new_uuid(), None),
         };
         let r = &o.route;
         let request = upgrade::bot_request(
@@ -366,7 +408,7 @@ impl Fast {
             &r.host_header,
             &key,
             &session_uuid,
-            o.upgrade.body.as_ref(),
+            o.body.as_ref(),
         );
         let started = Instant::now();
         let opening = Opening {
@@ -377,11 +419,13 @@ impl Fast {
                 claimed: o.claimed,
                 tell: o.tell,
                 armed: true,
+                answered: call.is_some(),
             },
             client,
             bot,
-            client_key: o.upgrade.key.to_owned(),
-            client_pending: o.read[o.upgrade.head_len..].to_vec(),
+            client_key: o.client_key,
+            client_pending: o.client_pending,
+            call,
             request,
             sent: 0,
             tried: false,
@@ -492,6 +536,26 @@ impl Fast {
             waiting,
             ..
         } = *reading;
+        let opener = waiting.opener().clone();
+        // A /ws/twilio stream: answered, and still waited for while its opening is read.
+        let twilio = match step {
+            Step::Whole if !opener.routes().is_empty() => upgrade::recognise_twilio(&read),
+            _ => None,
+        };
+        if let Some((key, head_len)) = twilio {
+            let timeout = opener.wait_timeout();
+            let Some(a) = Answering::new(
+                client,
+                (&read, head_len, key),
+                (peer, prepared),
+                (worker, timeout),
+                waiting,
+            ) else {
+                return Run::Done; // gone before its 101: dropped (Python told)
+            };
+            self.state = State::Answering(Box::new(a));
+            return self.run(now);
+        }
         // Dropped without an answer: whether evicted, and why its TLS failed. A whole request
         // is claimed first: from then on no eviction can pick it (one that picked it wins).
         let dropped = match step {
@@ -505,7 +569,6 @@ impl Fast {
             self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
             return Run::Done;
         }
-        let opener = waiting.opener().clone();
         match opener.open(&opener.routes(), client, &read, prepared, (self.id, worker)) {
             Verdict::Started(fast) => {
                 waiting.opened();
@@ -520,6 +583,72 @@ impl Fast {
                 Run::Done
             }
         }
+    }
+
+    /// What the `/ws/twilio` opening came to: open its session here, or hand it to Python.
+    fn heard(&mut self, heard: Heard, now: Instant) -> Run {
+        let over = State::Over(Outcome::new(self.id), [None, None]);
+        let State::Answering(a) = std::mem::replace(&mut self.state, over) else {
+            unreachable!("heard twice");
+        };
+        let mut a = *a;
+        let opening = match heard {
+            Heard::Blocked => unreachable!("a blocked opening is not heard"),
+            // Dropped: its `Waiting` tells Python; the socket stays until taken out.
+            Heard::Gone => {
+                self.state = State::Over(Outcome::new(self.id), [Some(a.client), None]);
+                return Run::Done;
+            }
+            Heard::OutOfTime => return self.hand_answered(a, true),
+            Heard::NotMine => return self.hand_answered(a, false),
+            Heard::Opening(opening) => opening,
+        };
+        // From here no eviction picks it (one that picked it first wins).
+        if !a.waiting.claim() {
+            return self.hand_answered(a, true);
+        }
+        let Some(service_host) = opening.service_host else {
+            return self.hand_answered(a, false); // Python's 1008
+        };
+        let answered = Answered {
+            session_uuid: a.session_uuid.clone(),
+            call: Call {
+                call_id: opening.call_id,
+                stream_id: opening.stream_id,
+            },
+        };
+        let opener = a.waiting.opener().clone();
+        let pending = a.reader.raw().to_vec();
+        let at = (self.id, a.worker);
+        match opener.open_answered(a.client, (pending, answered), &service_host, a.prepared, at) {
+            Verdict::Started(fast) => {
+                a.waiting.opened();
+                self.state = fast.state;
+                self.run(now)
+            }
+            Verdict::Back(client) => {
+                a.client = client;
+                self.hand_answered(a, false)
+            }
+        }
+    }
+
+    /// An answered `/ws/twilio` stream goes to Python with all it read (`out_of_time`:
+    /// evicted or too slow, with no time left to read more).
+    fn hand_answered(&mut self, mut a: Answering, out_of_time: bool) -> Run {
+        let waited = if out_of_time { a.timeout() } else { a.waited() };
+        let evicted = out_of_time && a.evicted();
+        let copy = for_python(&mut a.client);
+        let read = if copy.is_some() {
+            a.take_read()
+        } else {
+            Vec::new()
+        };
+        let uuid = std::mem::take(&mut a.session_uuid);
+        a.waiting
+            .hand_answered(copy, a.peer, read, (waited, evicted), uuid);
+        self.state = State::Over(Outcome::new(self.id), [Some(a.client), None]);
+        Run::Done
     }
 
     /// The opening is over: relay, or report why not and end.
@@ -542,6 +671,7 @@ impl Fast {
         let store_seconds = o.held.opened();
         // Queued before the client can read its 101: a Session API call made with the id the
         // 101 names finds the session (Python reads the queue before it looks).
+        let answered = o.call.is_some();
         (o.held.tell)(News::Opened {
             session_id: self.id,
             session_uuid: std::mem::take(&mut o.session_uuid),
@@ -549,11 +679,12 @@ impl Fast {
             dial_seconds: o.started.elapsed().as_secs_f64(),
             store_seconds,
             opened_at: monotonic_now(),
+            call: o.call.take(),
         });
         // A fresh connection's send buffer takes a 101 whole. If it does not, the client is
         // gone or broken: its socket is shut, and the relay ends the session at once (its end
         // is logged like any other's).
-        if !matches!(o.client.write(&answer), Ok(n) if n == answer.len()) {
+        if !answered && !matches!(o.client.write(&answer), Ok(n) if n == answer.len()) {
             o.client.shutdown_both();
         }
         let meter = (o.meter.take().expect("a meter per session"))();
@@ -602,6 +733,7 @@ impl Task for Fast {
     fn stream(&self, side: usize) -> Option<&Stream> {
         match &self.state {
             State::Reading(r) => (side == 0).then_some(&r.client),
+            State::Answering(a) => (side == 0).then_some(&a.client),
             State::Opening(o) => match side {
                 0 => Some(&o.client),
                 1 => Some(&o.bot),
@@ -618,6 +750,10 @@ impl Task for Fast {
                 Step::Blocked => Run::Blocked,
                 step => self.read(step, now),
             },
+            State::Answering(a) => match a.step(now) {
+                Heard::Blocked => Run::Blocked,
+                heard => self.heard(heard, now),
+            },
             State::Opening(o) => match o.dial(now) {
                 Dial::Blocked => Run::Blocked,
                 settled => self.settle(settled, now),
@@ -632,6 +768,7 @@ impl Task for Fast {
             // Not yet a session Python knows: only an eviction or the gateway's close stops it
             // (never once it is opening: `Waiting::claim`).
             State::Reading(r) => r.stop(code),
+            State::Answering(a) => a.stop(code),
             State::Opening(o) => o.stop = Some((code, reason)),
             State::Relaying(d) => d.stop(code, reason),
             State::Over(..) => {}
@@ -641,6 +778,7 @@ impl Task for Fast {
     fn deadline(&self) -> Option<Instant> {
         match &self.state {
             State::Reading(r) => r.deadline(),
+            State::Answering(a) => a.deadline(),
             State::Opening(o) => o.deadline,
             State::Relaying(d) => d.deadline(),
             State::Over(..) => None,
@@ -653,7 +791,7 @@ impl Task for Fast {
             State::Over(o, _) => o,
             // Dropped while dialling (the engine stopped): its `Held` gives everything back;
             // while reading, its `Waiting` tells Python.
-            State::Opening(_) | State::Reading(_) => Outcome::new(self.id),
+            State::Opening(_) | State::Reading(_) | State::Answering(_) => Outcome::new(self.id),
         }
     }
 }

@@ -139,6 +139,11 @@ impl Opener {
     /// Starts waiting for the request of connection `id` on relay thread `worker`, unless no
     /// connection is waited for: the time to wait, its place among those waited for (until the
     /// guard is dropped) and, when that made one too many, the oldest other one, to evict.
+    /// How long a request, or a `/ws/twilio` opening after its 101, is waited for.
+    pub fn wait_timeout(&self) -> Duration {
+        lock(&self.wait).timeout
+    }
+
     pub(crate) fn start_waiting(
         self: &Arc<Self>,
         id: u64,
@@ -213,6 +218,7 @@ impl Opener {
         if !open::take(&route.place, route.max_sessions) {
             return Verdict::Back(client); // the Python path answers 503
         }
+        let route = route.clone();
         // Used up after the capacity check, as the Python path does: a 503 does not burn it.
         let claimed = match checked {
             None => None,
@@ -229,6 +235,62 @@ impl Opener {
                 })
             }
         };
+        let start = Start {
+            client_key: upgrade.key.to_owned(),
+            body: upgrade.body,
+            client_pending: read[upgrade.head_len..].to_vec(),
+            answered: None,
+            claimed,
+        };
+        self.start(route, client, start, prepared, (id, worker))
+    }
+
+    /// Opens the session of a `/ws/twilio` stream answered 101 whose opening named `opening`'s
+    /// service host, if the route table serves it without a token and its agent has a place
+    /// left; otherwise gives the client back (Python answers it, with a close frame).
+    pub fn open_answered(
+        &self,
+        client: Stream,
+        (client_pending, answered): (Vec<u8>, open::Answered),
+        service_host: &str,
+        prepared: bool,
+        (id, worker): (u64, usize),
+    ) -> Verdict {
+        let routes = self.routes();
+        let Some(route) = routes.get(service_host) else {
+            return Verdict::Back(client);
+        };
+        // A token agent's stream carries its token in its URL, which this one did not.
+        if route.tokens.is_some() || !open::take(&route.place, route.max_sessions) {
+            return Verdict::Back(client);
+        }
+        let start = Start {
+            client_key: String::new(), // answered: no 101 to write
+            body: None,
+            client_pending,
+            answered: Some(answered),
+            claimed: None,
+        };
+        self.start(route.clone(), client, start, prepared, (id, worker))
+    }
+
+    /// Dials the bot of a session whose place (and token) is taken; the place and the token are
+    /// given back, and the client too, if the dial cannot start.
+    fn start(
+        &self,
+        route: Arc<Route>,
+        client: Stream,
+        start: Start,
+        prepared: bool,
+        (id, worker): (u64, usize),
+    ) -> Verdict {
+        let Start {
+            client_key,
+            body,
+            client_pending,
+            answered,
+            claimed,
+        } = start;
         // The bot's connect; a client given back if it cannot start (no descriptor left: the
         // Python path fails the same way, in its own words).
         let dpt = self.dead_peer_timeout;
@@ -266,9 +328,11 @@ impl Opener {
             _ => shared.push(Item::Open(news)),
         });
         let o = open::Open {
-            route: route.clone(),
-            upgrade,
-            read,
+            route,
+            client_key,
+            body,
+            client_pending,
+            answered,
             meter,
             tell,
             claimed,
@@ -281,6 +345,15 @@ impl Opener {
             o,
         )))
     }
+}
+
+/// A session to dial, beside its route and its client.
+struct Start {
+    client_key: String,
+    body: Option<crate::body::DecodedBody>,
+    client_pending: Vec<u8>,
+    answered: Option<open::Answered>,
+    claimed: Option<open::Claimed>,
 }
 
 /// A connection counted among those waited for, until dropped. Python counts it from its accept,
@@ -309,6 +382,30 @@ impl Waiting {
         self.told = true;
     }
 
+    /// A `/ws/twilio` stream answered 101 as `session_uuid` goes to Python: the client (`None`:
+    /// gone), its head and what it sent after it, the seconds since the 101 (all of
+    /// `handshake_timeout`: none left), `evicted` if one too many were waited for.
+    pub fn hand_answered(
+        mut self,
+        client: Option<Client>,
+        peer: Option<SocketAddr>,
+        read: Vec<u8>,
+        (waited, evicted): (f64, bool),
+        session_uuid: String,
+    ) {
+        self.told = true;
+        lock(&self.opener.waiting).settled(self.id);
+        self.opener.tell(News::Handed {
+            client,
+            peer,
+            read,
+            waited,
+            evicted,
+            tls_error: None,
+            answered: Some(session_uuid),
+        });
+    }
+
     /// It goes to Python: the client (`None`: gone, or `evicted`) and its TLS, what it sent
     /// and how long it was waited for.
     pub fn hand(
@@ -329,6 +426,7 @@ impl Waiting {
             waited,
             evicted,
             tls_error,
+            answered: None,
         });
     }
 }
@@ -344,6 +442,7 @@ impl Drop for Waiting {
                 waited: 0.0,
                 evicted: false,
                 tls_error: None,
+                answered: None,
             });
         }
     }

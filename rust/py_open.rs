@@ -97,6 +97,9 @@ pub struct Opened {
     dial_seconds: f64,
     store_seconds: Vec<f64>,
     opened_at: f64,
+    /// A `/ws/twilio` stream's `(call id, stream id)`, either `None` if its `start` had none
+    /// (`None`: a generic session).
+    call: Option<(Option<String>, Option<String>)>,
 }
 
 #[pymethods]
@@ -125,6 +128,8 @@ pub struct Unopened {
     head: Py<PyBytes>,
     key: String,
     store_seconds: Vec<f64>,
+    /// Answered 101 already (`/ws/twilio`): to be closed with a close frame, not answered.
+    answered: bool,
 }
 
 #[pymethods]
@@ -152,6 +157,9 @@ pub struct Handed {
     evicted: bool,
     /// Gone because its TLS failed: why.
     tls_error: Option<String>,
+    /// A `/ws/twilio` stream answered 101 by the engine: the id the 101 named (`read` is then
+    /// its head and the frames after it, `waited` the seconds since the 101).
+    answered: Option<String>,
 }
 
 #[pymethods]
@@ -171,6 +179,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
             dial_seconds,
             store_seconds,
             opened_at,
+            call,
         } => Py::new(
             py,
             Opened {
@@ -180,6 +189,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
                 dial_seconds,
                 store_seconds,
                 opened_at,
+                call: call.map(|c| (c.call_id, c.stream_id)),
             },
         )?
         .into_any(),
@@ -189,6 +199,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
             client,
             failure,
             store_seconds,
+            answered,
         } => {
             let (kind, errno, head, key) = match failure {
                 Failure::TimedOut => ("timed_out", 0, Vec::new(), String::new()),
@@ -211,6 +222,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
                     head: PyBytes::new(py, &head).unbind(),
                     key,
                     store_seconds,
+                    answered,
                 },
             )?
             .into_any()
@@ -222,6 +234,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
             waited,
             evicted,
             tls_error,
+            answered,
         } => {
             let (fd, tls) = client_to_py(py, client)?;
             Py::new(
@@ -234,6 +247,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
                     waited,
                     evicted,
                     tls_error,
+                    answered,
                 },
             )?
             .into_any()

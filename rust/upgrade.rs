@@ -27,6 +27,7 @@ const MAX_HEADERS: usize = 100;
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 const GENERIC: &str = "/ws/generic";
+const TWILIO: &str = "/ws/twilio";
 
 /// A generic-endpoint upgrade request the data plane may open by itself.
 #[derive(Debug)]
@@ -116,9 +117,19 @@ fn plain_host(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
-/// The request head at the start of `buf`, if it is a generic-endpoint upgrade the data plane
-/// may open (see the module docs); `None` leaves it to the Python path.
-pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
+/// An upgrade request's head, checked as far as every endpoint the data plane opens needs.
+struct Checked<'a> {
+    /// The request target, visible ASCII without a fragment.
+    target: &'a str,
+    key: &'a str,
+    /// Its `Authorization` fields.
+    authorization: Vec<&'a [u8]>,
+    head_len: usize,
+}
+
+/// The head at the start of `buf`, if it is a WebSocket upgrade the Python parser takes, with
+/// no body, no subprotocol and a valid key (see the module docs).
+fn checked(buf: &[u8]) -> Option<Checked<'_>> {
     let head_len = split_head(buf).ok().flatten()?;
     let head = &buf[..head_len];
     // httparse skips empty lines before the request line; the Python parser refuses them.
@@ -138,6 +149,45 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
     if !target.bytes().all(|b| (0x21..=0x7e).contains(&b)) || target.contains('#') {
         return None;
     }
+    let fields: Fields<'_> = (req.headers.iter())
+        .map(|h| (h.name.as_bytes(), h.value.trim_ascii()))
+        .collect();
+    let fields = fields.as_slice();
+    let one = |name| {
+        let v = values(fields, name);
+        (v.len() == 1).then(|| v[0])
+    };
+    let lengths = values(fields, "content-length");
+    if one("host").is_none()
+        || !(lengths.is_empty() || lengths == [b"0"])
+        || !values(fields, "transfer-encoding").is_empty()
+        || !has_element(&values(fields, "upgrade"), b"websocket")
+        || !has_element(&values(fields, "connection"), b"upgrade")
+        || one("sec-websocket-version") != Some(b"13")
+        || elements(&values(fields, "sec-websocket-protocol"))
+            .next()
+            .is_some()
+    {
+        return None;
+    }
+    let key = one("sec-websocket-key").filter(|k| valid_key(k))?;
+    Some(Checked {
+        target,
+        key: std::str::from_utf8(key).ok()?,
+        authorization: values(fields, "authorization"),
+        head_len,
+    })
+}
+
+/// The request head at the start of `buf`, if it is a generic-endpoint upgrade the data plane
+/// may open (see the module docs); `None` leaves it to the Python path.
+pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
+    let Checked {
+        target,
+        key,
+        authorization,
+        head_len,
+    } = checked(buf)?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let (mut host, path_token) = match path.strip_prefix(GENERIC) {
         Some("") => (None, None),
@@ -177,29 +227,6 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
         }
     }
     let host = host?;
-    let fields: Fields<'_> = (req.headers.iter())
-        .map(|h| (h.name.as_bytes(), h.value.trim_ascii()))
-        .collect();
-    let fields = fields.as_slice();
-    let one = |name| {
-        let v = values(fields, name);
-        (v.len() == 1).then(|| v[0])
-    };
-    let lengths = values(fields, "content-length");
-    if one("host").is_none()
-        || !(lengths.is_empty() || lengths == [b"0"])
-        || !values(fields, "transfer-encoding").is_empty()
-        || !has_element(&values(fields, "upgrade"), b"websocket")
-        || !has_element(&values(fields, "connection"), b"upgrade")
-        || one("sec-websocket-version") != Some(b"13")
-        || elements(&values(fields, "sec-websocket-protocol"))
-            .next()
-            .is_some()
-    {
-        return None;
-    }
-    let key = one("sec-websocket-key").filter(|k| valid_key(k))?;
-    let authorization = values(fields, "authorization");
     let token = match (authorization.as_slice(), query_token, path_token) {
         ([], None, t) => Ok(t),
         ([], Some(t), _) => t.map(Some),
@@ -212,11 +239,19 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
     };
     Some(Upgrade {
         service_host: host,
-        key: std::str::from_utf8(key).ok()?,
+        key,
         body,
         token,
         head_len,
     })
+}
+
+/// A `/ws/twilio` upgrade the data plane may answer and read the opening of: exactly that
+/// path, no query, no `Authorization` (no token anywhere: its session is named on the 101, as
+/// `connection._twilio` names one without a token). Its `Sec-WebSocket-Key` and head length.
+pub fn recognise_twilio(buf: &[u8]) -> Option<(&str, usize)> {
+    let c = checked(buf)?;
+    (c.target == TWILIO && c.authorization.is_empty()).then_some((c.key, c.head_len))
 }
 
 /// The credentials of `Authorization: Bearer <credentials>` (another scheme: [`Unsure`]).
@@ -402,6 +437,27 @@ mod tests {
              Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         )
         .into_bytes()
+    }
+
+    #[test]
+    fn twilio_is_taken_only_without_a_token_a_query_or_a_subprotocol() {
+        let r = request("/ws/twilio", "");
+        assert_eq!(recognise_twilio(&r), Some((KEY, r.len())));
+        assert!(recognise(&r).is_none(), "not a generic upgrade");
+        for (target, extra) in [
+            ("/ws/twilio/tok", ""),
+            ("/ws/twilio?token=t", ""),
+            ("/ws/twilio?body=e30", ""),
+            ("/ws/twilio/", ""),
+            ("/ws/twilio", "Authorization: Bearer t\r\n"),
+            ("/ws/twilio", "Sec-WebSocket-Protocol: audio\r\n"),
+            ("/ws/generic/a.b", ""),
+        ] {
+            assert!(
+                recognise_twilio(&request(target, extra)).is_none(),
+                "{target} {extra}"
+            );
+        }
     }
 
     #[test]

@@ -264,6 +264,8 @@ class Opened:
     store_seconds: list[float]
     #: When it was answered 101, on ``time.monotonic()``'s clock (its news may come late).
     opened_at: float
+    #: A ``/ws/twilio`` stream's ``(call id, stream id)`` from its ``start`` (None: generic).
+    call: tuple[str | None, str | None] | None
 
 @final
 class Unopened:
@@ -284,6 +286,8 @@ class Unopened:
     key: str
     #: How long each call to the replay store took (a token's claim and release), in seconds.
     store_seconds: list[float]
+    #: Answered 101 already (``/ws/twilio``): closed with a close frame, not a status.
+    answered: bool
 
 @final
 class Handed:
@@ -304,6 +308,10 @@ class Handed:
     #: Gone (fd -1) because its TLS failed (plain text on the port, no common version or
     #: cipher, a bad record): why.
     tls_error: str | None
+    #: A ``/ws/twilio`` stream the engine answered 101: the id the 101 named. ``read`` is then
+    #: its head and the frames after it, ``waited`` the seconds since the 101 (all of
+    #: ``handshake_timeout`` when evicted or too slow: none left to read the opening).
+    answered: str | None
 
 @final
 class Engine:

@@ -91,11 +91,19 @@ class Connections:
         self.calls = SessionCalls(config, agents, sessions, pending, self.metrics, keys)
 
     async def handle(
-        self, sock: Conn, client: str, read: bytes = b"", waited: float | None = None
+        self,
+        sock: Conn,
+        client: str,
+        read: bytes = b"",
+        waited: float | None = None,
+        answered: str | None = None,
     ) -> Opened | None:
         """Run the client's request (``read``: its first bytes, read as it was accepted, or
         its head whole when the engine read it for ``waited`` seconds and did not open it:
-        :mod:`wsgate.fastpath`); returns the session it opened, or None if refused."""
+        :mod:`wsgate.fastpath`); returns the session it opened, or None if refused.
+        ``answered``: a ``/ws/twilio`` stream the engine answered 101 naming this session id
+        and read the opening of for ``waited`` seconds (``read``: its head, then the frames);
+        it goes on from there, with what is left of ``handshake_timeout``."""
         # handshake_timeout covers the whole request from the accept: head, and a /start body.
         timeout = self.config.gateway.handshake_timeout - (waited or 0.0)
         deadline = anyio.current_time() + timeout
@@ -110,7 +118,7 @@ class Connections:
                     received = await read_head(sock, _core.MAX_HEADER_BYTES, at_once)
             if received is None:
                 return None  # too slow, or evicted: dropped without an answer
-            return await self._request(sock, *received, deadline, client)
+            return await self._request(sock, *received, deadline, client, answered)
         except HeadTooLarge:
             self.metrics.refused(None, 431)
             await _respond(sock, 431, "request header fields too large")
@@ -138,9 +146,13 @@ class Connections:
         error = engine_dial_error(news)
         self.metrics.store_called(news.store_seconds)
         self.metrics.dial_failed(news.service_host, error)
-        log.warning("refused with %d: %s", error.status, error.reason)
+        what = "twilio session refused" if news.answered else "refused"
+        log.warning("%s with %d: %s", what, error.status, error.reason)
         self.metrics.upgrade_refused(news.service_host, error)
-        await _respond(sock, error.status, error.reason)
+        if news.answered:  # a /ws/twilio stream answered 101: its close frame says it
+            await _close(sock, *close_for(error))
+        else:
+            await _respond(sock, error.status, error.reason)
 
     def health(self, path: str) -> bytes:
         """``/livez`` (200 while the process serves) or ``/readyz`` (503 "draining" once a
@@ -156,9 +168,17 @@ class Connections:
         return plain_lines_response(200 if ready else 503, lines)
 
     async def _request(
-        self, sock: Conn, head: bytes, pending: bytes, deadline: float, client: str
+        self,
+        sock: Conn,
+        head: bytes,
+        pending: bytes,
+        deadline: float,
+        client: str,
+        answered: str | None = None,
     ) -> Opened | None:
         request = parse_request(head)
+        if answered is not None:  # the engine's /ws/twilio stream: on from its 101
+            return await self._twilio(sock, request, pending, client, (answered, deadline))
         if request.path in HEALTH_PATHS and request.method == "GET":
             await send_and_close(sock, self.health(request.path))
             return None
@@ -191,24 +211,36 @@ class Connections:
         return await self.sessions.admit(sock, pending, target, request, client, None)
 
     async def _twilio(
-        self, sock: Conn, request: Request, pending: bytes, client: str
+        self,
+        sock: Conn,
+        request: Request,
+        pending: bytes,
+        client: str,
+        answered: tuple[str, float] | None = None,
     ) -> Opened | None:
         """``/ws/twilio`` (SPEC §6b): answer the upgrade, read the stream's opening for its
         service host, then route and admit as usual. Every refusal from here on is a close
         frame (:func:`~wsgate.providers.close_for`); nothing is dialled before the route is
-        known."""
-        upgrade = precheck(request)  # what the request alone decides is still an HTTP answer
-        # The session's id, named on the 101 as on every endpoint, is chosen before the session
-        # exists. Not with a token: its session has the id /start answered, which cannot be
-        # read from the token before its signature is checked, once the opening names the host.
-        named = None
-        if token_from_request(request, upgrade.path_token) is None:
-            named = str(uuid.uuid4())
-        await send_all(sock, switching_protocols(upgrade.client_key, None, named))
+        known. ``answered``: the engine answered the upgrade already (``rust/twilio.rs``),
+        naming this session id, and the opening is read until this deadline (``pending``: the
+        frames it read)."""
+        if answered is not None:
+            named: str | None
+            named, deadline = answered
+        else:
+            upgrade = precheck(request)  # what the request alone decides is an HTTP answer
+            # The session's id, named on the 101 as on every endpoint, is chosen before the
+            # session exists. Not with a token: its session has the id /start answered, which
+            # cannot be read from the token before its signature is checked, once the opening
+            # names the host.
+            named = None
+            if token_from_request(request, upgrade.path_token) is None:
+                named = str(uuid.uuid4())
+            await send_all(sock, switching_protocols(upgrade.client_key, None, named))
+            deadline = anyio.current_time() + self.config.gateway.handshake_timeout
         reader = OpeningReader("twilio")
         try:
             opening: Opening | None = None
-            deadline = anyio.current_time() + self.config.gateway.handshake_timeout
             # Still sending its request, in effect: evictable like a head being read.
             with self.pending.reading(deadline):
                 opening = await read_until(sock, reader.feed, pending)

@@ -156,7 +156,9 @@ class Listener:
                 return
             assert self._connections is not None  # the engine accepted it in accept()
             sock, client = _adopt(news.fd, news.address)
-            handed = (news.read, news.waited, news.tls)
+            if news.evicted:
+                self.handler.pending.note_eviction()  # an answered Twilio stream, out of time
+            handed = (news.read, news.waited, news.tls, news.answered)
             self._connections.start_soon(self._connection, sock, client, *handed)
         elif news.fd < 0:
             self.handler.metrics.store_called(news.store_seconds)
@@ -181,10 +183,12 @@ class Listener:
         read: bytes = b"",
         waited: float | None = None,
         tls: _core.TlsConnection | None = None,
+        answered: str | None = None,
     ) -> None:
         """Run one connection: accepted here, by the engine (``read``: its first bytes), or
         read by the engine for ``waited`` seconds (``read``: its head; ``tls``: its TLS, the
-        handshake done)."""
+        handshake done; ``answered``: a ``/ws/twilio`` stream it answered 101, see
+        :meth:`Connections.handle`)."""
         handler = self.handler
         handed_off = False
         try:
@@ -194,7 +198,7 @@ class Listener:
                     context = self.tls()
                     tls = None if context is None else context.accept()
                 conn = sock if tls is None else TlsSocket(sock, tls)
-                opened = await handler.handle(conn, client, read, waited)
+                opened = await handler.handle(conn, client, read, waited, answered)
             finally:
                 # Closes the socket unless it was handed (detached) to the engine.
                 sock.close()

@@ -418,7 +418,9 @@ class Sessions:
         (upstream,) = self.fast[service_host].upstream_urls
         # Told of without a ring, maybe only with its end: started when the engine says.
         started = anyio.current_time() - max(0.0, time.monotonic() - news.opened_at)
-        opened = Opened(session, service_host, news.session_uuid, started, upstream=upstream)
+        opened = Opened(
+            session, service_host, news.session_uuid, started, _call_of(news), upstream=upstream
+        )
         opened.on_end = self.on_adopted_end
         session.on_done = opened
         self.live[opened.session_uuid] = opened
@@ -432,7 +434,7 @@ class Sessions:
         self.release(service_host, "")
         seconds = max(0.0, time.monotonic() - news.opened_at)
         self.metrics.session_ended(service_host, False, outcome, seconds)
-        log_outcome(_Unadopted(service_host, news.session_uuid), outcome, seconds)
+        log_outcome(_Unadopted(news), outcome, seconds)
 
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (its outcome came through the doorbell): free its place."""
@@ -502,18 +504,26 @@ class _Logged(Protocol):
 
 
 class _Unadopted:
-    """An engine session that ended unadopted, as its log line shows it: a plain relay of a
-    generic endpoint (no provider call, no pool member, no in-process bot, never stopped)."""
+    """An engine session that ended unadopted, as its log line shows it: a plain relay (no
+    pool member, no in-process bot, never stopped) of a generic endpoint or a Twilio call."""
 
-    __slots__ = ("service_host", "session_uuid")
-    opening: Opening | None = None
+    __slots__ = ("opening", "service_host", "session_uuid")
     member: Member | None = None
     bot: tuple[Bot, BotArguments, SessionChannel] | None = None
     stopped: bool = False
 
-    def __init__(self, service_host: str, session_uuid: str) -> None:
-        self.service_host = service_host
-        self.session_uuid = session_uuid
+    def __init__(self, news: _core.Opened) -> None:
+        self.service_host = news.service_host
+        self.session_uuid = news.session_uuid
+        self.opening = _call_of(news)
+
+
+def _call_of(news: _core.Opened) -> Opening | None:
+    """The Twilio call of a session the engine opened on ``/ws/twilio`` (None: generic)."""
+    if news.call is None:
+        return None
+    call_id, stream_id = news.call
+    return Opening("twilio", news.service_host, call_id, stream_id)
 
 
 def log_outcome(opened: _Logged, outcome: _core.Outcome, seconds: float) -> None:

@@ -1,0 +1,330 @@
+//! A `/ws/twilio` connection the engine answered and reads the opening of, on its relay thread.
+//!
+//! Twilio's stream URL cannot name the agent: it comes in the `start` message, after the upgrade
+//! (SPEC §6b). So the engine answers the 101 at once (naming the session, as
+//! `connection._twilio` does for a stream without a token), reads `connected` and `start`
+//! ([`OpeningReader`]), and then opens the session as a generic one would be, with every byte it
+//! read sent to the bot first. Whatever it does not take (an opening it is unsure of, an agent it
+//! does not route, a token agent, no place left, a failed connect) goes to Python with the head
+//! and the bytes read, marked answered ([`News::Handed`]'s `answered`): Python goes on from its
+//! 101 and answers with the close frame it would have.
+//!
+//! The Python path's limits hold: the opening is read for `handshake_timeout` from the 101, and
+//! the connection stays among those waited for (`max_pending_upgrades`) until `start` is whole:
+//! evicted, or too slow, it goes to Python with no time left, which closes it 1008 "no start
+//! message in time" as it closes its own.
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::opener::Waiting;
+use crate::opening::{Opening, OpeningReader, Unsure};
+use crate::reading::EVICTED;
+use crate::scratch;
+use crate::stream::Stream;
+use crate::upgrade;
+
+/// A connection answered 101 on `/ws/twilio`, its opening being read.
+pub struct Answering {
+    pub(crate) client: Stream,
+    /// The request's head, for Python if it goes there.
+    pub(crate) head: Vec<u8>,
+    pub(crate) reader: OpeningReader,
+    /// What came behind the head, fed to the reader at the first step.
+    behind: Vec<u8>,
+    /// The id its 101 named.
+    pub(crate) session_uuid: String,
+    answered: Instant,
+    timeout: Duration,
+    deadline: Option<Instant>,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) prepared: bool,
+    pub(crate) worker: usize,
+    stopped: Option<u16>,
+    /// Counted among the connections waited for until `start` is whole.
+    pub(crate) waiting: Waiting,
+}
+
+/// What a read of the opening came to.
+pub enum Heard {
+    /// Nothing more to read until an event.
+    Blocked,
+    /// `start` is whole.
+    Opening(Opening),
+    /// Not an opening the engine takes, or the client closed: Python's to answer.
+    NotMine,
+    /// Evicted, or `handshake_timeout` passed: Python closes it, with no time left.
+    OutOfTime,
+    /// Stopped because the gateway is closing: dropped.
+    Gone,
+}
+
+impl Answering {
+    /// Answers `client`'s upgrade (`read`: its head of `head_len` bytes with key `key`, and any
+    /// frames behind it), to be read on relay thread `worker` for `timeout`. `None` if the 101
+    /// could not be written whole (the client gone: `waiting` tells Python when dropped).
+    pub fn new(
+        client: Stream,
+        (read, head_len, key): (&[u8], usize, &str),
+        (peer, prepared): (Option<SocketAddr>, bool),
+        (worker, timeout): (usize, Duration),
+        waiting: Waiting,
+    ) -> Option<Self> {
+        let session_uuid = upgrade::new_uuid();
+        let answer = upgrade::switching_protocols(key, &session_uuid);
+        // A fresh connection's send buffer takes a 101 whole.
+        if !matches!(client.write(&answer), Ok(n) if n == answer.len()) {
+            return None;
+        }
+        let answered = Instant::now();
+        Some(Self {
+            client,
+            head: read[..head_len].to_vec(),
+            reader: OpeningReader::default(),
+            behind: read[head_len..].to_vec(),
+            session_uuid,
+            answered,
+            timeout,
+            deadline: answered.checked_add(timeout),
+            peer,
+            prepared,
+            worker,
+            stopped: None,
+            waiting,
+        })
+    }
+
+    /// Seconds since its 101.
+    pub fn waited(&self) -> f64 {
+        self.answered.elapsed().as_secs_f64()
+    }
+
+    /// Its `handshake_timeout`, in seconds: what Python is told it waited when out of time.
+    pub fn timeout(&self) -> f64 {
+        self.timeout.as_secs_f64()
+    }
+
+    /// Everything it read: the head, then every byte after it.
+    pub fn take_read(&mut self) -> Vec<u8> {
+        let mut read = std::mem::take(&mut self.head);
+        read.extend_from_slice(self.reader.raw());
+        read.append(&mut self.behind);
+        read
+    }
+
+    /// When the opening is out of time (`None`: a timeout too long to count).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Whether it was evicted.
+    pub fn evicted(&self) -> bool {
+        self.stopped == Some(EVICTED)
+    }
+
+    /// Ends it at its next step: [`EVICTED`], or the gateway closing.
+    pub fn stop(&mut self, code: u16) {
+        self.stopped = Some(code);
+    }
+
+    /// Reads what the client sent since.
+    pub fn step(&mut self, now: Instant) -> Heard {
+        match self.stopped {
+            Some(EVICTED) => return Heard::OutOfTime,
+            Some(_) => return Heard::Gone,
+            None => {}
+        }
+        let behind = std::mem::take(&mut self.behind);
+        if !behind.is_empty() {
+            match self.reader.feed(&behind) {
+                Ok(Some(opening)) => return Heard::Opening(opening),
+                Ok(None) => {}
+                Err(Unsure) => return Heard::NotMine,
+            }
+        }
+        if self.deadline.is_some_and(|d| now >= d) {
+            return Heard::OutOfTime;
+        }
+        scratch::with(4096, |buf| loop {
+            if !self.client.may_read() {
+                return Heard::Blocked;
+            }
+            match self.client.read(buf) {
+                Ok(0) => return Heard::NotMine, // closed: Python reads the end as its own
+                Ok(n) => {
+                    if n < buf.len() && !self.client.is_tls() {
+                        self.client.read_drained(); // emptied (as a pump's short read)
+                    }
+                    match self.reader.feed(&buf[..n]) {
+                        Ok(Some(opening)) => return Heard::Opening(opening),
+                        Ok(None) => {}
+                        Err(Unsure) => return Heard::NotMine,
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Heard::Blocked,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Heard::NotMine,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Through the engine's own entry points, on loopback TCP: a `/ws/twilio` stream is answered,
+    //! its opening read, and its session opened with the opening sent to the bot first; what the
+    //! engine does not take goes to Python marked answered, with every byte it read.
+
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use crate::engine::{Accepted, Engine};
+    use crate::frame::{encode_frame, Opcode};
+    use crate::open::tests::{accept_one, answer_101, header, news, read_head, route, upgrade};
+    use crate::open::{Call, News};
+    use crate::opener::Wait;
+
+    const CONNECTED: &str = r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#;
+
+    fn start(host: &str) -> String {
+        format!(
+            r#"{{"event":"start","start":{{"streamSid":"MZ1","callSid":"CA1",
+            "customParameters":{{"_pipecatCloudServiceHost":"{host}"}}}},"streamSid":"MZ1"}}"#
+        )
+    }
+
+    fn masked(text: &str) -> Vec<u8> {
+        encode_frame(true, Opcode::TEXT, text.as_bytes(), Some([1, 2, 3, 4]))
+    }
+
+    /// The payloads of the masked text frames in `bytes`.
+    fn payloads(mut bytes: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let (len, at) = match bytes[1] & 0x7f {
+                126 => (usize::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),
+                n => (usize::from(n), 2),
+            };
+            let key = &bytes[at..at + 4];
+            let payload = &bytes[at + 4..at + 4 + len];
+            let text = payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]);
+            out.push(String::from_utf8(text.collect()).unwrap());
+            bytes = &bytes[at + 4 + len..];
+        }
+        out
+    }
+
+    /// A bot's listening socket and an engine routing `a.b` to it, waiting `timeout_ms`.
+    fn with_bot(timeout_ms: u64) -> (TcpListener, Engine) {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let r = route("a.b", bot_l.local_addr().unwrap(), 5, 5000);
+        engine.set_routes(vec![r]).unwrap();
+        let timeout = Duration::from_millis(timeout_ms);
+        engine.set_wait(Wait { timeout, most: 8 });
+        (bot_l, engine)
+    }
+
+    /// A gateway socket and a client that sent `sent` to it, accepted by `engine`.
+    fn accepted(engine: &Engine, sent: &[u8]) -> TcpStream {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(sent).unwrap();
+        assert!(matches!(accept_one(engine, &l), Accepted::Opening));
+        c
+    }
+
+    #[test]
+    fn a_stream_is_answered_then_opened_with_its_opening_sent_first() {
+        let (bot_l, engine) = with_bot(5000);
+        let opening = [masked(CONNECTED), masked(&start("a.b"))].concat();
+        // The head and `connected` in one write, `start` after the 101: read on the thread.
+        let sent = [upgrade("/ws/twilio").as_bytes(), &masked(CONNECTED)].concat();
+        let mut client = accepted(&engine, &sent);
+        let head = read_head(&mut client);
+        assert!(head.starts_with("HTTP/1.1 101 "));
+        let uuid = header(&head, "X-Session-Id").unwrap().to_owned();
+        client.write_all(&masked(&start("a.b"))).unwrap();
+        let (mut bot, _) = bot_l.accept().unwrap();
+        bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let request = answer_101(&mut bot);
+        assert!(request.starts_with("GET /ws HTTP/1.1\r\n"));
+        assert_eq!(header(&request, "X-Daily-Session-Id"), Some(uuid.as_str()));
+        // The opening first, the same messages (masked again by the gateway, as it relays).
+        let mut got = vec![0; opening.len()];
+        bot.read_exact(&mut got).unwrap();
+        assert_eq!(payloads(&got), [CONNECTED.to_owned(), start("a.b")]);
+        let News::Opened {
+            session_uuid, call, ..
+        } = news(&engine)
+        else {
+            panic!("not opened");
+        };
+        assert_eq!(session_uuid, uuid);
+        let ids = (Some("CA1".to_owned()), Some("MZ1".to_owned()));
+        assert_eq!(
+            call,
+            Some(Call {
+                call_id: ids.0,
+                stream_id: ids.1
+            })
+        );
+        assert_eq!(engine.places(Some("a.b")), 1);
+        assert_eq!(engine.waiting(), 0);
+        // No second 101: the bot's first frame is the next thing the client reads.
+        let frame = encode_frame(true, Opcode::TEXT, b"hello", None);
+        bot.write_all(&frame).unwrap();
+        let mut got = vec![0; frame.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, frame);
+    }
+
+    #[test]
+    fn an_opening_it_does_not_route_goes_to_python_answered_with_all_it_read() {
+        let (_bot, engine) = with_bot(5000);
+        let head = upgrade("/ws/twilio");
+        let frames = [masked(CONNECTED), masked(&start("x.y"))].concat();
+        let mut client = accepted(&engine, &[head.as_bytes(), &frames].concat());
+        let answer = read_head(&mut client);
+        let News::Handed {
+            client: Some(_),
+            read,
+            answered: Some(uuid),
+            evicted: false,
+            ..
+        } = news(&engine)
+        else {
+            panic!("not handed answered");
+        };
+        assert_eq!(header(&answer, "X-Session-Id"), Some(uuid.as_str()));
+        assert_eq!(read, [head.as_bytes(), &frames].concat());
+        assert_eq!(engine.places(None), 0);
+        assert_eq!(engine.waiting(), 0);
+    }
+
+    #[test]
+    fn an_opening_not_whole_in_time_goes_to_python_with_no_time_left() {
+        let (bot_l, engine) = with_bot(200);
+        bot_l.set_nonblocking(true).unwrap();
+        let sent = [upgrade("/ws/twilio").as_bytes(), &masked(CONNECTED)].concat();
+        let mut client = accepted(&engine, &sent);
+        read_head(&mut client);
+        let News::Handed {
+            client: Some(_),
+            read,
+            waited,
+            answered: Some(_),
+            ..
+        } = news(&engine)
+        else {
+            panic!("not handed answered");
+        };
+        assert_eq!(read, sent);
+        assert!((waited - 0.2).abs() < 1e-9, "all of the timeout: {waited}");
+        assert!(bot_l.accept().is_err(), "nothing dialled");
+    }
+}
