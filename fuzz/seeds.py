@@ -209,6 +209,24 @@ BODIES = {
 }
 
 
+# twilio_opening: a cut position, then what a Twilio stream sends after its 101.
+_CONNECTED = b'{"event":"connected","protocol":"Call","version":"1.0.0"}'
+_START = (
+    b'{"event":"start","sequenceNumber":"1","start":{"accountSid":"AC1","streamSid":"MZ1",'
+    b'"callSid":"CA1","tracks":["inbound"],"customParameters":'
+    b'{"_pipecatCloudServiceHost":"agent.org"}},"streamSid":"MZ1"}'
+)
+OPENINGS = {
+    "connected_start": bytes([40]) + frame(0x81, _CONNECTED) + frame(0x81, _START),
+    "start_alone": bytes([3]) + frame(0x81, _START),
+    "start_then_media": bytes([90]) + frame(0x81, _START) + frame(0x81, b'{"event":"media"}'),
+    "fragmented": bytes([5]) + frame(0x01, _CONNECTED[:10]) + frame(0x80, _CONNECTED[10:]),
+    "ping_first": bytes([1]) + frame(0x89, b"p") + frame(0x81, _START),
+    "unmasked": bytes([2]) + frame(0x81, _START, masked=False),
+    "long_header": bytes([9]) + frame(0x81, _START, ext=2),
+}
+
+
 def main() -> None:
     corpora: dict[str, dict[str, bytes]] = {
         "frame_header": FRAMES,
@@ -216,6 +234,7 @@ def main() -> None:
         "token_verify": {k: v.encode() for k, v in TOKENS.items()},
         "token_claims": CLAIMS,
         "body_decode": {k: v.encode() for k, v in BODIES.items()},
+        "twilio_opening": OPENINGS,
     }
     for target, seeds in corpora.items():
         folder = CORPUS / target
