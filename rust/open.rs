@@ -543,6 +543,12 @@ impl Fast {
             _ => None,
         };
         if let Some((key, head_len)) = twilio {
+            if !waiting.is_live() {
+                // Picked for eviction, its stop on its way: dropped unanswered, as evicted.
+                waiting.hand(None, peer, Vec::new(), (waited, true), None);
+                self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
+                return Run::Done;
+            }
             let timeout = opener.wait_timeout();
             let Some(a) = Answering::new(
                 client,
@@ -599,16 +605,19 @@ impl Fast {
                 self.state = State::Over(Outcome::new(self.id), [Some(a.client), None]);
                 return Run::Done;
             }
-            Heard::OutOfTime => return self.hand_answered(a, true),
-            Heard::NotMine => return self.hand_answered(a, false),
+            Heard::OutOfTime => {
+                let evicted = a.evicted();
+                return self.hand_answered(a, (true, evicted));
+            }
+            Heard::NotMine => return self.hand_answered(a, (false, false)),
             Heard::Opening(opening) => opening,
         };
-        // From here no eviction picks it (one that picked it first wins).
+        // From here no eviction picks it (one that picked it first wins: evicted).
         if !a.waiting.claim() {
-            return self.hand_answered(a, true);
+            return self.hand_answered(a, (true, true));
         }
         let Some(service_host) = opening.service_host else {
-            return self.hand_answered(a, false); // Python's 1008
+            return self.hand_answered(a, (false, false)); // Python's 1008
         };
         let answered = Answered {
             session_uuid: a.session_uuid.clone(),
@@ -628,16 +637,15 @@ impl Fast {
             }
             Verdict::Back(client) => {
                 a.client = client;
-                self.hand_answered(a, false)
+                self.hand_answered(a, (false, false))
             }
         }
     }
 
-    /// An answered `/ws/twilio` stream goes to Python with all it read (`out_of_time`:
-    /// evicted or too slow, with no time left to read more).
-    fn hand_answered(&mut self, mut a: Answering, out_of_time: bool) -> Run {
+    /// An answered `/ws/twilio` stream goes to Python with all it read (`out_of_time`: too
+    /// slow or `evicted`, with no time left to read more).
+    fn hand_answered(&mut self, mut a: Answering, (out_of_time, evicted): (bool, bool)) -> Run {
         let waited = if out_of_time { a.timeout() } else { a.waited() };
-        let evicted = out_of_time && a.evicted();
         let copy = for_python(&mut a.client);
         let read = if copy.is_some() {
             a.take_read()

@@ -136,14 +136,14 @@ impl Opener {
         *lock(&self.wait) = wait;
     }
 
-    /// Starts waiting for the request of connection `id` on relay thread `worker`, unless no
-    /// connection is waited for: the time to wait, its place among those waited for (until the
-    /// guard is dropped) and, when that made one too many, the oldest other one, to evict.
     /// How long a request, or a `/ws/twilio` opening after its 101, is waited for.
     pub fn wait_timeout(&self) -> Duration {
         lock(&self.wait).timeout
     }
 
+    /// Starts waiting for the request of connection `id` on relay thread `worker`, unless no
+    /// connection is waited for: the time to wait, its place among those waited for (until the
+    /// guard is dropped) and, when that made one too many, the oldest other one, to evict.
     pub(crate) fn start_waiting(
         self: &Arc<Self>,
         id: u64,
@@ -375,6 +375,12 @@ impl Waiting {
     /// already (it is evicted then).
     pub fn claim(&self) -> bool {
         lock(&self.opener.waiting).live.remove(&self.id)
+    }
+
+    /// Whether it is still waited for (an eviction has not picked it; its stop may be on its
+    /// way).
+    pub fn is_live(&self) -> bool {
+        lock(&self.opener.waiting).live.contains(&self.id)
     }
 
     /// It opened: its session's news tells Python.

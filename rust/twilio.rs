@@ -18,6 +18,7 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::frame::{encode_frame, Opcode};
 use crate::opener::Waiting;
 use crate::opening::{Opening, OpeningReader, Unsure};
 use crate::reading::EVICTED;
@@ -44,6 +45,8 @@ pub struct Answering {
     stopped: Option<u16>,
     /// Counted among the connections waited for until `start` is whole.
     pub(crate) waiting: Waiting,
+    /// The 101, while a TLS connection's queued handshake records keep it from going.
+    unsent: Vec<u8>,
 }
 
 /// What a read of the opening came to.
@@ -73,10 +76,13 @@ impl Answering {
     ) -> Option<Self> {
         let session_uuid = upgrade::new_uuid();
         let answer = upgrade::switching_protocols(key, &session_uuid);
-        // A fresh connection's send buffer takes a 101 whole.
-        if !matches!(client.write(&answer), Ok(n) if n == answer.len()) {
-            return None;
-        }
+        // A fresh connection's send buffer takes a 101 whole; over TLS, handshake records still
+        // queued may hold it back until the socket is writable.
+        let unsent = match client.write(&answer) {
+            Ok(n) if n == answer.len() => Vec::new(),
+            Err(e) if e.kind() == ErrorKind::WouldBlock && client.is_tls() => answer,
+            _ => return None,
+        };
         let answered = Instant::now();
         Some(Self {
             client,
@@ -92,6 +98,7 @@ impl Answering {
             worker,
             stopped: None,
             waiting,
+            unsent,
         })
     }
 
@@ -132,8 +139,28 @@ impl Answering {
     pub fn step(&mut self, now: Instant) -> Heard {
         match self.stopped {
             Some(EVICTED) => return Heard::OutOfTime,
-            Some(_) => return Heard::Gone,
+            Some(_) => {
+                // The gateway is closing: the close Python gives the openings it reads.
+                let mut close = 1008u16.to_be_bytes().to_vec();
+                close.extend_from_slice(b"no start message in time");
+                let _ = self
+                    .client
+                    .write(&encode_frame(true, Opcode::CLOSE, &close, None));
+                return Heard::Gone;
+            }
             None => {}
+        }
+        // TLS: records (the 101's too) the socket did not take at once.
+        if (self.client.pending_out() || !self.unsent.is_empty()) && self.client.may_write() {
+            let unsent = std::mem::take(&mut self.unsent);
+            match self.client.write(&unsent) {
+                Ok(n) if n == unsent.len() => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.unsent = unsent,
+                _ => return Heard::NotMine,
+            }
+        }
+        if !self.unsent.is_empty() {
+            return Heard::Blocked; // nothing comes before the client has its 101
         }
         let behind = std::mem::take(&mut self.behind);
         if !behind.is_empty() {
@@ -218,12 +245,17 @@ mod tests {
 
     /// A bot's listening socket and an engine routing `a.b` to it, waiting `timeout_ms`.
     fn with_bot(timeout_ms: u64) -> (TcpListener, Engine) {
+        with_bot_waiting(timeout_ms, 8)
+    }
+
+    /// The same, waiting for `most` connections at once.
+    fn with_bot_waiting(timeout_ms: u64, most: usize) -> (TcpListener, Engine) {
         let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
         let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
         let r = route("a.b", bot_l.local_addr().unwrap(), 5, 5000);
         engine.set_routes(vec![r]).unwrap();
         let timeout = Duration::from_millis(timeout_ms);
-        engine.set_wait(Wait { timeout, most: 8 });
+        engine.set_wait(Wait { timeout, most });
         (bot_l, engine)
     }
 
@@ -326,5 +358,47 @@ mod tests {
         assert_eq!(read, sent);
         assert!((waited - 0.2).abs() < 1e-9, "all of the timeout: {waited}");
         assert!(bot_l.accept().is_err(), "nothing dialled");
+    }
+
+    #[test]
+    fn an_evicted_stream_goes_to_python_evicted_with_no_time_left() {
+        let (_bot, engine) = with_bot_waiting(5000, 1);
+        let sent = [upgrade("/ws/twilio").as_bytes(), &masked(CONNECTED)].concat();
+        let mut first = accepted(&engine, &sent);
+        read_head(&mut first);
+        assert_eq!(engine.waiting(), 1, "its opening is waited for");
+        // One more connection to wait for: the oldest, the stream, is evicted.
+        let _second = accepted(&engine, b"GET /ws/gen");
+        let News::Handed {
+            client: Some(_),
+            read,
+            waited,
+            evicted: true,
+            answered: Some(_),
+            ..
+        } = news(&engine)
+        else {
+            panic!("not handed evicted");
+        };
+        assert_eq!(read, sent);
+        assert!(
+            (waited - 5.0).abs() < 1e-9,
+            "none of the timeout left: {waited}"
+        );
+    }
+
+    #[test]
+    fn a_stream_waiting_when_the_gateway_closes_gets_the_close_python_gives() {
+        let (_bot, engine) = with_bot(5000);
+        let sent = [upgrade("/ws/twilio").as_bytes(), &masked(CONNECTED)].concat();
+        let mut client = accepted(&engine, &sent);
+        read_head(&mut client);
+        engine.stop_waiting();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        let mut close = vec![0x88, 26, 0x03, 0xf0];
+        close.extend_from_slice(b"no start message in time");
+        assert_eq!(rest, close);
+        assert!(matches!(news(&engine), News::Handed { client: None, .. }));
     }
 }

@@ -250,6 +250,10 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
 /// path, no query, no `Authorization` (no token anywhere: its session is named on the 101, as
 /// `connection._twilio` names one without a token). Its `Sec-WebSocket-Key` and head length.
 pub fn recognise_twilio(buf: &[u8]) -> Option<(&str, usize)> {
+    // Every other request is recognised elsewhere or not at all: no second parse of its head.
+    if !buf.starts_with(b"GET /ws/twilio ") {
+        return None;
+    }
     let c = checked(buf)?;
     (c.target == TWILIO && c.authorization.is_empty()).then_some((c.key, c.head_len))
 }

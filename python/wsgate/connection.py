@@ -241,6 +241,10 @@ class Connections:
         reader = OpeningReader("twilio")
         try:
             opening: Opening | None = None
+            if answered is not None and deadline <= anyio.current_time():
+                # Evicted or too slow in the engine: closed as one of ours would be, without
+                # a place among the reads (it would evict another) or a read of what came since.
+                raise OpeningError(1008, "no start message in time")
             # Still sending its request, in effect: evictable like a head being read.
             with self.pending.reading(deadline):
                 opening = await read_until(sock, reader.feed, pending)
