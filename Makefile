@@ -35,7 +35,7 @@ lint:
 
 # cargo-fuzz smoke: every target, 20,000 inputs from its seeds (see fuzz/README.md). cargo-fuzz
 # needs -Zsanitizer, which the stable toolchain takes with RUSTC_BOOTSTRAP=1.
-FUZZ_TARGETS = frame_header session_stream token_verify token_claims token_mutate body_decode twilio_opening
+FUZZ_TARGETS = frame_header session_stream token_verify token_claims token_mutate body_decode provider_opening
 fuzz-smoke:
 	command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

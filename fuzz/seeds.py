@@ -209,7 +209,7 @@ BODIES = {
 }
 
 
-# twilio_opening: a cut position, then what a Twilio stream sends after its 101.
+# provider_opening: a cut position, then what a Twilio stream sends after its 101.
 _CONNECTED = b'{"event":"connected","protocol":"Call","version":"1.0.0"}'
 _START = (
     b'{"event":"start","sequenceNumber":"1","start":{"accountSid":"AC1","streamSid":"MZ1",'
@@ -224,6 +224,12 @@ OPENINGS = {
     "ping_first": bytes([1]) + frame(0x89, b"p") + frame(0x81, _START),
     "unmasked": bytes([2]) + frame(0x81, _START, masked=False),
     "long_header": bytes([9]) + frame(0x81, _START, ext=2),
+    # The top two bits pick the provider: Plivo (start alone), Exotel.
+    "plivo_start": bytes([0x80 | 3])
+    + frame(0x81, b'{"event":"start","start":{"callId":"1234","streamId":"8765"}}'),
+    "exotel_opening": bytes([0xC0 | 10])
+    + frame(0x81, b'{"event":"connected"}')
+    + frame(0x81, b'{"event":"start","stream_sid":"c3","start":{"call_sid":"b6"}}'),
 }
 
 
@@ -234,7 +240,7 @@ def main() -> None:
         "token_verify": {k: v.encode() for k, v in TOKENS.items()},
         "token_claims": CLAIMS,
         "body_decode": {k: v.encode() for k, v in BODIES.items()},
-        "twilio_opening": OPENINGS,
+        "provider_opening": OPENINGS,
     }
     for target, seeds in corpora.items():
         folder = CORPUS / target

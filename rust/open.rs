@@ -26,6 +26,7 @@ use crate::counters::Meter;
 use crate::driver::Driven;
 use crate::nonces::Nonces;
 use crate::opener::Verdict;
+use crate::opening::{OpeningReader, Provider, Unsure};
 use crate::reading::{Reading, Step};
 use crate::relay::{self, Pair, Pending};
 use crate::scratch;
@@ -217,9 +218,11 @@ pub enum News {
     },
 }
 
-/// A `/ws/twilio` stream's call, from its `start` message.
+/// A provider's call, from its `start` message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
+    /// Whose.
+    pub provider: Provider,
     /// `start.callSid`.
     pub call_id: Option<String>,
     /// `start.streamSid`.
@@ -256,6 +259,8 @@ enum State {
     /// Answered 101 on `/ws/twilio`, its opening being read (`twilio.rs`).
     Answering(Box<Answering>),
     Opening(Box<Opening>),
+    /// Answered, a provider's opening being read (`Peeking`).
+    Peeking(Box<Peeking>),
     Relaying(Driven<Pair>),
     /// Not opened: its sockets are kept until the relay thread has taken them out of its epoll
     /// (the client's file lives on in the copy Python answers on, and an epoll registration
@@ -327,6 +332,64 @@ fn monotonic_now() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// How long a Telnyx, Plivo or Exotel opening is waited for, to learn the call's ids
+/// (`sessions._PEEK_TIME`): the bot's first messages wait as long at most.
+const PEEK_TIME: Duration = Duration::from_secs(1);
+
+/// A provider's session answered 101, its opening being read before it is relayed.
+pub struct Peeking {
+    o: Opening,
+    bot_pending: Vec<u8>,
+    reader: OpeningReader,
+    /// What the bytes read with the request came to.
+    heard: Result<Option<crate::opening::Opening>, Unsure>,
+    opened_at: f64,
+    deadline: Option<Instant>,
+}
+
+impl Peeking {
+    /// Reads the opening on: `Some` once it is read, or will not be (its ids, if read).
+    fn step(&mut self, now: Instant) -> Option<Option<Call>> {
+        let provider = self.reader.provider();
+        let call = |o: crate::opening::Opening| Call {
+            provider,
+            call_id: o.call_id,
+            stream_id: o.stream_id,
+        };
+        match std::mem::replace(&mut self.heard, Ok(None)) {
+            Ok(Some(o)) => return Some(Some(call(o))),
+            Err(Unsure) => return Some(None),
+            Ok(None) => {}
+        }
+        if self.deadline.is_some_and(|d| now >= d) {
+            return Some(None);
+        }
+        let client = &self.o.client;
+        let reader = &mut self.reader;
+        scratch::with(4096, |buf| loop {
+            if !client.may_read() {
+                return None;
+            }
+            match client.read(buf) {
+                Ok(0) => return Some(None), // the relay reads the end
+                Ok(n) => {
+                    if n < buf.len() && !client.is_tls() {
+                        client.read_drained();
+                    }
+                    match reader.feed(&buf[..n]) {
+                        Ok(Some(o)) => return Some(Some(call(o))),
+                        Ok(None) => {}
+                        Err(Unsure) => return Some(None),
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Some(None), // the relay meets the error
+            }
+        })
+    }
+}
+
 /// A session whose bot is being dialled.
 pub struct Opening {
     held: Held,
@@ -336,6 +399,8 @@ pub struct Opening {
     client_pending: Vec<u8>,
     /// A `/ws/twilio` stream's call: its 101 went already.
     call: Option<Call>,
+    /// A URL-routed provider's session: its opening is read after the 101.
+    peek: Option<Provider>,
     request: Vec<u8>,
     sent: usize,
     tried: bool,
@@ -363,6 +428,8 @@ pub struct Open {
     pub client_pending: Vec<u8>,
     /// A `/ws/twilio` stream: answered 101 already, and its call.
     pub answered: Option<Answered>,
+    /// A Telnyx, Plivo or Exotel session: its opening is read after the 101.
+    pub peek: Option<Provider>,
     /// Makes the session's meter once it is relayed (counted from then on, as a session the
     /// Python path hands over).
     pub meter: Box<dyn FnOnce() -> Meter + Send>,
@@ -426,6 +493,7 @@ impl Fast {
             client_key: o.client_key,
             client_pending: o.client_pending,
             call,
+            peek: o.peek,
             request,
             sent: 0,
             tried: false,
@@ -622,6 +690,7 @@ impl Fast {
         let answered = Answered {
             session_uuid: a.session_uuid.clone(),
             call: Call {
+                provider: Provider::Twilio,
                 call_id: opening.call_id,
                 stream_id: opening.stream_id,
             },
@@ -675,26 +744,73 @@ impl Fast {
     }
 
     fn relay(&mut self, mut o: Opening, bot_pending: Vec<u8>, now: Instant) -> Run {
-        let answer = upgrade::switching_protocols(&o.client_key, &o.session_uuid);
-        let store_seconds = o.held.opened();
+        let answered = o.call.is_some();
+        if let Some(provider) = o.peek.take() {
+            // Telnyx, Plivo, Exotel: answered, then their opening read for the call's ids
+            // before anything is relayed (`sessions.peek_opening`), for `PEEK_TIME` at most.
+            let answer = upgrade::switching_protocols(&o.client_key, &o.session_uuid);
+            write_101(&o.client, &answer);
+            let mut reader = OpeningReader::new(provider);
+            let behind = std::mem::take(&mut o.client_pending);
+            let heard = reader.feed(&behind);
+            let peeking = Peeking {
+                opened_at: monotonic_now(),
+                deadline: now.checked_add(PEEK_TIME),
+                o,
+                bot_pending,
+                reader,
+                heard,
+            };
+            self.state = State::Peeking(Box::new(peeking));
+            return self.run(now);
+        }
+        let answer =
+            (!answered).then(|| upgrade::switching_protocols(&o.client_key, &o.session_uuid));
         // Queued before the client can read its 101: a Session API call made with the id the
         // 101 names finds the session (Python reads the queue before it looks).
-        let answered = o.call.is_some();
+        self.tell_opened(&mut o, monotonic_now());
+        if let Some(answer) = answer {
+            write_101(&o.client, &answer);
+        }
+        self.relaying(o, bot_pending, now)
+    }
+
+    /// Python told: the session is open, its place its own from now on.
+    fn tell_opened(&self, o: &mut Opening, opened_at: f64) {
+        let store_seconds = o.held.opened();
         (o.held.tell)(News::Opened {
             session_id: self.id,
             session_uuid: std::mem::take(&mut o.session_uuid),
             service_host: o.held.route.service_host.clone(),
             dial_seconds: o.started.elapsed().as_secs_f64(),
             store_seconds,
-            opened_at: monotonic_now(),
+            opened_at,
             call: o.call.take(),
         });
-        // A fresh connection's send buffer takes a 101 whole. If it does not, the client is
-        // gone or broken: its socket is shut, and the relay ends the session at once (its end
-        // is logged like any other's).
-        if !answered && !matches!(o.client.write(&answer), Ok(n) if n == answer.len()) {
-            o.client.shutdown_both();
-        }
+    }
+
+    /// A provider's opening read (or not, in time): Python told, with the call's ids if it was,
+    /// and every byte read relayed first.
+    fn peeked(&mut self, heard: Option<Call>, now: Instant) -> Run {
+        let over = State::Over(Outcome::new(self.id), [None, None]);
+        let State::Peeking(p) = std::mem::replace(&mut self.state, over) else {
+            unreachable!("peeked twice");
+        };
+        let Peeking {
+            mut o,
+            bot_pending,
+            reader,
+            opened_at,
+            ..
+        } = *p;
+        o.call = heard;
+        o.client_pending = reader.into_raw();
+        self.tell_opened(&mut o, opened_at);
+        self.relaying(o, bot_pending, now)
+    }
+
+    /// Relayed from now on, in place.
+    fn relaying(&mut self, mut o: Opening, bot_pending: Vec<u8>, now: Instant) -> Run {
         let meter = (o.meter.take().expect("a meter per session"))();
         let pending = Pending {
             client: o.client_pending,
@@ -730,6 +846,15 @@ impl Fast {
     }
 }
 
+/// Writes the client's 101. A fresh connection's send buffer takes it whole. If it does not, the
+/// client is gone or broken: its socket is shut, and the relay ends the session at once (its end
+/// is logged like any other's).
+fn write_101(client: &Stream, answer: &[u8]) {
+    if !matches!(client.write(answer), Ok(n) if n == answer.len()) {
+        client.shutdown_both();
+    }
+}
+
 /// The client for Python to answer or serve: a copy of its socket of its own (this one stays
 /// until the relay thread deregisters it) and its TLS, taken off.
 fn for_python(client: &mut Stream) -> Option<Client> {
@@ -745,6 +870,11 @@ impl Task for Fast {
             State::Opening(o) => match side {
                 0 => Some(&o.client),
                 1 => Some(&o.bot),
+                _ => None,
+            },
+            State::Peeking(p) => match side {
+                0 => Some(&p.o.client),
+                1 => Some(&p.o.bot),
                 _ => None,
             },
             State::Relaying(d) => d.stream(side),
@@ -766,6 +896,10 @@ impl Task for Fast {
                 Dial::Blocked => Run::Blocked,
                 settled => self.settle(settled, now),
             },
+            State::Peeking(p) => match p.step(now) {
+                None => Run::Blocked,
+                Some(heard) => self.peeked(heard, now),
+            },
             State::Relaying(d) => d.run(now),
             State::Over(..) => Run::Done,
         }
@@ -778,6 +912,7 @@ impl Task for Fast {
             State::Reading(r) => r.stop(code),
             State::Answering(a) => a.stop(code),
             State::Opening(o) => o.stop = Some((code, reason)),
+            State::Peeking(p) => p.o.stop = Some((code, reason)),
             State::Relaying(d) => d.stop(code, reason),
             State::Over(..) => {}
         }
@@ -788,6 +923,7 @@ impl Task for Fast {
             State::Reading(r) => r.deadline(),
             State::Answering(a) => a.deadline(),
             State::Opening(o) => o.deadline,
+            State::Peeking(p) => p.deadline,
             State::Relaying(d) => d.deadline(),
             State::Over(..) => None,
         }
@@ -799,7 +935,9 @@ impl Task for Fast {
             State::Over(o, _) => o,
             // Dropped while dialling (the engine stopped): its `Held` gives everything back;
             // while reading, its `Waiting` tells Python.
-            State::Opening(_) | State::Reading(_) | State::Answering(_) => Outcome::new(self.id),
+            State::Opening(_) | State::Reading(_) | State::Answering(_) | State::Peeking(_) => {
+                Outcome::new(self.id)
+            }
         }
     }
 }

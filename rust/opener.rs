@@ -240,6 +240,7 @@ impl Opener {
             body: upgrade.body,
             client_pending: read[upgrade.head_len..].to_vec(),
             answered: None,
+            peek: upgrade.provider,
             claimed,
         };
         self.start(route, client, start, prepared, (id, worker))
@@ -269,6 +270,7 @@ impl Opener {
             body: None,
             client_pending,
             answered: Some(answered),
+            peek: None,
             claimed: None,
         };
         self.start(route.clone(), client, start, prepared, (id, worker))
@@ -289,6 +291,7 @@ impl Opener {
             body,
             client_pending,
             answered,
+            peek,
             claimed,
         } = start;
         // The bot's connect; a client given back if it cannot start (no descriptor left: the
@@ -333,6 +336,7 @@ impl Opener {
             body,
             client_pending,
             answered,
+            peek,
             meter,
             tell,
             claimed,
@@ -353,6 +357,7 @@ struct Start {
     body: Option<crate::body::DecodedBody>,
     client_pending: Vec<u8>,
     answered: Option<open::Answered>,
+    peek: Option<crate::opening::Provider>,
     claimed: Option<open::Claimed>,
 }
 

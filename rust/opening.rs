@@ -1,7 +1,9 @@
-//! A Twilio stream's opening (`connected`, then `start`) read from the client's frames, without
-//! I/O, for the sessions the engine opens on `/ws/twilio` (`open.rs`): the service host is in
-//! `start.customParameters._pipecatCloudServiceHost`, so the route is known only once `start` is
-//! whole.
+//! A telephony provider's opening (`connected`, then `start`; Plivo's `start` alone) read from the
+//! client's frames, without I/O, for the sessions the engine opens on the provider endpoints
+//! (`open.rs`). Twilio's names the service host
+//! (`start.customParameters._pipecatCloudServiceHost`), so that route is known only once `start`
+//! is whole; Telnyx, Plivo and Exotel route from the URL, and their opening is read (for a short
+//! while) only for the call's ids in the session's log line, as `sessions.peek_opening` does.
 //!
 //! It serves the common case only, like the upgrade recogniser: whole text frames, masked, at
 //! most two messages, each at most [`MAX_MESSAGE_BYTES`], valid JSON objects with an `"event"`.
@@ -34,9 +36,53 @@ pub struct Opening {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unsure;
 
-/// Reads a Twilio opening from the bytes the client sends after its 101.
+/// A telephony provider (SPEC §6b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Provider {
+    /// `/ws/twilio`: routed by its `start` message.
+    #[default]
+    Twilio,
+    /// `/ws/telnyx?serviceHost=…`.
+    Telnyx,
+    /// `/ws/plivo?serviceHost=…` (no `connected`).
+    Plivo,
+    /// `/ws/exotel?serviceHost=…`.
+    Exotel,
+}
+
+impl Provider {
+    /// The provider a path segment names (`/ws/{name}`).
+    pub fn named(name: &str) -> Option<Self> {
+        Some(match name {
+            "twilio" => Self::Twilio,
+            "telnyx" => Self::Telnyx,
+            "plivo" => Self::Plivo,
+            "exotel" => Self::Exotel,
+            _ => return None,
+        })
+    }
+
+    /// Its name, as in its path.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Twilio => "twilio",
+            Self::Telnyx => "telnyx",
+            Self::Plivo => "plivo",
+            Self::Exotel => "exotel",
+        }
+    }
+
+    /// Whether it sends `{"event": "connected"}` before `start` (Plivo sends `start` alone).
+    fn sends_connected(self) -> bool {
+        self != Self::Plivo
+    }
+}
+
+/// Reads a provider's opening from the bytes the client sends after its 101 (Twilio's by
+/// default).
 #[derive(Default)]
 pub struct OpeningReader {
+    provider: Provider,
     raw: Vec<u8>,
     /// Offset in `raw` of the first frame not yet read.
     pos: usize,
@@ -45,6 +91,19 @@ pub struct OpeningReader {
 }
 
 impl OpeningReader {
+    /// A reader of `provider`'s opening.
+    pub fn new(provider: Provider) -> Self {
+        Self {
+            provider,
+            ..Self::default()
+        }
+    }
+
+    /// Whose opening it reads.
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
     /// Every byte fed so far, unchanged.
     pub fn raw(&self) -> &[u8] {
         &self.raw
@@ -68,8 +127,12 @@ impl OpeningReader {
             let message: Value = serde_json::from_slice(&payload).map_err(|_| Unsure)?;
             let event = message.get("event").and_then(Value::as_str).ok_or(Unsure)?;
             match event {
-                "start" => return Ok(Some(opening_of(&message))),
-                "connected" if !self.connected && self.messages < MAX_MESSAGES => {
+                "start" => return Ok(Some(opening_of(self.provider, &message))),
+                "connected"
+                    if self.provider.sends_connected()
+                        && !self.connected
+                        && self.messages < MAX_MESSAGES =>
+                {
                     self.connected = true;
                 }
                 _ => return Err(Unsure),
@@ -111,20 +174,39 @@ impl OpeningReader {
     }
 }
 
-/// The ids and the service host of a `start` message, as `providers._opening_of` reads
-/// Twilio's; a field missing or malformed is `None`.
-fn opening_of(message: &Value) -> Opening {
+/// The ids (and Twilio's service host) of a `start` message, as `providers._opening_of` reads
+/// them; a field missing or malformed is `None`.
+fn opening_of(provider: Provider, message: &Value) -> Opening {
     let start = message.get("start").filter(|s| s.is_object());
-    let field = |name: &str| start.and_then(|s| s.get(name));
-    let service_host = field("customParameters")
-        .filter(|p| p.is_object())
-        .and_then(|p| p.get("_pipecatCloudServiceHost"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let stream_id = fixed_id(field("streamSid")).or_else(|| fixed_id(message.get("streamSid")));
+    let field = |name: &str| fixed_id(start.and_then(|s| s.get(name)));
+    let top = |name: &str| fixed_id(message.get(name));
+    let (call_id, stream_id) = match provider {
+        Provider::Twilio => (
+            field("callSid"),
+            field("streamSid").or_else(|| top("streamSid")),
+        ),
+        Provider::Telnyx => (field("call_control_id"), top("stream_id")),
+        Provider::Plivo => (
+            field("callId"),
+            field("streamId").or_else(|| top("streamId")),
+        ),
+        Provider::Exotel => (
+            field("call_sid"),
+            field("stream_sid").or_else(|| top("stream_sid")),
+        ),
+    };
+    let service_host = match provider {
+        Provider::Twilio => start
+            .and_then(|s| s.get("customParameters"))
+            .filter(|p| p.is_object())
+            .and_then(|p| p.get("_pipecatCloudServiceHost"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        _ => None,
+    };
     Opening {
         service_host,
-        call_id: fixed_id(field("callSid")),
+        call_id,
         stream_id,
     }
 }
@@ -219,6 +301,44 @@ mod tests {
             r.feed(&text(r#"{"event":"start","start":[]}"#)),
             Ok(Some(none))
         );
+    }
+
+    #[test]
+    fn each_providers_ids_are_read_where_it_puts_them() {
+        let cases = [
+            (
+                Provider::Telnyx,
+                vec![
+                    r#"{"event":"connected","version":"1.0.0"}"#,
+                    r#"{"event":"start","start":{"call_control_id":"v3:Md"},"stream_id":"32de"}"#,
+                ],
+                ("v3:Md", "32de"),
+            ),
+            (
+                Provider::Plivo,
+                vec![r#"{"event":"start","start":{"callId":"1234","streamId":"8765"}}"#],
+                ("1234", "8765"),
+            ),
+            (
+                Provider::Exotel,
+                vec![
+                    r#"{"event":"connected"}"#,
+                    r#"{"event":"start","stream_sid":"c3e1","start":{"call_sid":"b6a1"}}"#,
+                ],
+                ("b6a1", "c3e1"),
+            ),
+        ];
+        for (provider, messages, (call, stream)) in cases {
+            let bytes: Vec<u8> = messages.iter().flat_map(|m| text(m)).collect();
+            let mut r = OpeningReader::new(provider);
+            let read = r.feed(&bytes).unwrap().unwrap();
+            assert_eq!(read.call_id.as_deref(), Some(call), "{provider:?}");
+            assert_eq!(read.stream_id.as_deref(), Some(stream), "{provider:?}");
+            assert_eq!(read.service_host, None, "routed from the URL");
+        }
+        // Plivo sends no `connected`: one is not an opening of its.
+        let mut r = OpeningReader::new(Provider::Plivo);
+        assert_eq!(r.feed(&text(CONNECTED)), Err(Unsure));
     }
 
     #[test]

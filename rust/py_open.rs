@@ -97,9 +97,9 @@ pub struct Opened {
     dial_seconds: f64,
     store_seconds: Vec<f64>,
     opened_at: f64,
-    /// A `/ws/twilio` stream's `(call id, stream id)`, either `None` if its `start` had none
-    /// (`None`: a generic session).
-    call: Option<(Option<String>, Option<String>)>,
+    /// A provider's `(provider, call id, stream id)` from its `start` (either id `None` if it
+    /// had none; `None`: a generic session, or a provider's whose opening was not read).
+    call: Option<(&'static str, Option<String>, Option<String>)>,
 }
 
 #[pymethods]
@@ -189,7 +189,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
                 dial_seconds,
                 store_seconds,
                 opened_at,
-                call: call.map(|c| (c.call_id, c.stream_id)),
+                call: call.map(|c| (c.provider.name(), c.call_id, c.stream_id)),
             },
         )?
         .into_any(),

@@ -301,6 +301,7 @@ mod tests {
         assert_eq!(
             call,
             Some(Call {
+                provider: crate::opening::Provider::Twilio,
                 call_id: ids.0,
                 stream_id: ids.1
             })
@@ -400,5 +401,35 @@ mod tests {
         close.extend_from_slice(b"no start message in time");
         assert_eq!(rest, close);
         assert!(matches!(news(&engine), News::Handed { client: None, .. }));
+    }
+
+    #[test]
+    fn a_url_routed_providers_opening_is_read_for_its_ids_then_relayed_first() {
+        let (bot_l, engine) = with_bot(5000);
+        let telnyx_start =
+            r#"{"event":"start","start":{"call_control_id":"v3:Md"},"stream_id":"32"}"#;
+        let opening = [masked(CONNECTED), masked(telnyx_start)].concat();
+        let mut client = accepted(&engine, upgrade("/ws/telnyx?serviceHost=a.b").as_bytes());
+        let (mut bot, _) = bot_l.accept().unwrap();
+        bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        answer_101(&mut bot);
+        assert!(read_head(&mut client).starts_with("HTTP/1.1 101 "));
+        client.write_all(&opening).unwrap();
+        let mut got = vec![0; opening.len()];
+        bot.read_exact(&mut got).unwrap();
+        assert_eq!(payloads(&got), [CONNECTED, telnyx_start]);
+        let News::Opened { call, .. } = news(&engine) else {
+            panic!("not opened");
+        };
+        let ids = (Some("v3:Md".to_owned()), Some("32".to_owned()));
+        let provider = crate::opening::Provider::Telnyx;
+        assert_eq!(
+            call,
+            Some(Call {
+                provider,
+                call_id: ids.0,
+                stream_id: ids.1
+            })
+        );
     }
 }

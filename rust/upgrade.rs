@@ -15,6 +15,7 @@ use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
 use crate::body::{self, DecodedBody};
+use crate::opening::Provider;
 
 /// Longest request head (or bot response head) read, in bytes: past it the Python path answers
 /// 431 (a bot's: 502).
@@ -45,6 +46,9 @@ pub struct Upgrade<'a> {
     pub token: Result<Option<&'a str>, Unsure>,
     /// Length of the head, `\r\n\r\n` included: what follows is the client's first frames.
     pub head_len: usize,
+    /// The provider endpoint it came to (`/ws/{telnyx,plivo,exotel}`), `None` for
+    /// `/ws/generic`.
+    pub provider: Option<Provider>,
 }
 
 /// A token the recogniser cannot read as the Python path would.
@@ -189,8 +193,8 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
         head_len,
     } = checked(buf)?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let (mut host, path_token) = match path.strip_prefix(GENERIC) {
-        Some("") => (None, None),
+    let (mut host, path_token, provider) = match path.strip_prefix(GENERIC) {
+        Some("") => (None, None, None),
         Some(rest) => {
             let rest = rest.strip_prefix('/')?;
             let (host, token) = match rest.split_once('/') {
@@ -204,9 +208,22 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
             if !plain_host(host) {
                 return None;
             }
-            (Some(host), token)
+            (Some(host), token, None)
         }
-        None => return None,
+        // `/ws/{provider}[/{token}]`, routed by `?serviceHost=` (Twilio, by its opening, is
+        // `recognise_twilio`'s).
+        None => {
+            let rest = path.strip_prefix("/ws/")?;
+            let (name, token) = match rest.split_once('/') {
+                None => (rest, None),
+                Some((name, token)) if !token.is_empty() && !token.contains(['/', '%']) => {
+                    (name, Some(token))
+                }
+                Some(_) => return None,
+            };
+            let provider = Provider::named(name).filter(|&p| p != Provider::Twilio)?;
+            (None, token, Some(provider))
+        }
     };
     let (mut body_raw, mut query_token) = (None, None);
     for piece in query.split('&').filter(|p| !p.is_empty()) {
@@ -243,6 +260,7 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
         body,
         token,
         head_len,
+        provider,
     })
 }
 
@@ -441,6 +459,33 @@ mod tests {
              Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         )
         .into_bytes()
+    }
+
+    #[test]
+    fn url_routed_providers_are_taken_as_generic_requests_are() {
+        use crate::opening::Provider;
+        let r = request("/ws/plivo/tok?serviceHost=a.b&body=e30", "");
+        let u = recognise(&r).unwrap();
+        assert_eq!((u.service_host, u.token), ("a.b", Ok(Some("tok"))));
+        assert_eq!(u.provider, Some(Provider::Plivo));
+        assert!(u.body.is_some());
+        assert_eq!(
+            recognise(&request("/ws/generic/a.b", "")).unwrap().provider,
+            None
+        );
+        // A token segment beside the query's host: read as the Python path reads it.
+        let r = request("/ws/telnyx/t?serviceHost=a.b", "");
+        let u = recognise(&r).unwrap();
+        assert_eq!((u.service_host, u.token), ("a.b", Ok(Some("t"))));
+        for target in [
+            "/ws/telnyx",                     // no service host: Python's 400
+            "/ws/twilio?serviceHost=a.b",     // Twilio's comes in its opening
+            "/ws/telnyx/t/x?serviceHost=a.b", // one segment at most
+            "/ws/telnyx/%41?serviceHost=a.b", // escaped: Python unquotes it
+            "/ws/other?serviceHost=a.b",      // no such provider
+        ] {
+            assert!(recognise(&request(target, "")).is_none(), "{target}");
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
-"""``/ws/twilio`` streams the Rust engine answers and opens by itself (``rust/twilio.rs``): with
-``engine_opens`` on or off a caller sees the same gateway — a 101 naming the session, the bot
-dialled with that id once ``start`` names its agent, the opening first at the bot, the call in
-the session's log line — and every stream the engine does not take is closed with the code and
-reason the Python path gives."""
+"""Telephony provider endpoints the Rust engine opens by itself: ``/ws/twilio`` streams
+(``rust/twilio.rs``), answered and routed by their opening, and Telnyx, Plivo and Exotel calls,
+routed by their URL and their opening read for the call's ids. With ``engine_opens`` on or off a
+caller sees the same gateway — a 101 naming the session, the bot dialled with that id, the
+opening first at the bot, the call in the session's log line — and every stream the engine does
+not take is closed with the code and reason the Python path gives."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 
 from .helpers import Bot, Reader, Sentinel, frame, in_thread, until, upgrade_request
-from .telephony import CALL_IDS, media_message, opening_frames, opening_messages
+from .telephony import CALL_IDS, media_message, opening_frames, opening_messages, provider_target
 
 pytestmark = pytest.mark.anyio
 
@@ -38,12 +39,14 @@ def config(upstream: str, **settings: Any) -> Config:
     )
 
 
-def stream(port: int, first: bytes, then: bytes = b"") -> tuple[socket.socket, bytes]:
+def stream(
+    port: int, first: bytes, then: bytes = b"", target: str = "/ws/twilio"
+) -> tuple[socket.socket, bytes]:
     """A caller that sends its upgrade and ``first`` in one write (as Twilio sends its request
     and, once answered, its opening back to back), then ``then`` after the 101: the socket and
     the 101's head (read a byte at a time: what follows stays in the socket)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-    sock.sendall(upgrade_request("/ws/twilio") + first)
+    sock.sendall(upgrade_request(target) + first)
     head = b""
     while not head.endswith(b"\r\n\r\n"):
         chunk = sock.recv(1)
@@ -189,3 +192,26 @@ async def _pending(gw: Gateway, n: int) -> bool:
 
 async def _evicted(gw: Gateway, n: int) -> bool:
     return gw.evicted_upgrades == n
+
+
+@engine_opens
+@pytest.mark.parametrize("provider", ["telnyx", "plivo", "exotel"])
+async def test_a_url_routed_providers_call_is_relayed_and_logged_the_same(
+    bot: Bot, engine_opens: bool, provider: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wsgate")
+    expected = opening_messages(provider, service_host=HOST)
+    target = provider_target(provider, HOST)
+    async with Gateway(config(bot.url, engine_opens=engine_opens)).running() as gw:
+        # The opening after the 101, as a provider sends it.
+        sock, head = await in_thread(stream, gw.port, b"", opening_frames_of(expected), target)
+        with sock:
+            assert head.startswith(b"HTTP/1.1 101 ")
+            reader = Reader(lambda: sock.recv(4096))
+            for message in expected:
+                assert await in_thread(reader.next) == (1, message.encode())
+        await in_thread(bot.wait_ended)
+    assert bot.sessions[0].messages == expected
+    assert bot.sessions[0].headers["X-Daily-Session-Id"] == header(head, "X-Session-Id")
+    ended = [r.getMessage() for r in caplog.records if "ended by" in r.getMessage()]
+    assert len(ended) == 1 and f"via {provider} call {CALL_IDS[provider]}" in ended[0]

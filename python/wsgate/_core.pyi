@@ -264,8 +264,9 @@ class Opened:
     store_seconds: list[float]
     #: When it was answered 101, on ``time.monotonic()``'s clock (its news may come late).
     opened_at: float
-    #: A ``/ws/twilio`` stream's ``(call id, stream id)`` from its ``start`` (None: generic).
-    call: tuple[str | None, str | None] | None
+    #: A provider's ``(provider, call id, stream id)`` from its ``start`` (None: a generic
+    #: session, or a provider's whose opening was not read).
+    call: tuple[str, str | None, str | None] | None
 
 @final
 class Unopened:

@@ -505,7 +505,8 @@ class _Logged(Protocol):
 
 class _Unadopted:
     """An engine session that ended unadopted, as its log line shows it: a plain relay (no
-    pool member, no in-process bot, never stopped) of a generic endpoint or a Twilio call."""
+    pool member, no in-process bot, never stopped) of a generic endpoint or a provider's
+    call."""
 
     __slots__ = ("opening", "service_host", "session_uuid")
     member: Member | None = None
@@ -519,11 +520,13 @@ class _Unadopted:
 
 
 def _call_of(news: _core.Opened) -> Opening | None:
-    """The Twilio call of a session the engine opened on ``/ws/twilio`` (None: generic)."""
+    """The provider's call of a session the engine opened on a provider endpoint, as
+    :class:`~wsgate.providers.OpeningReader` reads it (None: generic, or not read)."""
     if news.call is None:
         return None
-    call_id, stream_id = news.call
-    return Opening("twilio", news.service_host, call_id, stream_id)
+    provider, call_id, stream_id = news.call
+    host = news.service_host if provider == "twilio" else None  # the others' is in the URL
+    return Opening(provider, host, call_id, stream_id)
 
 
 def log_outcome(opened: _Logged, outcome: _core.Outcome, seconds: float) -> None:
