@@ -15,7 +15,7 @@ test-py:
 
 # The relay's tests again with another relay thread count than the default (half the CPUs: one
 # on CI's two), so that every one passes with one thread and with sessions spread over several.
-RELAY_TESTS = relay_messages relay_close split_frames limits hostile tls inprocess session_control embed
+RELAY_TESTS = relay_messages relay_close split_frames limits hostile tls inprocess session_control embed engine_twilio
 test-threads:
 	WSGATE_RELAY_THREADS=3 python -m pytest -q $(RELAY_TESTS:%=tests/test_%.py)
 
