@@ -172,10 +172,12 @@ pub enum News {
         dial_seconds: f64,
         /// How long each call to the replay store took (a token agent's claim), in seconds.
         store_seconds: Vec<f64>,
-        /// When it was answered 101, in seconds of `CLOCK_MONOTONIC` (Python's
-        /// `time.monotonic()`): its news may reach Python only with its end.
+        /// When it was opened (answered 101; a URL-routed provider's, once its opening was
+        /// read), in seconds of `CLOCK_MONOTONIC` (Python's `time.monotonic()`): its news may
+        /// reach Python only with its end.
         opened_at: f64,
-        /// A `/ws/twilio` stream's call (`None`: a generic session).
+        /// A provider's call, from its opening (`None`: a generic session, or an opening not
+        /// read).
         call: Option<Call>,
     },
     /// Its bot's dial failed; its place was given back.
@@ -223,9 +225,9 @@ pub enum News {
 pub struct Call {
     /// Whose.
     pub provider: Provider,
-    /// `start.callSid`.
+    /// Its call id (Twilio's `start.callSid`, and so on: `opening.rs`).
     pub call_id: Option<String>,
-    /// `start.streamSid`.
+    /// Its stream id.
     pub stream_id: Option<String>,
 }
 
@@ -343,7 +345,11 @@ pub struct Peeking {
     reader: OpeningReader,
     /// What the bytes read with the request came to.
     heard: Result<Option<crate::opening::Opening>, Unsure>,
-    opened_at: f64,
+    /// From the dial's start to the bot's 101 (the peek is not the dial's).
+    dial_seconds: f64,
+    /// The 101, while a TLS connection's queued records keep it from going.
+    unsent: Vec<u8>,
+    /// `PEEK_TIME` after the 101 went (`None` until it has).
     deadline: Option<Instant>,
 }
 
@@ -356,6 +362,23 @@ impl Peeking {
             call_id: o.call_id,
             stream_id: o.stream_id,
         };
+        let client = &self.o.client;
+        // TLS: records (the 101's too) the socket did not take at once. The opening comes only
+        // once the client has its 101, and its time counts from there.
+        if (client.pending_out() || !self.unsent.is_empty()) && client.may_write() {
+            let unsent = std::mem::take(&mut self.unsent);
+            match client.write(&unsent) {
+                Ok(n) if n == unsent.len() => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.unsent = unsent,
+                _ => return Some(None), // the relay meets the error
+            }
+        }
+        if !self.unsent.is_empty() {
+            return None;
+        }
+        if self.deadline.is_none() {
+            self.deadline = now.checked_add(PEEK_TIME);
+        }
         match std::mem::replace(&mut self.heard, Ok(None)) {
             Ok(Some(o)) => return Some(Some(call(o))),
             Err(Unsure) => return Some(None),
@@ -364,7 +387,6 @@ impl Peeking {
         if self.deadline.is_some_and(|d| now >= d) {
             return Some(None);
         }
-        let client = &self.o.client;
         let reader = &mut self.reader;
         scratch::with(4096, |buf| loop {
             if !client.may_read() {
@@ -749,13 +771,21 @@ impl Fast {
             // Telnyx, Plivo, Exotel: answered, then their opening read for the call's ids
             // before anything is relayed (`sessions.peek_opening`), for `PEEK_TIME` at most.
             let answer = upgrade::switching_protocols(&o.client_key, &o.session_uuid);
-            write_101(&o.client, &answer);
+            let unsent = match o.client.write(&answer) {
+                Ok(n) if n == answer.len() => Vec::new(),
+                Err(e) if e.kind() == ErrorKind::WouldBlock && o.client.is_tls() => answer,
+                _ => {
+                    o.client.shutdown_both(); // gone or broken: the relay ends it at once
+                    Vec::new()
+                }
+            };
             let mut reader = OpeningReader::new(provider);
             let behind = std::mem::take(&mut o.client_pending);
             let heard = reader.feed(&behind);
             let peeking = Peeking {
-                opened_at: monotonic_now(),
-                deadline: now.checked_add(PEEK_TIME),
+                dial_seconds: o.started.elapsed().as_secs_f64(),
+                unsent,
+                deadline: None,
                 o,
                 bot_pending,
                 reader,
@@ -768,23 +798,25 @@ impl Fast {
             (!answered).then(|| upgrade::switching_protocols(&o.client_key, &o.session_uuid));
         // Queued before the client can read its 101: a Session API call made with the id the
         // 101 names finds the session (Python reads the queue before it looks).
-        self.tell_opened(&mut o, monotonic_now());
+        let dial_seconds = o.started.elapsed().as_secs_f64();
+        self.tell_opened(&mut o, dial_seconds);
         if let Some(answer) = answer {
             write_101(&o.client, &answer);
         }
         self.relaying(o, bot_pending, now)
     }
 
-    /// Python told: the session is open, its place its own from now on.
-    fn tell_opened(&self, o: &mut Opening, opened_at: f64) {
+    /// Python told: the session is open, its place its own from now on, its length counted
+    /// from now (as the Python path starts its clock once the session is handed over).
+    fn tell_opened(&self, o: &mut Opening, dial_seconds: f64) {
         let store_seconds = o.held.opened();
         (o.held.tell)(News::Opened {
             session_id: self.id,
             session_uuid: std::mem::take(&mut o.session_uuid),
             service_host: o.held.route.service_host.clone(),
-            dial_seconds: o.started.elapsed().as_secs_f64(),
+            dial_seconds,
             store_seconds,
-            opened_at,
+            opened_at: monotonic_now(),
             call: o.call.take(),
         });
     }
@@ -800,12 +832,12 @@ impl Fast {
             mut o,
             bot_pending,
             reader,
-            opened_at,
+            dial_seconds,
             ..
         } = *p;
         o.call = heard;
         o.client_pending = reader.into_raw();
-        self.tell_opened(&mut o, opened_at);
+        self.tell_opened(&mut o, dial_seconds);
         self.relaying(o, bot_pending, now)
     }
 
@@ -1053,6 +1085,11 @@ pub(crate) mod tests {
     pub(crate) fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         head.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(": ")))
+    }
+
+    /// `CLOCK_MONOTONIC` now, as the engine's news counts it.
+    pub(crate) fn monotonic() -> f64 {
+        super::monotonic_now()
     }
 
     pub(crate) fn news(engine: &Engine) -> News {

@@ -8,10 +8,11 @@
 //! It serves the common case only, like the upgrade recogniser: whole text frames, masked, at
 //! most two messages, each at most [`MAX_MESSAGE_BYTES`], valid JSON objects with an `"event"`.
 //! Anything else (a fragment, a ping, a close, a binary frame, JSON that `serde_json` refuses) is
-//! [`Unsure`]: the connection goes to Python, whose `providers.OpeningReader` has the one
-//! implementation of every refusal and its close code. So it is stricter than that reader, never
-//! looser, and where it reads an opening the Python reader reads the same one. Every byte fed is
-//! kept: it goes to the bot unchanged, or to Python.
+//! [`Unsure`]: a Twilio stream then goes to Python, whose `providers.OpeningReader` has the one
+//! implementation of every refusal and its close code; another provider's call is relayed
+//! without its ids. So it is stricter than that reader, never looser, and where it reads an
+//! opening the Python reader reads the same one. Every byte fed is kept: it goes to the bot
+//! unchanged, or to Python.
 
 use serde_json::Value;
 
@@ -21,14 +22,16 @@ pub const MAX_MESSAGE_BYTES: usize = 65536;
 /// Messages read at most before `start` is whole (`OpeningReader`'s default `max_messages`).
 const MAX_MESSAGES: usize = 2;
 
-/// What the engine needs from a Twilio opening.
+/// What the engine needs from a provider's opening.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opening {
-    /// `start.customParameters._pipecatCloudServiceHost`, when a string.
+    /// Twilio's `start.customParameters._pipecatCloudServiceHost`, when a string (the others'
+    /// is in their URL: `None`).
     pub service_host: Option<String>,
-    /// `start.callSid`, when 1-128 visible ASCII characters.
+    /// The call's id (Twilio's `start.callSid`, Telnyx's `start.call_control_id`, Plivo's
+    /// `start.callId`, Exotel's `start.call_sid`), when 1-128 visible ASCII characters.
     pub call_id: Option<String>,
-    /// `start.streamSid` (else the message's `streamSid`), bounded like `call_id`.
+    /// The stream's id (`start`'s, else the message's), bounded like `call_id`.
     pub stream_id: Option<String>,
 }
 

@@ -432,4 +432,34 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn a_late_opening_counts_in_neither_the_dial_nor_the_session() {
+        let (bot_l, engine) = with_bot(5000);
+        let start = r#"{"event":"start","start":{"callId":"1234"}}"#;
+        let mut client = accepted(&engine, upgrade("/ws/plivo?serviceHost=a.b").as_bytes());
+        let (mut bot, _) = bot_l.accept().unwrap();
+        bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        answer_101(&mut bot);
+        assert!(read_head(&mut client).starts_with("HTTP/1.1 101 "));
+        // The scenario, not a synchronisation: a provider that sends its opening late.
+        std::thread::sleep(Duration::from_millis(400));
+        let sent = crate::open::tests::monotonic();
+        client.write_all(&masked(start)).unwrap();
+        let News::Opened {
+            dial_seconds,
+            opened_at,
+            call,
+            ..
+        } = news(&engine)
+        else {
+            panic!("not opened");
+        };
+        assert!(dial_seconds < 0.4, "the dial took {dial_seconds} s");
+        assert!(
+            opened_at >= sent,
+            "counted from its opening, as Python counts"
+        );
+        assert_eq!(call.and_then(|c| c.call_id).as_deref(), Some("1234"));
+    }
 }

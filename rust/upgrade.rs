@@ -30,7 +30,8 @@ const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 const GENERIC: &str = "/ws/generic";
 const TWILIO: &str = "/ws/twilio";
 
-/// A generic-endpoint upgrade request the data plane may open by itself.
+/// An upgrade request the data plane may open by itself: `/ws/generic`, or a URL-routed
+/// provider's endpoint.
 #[derive(Debug)]
 pub struct Upgrade<'a> {
     /// The service host it names (not yet looked up).

@@ -262,7 +262,8 @@ class Opened:
     dial_seconds: float
     #: How long each call to the replay store took (a token agent's claim), in seconds.
     store_seconds: list[float]
-    #: When it was answered 101, on ``time.monotonic()``'s clock (its news may come late).
+    #: When it was opened (answered 101; a URL-routed provider's once its opening was read),
+    #: on ``time.monotonic()``'s clock (its news may come late).
     opened_at: float
     #: A provider's ``(provider, call id, stream id)`` from its ``start`` (None: a generic
     #: session, or a provider's whose opening was not read).
