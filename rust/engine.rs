@@ -406,14 +406,14 @@ impl Engine {
             _ => match upgrade::recognise_twilio(read) {
                 // A /ws/twilio stream: answered now, its opening read on the relay thread while
                 // it is waited for like a request.
-                Some((key, head_len)) => match self.opener.start_waiting(id, worker) {
+                Some(up) => match self.opener.start_waiting(id, worker) {
                     Some((timeout, waiting, victim)) => {
                         if let Some((id, worker)) = victim {
                             self.workers[worker].stop_task(id, EVICTED, String::new());
                         }
                         let answering = Answering::new(
                             client,
-                            (read, head_len, key),
+                            (read, &up),
                             (peer, prepared),
                             (worker, timeout),
                             waiting,

@@ -214,8 +214,9 @@ pub enum News {
         /// Gone because its TLS failed (plain text on the port, no common version or cipher, a
         /// bad record): why, for a debug line.
         tls_error: Option<String>,
-        /// A `/ws/twilio` stream answered 101 (`twilio.rs`): the id the 101 named. `read` is
-        /// then its head and the frames read after it, and `waited` the seconds since the 101.
+        /// A `/ws/twilio` stream answered 101 (`twilio.rs`): the id the 101 named (`""`: none,
+        /// the stream has a token). `read` is then its head and the frames read after it, and
+        /// `waited` the seconds since the 101.
         answered: Option<String>,
     },
 }
@@ -233,8 +234,8 @@ pub struct Call {
 
 /// A session answered 101 before it was opened (`/ws/twilio`).
 pub struct Answered {
-    /// The id the 101 named.
-    pub session_uuid: String,
+    /// The id the 101 named (`None`: none, a token names it).
+    pub session_uuid: Option<String>,
     /// Its call.
     pub call: Call,
 }
@@ -484,12 +485,16 @@ impl Fast {
     /// the connect failed at once), both prepared for a relay thread.
     pub fn new(id: u64, client: Stream, bot: Stream, failed: Option<io::Error>, o: Open) -> Self {
         let key = upgrade::new_key();
-        let (session_uuid, call) = match (o.answered, &o.claimed) {
+        let (named, call) = match o.answered {
+            Some(a) => (a.session_uuid, Some(a.call)),
+            None => (None, None),
+        };
+        let session_uuid = match (named, &o.claimed) {
             // The id its 101 named.
-            (Some(a), _) => (a.session_uuid, Some(a.call)),
+            (Some(uuid), _) => uuid,
             // The id /start answered with, derived from the token's nonce.
-            (None, Some(c)) => (upgrade::session_id_for(&c.nonce), None),
-            (None, None) => (upgrade::new_uuid(), None),
+            (None, Some(c)) => upgrade::session_id_for(&c.nonce),
+            (None, None) => upgrade::new_uuid(),
         };
         let r = &o.route;
         let request = upgrade::bot_request(
@@ -632,7 +637,7 @@ impl Fast {
             Step::Whole if !opener.routes().is_empty() => upgrade::recognise_twilio(&read),
             _ => None,
         };
-        if let Some((key, head_len)) = twilio {
+        if let Some(up) = twilio {
             if !waiting.is_live() {
                 // Picked for eviction, its stop on its way: dropped unanswered, as evicted.
                 waiting.hand(None, peer, Vec::new(), (waited, true), None);
@@ -642,7 +647,7 @@ impl Fast {
             let timeout = opener.wait_timeout();
             let Some(a) = Answering::new(
                 client,
-                (&read, head_len, key),
+                (&read, &up),
                 (peer, prepared),
                 (worker, timeout),
                 waiting,
@@ -720,7 +725,8 @@ impl Fast {
         let opener = a.waiting.opener().clone();
         let pending = a.reader.raw().to_vec();
         let at = (self.id, a.worker);
-        match opener.open_answered(a.client, (pending, answered), &service_host, a.prepared, at) {
+        let to = (service_host.as_str(), a.token.as_deref());
+        match opener.open_answered(a.client, (pending, answered), to, a.prepared, at) {
             Verdict::Started(fast) => {
                 a.waiting.opened();
                 self.state = fast.state;

@@ -219,21 +219,8 @@ impl Opener {
             return Verdict::Back(client); // the Python path answers 503
         }
         let route = route.clone();
-        // Used up after the capacity check, as the Python path does: a 503 does not burn it.
-        let claimed = match checked {
-            None => None,
-            Some((tokens, claims)) => {
-                let started = Instant::now();
-                if tokens.nonces.claim(&claims.nonce, claims.exp, unix_now()) != Ok(true) {
-                    open::give(&route.place);
-                    return Verdict::Back(client); // replayed (403) or the set full (503)
-                }
-                Some(open::Claimed {
-                    nonces: tokens.nonces.clone(),
-                    nonce: claims.nonce,
-                    calls: vec![started.elapsed().as_secs_f64()],
-                })
-            }
+        let Ok(claimed) = claim(checked, &route.place) else {
+            return Verdict::Back(client);
         };
         let start = Start {
             client_key: upgrade.key.to_owned(),
@@ -253,7 +240,7 @@ impl Opener {
         &self,
         client: Stream,
         (client_pending, answered): (Vec<u8>, open::Answered),
-        service_host: &str,
+        (service_host, token): (&str, Option<&str>),
         prepared: bool,
         (id, worker): (u64, usize),
     ) -> Verdict {
@@ -261,17 +248,34 @@ impl Opener {
         let Some(route) = routes.get(service_host) else {
             return Verdict::Back(client);
         };
-        // A token agent's stream carries its token in its URL, which this one did not.
-        if route.tokens.is_some() || !open::take(&route.place, route.max_sessions) {
+        // A token agent's token, checked as the Python path checks it once `start` names the
+        // agent (no body on this endpoint); any refusal is Python's to answer.
+        let checked = match (&route.tokens, token) {
+            (None, _) => None, // a `none` agent: any token is not looked at
+            (Some(tokens), Some(token)) => {
+                let Ok(claims) = tokens.keys.verify(token, service_host, unix_now()) else {
+                    return Verdict::Back(client);
+                };
+                if claims.check_body(None).is_err() {
+                    return Verdict::Back(client);
+                }
+                Some((tokens, claims))
+            }
+            (Some(_), None) => return Verdict::Back(client),
+        };
+        if !open::take(&route.place, route.max_sessions) {
             return Verdict::Back(client);
         }
+        let Ok(claimed) = claim(checked, &route.place) else {
+            return Verdict::Back(client);
+        };
         let start = Start {
             client_key: String::new(), // answered: no 101 to write
             body: None,
             client_pending,
             answered: Some(answered),
             peek: None,
-            claimed: None,
+            claimed,
         };
         self.start(route.clone(), client, start, prepared, (id, worker))
     }
@@ -393,16 +397,17 @@ impl Waiting {
         self.told = true;
     }
 
-    /// A `/ws/twilio` stream answered 101 as `session_uuid` goes to Python: the client (`None`:
-    /// gone), its head and what it sent after it, the seconds since the 101 (all of
-    /// `handshake_timeout`: none left), `evicted` if one too many were waited for.
+    /// A `/ws/twilio` stream answered 101 naming `session_uuid` (`None`: none, it has a token)
+    /// goes to Python: the client (`None`: gone), its head and what it sent after it, the
+    /// seconds since the 101 (all of `handshake_timeout`: none left), `evicted` if one too many
+    /// were waited for.
     pub fn hand_answered(
         mut self,
         client: Option<Client>,
         peer: Option<SocketAddr>,
         read: Vec<u8>,
         (waited, evicted): (f64, bool),
-        session_uuid: String,
+        session_uuid: Option<String>,
     ) {
         self.told = true;
         lock(&self.opener.waiting).settled(self.id);
@@ -413,7 +418,8 @@ impl Waiting {
             waited,
             evicted,
             tls_error: None,
-            answered: Some(session_uuid),
+            // "": answered without an id (a token names its session).
+            answered: Some(session_uuid.unwrap_or_default()),
         });
     }
 
@@ -471,6 +477,27 @@ fn check_token(
     let body = upgrade.body.as_ref().map(|b| b.json.as_bytes());
     claims.check_body(body).ok()?;
     Some(claims)
+}
+
+/// Uses up a checked token, after the capacity check as the Python path does (a 503 does not
+/// burn it). `Err`: replayed (403) or the set full (503), its place given back.
+fn claim(
+    checked: Option<(&open::Tokens, crate::token::Claims)>,
+    place: &std::sync::atomic::AtomicUsize,
+) -> Result<Option<open::Claimed>, ()> {
+    let Some((tokens, claims)) = checked else {
+        return Ok(None);
+    };
+    let started = Instant::now();
+    if tokens.nonces.claim(&claims.nonce, claims.exp, unix_now()) != Ok(true) {
+        open::give(place);
+        return Err(());
+    }
+    Ok(Some(open::Claimed {
+        nonces: tokens.nonces.clone(),
+        nonce: claims.nonce,
+        calls: vec![started.elapsed().as_secs_f64()],
+    }))
 }
 
 /// Unix seconds now, as tokens count them.

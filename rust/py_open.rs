@@ -157,8 +157,9 @@ pub struct Handed {
     evicted: bool,
     /// Gone because its TLS failed: why.
     tls_error: Option<String>,
-    /// A `/ws/twilio` stream answered 101 by the engine: the id the 101 named (`read` is then
-    /// its head and the frames after it, `waited` the seconds since the 101).
+    /// A `/ws/twilio` stream answered 101 by the engine: the id the 101 named (`""`: none, a
+    /// token names it; `read` is then its head and the frames after it, `waited` the seconds
+    /// since the 101).
     answered: Option<String>,
 }
 

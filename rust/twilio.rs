@@ -1,11 +1,12 @@
 //! A `/ws/twilio` connection the engine answered and reads the opening of, on its relay thread.
 //!
 //! Twilio's stream URL cannot name the agent: it comes in the `start` message, after the upgrade
-//! (SPEC §6b). So the engine answers the 101 at once (naming the session, as
-//! `connection._twilio` does for a stream without a token), reads `connected` and `start`
-//! ([`OpeningReader`]), and then opens the session as a generic one would be, with every byte it
-//! read sent to the bot first. Whatever it does not take (an opening it is unsure of, an agent it
-//! does not route, a token agent, no place left, a failed connect) goes to Python with the head
+//! (SPEC §6b). So the engine answers the 101 at once (naming the session as
+//! `connection._twilio` does, unless the stream URL has a token, which names it), reads
+//! `connected` and `start` ([`OpeningReader`]), checks the token for the agent `start` names,
+//! and then opens the session as a generic one would be, with every byte it read sent to the bot
+//! first. Whatever it does not take (an opening it is unsure of, an agent it does not route, a
+//! token missing, refused or spent, no place left, a failed connect) goes to Python with the head
 //! and the bytes read, marked answered ([`News::Handed`]'s `answered`): Python goes on from its
 //! 101 and answers with the close frame it would have.
 //!
@@ -34,8 +35,10 @@ pub struct Answering {
     pub(crate) reader: OpeningReader,
     /// What came behind the head, fed to the reader at the first step.
     behind: Vec<u8>,
-    /// The id its 101 named.
-    pub(crate) session_uuid: String,
+    /// Its token (`/ws/twilio/{token}`).
+    pub(crate) token: Option<String>,
+    /// The id its 101 named (`None`: with a token, none).
+    pub(crate) session_uuid: Option<String>,
     answered: Instant,
     timeout: Duration,
     deadline: Option<Instant>,
@@ -64,18 +67,22 @@ pub enum Heard {
 }
 
 impl Answering {
-    /// Answers `client`'s upgrade (`read`: its head of `head_len` bytes with key `key`, and any
-    /// frames behind it), to be read on relay thread `worker` for `timeout`. `None` if the 101
-    /// could not be written whole (the client gone: `waiting` tells Python when dropped).
+    /// Answers `client`'s upgrade `up` (`read`: its head and any frames behind it), to be read
+    /// on relay thread `worker` for `timeout`. `None` if the 101 could not be written whole (the
+    /// client gone: `waiting` tells Python when dropped).
     pub fn new(
         client: Stream,
-        (read, head_len, key): (&[u8], usize, &str),
+        (read, up): (&[u8], &upgrade::TwilioUpgrade<'_>),
         (peer, prepared): (Option<SocketAddr>, bool),
         (worker, timeout): (usize, Duration),
         waiting: Waiting,
     ) -> Option<Self> {
-        let session_uuid = upgrade::new_uuid();
-        let answer = upgrade::switching_protocols(key, &session_uuid);
+        // Named now unless a token names it, once checked (`connection._twilio`).
+        let session_uuid = up.token.is_none().then(upgrade::new_uuid);
+        let answer = match &session_uuid {
+            Some(uuid) => upgrade::switching_protocols(up.key, uuid),
+            None => upgrade::switching_protocols_unnamed(up.key),
+        };
         // A fresh connection's send buffer takes a 101 whole; over TLS, handshake records still
         // queued may hold it back until the socket is writable.
         let unsent = match client.write(&answer) {
@@ -86,9 +93,10 @@ impl Answering {
         let answered = Instant::now();
         Some(Self {
             client,
-            head: read[..head_len].to_vec(),
+            head: read[..up.head_len].to_vec(),
             reader: OpeningReader::default(),
-            behind: read[head_len..].to_vec(),
+            behind: read[up.head_len..].to_vec(),
+            token: up.token.map(str::to_owned),
             session_uuid,
             answered,
             timeout,
@@ -461,5 +469,53 @@ mod tests {
             "counted from its opening, as Python counts"
         );
         assert_eq!(call.and_then(|c| c.call_id).as_deref(), Some("1234"));
+    }
+
+    #[test]
+    fn a_token_in_the_stream_url_is_checked_once_start_names_its_agent_and_used_up() {
+        use std::sync::Arc;
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let keys = Arc::new(crate::token::Keys::new(&["twilio-secret-0123456789"]).unwrap());
+        let mut r = route("a.b", bot_l.local_addr().unwrap(), 5, 5000);
+        r.tokens = Some(crate::open::Tokens {
+            keys: keys.clone(),
+            nonces: Arc::new(crate::nonces::Nonces::new(100)),
+        });
+        engine.set_routes(vec![r]).unwrap();
+        engine.set_wait(Wait {
+            timeout: Duration::from_secs(5),
+            most: 8,
+        });
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let token = keys.mint("a.b", exp, "nonce-1", None);
+        let target = format!("/ws/twilio/{token}");
+        let sent = [upgrade(&target).as_bytes(), &masked(&start("a.b"))].concat();
+        let mut client = accepted(&engine, &sent);
+        let head = read_head(&mut client);
+        assert!(head.starts_with("HTTP/1.1 101 "));
+        assert_eq!(
+            header(&head, "X-Session-Id"),
+            None,
+            "a token names its session"
+        );
+        let (mut bot, _) = bot_l.accept().unwrap();
+        bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let request = answer_101(&mut bot);
+        let named = crate::upgrade::session_id_for("nonce-1");
+        assert_eq!(header(&request, "X-Daily-Session-Id"), Some(named.as_str()));
+        assert!(matches!(news(&engine), News::Opened { .. }));
+        // Used up: the same URL again goes to Python (which refuses it), answered, unnamed.
+        let mut again = accepted(&engine, &sent);
+        read_head(&mut again);
+        let News::Handed { answered, .. } = news(&engine) else {
+            panic!("not handed");
+        };
+        assert_eq!(answered.as_deref(), Some(""));
+        assert_eq!(engine.places(Some("a.b")), 1, "the first session's only");
     }
 }

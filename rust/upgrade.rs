@@ -265,16 +265,45 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
     })
 }
 
-/// A `/ws/twilio` upgrade the data plane may answer and read the opening of: exactly that
-/// path, no query, no `Authorization` (no token anywhere: its session is named on the 101, as
-/// `connection._twilio` names one without a token). Its `Sec-WebSocket-Key` and head length.
-pub fn recognise_twilio(buf: &[u8]) -> Option<(&str, usize)> {
+/// A `/ws/twilio` upgrade the data plane may answer and read the opening of.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TwilioUpgrade<'a> {
+    /// Its `Sec-WebSocket-Key`.
+    pub key: &'a str,
+    /// Its token, the path's last segment (`/ws/twilio/{token}`), as a stream URL carries one
+    /// (`None`: its session is named on the 101, as `connection._twilio` names one without).
+    pub token: Option<&'a str>,
+    /// Length of the head, `\r\n\r\n` included.
+    pub head_len: usize,
+}
+
+/// A `/ws/twilio[/{token}]` upgrade the data plane may answer and read the opening of: no
+/// query (Twilio drops a stream URL's), no `Authorization` (it sends none), a token segment
+/// that needs no unquoting.
+pub fn recognise_twilio(buf: &[u8]) -> Option<TwilioUpgrade<'_>> {
     // Every other request is recognised elsewhere or not at all: no second parse of its head.
-    if !buf.starts_with(b"GET /ws/twilio ") {
+    if !(buf.starts_with(b"GET /ws/twilio ") || buf.starts_with(b"GET /ws/twilio/")) {
         return None;
     }
     let c = checked(buf)?;
-    (c.target == TWILIO && c.authorization.is_empty()).then_some((c.key, c.head_len))
+    if !c.authorization.is_empty() {
+        return None;
+    }
+    let token = match c.target.strip_prefix(TWILIO)? {
+        "" => None,
+        rest => {
+            let token = rest.strip_prefix('/')?;
+            if token.is_empty() || token.contains(['/', '%', '?']) {
+                return None;
+            }
+            Some(token)
+        }
+    };
+    Some(TwilioUpgrade {
+        key: c.key,
+        token,
+        head_len: c.head_len,
+    })
 }
 
 /// The credentials of `Authorization: Bearer <credentials>` (another scheme: [`Unsure`]).
@@ -448,6 +477,16 @@ pub fn switching_protocols(client_key: &str, session_uuid: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The same without a session id (a token's session is named once the token is checked).
+pub fn switching_protocols_unnamed(client_key: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        accept_key(client_key)
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,18 +529,27 @@ mod tests {
     }
 
     #[test]
-    fn twilio_is_taken_only_without_a_token_a_query_or_a_subprotocol() {
+    fn twilio_is_taken_with_a_path_token_at_most_and_no_query_or_subprotocol() {
         let r = request("/ws/twilio", "");
-        assert_eq!(recognise_twilio(&r), Some((KEY, r.len())));
+        let plain = TwilioUpgrade {
+            key: KEY,
+            token: None,
+            head_len: r.len(),
+        };
+        assert_eq!(recognise_twilio(&r), Some(plain));
         assert!(recognise(&r).is_none(), "not a generic upgrade");
+        let r = request("/ws/twilio/tok.en", "");
+        assert_eq!(recognise_twilio(&r).and_then(|u| u.token), Some("tok.en"));
         for (target, extra) in [
-            ("/ws/twilio/tok", ""),
+            ("/ws/twilio/t/x", ""),
+            ("/ws/twilio/%41", ""),
             ("/ws/twilio?token=t", ""),
             ("/ws/twilio?body=e30", ""),
             ("/ws/twilio/", ""),
             ("/ws/twilio", "Authorization: Bearer t\r\n"),
             ("/ws/twilio", "Sec-WebSocket-Protocol: audio\r\n"),
             ("/ws/generic/a.b", ""),
+            ("/ws/twilioX", ""),
         ] {
             assert!(
                 recognise_twilio(&request(target, extra)).is_none(),

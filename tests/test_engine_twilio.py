@@ -16,7 +16,16 @@ import pytest
 
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
 
-from .helpers import Bot, Reader, Sentinel, frame, in_thread, until, upgrade_request
+from .helpers import (
+    Bot,
+    Reader,
+    Sentinel,
+    frame,
+    in_thread,
+    start_json,
+    until,
+    upgrade_request,
+)
 from .telephony import CALL_IDS, media_message, opening_frames, opening_messages, provider_target
 
 pytestmark = pytest.mark.anyio
@@ -215,3 +224,32 @@ async def test_a_url_routed_providers_call_is_relayed_and_logged_the_same(
     assert bot.sessions[0].headers["X-Daily-Session-Id"] == header(head, "X-Session-Id")
     ended = [r.getMessage() for r in caplog.records if "ended by" in r.getMessage()]
     assert len(ended) == 1 and f"via {provider} call {CALL_IDS[provider]}" in ended[0]
+
+
+@engine_opens
+async def test_a_stream_url_token_names_its_session_once_and_is_used_once_the_same(
+    bot: Bot, engine_opens: bool
+) -> None:
+    opening = opening_frames("twilio", service_host="secure.acme")
+    async with Gateway(config(bot.url, engine_opens=engine_opens)).running() as gw:
+        status, answer = await start_json(gw, "secure", "pk_acme")
+        assert status == 200
+        target = f"/ws/twilio/{answer['token']}"
+        sock, head = await in_thread(stream, gw.port, opening, b"", target)
+        with sock:
+            # No id on the 101: the token names the session, once checked.
+            assert head.startswith(b"HTTP/1.1 101 ") and header(head, "X-Session-Id") is None
+            reader = Reader(lambda: sock.recv(4096))
+            for message in opening_messages("twilio", service_host="secure.acme"):
+                assert await in_thread(reader.next) == (1, message.encode())
+        await in_thread(bot.wait_ended)
+        assert bot.sessions[0].headers["X-Daily-Session-Id"] == answer["sessionId"]
+        again, _ = await in_thread(stream, gw.port, opening, b"", target)
+        with again:
+            assert await in_thread(closed_with, again) == (1008, "token already used")
+        await until(lambda: _none_of_secure(gw), within=10, what="its place given back")
+    assert len(bot.sessions) == 1
+
+
+async def _none_of_secure(gw: Gateway) -> bool:
+    return gw.sessions("secure.acme") == 0

@@ -127,8 +127,8 @@ class GatewaySettings:
     #: event loop per step: ``none`` auth (or ``token`` with the memory replay store), one
     #: ``ws://`` bot at an IP address, on a gateway without ``authorize``, a capacity store or
     #: per-client limits (:mod:`wsgate.fastpath`); with TLS on the listener, the engine does
-    #: the handshakes too, and on the provider endpoints it reads the opening (Twilio's,
-    #: with no token in the URL, names the agent).
+    #: the handshakes too, and on the provider endpoints it reads the opening (Twilio's names
+    #: the agent).
     #: Same checks, answers, logs and metrics. False: every request goes through Python.
     engine_opens: bool = True
     #: TCP connections held at once (upgrading, or sessions); past it the gateway stops

@@ -102,8 +102,9 @@ class Connections:
         its head whole when the engine read it for ``waited`` seconds and did not open it:
         :mod:`wsgate.fastpath`); returns the session it opened, or None if refused.
         ``answered``: a ``/ws/twilio`` stream the engine answered 101 naming this session id
-        and read the opening of for ``waited`` seconds (``read``: its head, then the frames);
-        it goes on from there, with what is left of ``handshake_timeout``."""
+        (``""``: none, it has a token) and read the opening of for ``waited`` seconds (``read``:
+        its head, then the frames); it goes on from there, with what is left of
+        ``handshake_timeout``."""
         # handshake_timeout covers the whole request from the accept: head, and a /start body.
         timeout = self.config.gateway.handshake_timeout - (waited or 0.0)
         deadline = anyio.current_time() + timeout
@@ -225,8 +226,8 @@ class Connections:
         naming this session id, and the opening is read until this deadline (``pending``: the
         frames it read)."""
         if answered is not None:
-            named: str | None
-            named, deadline = answered
+            name, deadline = answered
+            named: str | None = name or None  # "": a token names it
         else:
             upgrade = precheck(request)  # what the request alone decides is an HTTP answer
             # The session's id, named on the 101 as on every endpoint, is chosen before the
