@@ -402,36 +402,38 @@ impl Waiting {
     /// seconds since the 101 (all of `handshake_timeout`: none left), `evicted` if one too many
     /// were waited for.
     pub fn hand_answered(
-        mut self,
+        self,
         client: Option<Client>,
         peer: Option<SocketAddr>,
         read: Vec<u8>,
         (waited, evicted): (f64, bool),
         session_uuid: Option<String>,
     ) {
-        self.told = true;
-        lock(&self.opener.waiting).settled(self.id);
-        self.opener.tell(News::Handed {
-            client,
-            peer,
-            read,
-            waited,
-            evicted,
-            tls_error: None,
-            // "": answered without an id (a token names its session).
-            answered: Some(session_uuid.unwrap_or_default()),
-        });
+        // "": answered without an id (a token names its session).
+        let answered = Some(session_uuid.unwrap_or_default());
+        self.settle(client, peer, read, (waited, evicted), (None, answered));
     }
 
     /// It goes to Python: the client (`None`: gone, or `evicted`) and its TLS, what it sent
     /// and how long it was waited for.
     pub fn hand(
-        mut self,
+        self,
         client: Option<Client>,
         peer: Option<SocketAddr>,
         read: Vec<u8>,
         (waited, evicted): (f64, bool),
         tls_error: Option<String>,
+    ) {
+        self.settle(client, peer, read, (waited, evicted), (tls_error, None));
+    }
+
+    fn settle(
+        mut self,
+        client: Option<Client>,
+        peer: Option<SocketAddr>,
+        read: Vec<u8>,
+        (waited, evicted): (f64, bool),
+        (tls_error, answered): (Option<String>, Option<String>),
     ) {
         self.told = true;
         // No longer counted when Python hears of it.
@@ -443,7 +445,7 @@ impl Waiting {
             waited,
             evicted,
             tls_error,
-            answered: None,
+            answered,
         });
     }
 }

@@ -687,3 +687,16 @@ async def run_pipeline(transport: Any, task: Any, handle_sigint: bool) -> None:
     runner = WorkerRunner(handle_sigint=handle_sigint)
     await runner.add_workers(task)
     await runner.run()
+
+
+def header(head: bytes, name: str) -> str | None:
+    """The value of header ``name`` in a response head (None if absent)."""
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        field, _, value = line.partition(":")
+        if field.lower() == name.lower():
+            return value.strip()
+    return None
+
+
+#: Run a test with the engine opening sessions and with Python doing it (``engine_opens``).
+engine_opens = pytest.mark.parametrize("engine_opens", [True, False], ids=["engine", "python"])

@@ -24,7 +24,9 @@ from .helpers import (
     RawUpstream,
     Sentinel,
     accept_upgrade,
+    engine_opens,
     frame,
+    header,
     in_thread,
     make_config,
     start_json,
@@ -34,8 +36,6 @@ from .helpers import (
 )
 
 pytestmark = pytest.mark.anyio
-
-engine_opens = pytest.mark.parametrize("engine_opens", [True, False], ids=["engine", "python"])
 
 
 def sent_whole(port: int, request: bytes, timeout: float = 20) -> tuple[socket.socket, bytes]:
@@ -50,14 +50,6 @@ def sent_whole(port: int, request: bytes, timeout: float = 20) -> tuple[socket.s
             break
         head += chunk
     return sock, head
-
-
-def header(head: bytes, name: str) -> str | None:
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        field, _, value = line.partition(":")
-        if field.lower() == name.lower():
-            return value.strip()
-    return None
 
 
 class Answering(RawUpstream):

@@ -20,7 +20,9 @@ from .helpers import (
     Bot,
     Reader,
     Sentinel,
+    engine_opens,
     frame,
+    header,
     in_thread,
     start_json,
     until,
@@ -29,8 +31,6 @@ from .helpers import (
 from .telephony import CALL_IDS, media_message, opening_frames, opening_messages, provider_target
 
 pytestmark = pytest.mark.anyio
-
-engine_opens = pytest.mark.parametrize("engine_opens", [True, False], ids=["engine", "python"])
 
 HOST = "voice.acme"
 
@@ -68,14 +68,6 @@ def stream(
 
 def opening_frames_of(messages: list[str]) -> bytes:
     return b"".join(frame(1, m.encode()) for m in messages)
-
-
-def header(head: bytes, name: str) -> str | None:
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        field, _, value = line.partition(":")
-        if field.lower() == name.lower():
-            return value.strip()
-    return None
 
 
 def closed_with(sock: socket.socket) -> tuple[int, str]:
