@@ -311,9 +311,9 @@ class Handed:
     #: cipher, a bad record): why.
     tls_error: str | None
     #: A ``/ws/twilio`` stream the engine answered 101: the id the 101 named (``""``: none, a
-    #: token names its session). ``read`` is then
-    #: its head and the frames after it, ``waited`` the seconds since the 101 (all of
-    #: ``handshake_timeout`` when evicted or too slow: none left to read the opening).
+    #: token names its session). ``read`` is then its head and the frames after it, ``waited``
+    #: the seconds since the 101 (all of ``handshake_timeout`` when evicted or too slow: none
+    #: left to read the opening).
     answered: str | None
 
 @final
