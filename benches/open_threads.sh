@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # CPU per session opened, thread by thread, of one wsgate process: N opens PARALLEL at a time
-# through /ws/generic to loadgen's echo bot, each thread's utime+stime (/proc/PID/task/*/stat)
-# read before and after (benches/README.md, "Session opens, round 4"). Run it alternating two
-# builds (their PYTHONPATHs) for an A/B that load.py's short open rounds blur.
+# through PATH (/ws/generic/echo.bench; /ws/twilio or /ws/telnyx?serviceHost=echo.bench for a
+# provider's: loadgen sends Twilio's connected and start on every path) to loadgen's echo bot,
+# each thread's utime+stime (/proc/PID/task/*/stat) read before and after (benches/README.md,
+# "Session opens, round 4"). Run it alternating two builds (their PYTHONPATHs) for an A/B that
+# load.py's short open rounds blur.
 #
-# usage: benches/open_threads.sh [PYTHONPATH] [N] [PARALLEL]
-#   defaults: ./python, 10000, 8. loadgen: $LOADGEN, else the one load.py builds
-#   (${CARGO_TARGET_DIR:-/tmp/target-loadgen}/release/loadgen).
+# usage: benches/open_threads.sh [PYTHONPATH] [N] [PARALLEL] [PATH]
+#   defaults: ./python, 10000, 8, /ws/generic/echo.bench. loadgen: $LOADGEN, else the one
+#   load.py builds (${CARGO_TARGET_DIR:-/tmp/target-loadgen}/release/loadgen).
 set -euo pipefail
 pythonpath=$(realpath "${1:-python}")
 n=${2:-10000}
 parallel=${3:-8}
+path=${4:-/ws/generic/echo.bench}
 loadgen=${LOADGEN:-${CARGO_TARGET_DIR:-/tmp/target-loadgen}/release/loadgen}
 [ -x "$loadgen" ] || { echo "no loadgen at $loadgen: run benches/load.py once, or set LOADGEN" >&2; exit 2; }
 
@@ -32,7 +35,7 @@ for _ in $(seq 100); do
   grep -q "serving on" "$tmp/gw.log" 2>/dev/null && break
   sleep 0.1
 done
-url="ws://127.0.0.1:$gw_port/ws/generic/echo.bench"
+url="ws://127.0.0.1:$gw_port$path"
 
 # CPU ticks so far of each thread, summed by thread name.
 ticks() {
