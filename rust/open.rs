@@ -366,16 +366,10 @@ impl Peeking {
         let client = &self.o.client;
         // TLS: records (the 101's too) the socket did not take at once. The opening comes only
         // once the client has its 101, and its time counts from there.
-        if (client.pending_out() || !self.unsent.is_empty()) && client.may_write() {
-            let unsent = std::mem::take(&mut self.unsent);
-            match client.write(&unsent) {
-                Ok(n) if n == unsent.len() => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => self.unsent = unsent,
-                _ => return Some(None), // the relay meets the error
-            }
-        }
-        if !self.unsent.is_empty() {
-            return None;
+        match client.flush_held(&mut self.unsent) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(_) => return Some(None), // the relay meets the error
         }
         if self.deadline.is_none() {
             self.deadline = now.checked_add(PEEK_TIME);
@@ -632,9 +626,10 @@ impl Fast {
             ..
         } = *reading;
         let opener = waiting.opener().clone();
+        let routes = opener.routes();
         // A /ws/twilio stream: answered, and still waited for while its opening is read.
         let twilio = match step {
-            Step::Whole if !opener.routes().is_empty() => upgrade::recognise_twilio(&read),
+            Step::Whole if !routes.is_empty() => upgrade::recognise_twilio(&read),
             _ => None,
         };
         if let Some(up) = twilio {
@@ -670,7 +665,7 @@ impl Fast {
             self.state = State::Over(Outcome::new(self.id), [Some(client), None]);
             return Run::Done;
         }
-        match opener.open(&opener.routes(), client, &read, prepared, (self.id, worker)) {
+        match opener.open(&routes, client, &read, prepared, (self.id, worker)) {
             Verdict::Started(fast) => {
                 waiting.opened();
                 self.state = fast.state;
@@ -777,14 +772,10 @@ impl Fast {
             // Telnyx, Plivo, Exotel: answered, then their opening read for the call's ids
             // before anything is relayed (`sessions.peek_opening`), for `PEEK_TIME` at most.
             let answer = upgrade::switching_protocols(&o.client_key, &o.session_uuid);
-            let unsent = match o.client.write(&answer) {
-                Ok(n) if n == answer.len() => Vec::new(),
-                Err(e) if e.kind() == ErrorKind::WouldBlock && o.client.is_tls() => answer,
-                _ => {
-                    o.client.shutdown_both(); // gone or broken: the relay ends it at once
-                    Vec::new()
-                }
-            };
+            let unsent = o.client.write_or_hold(answer).unwrap_or_else(|_| {
+                o.client.shutdown_both(); // gone or broken: the relay ends it at once
+                Vec::new()
+            });
             let mut reader = OpeningReader::new(provider);
             let behind = std::mem::take(&mut o.client_pending);
             let heard = reader.feed(&behind);

@@ -206,6 +206,29 @@ impl Stream {
         }
     }
 
+    /// Writes an answer (a 101) whole: what is left to write, empty once all went. Over TLS,
+    /// handshake records still queued may hold it back until the socket takes them: it is
+    /// returned whole, for [`flush_held`](Self::flush_held). `Err`: gone or broken (a fresh
+    /// plain socket's send buffer takes an answer whole).
+    pub fn write_or_hold(&self, answer: Vec<u8>) -> io::Result<Vec<u8>> {
+        match self.write(&answer) {
+            Ok(n) if n == answer.len() => Ok(Vec::new()),
+            Err(e) if e.kind() == ErrorKind::WouldBlock && self.is_tls() => Ok(answer),
+            Ok(_) => Err(ErrorKind::WriteZero.into()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes what [`write_or_hold`](Self::write_or_hold) held, and any queued TLS records, as
+    /// far as the socket takes them: whether nothing is held any more (false: wait until it is
+    /// writable). `Err`: gone or broken.
+    pub fn flush_held(&self, held: &mut Vec<u8>) -> io::Result<bool> {
+        if (self.pending_out() || !held.is_empty()) && self.may_write() {
+            *held = self.write_or_hold(std::mem::take(held))?;
+        }
+        Ok(held.is_empty())
+    }
+
     /// Marks the socket full when `r` is a `WouldBlock`.
     fn blocks<T>(&self, r: io::Result<T>) -> io::Result<T> {
         if matches!(&r, Err(e) if e.kind() == ErrorKind::WouldBlock) {

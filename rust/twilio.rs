@@ -83,13 +83,7 @@ impl Answering {
             Some(uuid) => upgrade::switching_protocols(up.key, uuid),
             None => upgrade::switching_protocols_unnamed(up.key),
         };
-        // A fresh connection's send buffer takes a 101 whole; over TLS, handshake records still
-        // queued may hold it back until the socket is writable.
-        let unsent = match client.write(&answer) {
-            Ok(n) if n == answer.len() => Vec::new(),
-            Err(e) if e.kind() == ErrorKind::WouldBlock && client.is_tls() => answer,
-            _ => return None,
-        };
+        let unsent = client.write_or_hold(answer).ok()?;
         let answered = Instant::now();
         Some(Self {
             client,
@@ -158,17 +152,12 @@ impl Answering {
             }
             None => {}
         }
-        // TLS: records (the 101's too) the socket did not take at once.
-        if (self.client.pending_out() || !self.unsent.is_empty()) && self.client.may_write() {
-            let unsent = std::mem::take(&mut self.unsent);
-            match self.client.write(&unsent) {
-                Ok(n) if n == unsent.len() => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => self.unsent = unsent,
-                _ => return Heard::NotMine,
-            }
-        }
-        if !self.unsent.is_empty() {
-            return Heard::Blocked; // nothing comes before the client has its 101
+        // TLS: records (the 101's too) the socket did not take at once. Nothing comes before
+        // the client has its 101.
+        match self.client.flush_held(&mut self.unsent) {
+            Ok(true) => {}
+            Ok(false) => return Heard::Blocked,
+            Err(_) => return Heard::NotMine,
         }
         let behind = std::mem::take(&mut self.behind);
         if !behind.is_empty() {

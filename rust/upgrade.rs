@@ -28,7 +28,6 @@ const MAX_HEADERS: usize = 100;
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 const GENERIC: &str = "/ws/generic";
-const TWILIO: &str = "/ws/twilio";
 
 /// An upgrade request the data plane may open by itself: `/ws/generic`, or a URL-routed
 /// provider's endpoint.
@@ -197,15 +196,7 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
     let (mut host, path_token, provider) = match path.strip_prefix(GENERIC) {
         Some("") => (None, None, None),
         Some(rest) => {
-            let rest = rest.strip_prefix('/')?;
-            let (host, token) = match rest.split_once('/') {
-                None => (rest, None),
-                // Escapes are unquoted strictly by the Python path (404 when not UTF-8).
-                Some((host, token)) if !token.is_empty() && !token.contains(['/', '%']) => {
-                    (host, Some(token))
-                }
-                Some(_) => return None,
-            };
+            let (host, token) = with_token(rest.strip_prefix('/')?)?;
             if !plain_host(host) {
                 return None;
             }
@@ -214,14 +205,7 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
         // `/ws/{provider}[/{token}]`, routed by `?serviceHost=` (Twilio, by its opening, is
         // `recognise_twilio`'s).
         None => {
-            let rest = path.strip_prefix("/ws/")?;
-            let (name, token) = match rest.split_once('/') {
-                None => (rest, None),
-                Some((name, token)) if !token.is_empty() && !token.contains(['/', '%']) => {
-                    (name, Some(token))
-                }
-                Some(_) => return None,
-            };
+            let (name, token) = with_token(path.strip_prefix("/ws/")?)?;
             let provider = Provider::named(name).filter(|&p| p != Provider::Twilio)?;
             (None, token, Some(provider))
         }
@@ -265,6 +249,18 @@ pub fn recognise(buf: &[u8]) -> Option<Upgrade<'_>> {
     })
 }
 
+/// `name` or `name/token` (a path's last segments): the token is not empty and needs no
+/// unquoting (escapes are unquoted strictly by the Python path: 404 when not UTF-8).
+fn with_token(segments: &str) -> Option<(&str, Option<&str>)> {
+    match segments.split_once('/') {
+        None => Some((segments, None)),
+        Some((name, token)) if !token.is_empty() && !token.contains(['/', '%']) => {
+            Some((name, Some(token)))
+        }
+        Some(_) => None,
+    }
+}
+
 /// A `/ws/twilio` upgrade the data plane may answer and read the opening of.
 #[derive(Debug, PartialEq, Eq)]
 pub struct TwilioUpgrade<'a> {
@@ -286,19 +282,13 @@ pub fn recognise_twilio(buf: &[u8]) -> Option<TwilioUpgrade<'_>> {
         return None;
     }
     let c = checked(buf)?;
-    if !c.authorization.is_empty() {
+    if !c.authorization.is_empty() || c.target.contains('?') {
         return None;
     }
-    let token = match c.target.strip_prefix(TWILIO)? {
-        "" => None,
-        rest => {
-            let token = rest.strip_prefix('/')?;
-            if token.is_empty() || token.contains(['/', '%', '?']) {
-                return None;
-            }
-            Some(token)
-        }
-    };
+    let (name, token) = with_token(c.target.strip_prefix("/ws/")?)?;
+    if name != "twilio" {
+        return None;
+    }
     Some(TwilioUpgrade {
         key: c.key,
         token,
