@@ -26,7 +26,7 @@ use crate::counters::Meter;
 use crate::driver::Driven;
 use crate::nonces::Nonces;
 use crate::opener::Verdict;
-use crate::opening::{OpeningReader, Provider, Unsure};
+use crate::opening::{OpeningReader, Provider};
 use crate::reading::{Reading, Step};
 use crate::relay::{self, Pair, Pending};
 use crate::scratch;
@@ -34,7 +34,7 @@ use crate::session::{Limits, Outcome};
 use crate::shard::{Run, Task};
 use crate::stream::Stream;
 use crate::tls::Tls;
-use crate::twilio::{Answering, Heard};
+use crate::twilio::{read_opening, Answering, Heard};
 use crate::upgrade;
 
 /// How one agent's sessions are opened in the data plane.
@@ -344,8 +344,8 @@ pub struct Peeking {
     o: Opening,
     bot_pending: Vec<u8>,
     reader: OpeningReader,
-    /// What the bytes read with the request came to.
-    heard: Result<Option<crate::opening::Opening>, Unsure>,
+    /// What came behind the request's head, fed to the reader at the first step.
+    behind: Vec<u8>,
     /// From the dial's start to the bot's 101 (the peek is not the dial's).
     dial_seconds: f64,
     /// The 101, while a TLS connection's queued records keep it from going.
@@ -374,36 +374,11 @@ impl Peeking {
         if self.deadline.is_none() {
             self.deadline = now.checked_add(PEEK_TIME);
         }
-        match std::mem::replace(&mut self.heard, Ok(None)) {
-            Ok(Some(o)) => return Some(Some(call(o))),
-            Err(Unsure) => return Some(None),
-            Ok(None) => {}
-        }
         if self.deadline.is_some_and(|d| now >= d) {
             return Some(None);
         }
-        let reader = &mut self.reader;
-        scratch::with(4096, |buf| loop {
-            if !client.may_read() {
-                return None;
-            }
-            match client.read(buf) {
-                Ok(0) => return Some(None), // the relay reads the end
-                Ok(n) => {
-                    if n < buf.len() && !client.is_tls() {
-                        client.read_drained();
-                    }
-                    match reader.feed(&buf[..n]) {
-                        Ok(Some(o)) => return Some(Some(call(o))),
-                        Ok(None) => {}
-                        Err(Unsure) => return Some(None),
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Some(None), // the relay meets the error
-            }
-        })
+        // Not read (the client's end, an error, an opening not taken): the relay meets them.
+        read_opening(client, &mut self.reader, &mut self.behind).map(|read| read.map(call))
     }
 }
 
@@ -776,17 +751,14 @@ impl Fast {
                 o.client.shutdown_both(); // gone or broken: the relay ends it at once
                 Vec::new()
             });
-            let mut reader = OpeningReader::new(provider);
-            let behind = std::mem::take(&mut o.client_pending);
-            let heard = reader.feed(&behind);
             let peeking = Peeking {
+                reader: OpeningReader::new(provider),
+                behind: std::mem::take(&mut o.client_pending),
                 dial_seconds: o.started.elapsed().as_secs_f64(),
                 unsent,
                 deadline: None,
                 o,
                 bot_pending,
-                reader,
-                heard,
             };
             self.state = State::Peeking(Box::new(peeking));
             return self.run(now);

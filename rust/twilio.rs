@@ -159,39 +159,56 @@ impl Answering {
             Ok(false) => return Heard::Blocked,
             Err(_) => return Heard::NotMine,
         }
-        let behind = std::mem::take(&mut self.behind);
-        if !behind.is_empty() {
-            match self.reader.feed(&behind) {
-                Ok(Some(opening)) => return Heard::Opening(opening),
-                Ok(None) => {}
-                Err(Unsure) => return Heard::NotMine,
-            }
-        }
         if self.deadline.is_some_and(|d| now >= d) {
             return Heard::OutOfTime;
         }
-        scratch::with(4096, |buf| loop {
-            if !self.client.may_read() {
-                return Heard::Blocked;
-            }
-            match self.client.read(buf) {
-                Ok(0) => return Heard::NotMine, // closed: Python reads the end as its own
-                Ok(n) => {
-                    if n < buf.len() && !self.client.is_tls() {
-                        self.client.read_drained(); // emptied (as a pump's short read)
-                    }
-                    match self.reader.feed(&buf[..n]) {
-                        Ok(Some(opening)) => return Heard::Opening(opening),
-                        Ok(None) => {}
-                        Err(Unsure) => return Heard::NotMine,
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Heard::Blocked,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Heard::NotMine,
-            }
-        })
+        match read_opening(&self.client, &mut self.reader, &mut self.behind) {
+            None => Heard::Blocked,
+            Some(Some(opening)) => Heard::Opening(opening),
+            // Closed (Python reads the end as its own), or not an opening the engine takes.
+            Some(None) => Heard::NotMine,
+        }
     }
+}
+
+/// Feeds `reader` what came behind the head (`behind`, then emptied), then what `client` sends:
+/// `None` until it can read more, then the opening, or `Some(None)` if it will not be read (not
+/// one the reader takes, the client's end or an error: whoever goes on meets them).
+pub(crate) fn read_opening(
+    client: &Stream,
+    reader: &mut OpeningReader,
+    behind: &mut Vec<u8>,
+) -> Option<Option<Opening>> {
+    let fed = |reader: &mut OpeningReader, bytes: &[u8]| match reader.feed(bytes) {
+        Ok(None) => None,
+        Ok(Some(opening)) => Some(Some(opening)),
+        Err(Unsure) => Some(None),
+    };
+    let behind = std::mem::take(behind);
+    if !behind.is_empty() {
+        if let Some(done) = fed(reader, &behind) {
+            return Some(done);
+        }
+    }
+    scratch::with(4096, |buf| loop {
+        if !client.may_read() {
+            return None;
+        }
+        match client.read(buf) {
+            Ok(0) => return Some(None),
+            Ok(n) => {
+                if n < buf.len() && !client.is_tls() {
+                    client.read_drained(); // emptied (as a pump's short read)
+                }
+                if let Some(done) = fed(reader, &buf[..n]) {
+                    return Some(done);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Some(None),
+        }
+    })
 }
 
 #[cfg(test)]
