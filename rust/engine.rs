@@ -14,23 +14,21 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use crate::accepting::{Acceptor, Held, OnRelay, Taken};
 use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
 use crate::inproc::{self, Handle, Message};
-use crate::open::{self, Fast, News, Places, Route};
-use crate::opener::{Opener, Routes, Verdict, Wait};
-use crate::reading::{Reading, CLOSING, EVICTED};
+use crate::open::{self, News, Places, Route};
+use crate::opener::{Opener, Wait};
+use crate::reading::CLOSING;
 use crate::relay::Pending;
-use crate::scratch;
 use crate::session::{Limits, Outcome};
 use crate::shard::{self, Shard, Task};
 use crate::sockets::{adopt, options};
-use crate::stream::Stream;
 use crate::tls::Tls;
-use crate::twilio::Answering;
 use crate::upgrade;
 use crate::{echo, relay};
 
@@ -153,19 +151,23 @@ pub struct Handed {
 /// sessions.
 pub struct Engine {
     workers: Vec<Shard>,
-    next: std::sync::atomic::AtomicUsize,
+    next: Arc<AtomicUsize>,
     shared: Arc<Shared>,
     bell_rx: UnixStream,
     dead_peer_timeout: Duration,
     counters: Arc<Counters>,
     /// Session ids, for the control plane's sessions and the engine's own.
-    ids: AtomicU64,
+    ids: Arc<AtomicU64>,
     /// Sessions open or being opened per service host (the control plane's and the engine's).
     places: Places,
     /// What opens the sessions the engine opens by itself (and its route table).
     opener: Arc<Opener>,
     /// The listening socket prepared for its sockets to inherit their options (-1: none).
     listener: std::sync::atomic::AtomicI32,
+    /// What decides each accepted connection's fate.
+    acceptor: Acceptor,
+    /// The connections held, accepted on the relay thread.
+    held: Arc<Held>,
 }
 
 impl Engine {
@@ -196,18 +198,28 @@ impl Engine {
             .map(|i| Shard::start(i, report.clone()))
             .collect::<io::Result<Vec<_>>>()?;
         let counters = Arc::new(Counters::new(workers.len()));
+        let opener = Arc::new(Opener::new(
+            shared.clone(),
+            counters.clone(),
+            dead_peer_timeout,
+        ));
+        let (ids, next) = (Arc::new(AtomicU64::new(1)), Arc::new(AtomicUsize::new(0)));
+        let acceptor = Acceptor {
+            opener: opener.clone(),
+            ids: ids.clone(),
+            next: next.clone(),
+            mailboxes: workers.iter().map(Shard::mailbox).collect(),
+        };
         Ok(Self {
             counters: counters.clone(),
-            ids: AtomicU64::new(1),
+            ids,
             places: Places::default(),
-            opener: Arc::new(Opener::new(
-                shared.clone(),
-                counters.clone(),
-                dead_peer_timeout,
-            )),
+            opener,
             listener: std::sync::atomic::AtomicI32::new(-1),
+            acceptor,
+            held: Arc::new(Held::new(workers.first().map(Shard::mailbox))),
             workers,
-            next: std::sync::atomic::AtomicUsize::new(0),
+            next,
             shared,
             bell_rx,
             dead_peer_timeout,
@@ -224,7 +236,7 @@ impl Engine {
         if self.workers.is_empty() {
             return Err(io::Error::other("engine is shut down"));
         }
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
         Ok(i % self.workers.len())
     }
 
@@ -314,128 +326,61 @@ impl Engine {
     /// there yet is waited for on a relay thread while there is room (`reading.rs`). The others
     /// are returned with what was read. A connection that closed at once, or failed, is
     /// dropped. Stops at the first error of `accept` other than a connection aborted, and
-    /// returns it beside what it took.
+    /// returns it beside what it took. (The gateway accepts on a relay thread instead:
+    /// [`listen`](Self::listen); the same decisions, `accepting.rs`.)
     pub fn accept(&self, listener: RawFd, max: usize) -> (Vec<Accepted>, Option<io::Error>) {
-        let routes = self.opener.routes();
-        // With TLS, nothing is read here: the handshake and the request are read on a relay
-        // thread (a connection given back is as accepted, for the control plane's own TLS).
-        let tls = if routes.is_empty() {
-            None
-        } else {
-            self.opener.tls()
-        };
-        // SAFETY: the control plane keeps the listening socket open during the call.
-        let listening = unsafe { BorrowedFd::borrow_raw(listener) };
-        let listening = socket2::SockRef::from(&listening);
         // Its sockets inherit the relayed sockets' options if it was prepared before it
         // listened; otherwise each gets them when its session opens.
         let prepared = self.listener.load(Ordering::Acquire) == listener;
         let mut taken = Vec::new();
-        let error = scratch::with(FIRST_READ, |buf| {
-            while taken.len() < max {
-                let (sock, peer) = match listening.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-                {
-                    Ok(s) => s,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => return Some(e),
-                };
-                let sock = TcpStream::from(sock);
-                let (client, n) = match &tls {
-                    Some(config) => match Tls::server(config) {
-                        Ok(t) => (Stream::tls(sock, t), 0),
-                        Err(_) => {
-                            // Unread: the control plane does its TLS.
-                            let peer = peer.as_socket();
-                            let read = Vec::new();
-                            taken.push(Accepted::Handed { sock, peer, read });
-                            continue;
-                        }
-                    },
-                    None => match (&sock).read(buf) {
-                        Ok(0) => continue, // gone before its request
-                        Ok(n) => (Stream::plain(sock), n),
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => (Stream::plain(sock), 0),
-                        Err(_) => continue,
-                    },
-                };
-                let (read, peer) = (&buf[..n], peer.as_socket());
-                match self.take(&routes, client, read, (peer, prepared)) {
-                    None => taken.push(Accepted::Opening),
-                    Some(client) => taken.push(Accepted::Handed {
-                        sock: client.into_socket(),
-                        peer,
-                        read: read.to_vec(),
-                    }),
+        let batch = self.acceptor.batch(listener, prepared, max, |t| {
+            taken.push(match t {
+                Taken::Task(id, worker, task) => {
+                    self.workers[worker].start_task(id, task);
+                    Accepted::Opening
                 }
-            }
-            None
+                Taken::Told => Accepted::Opening,
+                Taken::Handed { sock, peer, read } => Accepted::Handed { sock, peer, read },
+            })
         });
-        (taken, error)
+        (taken, batch.err())
     }
 
-    /// Starts what the engine does with a connection it accepted: open its session, or wait on
-    /// a relay thread for the rest of its request; otherwise gives it back.
-    fn take(
-        &self,
-        routes: &Routes,
-        client: Stream,
-        read: &[u8],
-        (peer, prepared): (Option<SocketAddr>, bool),
-    ) -> Option<Stream> {
-        if routes.is_empty() {
-            return Some(client);
+    /// Relay thread 0 accepts on `listener` from now on (a copy of it, until
+    /// [`unlisten`](Self::unlisten)), holding at most `limit` connections at once (past it, new
+    /// ones wait in the backlog until one is [`closed`](Self::closed)). Each connection is
+    /// opened by the engine, waited for, or handed to Python as news (`Handed`); see
+    /// `accepting.rs`.
+    pub fn listen(&self, listener: RawFd, limit: usize) -> io::Result<()> {
+        let Some(first) = self.workers.first() else {
+            return Err(io::Error::other("engine is shut down"));
+        };
+        // SAFETY: the caller keeps the socket open during the call.
+        let copy = unsafe { BorrowedFd::borrow_raw(listener) }.try_clone_to_owned()?;
+        self.held.set_limit(limit.max(1));
+        first.listen(Box::new(OnRelay {
+            acceptor: self.acceptor.clone(),
+            listener: copy,
+            prepared: self.listener.load(Ordering::Acquire) == listener,
+            held: self.held.clone(),
+        }))
+    }
+
+    /// Stops accepting on a relay thread; returns once the listener's copy is closed.
+    pub fn unlisten(&self) {
+        if let Some(first) = self.workers.first() {
+            first.unlisten();
         }
-        let Ok(worker) = self.pick() else {
-            return Some(client);
-        };
-        let id = self.next_id();
-        let task = match upgrade::split_head(read) {
-            Ok(None) => match self.opener.start_waiting(id, worker) {
-                Some((timeout, waiting, victim)) => {
-                    if let Some((id, worker)) = victim {
-                        self.workers[worker].stop_task(id, EVICTED, String::new());
-                    }
-                    let reading =
-                        Reading::new(client, read, (peer, prepared), (worker, timeout), waiting);
-                    Fast::reading(id, reading)
-                }
-                None => return Some(client), // not waited for: the Python path reads it
-            },
-            _ => match upgrade::recognise_twilio(read) {
-                // A /ws/twilio stream: answered now, its opening read on the relay thread while
-                // it is waited for like a request.
-                Some(up) => match self.opener.start_waiting(id, worker) {
-                    Some((timeout, waiting, victim)) => {
-                        if let Some((id, worker)) = victim {
-                            self.workers[worker].stop_task(id, EVICTED, String::new());
-                        }
-                        let answering = Answering::new(
-                            client,
-                            (read, &up),
-                            (peer, prepared),
-                            (worker, timeout),
-                            waiting,
-                        );
-                        match answering {
-                            Some(a) => Fast::answering(id, a),
-                            None => return None, // gone before its 101 (Python told)
-                        }
-                    }
-                    None => return Some(client),
-                },
-                None => match self
-                    .opener
-                    .open(routes, client, read, prepared, (id, worker))
-                {
-                    Verdict::Started(task) => task,
-                    Verdict::Back(client) => return Some(client),
-                },
-            },
-        };
-        self.workers[worker].start_task(id, task);
-        None
+    }
+
+    /// Connections accepted on the relay thread and not yet [`closed`](Self::closed).
+    pub fn held(&self) -> usize {
+        self.held.count()
+    }
+
+    /// A connection accepted on the relay thread is over: how many are held now.
+    pub fn closed(&self) -> usize {
+        self.held.closed()
     }
 
     /// The index of agent `name` in the live counters, registered now if it is new. Sessions

@@ -7,6 +7,7 @@
 //! an interpreter.
 #![deny(missing_docs)]
 
+pub mod accepting;
 pub mod body;
 pub mod counters;
 pub mod driver;

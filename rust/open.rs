@@ -157,9 +157,18 @@ pub enum Failure {
     ClientGone,
 }
 
-/// What Python hears of a session the data plane opened (or could not).
+/// What Python hears of a session the data plane opened (or could not), and of the relay
+/// thread's accepts.
 #[derive(Debug)]
 pub enum News {
+    /// Accepting on a relay thread failed with `errno`: again in 100 ms if `paused` (out of
+    /// descriptors or memory), else never (the listener is dropped).
+    AcceptFailed {
+        /// The error of `accept`.
+        errno: i32,
+        /// Accepting resumes by itself.
+        paused: bool,
+    },
     /// Answered 101 and relaying.
     Opened {
         /// The engine's session id.

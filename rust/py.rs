@@ -609,38 +609,39 @@ impl Engine {
         self.engine().stop_waiting();
     }
 
-    /// Accepts up to `max` connections: `(connections, errno)`. Each connection is None (the
-    /// engine opens its session) or `(fd, address, bytes read)`; `errno` is that of the error
-    /// that stopped the batch, if any.
-    fn accept(
-        &self,
-        py: Python<'_>,
-        listener: RawFd,
-        max: usize,
-    ) -> PyResult<(Vec<Py<PyAny>>, Option<i32>)> {
+    /// Relay thread 0 accepts on `listener` from now on, at most `limit` connections held at
+    /// once (see `accepting.rs`).
+    fn listen(&self, py: Python<'_>, listener: RawFd, limit: usize) -> PyResult<()> {
         let listener = check_fd(listener)?;
         let inner = &self.inner;
-        let (taken, error) = py.detach(|| {
+        py.detach(|| {
             inner
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .accept(listener, max)
+                .listen(listener, limit)
+        })?;
+        Ok(())
+    }
+
+    /// Stops accepting on the relay thread; returns once its copy of the listener is closed.
+    fn unlisten(&self, py: Python<'_>) {
+        let inner = &self.inner;
+        py.detach(|| {
+            inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unlisten()
         });
-        let mut out = Vec::with_capacity(taken.len());
-        for a in taken {
-            out.push(match a {
-                engine::Accepted::Opening => py.None(),
-                engine::Accepted::Handed { sock, peer, read } => {
-                    let address = py_open::address(py, peer)?;
-                    let fd = std::os::fd::IntoRawFd::into_raw_fd(sock);
-                    (fd, address, PyBytes::new(py, &read))
-                        .into_pyobject(py)?
-                        .into_any()
-                        .unbind()
-                }
-            });
-        }
-        Ok((out, error.map(|e| e.raw_os_error().unwrap_or(5))))
+    }
+
+    /// Connections accepted on the relay thread and not yet closed.
+    fn held(&self) -> usize {
+        self.engine().held()
+    }
+
+    /// A connection accepted on the relay thread is over: how many are held now.
+    fn closed(&self) -> usize {
+        self.engine().closed()
     }
 
     fn close(&self, session_id: u64, code: u16, reason: &str) -> bool {
@@ -737,6 +738,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py_open::Opened>()?;
     m.add_class::<py_open::Unopened>()?;
     m.add_class::<py_open::Handed>()?;
+    m.add_class::<py_open::AcceptFailed>()?;
     // TLS
     py_tls::register(m)?;
     Ok(())

@@ -170,9 +170,27 @@ impl Handed {
     }
 }
 
+/// Accepting on a relay thread failed (see `Engine.listen`): with `errno`, again in 100 ms if
+/// `paused`, else never.
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+pub struct AcceptFailed {
+    errno: i32,
+    paused: bool,
+}
+
+#[pymethods]
+impl AcceptFailed {
+    fn __repr__(&self) -> String {
+        format!("AcceptFailed(errno={}, paused={})", self.errno, self.paused)
+    }
+}
+
 /// News as Python reads it.
 pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
     Ok(match news {
+        News::AcceptFailed { errno, paused } => {
+            Py::new(py, AcceptFailed { errno, paused })?.into_any()
+        }
         News::Opened {
             session_id,
             session_uuid,

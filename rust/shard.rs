@@ -12,12 +12,17 @@
 //!
 //! A session runs at most [`BUDGET`] steps at a time, then waits its turn behind the others: one
 //! busy session cannot starve its neighbours.
+//!
+//! One relay thread may also hold the gateway's listening socket ([`Listening`]): it accepts in
+//! the same loop, as nginx's worker does, so a new connection's session starts on the thread
+//! that accepted it without a hand-off between threads (`accepting.rs`).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
+use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -60,8 +65,10 @@ pub fn default_count() -> io::Result<usize> {
     }
 }
 
-/// The inbox's token; a socket's is its session's slot times two, plus its side.
+/// The inbox's token, and the listening socket's; a socket's is its session's slot times two,
+/// plus its side.
 const MAIL: Token = Token(usize::MAX);
+const LISTENER: Token = Token(usize::MAX - 1);
 
 /// Where outcomes go (the engine's queue for Python).
 pub type Report = Arc<dyn Fn(Outcome) + Send + Sync>;
@@ -95,7 +102,37 @@ pub trait Task: Send {
     fn finish(self: Box<Self>) -> Outcome;
 }
 
+/// What a batch of accepts came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Nothing more waits in the backlog: until its next event.
+    Drained,
+    /// A whole batch: more may wait (taken after this turn's sessions ran).
+    More,
+    /// As many connections are held as allowed: until [`Mailbox::resume`].
+    Full,
+    /// Accepting failed for want of a resource (descriptors, memory): again at this time.
+    RetryAt(Instant),
+    /// Accepting failed for good: the listener is dropped.
+    Stop,
+}
+
+/// A listening socket a relay thread accepts on (`accepting.rs`).
+pub trait Listening: Send {
+    /// Its descriptor, for the epoll.
+    fn fd(&self) -> RawFd;
+
+    /// Accepts a batch; the sessions for relay thread `worker` (this one) go to `here`.
+    fn accept(&mut self, worker: usize, here: &mut Vec<(u64, Box<dyn Task>)>) -> Accepted;
+}
+
 enum Mail {
+    /// Accept on it, then say whether the epoll took it.
+    Listen(Box<dyn Listening>, mpsc::Sender<io::Result<()>>),
+    /// Drop the listener, then say so.
+    Unlisten(mpsc::Sender<()>),
+    /// Accept again (a connection ended after the listener was full).
+    Resume,
     Start(u64, Box<dyn Task>),
     Stop(u64, u16, String),
     Poke(u64),
@@ -122,6 +159,29 @@ impl Inbox {
 
     fn take(&self) -> Vec<Mail> {
         std::mem::take(&mut *self.mail.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Where other threads post to a relay thread: new sessions, stops.
+#[derive(Clone)]
+pub struct Mailbox {
+    inbox: Arc<Inbox>,
+}
+
+impl Mailbox {
+    /// Hands session `id` over to the thread.
+    pub fn start_task(&self, id: u64, task: Box<dyn Task>) {
+        self.inbox.send(Mail::Start(id, task));
+    }
+
+    /// Stops session `id` with this close code and reason, if it is still there.
+    pub fn stop_task(&self, id: u64, code: u16, reason: String) {
+        self.inbox.send(Mail::Stop(id, code, reason));
+    }
+
+    /// Its listener accepts again, if it stopped for being full.
+    pub fn resume(&self) {
+        self.inbox.send(Mail::Resume);
     }
 }
 
@@ -157,11 +217,18 @@ impl Shard {
         let ours = inbox.clone();
         let thread = std::thread::Builder::new()
             .name(format!("wsgate-relay-{index}"))
-            .spawn(move || Loop::new(poll, ours, report).run())?;
+            .spawn(move || Loop::new(poll, ours, report, index).run())?;
         Ok(Self {
             inbox,
             thread: Some(thread),
         })
+    }
+
+    /// Where other threads post to this one.
+    pub fn mailbox(&self) -> Mailbox {
+        Mailbox {
+            inbox: self.inbox.clone(),
+        }
     }
 
     /// Hands session `id` over to this thread.
@@ -172,6 +239,24 @@ impl Shard {
     /// Stops session `id` with this close code and reason, if it is still here.
     pub fn stop_task(&self, id: u64, code: u16, reason: String) {
         self.inbox.send(Mail::Stop(id, code, reason));
+    }
+
+    /// This thread accepts on `listening` from now on (in place of any listener before), once
+    /// its epoll took it.
+    pub fn listen(&self, listening: Box<dyn Listening>) -> io::Result<()> {
+        let (done, listened) = mpsc::channel();
+        self.inbox.send(Mail::Listen(listening, done));
+        listened
+            .recv_timeout(Duration::from_secs(1))
+            .unwrap_or_else(|_| Err(io::Error::other("relay thread gone")))
+    }
+
+    /// This thread stops accepting: returns once it dropped its listener (at most a second
+    /// later, should the thread be gone).
+    pub fn unlisten(&self) {
+        let (done, dropped) = mpsc::channel();
+        self.inbox.send(Mail::Unlisten(done));
+        let _ = dropped.recv_timeout(Duration::from_secs(1));
     }
 
     /// What wakes session `id` from another thread.
@@ -220,10 +305,18 @@ struct Loop {
     /// Slots to run this turn, and those that asked for another.
     runq: Vec<usize>,
     again: Vec<usize>,
+    /// This thread's index among the engine's.
+    index: usize,
+    /// The listening socket it accepts on, if any; whether to accept now (an event came, or a
+    /// batch left more), and not before when.
+    listening: Option<Box<dyn Listening>>,
+    accept_now: bool,
+    accept_at: Option<Instant>,
+    accepted: Vec<(u64, Box<dyn Task>)>,
 }
 
 impl Loop {
-    fn new(poll: Poll, inbox: Arc<Inbox>, report: Report) -> Self {
+    fn new(poll: Poll, inbox: Arc<Inbox>, report: Report, index: usize) -> Self {
         Self {
             poll,
             inbox,
@@ -234,18 +327,28 @@ impl Loop {
             deadlines: BinaryHeap::new(),
             runq: Vec::new(),
             again: Vec::new(),
+            index,
+            listening: None,
+            accept_now: false,
+            accept_at: None,
+            accepted: Vec::new(),
         }
     }
 
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.runq.is_empty() {
-                self.deadlines
-                    .peek()
-                    .map(|Reverse((t, ..))| t.saturating_duration_since(Instant::now()))
-            } else {
+            let timeout = if !self.runq.is_empty() || (self.accept_now && self.accept_at.is_none())
+            {
                 Some(Duration::ZERO)
+            } else {
+                let accept_at = self.accept_at.filter(|_| self.accept_now);
+                let deadline = self.deadlines.peek().map(|Reverse((t, ..))| *t);
+                let next = match (deadline, accept_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                next.map(|t| t.saturating_duration_since(Instant::now()))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -257,6 +360,10 @@ impl Loop {
             for ev in events.iter() {
                 if ev.token() == MAIL {
                     mail = true;
+                    continue;
+                }
+                if ev.token() == LISTENER {
+                    self.accept_now = true;
                     continue;
                 }
                 let (slot, side) = (ev.token().0 >> 1, ev.token().0 & 1);
@@ -280,6 +387,9 @@ impl Loop {
                 break;
             }
             let now = Instant::now();
+            if self.accept_now && !self.accept_at.is_some_and(|t| t > now) {
+                self.accept();
+            }
             while let Some(&Reverse((t, slot, id))) = self.deadlines.peek() {
                 if t > now {
                     break;
@@ -299,6 +409,32 @@ impl Loop {
         for entry in self.slots.drain(..).flatten() {
             (self.report)(Outcome::new(entry.id));
         }
+    }
+
+    /// Accepts a batch on the listener; the sessions it starts here run this turn.
+    fn accept(&mut self) {
+        self.accept_at = None;
+        let Some(listening) = self.listening.as_mut() else {
+            self.accept_now = false;
+            return;
+        };
+        match listening.accept(self.index, &mut self.accepted) {
+            Accepted::Drained | Accepted::Full => self.accept_now = false,
+            Accepted::More => {}
+            Accepted::RetryAt(t) => self.accept_at = Some(t),
+            Accepted::Stop => self.unlisten(),
+        }
+        for (id, task) in std::mem::take(&mut self.accepted) {
+            self.insert(id, task);
+        }
+    }
+
+    fn unlisten(&mut self) {
+        if let Some(l) = self.listening.take() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&l.fd()));
+        }
+        self.accept_now = false;
+        self.accept_at = None;
     }
 
     /// Takes the inbox; false once told to quit.
@@ -323,6 +459,25 @@ impl Loop {
                     }
                 }
                 Mail::Quit => quit = true,
+                Mail::Listen(l, done) => {
+                    self.unlisten();
+                    let fd = l.fd();
+                    let registry = self.poll.registry();
+                    let listened =
+                        registry.register(&mut SourceFd(&fd), LISTENER, Interest::READABLE);
+                    if listened.is_ok() {
+                        // Its backlog is looked at now: connections queued before the
+                        // registration raise no edge of their own.
+                        self.listening = Some(l);
+                        self.accept_now = true;
+                    }
+                    let _ = done.send(listened);
+                }
+                Mail::Unlisten(done) => {
+                    self.unlisten();
+                    let _ = done.send(());
+                }
+                Mail::Resume => self.accept_now = self.listening.is_some(),
             }
         }
         !quit

@@ -505,12 +505,14 @@ def test_the_engines_wait_and_listener_settings_refuse_what_cannot_work() -> Non
         for timeout in (0.0, -1.0, float("nan"), float("inf")):
             with pytest.raises(ValueError, match="timeout must be positive"):
                 engine.set_wait(timeout, 10)
-        for call in (engine.prepare_listener, lambda fd: engine.accept(fd, 8)):
+        for call in (engine.prepare_listener, lambda fd: engine.listen(fd, 8)):
             with pytest.raises(ValueError, match="invalid file descriptor"):
                 call(-1)
         with open(__file__, "rb") as not_a_socket:
             with pytest.raises(OSError):
                 engine.prepare_listener(not_a_socket.fileno())
+            with pytest.raises(OSError):  # the relay thread's epoll takes no regular file
+                engine.listen(not_a_socket.fileno(), 8)
         engine.set_wait(5.0, 10)
         assert engine.waiting() == 0
         engine.set_tls(None)

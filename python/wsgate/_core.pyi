@@ -14,6 +14,7 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "TIME_LIMIT_REASON",
     "TOKEN_TTL_SECONDS",
+    "AcceptFailed",
     "AgentCounts",
     "BodyError",
     "Engine",
@@ -317,6 +318,14 @@ class Handed:
     answered: str | None
 
 @final
+class AcceptFailed:
+    """Accepting on the relay thread failed (see :meth:`Engine.listen`) with ``errno``: again in
+    100 ms if ``paused`` (out of descriptors or memory), else never (the listener is dropped)."""
+
+    errno: int
+    paused: bool
+
+@final
 class Engine:
     """The relay: moves frames between sockets on Rust threads, with the GIL released.
 
@@ -433,17 +442,26 @@ class Engine:
         one of ``routes`` serves (replacing the previous table; an empty list: none). An
         ``agent`` index never registered raises ``OSError``."""
 
-    def accept(
-        self, listener: int, max: int
-    ) -> tuple[list[tuple[int, Any, bytes] | None], int | None]:
-        """Accept up to ``max`` connections from the listening socket ``listener`` (the
-        caller's, non-blocking) and read once from each. A request the route table serves is
-        opened by the engine (``None`` in the list; an :class:`Opened` or :class:`Unopened`
-        comes through :meth:`drain`), and so is one whose request is not all there yet while
-        :meth:`set_wait` leaves room (``None``; a :class:`Handed` comes through :meth:`drain`
-        unless it opens); any other connection is the caller's: ``(fd, address, bytes read)``,
-        non-blocking, Nagle off. A connection closed before its first byte is dropped.
-        ``errno``: of the accept error that stopped the batch, if any."""
+    def listen(self, listener: int, limit: int) -> None:
+        """Relay thread 0 accepts on the listening socket ``listener`` from now on (a copy of
+        it, until :meth:`unlisten`), at most ``limit`` connections held at once (past it, new
+        ones wait in the backlog until one is :meth:`closed`). Each connection is read once at
+        its accept; a request the route table serves is opened by the engine (an
+        :class:`Opened` or :class:`Unopened` comes through :meth:`drain`), and so is one whose
+        request is not all there yet while :meth:`set_wait` leaves room (a :class:`Handed`
+        comes unless it opens); any other is the caller's, a :class:`Handed` with the bytes
+        read (``waited`` 0). A connection closed before its first byte is dropped. An accept
+        error comes as an :class:`AcceptFailed`."""
+
+    def unlisten(self) -> None:
+        """Stop accepting; returns once the relay thread closed its copy of the listener."""
+
+    def held(self) -> int:
+        """Connections accepted since :meth:`listen` and not yet :meth:`closed`."""
+
+    def closed(self) -> int:
+        """One of the connections accepted is over (each is, once: its session ended, its
+        refusal answered, or it was dropped): how many are held now."""
 
     def prepare_listener(self, listener: int) -> None:
         """Set the relayed sockets' options (Nagle off, the dead-peer keepalive and
@@ -473,7 +491,7 @@ class Engine:
     def close(self, session_id: int, code: int, reason: str) -> bool:
         """Close both sides of a live session with ``code`` and ``reason``; False if unknown."""
 
-    def drain(self) -> list[Outcome | Message | Opened | Unopened | Handed]:
+    def drain(self) -> list[Outcome | Message | Opened | Unopened | Handed | AcceptFailed]:
         """Take everything queued since the last call, in order (a session's messages before
         its outcome), and clear the doorbell."""
 

@@ -204,7 +204,10 @@ class Relay:
         self.on_told_end: Callable[[_core.Opened, _core.Outcome], None] | None = None
         #: Where the news of sessions the engine opens by itself goes (:mod:`wsgate.fastpath`),
         #: in order with the outcomes.
-        self.on_news: Callable[[_core.Opened | _core.Unopened | _core.Handed], None] | None = None
+        self.on_news: (
+            Callable[[_core.Opened | _core.Unopened | _core.Handed | _core.AcceptFailed], None]
+            | None
+        ) = None
         self._counted = {agent: self.engine.register_agent(agent) for agent in counted}
         #: The most sessions live at once since memory was last given back.
         self._peak = 0

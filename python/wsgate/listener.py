@@ -7,11 +7,13 @@ refused request at once, an in-process session when its bot is done (its task su
 relayed session when the engine reports its end through the doorbell (no task waits on it).
 The gateway's drain waits on :meth:`Listener.until_idle`.
 
-When given one, the engine accepts (``_core.Engine.accept``, one call per batch): it reads each
-connection (its TLS handshake too) at once or on a relay thread, and opens by itself the
-sessions :mod:`wsgate.fastpath` lets it; the others come here with the bytes read (and their
-TLS). The engine's sessions are counted from their accept to their end (or to the answer of one
-it could not open, or to the news of one it read, :meth:`Listener.news`).
+When given one, the engine accepts, on a relay thread (``_core.Engine.listen``: nginx's shape,
+a session the engine opens starts on the thread that accepted it): it reads each connection (its
+TLS handshake too) at once or later on that thread, and opens by itself the sessions
+:mod:`wsgate.fastpath` lets it; the others come here as news, with the bytes read (and their
+TLS). The engine counts what it accepted against ``max_connections`` (past it, new ones wait in
+the backlog) from the accept to the end: of its session, of the answer of one it could not open,
+or of the request served here (:meth:`Listener.news`); :meth:`Listener._closed` tells it.
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ class Listener:
         self.limit = limit
         #: The listener's TLS now (a reload swaps it for new connections).
         self.tls = tls
-        #: Connections held: upgrading, or sessions.
-        self.count = 0
+        #: Connections held when accepted here (see :attr:`count`).
+        self._count = 0
+        #: Why accepting on the engine's relay thread stopped for good (an errno), once it has.
+        self._accept_error: int | None = None
+        self._accept_stopped: anyio.Event | None = None
         #: Calls a batch of accepts whenever the listening socket is readable (in accept()).
         self._readiness: Readiness | None = None
         #: Paused at ``limit`` connections (resumed when one ends).
@@ -70,18 +75,45 @@ class Listener:
         self._ended = self.session_done
         self._idle: anyio.Event | None = None
 
+    @property
+    def count(self) -> int:
+        """Connections held: upgrading, or sessions."""
+        return self._count if self.engine is None else self.engine.held()
+
     async def accept(self, listener: socket.socket, connections: TaskGroup) -> None:
-        """Accept until cancelled; each connection runs in a task of ``connections``. A batch is
-        taken each time the socket is readable (a callback of the event loop under asyncio:
-        :mod:`wsgate.readiness`); at ``limit`` connections held, none until one ends."""
+        """Accept until cancelled; each connection runs in a task of ``connections``. Here, a
+        batch is taken each time the socket is readable (a callback of the event loop under
+        asyncio: :mod:`wsgate.readiness`); at ``limit`` connections held, none until one ends.
+        With an engine, its relay thread accepts (see the module docs)."""
         self._connections = connections
-        engine = self.engine
-        if engine is None:
-            take = partial(self._accept_here, listener, connections)
-        else:
-            take = partial(self._accept_in_engine, engine, listener.fileno(), connections)
+        if self.engine is not None:
+            await self._accept_in_engine(self.engine, listener)
+            return
+        take = partial(self._accept_here, listener, connections)
         self._readiness = Readiness(listener.fileno(), take)
         await self._readiness.run()
+
+    async def _accept_in_engine(self, engine: _core.Engine, listener: socket.socket) -> None:
+        """The engine accepts until cancelled, or until accepting fails for good (raised here,
+        ending the gateway as an error of the accept loop does)."""
+        self._accept_stopped = stopped = anyio.Event()
+        engine.listen(listener.fileno(), self.limit)
+        try:
+            await stopped.wait()
+        finally:
+            engine.unlisten()  # before the listening socket is closed: no accept after it
+        errno_ = self._accept_error or errno.EIO
+        raise OSError(errno_, os.strerror(errno_))
+
+    def _accept_failed(self, failed: _core.AcceptFailed) -> None:
+        """The engine's accept failed: paused for 100 ms (out of descriptors or memory), or
+        stopped (any other error ends the gateway)."""
+        if failed.paused:
+            log.warning("accept failed (%s); pausing 100 ms", os.strerror(failed.errno))
+            return
+        self._accept_error = failed.errno
+        if self._accept_stopped is not None:
+            self._accept_stopped.set()
 
     def _full(self) -> bool:
         """At the limit: leave new connections in the kernel's backlog until one ends."""
@@ -117,34 +149,20 @@ class Listener:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.count += 1
+            self._count += 1
             # Interned: one string per client address, not one per connection (a live
             # session keeps its client's).
             connections.start_soon(self._connection, sock, sys.intern(client_key(address)))
         self._full()
 
-    def _accept_in_engine(self, engine: _core.Engine, fd: int, connections: TaskGroup) -> None:
-        """One batch accepted by the engine: its own sessions are counted, the others run here."""
-        if self._full():
-            return
-        accepted, error = engine.accept(fd, min(_ACCEPT_BATCH, self.limit - self.count))
-        self.count += len(accepted)
-        for handed in accepted:
-            if handed is None:
-                continue  # the engine's: its news comes through the doorbell
-            fd, address, read = handed
-            sock, client = _adopt(fd, address)
-            connections.start_soon(self._connection, sock, client, read)
-        if error is not None:
-            self._pause(error)
-        else:
-            self._full()
-
-    def news(self, news: _core.Opened | _core.Unopened | _core.Handed) -> None:
-        """A session the engine opened by itself (or could not), or a connection whose request
-        it read for nothing: counted here since its accept; an opened one until its end, one
-        not opened until it is answered, one handed until its request is served."""
-        if isinstance(news, _core.Opened):
+    def news(self, news: _core.Opened | _core.Unopened | _core.Handed | _core.AcceptFailed) -> None:
+        """A session the engine opened by itself (or could not), or a connection it accepted
+        and did not open: counted since its accept; an opened one until its end, one not
+        opened until it is answered, one handed until its request is served. Or its accepts
+        failed."""
+        if isinstance(news, _core.AcceptFailed):
+            self._accept_failed(news)
+        elif isinstance(news, _core.Opened):
             self.handler.sessions.told(news)
         elif isinstance(news, _core.Handed):
             if news.fd < 0:
@@ -226,13 +244,17 @@ class Listener:
         self._closed()
 
     def _closed(self) -> None:
-        self.count -= 1
-        readiness = self._readiness
-        if self._at_limit and self.count < self.limit and readiness is not None:
-            # Only the limit's pause: out of descriptors, accepts wait their 100 ms.
-            self._at_limit = False
-            readiness.resume()
-        if not self.count:
+        if self.engine is not None:
+            left = self.engine.closed()  # its relay thread accepts again if it was full
+        else:
+            self._count -= 1
+            left = self._count
+            readiness = self._readiness
+            if self._at_limit and left < self.limit and readiness is not None:
+                # Only the limit's pause: out of descriptors, accepts wait their 100 ms.
+                self._at_limit = False
+                readiness.resume()
+        if not left:
             self.poke()
 
     async def until_idle(self, stop: Callable[[], bool] = lambda: False) -> None:

@@ -1,0 +1,443 @@
+//! Accepting connections: the listener's backlog taken in batches, each connection read at once
+//! (its request is usually there already), then opened by the engine (`open.rs`), waited for on
+//! a relay thread (`reading.rs`, `twilio.rs`), or given to the control plane with what was read.
+//!
+//! Where, one [`Acceptor`] deciding either way:
+//! - on relay thread 0, in its loop ([`OnRelay`], `Engine::listen`: the gateway's way). It is
+//!   nginx's shape: a session the engine opens starts on the thread that accepted it, with no
+//!   hand-off to another thread and no wake-up of one (measured: the same CPU per session as
+//!   accepting on Python's thread, ~5% more opens a second 8 at a time, benches/README.md). The
+//!   control plane hears of each connection through the doorbell, as news. The gateway's
+//!   `max_connections` is counted here ([`Held`]): past it the backlog waits until one ends.
+//! - in a call (`Engine::accept`): the same batch, returned to the caller.
+
+use std::io::{self, ErrorKind, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::engine::FIRST_READ;
+use crate::open::{Fast, News};
+use crate::opener::{Opener, Routes, Verdict, Waiter};
+use crate::reading::{Reading, EVICTED};
+use crate::scratch;
+use crate::shard::{self, Listening, Mailbox, Task};
+use crate::stream::Stream;
+use crate::tls::Tls;
+use crate::twilio::Answering;
+use crate::upgrade;
+
+/// Connections accepted per turn of the relay thread, at most: its sessions get their turn
+/// between batches.
+const BATCH: usize = 64;
+
+/// How long accepting waits after running out of descriptors or memory.
+const PAUSE: Duration = Duration::from_millis(100);
+
+/// What became of one accepted connection.
+pub(crate) enum Taken {
+    /// The engine's: session `id`, for relay thread `worker`.
+    Task(u64, usize, Box<dyn Task>),
+    /// Gone before anything was done with it; the control plane is told (its news counts it
+    /// out).
+    Told,
+    /// The control plane's: the socket (non-blocking), its peer and the bytes read from it.
+    Handed {
+        sock: TcpStream,
+        peer: Option<SocketAddr>,
+        read: Vec<u8>,
+    },
+}
+
+/// What a connection's fate is decided with: the engine's opener, its session ids and its relay
+/// threads.
+#[derive(Clone)]
+pub(crate) struct Acceptor {
+    pub opener: Arc<Opener>,
+    pub ids: Arc<AtomicU64>,
+    /// Whose turn among the relay threads it is (shared with the control plane's sessions).
+    pub next: Arc<AtomicUsize>,
+    pub mailboxes: Vec<Mailbox>,
+}
+
+impl Acceptor {
+    /// Accepts up to `max` connections waiting on `listener` and gives each to `each` (a
+    /// connection that closed at once, or failed, is dropped unseen). `prepared`: its sockets
+    /// inherit the relayed sockets' options. `Ok(true)` if it stopped at `max`, `Ok(false)` once
+    /// the backlog is empty; an error of `accept` other than a connection aborted stops it.
+    pub fn batch(
+        &self,
+        listener: RawFd,
+        prepared: bool,
+        max: usize,
+        mut each: impl FnMut(Taken),
+    ) -> io::Result<bool> {
+        let routes = self.opener.routes();
+        // With TLS, nothing is read here: the handshake and the request are read on a relay
+        // thread (a connection given back is as accepted, for the control plane's own TLS).
+        let tls = if routes.is_empty() {
+            None
+        } else {
+            self.opener.tls()
+        };
+        // SAFETY: the caller keeps the listening socket open during the call.
+        let listening = unsafe { BorrowedFd::borrow_raw(listener) };
+        let listening = socket2::SockRef::from(&listening);
+        scratch::with(FIRST_READ, |buf| {
+            let mut taken = 0;
+            while taken < max {
+                let (sock, peer) = match listening.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                {
+                    Ok(s) => s,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                let sock = TcpStream::from(sock);
+                let peer = peer.as_socket();
+                let (client, n) = match &tls {
+                    Some(config) => match Tls::server(config) {
+                        Ok(t) => (Stream::tls(sock, t), 0),
+                        Err(_) => {
+                            // Unread: the control plane does its TLS.
+                            taken += 1;
+                            each(Taken::Handed {
+                                sock,
+                                peer,
+                                read: Vec::new(),
+                            });
+                            continue;
+                        }
+                    },
+                    None => match (&sock).read(buf) {
+                        Ok(0) => continue, // gone before its request
+                        Ok(n) => (Stream::plain(sock), n),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => (Stream::plain(sock), 0),
+                        Err(_) => continue,
+                    },
+                };
+                taken += 1;
+                let read = &buf[..n];
+                each(match self.take(&routes, client, read, (peer, prepared)) {
+                    Ok(taken) => taken,
+                    Err(client) => Taken::Handed {
+                        sock: client.into_socket(),
+                        peer,
+                        read: read.to_vec(),
+                    },
+                });
+            }
+            Ok(true)
+        })
+    }
+
+    /// Starts what the engine does with a connection it accepted: open its session, or wait on
+    /// a relay thread for the rest of its request; otherwise gives it back.
+    fn take(
+        &self,
+        routes: &Routes,
+        client: Stream,
+        read: &[u8],
+        (peer, prepared): (Option<SocketAddr>, bool),
+    ) -> Result<Taken, Stream> {
+        if routes.is_empty() || self.mailboxes.is_empty() {
+            return Err(client);
+        }
+        let worker = self.next.fetch_add(1, Ordering::Relaxed) % self.mailboxes.len();
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let opener = &self.opener;
+        let task = match upgrade::split_head(read) {
+            Ok(None) => match opener.start_waiting(id, worker) {
+                Some((timeout, waiting, victim)) => {
+                    self.evict(victim);
+                    let reading =
+                        Reading::new(client, read, (peer, prepared), (worker, timeout), waiting);
+                    Fast::reading(id, reading)
+                }
+                None => return Err(client), // not waited for: the Python path reads it
+            },
+            _ => match upgrade::recognise_twilio(read) {
+                // A /ws/twilio stream: answered now, its opening read on the relay thread while
+                // it is waited for like a request.
+                Some(up) => match opener.start_waiting(id, worker) {
+                    Some((timeout, waiting, victim)) => {
+                        self.evict(victim);
+                        let at = (peer, prepared);
+                        match Answering::new(client, (read, &up), at, (worker, timeout), waiting) {
+                            Some(a) => Fast::answering(id, a),
+                            None => return Ok(Taken::Told), // gone before its 101
+                        }
+                    }
+                    None => return Err(client),
+                },
+                None => match opener.open(routes, client, read, prepared, (id, worker)) {
+                    Verdict::Started(task) => task,
+                    Verdict::Back(client) => return Err(client),
+                },
+            },
+        };
+        Ok(Taken::Task(id, worker, task))
+    }
+
+    /// One too many connections were waited for: the oldest goes.
+    fn evict(&self, victim: Option<Waiter>) {
+        if let Some((id, worker)) = victim {
+            self.mailboxes[worker].stop_task(id, EVICTED, String::new());
+        }
+    }
+}
+
+/// The connections a gateway holds, accepted on a relay thread and not yet over (the control
+/// plane says when each is, [`Held::closed`]), and how many it may hold.
+pub struct Held {
+    count: AtomicUsize,
+    limit: AtomicUsize,
+    /// The listener stopped at the limit: the next connection over resumes it.
+    full: AtomicBool,
+    /// The accepting thread's mailbox.
+    resume: Option<Mailbox>,
+}
+
+impl Held {
+    pub(crate) fn new(resume: Option<Mailbox>) -> Self {
+        Self {
+            count: AtomicUsize::new(0),
+            limit: AtomicUsize::new(usize::MAX),
+            full: AtomicBool::new(false),
+            resume,
+        }
+    }
+
+    /// Connections held now.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// One is over: how many are left. Accepting resumes if it stopped at the limit.
+    pub fn closed(&self) -> usize {
+        let was = self
+            .count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .unwrap_or(0);
+        if self.full.swap(false, Ordering::SeqCst) {
+            if let Some(m) = &self.resume {
+                m.resume();
+            }
+        }
+        was.saturating_sub(1)
+    }
+
+    pub(crate) fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::SeqCst);
+    }
+
+    /// Room for how many more; none marks the listener full (rechecked, so a connection that
+    /// ended meanwhile is not missed).
+    fn room(&self) -> usize {
+        let limit = self.limit.load(Ordering::SeqCst);
+        let room = limit.saturating_sub(self.count());
+        if room > 0 {
+            return room;
+        }
+        self.full.store(true, Ordering::SeqCst);
+        let room = limit.saturating_sub(self.count());
+        if room > 0 && self.full.swap(false, Ordering::SeqCst) {
+            return room;
+        }
+        0 // a resume is on its way, or comes with the next connection over
+    }
+}
+
+/// The gateway's listening socket on a relay thread (see the module docs).
+pub(crate) struct OnRelay {
+    pub acceptor: Acceptor,
+    pub listener: OwnedFd,
+    pub prepared: bool,
+    pub held: Arc<Held>,
+}
+
+impl Listening for OnRelay {
+    fn fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    fn accept(&mut self, worker: usize, here: &mut Vec<(u64, Box<dyn Task>)>) -> shard::Accepted {
+        let room = self.held.room();
+        if room == 0 {
+            return shard::Accepted::Full;
+        }
+        let Self { acceptor, held, .. } = &*self;
+        let fd = self.listener.as_raw_fd();
+        let batch = acceptor.batch(fd, self.prepared, room.min(BATCH), |taken| {
+            // Counted before the control plane can hear of it (and count it out).
+            held.count.fetch_add(1, Ordering::SeqCst);
+            match taken {
+                Taken::Task(id, w, task) if w == worker => here.push((id, task)),
+                Taken::Task(id, w, task) => acceptor.mailboxes[w].start_task(id, task),
+                Taken::Told => {}
+                Taken::Handed { sock, peer, read } => acceptor.opener.tell(News::Handed {
+                    client: Some((sock, None)),
+                    peer,
+                    read,
+                    waited: 0.0,
+                    evicted: false,
+                    tls_error: None,
+                    answered: None,
+                }),
+            }
+        });
+        match batch {
+            Ok(false) => shard::Accepted::Drained,
+            Ok(true) => shard::Accepted::More,
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                let paused = matches!(
+                    errno,
+                    libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+                );
+                self.acceptor
+                    .opener
+                    .tell(News::AcceptFailed { errno, paused });
+                if paused {
+                    shard::Accepted::RetryAt(Instant::now() + PAUSE)
+                } else {
+                    shard::Accepted::Stop
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The relay thread's accepts through `Engine::listen`, on loopback TCP.
+
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    use crate::engine::{Engine, Item};
+    use crate::open::tests::{answer_101, news, read_head, relays_the_bots_frame, route, upgrade};
+    use crate::open::News;
+    use crate::opener::Wait;
+
+    fn listening() -> TcpListener {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    }
+
+    fn client(l: &TcpListener, request: &str) -> TcpStream {
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(request.as_bytes()).unwrap();
+        c
+    }
+
+    #[test]
+    fn a_relay_thread_opens_what_the_table_serves_on_either_thread_and_hands_the_rest() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = Engine::new(2, Duration::from_secs(60)).unwrap();
+        let bot = bot_l.local_addr().unwrap();
+        engine.set_routes(vec![route("a.b", bot, 5, 5000)]).unwrap();
+        // A request not there at the accept is read on the relay thread, as the gateway has it.
+        let timeout = Duration::from_secs(5);
+        engine.set_wait(Wait { timeout, most: 10 });
+        let l = listening();
+        engine.listen(l.as_raw_fd(), 10).unwrap();
+        // Two sessions: the first runs on the accepting thread, the second is posted to the
+        // other one.
+        for _ in 0..2 {
+            let mut c = client(&l, &upgrade("/ws/generic/a.b"));
+            let (mut bot, _) = bot_l.accept().unwrap();
+            bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            answer_101(&mut bot);
+            assert!(read_head(&mut c).starts_with("HTTP/1.1 101 "));
+            relays_the_bots_frame(&mut bot, &mut c);
+            assert!(matches!(news(&engine), News::Opened { .. }));
+        }
+        let request = upgrade("/ws/generic/not.served");
+        let _c = client(&l, &request);
+        match news(&engine) {
+            News::Handed {
+                client: Some(_),
+                read,
+                ..
+            } => assert_eq!(read, request.as_bytes()),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(engine.held(), 3);
+        assert_eq!(engine.closed(), 2);
+    }
+
+    #[test]
+    fn past_its_limit_the_backlog_waits_until_a_connection_is_closed() {
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let l = listening();
+        engine.listen(l.as_raw_fd(), 1).unwrap();
+        let _first = client(&l, "GET / HTTP/1.1\r\n\r\n");
+        assert!(matches!(news(&engine), News::Handed { .. }));
+        let _second = client(&l, "GET / HTTP/1.1\r\n\r\n");
+        // A bounded look for news that must not come: the second stays in the backlog.
+        let end = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < end {
+            let items = engine.drain();
+            assert!(
+                !items.iter().any(|i| matches!(i, Item::Open(_))),
+                "{items:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(engine.held(), 1);
+        assert_eq!(engine.closed(), 0); // the first is over: the second is accepted
+        assert!(matches!(
+            news(&engine),
+            News::Handed {
+                client: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(engine.held(), 1);
+    }
+
+    #[test]
+    fn after_unlisten_the_relay_thread_holds_no_copy_of_the_listener() {
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let l = listening();
+        let addr = l.local_addr().unwrap();
+        engine.listen(l.as_raw_fd(), 10).unwrap();
+        engine.unlisten();
+        drop(l);
+        let refused = TcpStream::connect(addr).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn an_accept_that_fails_for_good_is_told_and_its_listener_dropped() {
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        // Bound, not listening: its accept fails with EINVAL.
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        engine.listen(s.as_raw_fd(), 10).unwrap();
+        match news(&engine) {
+            News::AcceptFailed { errno, paused } => {
+                assert_eq!(errno, libc::EINVAL);
+                assert!(!paused);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(engine.held(), 0);
+    }
+}
