@@ -3,7 +3,7 @@
 //!
 //! The control plane pushes a route table ([`Route`]: the agents whose sessions need nothing but
 //! the request's own checks, a place in `max_sessions` and a plain `ws://` bot at an IP address).
-//! The engine accepts connections ([`crate::engine::Engine::accept`]), reads each one's request
+//! The engine accepts connections (on a relay thread: `accepting.rs`), reads each one's request
 //! (at once, or on a relay thread as it arrives: `reading.rs`), and opens what
 //! [`crate::upgrade::recognise`] takes and the table routes: a place is taken, the bot dialled,
 //! its 101 checked, the client answered, and the relay starts on the same relay thread (an

@@ -142,9 +142,10 @@ impl Unopened {
     }
 }
 
-/// A connection the engine accepted and read but did not open (see `Engine.set_wait`): the
-/// caller's to serve on `fd` from the bytes `read`, `waited` seconds after its accept (-1: the
-/// client went away or was too slow, nothing to answer).
+/// A connection the engine accepted and did not open (at its accept, or once a relay thread
+/// read its request: see `Engine.set_wait`): the caller's to serve on `fd` from the bytes
+/// `read`, `waited` seconds after its accept (-1: the client went away or was too slow,
+/// nothing to answer).
 #[pyclass(module = "wsgate._core", frozen, get_all)]
 pub struct Handed {
     fd: i32,

@@ -294,10 +294,11 @@ class Unopened:
 
 @final
 class Handed:
-    """A connection the engine accepted and whose request a relay thread read, not opened by
-    it (see :meth:`Engine.set_wait`): the caller's to serve on ``fd`` (non-blocking) from the
-    bytes ``read`` (a whole head, or more than the limit of one), ``waited`` seconds after its
-    accept. ``fd`` -1: the client went away or took over the wait's timeout (nothing to
+    """A connection the engine accepted and did not open: the caller's to serve on ``fd``
+    (non-blocking) from the bytes ``read``, ``waited`` seconds after its accept. Either handed
+    at its accept (:meth:`Engine.listen`: ``waited`` 0, ``read`` what one read got, maybe
+    nothing), or after a relay thread read its request (see :meth:`Engine.set_wait`: ``read``
+    a whole head, or more than the limit of one). ``fd`` -1: the client went away or took over the wait's timeout (nothing to
     answer)."""
 
     fd: int
