@@ -70,8 +70,18 @@ pub fn default_count() -> io::Result<usize> {
 const MAIL: Token = Token(usize::MAX);
 const LISTENER: Token = Token(usize::MAX - 1);
 
-/// Where outcomes go (the engine's queue for Python).
-pub type Report = Arc<dyn Fn(Outcome) + Send + Sync>;
+/// Where outcomes go (the engine's queue for Python, `engine.rs`).
+pub trait Reports: Send + Sync {
+    /// Queues a session's outcome. `Some(t)`: it did not ring the doorbell; a
+    /// [`ring`](Self::ring) is owed at `t`.
+    fn report(&self, outcome: Outcome) -> Option<Instant>;
+
+    /// Rings for what was queued without a ring.
+    fn ring(&self);
+}
+
+/// The engine's [`Reports`].
+pub type Report = Arc<dyn Reports>;
 
 /// What a session asks for after a turn.
 #[derive(Debug, PartialEq, Eq)]
@@ -313,6 +323,8 @@ struct Loop {
     accept_now: bool,
     accept_at: Option<Instant>,
     accepted: Vec<(u64, Box<dyn Task>)>,
+    /// When the doorbell ring it owes for outcomes it queued without one is due.
+    owed: Option<Instant>,
 }
 
 impl Loop {
@@ -332,23 +344,28 @@ impl Loop {
             accept_now: false,
             accept_at: None,
             accepted: Vec::new(),
+            owed: None,
         }
     }
 
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
+            if self.owed.is_some_and(|t| t <= Instant::now()) {
+                self.owed = None;
+                self.report.ring();
+            }
             let timeout = if !self.runq.is_empty() || (self.accept_now && self.accept_at.is_none())
             {
                 Some(Duration::ZERO)
             } else {
                 let accept_at = self.accept_at.filter(|_| self.accept_now);
                 let deadline = self.deadlines.peek().map(|Reverse((t, ..))| *t);
-                let next = match (deadline, accept_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                next.map(|t| t.saturating_duration_since(Instant::now()))
+                [deadline, accept_at, self.owed]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .map(|t| t.saturating_duration_since(Instant::now()))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -406,8 +423,16 @@ impl Loop {
             std::mem::swap(&mut self.runq, &mut self.again);
         }
         // Dropping the sessions closes their sockets; each reports that the engine stopped.
-        for entry in self.slots.drain(..).flatten() {
-            (self.report)(Outcome::new(entry.id));
+        for entry in std::mem::take(&mut self.slots).into_iter().flatten() {
+            self.tell(Outcome::new(entry.id));
+        }
+        self.report.ring();
+    }
+
+    /// Queues an outcome for Python; a ring it did not make is owed.
+    fn tell(&mut self, outcome: Outcome) {
+        if let Some(due) = self.report.report(outcome) {
+            self.owed = Some(self.owed.map_or(due, |t| t.min(due)));
         }
     }
 
@@ -443,7 +468,7 @@ impl Loop {
         for m in self.inbox.take() {
             match m {
                 // Handed over as the engine stopped: it ends at once, as the others.
-                Mail::Start(id, _) if quit => (self.report)(Outcome::new(id)),
+                Mail::Start(id, _) if quit => self.tell(Outcome::new(id)),
                 Mail::Start(id, task) => self.insert(id, task),
                 Mail::Stop(id, code, reason) => {
                     if let Some(&slot) = self.by_id.get(&id) {
@@ -504,7 +529,7 @@ impl Loop {
                 self.free.push(slot);
                 let mut outcome = Outcome::new(id);
                 outcome.detail = format!("relay thread could not take the session: {e}");
-                (self.report)(outcome);
+                self.tell(outcome);
                 return;
             }
             *done = true;
@@ -536,12 +561,12 @@ impl Loop {
             Ok(Run::Done) => {
                 let Entry { id, task, .. } = self.remove(slot);
                 let outcome = catch_unwind(AssertUnwindSafe(|| task.finish()));
-                (self.report)(outcome.unwrap_or_else(|_| Outcome::new(id)));
+                self.tell(outcome.unwrap_or_else(|_| Outcome::new(id)));
                 return;
             }
             Err(_) => {
                 let Entry { id, .. } = self.remove(slot);
-                (self.report)(Outcome::new(id));
+                self.tell(Outcome::new(id));
                 return;
             }
         }
@@ -681,6 +706,34 @@ mod tests {
             (EndedBy::Client, "client gone")
         );
         assert_eq!((o.messages_in, o.bytes_in), (1, 2));
+    }
+
+    /// Whether the engine's doorbell rings within 5 s.
+    fn rings(engine: &Engine) -> bool {
+        let mut fd = libc::pollfd {
+            fd: engine.doorbell_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut fd, 1, 5000) == 1 }
+    }
+
+    #[test]
+    fn an_outcome_right_behind_a_ring_is_rung_for_by_its_relay_thread() {
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let (first, theirs) = pair();
+        engine.echo(1, handed(theirs), limits(None), None).unwrap();
+        let (second, theirs) = pair();
+        engine.echo(2, handed(theirs), limits(None), None).unwrap();
+        first.shutdown(Shutdown::Write).unwrap();
+        assert!(rings(&engine));
+        assert!(matches!(&engine.drain()[..], [Item::Outcome(o)] if o.session_id == 1));
+        // Within RING_DELAY of that ring: queued without one, then rung for when it is due,
+        // with nobody draining meanwhile.
+        second.shutdown(Shutdown::Write).unwrap();
+        assert!(rings(&engine));
+        assert!(matches!(&engine.drain()[..], [Item::Outcome(o)] if o.session_id == 2));
     }
 
     #[test]

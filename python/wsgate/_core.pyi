@@ -298,8 +298,8 @@ class Handed:
     (non-blocking) from the bytes ``read``, ``waited`` seconds after its accept. Either handed
     at its accept (:meth:`Engine.listen`: ``waited`` 0, ``read`` what one read got, maybe
     nothing), or after a relay thread read its request (see :meth:`Engine.set_wait`: ``read``
-    a whole head, or more than the limit of one). ``fd`` -1: the client went away or took over the wait's timeout (nothing to
-    answer)."""
+    a whole head, or more than the limit of one). ``fd`` -1: the client went away or took
+    over the wait's timeout (nothing to answer)."""
 
     fd: int
     #: The client's TLS, its handshake done (None: a plain connection).
