@@ -14,14 +14,13 @@
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::accepting::{Acceptor, Held, OnRelay, Taken};
+use crate::accepting::{Acceptor, Connections, OnRelay};
 use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
 use crate::inproc::{self, Handle, Message};
 use crate::open::{self, News, Places, Route};
@@ -51,15 +50,16 @@ pub enum Item {
 }
 
 /// A connection [`Engine::accept`] took: opened by the engine, or for the control plane.
+#[cfg(test)]
 pub enum Accepted {
     /// The engine opens it (its news comes through the doorbell).
     Opening,
     /// The control plane's: the socket (non-blocking), its peer and the bytes read from it.
     Handed {
         /// The connection.
-        sock: TcpStream,
+        sock: std::net::TcpStream,
         /// The client's address.
-        peer: Option<SocketAddr>,
+        peer: Option<std::net::SocketAddr>,
         /// What it sent so far (maybe nothing yet).
         read: Vec<u8>,
     },
@@ -212,7 +212,7 @@ pub struct Engine {
     /// What decides each accepted connection's fate.
     acceptor: Acceptor,
     /// The connections held, accepted on the relay thread.
-    held: Arc<Held>,
+    held: Arc<Connections>,
 }
 
 impl Engine {
@@ -259,7 +259,7 @@ impl Engine {
             opener,
             listener: std::sync::atomic::AtomicI32::new(-1),
             acceptor,
-            held: Arc::new(Held::new(workers.first().map(Shard::mailbox))),
+            held: Arc::new(Connections::new(workers.first().map(Shard::mailbox))),
             workers,
             next,
             shared,
@@ -370,12 +370,14 @@ impl Engine {
     /// dropped. Stops at the first error of `accept` other than a connection aborted, and
     /// returns it beside what it took. (The gateway accepts on a relay thread instead:
     /// [`listen`](Self::listen); the same decisions, `accepting.rs`.)
+    #[cfg(test)]
     pub fn accept(&self, listener: RawFd, max: usize) -> (Vec<Accepted>, Option<io::Error>) {
+        use crate::accepting::Taken;
         // Its sockets inherit the relayed sockets' options if it was prepared before it
         // listened; otherwise each gets them when its session opens.
         let prepared = self.listener.load(Ordering::Acquire) == listener;
         let mut taken = Vec::new();
-        let batch = self.acceptor.batch(listener, prepared, max, |t| {
+        let batch = self.acceptor.batch(listener, prepared, max, None, |t| {
             taken.push(match t {
                 Taken::Task(id, worker, task) => {
                     self.workers[worker].start_task(id, task);
@@ -607,6 +609,7 @@ impl Engine {
             w.quit();
         }
         self.workers.clear();
+        self.acceptor.mailboxes.clear(); // what is accepted now is the control plane's
     }
 }
 

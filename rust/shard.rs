@@ -14,8 +14,9 @@
 //! busy session cannot starve its neighbours.
 //!
 //! One relay thread may also hold the gateway's listening socket ([`Listening`]): it accepts in
-//! the same loop, as nginx's worker does, so a new connection's session starts on the thread
-//! that accepted it without a hand-off between threads (`accepting.rs`).
+//! the same loop, as nginx's worker does; with one relay thread (the default on 2 CPUs) a new
+//! connection's session starts where it was accepted, without a hand-off between threads
+//! (`accepting.rs`).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -114,7 +115,7 @@ pub trait Task: Send {
 
 /// What a batch of accepts came to.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Accepted {
+pub enum Batch {
     /// Nothing more waits in the backlog: until its next event.
     Drained,
     /// A whole batch: more may wait (taken after this turn's sessions ran).
@@ -133,7 +134,7 @@ pub trait Listening: Send {
     fn fd(&self) -> RawFd;
 
     /// Accepts a batch; the sessions for relay thread `worker` (this one) go to `here`.
-    fn accept(&mut self, worker: usize, here: &mut Vec<(u64, Box<dyn Task>)>) -> Accepted;
+    fn accept(&mut self, worker: usize, here: &mut Vec<(u64, Box<dyn Task>)>) -> Batch;
 }
 
 enum Mail {
@@ -243,12 +244,12 @@ impl Shard {
 
     /// Hands session `id` over to this thread.
     pub fn start_task(&self, id: u64, task: Box<dyn Task>) {
-        self.inbox.send(Mail::Start(id, task));
+        self.mailbox().start_task(id, task);
     }
 
     /// Stops session `id` with this close code and reason, if it is still here.
     pub fn stop_task(&self, id: u64, code: u16, reason: String) {
-        self.inbox.send(Mail::Stop(id, code, reason));
+        self.mailbox().stop_task(id, code, reason);
     }
 
     /// This thread accepts on `listening` from now on (in place of any listener before), once
@@ -256,17 +257,30 @@ impl Shard {
     pub fn listen(&self, listening: Box<dyn Listening>) -> io::Result<()> {
         let (done, listened) = mpsc::channel();
         self.inbox.send(Mail::Listen(listening, done));
-        listened
-            .recv_timeout(Duration::from_secs(1))
-            .unwrap_or_else(|_| Err(io::Error::other("relay thread gone")))
+        self.answer(&listened)
+            .unwrap_or_else(|| Err(io::Error::other("relay thread gone")))
     }
 
-    /// This thread stops accepting: returns once it dropped its listener (at most a second
-    /// later, should the thread be gone).
+    /// This thread stops accepting: returns once it dropped its listener (or is gone).
     pub fn unlisten(&self) {
         let (done, dropped) = mpsc::channel();
         self.inbox.send(Mail::Unlisten(done));
-        let _ = dropped.recv_timeout(Duration::from_secs(1));
+        let _ = self.answer(&dropped);
+    }
+
+    /// The thread's answer to a letter, however long it takes, unless the thread is gone.
+    fn answer<T>(&self, answer: &mpsc::Receiver<T>) -> Option<T> {
+        loop {
+            match answer.recv_timeout(Duration::from_millis(100)) {
+                Ok(t) => return Some(t),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if !self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// What wakes session `id` from another thread.
@@ -322,7 +336,6 @@ struct Loop {
     listening: Option<Box<dyn Listening>>,
     accept_now: bool,
     accept_at: Option<Instant>,
-    accepted: Vec<(u64, Box<dyn Task>)>,
     /// When the doorbell ring it owes for outcomes it queued without one is due.
     owed: Option<Instant>,
 }
@@ -343,7 +356,6 @@ impl Loop {
             listening: None,
             accept_now: false,
             accept_at: None,
-            accepted: Vec::new(),
             owed: None,
         }
     }
@@ -443,13 +455,14 @@ impl Loop {
             self.accept_now = false;
             return;
         };
-        match listening.accept(self.index, &mut self.accepted) {
-            Accepted::Drained | Accepted::Full => self.accept_now = false,
-            Accepted::More => {}
-            Accepted::RetryAt(t) => self.accept_at = Some(t),
-            Accepted::Stop => self.unlisten(),
+        let mut here = Vec::new();
+        match listening.accept(self.index, &mut here) {
+            Batch::Drained | Batch::Full => self.accept_now = false,
+            Batch::More => {}
+            Batch::RetryAt(t) => self.accept_at = Some(t),
+            Batch::Stop => self.unlisten(),
         }
-        for (id, task) in std::mem::take(&mut self.accepted) {
+        for (id, task) in here {
             self.insert(id, task);
         }
     }

@@ -116,7 +116,8 @@ class Listener:
             self._accept_stopped.set()
 
     def _full(self) -> bool:
-        """At the limit: leave new connections in the kernel's backlog until one ends."""
+        """Accepting here, at the limit: leave new connections in the kernel's backlog until one
+        ends (the engine counts its own: ``accepting.rs``)."""
         if self.count < self.limit:
             return False
         assert self._readiness is not None
@@ -125,7 +126,8 @@ class Listener:
         return True
 
     def _pause(self, error: int) -> None:
-        """Out of descriptors or memory: try again in 100 ms (any other error ends the gateway)."""
+        """Accepting here, out of descriptors or memory: try again in 100 ms (any other error
+        ends the gateway). The engine pauses its own and tells :meth:`_accept_failed`."""
         if error not in _ACCEPT_PAUSE_ERRNOS:
             raise OSError(error, os.strerror(error))
         log.warning("accept failed (%s); pausing 100 ms", os.strerror(error))
