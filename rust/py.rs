@@ -452,6 +452,16 @@ impl Engine {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// `f` on the engine without the GIL: the lock, or `f` itself, may wait on a relay thread
+    /// (a session starting or ending, an answer to mail), and Python threads go on meanwhile.
+    fn detached<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut engine::Engine) -> R + Send,
+    ) -> R {
+        py.detach(|| f(&mut self.engine()))
+    }
 }
 
 #[pymethods]
@@ -486,14 +496,8 @@ impl Engine {
 
     #[pyo3(signature = (session_ids = None))]
     fn session_counts(&self, py: Python<'_>, session_ids: Option<Vec<u64>>) -> Vec<SessionCounts> {
-        // One snapshot without the GIL: the lock may wait on a session starting or ending.
-        let inner = &self.inner;
-        let tallies = py.detach(|| {
-            inner
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .tallies(session_ids.as_deref())
-        });
+        // One snapshot without the GIL.
+        let tallies = self.detached(py, |e| e.tallies(session_ids.as_deref()));
         tallies.into_iter().map(SessionCounts::from).collect()
     }
 
@@ -613,25 +617,12 @@ impl Engine {
     /// once (see `accepting.rs`).
     fn listen(&self, py: Python<'_>, listener: RawFd, limit: usize) -> PyResult<()> {
         let listener = check_fd(listener)?;
-        let inner = &self.inner;
-        py.detach(|| {
-            inner
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .listen(listener, limit)
-        })?;
-        Ok(())
+        Ok(self.detached(py, |e| e.listen(listener, limit))?)
     }
 
     /// Stops accepting on the relay thread; returns once its copy of the listener is closed.
     fn unlisten(&self, py: Python<'_>) {
-        let inner = &self.inner;
-        py.detach(|| {
-            inner
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .unlisten()
-        });
+        self.detached(py, |e| e.unlisten());
     }
 
     /// Connections accepted on the relay thread and not yet closed.
@@ -693,14 +684,8 @@ impl Engine {
     }
 
     fn shutdown(&self, py: Python<'_>) {
-        // Waits for the worker threads: without the GIL, so Python threads go on meanwhile.
-        let inner = &self.inner;
-        py.detach(|| {
-            inner
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .shutdown()
-        });
+        // Waits for the worker threads.
+        self.detached(py, |e| e.shutdown());
     }
 }
 
