@@ -66,6 +66,17 @@ pub(crate) struct Acceptor {
 }
 
 impl Acceptor {
+    /// The relay thread whose turn it is (`None`: the engine is shut down).
+    pub fn pick(&self) -> Option<usize> {
+        let n = self.mailboxes.len();
+        (n > 0).then(|| self.next.fetch_add(1, Ordering::Relaxed) % n)
+    }
+
+    /// A fresh session id, unique for the engine's lifetime.
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Accepts up to `max` connections waiting on `listener` and gives each to `each` (a
     /// connection that closed at once, or failed, is dropped unseen; at most `max` of those
     /// too). `prepared`: its sockets inherit the relayed sockets' options. `counted`: each
@@ -157,11 +168,10 @@ impl Acceptor {
         read: &[u8],
         (peer, prepared): (Option<SocketAddr>, bool),
     ) -> Result<Taken, Stream> {
-        if routes.is_empty() || self.mailboxes.is_empty() {
+        let Some(worker) = self.pick().filter(|_| !routes.is_empty()) else {
             return Err(client);
-        }
-        let worker = self.next.fetch_add(1, Ordering::Relaxed) % self.mailboxes.len();
-        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        };
+        let id = self.next_id();
         let opener = &self.opener;
         let task = match upgrade::split_head(read) {
             Ok(None) => match opener.start_waiting(id, worker) {

@@ -7,10 +7,10 @@
 //! outcomes. An outcome rings at most once per [`RING_DELAY`]: one ending within that time of
 //! the last ring waits for the relay thread's owed ring (`shard.rs`), and Python takes every
 //! outcome of that millisecond in one wake-up. Anything else (a message for an in-process bot,
-//! a connection for Python to serve) rings at once. Nothing here touches Python or holds its GIL. Live counts per agent, for metrics,
-//! are the [`Counters`]' (a session of a registered agent carries a `Meter` on them); each
-//! live session's own messages and bytes are its [`Live`], kept beside its command channel
-//! and read all at once by [`Engine::tallies`].
+//! a connection for Python to serve) rings at once. Nothing here touches Python or holds its
+//! GIL. Live counts per agent, for metrics, are the [`Counters`]' (a session of a registered
+//! agent carries a `Meter` on them); each live session's own messages and bytes are its
+//! [`Live`], kept beside its command channel and read all at once by [`Engine::tallies`].
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
@@ -116,11 +116,8 @@ impl Shared {
         lock(&self.queue).items.push(item);
     }
 
+    /// Queues `item` and rings (outcomes come through [`Reports`], which may ring later).
     pub(crate) fn push(&self, item: Item) {
-        if let Item::Outcome(o) = &item {
-            lock(&self.sessions).remove(&o.session_id);
-            lock(&self.inproc).remove(&o.session_id);
-        }
         let mut q = lock(&self.queue);
         q.items.push(item);
         q.ring(&self.bell);
@@ -196,20 +193,18 @@ pub struct Handed {
 /// sessions.
 pub struct Engine {
     workers: Vec<Shard>,
-    next: Arc<AtomicUsize>,
     shared: Arc<Shared>,
     bell_rx: UnixStream,
     dead_peer_timeout: Duration,
     counters: Arc<Counters>,
-    /// Session ids, for the control plane's sessions and the engine's own.
-    ids: Arc<AtomicU64>,
     /// Sessions open or being opened per service host (the control plane's and the engine's).
     places: Places,
     /// What opens the sessions the engine opens by itself (and its route table).
     opener: Arc<Opener>,
     /// The listening socket prepared for its sockets to inherit their options (-1: none).
     listener: std::sync::atomic::AtomicI32,
-    /// What decides each accepted connection's fate.
+    /// What decides each accepted connection's fate; its session ids and relay-thread turns
+    /// are the control plane's sessions' too.
     acceptor: Acceptor,
     /// The connections held, accepted on the relay thread.
     held: Arc<Connections>,
@@ -245,23 +240,20 @@ impl Engine {
             counters.clone(),
             dead_peer_timeout,
         ));
-        let (ids, next) = (Arc::new(AtomicU64::new(1)), Arc::new(AtomicUsize::new(0)));
         let acceptor = Acceptor {
             opener: opener.clone(),
-            ids: ids.clone(),
-            next: next.clone(),
+            ids: Arc::new(AtomicU64::new(1)),
+            next: Arc::new(AtomicUsize::new(0)),
             mailboxes: workers.iter().map(Shard::mailbox).collect(),
         };
         Ok(Self {
             counters: counters.clone(),
-            ids,
             places: Places::default(),
             opener,
             listener: std::sync::atomic::AtomicI32::new(-1),
             acceptor,
             held: Arc::new(Connections::new(workers.first().map(Shard::mailbox))),
             workers,
-            next,
             shared,
             bell_rx,
             dead_peer_timeout,
@@ -275,17 +267,15 @@ impl Engine {
 
     /// The index of the relay thread whose turn it is.
     fn pick(&self) -> io::Result<usize> {
-        if self.workers.is_empty() {
-            return Err(io::Error::other("engine is shut down"));
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Ok(i % self.workers.len())
+        self.acceptor
+            .pick()
+            .ok_or_else(|| io::Error::other("engine is shut down"))
     }
 
     /// A fresh session id (unique for the engine's lifetime), for a session the control plane
     /// opens.
     pub fn next_id(&self) -> u64 {
-        self.ids.fetch_add(1, Ordering::Relaxed)
+        self.acceptor.next_id()
     }
 
     /// Takes a place among `service_host`'s `max` sessions; false when all are taken.

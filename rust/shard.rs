@@ -212,7 +212,7 @@ impl Poker {
 
 /// One relay thread. See the module docs.
 pub struct Shard {
-    inbox: Arc<Inbox>,
+    mailbox: Mailbox,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -230,33 +230,31 @@ impl Shard {
             .name(format!("wsgate-relay-{index}"))
             .spawn(move || Loop::new(poll, ours, report, index).run())?;
         Ok(Self {
-            inbox,
+            mailbox: Mailbox { inbox },
             thread: Some(thread),
         })
     }
 
     /// Where other threads post to this one.
     pub fn mailbox(&self) -> Mailbox {
-        Mailbox {
-            inbox: self.inbox.clone(),
-        }
+        self.mailbox.clone()
     }
 
     /// Hands session `id` over to this thread.
     pub fn start_task(&self, id: u64, task: Box<dyn Task>) {
-        self.mailbox().start_task(id, task);
+        self.mailbox.start_task(id, task);
     }
 
     /// Stops session `id` with this close code and reason, if it is still here.
     pub fn stop_task(&self, id: u64, code: u16, reason: String) {
-        self.mailbox().stop_task(id, code, reason);
+        self.mailbox.stop_task(id, code, reason);
     }
 
     /// This thread accepts on `listening` from now on (in place of any listener before), once
     /// its epoll took it.
     pub fn listen(&self, listening: Box<dyn Listening>) -> io::Result<()> {
         let (done, listened) = mpsc::channel();
-        self.inbox.send(Mail::Listen(listening, done));
+        self.mailbox.inbox.send(Mail::Listen(listening, done));
         self.answer(&listened)
             .unwrap_or_else(|| Err(io::Error::other("relay thread gone")))
     }
@@ -264,7 +262,7 @@ impl Shard {
     /// This thread stops accepting: returns once it dropped its listener (or is gone).
     pub fn unlisten(&self) {
         let (done, dropped) = mpsc::channel();
-        self.inbox.send(Mail::Unlisten(done));
+        self.mailbox.inbox.send(Mail::Unlisten(done));
         let _ = self.answer(&dropped);
     }
 
@@ -286,7 +284,7 @@ impl Shard {
     /// What wakes session `id` from another thread.
     pub fn poker(&self, id: u64) -> Poker {
         Poker {
-            inbox: self.inbox.clone(),
+            inbox: self.mailbox.inbox.clone(),
             id,
         }
     }
@@ -294,7 +292,7 @@ impl Shard {
     /// Drops every session (each reports an outcome) and ends the thread.
     pub fn quit(&mut self) {
         if let Some(thread) = self.thread.take() {
-            self.inbox.send(Mail::Quit);
+            self.mailbox.inbox.send(Mail::Quit);
             let _ = thread.join();
         }
     }
