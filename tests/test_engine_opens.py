@@ -5,18 +5,23 @@ Python path, and every failure of the bot's dial answered in the same words."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
 import trustme
 
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig, _core
+from wsgate.connection import Connections
+from wsgate.engine import Relay
+from wsgate.listener import Listener
 
 from .helpers import (
     TOKEN_SECRET,
@@ -518,3 +523,22 @@ def test_the_engines_wait_and_listener_settings_refuse_what_cannot_work() -> Non
         engine.set_tls(None)
     finally:
         engine.shutdown()
+
+
+async def test_an_accept_that_fails_for_good_ends_the_accept_loop_with_its_error() -> None:
+    relay = Relay(1)
+    # Only the accept is looked at: no connection ever reaches the handler.
+    listener = Listener(cast(Connections, None), 8, lambda: None, relay.engine)
+    relay.on_news = listener.news
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))  # bound, not listening: its accept fails with EINVAL
+            async with anyio.create_task_group() as tg:
+                await tg.start(relay.run)
+                with pytest.raises(OSError) as raised, anyio.fail_after(10):
+                    await listener.accept(sock, tg)
+                tg.cancel_scope.cancel()
+        assert raised.value.errno == errno.EINVAL
+        assert listener.count == 0
+    finally:
+        relay.engine.shutdown()

@@ -7,9 +7,9 @@ refused request at once, an in-process session when its bot is done (its task su
 relayed session when the engine reports its end through the doorbell (no task waits on it).
 The gateway's drain waits on :meth:`Listener.until_idle`.
 
-When given one, the engine accepts, on a relay thread (``_core.Engine.listen``: nginx's shape,
-a session the engine opens starts on the thread that accepted it): it reads each connection (its
-TLS handshake too) at once or later on that thread, and opens by itself the sessions
+When given one, the engine accepts, on a relay thread (``_core.Engine.listen``: nginx's shape;
+with one relay thread a session the engine opens starts where it was accepted): it reads each
+connection (its TLS handshake too) at once or later on that thread, and opens by itself the sessions
 :mod:`wsgate.fastpath` lets it; the others come here as news, with the bytes read (and their
 TLS). The engine counts what it accepted against ``max_connections`` (past it, new ones wait in
 the backlog) from the accept to the end: of its session, of the answer of one it could not open,
