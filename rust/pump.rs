@@ -265,6 +265,12 @@ impl Pump {
         self.shutdown_after_flush = true;
     }
 
+    /// Reads nothing more from the source: its stream is over. What it still sends stays
+    /// unread (closing the socket then answers it with a reset).
+    pub fn finish_src(&mut self) {
+        self.src_done = true;
+    }
+
     /// Stops writing to the destination: it is gone.
     pub fn abandon_dst(&mut self) {
         self.dst_open = false;
