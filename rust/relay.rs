@@ -98,11 +98,12 @@ impl Io for Pair {
             Action::Shutdown(side) => {
                 self.towards(side).shutdown_dst();
                 if side == Side::Client && !self.client.is_tls() {
-                    // The client's hop is closed both ways (it sent its close and got one): the
-                    // session ends once our FIN is out and the bot's hop is done, without
-                    // waiting for the client's FIN, a round trip later (RFC 6455 §7.1.1: the
-                    // server closes first; nginx closes at once too). Over TLS the client's
-                    // close_notify may follow: the socket stays open to read it.
+                    // The client's hop is closed both ways: when the client sent its close
+                    // (not a broken rule: `finish_src`), the session ends once our FIN is out
+                    // and the bot's hop is done, without waiting for the client's FIN, a round
+                    // trip later (RFC 6455 §7.1.1: the server closes first; nginx closes at
+                    // once too). Over TLS the client's close_notify may follow: the socket
+                    // stays open to read it.
                     self.up.finish_src();
                 }
             }
