@@ -129,7 +129,8 @@ impl<D: Fn(Message)> Peer<D> {
     }
 
     /// Takes the outbox once what was taken before is written. Returns false once the session
-    /// is over: our close is out and the client's came (or it broke a rule).
+    /// is over: our close is out and the client's came (one that broke a rule instead is read
+    /// to its EOF).
     fn refill(&mut self) -> bool {
         if self.out_pos < self.out.len() {
             return true;
@@ -150,8 +151,18 @@ impl<D: Fn(Message)> Peer<D> {
             st.writing = self.out.len();
         } else if st.closed && self.shutdown {
             drop(st);
-            // With TLS the close_notify may wait for the socket: until then, not over.
-            return !matches!(self.client.shutdown_write(), Ok(true) | Err(_));
+            return match self.client.shutdown_write() {
+                // With TLS the close_notify may wait for the socket: until then, not over.
+                Ok(false) => true,
+                Ok(true) if !self.client_closed => {
+                    // A client that broke a rule may be in the middle of a message: read on
+                    // (and drop) to its EOF, so that closing the socket never answers bytes
+                    // still coming with a reset, which could take our close with it.
+                    self.shutdown = false;
+                    true
+                }
+                Ok(true) | Err(_) => false,
+            };
         }
         true
     }
