@@ -7,7 +7,6 @@ import base64
 import json
 import logging
 import select
-import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from wsgate import (
 from wsgate.inprocess import Headers, QueryParams
 
 from .helpers import (
-    Reader,
     bot_config,
     close_payload,
     closed_with,
@@ -40,6 +38,7 @@ from .helpers import (
     frame,
     in_thread,
     raw_socket,
+    send_all_past_the_limit,
     serving_bot,
 )
 
@@ -385,18 +384,7 @@ async def test_a_client_still_sending_past_the_limit_reads_its_1009_before_the_e
     # is due: the gateway reads on (and drops) to the client's EOF, so closing its socket never
     # answers bytes in flight with a reset, which would take the 1009 with it.
     async with serving_bot(echo_bot, max_message_size=1000) as gw:
-
-        def client() -> int | None:
-            with raw_socket(gw.port) as sock:
-                size = 8 << 20
-                # A binary frame's head, masked with a zero key: its payload goes as it is.
-                sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack("!Q", size) + bytes(4))
-                chunk = b"k" * 65536
-                for _ in range(size // len(chunk)):
-                    sock.sendall(chunk)
-                return Reader(lambda: sock.recv(65536)).close_code()
-
-        assert await in_thread(client) == 1009
+        assert await in_thread(send_all_past_the_limit, gw.port) == 1009
 
 
 async def test_a_client_leaving_gives_the_bot_a_disconnect_with_its_code() -> None:

@@ -4,14 +4,12 @@ close codes a client and a bot can act on."""
 from __future__ import annotations
 
 import socket
-import struct
 
 import pytest
 from websockets.sync.server import ServerConnection
 
 from .helpers import (
     Bot,
-    Reader,
     Seen,
     close_payload,
     closed_after,
@@ -20,7 +18,7 @@ from .helpers import (
     frame,
     in_thread,
     raw_client,
-    raw_socket,
+    send_all_past_the_limit,
     serving,
     until,
 )
@@ -120,18 +118,7 @@ async def test_a_client_still_sending_past_the_limit_reads_its_1009_before_the_e
     # its header: the gateway reads on (and drops) to the client's EOF, so closing its socket
     # never answers bytes in flight with a reset, which would take the 1009 with it.
     async with serving(bot.url, max_message_size=1000) as gw:
-
-        def client() -> int | None:
-            with raw_socket(gw.port) as sock:
-                size = 8 << 20
-                # A binary frame's head, masked with a zero key: its payload goes as it is.
-                sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack("!Q", size) + bytes(4))
-                chunk = b"k" * 65536
-                for _ in range(size // len(chunk)):
-                    sock.sendall(chunk)
-                return Reader(lambda: sock.recv(65536)).close_code()
-
-        assert await in_thread(client) == 1009
+        assert await in_thread(send_all_past_the_limit, gw.port) == 1009
         bot.wait_ended()
     assert bot.sessions[0].close == (1001, "client error")
 
