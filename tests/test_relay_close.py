@@ -4,13 +4,17 @@ close codes a client and a bot can act on."""
 from __future__ import annotations
 
 import socket
+import struct
 
 import pytest
 from websockets.sync.server import ServerConnection
 
 from .helpers import (
     Bot,
+    RawUpstream,
+    Reader,
     Seen,
+    accept_upgrade,
     close_payload,
     closed_after,
     closed_with,
@@ -18,9 +22,9 @@ from .helpers import (
     frame,
     in_thread,
     raw_client,
+    raw_socket,
     send_all_past_the_limit,
     serving,
-    until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -55,24 +59,47 @@ async def test_a_bot_close_reaches_the_client_with_its_code_and_reason(bot: Bot)
     assert bot.sessions[0].close == (4001, "done here")  # the client's reply
 
 
-async def test_a_client_that_keeps_its_tcp_connection_after_the_close_does_not_hold_its_place(
-    bot: Bot,
-) -> None:
-    # The gateway closes the TCP connection first (RFC 6455 §7.1.1): once the client's close
-    # is answered and the bot has left, the session and its place are given back without
-    # the client's FIN, not at the close timeout (5 s) later.
+class _PingsThenStreams(RawUpstream):
+    """A bot that pings and sends a big message at once, then answers the client's close and
+    leaves, as a server does."""
+
+    size = 256 << 10
+
+    def session(self, conn: socket.socket) -> None:
+        accept_upgrade(conn)
+        conn.sendall(frame(0x9, b"hb", mask=False) + frame(0x2, b"a" * self.size, mask=False))
+        r = Reader(lambda: conn.recv(65536))
+        while (f := r.next()) is not None and f[0] != 0x8:
+            pass
+        conn.sendall(frame(0x8, close_payload(1000), mask=False))
+        conn.shutdown(socket.SHUT_WR)
+
+
+async def test_a_client_that_pongs_after_its_close_still_gets_the_whole_stream() -> None:
+    # RFC 6455 §5.5.2: a ping that came before the peer's close is owed a pong, even after
+    # one's own close. The gateway reads the client to its EOF after the close handshake: a pong
+    # (or anything) arriving at a socket it had closed would be answered with a reset, and
+    # the reset would throw away what the client has not read yet.
+    bot = _PingsThenStreams()
     async with serving(bot.url) as gw:
-        async with raw_client(gw.port) as client:
-            await client.send(frame(0x8, close_payload(1000, b"bye")))
-            assert await client.close_code() == 1000  # the bot's reply
-            assert await client.receive() == b""  # the gateway's FIN
 
-            async def given_back() -> bool:
-                return gw.sessions() == 0
+        def client() -> tuple[int, int | None]:
+            with raw_socket(gw.port) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a slow reader
+                r = Reader(lambda: sock.recv(65536))
+                assert r.next() == (0x9, b"hb")
+                sock.sendall(frame(0x8, close_payload(1000)))
+                assert bot.done.wait(20)  # the bot answered the close and left
+                sock.sendall(frame(0xA, b"hb"))
+                got, code = 0, None
+                while (f := r.next()) is not None:
+                    if f[0] == 0x2:
+                        got += len(f[1])
+                    elif f[0] == 0x8:
+                        code = struct.unpack("!H", f[1][:2])[0]
+                return got, code
 
-            await until(given_back, within=2.5, what="the session's end")
-        await in_thread(bot.wait_ended)
-    assert bot.sessions[0].close == (1000, "bye")
+        assert await in_thread(client) == (bot.size, 1000)
 
 
 async def test_a_client_that_drops_its_tcp_connection_makes_the_bot_get_1001(bot: Bot) -> None:
