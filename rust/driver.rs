@@ -45,6 +45,11 @@ pub trait Io {
 
     /// Its sockets: 0 the client's, 1 the bot's when it has one.
     fn stream(&self, side: usize) -> Option<&Stream>;
+
+    /// Once it is over: the client's socket, if it is to be read to its EOF ([`Task::linger`]).
+    fn linger(&mut self) -> Option<Stream> {
+        None
+    }
 }
 
 /// A session with its I/O, as a relay thread runs it. See the module docs.
@@ -94,6 +99,10 @@ impl<I: Io> Driven<I> {
 impl<I: Io + Send> Task for Driven<I> {
     fn stream(&self, side: usize) -> Option<&Stream> {
         self.io.stream(side)
+    }
+
+    fn linger(&mut self) -> Option<Stream> {
+        self.io.linger()
     }
 
     fn run(&mut self, now: Instant) -> Run {

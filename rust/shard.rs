@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::limits::CLOSE_TIMEOUT;
 use crate::session::Outcome;
 use crate::stream::Stream;
 
@@ -111,6 +112,61 @@ pub trait Task: Send {
 
     /// How it ended, once [`run`](Self::run) said [`Run::Done`].
     fn finish(self: Box<Self>) -> Outcome;
+
+    /// Once [`run`](Self::run) said [`Run::Done`], before [`finish`](Self::finish): a socket
+    /// to read to its EOF after the outcome is told ([`Linger`]), or none.
+    fn linger(&mut self) -> Option<Stream> {
+        None
+    }
+}
+
+/// The id of a slot's [`Linger`]: no session's (ids count up from 1).
+const LINGERING: u64 = u64::MAX;
+
+/// A client's socket after its session ended at the gateway's FIN, read (and dropped) to its
+/// EOF, for at most the close timeout: bytes still coming (the rest of a message that broke a
+/// rule, a pong owed) then meet an open socket, not a reset that would throw away what the
+/// client has not read yet. The session's outcome is told already; this holds a slot and a
+/// descriptor, nothing else.
+struct Linger {
+    stream: Stream,
+    until: Instant,
+}
+
+impl Task for Linger {
+    fn stream(&self, side: usize) -> Option<&Stream> {
+        (side == 0).then_some(&self.stream)
+    }
+
+    fn run(&mut self, now: Instant) -> Run {
+        if now >= self.until {
+            return Run::Done;
+        }
+        let mut sink = [0u8; 4096];
+        for _ in 0..BUDGET {
+            if !self.stream.may_read() {
+                return Run::Blocked;
+            }
+            match self.stream.read(&mut sink) {
+                Ok(0) => return Run::Done,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Run::Blocked,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Run::Done,
+            }
+        }
+        Run::More
+    }
+
+    fn stop(&mut self, _code: u16, _reason: String) {}
+
+    fn deadline(&self) -> Option<Instant> {
+        Some(self.until)
+    }
+
+    fn finish(self: Box<Self>) -> Outcome {
+        Outcome::new(LINGERING)
+    }
 }
 
 /// What a batch of accepts came to.
@@ -434,7 +490,9 @@ impl Loop {
         }
         // Dropping the sessions closes their sockets; each reports that the engine stopped.
         for entry in std::mem::take(&mut self.slots).into_iter().flatten() {
-            self.tell(Outcome::new(entry.id));
+            if entry.id != LINGERING {
+                self.tell(Outcome::new(entry.id));
+            }
         }
         self.report.ring();
     }
@@ -570,14 +628,23 @@ impl Loop {
                 self.again.push(slot);
             }
             Ok(Run::Done) => {
-                let Entry { id, task, .. } = self.remove(slot);
-                let outcome = catch_unwind(AssertUnwindSafe(|| task.finish()));
-                self.tell(outcome.unwrap_or_else(|_| Outcome::new(id)));
+                let lingering = catch_unwind(AssertUnwindSafe(|| entry.task.linger()));
+                let id = entry.id;
+                let task = match lingering {
+                    Ok(Some(stream)) => self.linger(slot, stream, now),
+                    _ => self.remove(slot).task,
+                };
+                if id != LINGERING {
+                    let outcome = catch_unwind(AssertUnwindSafe(|| task.finish()));
+                    self.tell(outcome.unwrap_or_else(|_| Outcome::new(id)));
+                }
                 return;
             }
             Err(_) => {
                 let Entry { id, .. } = self.remove(slot);
-                self.tell(Outcome::new(id));
+                if id != LINGERING {
+                    self.tell(Outcome::new(id));
+                }
                 return;
             }
         }
@@ -597,6 +664,23 @@ impl Loop {
                 self.deadlines.push(Reverse((t, slot, entry.id)));
             }
         }
+    }
+
+    /// Hands the slot of the session that just ended, and its client's place in the epoll
+    /// under it, to a [`Linger`] on `stream`; returns the session's task.
+    fn linger(&mut self, slot: usize, stream: Stream, now: Instant) -> Box<dyn Task> {
+        let until = now + CLOSE_TIMEOUT;
+        let entry = self.slots[slot].as_mut().expect("a live slot");
+        self.by_id.remove(&entry.id);
+        entry.id = LINGERING;
+        entry.armed = Some(until);
+        // Its bot's socket, if it had one, closes with the task.
+        entry.registered = [true, false];
+        self.deadlines.push(Reverse((until, slot, LINGERING)));
+        // A first turn now: the client's bytes may be there already, with no edge to come.
+        entry.queued = true;
+        self.again.push(slot);
+        std::mem::replace(&mut entry.task, Box::new(Linger { stream, until }))
     }
 
     fn remove(&mut self, slot: usize) -> Entry {
@@ -776,6 +860,39 @@ mod tests {
             !engine.close(7, 1000, ""),
             "gone once its outcome is queued"
         );
+    }
+
+    #[test]
+    fn an_in_process_session_ends_at_its_fin_and_its_client_is_read_to_its_eof() {
+        // Its outcome comes at the gateway's FIN (Python's bot hears at once); what the client
+        // sends after it (a ping here) meets an open socket: a reset would throw away the part
+        // of the message still queued for it.
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let (mut client, theirs) = pair();
+        // The message fits in the gateway's send buffer, not in the client's receive window.
+        socket2::SockRef::from(&theirs)
+            .set_send_buffer_size(1 << 20)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(16 << 10)
+            .unwrap();
+        engine
+            .attach(5, handed(theirs), limits(None), 1 << 20, 4 << 20, None)
+            .unwrap();
+        let message = vec![b'm'; 128 << 10];
+        assert!(engine.send(5, false, &message).is_some());
+        client.write_all(&close_frame(1000, "", KEY)).unwrap();
+        let o = outcome(&engine, 5);
+        assert_eq!((o.ended_by, o.code), (EndedBy::Client, 1000));
+        client
+            .write_all(&encode_frame(true, Opcode::PING, b"there?", KEY))
+            .unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        let mut expected = encode_frame(true, Opcode::BINARY, &message, None);
+        expected.extend(close_frame(1000, "", None));
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected);
     }
 
     #[test]

@@ -607,17 +607,16 @@ def raw_socket(
     return sock
 
 
-def send_all_past_the_limit(port: int, size: int = 8 << 20) -> int | None:
-    """A blocking client (for a thread) that sends a binary message of ``size`` bytes whole,
-    however early the gateway refuses it, then reads to the first close frame: its code (None:
-    EOF without one). A reset while sending fails the call."""
-    with raw_socket(port) as sock:
-        # The frame's head, masked with a zero key: its payload goes as it is.
-        sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack("!Q", size) + bytes(4))
-        chunk = b"k" * 65536
-        for _ in range(size // len(chunk)):
-            sock.sendall(chunk)
-        return Reader(lambda: sock.recv(65536)).close_code()
+def send_all_past_the_limit(sock: socket.socket, size: int = 8 << 20) -> int | None:
+    """On a blocking client's socket past its 101 (for a thread): send a binary message of
+    ``size`` bytes whole, however early the gateway refuses it, then read to the first close
+    frame: its code (None: EOF without one). A reset while sending fails the call."""
+    # The frame's head, masked with a zero key: its payload goes as it is.
+    sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack("!Q", size) + bytes(4))
+    chunk = b"k" * 65536
+    for _ in range(size // len(chunk)):
+        sock.sendall(chunk)
+    return Reader(lambda: sock.recv(65536)).close_code()
 
 
 # --- time -------------------------------------------------------------------------------------

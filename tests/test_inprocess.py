@@ -379,12 +379,27 @@ async def test_a_bot_that_raises_closes_the_client_with_1011_and_is_logged_once(
     assert logged[0].levelno == logging.ERROR
 
 
-async def test_a_client_still_sending_past_the_limit_reads_its_1009_before_the_end() -> None:
-    # Refused at its header, the rest of the message is still coming when the session's end
-    # is due: the gateway reads on (and drops) to the client's EOF, so closing its socket never
-    # answers bytes in flight with a reset, which would take the 1009 with it.
-    async with serving_bot(echo_bot, max_message_size=1000) as gw:
-        assert await in_thread(send_all_past_the_limit, gw.port) == 1009
+async def test_a_client_still_sending_past_the_limit_reads_its_1009_and_its_bot_hears_at_once() -> (
+    None
+):
+    # Refused at its header, the rest of the message is still coming when the session ends at
+    # the gateway's FIN: its socket is read (and dropped) to its EOF, so that no reset answers
+    # the bytes in flight and takes the 1009 with it, while the bot hears of the end at once.
+    heard = threading.Event()
+
+    async def bot(args: BotArguments) -> None:
+        async for _ in args.websocket:
+            pass
+        heard.set()
+
+    async with serving_bot(bot, max_message_size=1000) as gw:
+
+        def client() -> tuple[int | None, bool]:
+            with raw_socket(gw.port) as sock:
+                code = send_all_past_the_limit(sock)
+                return code, heard.wait(2.5)  # its socket still open: no FIN from it yet
+
+        assert await in_thread(client) == (1009, True)
 
 
 async def test_a_client_leaving_gives_the_bot_a_disconnect_with_its_code() -> None:

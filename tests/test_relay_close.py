@@ -145,7 +145,12 @@ async def test_a_client_still_sending_past_the_limit_reads_its_1009_before_the_e
     # its header: the gateway reads on (and drops) to the client's EOF, so closing its socket
     # never answers bytes in flight with a reset, which would take the 1009 with it.
     async with serving(bot.url, max_message_size=1000) as gw:
-        assert await in_thread(send_all_past_the_limit, gw.port) == 1009
+
+        def client() -> int | None:
+            with raw_socket(gw.port) as sock:
+                return send_all_past_the_limit(sock)
+
+        assert await in_thread(client) == 1009
         bot.wait_ended()
     assert bot.sessions[0].close == (1001, "client error")
 

@@ -38,7 +38,7 @@ pub fn session(
     let peer = Peer {
         id,
         fresh: !pending.is_empty(),
-        client,
+        client: Some(client),
         handle,
         deliver,
         asm: Assembler::new(limits.max_message_size),
@@ -49,6 +49,7 @@ pub fn session(
         out: Vec::new(),
         out_pos: 0,
         shutdown: false,
+        fin_sent: false,
         done: false,
         messages: 0,
         bytes: 0,
@@ -64,7 +65,8 @@ pub fn session(
 /// The client's socket and the session's side of the [`Handle`].
 struct Peer<D> {
     id: u64,
-    client: Stream,
+    /// Taken at the end when it is to be read to its EOF ([`Io::linger`]).
+    client: Option<Stream>,
     handle: Arc<Handle>,
     deliver: D,
     asm: Assembler,
@@ -80,6 +82,8 @@ struct Peer<D> {
     out_pos: usize,
     /// End the connection once our close is written.
     shutdown: bool,
+    /// Our close and FIN are out: the session ended there, its client is still to be read.
+    fin_sent: bool,
     done: bool,
     messages: u64,
     bytes: u64,
@@ -129,8 +133,8 @@ impl<D: Fn(Message)> Peer<D> {
     }
 
     /// Takes the outbox once what was taken before is written. Returns false once the session
-    /// is over: our close is out and the client's came (one that broke a rule instead is read
-    /// to its EOF).
+    /// is over: our close is out and the client's came (or it broke a rule); its socket is then
+    /// read to its EOF on the side ([`Io::linger`]), the bot told at once.
     fn refill(&mut self) -> bool {
         if self.out_pos < self.out.len() {
             return true;
@@ -151,17 +155,15 @@ impl<D: Fn(Message)> Peer<D> {
             st.writing = self.out.len();
         } else if st.closed && self.shutdown {
             drop(st);
-            return match self.client.shutdown_write() {
+            let client = self.client.as_ref().expect(LIVE);
+            return match client.shutdown_write() {
                 // With TLS the close_notify may wait for the socket: until then, not over.
                 Ok(false) => true,
-                Ok(true) if !self.client_closed => {
-                    // A client that broke a rule may be in the middle of a message: read on
-                    // (and drop) to its EOF, so that closing the socket never answers bytes
-                    // still coming with a reset, which could take our close with it.
-                    self.shutdown = false;
-                    true
+                Ok(true) => {
+                    self.fin_sent = true;
+                    false
                 }
-                Ok(true) | Err(_) => false,
+                Err(_) => false,
             };
         }
         true
@@ -194,7 +196,7 @@ impl<D: Fn(Message) + Send + Sync> Io for Peer<D> {
             self.done = true;
             return Step::Progress;
         }
-        let client = &self.client;
+        let client = self.client.as_ref().expect(LIVE);
         let gone = Step::Input(Input::Gone(Side::Client));
         if (self.out_pos < self.out.len() || client.pending_out()) && client.may_write() {
             match client.write(&self.out[self.out_pos..]) {
@@ -265,6 +267,22 @@ impl<D: Fn(Message) + Send + Sync> Io for Peer<D> {
     }
 
     fn stream(&self, side: usize) -> Option<&Stream> {
-        (side == 0).then_some(&self.client)
+        self.client.as_ref().filter(|_| side == 0)
+    }
+
+    fn linger(&mut self) -> Option<Stream> {
+        // Past our FIN the client may still be sending: the rest of a message that broke a
+        // rule, a pong it owed. Read to its EOF, so that no reset answers it and takes what it
+        // has not read yet with it (`shard::Linger`).
+        // Taken only then: the relay thread still needs the socket of a session that ends
+        // otherwise (to take it out of the epoll if Python holds a copy).
+        if self.fin_sent {
+            self.client.take()
+        } else {
+            None
+        }
     }
 }
+
+/// The client's socket is there until the session's end.
+const LIVE: &str = "the client's socket, until the end";
