@@ -120,9 +120,6 @@ pub trait Task: Send {
     }
 }
 
-/// The id of a slot's [`Linger`]: no session's (ids count up from 1).
-const LINGERING: u64 = u64::MAX;
-
 /// A client's socket after its session ended at the gateway's FIN, read (and dropped) to its
 /// EOF, for at most the close timeout: bytes still coming (the rest of a message that broke a
 /// rule, a pong owed) then meet an open socket, not a reset that would throw away what the
@@ -165,7 +162,7 @@ impl Task for Linger {
     }
 
     fn finish(self: Box<Self>) -> Outcome {
-        Outcome::new(LINGERING)
+        unreachable!("a Linger tells nothing")
     }
 }
 
@@ -345,11 +342,20 @@ impl Shard {
         }
     }
 
-    /// Drops every session (each reports an outcome) and ends the thread.
+    /// Drops every session (each reports an outcome) and ends the thread, once the clients
+    /// that linger are read out (at most the close timeout).
     pub fn quit(&mut self) {
+        self.tell_quit();
         if let Some(thread) = self.thread.take() {
-            self.mailbox.inbox.send(Mail::Quit);
             let _ = thread.join();
+        }
+    }
+
+    /// Tells the thread to quit without waiting for it ([`quit`](Self::quit) waits): a stop
+    /// tells every relay thread first, so that their lingering clients are read out together.
+    pub fn tell_quit(&self) {
+        if self.thread.is_some() {
+            self.mailbox.inbox.send(Mail::Quit);
         }
     }
 }
@@ -369,6 +375,8 @@ struct Entry {
     armed: Option<Instant>,
     /// Which of its sockets are in the epoll (a session may gain its bot's after its start).
     registered: [bool; 2],
+    /// A [`Linger`]: the session of `id` is over and told; its client's socket is read out.
+    lingering: bool,
 }
 
 /// The thread's state: its sessions in slots (a socket's token names its slot).
@@ -392,6 +400,10 @@ struct Loop {
     accept_at: Option<Instant>,
     /// When the doorbell ring it owes for outcomes it queued without one is due.
     owed: Option<Instant>,
+    /// Slots holding a [`Linger`].
+    lingering: usize,
+    /// Told to quit: its sessions are over, and it ends once no client lingers.
+    quitting: bool,
 }
 
 impl Loop {
@@ -411,12 +423,17 @@ impl Loop {
             accept_now: false,
             accept_at: None,
             owed: None,
+            lingering: 0,
+            quitting: false,
         }
     }
 
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
+            if self.quitting && self.lingering == 0 {
+                break;
+            }
             if self.owed.is_some_and(|t| t <= Instant::now()) {
                 self.owed = None;
                 self.report.ring();
@@ -466,8 +483,8 @@ impl Loop {
                     self.runq.push(slot);
                 }
             }
-            if mail && !self.read_mail() {
-                break;
+            if mail {
+                self.read_mail();
             }
             let now = Instant::now();
             if self.accept_now && !self.accept_at.is_some_and(|t| t > now) {
@@ -490,7 +507,7 @@ impl Loop {
         }
         // Dropping the sessions closes their sockets; each reports that the engine stopped.
         for entry in std::mem::take(&mut self.slots).into_iter().flatten() {
-            if entry.id != LINGERING {
+            if !entry.lingering {
                 self.tell(Outcome::new(entry.id));
             }
         }
@@ -523,6 +540,19 @@ impl Loop {
         }
     }
 
+    /// Told to quit: no more accepts, and every session ends now, its sockets closed and its
+    /// outcome told (the engine stopped). The clients that linger are read out first, for at
+    /// most their close timeout, so that a stop does not answer them with resets.
+    fn end_sessions(&mut self) {
+        self.unlisten();
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].as_ref().is_some_and(|e| !e.lingering) {
+                let Entry { id, .. } = self.remove(slot);
+                self.tell(Outcome::new(id));
+            }
+        }
+    }
+
     fn unlisten(&mut self) {
         if let Some(l) = self.listening.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&l.fd()));
@@ -531,13 +561,12 @@ impl Loop {
         self.accept_at = None;
     }
 
-    /// Takes the inbox; false once told to quit.
-    fn read_mail(&mut self) -> bool {
-        let mut quit = false;
+    /// Takes the inbox.
+    fn read_mail(&mut self) {
         for m in self.inbox.take() {
             match m {
                 // Handed over as the engine stopped: it ends at once, as the others.
-                Mail::Start(id, _) if quit => self.tell(Outcome::new(id)),
+                Mail::Start(id, _) if self.quitting => self.tell(Outcome::new(id)),
                 Mail::Start(id, task) => self.insert(id, task),
                 Mail::Stop(id, code, reason) => {
                     if let Some(&slot) = self.by_id.get(&id) {
@@ -552,7 +581,15 @@ impl Loop {
                         self.queue_if(slot, id);
                     }
                 }
-                Mail::Quit => quit = true,
+                Mail::Quit => {
+                    if !self.quitting {
+                        self.quitting = true;
+                        self.end_sessions();
+                    }
+                }
+                Mail::Listen(_, done) if self.quitting => {
+                    let _ = done.send(Err(io::Error::other("the relay thread is stopping")));
+                }
                 Mail::Listen(l, done) => {
                     self.unlisten();
                     let fd = l.fd();
@@ -574,7 +611,6 @@ impl Loop {
                 Mail::Resume => self.accept_now = self.listening.is_some(),
             }
         }
-        !quit
     }
 
     fn queue_if(&mut self, slot: usize, id: u64) {
@@ -609,6 +645,7 @@ impl Loop {
             queued: true,
             armed: None,
             registered,
+            lingering: false,
         });
         self.by_id.insert(id, slot);
         self.runq.push(slot);
@@ -627,6 +664,10 @@ impl Loop {
                 entry.queued = true;
                 self.again.push(slot);
             }
+            Ok(Run::Done) if entry.lingering => {
+                self.remove(slot);
+                return;
+            }
             Ok(Run::Done) => {
                 let lingering = catch_unwind(AssertUnwindSafe(|| entry.task.linger()));
                 let id = entry.id;
@@ -634,15 +675,13 @@ impl Loop {
                     Ok(Some(stream)) => self.linger(slot, stream, now),
                     _ => self.remove(slot).task,
                 };
-                if id != LINGERING {
-                    let outcome = catch_unwind(AssertUnwindSafe(|| task.finish()));
-                    self.tell(outcome.unwrap_or_else(|_| Outcome::new(id)));
-                }
+                let outcome = catch_unwind(AssertUnwindSafe(|| task.finish()));
+                self.tell(outcome.unwrap_or_else(|_| Outcome::new(id)));
                 return;
             }
             Err(_) => {
-                let Entry { id, .. } = self.remove(slot);
-                if id != LINGERING {
+                let Entry { id, lingering, .. } = self.remove(slot);
+                if !lingering {
                     self.tell(Outcome::new(id));
                 }
                 return;
@@ -672,11 +711,12 @@ impl Loop {
         let until = now + CLOSE_TIMEOUT;
         let entry = self.slots[slot].as_mut().expect("a live slot");
         self.by_id.remove(&entry.id);
-        entry.id = LINGERING;
+        self.lingering += 1;
+        entry.lingering = true;
         entry.armed = Some(until);
         // Its bot's socket, if it had one, closes with the task.
         entry.registered = [true, false];
-        self.deadlines.push(Reverse((until, slot, LINGERING)));
+        self.deadlines.push(Reverse((until, slot, entry.id)));
         // A first turn now: the client's bytes may be there already, with no edge to come.
         entry.queued = true;
         self.again.push(slot);
@@ -693,11 +733,15 @@ impl Loop {
                 let _ = self.poll.registry().deregister(&mut SourceFd(&s.raw_fd()));
             }
         }
-        self.by_id.remove(&entry.id);
+        if entry.lingering {
+            self.lingering -= 1;
+        } else {
+            self.by_id.remove(&entry.id);
+        }
         self.free.push(slot);
         // Deadlines of ended sessions stay in the heap until due; past twice the live ones,
         // the heap is rebuilt from the live ones (a day's time limits must not pile up).
-        if self.deadlines.len() > 2 * self.by_id.len() + 64 {
+        if self.deadlines.len() > 2 * (self.by_id.len() + self.lingering) + 64 {
             self.deadlines = (self.slots.iter().enumerate())
                 .filter_map(|(slot, e)| {
                     let e = e.as_ref()?;
@@ -865,9 +909,9 @@ mod tests {
     #[test]
     fn an_in_process_session_ends_at_its_fin_and_its_client_is_read_to_its_eof() {
         // Its outcome comes at the gateway's FIN (Python's bot hears at once); what the client
-        // sends after it (a ping here) meets an open socket: a reset would throw away the part
-        // of the message still queued for it.
-        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        // sends after it (a ping here) meets an open socket, even as the engine stops: a reset
+        // would throw away the part of the message still queued for it.
+        let mut engine = Engine::new(1, Duration::from_secs(60)).unwrap();
         let (mut client, theirs) = pair();
         // The message fits in the gateway's send buffer, not in the client's receive window.
         socket2::SockRef::from(&theirs)
@@ -884,15 +928,32 @@ mod tests {
         client.write_all(&close_frame(1000, "", KEY)).unwrap();
         let o = outcome(&engine, 5);
         assert_eq!((o.ended_by, o.code), (EndedBy::Client, 1000));
-        client
-            .write_all(&encode_frame(true, Opcode::PING, b"there?", KEY))
+        std::thread::scope(|s| {
+            // The stop waits for the lingering client (at most the close timeout).
+            let stopping = s.spawn(|| engine.shutdown());
+            client
+                .write_all(&encode_frame(true, Opcode::PING, b"there?", KEY))
+                .unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).unwrap();
+            let mut expected = encode_frame(true, Opcode::BINARY, &message, None);
+            expected.extend(close_frame(1000, "", None));
+            assert_eq!(got.len(), expected.len());
+            assert!(got == expected);
+            drop(client);
+            stopping.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn any_session_id_gets_its_outcome() {
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let (client, theirs) = pair();
+        engine
+            .echo(u64::MAX, handed(theirs), limits(None), None)
             .unwrap();
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).unwrap();
-        let mut expected = encode_frame(true, Opcode::BINARY, &message, None);
-        expected.extend(close_frame(1000, "", None));
-        assert_eq!(got.len(), expected.len());
-        assert!(got == expected);
+        client.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(outcome(&engine, u64::MAX).ended_by, EndedBy::Client);
     }
 
     #[test]
