@@ -593,12 +593,8 @@ impl Engine {
         std::mem::take(&mut q.items)
     }
 
-    /// Drops every session (closing its sockets) and stops the worker threads, once the
-    /// clients that linger after their session's end are read out (at most the close timeout).
+    /// Drops every session (closing its sockets) and stops the worker threads.
     pub fn shutdown(&mut self) {
-        for w in &self.workers {
-            w.tell_quit();
-        }
         for w in &mut self.workers {
             w.quit();
         }

@@ -124,7 +124,7 @@ pub trait Task: Send {
 /// EOF, for at most the close timeout: bytes still coming (the rest of a message that broke a
 /// rule, a pong owed) then meet an open socket, not a reset that would throw away what the
 /// client has not read yet. The session's outcome is told already; this holds a slot and a
-/// descriptor, nothing else.
+/// descriptor, nothing else. A stop drops it with the sessions (docs/ARCHITECTURE.md).
 struct Linger {
     stream: Stream,
     until: Instant,
@@ -342,20 +342,11 @@ impl Shard {
         }
     }
 
-    /// Drops every session (each reports an outcome) and ends the thread, once the clients
-    /// that linger are read out (at most the close timeout).
+    /// Drops every session (each reports an outcome) and ends the thread.
     pub fn quit(&mut self) {
-        self.tell_quit();
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-
-    /// Tells the thread to quit without waiting for it ([`quit`](Self::quit) waits): a stop
-    /// tells every relay thread first, so that their lingering clients are read out together.
-    pub fn tell_quit(&self) {
-        if self.thread.is_some() {
             self.mailbox.inbox.send(Mail::Quit);
+            let _ = thread.join();
         }
     }
 }
@@ -402,8 +393,6 @@ struct Loop {
     owed: Option<Instant>,
     /// Slots holding a [`Linger`].
     lingering: usize,
-    /// Told to quit: its sessions are over, and it ends once no client lingers.
-    quitting: bool,
 }
 
 impl Loop {
@@ -424,16 +413,12 @@ impl Loop {
             accept_at: None,
             owed: None,
             lingering: 0,
-            quitting: false,
         }
     }
 
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            if self.quitting && self.lingering == 0 {
-                break;
-            }
             if self.owed.is_some_and(|t| t <= Instant::now()) {
                 self.owed = None;
                 self.report.ring();
@@ -483,8 +468,8 @@ impl Loop {
                     self.runq.push(slot);
                 }
             }
-            if mail {
-                self.read_mail();
+            if mail && !self.read_mail() {
+                break;
             }
             let now = Instant::now();
             if self.accept_now && !self.accept_at.is_some_and(|t| t > now) {
@@ -506,6 +491,7 @@ impl Loop {
             std::mem::swap(&mut self.runq, &mut self.again);
         }
         // Dropping the sessions closes their sockets; each reports that the engine stopped.
+        // (A client still lingering is dropped with them: a stop does not read it out.)
         for entry in std::mem::take(&mut self.slots).into_iter().flatten() {
             if !entry.lingering {
                 self.tell(Outcome::new(entry.id));
@@ -540,19 +526,6 @@ impl Loop {
         }
     }
 
-    /// Told to quit: no more accepts, and every session ends now, its sockets closed and its
-    /// outcome told (the engine stopped). The clients that linger are read out first, for at
-    /// most their close timeout, so that a stop does not answer them with resets.
-    fn end_sessions(&mut self) {
-        self.unlisten();
-        for slot in 0..self.slots.len() {
-            if self.slots[slot].as_ref().is_some_and(|e| !e.lingering) {
-                let Entry { id, .. } = self.remove(slot);
-                self.tell(Outcome::new(id));
-            }
-        }
-    }
-
     fn unlisten(&mut self) {
         if let Some(l) = self.listening.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&l.fd()));
@@ -561,12 +534,13 @@ impl Loop {
         self.accept_at = None;
     }
 
-    /// Takes the inbox.
-    fn read_mail(&mut self) {
+    /// Takes the inbox; false once told to quit.
+    fn read_mail(&mut self) -> bool {
+        let mut quit = false;
         for m in self.inbox.take() {
             match m {
                 // Handed over as the engine stopped: it ends at once, as the others.
-                Mail::Start(id, _) if self.quitting => self.tell(Outcome::new(id)),
+                Mail::Start(id, _) if quit => self.tell(Outcome::new(id)),
                 Mail::Start(id, task) => self.insert(id, task),
                 Mail::Stop(id, code, reason) => {
                     if let Some(&slot) = self.by_id.get(&id) {
@@ -581,15 +555,7 @@ impl Loop {
                         self.queue_if(slot, id);
                     }
                 }
-                Mail::Quit => {
-                    if !self.quitting {
-                        self.quitting = true;
-                        self.end_sessions();
-                    }
-                }
-                Mail::Listen(_, done) if self.quitting => {
-                    let _ = done.send(Err(io::Error::other("the relay thread is stopping")));
-                }
+                Mail::Quit => quit = true,
                 Mail::Listen(l, done) => {
                     self.unlisten();
                     let fd = l.fd();
@@ -611,6 +577,7 @@ impl Loop {
                 Mail::Resume => self.accept_now = self.listening.is_some(),
             }
         }
+        !quit
     }
 
     fn queue_if(&mut self, slot: usize, id: u64) {
@@ -909,9 +876,9 @@ mod tests {
     #[test]
     fn an_in_process_session_ends_at_its_fin_and_its_client_is_read_to_its_eof() {
         // Its outcome comes at the gateway's FIN (Python's bot hears at once); what the client
-        // sends after it (a ping here) meets an open socket, even as the engine stops: a reset
-        // would throw away the part of the message still queued for it.
-        let mut engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        // sends after it (a ping here) meets an open socket: a reset would throw away the part
+        // of the message still queued for it.
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
         let (mut client, theirs) = pair();
         // The message fits in the gateway's send buffer, not in the client's receive window.
         socket2::SockRef::from(&theirs)
@@ -928,21 +895,15 @@ mod tests {
         client.write_all(&close_frame(1000, "", KEY)).unwrap();
         let o = outcome(&engine, 5);
         assert_eq!((o.ended_by, o.code), (EndedBy::Client, 1000));
-        std::thread::scope(|s| {
-            // The stop waits for the lingering client (at most the close timeout).
-            let stopping = s.spawn(|| engine.shutdown());
-            client
-                .write_all(&encode_frame(true, Opcode::PING, b"there?", KEY))
-                .unwrap();
-            let mut got = Vec::new();
-            client.read_to_end(&mut got).unwrap();
-            let mut expected = encode_frame(true, Opcode::BINARY, &message, None);
-            expected.extend(close_frame(1000, "", None));
-            assert_eq!(got.len(), expected.len());
-            assert!(got == expected);
-            drop(client);
-            stopping.join().unwrap();
-        });
+        client
+            .write_all(&encode_frame(true, Opcode::PING, b"there?", KEY))
+            .unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        let mut expected = encode_frame(true, Opcode::BINARY, &message, None);
+        expected.extend(close_frame(1000, "", None));
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected);
     }
 
     #[test]
