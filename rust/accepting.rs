@@ -221,6 +221,8 @@ pub struct Connections {
     limit: AtomicUsize,
     /// The listener stopped at the limit: the next connection over resumes it.
     full: AtomicBool,
+    /// A relay thread accepts (between `Engine::listen` and `Engine::unlisten`).
+    listening: AtomicBool,
     /// The accepting thread's mailbox.
     resume: Option<Mailbox>,
 }
@@ -231,8 +233,18 @@ impl Connections {
             count: AtomicUsize::new(0),
             limit: AtomicUsize::new(usize::MAX),
             full: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
             resume,
         }
+    }
+
+    /// Whether a relay thread accepts now.
+    pub(crate) fn listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_listening(&self, on: bool) {
+        self.listening.store(on, Ordering::SeqCst);
     }
 
     fn accepted(&self) {
@@ -383,6 +395,7 @@ mod tests {
         engine.listen(l.as_raw_fd(), 10).unwrap();
         // Two sessions: the first runs on the accepting thread, the second is posted to the
         // other one.
+        let mut peers = Vec::new();
         for _ in 0..2 {
             let mut c = client(&l, &upgrade("/ws/generic/a.b"));
             let (mut bot, _) = bot_l.accept().unwrap();
@@ -391,6 +404,7 @@ mod tests {
             assert!(read_head(&mut c).starts_with("HTTP/1.1 101 "));
             relays_the_bots_frame(&mut bot, &mut c);
             assert!(matches!(news(&engine), News::Opened { .. }));
+            peers.push((c, bot));
         }
         let request = upgrade("/ws/generic/not.served");
         let _c = client(&l, &request);
@@ -403,7 +417,26 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(engine.held(), 3);
-        assert_eq!(engine.closed(), 2);
+        assert_eq!(
+            engine.closed(),
+            2,
+            "the control plane says when its own is over"
+        );
+        // The sessions the engine opened give their connection and place back at their end
+        // themselves, before their outcome is told.
+        drop(peers);
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut ended = 0;
+        while ended < 2 && Instant::now() < end {
+            let items = engine.drain();
+            ended += items
+                .iter()
+                .filter(|i| matches!(i, Item::Outcome(..)))
+                .count();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(ended, 2);
+        assert_eq!((engine.held(), engine.places(Some("a.b"))), (0, 0));
     }
 
     #[test]

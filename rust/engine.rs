@@ -6,7 +6,9 @@
 //! written when the outcome queue turns non-empty, so one event-loop wake-up drains many
 //! outcomes. An outcome rings at most once per [`RING_DELAY`]: one ending within that time of
 //! the last ring waits for the relay thread's owed ring (`shard.rs`), and Python takes every
-//! outcome of that millisecond in one wake-up. Anything else (a message for an in-process bot,
+//! outcome of that millisecond in one wake-up. The end of a session the engine opened by itself
+//! waits longer ([`LEISURE_DELAY`]): it gave back its place and connection itself, and Python
+//! only counts and logs it. Anything else (a message for an in-process bot,
 //! a connection for Python to serve) rings at once. Nothing here touches Python or holds its
 //! GIL. Live counts per agent, for metrics, are the [`Counters`]' (a session of a registered
 //! agent carries a `Meter` on them); each live session's own messages and bytes are its
@@ -17,13 +19,13 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::accepting::{Acceptor, Connections, OnRelay};
 use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
 use crate::inproc::{self, Handle, Message};
-use crate::open::{self, News, Places, Route};
+use crate::open::{self, monotonic_now, Hold, News, Places, Route};
 use crate::opener::{Opener, Wait};
 use crate::reading::CLOSING;
 use crate::relay::Pending;
@@ -41,8 +43,9 @@ pub(crate) const FIRST_READ: usize = upgrade::MAX_HEADER_BYTES + 4096;
 /// News for Python, in the order it happened: a session's messages come before its outcome.
 #[derive(Debug)]
 pub enum Item {
-    /// A session ended.
-    Outcome(Outcome),
+    /// A session ended, and when it was told (`CLOCK_MONOTONIC` seconds, as Python's
+    /// `time.monotonic()`: an outcome that waited is timed by this, not by its delivery).
+    Outcome(Outcome, f64),
     /// A message of an in-process session.
     Message(Message),
     /// A session the engine opened by itself, or could not.
@@ -71,6 +74,21 @@ pub enum Accepted {
 /// What waits for an outcome is never a client: a place, a count, a log line.
 pub const RING_DELAY: Duration = Duration::from_millis(1);
 
+/// How long after a ring the outcome of a session the engine opened waits for its own. Its
+/// place and connection are given back already (`open.rs`); Python only counts and logs it,
+/// so it is told with the next ring, or this long after the last one. One at a time, a ring a
+/// millisecond cost more than the sessions: Python's wake-ups took the CPU the next open
+/// needed (benches/README.md, "Session opens, round 8"). When the gateway has stopped
+/// accepting and holds no connection any more, its end is told at once: a drain may be
+/// waiting for that.
+pub const LEISURE_DELAY: Duration = Duration::from_millis(20);
+
+/// Items queued (a session the engine opened brings two: its news and its end) past which such
+/// an end waits only [`RING_DELAY`]: Python's turn for them is a burst of CPU taken from the
+/// sessions being opened, kept short (at 20 ms of ends 8 at a time, the p99 of an open
+/// doubled: benches/README.md, "Session opens, round 8").
+pub const LEISURE_BATCH: usize = 64;
+
 #[derive(Default)]
 struct Queue {
     items: Vec<Item>,
@@ -94,6 +112,8 @@ impl Queue {
 struct Entry {
     worker: usize,
     live: Arc<Live>,
+    /// The place of a session the engine opened (`open.rs`).
+    hold: Option<Arc<Hold>>,
 }
 
 pub(crate) struct Shared {
@@ -102,6 +122,9 @@ pub(crate) struct Shared {
     /// Live sessions: the relay thread of each, and its traffic so far.
     sessions: Mutex<HashMap<u64, Entry>>,
     inproc: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// The connections held (set once the relay threads are up: relay thread 0 resumes
+    /// accepting through it).
+    connections: OnceLock<Arc<Connections>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,7 +148,12 @@ impl Shared {
 
     /// Registers live session `id` on relay thread `worker`: its traffic, read by
     /// [`Engine::tallies`], and where its stops go.
-    pub(crate) fn register(&self, id: u64, worker: usize) -> io::Result<Arc<Live>> {
+    pub(crate) fn register(
+        &self,
+        id: u64,
+        worker: usize,
+        hold: Option<Arc<Hold>>,
+    ) -> io::Result<Arc<Live>> {
         let mut sessions = lock(&self.sessions);
         if sessions.contains_key(&id) {
             return Err(io::Error::new(
@@ -139,22 +167,44 @@ impl Shared {
             Entry {
                 worker,
                 live: live.clone(),
+                hold,
             },
         );
         Ok(live)
     }
 }
 
+impl Shared {
+    /// The connections held.
+    pub(crate) fn connections(&self) -> Arc<Connections> {
+        self.connections
+            .get()
+            .expect("set as the engine starts")
+            .clone()
+    }
+}
+
 impl Reports for Shared {
-    fn report(&self, o: Outcome) -> Option<Instant> {
+    fn report(&self, o: Outcome, can_wait: bool) -> Option<Instant> {
         lock(&self.sessions).remove(&o.session_id);
         lock(&self.inproc).remove(&o.session_id);
+        let at = monotonic_now();
+        // Nothing held and no new connection coming: a drain may be waiting for this one.
+        let drained = self
+            .connections
+            .get()
+            .is_some_and(|c| c.count() == 0 && !c.listening());
         let mut q = lock(&self.queue);
-        q.items.push(Item::Outcome(o));
+        q.items.push(Item::Outcome(o, at));
         if q.rung {
             return None; // Python has yet to drain: it takes this one too
         }
-        let due = q.rang_at.map(|t| t + RING_DELAY);
+        let delay = if can_wait && !drained && q.items.len() < LEISURE_BATCH {
+            LEISURE_DELAY
+        } else {
+            RING_DELAY
+        };
+        let due = q.rang_at.map(|t| t + delay);
         match due {
             Some(due) if Instant::now() < due => Some(due),
             _ => {
@@ -229,6 +279,7 @@ impl Engine {
             bell,
             sessions: Mutex::new(HashMap::new()),
             inproc: Mutex::new(HashMap::new()),
+            connections: OnceLock::new(),
         });
         let report: Arc<dyn Reports> = shared.clone();
         let workers = (0..n)
@@ -246,13 +297,15 @@ impl Engine {
             next: Arc::new(AtomicUsize::new(0)),
             mailboxes: workers.iter().map(Shard::mailbox).collect(),
         };
+        let held = Arc::new(Connections::new(workers.first().map(Shard::mailbox)));
+        let _ = shared.connections.set(held.clone());
         Ok(Self {
             counters: counters.clone(),
             places: Places::default(),
             opener,
             listener: std::sync::atomic::AtomicI32::new(-1),
             acceptor,
-            held: Arc::new(Connections::new(workers.first().map(Shard::mailbox))),
+            held,
             workers,
             shared,
             bell_rx,
@@ -392,16 +445,22 @@ impl Engine {
         // SAFETY: the caller keeps the socket open during the call.
         let copy = unsafe { BorrowedFd::borrow_raw(listener) }.try_clone_to_owned()?;
         self.held.set_limit(limit.max(1));
-        first.listen(Box::new(OnRelay {
+        self.held.set_listening(true);
+        let listening = first.listen(Box::new(OnRelay {
             acceptor: self.acceptor.clone(),
             listener: copy,
             prepared: self.listener.load(Ordering::Acquire) == listener,
             held: self.held.clone(),
-        }))
+        }));
+        if listening.is_err() {
+            self.held.set_listening(false);
+        }
+        listening
     }
 
     /// Stops accepting on a relay thread; returns once the listener's copy is closed.
     pub fn unlisten(&self) {
+        self.held.set_listening(false);
         if let Some(first) = self.workers.first() {
             first.unlisten();
         }
@@ -429,7 +488,17 @@ impl Engine {
     }
 
     fn register(&self, id: u64, worker: usize) -> io::Result<Arc<Live>> {
-        self.shared.register(id, worker)
+        self.shared.register(id, worker, None)
+    }
+
+    /// Gives back now the place of live session `id`, one the engine opened, instead of at its
+    /// end (a stop through the Session API frees its place before the close handshakes); false
+    /// if it has none to give (not such a session, over, or given already).
+    pub fn give_back_place(&self, id: u64) -> bool {
+        let hold = lock(&self.shared.sessions)
+            .get(&id)
+            .and_then(|e| e.hold.clone());
+        hold.is_some_and(|h| h.give_back())
     }
 
     /// The messages and bytes so far of the live sessions among `ids` (of every live session

@@ -17,10 +17,11 @@
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::accepting::Connections;
 use crate::body::DecodedBody;
 use crate::counters::Meter;
 use crate::driver::Driven;
@@ -132,6 +133,32 @@ pub fn take(place: &AtomicUsize, max: usize) -> bool {
 /// Gives a place back.
 pub fn give(place: &AtomicUsize) {
     let _ = place.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+}
+
+/// The place a session the engine opened holds, given back once: when its opening fails, at
+/// its end ([`Owned`]), or sooner by the control plane (a stop through the Session API frees
+/// it at once, before the close handshakes: `Engine::give_back_place`).
+pub struct Hold {
+    place: Arc<AtomicUsize>,
+    held: AtomicBool,
+}
+
+impl Hold {
+    pub(crate) fn new(place: Arc<AtomicUsize>) -> Self {
+        Self {
+            place,
+            held: AtomicBool::new(true),
+        }
+    }
+
+    /// Gives the place back unless that was done; whether this call did.
+    pub fn give_back(&self) -> bool {
+        let held = self.held.swap(false, Ordering::AcqRel);
+        if held {
+            give(&self.place);
+        }
+        held
+    }
 }
 
 /// Why a bot's dial failed, for the Python path to word as its own dials' failures.
@@ -260,6 +287,24 @@ pub type Tell = Arc<dyn Fn(News) + Send + Sync>;
 pub struct Fast {
     id: u64,
     state: State,
+    /// Once it is relayed: its place and its connection, given back by the engine at its end.
+    owned: Option<Owned>,
+}
+
+/// What a session the engine opened holds while it is relayed: its agent's place and its
+/// connection in `max_connections`. Both are given back here, on the relay thread, when the
+/// session is over (dropped: its outcome is taken first), so nothing waits for Python to
+/// hear of its end, which may come later (`engine.rs`, [`Task::can_wait`]).
+struct Owned {
+    hold: Arc<Hold>,
+    connections: Arc<Connections>,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.hold.give_back();
+        self.connections.closed();
+    }
 }
 
 // The relayed session is the state that lives (for hours): inline, in the one allocation the
@@ -288,6 +333,10 @@ enum State {
 struct Held {
     id: u64,
     route: Arc<Route>,
+    /// Its place.
+    hold: Arc<Hold>,
+    /// The connections held: its own is given back at its end if it opens ([`Owned`]).
+    connections: Arc<Connections>,
     claimed: Option<Claimed>,
     tell: Tell,
     armed: bool,
@@ -300,7 +349,7 @@ impl Held {
     /// to answer, unless it is gone).
     fn fail(&mut self, client: Option<Client>, failure: Failure) {
         self.armed = false;
-        give(&self.route.place);
+        self.hold.give_back();
         let store_seconds = match self.claimed.take() {
             Some(mut c) => {
                 c.release(); // the client may retry with its token
@@ -318,7 +367,7 @@ impl Held {
         });
     }
 
-    /// It opened: the place is the session's now (Python gives it back at its end).
+    /// It opened: the place is the session's now (given back at its end: [`Owned`]).
     fn opened(&mut self) -> Vec<f64> {
         self.armed = false;
         self.claimed.take().map(|c| c.calls).unwrap_or_default()
@@ -334,7 +383,7 @@ impl Drop for Held {
 }
 
 /// `CLOCK_MONOTONIC` now, in seconds: the clock of Python's `time.monotonic()`.
-fn monotonic_now() -> f64 {
+pub(crate) fn monotonic_now() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -438,6 +487,10 @@ pub struct Open {
     pub tell: Tell,
     /// Its token, checked and used up (a `token` agent's session), whose nonce names it.
     pub claimed: Option<Claimed>,
+    /// Its place, taken.
+    pub hold: Arc<Hold>,
+    /// The connections held (its own among them).
+    pub connections: Arc<Connections>,
 }
 
 impl Fast {
@@ -447,6 +500,7 @@ impl Fast {
         Box::new(Self {
             id,
             state: State::Reading(Box::new(reading)),
+            owned: None,
         })
     }
 
@@ -456,6 +510,7 @@ impl Fast {
         Box::new(Self {
             id,
             state: State::Answering(Box::new(answering)),
+            owned: None,
         })
     }
 
@@ -488,6 +543,8 @@ impl Fast {
             held: Held {
                 id,
                 route: o.route.clone(),
+                hold: o.hold,
+                connections: o.connections,
                 claimed: o.claimed,
                 tell: o.tell,
                 armed: true,
@@ -513,6 +570,7 @@ impl Fast {
         Self {
             id,
             state: State::Opening(Box::new(opening)),
+            owned: None,
         }
     }
 }
@@ -827,6 +885,10 @@ impl Fast {
             bot: bot_pending,
         };
         let limits = o.held.route.limits;
+        self.owned = Some(Owned {
+            hold: o.held.hold.clone(),
+            connections: o.held.connections.clone(),
+        });
         let mut driven = relay::session(self.id, o.client, o.bot, pending, limits, meter);
         if let Some((code, reason)) = o.stop {
             driven.stop(code, reason);
@@ -937,6 +999,10 @@ impl Task for Fast {
             State::Relaying(d) => d.deadline(),
             State::Over(..) => None,
         }
+    }
+
+    fn can_wait(&self) -> bool {
+        self.owned.is_some()
     }
 
     fn finish(self: Box<Self>) -> Outcome {
@@ -1114,6 +1180,59 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         }
         relays_the_bots_frame(&mut bot, &mut client);
+    }
+
+    #[test]
+    fn a_session_gives_its_place_back_once_at_its_end_or_sooner_when_asked() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        engine
+            .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 5, 5000)])
+            .unwrap();
+        let open = || {
+            let (l, mut client) = connected(&upgrade("/ws/generic/a.b"));
+            assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+            let (mut bot, _) = bot_l.accept().unwrap();
+            bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            answer_101(&mut bot);
+            assert!(read_head(&mut client).starts_with("HTTP/1.1 101 "));
+            let News::Opened { session_id, .. } = news(&engine) else {
+                panic!("not opened")
+            };
+            (session_id, client, bot)
+        };
+        let ended = |id: u64| {
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                let items = engine.drain();
+                if items
+                    .iter()
+                    .any(|i| matches!(i, Item::Outcome(o, _) if o.session_id == id))
+                {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("session {id} did not end");
+        };
+        // At its end, by the engine itself (nothing asked of the control plane).
+        let (id, client, bot) = open();
+        assert_eq!(engine.places(Some("a.b")), 1);
+        drop((client, bot));
+        ended(id);
+        assert_eq!(engine.places(Some("a.b")), 0);
+        // Sooner when asked (a stop through the Session API), and then not again: the place
+        // taken meanwhile by another session stays taken.
+        let (id, client, bot) = open();
+        assert!(engine.give_back_place(id));
+        assert!(!engine.give_back_place(id), "once");
+        assert_eq!(engine.places(Some("a.b")), 0);
+        assert!(engine.take_place("a.b", 5));
+        drop((client, bot));
+        ended(id);
+        assert_eq!(engine.places(Some("a.b")), 1);
+        assert!(!engine.give_back_place(id), "over");
+        assert!(!engine.give_back_place(12345), "no such session");
     }
 
     #[test]

@@ -317,7 +317,8 @@ impl Opener {
             }
             return Verdict::Back(client);
         };
-        let Ok(live) = self.shared.register(id, worker) else {
+        let hold = Arc::new(open::Hold::new(route.place.clone()));
+        let Ok(live) = self.shared.register(id, worker, Some(hold.clone())) else {
             unreachable!("ids are unique");
         };
         let counters = self.counters.clone();
@@ -344,6 +345,8 @@ impl Opener {
             meter,
             tell,
             claimed,
+            hold,
+            connections: self.shared.connections(),
         };
         Verdict::Started(Box::new(Fast::new(
             id,

@@ -228,6 +228,7 @@ struct Outcome {
     messages_out: u64,
     bytes_in: u64,
     bytes_out: u64,
+    ended_at: f64,
 }
 
 #[pymethods]
@@ -246,8 +247,8 @@ impl Outcome {
     }
 }
 
-impl From<session::Outcome> for Outcome {
-    fn from(o: session::Outcome) -> Self {
+impl From<(session::Outcome, f64)> for Outcome {
+    fn from((o, ended_at): (session::Outcome, f64)) -> Self {
         Self {
             session_id: o.session_id,
             client_close: o.client_close,
@@ -259,6 +260,7 @@ impl From<session::Outcome> for Outcome {
             messages_out: o.messages_out,
             bytes_in: o.bytes_in,
             bytes_out: o.bytes_out,
+            ended_at,
         }
     }
 }
@@ -358,7 +360,7 @@ impl Message {
 
 fn item_to_py(py: Python<'_>, item: engine::Item) -> PyResult<Py<PyAny>> {
     Ok(match item {
-        engine::Item::Outcome(o) => Py::new(py, Outcome::from(o))?.into_any(),
+        engine::Item::Outcome(o, at) => Py::new(py, Outcome::from((o, at)))?.into_any(),
         engine::Item::Message(m) => {
             let data = match m.data {
                 Delivery::Text(s) => Some(PyString::new(py, &s).into_any().unbind()),
@@ -552,6 +554,10 @@ impl Engine {
 
     fn give_place(&self, service_host: &str) {
         self.engine().give_place(service_host);
+    }
+
+    fn give_back_place(&self, session_id: u64) -> bool {
+        self.engine().give_back_place(session_id)
     }
 
     #[pyo3(signature = (service_host = None))]

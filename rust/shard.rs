@@ -74,9 +74,9 @@ const LISTENER: Token = Token(usize::MAX - 1);
 
 /// Where outcomes go (the engine's queue for Python, `engine.rs`).
 pub trait Reports: Send + Sync {
-    /// Queues a session's outcome. `Some(t)`: it did not ring the doorbell; a
-    /// [`ring`](Self::ring) is owed at `t`.
-    fn report(&self, outcome: Outcome) -> Option<Instant>;
+    /// Queues a session's outcome (`can_wait`: see [`Task::can_wait`]). `Some(t)`: it did not
+    /// ring the doorbell; a [`ring`](Self::ring) is owed at `t`.
+    fn report(&self, outcome: Outcome, can_wait: bool) -> Option<Instant>;
 
     /// Rings for what was queued without a ring.
     fn ring(&self);
@@ -109,6 +109,14 @@ pub trait Task: Send {
 
     /// When it next wants a turn whatever happens (`None`: never).
     fn deadline(&self) -> Option<Instant>;
+
+    /// Once [`run`](Self::run) said [`Run::Done`], before [`finish`](Self::finish): whether
+    /// its outcome can wait to be told, because nothing waits on it: a session the engine
+    /// opened gives its place and its connection back itself (`open.rs`), and its news and end
+    /// are only counted and logged (`engine.rs`, [`Reports::report`]).
+    fn can_wait(&self) -> bool {
+        false
+    }
 
     /// How it ended, once [`run`](Self::run) said [`Run::Done`].
     fn finish(self: Box<Self>) -> Outcome;
@@ -494,15 +502,15 @@ impl Loop {
         // (A client still lingering is dropped with them: a stop does not read it out.)
         for entry in std::mem::take(&mut self.slots).into_iter().flatten() {
             if !entry.lingering {
-                self.tell(Outcome::new(entry.id));
+                self.tell(Outcome::new(entry.id), false);
             }
         }
         self.report.ring();
     }
 
     /// Queues an outcome for Python; a ring it did not make is owed.
-    fn tell(&mut self, outcome: Outcome) {
-        if let Some(due) = self.report.report(outcome) {
+    fn tell(&mut self, outcome: Outcome, can_wait: bool) {
+        if let Some(due) = self.report.report(outcome, can_wait) {
             self.owed = Some(self.owed.map_or(due, |t| t.min(due)));
         }
     }
@@ -540,7 +548,7 @@ impl Loop {
         for m in self.inbox.take() {
             match m {
                 // Handed over as the engine stopped: it ends at once, as the others.
-                Mail::Start(id, _) if quit => self.tell(Outcome::new(id)),
+                Mail::Start(id, _) if quit => self.tell(Outcome::new(id), false),
                 Mail::Start(id, task) => self.insert(id, task),
                 Mail::Stop(id, code, reason) => {
                     if let Some(&slot) = self.by_id.get(&id) {
@@ -601,7 +609,7 @@ impl Loop {
                 self.free.push(slot);
                 let mut outcome = Outcome::new(id);
                 outcome.detail = format!("relay thread could not take the session: {e}");
-                self.tell(outcome);
+                self.tell(outcome, false);
                 return;
             }
             *done = true;
@@ -642,14 +650,15 @@ impl Loop {
                     Ok(Some(stream)) => self.linger(slot, stream, now),
                     _ => self.remove(slot).task,
                 };
+                let can_wait = task.can_wait();
                 let outcome = catch_unwind(AssertUnwindSafe(|| task.finish()));
-                self.tell(outcome.unwrap_or_else(|_| Outcome::new(id)));
+                self.tell(outcome.unwrap_or_else(|_| Outcome::new(id)), can_wait);
                 return;
             }
             Err(_) => {
                 let Entry { id, lingering, .. } = self.remove(slot);
                 if !lingering {
-                    self.tell(Outcome::new(id));
+                    self.tell(Outcome::new(id), false);
                 }
                 return;
             }
@@ -778,7 +787,7 @@ mod tests {
         let end = Instant::now() + within;
         while Instant::now() < end {
             for item in engine.drain() {
-                if let Item::Outcome(o) = item {
+                if let Item::Outcome(o, _) = item {
                     if o.session_id == id {
                         return o;
                     }
@@ -840,12 +849,12 @@ mod tests {
         engine.echo(2, handed(theirs), limits(None), None).unwrap();
         first.shutdown(Shutdown::Write).unwrap();
         assert!(rings(&engine));
-        assert!(matches!(&engine.drain()[..], [Item::Outcome(o)] if o.session_id == 1));
+        assert!(matches!(&engine.drain()[..], [Item::Outcome(o, _)] if o.session_id == 1));
         // Within RING_DELAY of that ring: queued without one, then rung for when it is due,
         // with nobody draining meanwhile.
         second.shutdown(Shutdown::Write).unwrap();
         assert!(rings(&engine));
-        assert!(matches!(&engine.drain()[..], [Item::Outcome(o)] if o.session_id == 2));
+        assert!(matches!(&engine.drain()[..], [Item::Outcome(o, _)] if o.session_id == 2));
     }
 
     #[test]
@@ -986,7 +995,7 @@ mod tests {
             .drain()
             .into_iter()
             .filter_map(|item| match item {
-                Item::Outcome(o) => Some(o.session_id),
+                Item::Outcome(o, _) => Some(o.session_id),
                 Item::Message(_) | Item::Open(_) => None,
             })
             .collect();

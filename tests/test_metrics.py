@@ -372,6 +372,55 @@ async def test_every_counter_moves_by_exactly_what_happened(bot: Bot) -> None:
             assert value not in line
 
 
+async def test_a_scrape_counts_the_end_of_every_session_whose_place_is_given_back(
+    bot: Bot,
+) -> None:
+    # The engine gives back the place of a session it opened as soon as it ends, and tells
+    # Python of the end at leisure (within 20 ms, with others): a scrape catches up first, so
+    # its gauges and its counts agree with the gateway's count of sessions. (On the metrics
+    # port: a request on the gateway's own port is news that the engine tells at once.)
+    async with gateway(bot, metrics_port=0) as gw:
+
+        def session() -> None:
+            with connect(f"{gw.url}/ws/generic/relay.test") as ws:
+                ws.send("x")
+                assert ws.recv() == "x"
+
+        def sessions() -> None:
+            for _ in range(8):
+                session()
+
+        for n in range(8, 40, 8):
+            # Eight one after the other: the first end is told at once, the next ones wait.
+            await in_thread(sessions)
+            await eventually(lambda: gw.sessions() == 0)
+            m = await scrape(gw.metrics_port)
+            assert m("wsgate_sessions_active", agent="relay.test", kind="upstream") == 0
+            closed = m.series("wsgate_sessions_closed_total")
+            assert closed == {
+                (("agent", "relay.test"), ("code", "1000"), ("ended_by", "client")): n
+            }
+            assert m("wsgate_session_duration_seconds_count", agent="relay.test") == n
+
+
+async def test_every_session_that_ended_is_counted_and_logged_before_a_stop(bot: Bot) -> None:
+    # The ends of the sessions the engine opened are told at leisure: a stop right after a
+    # burst of them still logs each one.
+    def sessions() -> None:
+        for _ in range(8):
+            with connect(f"{gw.url}/ws/generic/relay.test") as ws:
+                ws.send("x")
+                assert ws.recv() == "x"
+
+    with json_log() as out:
+        async with gateway(bot) as gw:
+            await in_thread(sessions)
+        ends = [json.loads(line) for line in out.getvalue().splitlines()]
+    ends = [e for e in ends if e["event"] == "session_end"]
+    assert [e["agent"] for e in ends] == ["relay.test"] * 8
+    assert all(0 <= e["duration"] < 5 for e in ends)
+
+
 async def test_promtool_accepts_the_exposition(bot: Bot) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -179,6 +179,10 @@ class Outcome:
     #: Their payload bytes.
     bytes_in: int
     bytes_out: int
+    #: When the engine told it (``time.monotonic()`` seconds). The end of a session the engine
+    #: opened by itself may be told to Python later than that (with the next ring, at most
+    #: ``LEISURE_DELAY``, 20 ms, after the last): its length is measured to this.
+    ended_at: float
 
 @final
 class AgentCounts:
@@ -434,6 +438,11 @@ class Engine:
 
     def give_place(self, service_host: str) -> None:
         """Give back a place :meth:`take_place` took."""
+
+    def give_back_place(self, session_id: int) -> bool:
+        """Give back now the place of live session ``session_id``, one the engine opened by
+        itself (it gives it back at the session's end otherwise); False if there is none to
+        give (not such a session, over, or given back already)."""
 
     def places(self, service_host: str | None = None) -> int:
         """Places taken: of one service host, or of all."""

@@ -298,8 +298,10 @@ class Relay:
 
     def dispatch(self) -> None:
         """Take everything the engine queued and hand each item to its session. News of a
-        session the engine opened is queued without ringing the doorbell (nothing waits on it):
-        whoever reads the registry calls this first to catch up."""
+        session the engine opened is queued without ringing the doorbell, and its end rings
+        at leisure (``LEISURE_DELAY`` in ``rust/engine.rs``: the engine gave its place and
+        connection back itself; nothing waits on it): whoever reads the registry or the
+        metrics calls this first to catch up."""
         for item in self.engine.drain():
             if isinstance(item, _core.Message):
                 live = self._live.get(item.session_id)

@@ -241,9 +241,20 @@ class Listener:
         self._closed()
 
     def told_ended(self, news: _core.Opened, outcome: _core.Outcome) -> None:
-        """A session the engine opened ended before anything asked for it (the doorbell's)."""
+        """A session the engine opened ended before anything asked for it (the doorbell's).
+        The engine gave its connection back itself."""
         self.handler.sessions.told_ended(news, outcome)
-        self._closed()
+        self._poke_if_idle()
+
+    def adopted_done(self, opened: Opened, outcome: _core.Outcome) -> None:
+        """A session the engine opened, adopted since (asked for by id, in a list), ended.
+        The engine gave its connection back itself."""
+        self.handler.sessions.ended(opened, outcome)
+        self._poke_if_idle()
+
+    def _poke_if_idle(self) -> None:
+        if not self.count:
+            self.poke()
 
     def _closed(self) -> None:
         if self.engine is not None:

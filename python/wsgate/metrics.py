@@ -146,6 +146,8 @@ class Metrics:
     def __init__(self, agents: Container[str] = frozenset()) -> None:
         self._agents = agents
         self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
+        #: Called first at each exposition (see :meth:`watch`).
+        self._catch_up: Callable[[], None] | None = None
         self.registry = registry = CollectorRegistry()
         self._refused = Counter(
             "wsgate_upgrades_refused",
@@ -229,11 +231,18 @@ class Metrics:
         return service_host if service_host and service_host in self._agents else ""
 
     def watch(
-        self, counters: Callable[[], Sequence[_core.AgentCounts]], state: GatewayState
+        self,
+        counters: Callable[[], Sequence[_core.AgentCounts]],
+        state: GatewayState,
+        catch_up: Callable[[], None] | None = None,
     ) -> None:
         """Read the engine's live ``counters`` and the gateway's ``state`` at every scrape
-        (once, when the gateway starts serving)."""
+        (once, when the gateway starts serving). ``catch_up``: called by :meth:`exposition`
+        first, on the event loop: the ends the engine has yet to tell (the sessions it opened
+        are told at leisure, :meth:`wsgate.engine.Relay.dispatch`) are counted before the
+        engine's live gauges are read, so the two agree."""
         self.registry.register(_Live(counters, state))
+        self._catch_up = catch_up
 
     def upgrade_refused(self, service_host: str | None, error: HttpError | OpeningError) -> None:
         """A request was refused; a Twilio opening refused after its upgrade counts as 400."""
@@ -303,6 +312,8 @@ class Metrics:
 
     def exposition(self, accept: str | None = None) -> bytes:
         """The ``/metrics`` response: the text format, or OpenMetrics if ``accept`` asks."""
+        if self._catch_up is not None:
+            self._catch_up()
         encoder, content_type = choose_encoder(accept or "")
         return http_response(200, encoder(self.registry), content_type)
 

@@ -317,7 +317,7 @@ class Gateway:
             )
             relay.on_news = accepted.news
             relay.on_told_end = accepted.told_ended
-            sessions.on_adopted_end = accepted.session_done
+            sessions.on_adopted_end = accepted.adopted_done
             relay.engine.set_routes(
                 fast_routes(settings, fast, self.session_time_limit, relay.counted, self.authority)
             )
@@ -332,7 +332,7 @@ class Gateway:
                     self._engine_tls = relay.engine
             state = GatewayState(lambda: accepted.count, lambda: self.pending_upgrades,
                                  lambda: self._stop_requested)  # fmt: skip
-            self.metrics.watch(relay.counters, state)
+            self.metrics.watch(relay.counters, state, relay.dispatch)
             async with anyio.create_task_group() as engine_tasks:
                 await engine_tasks.start(relay.run)
                 await engine_tasks.start(capacity.run)
@@ -373,6 +373,14 @@ class Gateway:
         log.info("wsgate stopped")
 
     async def _drain(self, relay: Relay, accepted: Listener) -> None:
+        try:
+            await self._drain_connections(relay, accepted)
+        finally:
+            # The ends the engine has yet to tell (it tells those of its own sessions at
+            # leisure): counted and logged before the doorbell task stops.
+            relay.dispatch()
+
+    async def _drain_connections(self, relay: Relay, accepted: Listener) -> None:
         settings = self.config.gateway
         if accepted.count:
             log.info(

@@ -79,6 +79,10 @@ class Opened:
     freed: bool = False
     #: What a relayed session's end calls, with this and the outcome (the listener's).
     on_end: Callable[[Opened, _core.Outcome], None] | None = None
+    #: For a session the engine opened by itself (:mod:`wsgate.fastpath`): when, in
+    #: ``time.monotonic()`` seconds. The engine gives its place and its connection back itself
+    #: at its end; Python counts and logs it.
+    opened_at: float | None = None
 
     def __call__(self, outcome: _core.Outcome) -> None:
         """The session's ``on_done`` (:class:`~wsgate.engine.RelaySession`): it ended with
@@ -213,6 +217,8 @@ class Sessions:
             opened.bot[2].close(STOP_CODE, STOP_REASON)  # the channel: the bot's own close is moot
         else:
             opened.relay.close(STOP_CODE, STOP_REASON)
+        if opened.opened_at is not None:  # the engine's place: given back now, not at its end
+            self.relay.engine.give_back_place(opened.relay.id)
         self._free(opened)
 
     def listed(self, service_host: str) -> list[dict[str, Any]]:
@@ -419,7 +425,13 @@ class Sessions:
         # Told of without a ring, maybe only with its end: started when the engine says.
         started = anyio.current_time() - max(0.0, time.monotonic() - news.opened_at)
         opened = Opened(
-            session, service_host, news.session_uuid, started, _call_of(news), upstream=upstream
+            session,
+            service_host,
+            news.session_uuid,
+            started,
+            _call_of(news),
+            upstream=upstream,
+            opened_at=news.opened_at,
         )
         opened.on_end = self.on_adopted_end
         session.on_done = opened
@@ -427,12 +439,11 @@ class Sessions:
         return opened
 
     def told_ended(self, news: _core.Opened, outcome: _core.Outcome) -> None:
-        """A session the engine opened ended without being adopted: its place given back,
-        its end counted and logged as an adopted one's would be."""
+        """A session the engine opened ended without being adopted: its end counted and
+        logged as an adopted one's would be (the engine gave its place back)."""
         del self._told_by_uuid[news.session_uuid]
         service_host = news.service_host
-        self.release(service_host, "")
-        seconds = max(0.0, time.monotonic() - news.opened_at)
+        seconds = max(0.0, outcome.ended_at - news.opened_at)
         self.metrics.session_ended(service_host, False, outcome, seconds)
         log_outcome(_Unadopted(news), outcome, seconds)
 
@@ -449,11 +460,15 @@ class Sessions:
         if self.live.get(opened.session_uuid) is opened:
             del self.live[opened.session_uuid]
             self.capacity.unregister(opened.session_uuid)
-        self.release(opened.service_host, opened.client, opened.lease)
+        if opened.opened_at is None:  # the engine gives back what it took itself
+            self.release(opened.service_host, opened.client, opened.lease)
         self.pools.release(opened.member)
 
     def _finished(self, opened: Opened, outcome: _core.Outcome) -> None:
-        seconds = anyio.current_time() - opened.started
+        if opened.opened_at is None:
+            seconds = anyio.current_time() - opened.started
+        else:  # its end may be told a little late: timed by the engine
+            seconds = max(0.0, outcome.ended_at - opened.opened_at)
         inprocess, stopped = opened.bot is not None, opened.stopped
         self.metrics.session_ended(opened.service_host, inprocess, outcome, seconds, stopped)
         log_outcome(opened, outcome, seconds)
