@@ -85,9 +85,10 @@ pub const LEISURE_DELAY: Duration = Duration::from_millis(20);
 
 /// Items queued (a session the engine opened brings two: its news and its end) past which such
 /// an end waits only [`RING_DELAY`]: Python's turn for them is a burst of CPU taken from the
-/// sessions being opened, kept short (at 20 ms of ends 8 at a time, the p99 of an open
-/// doubled: benches/README.md, "Session opens, round 8").
-pub const LEISURE_BATCH: usize = 64;
+/// sessions being opened, kept short (with 64, an open's p99 one at a time went from 340 to
+/// 510 µs; at 20 ms without a bound, 8 at a time, it doubled: benches/README.md, "Session
+/// opens, round 8").
+pub const LEISURE_BATCH: usize = 16;
 
 #[derive(Default)]
 struct Queue {
@@ -172,9 +173,7 @@ impl Shared {
         );
         Ok(live)
     }
-}
 
-impl Shared {
     /// The connections held.
     pub(crate) fn connections(&self) -> Arc<Connections> {
         self.connections
