@@ -136,3 +136,59 @@ def test_a_stream_failing_mid_line_is_reported_not_written_twice(
     assert logs.write_info(logging.getLogger("wsgate"), "session_end", "session 7 ended", dict)
     assert failing.getvalue().count("session 7 ended") == 1
     assert "Logging error" in capsys.readouterr().err  # as logging reports a failing stream
+
+
+class Writes(io.StringIO):
+    """A stream that records each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_lines_of_a_batch_go_out_in_one_write_in_order_with_other_records(
+    configured: Callable[[str], io.StringIO],
+) -> None:
+    configured("text")
+    assert logs._ours is not None
+    stream = Writes()
+    logs._ours[0].setStream(stream)
+    log = logging.getLogger("wsgate")
+    with logs.batched():
+        for n in (1, 2):
+            assert logs.write_info(log, "session_end", f"session {n} ended", dict)
+        assert stream.writes == [], "held until the block ends"
+        log.warning("something else")  # the held lines go first
+        with logs.batched():  # nested: one block
+            assert logs.write_info(log, "session_end", "session 3 ended", dict)
+        assert logs.write_info(log, "session_end", "session 4 ended", dict)
+        assert len(stream.writes) == 2
+    lines = [line.split(" ", 2)[2] for line in stream.getvalue().splitlines()]
+    assert lines == [
+        "INFO session 1 ended",
+        "INFO session 2 ended",
+        "WARNING something else",
+        "INFO session 3 ended",
+        "INFO session 4 ended",
+    ]
+    assert len(stream.writes) == 3, "the two held lines, the warning, the two last together"
+    assert logs.write_info(log, "session_end", "session 5 ended", dict)
+    assert len(stream.writes) == 4, "out of a batch, a line is written at once"
+
+
+def test_a_stream_failing_at_the_end_of_a_batch_is_reported_once(
+    configured: Callable[[str], io.StringIO], capsys: pytest.CaptureFixture[str]
+) -> None:
+    configured("text")
+    assert logs._ours is not None
+    failing = Failing()
+    logs._ours[0].setStream(failing)
+    with logs.batched():
+        for n in (1, 2):
+            assert logs.write_info(logging.getLogger("wsgate"), "session_end", f"s{n} ended", dict)
+    assert failing.getvalue().count("ended") == 2
+    assert capsys.readouterr().err.count("Logging error") == 1

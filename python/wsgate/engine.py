@@ -28,7 +28,7 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskStatus
 
-from . import _core
+from . import _core, logs
 from ._sockets import Conn
 from .readiness import Readiness
 from .tls import TlsSocket
@@ -46,6 +46,16 @@ __all__ = [
     "Upstream",
 ]
 
+
+#: What :meth:`_core.Engine.drain` returns items of.
+_Item = (
+    _core.Message
+    | _core.Outcome
+    | _core.Opened
+    | _core.Unopened
+    | _core.Handed
+    | _core.AcceptFailed
+)
 
 log = logging.getLogger("wsgate")
 
@@ -302,7 +312,16 @@ class Relay:
         at leisure (``LEISURE_DELAY`` in ``rust/engine.rs``: the engine gave its place and
         connection back itself; nothing waits on it): whoever reads the registry or the
         metrics calls this first to catch up."""
-        for item in self.engine.drain():
+        with logs.batched():  # one write for the session lines of this turn
+            self._dispatch(self.engine.drain())
+        now_live, peak = self._count(), self._peak
+        if self._trim_due is None and peak - now_live >= TRIM_DROP and now_live <= peak // 2:
+            self._trim_due = self._last_ring = anyio.current_time()
+            if self._trim_wanted is not None:
+                self._trim_wanted.set()
+
+    def _dispatch(self, items: list[_Item]) -> None:
+        for item in items:
             if isinstance(item, _core.Message):
                 live = self._live.get(item.session_id)
                 if live is not None and live.inbox is not None:
@@ -319,11 +338,6 @@ class Relay:
             news = self._told.pop(item.session_id, None)
             if news is not None and self.on_told_end is not None:
                 self.on_told_end(news, item)
-        now_live, peak = self._count(), self._peak
-        if self._trim_due is None and peak - now_live >= TRIM_DROP and now_live <= peak // 2:
-            self._trim_due = self._last_ring = anyio.current_time()
-            if self._trim_wanted is not None:
-                self._trim_wanted.set()
 
     def start(self, handover: Handover) -> RelaySession:
         """Hand a session to the engine: the one way every kind of session starts. The sockets

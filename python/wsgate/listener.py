@@ -253,7 +253,7 @@ class Listener:
         self._poke_if_idle()
 
     def _poke_if_idle(self) -> None:
-        if not self.count:
+        if self._idle is not None and not self.count:  # a drain waits (until_idle)
             self.poke()
 
     def _closed(self) -> None:

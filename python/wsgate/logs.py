@@ -17,14 +17,23 @@ import functools
 import json
 import logging
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from . import _core
 from .metrics import close_code_label, ended_by
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure", "session_fields", "write_info"]
+__all__ = [
+    "JsonFormatter",
+    "TextFormatter",
+    "batched",
+    "configure",
+    "session_fields",
+    "write_info",
+]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # The keys every line has; an event's fields never replace them.
@@ -83,11 +92,31 @@ def _json_line(
 _ours: tuple[logging.StreamHandler[Any], logging.Formatter, bool] | None = None
 
 
+class _Held(threading.local):
+    """Lines :func:`write_info` holds while :func:`batched` is open, for that handler: per
+    thread (two gateways may run on two threads' event loops)."""
+
+    lines: list[str] | None = None
+
+
+_held = _Held()
+
+
+class _Handler(logging.StreamHandler[Any]):
+    """A ``StreamHandler`` that writes the lines a :func:`batched` block holds before any record
+    of its own, so that lines keep their order."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _held.lines:
+            _write_held(self, _held.lines)
+        super().emit(record)
+
+
 def configure(level: str = "INFO", log_format: str = "text") -> None:
     """Send the ``wsgate`` logs (and any other) to standard error as ``"text"`` or ``"json"``
     lines (what ``wsgate serve`` does)."""
     global _ours
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     json_lines = log_format == "json"
     formatter = JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
@@ -137,18 +166,55 @@ def write_info(
         # logging.Formatter's "%(asctime)s %(levelname)s %(message)s", its msecs as LogRecord's.
         msecs = int((created - int(created)) * 1000)
         line = f"{_local_second(int(created))},{msecs:03d} INFO {message}"
+    held = _held.lines
+    if held is not None:
+        held.append(line + handler.terminator)
+    else:
+        _write(handler, line + handler.terminator, lambda: logger.makeRecord(
+            logger.name, logging.INFO, "", 0, message, (), None))  # fmt: skip
+    return True
+
+
+@contextmanager
+def batched() -> Iterator[None]:
+    """The lines :func:`write_info` writes in this block go out together at its end, in one
+    write (a gateway ending many sessions in one turn wrote a line, a system call, for each);
+    a record logged the usual way meanwhile goes after those held so far. Nested blocks are
+    one block."""
+    if _held.lines is not None:
+        yield
+        return
+    held: list[str] = []
+    _held.lines = held
+    try:
+        yield
+    finally:
+        _held.lines = None
+        ours = _ours
+        if held and ours is not None:
+            _write_held(ours[0], held)
+
+
+def _write_held(handler: logging.StreamHandler[Any], held: list[str]) -> None:
+    text = "".join(held)
+    held.clear()
+    _write(handler, text, lambda: logging.makeLogRecord({"msg": text, "levelno": logging.INFO}))
+
+
+def _write(
+    handler: logging.StreamHandler[Any], text: str, record: Callable[[], logging.LogRecord]
+) -> None:
     handler.acquire()
     try:
         stream = handler.stream
-        stream.write(line + handler.terminator)
+        stream.write(text)
         stream.flush()
     except Exception:
         # As StreamHandler.emit: reported by the handler, not written again (a stream that
-        # failed may have taken part of the line).
-        handler.handleError(logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None))
+        # failed may have taken part of the text).
+        handler.handleError(record())
     finally:
         handler.release()
-    return True
 
 
 def session_fields(
