@@ -22,3 +22,21 @@ upstream = "ws://127.0.0.1:$3/ws"
 max_sessions = 100000
 TOML
 }
+
+# serve_bench DIR PYTHONPATH LOADGEN: loadgen's echo bot and a gateway (PYTHONPATH's wsgate)
+# relaying echo.bench to it, logs in DIR; waits until the gateway serves. Sets gw_port,
+# bot_port and gw (the gateway's pid), and adds both pids to the caller's `pids` array.
+serve_bench() {
+  gw_port=$(free_port)
+  bot_port=$(free_port)
+  bench_config "$1/gw.toml" "$gw_port" "$bot_port"
+  "$3" echo-server --port "$bot_port" > "$1/bot.log" 2>&1 &
+  pids+=($!)
+  PYTHONPATH=$2 python3 -m wsgate serve --config "$1/gw.toml" > "$1/gw.log" 2>&1 &
+  gw=$!
+  pids+=("$gw")
+  for _ in $(seq 100); do
+    grep -q "serving on" "$1/gw.log" 2>/dev/null && break
+    sleep 0.1
+  done
+}

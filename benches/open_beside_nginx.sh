@@ -22,15 +22,8 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 # shellcheck source=benches/bench_gateway.sh
 . "$here/bench_gateway.sh"
-gw_port=$(free_port)
-bot_port=$(free_port)
+serve_bench "$tmp" "$pythonpath" "$loadgen"
 ng_port=$(free_port)
-bench_config "$tmp/gw.toml" "$gw_port" "$bot_port"
-"$loadgen" echo-server --port "$bot_port" > "$tmp/bot.log" 2>&1 &
-pids+=($!)
-PYTHONPATH=$pythonpath python3 -m wsgate serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
-gw=$!
-pids+=("$gw")
 mkdir -p "$tmp/ng"
 sed -e "s/@@USER_LINE@@//; s/@@WORKERS@@/1/; s/@@NOFILE@@/4096/; s/@@WORKER_CONNECTIONS@@/4000/" \
     -e "s|@@PREFIX@@|$tmp/ng|g; s/@@EXTRA_TEMP_PATHS@@//; s/@@PORT@@/$ng_port/; s/@@LISTEN_SSL@@//" \
@@ -41,7 +34,7 @@ sed -e "s/@@USER_LINE@@//; s/@@WORKERS@@/1/; s/@@NOFILE@@/4096/; s/@@WORKER_CONN
 nginx -p "$tmp/ng" -c "$tmp/ng/nginx.conf" -e "$tmp/ng/error.log" > "$tmp/ng.out" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
-  grep -q "serving on" "$tmp/gw.log" 2>/dev/null && [ -s "$tmp/ng/nginx.pid" ] && break
+  [ -s "$tmp/ng/nginx.pid" ] && break
   sleep 0.1
 done
 worker=""

@@ -23,18 +23,7 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 # shellcheck source=benches/bench_gateway.sh
 . "$(dirname "$0")/bench_gateway.sh"
-gw_port=$(free_port)
-bot_port=$(free_port)
-bench_config "$tmp/gw.toml" "$gw_port" "$bot_port"
-"$loadgen" echo-server --port "$bot_port" > "$tmp/bot.log" 2>&1 &
-pids+=($!)
-PYTHONPATH=$pythonpath python3 -m wsgate serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
-gw=$!
-pids+=("$gw")
-for _ in $(seq 100); do
-  grep -q "serving on" "$tmp/gw.log" 2>/dev/null && break
-  sleep 0.1
-done
+serve_bench "$tmp" "$pythonpath" "$loadgen"
 url="ws://127.0.0.1:$gw_port$path"
 
 # CPU ticks so far of each thread, summed by thread name.

@@ -118,6 +118,13 @@ def test_with_another_handler_or_formatter_lines_go_through_logging(
     assert len(buffer.getvalue().splitlines()) == 1
 
 
+def writing_to(configured: Callable[[str], io.StringIO], stream: io.StringIO) -> None:
+    """configure() for text lines, its handler writing to ``stream``."""
+    configured("text")
+    assert logs._ours is not None
+    logs._ours[0].setStream(stream)
+
+
 class Failing(io.StringIO):
     """A stream that takes a line, then fails (a pipe whose reader is too slow)."""
 
@@ -129,10 +136,8 @@ class Failing(io.StringIO):
 def test_a_stream_failing_mid_line_is_reported_not_written_twice(
     configured: Callable[[str], io.StringIO], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    configured("text")
-    assert logs._ours is not None
     failing = Failing()
-    logs._ours[0].setStream(failing)
+    writing_to(configured, failing)
     assert logs.write_info(logging.getLogger("wsgate"), "session_end", "session 7 ended", dict)
     assert failing.getvalue().count("session 7 ended") == 1
     assert "Logging error" in capsys.readouterr().err  # as logging reports a failing stream
@@ -153,10 +158,8 @@ class Writes(io.StringIO):
 def test_lines_of_a_batch_go_out_in_one_write_in_order_with_other_records(
     configured: Callable[[str], io.StringIO],
 ) -> None:
-    configured("text")
-    assert logs._ours is not None
     stream = Writes()
-    logs._ours[0].setStream(stream)
+    writing_to(configured, stream)
     log = logging.getLogger("wsgate")
     with logs.batched():
         for n in (1, 2):
@@ -183,10 +186,8 @@ def test_lines_of_a_batch_go_out_in_one_write_in_order_with_other_records(
 def test_a_stream_failing_at_the_end_of_a_batch_is_reported_once(
     configured: Callable[[str], io.StringIO], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    configured("text")
-    assert logs._ours is not None
     failing = Failing()
-    logs._ours[0].setStream(failing)
+    writing_to(configured, failing)
     with logs.batched():
         for n in (1, 2):
             assert logs.write_info(logging.getLogger("wsgate"), "session_end", f"s{n} ended", dict)
