@@ -46,12 +46,7 @@ impl Io for Echo {
                 then_shutdown,
                 ..
             } => self.pump.queue_close(code, &reason, then_shutdown),
-            Action::Shutdown(_) => {
-                self.pump.shutdown_dst();
-                if !self.client.is_tls() {
-                    self.pump.finish_src(); // the close handshake is done: as a relay's (relay.rs)
-                }
-            }
+            Action::Shutdown(_) => self.pump.shutdown_dst(),
             Action::Abandon(_) => self.pump.abandon_dst(),
             Action::Drop => {}
         }

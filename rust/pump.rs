@@ -98,8 +98,6 @@ pub struct Pump {
     out_pooled: bool,
     /// The source ended; nothing more will be read.
     src_done: bool,
-    /// The source sent its close frame (not just broke a rule).
-    src_closed: bool,
     dst_open: bool,
     shutdown_after_flush: bool,
 }
@@ -115,7 +113,6 @@ impl Pump {
             out_pos: 0,
             out_pooled: false,
             src_done: false,
-            src_closed: false,
             dst_open: true,
             shutdown_after_flush: false,
         }
@@ -203,10 +200,7 @@ impl Pump {
         }
         let ev = match self.fwd.forward(&mut buf) {
             Forwarded::Frames => Event::Progress,
-            Forwarded::Close(c) => {
-                self.src_closed = true;
-                Event::Close(c)
-            }
+            Forwarded::Close(c) => Event::Close(c),
             Forwarded::Violation(v) => Event::Violation(v),
         };
         if self.dst_open {
@@ -269,21 +263,6 @@ impl Pump {
     /// Ends our side of the destination's TCP connection once queued bytes are written.
     pub fn shutdown_dst(&mut self) {
         self.shutdown_after_flush = true;
-    }
-
-    /// Whether a ping went to the destination (see [`Forwarder::pinged`]).
-    pub fn pinged_dst(&self) -> bool {
-        self.fwd.pinged()
-    }
-
-    /// Reads nothing more from the source once it sent its close frame: its stream is over,
-    /// and a peer keeping to the protocol sends nothing after it (what it still sends stays
-    /// unread; closing the socket then answers it with a reset). A source that broke a rule
-    /// may be in the middle of a message: it is read on, and dropped, to its end.
-    pub fn finish_src(&mut self) {
-        if self.src_closed {
-            self.src_done = true;
-        }
     }
 
     /// Stops writing to the destination: it is gone.

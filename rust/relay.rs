@@ -95,21 +95,7 @@ impl Io for Pair {
                 reason,
                 then_shutdown,
             } => self.towards(to).queue_close(code, &reason, then_shutdown),
-            Action::Shutdown(side) => {
-                self.towards(side).shutdown_dst();
-                if side == Side::Client && !self.client.is_tls() && !self.down.pinged_dst() {
-                    // The client's hop is closed both ways: when the client sent its close
-                    // (not a broken rule: `finish_src`), the session ends once our FIN is out
-                    // and the bot's hop is done, without waiting for the client's FIN, a round
-                    // trip later (RFC 6455 §7.1.1: the server closes first; nginx closes at
-                    // once too). A client keeping to the protocol sends nothing after its close
-                    // but a pong owed for a ping it had before ours (§5.5.2): once a ping went
-                    // to it, it is read to its EOF, so that a pong meets an open socket, not a
-                    // reset that would throw away what it has not read yet. Over TLS its
-                    // close_notify may follow: the socket stays open to read it too.
-                    self.up.finish_src();
-                }
-            }
+            Action::Shutdown(side) => self.towards(side).shutdown_dst(),
             Action::Abandon(side) => self.towards(side).abandon_dst(),
             Action::Drop => {}
         }

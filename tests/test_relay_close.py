@@ -25,7 +25,6 @@ from .helpers import (
     raw_socket,
     send_all_past_the_limit,
     serving,
-    until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -58,27 +57,6 @@ async def test_a_bot_close_reaches_the_client_with_its_code_and_reason(bot: Bot)
         assert await in_thread(closed_after, f"{gw.url}/ws/generic/bot.test") == (4001, "done here")
         bot.wait_ended()
     assert bot.sessions[0].close == (4001, "done here")  # the client's reply
-
-
-async def test_a_client_that_keeps_its_tcp_connection_after_the_close_does_not_hold_its_place(
-    bot: Bot,
-) -> None:
-    # The gateway closes the TCP connection first (RFC 6455 §7.1.1): once the client's close
-    # is answered and the bot has left, the session and its place are given back without
-    # the client's FIN, not at the close timeout (5 s) later. (No ping went to this client:
-    # it owes nothing after its close.)
-    async with serving(bot.url) as gw:
-        async with raw_client(gw.port) as client:
-            await client.send(frame(0x8, close_payload(1000, b"bye")))
-            assert await client.close_code() == 1000  # the bot's reply
-            assert await client.receive() == b""  # the gateway's FIN
-
-            async def given_back() -> bool:
-                return gw.sessions() == 0
-
-            await until(given_back, within=2.5, what="the session's end")
-        await in_thread(bot.wait_ended)
-    assert bot.sessions[0].close == (1000, "bye")
 
 
 class _PingsThenStreams(RawUpstream):

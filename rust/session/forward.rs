@@ -62,8 +62,6 @@ pub struct Forwarder {
     carry: Vec<u8>,
     discard: bool,
     muted: bool,
-    /// A ping went to the destination: it owes a pong, even after its own close.
-    pinged: bool,
     messages: u64,
     bytes: u64,
 }
@@ -80,7 +78,6 @@ impl Forwarder {
             carry: Vec::new(),
             discard: false,
             muted: false,
-            pinged: false,
             messages: 0,
             bytes: 0,
         }
@@ -106,12 +103,6 @@ impl Forwarder {
     /// Nothing more goes to the destination: a close went there, or it is gone.
     pub fn muted(&self) -> bool {
         self.muted
-    }
-
-    /// Whether a ping was passed on to the destination (which then owes a pong, RFC 6455
-    /// §5.5.2, even after it sent its close).
-    pub fn pinged(&self) -> bool {
-        self.pinged
     }
 
     /// The destination is gone.
@@ -208,9 +199,6 @@ impl Forwarder {
                     self.messages += u64::from(message_end);
                 }
                 Frame::Control { header } => {
-                    // The echo bot answers a ping with a pong: nothing is owed it.
-                    self.pinged |=
-                        header.opcode == Opcode::PING && self.transform != Transform::Echo;
                     w = self.pass_control(buf, r, w, &header, &mut keys);
                 }
                 Frame::Close { header, close } => {
@@ -412,33 +400,6 @@ mod tests {
             assert_eq!(got, sent, "cut at {cut}");
             assert!(our_keys.iter().all(|k| !client_keys.contains(k)));
         }
-    }
-
-    #[test]
-    fn a_ping_passed_on_is_remembered_one_answered_by_the_echo_bot_is_not() {
-        // A client that got a ping owes a pong even after its close: the relay reads it to its
-        // EOF then (relay.rs). The echo bot's pong owes the client nothing.
-        let ping = encode_frame(true, Opcode::PING, b"hb", None);
-        let mut fwd = Forwarder::new(Transform::Keep, 1 << 20);
-        let mut buf = encode_frame(true, Opcode::BINARY, b"data", None);
-        fwd.forward(&mut buf);
-        assert!(!fwd.pinged(), "data is no ping");
-        let mut buf = encode_frame(true, Opcode::PONG, b"hb", None);
-        fwd.forward(&mut buf);
-        assert!(!fwd.pinged(), "nor is a pong");
-        // A ping cut by the end of a read counts once it is whole and passed on.
-        let mut buf = ping[..3].to_vec();
-        fwd.forward(&mut buf);
-        assert!(!fwd.pinged());
-        let mut buf = fwd.carry().to_vec();
-        fwd.clear_carry();
-        buf.extend_from_slice(&ping[3..]);
-        fwd.forward(&mut buf);
-        assert!(fwd.pinged());
-        let mut echo = Forwarder::new(Transform::Echo, 1 << 20);
-        let mut buf = encode_frame(true, Opcode::PING, b"hb", Some(KEY));
-        echo.forward(&mut buf);
-        assert!(!echo.pinged());
     }
 
     #[test]
