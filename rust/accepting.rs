@@ -214,8 +214,9 @@ impl Acceptor {
     }
 }
 
-/// The connections a gateway holds, accepted on a relay thread and not yet over (the control
-/// plane says when each is, [`Connections::closed`]), and how many it may hold.
+/// The connections a gateway holds, accepted on a relay thread and not yet over, and how many
+/// it may hold. Each is given back once, [`Connections::closed`]: by the session the engine
+/// opened on it, at its end (`open.rs`), or by the control plane, for all the others.
 pub struct Connections {
     count: AtomicUsize,
     limit: AtomicUsize,

@@ -326,8 +326,9 @@ enum State {
     Over(Outcome, [Option<Stream>; 2]),
 }
 
-/// What an opening holds for others: its place, its token, and Python's count of its
-/// connection. Given back exactly once: by the session's end if it opens, when it fails, or
+/// What an opening holds for others: its place, its token, and its connection. Given back
+/// exactly once: the place and the connection by the session's end if it opens ([`Owned`]);
+/// the place and the token when it fails (its connection then by Python, which answers it), or
 /// here if the opening is dropped without either (the engine stopping, a panic, a relay thread
 /// that could not register its sockets).
 struct Held {

@@ -471,7 +471,9 @@ class Engine:
 
     def closed(self) -> int:
         """One of the connections accepted is over (each is, once: its session ended, its
-        refusal answered, or it was dropped): how many are held now."""
+        refusal answered, or it was dropped): how many are held now. Not for a session the
+        engine opened by itself (news :class:`Opened`): that gives its connection back at
+        its end."""
 
     def prepare_listener(self, listener: int) -> None:
         """Set the relayed sockets' options (Nagle off, the dead-peer keepalive and

@@ -13,7 +13,8 @@ connection (its TLS handshake too) at once or later on that thread, and opens by
 :mod:`wsgate.fastpath` lets it; the others come here as news, with the bytes read (and their
 TLS). The engine counts what it accepted against ``max_connections`` (past it, new ones wait in
 the backlog) from the accept to the end: of its session, of the answer of one it could not open,
-or of the request served here (:meth:`Listener.news`); :meth:`Listener._closed` tells it.
+or of the request served here (:meth:`Listener.news`); :meth:`Listener._closed` tells it of
+all but the sessions the engine opened, which give their connection back themselves.
 """
 
 from __future__ import annotations

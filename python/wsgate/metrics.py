@@ -311,7 +311,9 @@ class Metrics:
         return TimedStore(store, self._store.observe, self._store_errors.inc)
 
     def exposition(self, accept: str | None = None) -> bytes:
-        """The ``/metrics`` response: the text format, or OpenMetrics if ``accept`` asks."""
+        """The ``/metrics`` response: the text format, or OpenMetrics if ``accept`` asks.
+        Call it on the gateway's event loop: it first takes in the ends the engine has yet to
+        tell (:meth:`watch`)."""
         if self._catch_up is not None:
             self._catch_up()
         encoder, content_type = choose_encoder(accept or "")

@@ -88,8 +88,9 @@ async def _answer(
 
 
 def respond(head: bytes, metrics: Metrics, health: Callable[[str], bytes]) -> bytes:
-    """The response to one request head (Sans-I/O). ``health(path)``: ``/livez``'s or
-    ``/readyz``'s answer, the same as on the gateway's own port."""
+    """The response to one request head (no I/O of its own; on the event loop, as
+    :meth:`Metrics.exposition` wants). ``health(path)``: ``/livez``'s or ``/readyz``'s answer,
+    the same as on the gateway's own port."""
     try:
         request = parse_request(head)
     except HttpError as exc:

@@ -84,6 +84,12 @@ class Opened:
     #: at its end; Python counts and logs it.
     opened_at: float | None = None
 
+    @property
+    def engine_owned(self) -> bool:
+        """Whether the engine opened it by itself, and so gives its place and connection back
+        itself."""
+        return self.opened_at is not None
+
     def __call__(self, outcome: _core.Outcome) -> None:
         """The session's ``on_done`` (:class:`~wsgate.engine.RelaySession`): it ended with
         ``outcome``. The Opened is the callback itself, so a gateway holding many sessions
@@ -217,7 +223,7 @@ class Sessions:
             opened.bot[2].close(STOP_CODE, STOP_REASON)  # the channel: the bot's own close is moot
         else:
             opened.relay.close(STOP_CODE, STOP_REASON)
-        if opened.opened_at is not None:  # the engine's place: given back now, not at its end
+        if opened.engine_owned:  # its place: given back now, not at its end
             self.relay.engine.give_back_place(opened.relay.id)
         self._free(opened)
 
@@ -404,9 +410,10 @@ class Sessions:
     def told(self, news: _core.Opened) -> None:
         """A session the engine opened by itself (:mod:`wsgate.fastpath`): its dial counted,
         its news kept. It becomes an :class:`Opened` in :attr:`live` only if asked for (by id,
-        in a list: :meth:`find`, :meth:`listed`); most end first, and :meth:`told_ended` frees
-        and logs them from their news. Its place was taken by the engine and is given back at
-        its end as any session's."""
+        in a list: :meth:`find`, :meth:`listed`); most end first, and :meth:`told_ended` counts
+        and logs them from their news. Its place and its connection were taken by the engine,
+        which gives them back itself at its end (a Session API stop gives the place back at
+        once: :meth:`stop`)."""
         self.relay.told(news)
         self._told_by_uuid[news.session_uuid] = news
         self.metrics.dialled(news.service_host, news.dial_seconds)
@@ -448,7 +455,8 @@ class Sessions:
         log_outcome(_Unadopted(news), outcome, seconds)
 
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
-        """A relayed session ended (its outcome came through the doorbell): free its place."""
+        """A relayed session ended (its outcome came through the doorbell): free its place
+        (the engine freed that of a session it opened), count and log it."""
         self._free(opened)
         self._finished(opened, outcome)
 
@@ -460,7 +468,7 @@ class Sessions:
         if self.live.get(opened.session_uuid) is opened:
             del self.live[opened.session_uuid]
             self.capacity.unregister(opened.session_uuid)
-        if opened.opened_at is None:  # the engine gives back what it took itself
+        if not opened.engine_owned:  # the engine gives back what it took itself
             self.release(opened.service_host, opened.client, opened.lease)
         self.pools.release(opened.member)
 
