@@ -192,4 +192,40 @@ def test_a_stream_failing_at_the_end_of_a_batch_is_reported_once(
         for n in (1, 2):
             assert logs.write_info(logging.getLogger("wsgate"), "session_end", f"s{n} ended", dict)
     assert failing.getvalue().count("ended") == 2
-    assert capsys.readouterr().err.count("Logging error") == 1
+    err = capsys.readouterr().err
+    assert err.count("Logging error") == 1
+    assert "session line(s) not written" in err and "Arguments: (2,)" in err
+    assert "s1 ended" not in err  # not the lines again, to a stream that may be this one
+
+
+def test_held_lines_go_to_the_stream_they_were_written_for(
+    configured: Callable[[str], io.StringIO],
+) -> None:
+    log = logging.getLogger("wsgate")
+    first = configured("text")
+    with logs.batched():
+        assert logs.write_info(log, "session_end", "session 1 ended", dict)
+        assert logs._ours is not None
+        reopened = io.StringIO()
+        logs._ours[0].setStream(reopened)  # a log file reopened
+        assert logs.write_info(log, "session_end", "session 2 ended", dict)
+        second = configured("json")  # configured again, now for JSON lines
+        assert logs.write_info(log, "session_end", "session 3 ended", lambda: {})
+    assert first.getvalue().endswith("INFO session 1 ended\n")
+    assert reopened.getvalue().endswith("INFO session 2 ended\n")
+    assert json.loads(second.getvalue())["message"] == "session 3 ended"
+
+
+def test_held_lines_go_out_in_writes_a_pipe_keeps_whole(
+    configured: Callable[[str], io.StringIO],
+) -> None:
+    stream = Writes()
+    writing_to(configured, stream)
+    log = logging.getLogger("wsgate")
+    with logs.batched():
+        for n in range(100):
+            assert logs.write_info(log, "session_end", f"session {n} ended " + "x" * 150, dict)
+    assert all(len(w) <= 4096 for w in stream.writes)
+    assert 1 < len(stream.writes) < 100
+    ended = [line.split(" ")[4] for line in stream.getvalue().splitlines()]
+    assert ended == [str(n) for n in range(100)]

@@ -92,30 +92,65 @@ def _json_line(
 _ours: tuple[logging.StreamHandler[Any], logging.Formatter, bool] | None = None
 
 
-class _Held(threading.local):
-    """Lines :func:`write_info` holds while :func:`batched` is open, for that handler: per
-    thread (two gateways may run on two threads' event loops)."""
+#: Held lines go out once they would pass this many bytes: a pipe's writes up to PIPE_BUF
+#: (4096 on Linux) are atomic, so another writer on the same pipe never cuts into a line.
+_HELD_BYTES = 4096
 
-    lines: list[str] | None = None
+
+class _Held(threading.local):
+    """Lines :func:`write_info` holds while :func:`batched` is open on this thread (two
+    gateways may run on two threads' event loops), and the handler they are for."""
+
+    open = False
+    handler: logging.StreamHandler[Any] | None = None
+    lines: list[str]
+    size = 0
+
+    def __init__(self) -> None:
+        self.lines = []
+
+    def hold(self, handler: logging.StreamHandler[Any], line: str) -> None:
+        if self.lines and (handler is not self.handler or self.size + len(line) > _HELD_BYTES):
+            self.write()
+        self.handler = handler
+        self.lines.append(line)
+        self.size += len(line)
+
+    def write(self) -> None:
+        """Writes what is held, to the handler it is for."""
+        lines, handler = self.lines, self.handler
+        if not lines or handler is None:
+            return
+        self.lines, self.size = [], 0
+        _write(handler, "".join(lines), lambda: logging.makeLogRecord({
+            "name": "wsgate", "levelno": logging.INFO, "levelname": "INFO",
+            "msg": "%d session line(s) not written", "args": (len(lines),)}))  # fmt: skip
 
 
 _held = _Held()
 
 
 class _Handler(logging.StreamHandler[Any]):
-    """A ``StreamHandler`` that writes the lines a :func:`batched` block holds before any record
-    of its own, so that lines keep their order."""
+    """A ``StreamHandler`` that writes the lines a :func:`batched` block holds on this thread
+    before a record of its own, or a new stream: so lines keep their order on this thread
+    through this handler, and go to the stream they were written for."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if _held.lines:
-            _write_held(self, _held.lines)
+        if _held.handler is self:  # (no other handler's lock taken under this one's)
+            _held.write()
         super().emit(record)
+
+    def setStream(self, stream: Any) -> Any:
+        if _held.handler is self:
+            _held.write()
+        return super().setStream(stream)
 
 
 def configure(level: str = "INFO", log_format: str = "text") -> None:
     """Send the ``wsgate`` logs (and any other) to standard error as ``"text"`` or ``"json"``
     lines (what ``wsgate serve`` does)."""
     global _ours
+    _held.write()  # for the handler being replaced
     handler = _Handler(sys.stderr)
     json_lines = log_format == "json"
     formatter = JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT)
@@ -166,9 +201,8 @@ def write_info(
         # logging.Formatter's "%(asctime)s %(levelname)s %(message)s", its msecs as LogRecord's.
         msecs = int((created - int(created)) * 1000)
         line = f"{_local_second(int(created))},{msecs:03d} INFO {message}"
-    held = _held.lines
-    if held is not None:
-        held.append(line + handler.terminator)
+    if _held.open:
+        _held.hold(handler, line + handler.terminator)
     else:
         _write(handler, line + handler.terminator, lambda: logger.makeRecord(
             logger.name, logging.INFO, "", 0, message, (), None))  # fmt: skip
@@ -177,28 +211,20 @@ def write_info(
 
 @contextmanager
 def batched() -> Iterator[None]:
-    """The lines :func:`write_info` writes in this block go out together at its end, in one
-    write (a gateway ending many sessions in one turn wrote a line, a system call, for each);
-    a record logged the usual way meanwhile goes after those held so far. Nested blocks are
-    one block."""
-    if _held.lines is not None:
+    """The lines :func:`write_info` writes in this block go out together, in writes of up to
+    4 KiB (a gateway ending many sessions in one turn wrote a line, a system call, for each);
+    a record logged meanwhile on this thread through the same handler goes after those held
+    so far. Synchronous code only: a block open across an ``await`` would hold the lines of
+    every task of the thread. Nested blocks are one block."""
+    if _held.open:
         yield
         return
-    held: list[str] = []
-    _held.lines = held
+    _held.open = True
     try:
         yield
     finally:
-        _held.lines = None
-        ours = _ours
-        if held and ours is not None:
-            _write_held(ours[0], held)
-
-
-def _write_held(handler: logging.StreamHandler[Any], held: list[str]) -> None:
-    text = "".join(held)
-    held.clear()
-    _write(handler, text, lambda: logging.makeLogRecord({"msg": text, "levelno": logging.INFO}))
+        _held.open = False
+        _held.write()
 
 
 def _write(
