@@ -155,11 +155,17 @@ class Writes(io.StringIO):
         return super().write(text)
 
 
+def recorded(configured: Callable[[str], io.StringIO]) -> Writes:
+    """configure() for text lines, its handler writing to a :class:`Writes`."""
+    stream = Writes()
+    writing_to(configured, stream)
+    return stream
+
+
 def test_lines_of_a_batch_go_out_in_one_write_in_order_with_other_records(
     configured: Callable[[str], io.StringIO],
 ) -> None:
-    stream = Writes()
-    writing_to(configured, stream)
+    stream = recorded(configured)
     log = logging.getLogger("wsgate")
     with logs.batched():
         for n in (1, 2):
@@ -219,8 +225,7 @@ def test_held_lines_go_to_the_stream_they_were_written_for(
 def test_held_lines_go_out_in_writes_a_pipe_keeps_whole(
     configured: Callable[[str], io.StringIO],
 ) -> None:
-    stream = Writes()
-    writing_to(configured, stream)
+    stream = recorded(configured)
     log = logging.getLogger("wsgate")
     with logs.batched():
         for n in range(100):
