@@ -504,6 +504,23 @@ async def test_a_connection_still_sending_at_a_forced_stop_is_not_counted_evicte
     assert not [r for r in caplog.records if "evicted" in r.getMessage()]
 
 
+def test_giving_back_a_place_the_engine_does_not_hold_changes_nothing() -> None:
+    # Engine.give_back_place is for a live session the engine opened (a Session API stop);
+    # any other id is refused without touching a count.
+    engine = _core.Engine(1, 60.0)
+    try:
+        assert engine.take_place("a.test", 5)
+        for session_id in (0, 1, 2**64 - 1, engine.next_session_id()):
+            assert engine.give_back_place(session_id) is False
+        assert engine.places("a.test") == 1
+        for bad in (-1, 2**64):
+            with pytest.raises(OverflowError):
+                engine.give_back_place(bad)
+        assert engine.places("a.test") == 1
+    finally:
+        engine.shutdown()
+
+
 def test_the_engines_wait_and_listener_settings_refuse_what_cannot_work() -> None:
     engine = _core.Engine(1, 60.0)
     try:
