@@ -9,9 +9,31 @@
 //! the session's own worker thread writes: every agent has one shard per worker thread, summed when
 //! read. No lock and no allocation after registration; the registry's lock is taken once per
 //! session (at its start) and once per scrape.
+//!
+//! The sessions the engine opens by itself (`open.rs`) are also counted here as they end, and
+//! their dials as they succeed ([`AgentEnds`]): the histograms and the close counts that the
+//! control plane keeps for the sessions it handed over, so that Python does nothing per
+//! session for them but log its line. One uncontended lock per dial and per end.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use crate::session::{EndedBy, Outcome};
+
+/// Upper bounds, in seconds, of the histogram of bot dials (`_core.DIAL_BUCKETS`, the
+/// metrics' buckets for every dial): milliseconds nearby, up to `dial_timeout`.
+pub const DIAL_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Upper bounds, in seconds, of the histogram of session durations (`_core.DURATION_BUCKETS`):
+/// voice calls last seconds to hours.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+/// Kinds of end ([`EndKind`]) kept apart per agent; past it, a gateway's end is kept without
+/// its reason (an error, to the metrics). The gateway's reasons are a short fixed list, so
+/// this is a bound that is never met, not a sample.
+const MAX_END_KINDS: usize = 64;
 
 /// What serves a session, as the metrics name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,10 +144,111 @@ struct Agent {
     /// Live sessions by [`Served::index`].
     active: [AtomicU64; 3],
     shards: Box<[Shard]>,
+    /// Dials and ends of the sessions the engine opened by itself.
+    ends: Mutex<Ends>,
+}
+
+/// Observations in buckets: `counts[i]` those at most `bounds[i]` and above the bound before,
+/// the last those above every bound; and their sum.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    /// One more than the bounds (empty until the first observation).
+    pub counts: Vec<u64>,
+    /// The sum of the values observed.
+    pub sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], value: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; bounds.len() + 1];
+        }
+        self.counts[bounds.partition_point(|&b| b < value)] += 1;
+        self.sum += value;
+    }
+}
+
+/// How a session ended, as the metrics tell ends apart: who ended it, its close code as its
+/// label keeps it (1000-1015 as they are, 3000 for any 3xxx, 4000 for any 4xxx, 0 for any
+/// other), and for the gateway's own ends the reason, which tells a time limit, a drain or a
+/// stop from an error (Python names the `ended_by` label from these: `metrics.ended_by`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndKind {
+    /// Who ended it.
+    pub ended_by: EndedBy,
+    /// Its close code's class.
+    pub code: u16,
+    /// The gateway's reason (empty for a client's or a bot's end).
+    pub detail: String,
+}
+
+impl EndKind {
+    fn of(outcome: &Outcome) -> Self {
+        let code = match outcome.code {
+            c @ 1000..=1015 => c,
+            3000..=3999 => 3000,
+            4000..=4999 => 4000,
+            _ => 0,
+        };
+        let gateway = outcome.ended_by == EndedBy::Gateway;
+        Self {
+            ended_by: outcome.ended_by,
+            code,
+            detail: if gateway {
+                outcome.detail.clone()
+            } else {
+                String::new()
+            },
+        }
+    }
+}
+
+#[derive(Default)]
+struct Ends {
+    dials: Histogram,
+    durations: Histogram,
+    closed: Vec<(EndKind, u64)>,
+}
+
+impl Ends {
+    fn ended(&mut self, outcome: &Outcome, seconds: f64) {
+        self.durations.observe(&DURATION_BUCKETS, seconds);
+        let mut kind = EndKind::of(outcome);
+        let mut same = self.closed.iter().position(|(k, _)| *k == kind);
+        if same.is_none() && self.closed.len() >= MAX_END_KINDS {
+            kind.detail.clear();
+            same = self.closed.iter().position(|(k, _)| *k == kind);
+        }
+        match same {
+            Some(i) => self.closed[i].1 += 1,
+            None => self.closed.push((kind, 1)),
+        }
+    }
+}
+
+/// A session's hold on its agent's [`Ends`] (a session the engine opened by itself).
+pub struct AgentEnds(Arc<Agent>);
+
+impl AgentEnds {
+    /// Its bot answered 101, `seconds` after the dial began.
+    pub fn dialled(&self, seconds: f64) {
+        self.0.ends().dials.observe(&DIAL_BUCKETS, seconds);
+    }
+
+    /// It ended with `outcome`, `seconds` after it opened.
+    pub fn ended(&self, outcome: &Outcome, seconds: f64) {
+        self.0.ends().ended(outcome, seconds);
+    }
+}
+
+impl Agent {
+    fn ends(&self) -> std::sync::MutexGuard<'_, Ends> {
+        self.ends.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// What one agent's counters held when read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Snapshot {
     /// The name it was registered with.
     pub name: String,
@@ -139,6 +262,12 @@ pub struct Snapshot {
     pub active_builtin: u64,
     /// Messages and bytes so far, each way, of ended and live sessions.
     pub tally: Tally,
+    /// The dials of the sessions the engine opened by itself.
+    pub dials: Histogram,
+    /// How long those lasted, of those ended.
+    pub durations: Histogram,
+    /// How those ended, and how many ended so.
+    pub closed: Vec<(EndKind, u64)>,
 }
 
 /// Every registered agent's counters. See the module docs.
@@ -167,6 +296,7 @@ impl Counters {
             opened: AtomicU64::new(0),
             active: Default::default(),
             shards: (0..self.shards).map(|_| Shard::default()).collect(),
+            ends: Mutex::default(),
         }));
         agents.len() - 1
     }
@@ -195,6 +325,15 @@ impl Counters {
         }
     }
 
+    /// The dials and ends of agent `index`, for a session the engine opened by itself (`None`:
+    /// not counted, as [`meter`](Self::meter)).
+    pub fn ends(&self, index: Option<usize>) -> Option<AgentEnds> {
+        let agents = self.agents.read().unwrap_or_else(PoisonError::into_inner);
+        index
+            .and_then(|i| agents.get(i))
+            .map(|a| AgentEnds(a.clone()))
+    }
+
     /// Every agent's counters, in the order they were registered.
     pub fn snapshot(&self) -> Vec<Snapshot> {
         let agents = self.agents.read().unwrap_or_else(PoisonError::into_inner);
@@ -206,6 +345,7 @@ impl Counters {
                     tally.add(&shard.read());
                 }
                 let active = |s: Served| a.active[s.index()].load(Relaxed);
+                let ends = a.ends();
                 Snapshot {
                     name: a.name.clone(),
                     opened: a.opened.load(Relaxed),
@@ -213,6 +353,9 @@ impl Counters {
                     active_inprocess: active(Served::InProcess),
                     active_builtin: active(Served::Builtin),
                     tally,
+                    dials: ends.dials.clone(),
+                    durations: ends.durations.clone(),
+                    closed: ends.closed.clone(),
                 }
             })
             .collect()
@@ -353,6 +496,77 @@ mod tests {
             counted.read(),
             tally(2, 15, 1, 4),
             "still readable by whoever holds it"
+        );
+    }
+
+    fn ended(by: EndedBy, code: u16, detail: &str) -> Outcome {
+        let mut o = Outcome::new(1);
+        (o.ended_by, o.code, o.detail) = (by, code, detail.into());
+        o
+    }
+
+    #[test]
+    fn a_histogram_puts_a_value_on_a_bound_in_that_bounds_bucket() {
+        let mut h = Histogram::default();
+        for v in [0.0005, 0.001, 0.0011, 10.0, 10.5] {
+            h.observe(&DIAL_BUCKETS, v);
+        }
+        let mut want = vec![0; DIAL_BUCKETS.len() + 1];
+        (want[0], want[1], want[12], want[13]) = (2, 1, 1, 1);
+        assert_eq!(h.counts, want);
+        assert!((h.sum - 20.5026).abs() < 1e-9);
+    }
+
+    #[test]
+    fn an_engine_sessions_dial_and_end_are_counted_by_kind_of_end() {
+        let c = Counters::new(1);
+        let a = c.register("a.o");
+        assert!(c.ends(None).is_none() && c.ends(Some(1)).is_none());
+        let ends = c.ends(Some(a)).expect("registered");
+        ends.dialled(0.002);
+        ends.ended(&ended(EndedBy::Client, 1000, "client closed"), 2.0);
+        ends.ended(&ended(EndedBy::Client, 1000, "client closed again"), 3.0);
+        ends.ended(&ended(EndedBy::Bot, 4321, "bot closed"), 0.1);
+        ends.ended(&ended(EndedBy::Bot, 4999, "bot closed"), 0.1);
+        ends.ended(&ended(EndedBy::Gateway, 1000, "session stopped"), 20000.0);
+        ends.ended(&ended(EndedBy::Client, 2000, ""), 1.0);
+        let s = &c.snapshot()[0];
+        assert_eq!(s.dials.counts.iter().sum::<u64>(), 1);
+        assert_eq!(s.dials.counts[1], 1, "0.002 s: at most 0.0025");
+        assert_eq!(s.durations.counts.iter().sum::<u64>(), 6);
+        assert_eq!(s.durations.counts[DURATION_BUCKETS.len()], 1, "past 4 h");
+        let kind = |ended_by, code, detail: &str| EndKind {
+            ended_by,
+            code,
+            detail: detail.into(),
+        };
+        assert_eq!(
+            s.closed,
+            vec![
+                (kind(EndedBy::Client, 1000, ""), 2),
+                (kind(EndedBy::Bot, 4000, ""), 2),
+                (kind(EndedBy::Gateway, 1000, "session stopped"), 1),
+                (kind(EndedBy::Client, 0, ""), 1),
+            ],
+            "a peer's reason is not kept; codes by their label's class"
+        );
+    }
+
+    #[test]
+    fn the_kinds_of_end_kept_are_bounded() {
+        let c = Counters::new(1);
+        let ends = c.ends(Some(c.register("a.o"))).expect("registered");
+        for i in 0..(MAX_END_KINDS + 10) {
+            ends.ended(&ended(EndedBy::Gateway, 1011, &format!("reason {i}")), 1.0);
+        }
+        let closed = &c.snapshot()[0].closed;
+        assert_eq!(closed.len(), MAX_END_KINDS + 1);
+        assert_eq!(closed.iter().map(|(_, n)| n).sum::<u64>(), 74);
+        let last = &closed[MAX_END_KINDS];
+        assert_eq!(
+            (last.0.detail.as_str(), last.1),
+            ("", 10),
+            "without its reason"
         );
     }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::accepting::Connections;
 use crate::body::DecodedBody;
-use crate::counters::Meter;
+use crate::counters::{AgentEnds, Meter};
 use crate::driver::Driven;
 use crate::nonces::Nonces;
 use crate::opener::Verdict;
@@ -298,6 +298,9 @@ pub struct Fast {
 struct Owned {
     hold: Arc<Hold>,
     connections: Arc<Connections>,
+    /// Where its end is counted (`None`: its agent is not), and when it opened.
+    ends: Option<AgentEnds>,
+    opened_at: f64,
 }
 
 impl Drop for Owned {
@@ -465,6 +468,10 @@ pub struct Opening {
     failed: Option<io::Error>,
     stop: Option<(u16, String)>,
     meter: Option<Box<dyn FnOnce() -> Meter + Send>>,
+    /// Where its dial and its end are counted (`None`: its agent is not).
+    ends: Option<AgentEnds>,
+    /// When Python was told it opened (`CLOCK_MONOTONIC` seconds, as [`News::Opened`]).
+    opened_at: f64,
 }
 
 /// What [`Fast::new`] needs beside the sockets.
@@ -484,6 +491,8 @@ pub struct Open {
     /// Makes the session's meter once it is relayed (counted from then on, as a session the
     /// Python path hands over).
     pub meter: Box<dyn FnOnce() -> Meter + Send>,
+    /// Where its dial and its end are counted (`None`: its agent is not).
+    pub ends: Option<AgentEnds>,
     /// Where its news goes.
     pub tell: Tell,
     /// Its token, checked and used up (a `token` agent's session), whose nonce names it.
@@ -567,6 +576,8 @@ impl Fast {
             failed,
             stop: None,
             meter: Some(o.meter),
+            ends: o.ends,
+            opened_at: 0.0,
         };
         Self {
             id,
@@ -847,13 +858,17 @@ impl Fast {
     /// from now (as the Python path starts its clock once the session is handed over).
     fn tell_opened(&self, o: &mut Opening, dial_seconds: f64) {
         let store_seconds = o.held.opened();
+        if let Some(ends) = &o.ends {
+            ends.dialled(dial_seconds);
+        }
+        o.opened_at = monotonic_now();
         (o.held.tell)(News::Opened {
             session_id: self.id,
             session_uuid: std::mem::take(&mut o.session_uuid),
             service_host: o.held.route.service_host.clone(),
             dial_seconds,
             store_seconds,
-            opened_at: monotonic_now(),
+            opened_at: o.opened_at,
             call: o.call.take(),
         });
     }
@@ -889,6 +904,8 @@ impl Fast {
         self.owned = Some(Owned {
             hold: o.held.hold.clone(),
             connections: o.held.connections.clone(),
+            ends: o.ends.take(),
+            opened_at: o.opened_at,
         });
         let mut driven = relay::session(self.id, o.client, o.bot, pending, limits, meter);
         if let Some((code, reason)) = o.stop {
@@ -1007,8 +1024,21 @@ impl Task for Fast {
     }
 
     fn finish(self: Box<Self>) -> Outcome {
-        match self.state {
-            State::Relaying(d) => Box::new(d).finish(),
+        let Self { state, owned, .. } = *self;
+        match state {
+            State::Relaying(d) => {
+                let outcome = Box::new(d).finish();
+                // Counted before its place and connection are given back (`owned` dropped).
+                if let Some(Owned {
+                    ends: Some(ends),
+                    opened_at,
+                    ..
+                }) = &owned
+                {
+                    ends.ended(&outcome, (monotonic_now() - opened_at).max(0.0));
+                }
+                outcome
+            }
             State::Over(o, _) => o,
             // Dropped while dialling (the engine stopped): its `Held` gives everything back;
             // while reading, its `Waiting` tells Python.

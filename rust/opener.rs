@@ -343,6 +343,7 @@ impl Opener {
             answered,
             peek,
             meter,
+            ends: self.counters.ends(agent),
             tell,
             claimed,
             hold,

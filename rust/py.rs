@@ -9,7 +9,7 @@ use std::os::fd::{FromRawFd, RawFd};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyString, PyTuple};
 
 use crate::inproc::Delivery;
 use crate::py_open::{self, FastRoute};
@@ -277,6 +277,11 @@ struct AgentCounts {
     messages_out: u64,
     bytes_in: u64,
     bytes_out: u64,
+    dial_counts: Vec<u64>,
+    dial_sum: f64,
+    duration_counts: Vec<u64>,
+    duration_sum: f64,
+    closed: Vec<(&'static str, u16, String, u64)>,
 }
 
 #[pymethods]
@@ -301,6 +306,15 @@ impl From<counters::Snapshot> for AgentCounts {
             messages_out: s.tally.messages_out,
             bytes_in: s.tally.bytes_in,
             bytes_out: s.tally.bytes_out,
+            dial_counts: s.dials.counts,
+            dial_sum: s.dials.sum,
+            duration_counts: s.durations.counts,
+            duration_sum: s.durations.sum,
+            closed: s
+                .closed
+                .into_iter()
+                .map(|(k, n)| (k.ended_by.as_str(), k.code, k.detail, n))
+                .collect(),
         }
     }
 }
@@ -708,6 +722,11 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TOKEN_TTL_SECONDS", token::TOKEN_TTL_SECONDS)?;
     m.add("MAX_TOKEN_BYTES", token::MAX_TOKEN_BYTES)?;
     m.add("TIME_LIMIT_REASON", session::TIME_LIMIT_CLOSE.1)?;
+    m.add("DIAL_BUCKETS", PyTuple::new(py, counters::DIAL_BUCKETS)?)?;
+    m.add(
+        "DURATION_BUCKETS",
+        PyTuple::new(py, counters::DURATION_BUCKETS)?,
+    )?;
     // ?body=
     m.add("BodyError", py.get_type::<BodyError>())?;
     m.add_function(wrap_pyfunction!(decode_body, m)?)?;

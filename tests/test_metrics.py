@@ -381,14 +381,9 @@ async def test_a_scrape_counts_the_end_of_every_session_whose_place_is_given_bac
     # port: a request on the gateway's own port is news that the engine tells at once.)
     async with gateway(bot, metrics_port=0) as gw:
 
-        def session() -> None:
-            with connect(f"{gw.url}/ws/generic/relay.test") as ws:
-                ws.send("x")
-                assert ws.recv() == "x"
-
         def sessions() -> None:
             for _ in range(8):
-                session()
+                echo_once(f"{gw.url}/ws/generic/relay.test")
 
         for n in range(8, 40, 8):
             # Eight one after the other: the first end is told at once, the next ones wait.
@@ -403,14 +398,62 @@ async def test_a_scrape_counts_the_end_of_every_session_whose_place_is_given_bac
             assert m("wsgate_session_duration_seconds_count", agent="relay.test") == n
 
 
+def echo_once(url: str) -> None:
+    with connect(url) as ws:
+        ws.send("x")
+        assert ws.recv() == "x"
+
+
+def held_until_closed(url: str, holding: threading.Event, code: list[int]) -> None:
+    """A session that echoes once, sets ``holding``, then waits for the gateway's close and
+    adds its code to ``code``."""
+    with connect(url) as ws:
+        ws.send("x")
+        ws.recv()
+        holding.set()
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(TIMEOUT)
+        assert closed.value.rcvd is not None
+        code.append(closed.value.rcvd.code)
+
+
+async def test_the_engines_own_sessions_are_counted_with_the_gateways_reasons(bot: Bot) -> None:
+    # The engine counts the dials and ends of the sessions it opened itself (rust/counters.rs);
+    # the scrape names who ended them from the gateway's reason, as for the Python path's own:
+    # here a drain's 1001, beside a client's 1000 and the time each lasted.
+    with refused_port() as dead:
+        gw = Gateway(config(bot.url, dead, drain_timeout=60))
+    holding, code = threading.Event(), list[int]()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(gw.serve)
+        assert gw._sessions is not None and "relay.test" in gw._sessions.fast, "the engine's"
+        url = f"{gw.url}/ws/generic/relay.test"
+        await in_thread(echo_once, url)
+        tg.start_soon(in_thread, held_until_closed, url, holding, code)
+        assert await in_thread(holding.wait, TIMEOUT)
+        gw.stop()
+        gw.stop()  # a second stop: close the rest now (1001)
+    assert code == [1001]
+    m = Scrape(gw.metrics.exposition().partition(b"\r\n\r\n")[2].decode())
+    assert m.series("wsgate_sessions_closed_total") == {
+        (("agent", "relay.test"), ("code", "1000"), ("ended_by", "client")): 1,
+        (("agent", "relay.test"), ("code", "1001"), ("ended_by", "gateway_drain")): 1,
+    }
+    assert m("wsgate_session_duration_seconds_count", agent="relay.test") == 2
+    assert m("wsgate_session_duration_seconds_bucket", agent="relay.test", le="+Inf") == 2
+    les = {dict(labels)["le"] for (name, labels) in m.samples if name.endswith("_bucket")}
+    assert les >= {"0.5", "1.0", "14400.0", "0.001", "0.0025", "10.0", "+Inf"}, "as Prometheus's"
+    assert m("wsgate_upstream_dial_seconds_count", agent="relay.test") == 2
+    assert 0 < m("wsgate_upstream_dial_seconds_sum", agent="relay.test") < 2 * TIMEOUT
+
+
 async def test_every_session_that_ended_is_counted_and_logged_before_a_stop(bot: Bot) -> None:
     # The ends of the sessions the engine opened are told at leisure: a stop right after a
     # burst of them still logs each one.
     def sessions() -> None:
         for _ in range(8):
-            with connect(f"{gw.url}/ws/generic/relay.test") as ws:
-                ws.send("x")
-                assert ws.recv() == "x"
+            echo_once(f"{gw.url}/ws/generic/relay.test")
 
     with json_log() as out:
         async with gateway(bot) as gw:
@@ -495,17 +538,7 @@ async def test_a_hostile_path_adds_no_label(bot: Bot) -> None:
 async def test_the_metrics_listener_answers_through_a_drain(bot: Bot) -> None:
     with refused_port() as dead:
         gw = Gateway(config(bot.url, dead, metrics_port=0, drain_timeout=60))
-    holding, code = threading.Event(), []
-
-    def hold() -> None:
-        with connect(f"{gw.url}/ws/generic/echo.test") as ws:
-            ws.send("x")
-            ws.recv()
-            holding.set()
-            with pytest.raises(ConnectionClosed) as closed:
-                ws.recv(TIMEOUT)
-            assert closed.value.rcvd is not None
-            code.append(closed.value.rcvd.code)
+    holding, code = threading.Event(), list[int]()
 
     async with anyio.create_task_group() as tg:
         await tg.start(gw.serve)
@@ -518,7 +551,7 @@ async def test_the_metrics_listener_answers_through_a_drain(bot: Bot) -> None:
             assert (await http_exchange(port, request))[0] == expected
         post = b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
         assert (await http_exchange(port, post))[0] == 405
-        tg.start_soon(in_thread, hold)
+        tg.start_soon(in_thread, held_until_closed, f"{gw.url}/ws/generic/echo.test", holding, code)
         assert await in_thread(holding.wait, TIMEOUT)
 
         gw.stop()  # the clients' listener closes; sessions drain

@@ -8,6 +8,8 @@ from typing import Any, Literal, final
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DIAL_BUCKETS",
+    "DURATION_BUCKETS",
     "MAX_BODY_BYTES",
     "MAX_BODY_DEPTH",
     "MAX_HEADER_BYTES",
@@ -49,6 +51,10 @@ MAX_HEADER_BYTES: int
 DEFAULT_MAX_MESSAGE_SIZE: int
 #: The close reason (with code 1000) a session gets at its time limit, and its outcome's detail.
 TIME_LIMIT_REASON: str
+#: Upper bounds, in seconds, of the metrics' histogram of bot dials (:class:`AgentCounts`).
+DIAL_BUCKETS: tuple[float, ...]
+#: Upper bounds, in seconds, of the metrics' histogram of session durations.
+DURATION_BUCKETS: tuple[float, ...]
 #: Lifetime of a session token, in seconds (SPEC §3).
 TOKEN_TTL_SECONDS: int
 #: Longest token accepted; longer ones are refused before any work.
@@ -204,6 +210,19 @@ class AgentCounts:
     messages_out: int
     bytes_in: int
     bytes_out: int
+    #: The sessions the engine opened by itself (:class:`FastRoute`) are counted here as they
+    #: go, not in Python: their dials (``dial_counts[i]``: those of at most
+    #: ``DIAL_BUCKETS[i]`` seconds and above the bound before, the last above every bound;
+    #: empty before the first; and their sum)...
+    dial_counts: list[int]
+    dial_sum: float
+    #: ...how long those that ended lasted (over :data:`DURATION_BUCKETS`, the same way)...
+    duration_counts: list[int]
+    duration_sum: float
+    #: ...and how they ended: ``(ended_by, code, detail, count)``. ``code`` is the close code
+    #: as its label keeps it: 1000-1015 as they are, 3000 for any 3xxx, 4000 for any 4xxx, 0 for
+    #: any other; ``detail`` is the gateway's reason for an end of ``"gateway"``, else ``""``.
+    closed: list[tuple[str, int, str, int]]
 
 @final
 class SessionCounts:

@@ -8,7 +8,9 @@ registry per gateway, so gateways in one process never mix):
   go (a few relaxed atomic adds per read, nothing per message, no Python per message);
 - events of the control plane, counted where they happen, once per request or session:
   refusals, session ends and their durations, ``/start`` answers, token rejections, the replay
-  store's round trips, bot dials;
+  store's round trips, bot dials. The sessions the engine opens by itself (``fastpath``) have
+  their dials, ends and durations counted in the engine (``rust/counters.rs``), added to the
+  control plane's own at each scrape: nothing of theirs is counted in Python;
 - the gateway's state: connections open, upgrades pending, draining; the build; the process.
 
 Labels are bounded: ``agent`` is a configured service host (``{agent}.{org}``) or ``""`` (the
@@ -21,16 +23,22 @@ from __future__ import annotations
 
 import functools
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import _core
 from .errors import HttpError, OpeningError, TokenRejected
@@ -51,11 +59,12 @@ __all__ = [
 METRICS_PATH = "/metrics"
 
 #: Session durations, seconds: voice calls last seconds to hours (SPEC §6 caps them at 4 h).
-DURATION_BUCKETS = (0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+#: The engine's, which counts the durations of the sessions it opens by itself.
+DURATION_BUCKETS = _core.DURATION_BUCKETS
 #: A replay-store round trip: microseconds in memory, ~0.1 ms to Redis on the same host.
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 #: A bot's TCP connect and 101: milliseconds nearby, up to ``dial_timeout`` (5 s by default).
-DIAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DIAL_BUCKETS = _core.DIAL_BUCKETS
 
 # The close reason of a stop (server.py's drain, sessions.py's supervise): a session ended with
 # it was ended by the gateway's drain.
@@ -88,15 +97,17 @@ def ended_by(outcome: _core.Outcome, inprocess: bool, stopped: bool = False) -> 
     The engine says ``gateway`` whenever it sent the closes itself; for an in-process bot that
     includes the bot's own close (the gateway speaks WebSocket for it), which counts as ``bot``.
     """
-    by = outcome.ended_by
+    return _ended_by(outcome.ended_by, outcome.code, outcome.detail, inprocess, stopped)
+
+
+def _ended_by(by: str, code: int, detail: str, inprocess: bool, stopped: bool) -> str:
     if by != "gateway":
         return by
-    code = outcome.code
-    if stopped and outcome.detail == STOP_REASON:
+    if stopped and detail == STOP_REASON:
         return "api"
-    if outcome.detail == _core.TIME_LIMIT_REASON or code == 1009:
+    if detail == _core.TIME_LIMIT_REASON or code == 1009:
         return "gateway_limit"
-    if outcome.detail == _DRAIN_REASON:
+    if detail == _DRAIN_REASON:
         return "gateway_drain"
     if inprocess and code not in (1002, 1006, 1007):
         return "bot"
@@ -145,7 +156,6 @@ class Metrics:
 
     def __init__(self, agents: Container[str] = frozenset()) -> None:
         self._agents = agents
-        self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
         #: Called first at each exposition (see :meth:`watch`).
         self._catch_up: Callable[[], None] | None = None
         self.registry = registry = CollectorRegistry()
@@ -156,19 +166,8 @@ class Metrics:
             ["agent", "status"],
             registry=registry,
         )
-        self._closed = Counter(
-            "wsgate_sessions_closed",
-            "Sessions ended, by agent, who ended them and the close code they ended with",
-            ["agent", "ended_by", "code"],
-            registry=registry,
-        )
-        self._duration = Histogram(
-            "wsgate_session_duration_seconds",
-            "How long ended sessions lasted, from the hand-over to the engine to their end",
-            ["agent"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
+        self._ends = _Ends(self.agent)
+        registry.register(self._ends)
         self._start = Counter(
             "wsgate_start_requests",
             "/start requests answered, by agent and status",
@@ -199,13 +198,6 @@ class Metrics:
             "Replay-store calls that failed (token sessions are refused with 503 meanwhile)",
             registry=registry,
         )
-        self._dial = Histogram(
-            "wsgate_upstream_dial_seconds",
-            "Time to reach an upstream bot and get its 101, of the dials that succeeded",
-            ["agent"],
-            buckets=DIAL_BUCKETS,
-            registry=registry,
-        )
         self._dial_failures = Counter(
             "wsgate_upstream_dial_failures",
             "Dials of an upstream bot that failed (the client got 502/504), by agent and reason",
@@ -216,15 +208,6 @@ class Metrics:
             {"version": _version()}
         )
         ProcessCollector(registry=registry)
-
-    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
-        """``metric.labels(*labels)``, kept: every session's end and dial count under a few
-        label sets (bounded, like the labels), and ``labels()`` checks and locks each time."""
-        key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def agent(self, service_host: str | None) -> str:
         """``service_host`` as an ``agent`` label: a configured one, else ``""``."""
@@ -242,6 +225,7 @@ class Metrics:
         are told at leisure, :meth:`wsgate.engine.Relay.dispatch`) are counted before the
         engine's live gauges are read, so the two agree."""
         self.registry.register(_Live(counters, state))
+        self._ends.engine = counters
         self._catch_up = catch_up
 
     def upgrade_refused(self, service_host: str | None, error: HttpError | OpeningError) -> None:
@@ -275,11 +259,11 @@ class Metrics:
         seconds: float,
         stopped: bool = False,
     ) -> None:
-        """A session ended after ``seconds`` (``stopped``: through the API)."""
+        """A session ended after ``seconds`` (``stopped``: through the API). Not for the
+        sessions the engine opened by itself: it counts theirs."""
         agent = self.agent(service_host)
         by, code = ended_by(outcome, inprocess, stopped), close_code_label(outcome.code)
-        self._child(self._closed, agent, by, code).inc()
-        self._child(self._duration, agent).observe(seconds)
+        self._ends.ended(agent, by, code, seconds)
 
     @contextmanager
     def dialling(self, service_host: str) -> Iterator[None]:
@@ -293,8 +277,8 @@ class Metrics:
         self.dialled(service_host, time.perf_counter() - started)
 
     def dialled(self, service_host: str, seconds: float) -> None:
-        """A dial of the agent's bot succeeded in ``seconds`` (the engine's own dials too)."""
-        self._child(self._dial, self.agent(service_host)).observe(seconds)
+        """A dial of the agent's bot succeeded in ``seconds`` (the engine counts its own)."""
+        self._ends.dialled(self.agent(service_host), seconds)
 
     def dial_failed(self, service_host: str, error: HttpError) -> None:
         """A dial of the agent's bot failed with ``error`` (502 or 504)."""
@@ -318,6 +302,121 @@ class Metrics:
             self._catch_up()
         encoder, content_type = choose_encoder(accept or "")
         return http_response(200, encoder(self.registry), content_type)
+
+
+class _Histogram:
+    """Observations in buckets, as the engine keeps them (:class:`_core.AgentCounts`):
+    ``counts[i]`` those of at most ``bounds[i]`` and above the bound before, the last those
+    above every bound."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def add(self, counts: Sequence[int], total: float) -> None:
+        for i, n in enumerate(counts):
+            self.counts[i] += n
+        self.sum += total
+
+    def copy(self) -> _Histogram:
+        h = _Histogram(self.bounds)
+        h.add(self.counts, self.sum)
+        return h
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative, as the exposition shows them."""
+        les = [*map(floatToGoString, self.bounds), "+Inf"]
+        running, out = 0, list[tuple[str, float]]()
+        for le, n in zip(les, self.counts, strict=True):
+            running += n
+            out.append((le, running))
+        return out
+
+
+class _Ends(Collector):
+    """Session ends, their durations and bot dials: the control plane's own, counted in plain
+    numbers as they happen (on the event loop: ``prometheus_client``'s take a lock per
+    observation, and these come once per session), and at each scrape the engine's for the
+    sessions it opened by itself, once :meth:`Metrics.watch` gave its counters."""
+
+    def __init__(self, agent: Callable[[str], str]) -> None:
+        self._agent = agent
+        self.engine: Callable[[], Sequence[_core.AgentCounts]] | None = None
+        self._closed: dict[tuple[str, str, str], int] = {}
+        self._durations: dict[str, _Histogram] = {}
+        self._dials: dict[str, _Histogram] = {}
+
+    def ended(self, agent: str, by: str, code: str, seconds: float) -> None:
+        key = (agent, by, code)
+        self._closed[key] = self._closed.get(key, 0) + 1
+        durations = self._durations.get(agent)
+        if durations is None:
+            durations = self._durations[agent] = _Histogram(DURATION_BUCKETS)
+        durations.observe(seconds)
+
+    def dialled(self, agent: str, seconds: float) -> None:
+        dials = self._dials.get(agent)
+        if dials is None:
+            dials = self._dials[agent] = _Histogram(DIAL_BUCKETS)
+        dials.observe(seconds)
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families({}, {}, {})
+
+    def collect(self) -> Iterable[Metric]:
+        closed = dict(self._closed)
+        durations = {a: h.copy() for a, h in list(self._durations.items())}
+        dials = {a: h.copy() for a, h in list(self._dials.items())}
+        for c in self.engine() if self.engine is not None else ():
+            agent = self._agent(c.agent)
+            for by, code, detail, n in c.closed:
+                # The engine's sessions are relayed, stopped only through the API.
+                label = _ended_by(by, code, detail, inprocess=False, stopped=True)
+                key = (agent, label, close_code_label(code))
+                closed[key] = closed.get(key, 0) + n
+            if c.duration_counts:
+                durations.setdefault(agent, _Histogram(DURATION_BUCKETS)).add(
+                    c.duration_counts, c.duration_sum
+                )
+            if c.dial_counts:
+                dials.setdefault(agent, _Histogram(DIAL_BUCKETS)).add(c.dial_counts, c.dial_sum)
+        return self._families(closed, durations, dials)
+
+    @staticmethod
+    def _families(
+        closed: dict[tuple[str, str, str], int],
+        durations: dict[str, _Histogram],
+        dials: dict[str, _Histogram],
+    ) -> list[Metric]:
+        ends = CounterMetricFamily(
+            "wsgate_sessions_closed",
+            "Sessions ended, by agent, who ended them and the close code they ended with",
+            labels=["agent", "ended_by", "code"],
+        )
+        for labels, n in closed.items():
+            ends.add_metric(labels, n)
+        lasted = HistogramMetricFamily(
+            "wsgate_session_duration_seconds",
+            "How long ended sessions lasted, from the hand-over to the engine to their end",
+            labels=["agent"],
+        )
+        for agent, h in durations.items():
+            lasted.add_metric([agent], h.buckets(), h.sum)
+        dialled = HistogramMetricFamily(
+            "wsgate_upstream_dial_seconds",
+            "Time to reach an upstream bot and get its 101, of the dials that succeeded",
+            labels=["agent"],
+        )
+        for agent, h in dials.items():
+            dialled.add_metric([agent], h.buckets(), h.sum)
+        return [ends, lasted, dialled]
 
 
 class _Live(Collector):

@@ -408,16 +408,16 @@ class Sessions:
                 del self._per_client[client]
 
     def told(self, news: _core.Opened) -> None:
-        """A session the engine opened by itself (:mod:`wsgate.fastpath`): its dial counted,
-        its news kept. It becomes an :class:`Opened` in :attr:`live` only if asked for (by id,
-        in a list: :meth:`find`, :meth:`listed`); most end first, and :meth:`told_ended` counts
-        and logs them from their news. Its place and its connection were taken by the engine,
-        which gives them back itself at its end (a Session API stop gives the place back at
-        once: :meth:`stop`)."""
+        """A session the engine opened by itself (:mod:`wsgate.fastpath`): its news kept. It
+        becomes an :class:`Opened` in :attr:`live` only if asked for (by id, in a list:
+        :meth:`find`, :meth:`listed`); most end first, and :meth:`told_ended` logs them from
+        their news. The engine counts its dial and its end (:mod:`wsgate.metrics`). Its place
+        and its connection were taken by the engine, which gives them back itself at its end (a
+        Session API stop gives the place back at once: :meth:`stop`)."""
         self.relay.told(news)
         self._told_by_uuid[news.session_uuid] = news
-        self.metrics.dialled(news.service_host, news.dial_seconds)
-        self.metrics.store_called(news.store_seconds)
+        if news.store_seconds:
+            self.metrics.store_called(news.store_seconds)
 
     def _adopt(self, session_id: int) -> Opened | None:
         """The Opened of a session :meth:`told` kept, registered from now on like one handed
@@ -446,12 +446,10 @@ class Sessions:
         return opened
 
     def told_ended(self, news: _core.Opened, outcome: _core.Outcome) -> None:
-        """A session the engine opened ended without being adopted: its end counted and
-        logged as an adopted one's would be (the engine gave its place back)."""
+        """A session the engine opened ended without being adopted: its end logged as an
+        adopted one's would be (the engine gave its place back and counted its end)."""
         del self._told_by_uuid[news.session_uuid]
-        service_host = news.service_host
         seconds = max(0.0, outcome.ended_at - news.opened_at)
-        self.metrics.session_ended(service_host, False, outcome, seconds)
         log_outcome(_Unadopted(news), outcome, seconds)
 
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
@@ -475,10 +473,10 @@ class Sessions:
     def _finished(self, opened: Opened, outcome: _core.Outcome) -> None:
         if opened.opened_at is None:
             seconds = anyio.current_time() - opened.started
-        else:  # its end may be told a little late: timed by the engine
+            inprocess, stopped = opened.bot is not None, opened.stopped
+            self.metrics.session_ended(opened.service_host, inprocess, outcome, seconds, stopped)
+        else:  # its end may be told a little late: timed (and counted) by the engine
             seconds = max(0.0, outcome.ended_at - opened.opened_at)
-        inprocess, stopped = opened.bot is not None, opened.stopped
-        self.metrics.session_ended(opened.service_host, inprocess, outcome, seconds, stopped)
         log_outcome(opened, outcome, seconds)
 
 
