@@ -81,9 +81,8 @@ fn crlf_only(head: &[u8]) -> bool {
 }
 
 /// Comma-separated elements of every value of one header, trimmed, empty ones skipped.
-fn elements<'v, 'b: 'v>(values: &'v [&'b [u8]]) -> impl Iterator<Item = &'b [u8]> + 'v {
+fn elements<'b>(values: impl Iterator<Item = &'b [u8]>) -> impl Iterator<Item = &'b [u8]> {
     values
-        .iter()
         .flat_map(|v| v.split(|&b| b == b','))
         .map(|e| e.trim_ascii())
         .filter(|e| !e.is_empty())
@@ -92,16 +91,25 @@ fn elements<'v, 'b: 'v>(values: &'v [&'b [u8]]) -> impl Iterator<Item = &'b [u8]
 /// A head's fields: (name, value trimmed), as `request.parse_header_lines` keeps them.
 type Fields<'b> = Vec<(&'b [u8], &'b [u8])>;
 
-/// The values of header `name` (ASCII case-insensitive).
-fn values<'b>(fields: &[(&'b [u8], &'b [u8])], name: &str) -> Vec<&'b [u8]> {
+/// The values of header `name` (ASCII case-insensitive), in order. An iterator, not a list: a
+/// head is checked once per session, and each list was an allocation.
+fn values<'f, 'b: 'f>(
+    fields: &'f [(&'b [u8], &'b [u8])],
+    name: &'f str,
+) -> impl Iterator<Item = &'b [u8]> + 'f {
     fields
         .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
         .map(|(_, v)| *v)
-        .collect()
 }
 
-fn has_element(values: &[&[u8]], want: &[u8]) -> bool {
+/// The one value of header `name`; `None` if it has none, or more than one.
+fn only<'b>(mut values: impl Iterator<Item = &'b [u8]>) -> Option<&'b [u8]> {
+    let first = values.next()?;
+    values.next().is_none().then_some(first)
+}
+
+fn has_element<'b>(values: impl Iterator<Item = &'b [u8]>, want: &[u8]) -> bool {
     elements(values).any(|e| e.eq_ignore_ascii_case(want))
 }
 
@@ -157,18 +165,19 @@ fn checked(buf: &[u8]) -> Option<Checked<'_>> {
         .map(|h| (h.name.as_bytes(), h.value.trim_ascii()))
         .collect();
     let fields = fields.as_slice();
-    let one = |name| {
-        let v = values(fields, name);
-        (v.len() == 1).then(|| v[0])
+    let one = |name| only(values(fields, name));
+    let mut lengths = values(fields, "content-length");
+    let no_body = match lengths.next() {
+        None => true,
+        Some(length) => length == b"0" && lengths.next().is_none(),
     };
-    let lengths = values(fields, "content-length");
     if one("host").is_none()
-        || !(lengths.is_empty() || lengths == [b"0"])
-        || !values(fields, "transfer-encoding").is_empty()
-        || !has_element(&values(fields, "upgrade"), b"websocket")
-        || !has_element(&values(fields, "connection"), b"upgrade")
+        || !no_body
+        || values(fields, "transfer-encoding").next().is_some()
+        || !has_element(values(fields, "upgrade"), b"websocket")
+        || !has_element(values(fields, "connection"), b"upgrade")
         || one("sec-websocket-version") != Some(b"13")
-        || elements(&values(fields, "sec-websocket-protocol"))
+        || elements(values(fields, "sec-websocket-protocol"))
             .next()
             .is_some()
     {
@@ -178,7 +187,7 @@ fn checked(buf: &[u8]) -> Option<Checked<'_>> {
     Some(Checked {
         target,
         key: std::str::from_utf8(key).ok()?,
-        authorization: values(fields, "authorization"),
+        authorization: values(fields, "authorization").collect(),
         head_len,
     })
 }
@@ -343,15 +352,17 @@ pub fn session_id_for(nonce: &str) -> String {
 fn uuid4(mut b: [u8; 16]) -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    // Written in place: one allocation (a `format!` per byte was 18 a session).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut uuid = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            uuid.push('-');
+        }
+        uuid.push(char::from(HEX[usize::from(x >> 4)]));
+        uuid.push(char::from(HEX[usize::from(x & 0x0f)]));
+    }
+    uuid
 }
 
 /// The upgrade request sent to the bot, byte for byte what `handshake.upstream_request` builds
@@ -414,18 +425,14 @@ pub fn bot_accepted(head: &[u8], key: &str) -> bool {
         }
         fields.push((name, value.trim_ascii()));
     }
-    let upgrades = values(&fields, "upgrade");
-    let upgrade: Vec<&[u8]> = elements(&upgrades).collect();
-    let accept = values(&fields, "sec-websocket-accept");
-    upgrade.len() == 1
-        && upgrade[0].eq_ignore_ascii_case(b"websocket")
-        && has_element(&values(&fields, "connection"), b"upgrade")
-        && accept.len() == 1
-        && accept[0] == accept_key(key).as_bytes()
-        && elements(&values(&fields, "sec-websocket-extensions"))
+    only(elements(values(&fields, "upgrade"))).is_some_and(|u| u.eq_ignore_ascii_case(b"websocket"))
+        && has_element(values(&fields, "connection"), b"upgrade")
+        && only(values(&fields, "sec-websocket-accept"))
+            .is_some_and(|a| a == accept_key(key).as_bytes())
+        && elements(values(&fields, "sec-websocket-extensions"))
             .next()
             .is_none()
-        && elements(&values(&fields, "sec-websocket-protocol"))
+        && elements(values(&fields, "sec-websocket-protocol"))
             .next()
             .is_none()
 }
@@ -609,6 +616,12 @@ mod tests {
                 "{target} {extra:?}"
             );
         }
+        assert!(recognise(&request("/ws/generic/a.b", "Content-Length: 0\r\n")).is_some());
+        let lengths = request(
+            "/ws/generic/a.b",
+            "Content-Length: 0\r\nContent-Length: 0\r\n",
+        );
+        assert!(recognise(&lengths).is_none(), "two, even of 0: 400");
         let bare_lf = request("/ws/generic/a.b", "X: y\n");
         assert!(recognise(&bare_lf).is_none());
         let post = String::from_utf8(request("/ws/generic/a.b", "")).unwrap();
@@ -682,6 +695,17 @@ mod tests {
         assert!(!bot_accepted(format!("\r\n{ok}").as_bytes(), KEY));
         let folded = ok.replace("\r\n\r\n", "\r\nX: a\r\n b\r\n\r\n");
         assert!(!bot_accepted(folded.as_bytes(), KEY));
+        // One upgrade, to websocket, and one accept: anything more is not a 101 we relay.
+        for more in [
+            "Upgrade: websocket, h2c",
+            "Upgrade: websocket",
+            "Sec-WebSocket-Accept: x",
+        ] {
+            let twice = ok.replace("\r\n\r\n", &format!("\r\n{more}\r\n\r\n"));
+            assert!(!bot_accepted(twice.as_bytes(), KEY), "{more}");
+        }
+        let listed = ok.replace("Connection: Upgrade", "Connection: keep-alive, Upgrade");
+        assert!(bot_accepted(listed.as_bytes(), KEY));
     }
 
     #[test]
@@ -689,6 +713,14 @@ mod tests {
         let mut req = b"\r\n".to_vec();
         req.extend(request("/ws/generic/a.b", ""));
         assert!(recognise(&req).is_none());
+    }
+
+    #[test]
+    fn a_uuid_is_written_as_pythons_uuid_module_writes_it() {
+        // str(uuid.UUID(bytes=..., version=4))
+        let counting: [u8; 16] = std::array::from_fn(|i| i as u8);
+        assert_eq!(uuid4(counting), "00010203-0405-4607-8809-0a0b0c0d0e0f");
+        assert_eq!(uuid4([0xff; 16]), "ffffffff-ffff-4fff-bfff-ffffffffffff");
     }
 
     #[test]
