@@ -43,13 +43,17 @@ pub(crate) const FIRST_READ: usize = upgrade::MAX_HEADER_BYTES + 4096;
 /// News for Python, in the order it happened: a session's messages come before its outcome.
 #[derive(Debug)]
 pub enum Item {
-    /// A session ended, and when it was told (`CLOCK_MONOTONIC` seconds, as Python's
-    /// `time.monotonic()`: an outcome that waited is timed by this, not by its delivery).
-    Outcome(Outcome, f64),
+    /// A session ended, when it was told (`CLOCK_MONOTONIC` seconds, as Python's
+    /// `time.monotonic()`: an outcome that waited is timed by this, not by its delivery), and
+    /// for a session the engine opened that Python never adopted, its news (a
+    /// [`News::Opened`], kept by the engine until then: [`Engine::adopt`]).
+    Outcome(Outcome, f64, Option<News>),
     /// A message of an in-process session.
     Message(Message),
-    /// A session the engine opened by itself, or could not.
+    /// A session the engine could not open, a connection for Python, a failed accept.
     Open(News),
+    /// How long the replay store's calls for a session the engine opened took, in seconds.
+    StoreCalls(Vec<f64>),
 }
 
 /// A connection [`Engine::accept`] took: opened by the engine, or for the control plane.
@@ -93,12 +97,27 @@ pub const LEISURE_BATCH: usize = 16;
 #[derive(Default)]
 struct Queue {
     items: Vec<Item>,
+    /// The sessions the engine opened that Python has not adopted, by id: their news
+    /// ([`News::Opened`]), which goes with their outcome. Python asks for one when the Session
+    /// API names it (by its UUID: `by_uuid`) or lists its agent's, and hears of the rest only
+    /// as they end: nothing of a live session the engine opened is in Python.
+    told: HashMap<u64, News>,
+    by_uuid: HashMap<String, u64>,
     rung: bool,
     /// When the doorbell last rang.
     rang_at: Option<Instant>,
 }
 
 impl Queue {
+    /// The news of session `id`, if the engine opened it and Python has not adopted it.
+    fn take_told(&mut self, id: u64) -> Option<News> {
+        let news = self.told.remove(&id)?;
+        if let News::Opened { session_uuid, .. } = &news {
+            self.by_uuid.remove(session_uuid);
+        }
+        Some(news)
+    }
+
     /// Rings unless rung (a full socketpair already holds a byte, which is all it needs).
     fn ring(&mut self, bell: &UnixStream) {
         if !self.rung {
@@ -134,10 +153,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Queues `item` without ringing: Python takes it with the next item that rings, or when it
-    /// reads its registry (news of an opened session: nothing waits on it).
-    pub(crate) fn push_quiet(&self, item: Item) {
-        lock(&self.queue).items.push(item);
+    /// A session the engine opened: its news kept until Python adopts it or it ends (see
+    /// [`Queue`]); the replay store's calls it made, if any, queued without ringing.
+    pub(crate) fn opened(&self, mut news: News) {
+        let News::Opened {
+            session_id,
+            session_uuid,
+            store_seconds,
+            ..
+        } = &mut news
+        else {
+            unreachable!("only opened sessions are kept");
+        };
+        let mut q = lock(&self.queue);
+        if !store_seconds.is_empty() {
+            let calls = std::mem::take(store_seconds);
+            q.items.push(Item::StoreCalls(calls));
+        }
+        q.by_uuid.insert(session_uuid.clone(), *session_id);
+        q.told.insert(*session_id, news);
     }
 
     /// Queues `item` and rings (outcomes come through [`Reports`], which may ring later).
@@ -194,7 +228,8 @@ impl Reports for Shared {
             .get()
             .is_some_and(|c| c.count() == 0 && !c.listening());
         let mut q = lock(&self.queue);
-        q.items.push(Item::Outcome(o, at));
+        let news = q.take_told(o.session_id);
+        q.items.push(Item::Outcome(o, at, news));
         if q.rung {
             return None; // Python has yet to drain: it takes this one too
         }
@@ -488,6 +523,35 @@ impl Engine {
 
     fn register(&self, id: u64, worker: usize) -> io::Result<Arc<Live>> {
         self.shared.register(id, worker, None)
+    }
+
+    /// The news of live session `id`, one the engine opened, taken: Python knows it from now on,
+    /// and its outcome comes without it. `None` if it is not such a session, is over, was taken
+    /// already, or is not of `service_host` (when given: then it is left as it is).
+    pub fn adopt(&self, id: u64, service_host: Option<&str>) -> Option<News> {
+        let mut q = lock(&self.shared.queue);
+        if let Some(want) = service_host {
+            match q.told.get(&id)? {
+                News::Opened { service_host, .. } if service_host == want => {}
+                _ => return None,
+            }
+        }
+        q.take_told(id)
+    }
+
+    /// The id of the live session the engine opened, not adopted, whose UUID is `uuid`.
+    pub fn told_id(&self, uuid: &str) -> Option<u64> {
+        lock(&self.shared.queue).by_uuid.get(uuid).copied()
+    }
+
+    /// `f` of the news of every live session the engine opened and Python has not adopted.
+    pub fn told<R>(&self, f: impl FnMut(&News) -> R) -> Vec<R> {
+        lock(&self.shared.queue).told.values().map(f).collect()
+    }
+
+    /// How many live sessions the engine opened and Python has not adopted.
+    pub fn told_count(&self) -> usize {
+        lock(&self.shared.queue).told.len()
     }
 
     /// Gives back now the place of live session `id`, one the engine opened, instead of at its

@@ -844,8 +844,8 @@ impl Fast {
         }
         let answer =
             (!answered).then(|| upgrade::switching_protocols(&o.client_key, &o.session_uuid));
-        // Queued before the client can read its 101: a Session API call made with the id the
-        // 101 names finds the session (Python reads the queue before it looks).
+        // Kept before the client can read its 101: a Session API call made with the id the 101
+        // names finds the session.
         let dial_seconds = o.started.elapsed().as_secs_f64();
         self.tell_opened(&mut o, dial_seconds);
         if let Some(answer) = answer {
@@ -1167,6 +1167,7 @@ pub(crate) mod tests {
         super::monotonic_now()
     }
 
+    /// The next news: queued, or an opened session's (kept by the engine; adopted here).
     pub(crate) fn news(engine: &Engine) -> News {
         let end = Instant::now() + Duration::from_secs(5);
         while Instant::now() < end {
@@ -1174,6 +1175,13 @@ pub(crate) mod tests {
                 if let Item::Open(n) = item {
                     return n;
                 }
+            }
+            let told = engine.told(|n| match n {
+                News::Opened { session_id, .. } => *session_id,
+                _ => unreachable!("only opened sessions are kept"),
+            });
+            if let Some(n) = told.into_iter().min().and_then(|id| engine.adopt(id, None)) {
+                return n;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -1238,7 +1246,7 @@ pub(crate) mod tests {
                 let items = engine.drain();
                 if items
                     .iter()
-                    .any(|i| matches!(i, Item::Outcome(o, _) if o.session_id == id))
+                    .any(|i| matches!(i, Item::Outcome(o, ..) if o.session_id == id))
                 {
                     return;
                 }
@@ -1264,6 +1272,65 @@ pub(crate) mod tests {
         assert_eq!(engine.places(Some("a.b")), 1);
         assert!(!engine.give_back_place(id), "over");
         assert!(!engine.give_back_place(12345), "no such session");
+    }
+
+    #[test]
+    fn the_engine_keeps_an_opened_sessions_news_until_it_is_adopted_or_ends() {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        engine
+            .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 5, 5000)])
+            .unwrap();
+        let open = || {
+            let (l, mut client) = connected(&upgrade("/ws/generic/a.b"));
+            assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+            let (mut bot, _) = bot_l.accept().unwrap();
+            bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            answer_101(&mut bot);
+            let head = read_head(&mut client);
+            let uuid = header(&head, "X-Session-Id").expect("named").to_owned();
+            (uuid, client, bot)
+        };
+        let outcome_news = |id: u64| {
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                for item in engine.drain() {
+                    assert!(!matches!(item, Item::Open(_)), "never queued: {item:?}");
+                    if let Item::Outcome(o, _, news) = item {
+                        if o.session_id == id {
+                            return news;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("session {id} did not end");
+        };
+        let id_of = |news: &News| match news {
+            News::Opened { session_id, .. } => *session_id,
+            _ => panic!("not opened: {news:?}"),
+        };
+        // Kept, not queued: found by the id its 101 named as soon as the client has the 101.
+        let (uuid, client, bot) = open();
+        let id = engine.told_id(&uuid).expect("kept before the 101 went");
+        assert_eq!(engine.told(id_of), vec![id]);
+        assert!(
+            engine.adopt(id, Some("other.b")).is_none(),
+            "another agent's: left"
+        );
+        // Not adopted: its news goes with its outcome, and it is no longer kept.
+        drop((client, bot));
+        assert_eq!(outcome_news(id).as_ref().map(id_of), Some(id));
+        assert_eq!((engine.told_count(), engine.told_id(&uuid)), (0, None));
+        assert!(engine.adopt(id, None).is_none(), "over");
+        // Adopted: taken once, and its outcome comes without it.
+        let (uuid, client, bot) = open();
+        let id = engine.told_id(&uuid).expect("kept");
+        assert_eq!(engine.adopt(id, Some("a.b")).as_ref().map(id_of), Some(id));
+        assert!(engine.adopt(id, None).is_none(), "once");
+        assert_eq!((engine.told_count(), engine.told_id(&uuid)), (0, None));
+        drop((client, bot));
+        assert!(outcome_news(id).is_none());
     }
 
     #[test]

@@ -330,9 +330,9 @@ impl Opener {
         });
         let shared = self.shared.clone();
         let tell: open::Tell = Arc::new(move |news| match news {
-            // Nothing in Python waits for it: it comes with the session's outcome, or when
-            // Python reads its registry, without a wake-up of its own.
-            News::Opened { .. } => shared.push_quiet(Item::Open(news)),
+            // Nothing in Python waits for it: kept by the engine, it goes to Python with the
+            // session's outcome, or when the Session API asks for it.
+            News::Opened { .. } => shared.opened(news),
             _ => shared.push(Item::Open(news)),
         });
         let o = open::Open {

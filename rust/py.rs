@@ -229,6 +229,7 @@ struct Outcome {
     bytes_in: u64,
     bytes_out: u64,
     ended_at: f64,
+    opened: Option<Py<py_open::Opened>>,
 }
 
 #[pymethods]
@@ -247,8 +248,8 @@ impl Outcome {
     }
 }
 
-impl From<(session::Outcome, f64)> for Outcome {
-    fn from((o, ended_at): (session::Outcome, f64)) -> Self {
+impl Outcome {
+    fn new(o: session::Outcome, ended_at: f64, opened: Option<Py<py_open::Opened>>) -> Self {
         Self {
             session_id: o.session_id,
             client_close: o.client_close,
@@ -261,6 +262,7 @@ impl From<(session::Outcome, f64)> for Outcome {
             bytes_in: o.bytes_in,
             bytes_out: o.bytes_out,
             ended_at,
+            opened,
         }
     }
 }
@@ -374,7 +376,10 @@ impl Message {
 
 fn item_to_py(py: Python<'_>, item: engine::Item) -> PyResult<Py<PyAny>> {
     Ok(match item {
-        engine::Item::Outcome(o, at) => Py::new(py, Outcome::from((o, at)))?.into_any(),
+        engine::Item::Outcome(o, at, news) => {
+            let opened = news.map(|n| py_open::opened(py, &n)).transpose()?;
+            Py::new(py, Outcome::new(o, at, opened))?.into_any()
+        }
         engine::Item::Message(m) => {
             let data = match m.data {
                 Delivery::Text(s) => Some(PyString::new(py, &s).into_any().unbind()),
@@ -391,6 +396,9 @@ fn item_to_py(py: Python<'_>, item: engine::Item) -> PyResult<Py<PyAny>> {
             .into_any()
         }
         engine::Item::Open(news) => py_open::news_to_py(py, news)?,
+        engine::Item::StoreCalls(seconds) => {
+            Py::new(py, py_open::StoreCalls::new(seconds))?.into_any()
+        }
     })
 }
 
@@ -570,6 +578,31 @@ impl Engine {
         self.engine().give_place(service_host);
     }
 
+    #[pyo3(signature = (session_id, service_host = None))]
+    fn adopt(
+        &self,
+        py: Python<'_>,
+        session_id: u64,
+        service_host: Option<&str>,
+    ) -> PyResult<Option<Py<py_open::Opened>>> {
+        let news = self.engine().adopt(session_id, service_host);
+        news.map(|n| py_open::opened(py, &n)).transpose()
+    }
+
+    fn told_id(&self, session_uuid: &str) -> Option<u64> {
+        self.engine().told_id(session_uuid)
+    }
+
+    fn told(&self, py: Python<'_>) -> PyResult<Vec<Py<py_open::Opened>>> {
+        // Copied under the engine's queue lock, made Python objects after it.
+        let told = self.engine().told(py_open::Opened::of);
+        told.into_iter().map(|o| Py::new(py, o)).collect()
+    }
+
+    fn told_count(&self) -> usize {
+        self.engine().told_count()
+    }
+
     fn give_back_place(&self, session_id: u64) -> bool {
         self.engine().give_back_place(session_id)
     }
@@ -746,6 +779,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SessionCounts>()?;
     m.add_class::<FastRoute>()?;
     m.add_class::<py_open::Opened>()?;
+    m.add_class::<py_open::StoreCalls>()?;
     m.add_class::<py_open::Unopened>()?;
     m.add_class::<py_open::Handed>()?;
     m.add_class::<py_open::AcceptFailed>()?;

@@ -112,6 +112,60 @@ impl Opened {
     }
 }
 
+/// How long the replay store's calls for a session the engine opened took (a token agent's
+/// claim), in seconds: told as they are made, the session itself only as it ends.
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+pub struct StoreCalls {
+    seconds: Vec<f64>,
+}
+
+#[pymethods]
+impl StoreCalls {
+    fn __repr__(&self) -> String {
+        format!("StoreCalls({:?})", self.seconds)
+    }
+}
+
+impl StoreCalls {
+    pub fn new(seconds: Vec<f64>) -> Self {
+        Self { seconds }
+    }
+}
+
+/// A copy of the news of a session the engine opened (a [`News::Opened`]), for Python.
+pub fn opened(py: Python<'_>, news: &News) -> PyResult<Py<Opened>> {
+    Py::new(py, Opened::of(news))
+}
+
+impl Opened {
+    /// A copy of `news` (a [`News::Opened`]), made without the GIL.
+    pub fn of(news: &News) -> Self {
+        let News::Opened {
+            session_id,
+            session_uuid,
+            service_host,
+            dial_seconds,
+            store_seconds,
+            opened_at,
+            call,
+        } = news
+        else {
+            unreachable!("only opened sessions are kept");
+        };
+        Self {
+            session_id: *session_id,
+            session_uuid: session_uuid.clone(),
+            service_host: service_host.clone(),
+            dial_seconds: *dial_seconds,
+            store_seconds: store_seconds.clone(),
+            opened_at: *opened_at,
+            call: call
+                .as_ref()
+                .map(|c| (c.provider.name(), c.call_id.clone(), c.stream_id.clone())),
+        }
+    }
+}
+
 /// A session the engine could not open: its bot's dial failed (its place is given back). `fd`
 /// is the client's socket, now the caller's to answer and close (-1: the client went away).
 #[pyclass(module = "wsgate._core", frozen, get_all)]
@@ -192,27 +246,7 @@ pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
         News::AcceptFailed { errno, paused } => {
             Py::new(py, AcceptFailed { errno, paused })?.into_any()
         }
-        News::Opened {
-            session_id,
-            session_uuid,
-            service_host,
-            dial_seconds,
-            store_seconds,
-            opened_at,
-            call,
-        } => Py::new(
-            py,
-            Opened {
-                session_id,
-                session_uuid,
-                service_host,
-                dial_seconds,
-                store_seconds,
-                opened_at,
-                call: call.map(|c| (c.provider.name(), c.call_id, c.stream_id)),
-            },
-        )?
-        .into_any(),
+        News::Opened { .. } => opened(py, &news)?.into_any(),
         News::Unopened {
             session_id,
             service_host,

@@ -781,7 +781,7 @@ mod tests {
         let end = Instant::now() + Duration::from_secs(5);
         while Instant::now() < end {
             for item in engine.drain() {
-                if let Item::Outcome(o, _) = item {
+                if let Item::Outcome(o, ..) = item {
                     if o.session_id == id {
                         return o;
                     }
@@ -843,12 +843,12 @@ mod tests {
         engine.echo(2, handed(theirs), limits(None), None).unwrap();
         first.shutdown(Shutdown::Write).unwrap();
         assert!(rings(&engine));
-        assert!(matches!(&engine.drain()[..], [Item::Outcome(o, _)] if o.session_id == 1));
+        assert!(matches!(&engine.drain()[..], [Item::Outcome(o, ..)] if o.session_id == 1));
         // Within RING_DELAY of that ring: queued without one, then rung for when it is due,
         // with nobody draining meanwhile.
         second.shutdown(Shutdown::Write).unwrap();
         assert!(rings(&engine));
-        assert!(matches!(&engine.drain()[..], [Item::Outcome(o, _)] if o.session_id == 2));
+        assert!(matches!(&engine.drain()[..], [Item::Outcome(o, ..)] if o.session_id == 2));
     }
 
     #[test]
@@ -958,8 +958,8 @@ mod tests {
             .drain()
             .into_iter()
             .filter_map(|item| match item {
-                Item::Outcome(o, _) => Some(o.session_id),
-                Item::Message(_) | Item::Open(_) => None,
+                Item::Outcome(o, ..) => Some(o.session_id),
+                Item::Message(_) | Item::Open(_) | Item::StoreCalls(_) => None,
             })
             .collect();
         ended.sort_unstable();

@@ -27,6 +27,7 @@ __all__ = [
     "Opened",
     "Outcome",
     "SessionCounts",
+    "StoreCalls",
     "TlsClientContext",
     "TlsConnection",
     "TlsError",
@@ -189,6 +190,9 @@ class Outcome:
     #: opened by itself may be told to Python later than that (with the next ring, at most
     #: ``LEISURE_DELAY``, 20 ms, after the last): its length is measured to this.
     ended_at: float
+    #: For a session the engine opened by itself and nothing adopted (:meth:`Engine.adopt`):
+    #: its news, which the engine kept while it lived. None for any other session.
+    opened: Opened | None
 
 @final
 class AgentCounts:
@@ -277,7 +281,9 @@ class FastRoute:
 @final
 class Opened:
     """A session the engine opened by itself: answered 101 (``X-Session-Id: session_uuid``,
-    the bot's ``X-Daily-Session-Id``) and relaying; its outcome follows as any session's."""
+    the bot's ``X-Daily-Session-Id``) and relaying. Kept by the engine while it lives (never
+    in :meth:`Engine.drain`): taken by :meth:`Engine.adopt`, copied by :meth:`Engine.told`,
+    else given with its :class:`Outcome`."""
 
     session_id: int
     session_uuid: str
@@ -292,6 +298,14 @@ class Opened:
     #: A provider's ``(provider, call id, stream id)`` from its ``start`` (None: a generic
     #: session, or a provider's whose opening was not read).
     call: tuple[str, str | None, str | None] | None
+
+@final
+class StoreCalls:
+    """How long the replay store's calls for a session the engine opened by itself took (a
+    token agent's claim): told as they are made (the session itself only at its end)."""
+
+    #: Seconds, a call each.
+    seconds: list[float]
 
 @final
 class Unopened:
@@ -458,6 +472,23 @@ class Engine:
     def give_place(self, service_host: str) -> None:
         """Give back a place :meth:`take_place` took."""
 
+    def adopt(self, session_id: int, service_host: str | None = None) -> Opened | None:
+        """Take the news of live session ``session_id``, one the engine opened by itself:
+        Python knows it from now on, and its :class:`Outcome` comes without it. None if it is
+        not such a session, is over, was taken already, or is not ``service_host``'s (when
+        given: that one is left as it is)."""
+
+    def told_id(self, session_uuid: str) -> int | None:
+        """The id of the live session the engine opened by itself, not adopted, whose
+        ``X-Session-Id`` is ``session_uuid``."""
+
+    def told(self) -> list[Opened]:
+        """Copies of the news of every live session the engine opened by itself and nothing
+        adopted."""
+
+    def told_count(self) -> int:
+        """How many live sessions the engine opened by itself and nothing adopted."""
+
     def give_back_place(self, session_id: int) -> bool:
         """Give back now the place of live session ``session_id``, one the engine opened by
         itself (it gives it back at the session's end otherwise); False if there is none to
@@ -491,8 +522,8 @@ class Engine:
     def closed(self) -> int:
         """One of the connections accepted is over (each is, once: its session ended, its
         refusal answered, or it was dropped): how many are held now. Not for a session the
-        engine opened by itself (news :class:`Opened`): that gives its connection back at
-        its end."""
+        engine opened by itself (:class:`Opened`): that gives its connection back at its
+        end."""
 
     def prepare_listener(self, listener: int) -> None:
         """Set the relayed sockets' options (Nagle off, the dead-peer keepalive and
@@ -522,7 +553,9 @@ class Engine:
     def close(self, session_id: int, code: int, reason: str) -> bool:
         """Close both sides of a live session with ``code`` and ``reason``; False if unknown."""
 
-    def drain(self) -> list[Outcome | Message | Opened | Unopened | Handed | AcceptFailed]:
+    def drain(
+        self,
+    ) -> list[Outcome | Message | StoreCalls | Unopened | Handed | AcceptFailed]:
         """Take everything queued since the last call, in order (a session's messages before
         its outcome), and clear the doorbell."""
 

@@ -51,7 +51,7 @@ __all__ = [
 _Item = (
     _core.Message
     | _core.Outcome
-    | _core.Opened
+    | _core.StoreCalls
     | _core.Unopened
     | _core.Handed
     | _core.AcceptFailed
@@ -206,16 +206,15 @@ class Relay:
     ) -> None:
         self.engine = _core.Engine(threads, dead_peer_timeout)
         self._live: dict[int, RelaySession] = {}
-        #: Sessions the engine opened by itself that nothing has asked for yet (by id, in a
-        #: list, at a drain): their news as it came, until adopted or ended. Most end unasked,
-        #: and cost Python no object of their own (benches/README.md, "Session opens, round 5").
-        self._told: dict[int, _core.Opened] = {}
-        #: What the outcome of a session ended unadopted goes to, with its news.
+        #: What the outcome of a session the engine opened by itself (:mod:`wsgate.fastpath`)
+        #: and nothing asked for (by id, in a list, at a drain) goes to, with its news. Until
+        #: then the engine keeps its news (:meth:`adopt`): most end unasked, and cost Python
+        #: nothing but their end (benches/README.md, "Session opens, round 9").
         self.on_told_end: Callable[[_core.Opened, _core.Outcome], None] | None = None
-        #: Where the news of sessions the engine opens by itself goes (:mod:`wsgate.fastpath`),
-        #: in order with the outcomes.
+        #: Where the engine's news goes, in order with the outcomes: sessions it could not open,
+        #: connections it accepted for Python, its failed accepts, its replay store's calls.
         self.on_news: (
-            Callable[[_core.Opened | _core.Unopened | _core.Handed | _core.AcceptFailed], None]
+            Callable[[_core.StoreCalls | _core.Unopened | _core.Handed | _core.AcceptFailed], None]
             | None
         ) = None
         self._counted = {agent: self.engine.register_agent(agent) for agent in counted}
@@ -240,21 +239,20 @@ class Relay:
         draw from the same count)."""
         return self.engine.next_session_id()
 
-    def told(self, news: _core.Opened) -> None:
-        """A session the engine opened by itself: kept as its news until :meth:`adopt`, or
-        until its outcome goes to :attr:`on_told_end` (which must be set)."""
-        assert self.on_told_end is not None, "an engine session's end would go nowhere"
-        self._told[news.session_id] = news
-        self._peak = max(self._peak, self._count())
-
     def told_sessions(self) -> list[_core.Opened]:
-        """The news of the sessions the engine opened that were not adopted (nor ended)."""
-        return list(self._told.values())
+        """The news of the live sessions the engine opened that were not adopted."""
+        return self.engine.told()
 
-    def adopt(self, session_id: int) -> tuple[_core.Opened, RelaySession] | None:
-        """A session the engine opened by itself, now known here like one handed over; None
-        if it is not one :meth:`told` kept (adopted already, or ended)."""
-        news = self._told.pop(session_id, None)
+    def told_id(self, session_uuid: str) -> int | None:
+        """The id of the live session the engine opened, not adopted, of that UUID."""
+        return self.engine.told_id(session_uuid)
+
+    def adopt(self, session_id: int, service_host: str) -> tuple[_core.Opened, RelaySession] | None:
+        """A session the engine opened by itself for ``service_host``, now known here like one
+        handed over (its outcome to its :class:`RelaySession`, not to :attr:`on_told_end`);
+        None if it is not such a session (adopted already, ended, or another agent's: that one
+        is left as it is)."""
+        news = self.engine.adopt(session_id, service_host)
         if news is None:
             return None
         session = RelaySession(self, session_id, news.service_host)
@@ -270,7 +268,7 @@ class Relay:
             self.engine.close(news.session_id, code, reason)
 
     def _count(self) -> int:
-        return len(self._live) + len(self._told)
+        return len(self._live) + self.engine.told_count()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The doorbell: each ring dispatches everything queued since the last one (called by
@@ -314,7 +312,9 @@ class Relay:
         metrics calls this first to catch up."""
         with logs.batched():  # one write for the session lines of this turn
             self._dispatch(self.engine.drain())
-        now_live, peak = self._count(), self._peak
+        now_live = self._count()
+        # The engine's own sessions are counted live here (Python hears of them at their end).
+        self._peak = peak = max(self._peak, now_live)
         if self._trim_due is None and peak - now_live >= TRIM_DROP and now_live <= peak // 2:
             self._trim_due = self._last_ring = anyio.current_time()
             if self._trim_wanted is not None:
@@ -335,7 +335,7 @@ class Relay:
             if session is not None:
                 session._finish(item)
                 continue
-            news = self._told.pop(item.session_id, None)
+            news = item.opened  # an engine session's, never adopted
             if news is not None and self.on_told_end is not None:
                 self.on_told_end(news, item)
 

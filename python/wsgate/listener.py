@@ -158,15 +158,18 @@ class Listener:
             connections.start_soon(self._connection, sock, sys.intern(client_key(address)))
         self._full()
 
-    def news(self, news: _core.Opened | _core.Unopened | _core.Handed | _core.AcceptFailed) -> None:
-        """A session the engine opened by itself (or could not), or a connection it accepted
-        and did not open: counted since its accept; an opened one until its end, one not
-        opened until it is answered, one handed until its request is served. Or its accepts
-        failed."""
+    def news(
+        self, news: _core.StoreCalls | _core.Unopened | _core.Handed | _core.AcceptFailed
+    ) -> None:
+        """A session the engine could not open, or a connection it accepted and did not open:
+        counted since its accept; one not opened until it is answered, one handed until its
+        request is served (one it opened is counted until its end, and the engine gives that
+        back itself). Or its accepts failed, or its replay store's calls for a session it
+        opened."""
         if isinstance(news, _core.AcceptFailed):
             self._accept_failed(news)
-        elif isinstance(news, _core.Opened):
-            self.handler.sessions.told(news)
+        elif isinstance(news, _core.StoreCalls):
+            self.handler.sessions.store_called(news)
         elif isinstance(news, _core.Handed):
             if news.fd < 0:
                 if news.evicted:

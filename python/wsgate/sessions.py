@@ -134,11 +134,11 @@ class Sessions:
         self.fast: dict[str, AgentConfig] = {}
         self.pools = Pools(settings.upstream_retry_after)
         #: Live sessions by session id (``sessionId``, ``X-Session-Id``), from the handover to
-        #: their end or stop; bounded by the agents' capacity. The engine's own join it when
-        #: asked for (:meth:`told`).
+        #: their end or stop; bounded by the agents' capacity. The engine's own sessions
+        #: (:mod:`wsgate.fastpath`) join it when asked for (:meth:`find`, :meth:`listed`):
+        #: until then the engine keeps them, and Python hears of them at their end
+        #: (:meth:`told_ended`).
         self.live: dict[str, Opened] = {}
-        #: The engine's own sessions not asked for yet: their news, by ``sessionId``.
-        self._told_by_uuid: dict[str, _core.Opened] = {}
         #: What the end of an engine session adopted here calls (the listener's count).
         self.on_adopted_end: Callable[[Opened, _core.Outcome], None] | None = None
 
@@ -206,10 +206,10 @@ class Sessions:
         self.relay.dispatch()  # sessions the engine opened, told of without a ring
         opened = self.live.get(session_uuid)
         if opened is None:
-            told = self._told_by_uuid.get(session_uuid)
-            if told is None or told.service_host != service_host:
-                return None  # not live, or another agent's: left as it is
-            opened = self._adopt(told.session_id)
+            told = self.relay.told_id(session_uuid)
+            if told is None:
+                return None
+            opened = self._adopt(told, service_host)
         if opened is None or opened.service_host != service_host or opened.stopped:
             return None
         return opened
@@ -233,7 +233,7 @@ class Sessions:
         self.relay.dispatch()  # sessions the engine opened, told of without a ring
         for news in self.relay.told_sessions():
             if news.service_host == service_host:
-                self._adopt(news.session_id)
+                self._adopt(news.session_id, service_host)
         now, wall = anyio.current_time(), time.time()
         shown = [o for o in self.live.values() if o.service_host == service_host and not o.stopped]
         snapshot = self.relay.engine.session_counts([o.relay.id for o in shown])
@@ -407,27 +407,23 @@ class Sessions:
             else:
                 del self._per_client[client]
 
-    def told(self, news: _core.Opened) -> None:
-        """A session the engine opened by itself (:mod:`wsgate.fastpath`): its news kept. It
-        becomes an :class:`Opened` in :attr:`live` only if asked for (by id, in a list:
-        :meth:`find`, :meth:`listed`); most end first, and :meth:`told_ended` logs them from
-        their news. The engine counts its dial and its end (:mod:`wsgate.metrics`). Its place
-        and its connection were taken by the engine, which gives them back itself at its end (a
-        Session API stop gives the place back at once: :meth:`stop`)."""
-        self.relay.told(news)
-        self._told_by_uuid[news.session_uuid] = news
-        if news.store_seconds:
-            self.metrics.store_called(news.store_seconds)
+    def store_called(self, calls: _core.StoreCalls) -> None:
+        """The replay store's calls for a session the engine opened by itself (a token agent's
+        claim): counted as they are made. The session itself is the engine's to keep until it
+        is asked for (:meth:`find`, :meth:`listed`) or ends (:meth:`told_ended`); its place and
+        its connection were taken by the engine, which gives them back itself at its end (a
+        Session API stop gives the place back at once: :meth:`stop`), and the engine counts
+        its dial and its end (:mod:`wsgate.metrics`)."""
+        self.metrics.store_called(calls.seconds)
 
-    def _adopt(self, session_id: int) -> Opened | None:
-        """The Opened of a session :meth:`told` kept, registered from now on like one handed
-        over here (its end through :attr:`on_adopted_end`)."""
-        adopted = self.relay.adopt(session_id)
+    def _adopt(self, session_id: int, service_host: str) -> Opened | None:
+        """The Opened of a live session the engine opened by itself, if it is ``service_host``'s
+        (another agent's is left as it is), registered from now on like one handed over here
+        (its end through :attr:`on_adopted_end`)."""
+        adopted = self.relay.adopt(session_id, service_host)
         if adopted is None:
             return None
         news, session = adopted
-        del self._told_by_uuid[news.session_uuid]
-        service_host = news.service_host
         (upstream,) = self.fast[service_host].upstream_urls
         # Told of without a ring, maybe only with its end: started when the engine says.
         started = anyio.current_time() - max(0.0, time.monotonic() - news.opened_at)
@@ -448,7 +444,6 @@ class Sessions:
     def told_ended(self, news: _core.Opened, outcome: _core.Outcome) -> None:
         """A session the engine opened ended without being adopted: its end logged as an
         adopted one's would be (the engine gave its place back and counted its end)."""
-        del self._told_by_uuid[news.session_uuid]
         seconds = max(0.0, outcome.ended_at - news.opened_at)
         log_outcome(_Unadopted(news), outcome, seconds)
 
