@@ -8,12 +8,13 @@
 //! and per turn of the loop (one read) at most four relaxed atomic adds, on a cache line that only
 //! the session's own worker thread writes: every agent has one shard per worker thread, summed when
 //! read. No lock and no allocation after registration; the registry's lock is taken once per
-//! session (at its start) and once per scrape.
+//! session (at its start; twice for a session the engine opened) and once per scrape.
 //!
 //! The sessions the engine opens by itself (`open.rs`) are also counted here as they end, and
 //! their dials as they succeed ([`AgentEnds`]): the histograms and the close counts that the
 //! control plane keeps for the sessions it handed over, so that Python does nothing per
-//! session for them but log its line. One uncontended lock per dial and per end.
+//! session for them but log its line. One lock of the agent's per dial and per end, held for
+//! a few additions.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -31,8 +32,8 @@ pub const DURATION_BUCKETS: [f64; 14] = [
     0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
 ];
 /// Kinds of end ([`EndKind`]) kept apart per agent; past it, a gateway's end is kept without
-/// its reason (an error, to the metrics). The gateway's reasons are a short fixed list, so
-/// this is a bound that is never met, not a sample.
+/// its reason (an error, to the metrics). A client cannot add kinds (see [`EndKind`]); only an
+/// embedder closing sessions with reasons of its own could, and this bounds what that keeps.
 const MAX_END_KINDS: usize = 64;
 
 /// What serves a session, as the metrics name it.
@@ -170,8 +171,11 @@ impl Histogram {
 
 /// How a session ended, as the metrics tell ends apart: who ended it, its close code as its
 /// label keeps it (1000-1015 as they are, 3000 for any 3xxx, 4000 for any 4xxx, 0 for any
-/// other), and for the gateway's own ends the reason, which tells a time limit, a drain or a
-/// stop from an error (Python names the `ended_by` label from these: `metrics.ended_by`).
+/// other), and for the gateway's own ends with 1000 or 1001 the reason, which tells a time
+/// limit, a drain or a stop (the control plane's closes) from an error (Python names the
+/// `ended_by` label from these: `metrics._ended_by`). Any other end of the gateway's is told
+/// by its code alone (1009: a limit; else an error): its reason is a broken rule's, and may
+/// hold what a client chose (a message's declared size, an opcode), so it is not kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndKind {
     /// Who ended it.
@@ -183,23 +187,20 @@ pub struct EndKind {
 }
 
 impl EndKind {
-    fn of(outcome: &Outcome) -> Self {
+    /// `outcome`'s code class, and the reason that counts (see above; `""`: none).
+    fn of(outcome: &Outcome) -> (u16, &str) {
         let code = match outcome.code {
             c @ 1000..=1015 => c,
             3000..=3999 => 3000,
             4000..=4999 => 4000,
             _ => 0,
         };
-        let gateway = outcome.ended_by == EndedBy::Gateway;
-        Self {
-            ended_by: outcome.ended_by,
-            code,
-            detail: if gateway {
-                outcome.detail.clone()
-            } else {
-                String::new()
-            },
-        }
+        let told = outcome.ended_by == EndedBy::Gateway && matches!(code, 1000 | 1001);
+        (code, if told { &outcome.detail } else { "" })
+    }
+
+    fn is(&self, ended_by: EndedBy, code: u16, detail: &str) -> bool {
+        (self.ended_by, self.code, self.detail.as_str()) == (ended_by, code, detail)
     }
 }
 
@@ -213,15 +214,24 @@ struct Ends {
 impl Ends {
     fn ended(&mut self, outcome: &Outcome, seconds: f64) {
         self.durations.observe(&DURATION_BUCKETS, seconds);
-        let mut kind = EndKind::of(outcome);
-        let mut same = self.closed.iter().position(|(k, _)| *k == kind);
+        let by = outcome.ended_by;
+        let (code, mut detail) = EndKind::of(outcome);
+        let find = |d: &str| self.closed.iter().position(|(k, _)| k.is(by, code, d));
+        let mut same = find(detail);
         if same.is_none() && self.closed.len() >= MAX_END_KINDS {
-            kind.detail.clear();
-            same = self.closed.iter().position(|(k, _)| *k == kind);
+            detail = "";
+            same = find(detail);
         }
         match same {
             Some(i) => self.closed[i].1 += 1,
-            None => self.closed.push((kind, 1)),
+            None => self.closed.push((
+                EndKind {
+                    ended_by: by,
+                    code,
+                    detail: detail.to_owned(),
+                },
+                1,
+            )),
         }
     }
 }
@@ -530,10 +540,18 @@ mod tests {
         ends.ended(&ended(EndedBy::Bot, 4999, "bot closed"), 0.1);
         ends.ended(&ended(EndedBy::Gateway, 1000, "session stopped"), 20000.0);
         ends.ended(&ended(EndedBy::Client, 2000, ""), 1.0);
+        ends.ended(
+            &ended(EndedBy::Gateway, 1009, "client: message of 2001 bytes"),
+            1.0,
+        );
+        ends.ended(
+            &ended(EndedBy::Gateway, 1009, "client: message of 2002 bytes"),
+            1.0,
+        );
         let s = &c.snapshot()[0];
         assert_eq!(s.dials.counts.iter().sum::<u64>(), 1);
         assert_eq!(s.dials.counts[1], 1, "0.002 s: at most 0.0025");
-        assert_eq!(s.durations.counts.iter().sum::<u64>(), 6);
+        assert_eq!(s.durations.counts.iter().sum::<u64>(), 8);
         assert_eq!(s.durations.counts[DURATION_BUCKETS.len()], 1, "past 4 h");
         let kind = |ended_by, code, detail: &str| EndKind {
             ended_by,
@@ -547,8 +565,9 @@ mod tests {
                 (kind(EndedBy::Bot, 4000, ""), 2),
                 (kind(EndedBy::Gateway, 1000, "session stopped"), 1),
                 (kind(EndedBy::Client, 0, ""), 1),
+                (kind(EndedBy::Gateway, 1009, ""), 2),
             ],
-            "a peer's reason is not kept; codes by their label's class"
+            "a peer's reason is not kept, nor a broken rule's; codes by their label's class"
         );
     }
 
@@ -557,7 +576,7 @@ mod tests {
         let c = Counters::new(1);
         let ends = c.ends(Some(c.register("a.o"))).expect("registered");
         for i in 0..(MAX_END_KINDS + 10) {
-            ends.ended(&ended(EndedBy::Gateway, 1011, &format!("reason {i}")), 1.0);
+            ends.ended(&ended(EndedBy::Gateway, 1000, &format!("reason {i}")), 1.0);
         }
         let closed = &c.snapshot()[0].closed;
         assert_eq!(closed.len(), MAX_END_KINDS + 1);

@@ -7,8 +7,8 @@
 //! outcomes. An outcome rings at most once per [`RING_DELAY`]: one ending within that time of
 //! the last ring waits for the relay thread's owed ring (`shard.rs`), and Python takes every
 //! outcome of that millisecond in one wake-up. The end of a session the engine opened by itself
-//! waits longer ([`LEISURE_DELAY`]): it gave back its place and connection itself, and Python
-//! only counts and logs it. Anything else (a message for an in-process bot,
+//! waits longer ([`LEISURE_DELAY`]): it gave back its place and connection itself and counted its
+//! end (`counters.rs`), and Python only logs it. Anything else (a message for an in-process bot,
 //! a connection for Python to serve) rings at once. Nothing here touches Python or holds its
 //! GIL. Live counts per agent, for metrics, are the [`Counters`]' (a session of a registered
 //! agent carries a `Meter` on them); each live session's own messages and bytes are its
@@ -79,7 +79,8 @@ pub enum Accepted {
 pub const RING_DELAY: Duration = Duration::from_millis(1);
 
 /// How long after a ring the outcome of a session the engine opened waits for its own. Its
-/// place and connection are given back already (`open.rs`); Python only counts and logs it,
+/// place and connection are given back already and its end counted (`open.rs`); Python only logs
+/// it,
 /// so it is told with the next ring, or this long after the last one. One at a time, a ring a
 /// millisecond cost more than the sessions: Python's wake-ups took the CPU the next open
 /// needed (benches/README.md, "Session opens, round 8"). When the gateway has stopped
@@ -87,8 +88,8 @@ pub const RING_DELAY: Duration = Duration::from_millis(1);
 /// waiting for that.
 pub const LEISURE_DELAY: Duration = Duration::from_millis(20);
 
-/// Items queued (a session the engine opened brings two: its news and its end) past which such
-/// an end waits only [`RING_DELAY`]: Python's turn for them is a burst of CPU taken from the
+/// Items queued (a session the engine opened brings one, its end: its news is kept, not
+/// queued) past which such an end waits only [`RING_DELAY`]: Python's turn for them is a burst of CPU taken from the
 /// sessions being opened, kept short (with 64, an open's p99 one at a time went from 340 to
 /// 510 µs; at 20 ms without a bound, 8 at a time, it doubled: benches/README.md, "Session
 /// opens, round 8").

@@ -298,13 +298,28 @@ pub struct Fast {
 struct Owned {
     hold: Arc<Hold>,
     connections: Arc<Connections>,
-    /// Where its end is counted (`None`: its agent is not), and when it opened.
+    /// Where its end is counted (`None`: its agent is not, or it was counted), and when it
+    /// opened.
     ends: Option<AgentEnds>,
     opened_at: f64,
 }
 
+impl Owned {
+    /// Its end counted, once.
+    fn ended(&mut self, outcome: &Outcome) {
+        if let Some(ends) = self.ends.take() {
+            ends.ended(outcome, (monotonic_now() - self.opened_at).max(0.0));
+        }
+    }
+}
+
 impl Drop for Owned {
     fn drop(&mut self) {
+        // Dropped without an outcome of its own (a panic, the engine stopped): counted as the
+        // engine tells it to Python.
+        if self.ends.is_some() {
+            self.ended(&Outcome::new(0));
+        }
         self.hold.give_back();
         self.connections.closed();
     }
@@ -1024,18 +1039,15 @@ impl Task for Fast {
     }
 
     fn finish(self: Box<Self>) -> Outcome {
-        let Self { state, owned, .. } = *self;
+        let Self {
+            state, mut owned, ..
+        } = *self;
         match state {
             State::Relaying(d) => {
                 let outcome = Box::new(d).finish();
                 // Counted before its place and connection are given back (`owned` dropped).
-                if let Some(Owned {
-                    ends: Some(ends),
-                    opened_at,
-                    ..
-                }) = &owned
-                {
-                    ends.ended(&outcome, (monotonic_now() - opened_at).max(0.0));
+                if let Some(owned) = &mut owned {
+                    owned.ended(&outcome);
                 }
                 outcome
             }
@@ -1331,6 +1343,58 @@ pub(crate) mod tests {
         assert_eq!((engine.told_count(), engine.told_id(&uuid)), (0, None));
         drop((client, bot));
         assert!(outcome_news(id).is_none());
+    }
+
+    #[test]
+    fn an_opened_sessions_dial_and_end_are_counted_even_when_the_engine_stops_under_it() {
+        use crate::counters::EndKind;
+        use crate::session::EndedBy;
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let mut r = route("a.b", bot_l.local_addr().unwrap(), 5, 5000);
+        r.agent = Some(engine.register_agent("a.b"));
+        engine.set_routes(vec![r]).unwrap();
+        let open = |engine: &Engine| {
+            let (l, mut client) = connected(&upgrade("/ws/generic/a.b"));
+            assert!(matches!(accept_one(engine, &l), Accepted::Opening));
+            let (mut bot, _) = bot_l.accept().unwrap();
+            bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            answer_101(&mut bot);
+            assert!(read_head(&mut client).starts_with("HTTP/1.1 101 "));
+            (client, bot)
+        };
+        let (client, bot) = open(&engine);
+        let id = engine.told(|n| match n {
+            News::Opened { session_id, .. } => *session_id,
+            _ => unreachable!(),
+        })[0];
+        drop((client, bot)); // both gone: the client's end, 1006
+        let end = Instant::now() + Duration::from_secs(5);
+        while !engine
+            .drain()
+            .iter()
+            .any(|i| matches!(i, Item::Outcome(o, ..) if o.session_id == id))
+        {
+            assert!(Instant::now() < end, "session {id} did not end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _live = open(&engine);
+        engine.shutdown(); // dropped while relaying: counted as the engine tells it
+        let s = &engine.counters()[0];
+        assert_eq!(s.dials.counts.iter().sum::<u64>(), 2);
+        assert_eq!(s.durations.counts.iter().sum::<u64>(), 2);
+        let kind = |ended_by, code| EndKind {
+            ended_by,
+            code,
+            detail: String::new(),
+        };
+        assert_eq!(
+            s.closed,
+            vec![
+                (kind(EndedBy::Client, 1006), 1),
+                (kind(EndedBy::Gateway, 1006), 1)
+            ]
+        );
     }
 
     #[test]

@@ -420,16 +420,27 @@ def held_until_closed(url: str, holding: threading.Event, code: list[int]) -> No
 async def test_the_engines_own_sessions_are_counted_with_the_gateways_reasons(bot: Bot) -> None:
     # The engine counts the dials and ends of the sessions it opened itself (rust/counters.rs);
     # the scrape names who ended them from the gateway's reason, as for the Python path's own:
-    # here a drain's 1001, beside a client's 1000 and the time each lasted.
+    # here a drain's 1001, beside a client's 1000 and the time each lasted. Messages over the
+    # limit, each of its own size, are ended by their code alone: their reasons (which name the
+    # size a client chose) are not kept apart, so they never crowd out the drain's.
     with refused_port() as dead:
-        gw = Gateway(config(bot.url, dead, drain_timeout=60))
+        gw = Gateway(config(bot.url, dead, drain_timeout=60, max_message_size=1000))
     holding, code = threading.Event(), list[int]()
+
+    def too_big(url: str) -> None:
+        for size in range(1001, 1071):
+            with connect(url) as ws:
+                ws.send(b"x" * size)
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(TIMEOUT)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
 
     async with anyio.create_task_group() as tg:
         await tg.start(gw.serve)
         assert gw._sessions is not None and "relay.test" in gw._sessions.fast, "the engine's"
         url = f"{gw.url}/ws/generic/relay.test"
         await in_thread(echo_once, url)
+        await in_thread(too_big, url)
         tg.start_soon(in_thread, held_until_closed, url, holding, code)
         assert await in_thread(holding.wait, TIMEOUT)
         gw.stop()
@@ -438,14 +449,15 @@ async def test_the_engines_own_sessions_are_counted_with_the_gateways_reasons(bo
     m = Scrape(gw.metrics.exposition().partition(b"\r\n\r\n")[2].decode())
     assert m.series("wsgate_sessions_closed_total") == {
         (("agent", "relay.test"), ("code", "1000"), ("ended_by", "client")): 1,
+        (("agent", "relay.test"), ("code", "1009"), ("ended_by", "gateway_limit")): 70,
         (("agent", "relay.test"), ("code", "1001"), ("ended_by", "gateway_drain")): 1,
     }
-    assert m("wsgate_session_duration_seconds_count", agent="relay.test") == 2
-    assert m("wsgate_session_duration_seconds_bucket", agent="relay.test", le="+Inf") == 2
+    assert m("wsgate_session_duration_seconds_count", agent="relay.test") == 72
+    assert m("wsgate_session_duration_seconds_bucket", agent="relay.test", le="+Inf") == 72
     les = {dict(labels)["le"] for (name, labels) in m.samples if name.endswith("_bucket")}
     assert les >= {"0.5", "1.0", "14400.0", "0.001", "0.0025", "10.0", "+Inf"}, "as Prometheus's"
-    assert m("wsgate_upstream_dial_seconds_count", agent="relay.test") == 2
-    assert 0 < m("wsgate_upstream_dial_seconds_sum", agent="relay.test") < 2 * TIMEOUT
+    assert m("wsgate_upstream_dial_seconds_count", agent="relay.test") == 72
+    assert 0 < m("wsgate_upstream_dial_seconds_sum", agent="relay.test") < 72 * TIMEOUT
 
 
 async def test_every_session_that_ended_is_counted_and_logged_before_a_stop(bot: Bot) -> None:

@@ -219,11 +219,11 @@ class Metrics:
         state: GatewayState,
         catch_up: Callable[[], None] | None = None,
     ) -> None:
-        """Read the engine's live ``counters`` and the gateway's ``state`` at every scrape
-        (once, when the gateway starts serving). ``catch_up``: called by :meth:`exposition`
-        first, on the event loop: the ends the engine has yet to tell (the sessions it opened
-        are told at leisure, :meth:`wsgate.engine.Relay.dispatch`) are counted before the
-        engine's live gauges are read, so the two agree."""
+        """Read the engine's live ``counters`` (with the dials and ends of the sessions it
+        opened by itself) and the gateway's ``state`` at every scrape (once, when the gateway
+        starts serving). ``catch_up``: called by :meth:`exposition` first, on the event loop:
+        the ends the engine has yet to tell (the sessions it opened are told at leisure,
+        :meth:`wsgate.engine.Relay.dispatch`) are taken in first, so the log has them too."""
         self.registry.register(_Live(counters, state))
         self._ends.engine = counters
         self._catch_up = catch_up

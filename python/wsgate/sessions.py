@@ -81,7 +81,7 @@ class Opened:
     on_end: Callable[[Opened, _core.Outcome], None] | None = None
     #: For a session the engine opened by itself (:mod:`wsgate.fastpath`): when, in
     #: ``time.monotonic()`` seconds. The engine gives its place and its connection back itself
-    #: at its end; Python counts and logs it.
+    #: at its end and counts it (:mod:`wsgate.metrics`); Python logs it.
     opened_at: float | None = None
 
     @property
