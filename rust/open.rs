@@ -1200,6 +1200,35 @@ pub(crate) mod tests {
         panic!("no news");
     }
 
+    /// A session the engine opens to `bot_l`'s bot: the client's 101 head, the client, and the
+    /// bot (answered; its reads time out after 5 s).
+    fn open_one(engine: &Engine, bot_l: &TcpListener) -> (String, TcpStream, TcpStream) {
+        let (l, mut client) = connected(&upgrade("/ws/generic/a.b"));
+        assert!(matches!(accept_one(engine, &l), Accepted::Opening));
+        let (mut bot, _) = bot_l.accept().unwrap();
+        bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        answer_101(&mut bot);
+        let head = read_head(&mut client);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        (head, client, bot)
+    }
+
+    /// The news session `id`'s outcome came with, waiting at most 5 s for the outcome.
+    fn outcome_news(engine: &Engine, id: u64) -> Option<News> {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            for item in engine.drain() {
+                if let Item::Outcome(o, _, news) = item {
+                    if o.session_id == id {
+                        return news;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("session {id} did not end");
+    }
+
     #[test]
     fn a_request_the_table_serves_is_opened_and_relayed() {
         let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1241,31 +1270,13 @@ pub(crate) mod tests {
             .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 5, 5000)])
             .unwrap();
         let open = || {
-            let (l, mut client) = connected(&upgrade("/ws/generic/a.b"));
-            assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
-            let (mut bot, _) = bot_l.accept().unwrap();
-            bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            answer_101(&mut bot);
-            assert!(read_head(&mut client).starts_with("HTTP/1.1 101 "));
+            let (_, client, bot) = open_one(&engine, &bot_l);
             let News::Opened { session_id, .. } = news(&engine) else {
                 panic!("not opened")
             };
             (session_id, client, bot)
         };
-        let ended = |id: u64| {
-            let end = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < end {
-                let items = engine.drain();
-                if items
-                    .iter()
-                    .any(|i| matches!(i, Item::Outcome(o, ..) if o.session_id == id))
-                {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            panic!("session {id} did not end");
-        };
+        let ended = |id| drop(outcome_news(&engine, id));
         // At its end, by the engine itself (nothing asked of the control plane).
         let (id, client, bot) = open();
         assert_eq!(engine.places(Some("a.b")), 1);
@@ -1294,29 +1305,10 @@ pub(crate) mod tests {
             .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 5, 5000)])
             .unwrap();
         let open = || {
-            let (l, mut client) = connected(&upgrade("/ws/generic/a.b"));
-            assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
-            let (mut bot, _) = bot_l.accept().unwrap();
-            bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            answer_101(&mut bot);
-            let head = read_head(&mut client);
+            let (head, client, bot) = open_one(&engine, &bot_l);
             let uuid = header(&head, "X-Session-Id").expect("named").to_owned();
+            assert!(engine.drain().is_empty(), "kept, not queued");
             (uuid, client, bot)
-        };
-        let outcome_news = |id: u64| {
-            let end = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < end {
-                for item in engine.drain() {
-                    assert!(!matches!(item, Item::Open(_)), "never queued: {item:?}");
-                    if let Item::Outcome(o, _, news) = item {
-                        if o.session_id == id {
-                            return news;
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            panic!("session {id} did not end");
         };
         let id_of = |news: &News| match news {
             News::Opened { session_id, .. } => *session_id,
@@ -1332,7 +1324,7 @@ pub(crate) mod tests {
         );
         // Not adopted: its news goes with its outcome, and it is no longer kept.
         drop((client, bot));
-        assert_eq!(outcome_news(id).as_ref().map(id_of), Some(id));
+        assert_eq!(outcome_news(&engine, id).as_ref().map(id_of), Some(id));
         assert_eq!((engine.told_count(), engine.told_id(&uuid)), (0, None));
         assert!(engine.adopt(id, None).is_none(), "over");
         // Adopted: taken once, and its outcome comes without it.
@@ -1342,7 +1334,7 @@ pub(crate) mod tests {
         assert!(engine.adopt(id, None).is_none(), "once");
         assert_eq!((engine.told_count(), engine.told_id(&uuid)), (0, None));
         drop((client, bot));
-        assert!(outcome_news(id).is_none());
+        assert!(outcome_news(&engine, id).is_none());
     }
 
     #[test]
@@ -1354,31 +1346,14 @@ pub(crate) mod tests {
         let mut r = route("a.b", bot_l.local_addr().unwrap(), 5, 5000);
         r.agent = Some(engine.register_agent("a.b"));
         engine.set_routes(vec![r]).unwrap();
-        let open = |engine: &Engine| {
-            let (l, mut client) = connected(&upgrade("/ws/generic/a.b"));
-            assert!(matches!(accept_one(engine, &l), Accepted::Opening));
-            let (mut bot, _) = bot_l.accept().unwrap();
-            bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            answer_101(&mut bot);
-            assert!(read_head(&mut client).starts_with("HTTP/1.1 101 "));
-            (client, bot)
-        };
-        let (client, bot) = open(&engine);
+        let (_, client, bot) = open_one(&engine, &bot_l);
         let id = engine.told(|n| match n {
             News::Opened { session_id, .. } => *session_id,
             _ => unreachable!(),
         })[0];
         drop((client, bot)); // both gone: the client's end, 1006
-        let end = Instant::now() + Duration::from_secs(5);
-        while !engine
-            .drain()
-            .iter()
-            .any(|i| matches!(i, Item::Outcome(o, ..) if o.session_id == id))
-        {
-            assert!(Instant::now() < end, "session {id} did not end");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _live = open(&engine);
+        assert!(outcome_news(&engine, id).is_some());
+        let _live = open_one(&engine, &bot_l);
         engine.shutdown(); // dropped while relaying: counted as the engine tells it
         let s = &engine.counters()[0];
         assert_eq!(s.dials.counts.iter().sum::<u64>(), 2);
