@@ -1200,6 +1200,16 @@ pub(crate) mod tests {
         panic!("no news");
     }
 
+    /// A bot's listener, and an engine that opens `a.b`'s sessions (5 at most) to it.
+    fn engine_to_bot() -> (TcpListener, Engine) {
+        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        engine
+            .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 5, 5000)])
+            .unwrap();
+        (bot_l, engine)
+    }
+
     /// A session the engine opens to `bot_l`'s bot: the client's 101 head, the client, and the
     /// bot (answered; its reads time out after 5 s).
     fn open_one(engine: &Engine, bot_l: &TcpListener) -> (String, TcpStream, TcpStream) {
@@ -1231,11 +1241,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_request_the_table_serves_is_opened_and_relayed() {
-        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
-        engine
-            .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 5, 5000)])
-            .unwrap();
+        let (bot_l, engine) = engine_to_bot();
         let (l, mut client) = connected(&upgrade("/ws/generic/a.b"));
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
         assert_eq!(engine.places(Some("a.b")), 1, "its place is taken");
@@ -1264,11 +1270,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_session_gives_its_place_back_once_at_its_end_or_sooner_when_asked() {
-        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
-        engine
-            .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 5, 5000)])
-            .unwrap();
+        let (bot_l, engine) = engine_to_bot();
         let open = || {
             let (_, client, bot) = open_one(&engine, &bot_l);
             let News::Opened { session_id, .. } = news(&engine) else {
@@ -1299,11 +1301,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_engine_keeps_an_opened_sessions_news_until_it_is_adopted_or_ends() {
-        let bot_l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
-        engine
-            .set_routes(vec![route("a.b", bot_l.local_addr().unwrap(), 5, 5000)])
-            .unwrap();
+        let (bot_l, engine) = engine_to_bot();
         let open = || {
             let (head, client, bot) = open_one(&engine, &bot_l);
             let uuid = header(&head, "X-Session-Id").expect("named").to_owned();
