@@ -79,9 +79,8 @@ pub enum Accepted {
 pub const RING_DELAY: Duration = Duration::from_millis(1);
 
 /// How long after a ring the outcome of a session the engine opened waits for its own. Its
-/// place and connection are given back already and its end counted (`open.rs`); Python only logs
-/// it,
-/// so it is told with the next ring, or this long after the last one. One at a time, a ring a
+/// place and connection are given back already and its end counted (`open.rs`); Python only
+/// logs it, so it is told with the next ring, or this long after the last one. One at a time, a ring a
 /// millisecond cost more than the sessions: Python's wake-ups took the CPU the next open
 /// needed (benches/README.md, "Session opens, round 8"). When the gateway has stopped
 /// accepting and holds no connection any more, its end is told at once: a drain may be
@@ -89,10 +88,10 @@ pub const RING_DELAY: Duration = Duration::from_millis(1);
 pub const LEISURE_DELAY: Duration = Duration::from_millis(20);
 
 /// Items queued (a session the engine opened brings one, its end: its news is kept, not
-/// queued) past which such an end waits only [`RING_DELAY`]: Python's turn for them is a burst of CPU taken from the
-/// sessions being opened, kept short (with 64, an open's p99 one at a time went from 340 to
-/// 510 µs; at 20 ms without a bound, 8 at a time, it doubled: benches/README.md, "Session
-/// opens, round 8").
+/// queued) past which such an end waits only [`RING_DELAY`]: Python's turn for them is a burst
+/// of CPU taken from the sessions being opened, kept short (with 64, an open's p99 one at a
+/// time went from 340 to 510 µs; at 20 ms without a bound, 8 at a time, it doubled:
+/// benches/README.md, "Session opens, round 8").
 pub const LEISURE_BATCH: usize = 16;
 
 #[derive(Default)]
@@ -104,6 +103,8 @@ struct Queue {
     /// as they end: nothing of a live session the engine opened is in Python.
     told: HashMap<u64, News>,
     by_uuid: HashMap<String, u64>,
+    /// The most of them at once since [`Engine::told_peak`] was last read.
+    told_peak: usize,
     rung: bool,
     /// When the doorbell last rang.
     rang_at: Option<Instant>,
@@ -173,6 +174,7 @@ impl Shared {
         }
         q.by_uuid.insert(session_uuid.clone(), *session_id);
         q.told.insert(*session_id, news);
+        q.told_peak = q.told_peak.max(q.told.len());
     }
 
     /// Queues `item` and rings (outcomes come through [`Reports`], which may ring later).
@@ -545,14 +547,29 @@ impl Engine {
         lock(&self.shared.queue).by_uuid.get(uuid).copied()
     }
 
-    /// `f` of the news of every live session the engine opened and Python has not adopted.
-    pub fn told<R>(&self, f: impl FnMut(&News) -> R) -> Vec<R> {
-        lock(&self.shared.queue).told.values().map(f).collect()
+    /// `f` of the news of every live session the engine opened and Python has not adopted (of
+    /// `service_host`'s, when given).
+    pub fn told<R>(&self, service_host: Option<&str>, f: impl FnMut(&News) -> R) -> Vec<R> {
+        let q = lock(&self.shared.queue);
+        let of = |n: &&News| match (n, service_host) {
+            (News::Opened { service_host, .. }, Some(want)) => service_host == want,
+            _ => true,
+        };
+        q.told.values().filter(of).map(f).collect()
     }
 
     /// How many live sessions the engine opened and Python has not adopted.
     pub fn told_count(&self) -> usize {
         lock(&self.shared.queue).told.len()
+    }
+
+    /// The most live sessions the engine opened and Python had not adopted at once, since the
+    /// last call (the first: since the engine started).
+    pub fn told_peak(&self) -> usize {
+        let mut q = lock(&self.shared.queue);
+        let peak = q.told_peak.max(q.told.len());
+        q.told_peak = q.told.len();
+        peak
     }
 
     /// Gives back now the place of live session `id`, one the engine opened, instead of at its

@@ -1188,7 +1188,7 @@ pub(crate) mod tests {
                     return n;
                 }
             }
-            let told = engine.told(|n| match n {
+            let told = engine.told(None, |n| match n {
                 News::Opened { session_id, .. } => *session_id,
                 _ => unreachable!("only opened sessions are kept"),
             });
@@ -1315,7 +1315,7 @@ pub(crate) mod tests {
         // Kept, not queued: found by the id its 101 named as soon as the client has the 101.
         let (uuid, client, bot) = open();
         let id = engine.told_id(&uuid).expect("kept before the 101 went");
-        assert_eq!(engine.told(id_of), vec![id]);
+        assert_eq!(engine.told(None, id_of), vec![id]);
         assert!(
             engine.adopt(id, Some("other.b")).is_none(),
             "another agent's: left"
@@ -1345,7 +1345,7 @@ pub(crate) mod tests {
         r.agent = Some(engine.register_agent("a.b"));
         engine.set_routes(vec![r]).unwrap();
         let (_, client, bot) = open_one(&engine, &bot_l);
-        let id = engine.told(|n| match n {
+        let id = engine.told(None, |n| match n {
             News::Opened { session_id, .. } => *session_id,
             _ => unreachable!(),
         })[0];

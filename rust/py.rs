@@ -593,14 +593,23 @@ impl Engine {
         self.engine().told_id(session_uuid)
     }
 
-    fn told(&self, py: Python<'_>) -> PyResult<Vec<Py<py_open::Opened>>> {
+    #[pyo3(signature = (service_host = None))]
+    fn told(
+        &self,
+        py: Python<'_>,
+        service_host: Option<&str>,
+    ) -> PyResult<Vec<Py<py_open::Opened>>> {
         // Copied under the engine's queue lock, made Python objects after it.
-        let told = self.engine().told(py_open::Opened::of);
+        let told = self.engine().told(service_host, py_open::Opened::of);
         told.into_iter().map(|o| Py::new(py, o)).collect()
     }
 
     fn told_count(&self) -> usize {
         self.engine().told_count()
+    }
+
+    fn told_peak(&self) -> usize {
+        self.engine().told_peak()
     }
 
     fn give_back_place(&self, session_id: u64) -> bool {

@@ -95,7 +95,6 @@ pub struct Opened {
     session_uuid: String,
     service_host: String,
     dial_seconds: f64,
-    store_seconds: Vec<f64>,
     opened_at: f64,
     /// A provider's `(provider, call id, stream id)` from its `start` (either id `None` if it
     /// had none; `None`: a generic session, or a provider's whose opening was not read).
@@ -145,9 +144,9 @@ impl Opened {
             session_uuid,
             service_host,
             dial_seconds,
-            store_seconds,
             opened_at,
             call,
+            ..
         } = news
         else {
             unreachable!("only opened sessions are kept");
@@ -157,7 +156,6 @@ impl Opened {
             session_uuid: session_uuid.clone(),
             service_host: service_host.clone(),
             dial_seconds: *dial_seconds,
-            store_seconds: store_seconds.clone(),
             opened_at: *opened_at,
             call: call
                 .as_ref()

@@ -6,11 +6,14 @@ for the benches: benches/README.md.)"""
 from __future__ import annotations
 
 import gc
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 
 import anyio
 import pytest
+from websockets.sync.client import ClientConnection
 
 import wsgate.engine
 from wsgate import _core
@@ -105,6 +108,31 @@ async def test_memory_is_given_back_once_after_a_burst_of_sessions_ended(
         await until(lambda: _true(bool(releases)), within=10, what="memory given back")
         await anyio.sleep(0.3)
         assert len(releases) == 1, "once for the burst, not per session"
+
+
+async def test_memory_is_given_back_after_a_burst_that_ended_before_python_heard_of_it(
+    bot: Bot, releases: list[bool]
+) -> None:
+    # The engine keeps the sessions it opens to itself until they end: a burst that ends while
+    # the event loop is busy is heard of in one turn, and still makes giving memory back due.
+    def open_all(url: str, n: int, stack: ExitStack) -> list[ClientConnection]:
+        clients = [stack.enter_context(connect(url)) for _ in range(n)]
+        for ws in clients:
+            ws.send("x")
+            assert ws.recv(timeout=10) == "x"
+        return clients
+
+    async with serving(bot.url) as gw:
+        with ExitStack() as stack:
+            clients = await in_thread(open_all, f"{gw.url}/ws/generic/bot.test", 6, stack)
+            assert gw.sessions() == 6
+            # The event loop kept busy until the engine has ended all six (it gives their
+            # places back itself): their ends reach Python together.
+            for ws in clients:
+                ws.socket.shutdown(socket.SHUT_RDWR)
+            while gw.sessions():
+                time.sleep(0.001)
+        await until(lambda: _true(bool(releases)), within=10, what="memory given back")
 
 
 async def test_a_steady_churn_of_sessions_never_makes_giving_memory_back_due(

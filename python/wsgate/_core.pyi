@@ -290,8 +290,6 @@ class Opened:
     service_host: str
     #: From the start of the bot's dial to its 101.
     dial_seconds: float
-    #: How long each call to the replay store took (a token agent's claim), in seconds.
-    store_seconds: list[float]
     #: When it was opened (answered 101; a URL-routed provider's once its opening was read),
     #: on ``time.monotonic()``'s clock (its news may come late).
     opened_at: float
@@ -482,12 +480,16 @@ class Engine:
         """The id of the live session the engine opened by itself, not adopted, whose
         ``X-Session-Id`` is ``session_uuid``."""
 
-    def told(self) -> list[Opened]:
+    def told(self, service_host: str | None = None) -> list[Opened]:
         """Copies of the news of every live session the engine opened by itself and nothing
-        adopted."""
+        adopted (of ``service_host``'s, when given)."""
 
     def told_count(self) -> int:
         """How many live sessions the engine opened by itself and nothing adopted."""
+
+    def told_peak(self) -> int:
+        """The most live sessions the engine opened by itself and nothing adopted at once,
+        since the last call (the first: since the engine started)."""
 
     def give_back_place(self, session_id: int) -> bool:
         """Give back now the place of live session ``session_id``, one the engine opened by

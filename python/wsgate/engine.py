@@ -239,9 +239,10 @@ class Relay:
         draw from the same count)."""
         return self.engine.next_session_id()
 
-    def told_sessions(self) -> list[_core.Opened]:
-        """The news of the live sessions the engine opened that were not adopted."""
-        return self.engine.told()
+    def told_sessions(self, service_host: str | None = None) -> list[_core.Opened]:
+        """The news of the live sessions the engine opened that were not adopted (of
+        ``service_host``'s, when given)."""
+        return self.engine.told(service_host)
 
     def told_id(self, session_uuid: str) -> int | None:
         """The id of the live session the engine opened, not adopted, of that UUID."""
@@ -313,8 +314,10 @@ class Relay:
         with logs.batched():  # one write for the session lines of this turn
             self._dispatch(self.engine.drain())
         now_live = self._count()
-        # The engine's own sessions are counted live here (Python hears of them at their end).
-        self._peak = peak = max(self._peak, now_live)
+        # The engine's own sessions are counted by the engine, not here as they open (Python
+        # hears of them at their end): the most at once since the last turn.
+        busiest = len(self._live) + self.engine.told_peak()
+        self._peak = peak = max(self._peak, now_live, busiest)
         if self._trim_due is None and peak - now_live >= TRIM_DROP and now_live <= peak // 2:
             self._trim_due = self._last_ring = anyio.current_time()
             if self._trim_wanted is not None:

@@ -24,10 +24,11 @@ has an ``authorize`` hook, a capacity store or per-client limits (``client_reque
 engine does each connection's handshake too, on the relay thread that reads its request; a
 connection it does not open comes to Python with its TLS, the handshake done.
 
-Python hears of each such session once, through the engine's doorbell: opened (it is
-registered, listed, stoppable, counted and logged at its end like any other; its dial time
-observed) or not (the client's socket comes back and is answered 502/504 in the words of
-:func:`~wsgate.upstream.dial`, counted and logged as Python's own refusals).
+An opened session is kept by the engine (found, listed and stopped through the Session API like
+any other: Python adopts it when asked), which counts its dial and its end; Python hears of it
+at its end, with its news, and logs it. One not opened comes back through the engine's
+doorbell: the client's socket is answered 502/504 in the words of
+:func:`~wsgate.upstream.dial`, counted and logged as Python's own refusals.
 """
 
 from __future__ import annotations

@@ -231,9 +231,8 @@ class Sessions:
         """The agent's live sessions as the list shows them, with their messages and bytes
         each way so far (one snapshot of the engine's per-session counters for all of them)."""
         self.relay.dispatch()  # sessions the engine opened, told of without a ring
-        for news in self.relay.told_sessions():
-            if news.service_host == service_host:
-                self._adopt(news.session_id, service_host)
+        for news in self.relay.told_sessions(service_host):
+            self._adopt(news.session_id, service_host)
         now, wall = anyio.current_time(), time.time()
         shown = [o for o in self.live.values() if o.service_host == service_host and not o.stopped]
         snapshot = self.relay.engine.session_counts([o.relay.id for o in shown])
