@@ -344,6 +344,25 @@ impl Counters {
             .map(|a| AgentEnds(a.clone()))
     }
 
+    /// What makes the meter of a session of agent `index` served as `served` on worker thread
+    /// `shard`, publishing to `live`, once the session is counted (a session the engine opens:
+    /// once it is relayed); as [`meter`](Self::meter) then.
+    pub fn later(
+        self: &Arc<Self>,
+        index: Option<usize>,
+        served: Served,
+        shard: usize,
+        live: Arc<Live>,
+    ) -> Later {
+        Later {
+            counters: self.clone(),
+            index,
+            served,
+            shard,
+            live,
+        }
+    }
+
     /// Every agent's counters, in the order they were registered.
     pub fn snapshot(&self) -> Vec<Snapshot> {
         let agents = self.agents.read().unwrap_or_else(PoisonError::into_inner);
@@ -369,6 +388,23 @@ impl Counters {
                 }
             })
             .collect()
+    }
+}
+
+/// A session's meter, to be made when it is counted ([`Counters::later`]).
+pub struct Later {
+    counters: Arc<Counters>,
+    index: Option<usize>,
+    served: Served,
+    shard: usize,
+    live: Arc<Live>,
+}
+
+impl Later {
+    /// The meter, counting the session from now on.
+    pub fn meter(self) -> Meter {
+        let m = self.counters.meter(self.index, self.served, self.shard);
+        m.showing(self.live)
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::accepting::Connections;
 use crate::body::DecodedBody;
-use crate::counters::{AgentEnds, Meter};
+use crate::counters::{AgentEnds, Later};
 use crate::driver::Driven;
 use crate::nonces::Nonces;
 use crate::opener::Verdict;
@@ -482,7 +482,7 @@ pub struct Opening {
     /// The connect failed at once.
     failed: Option<io::Error>,
     stop: Option<(u16, String)>,
-    meter: Option<Box<dyn FnOnce() -> Meter + Send>>,
+    meter: Option<Later>,
     /// Where its dial and its end are counted (`None`: its agent is not).
     ends: Option<AgentEnds>,
     /// When Python was told it opened (`CLOCK_MONOTONIC` seconds, as [`News::Opened`]).
@@ -505,7 +505,7 @@ pub struct Open {
     pub peek: Option<Provider>,
     /// Makes the session's meter once it is relayed (counted from then on, as a session the
     /// Python path hands over).
-    pub meter: Box<dyn FnOnce() -> Meter + Send>,
+    pub meter: Later,
     /// Where its dial and its end are counted (`None`: its agent is not).
     pub ends: Option<AgentEnds>,
     /// Where its news goes.
@@ -910,7 +910,7 @@ impl Fast {
 
     /// Relayed from now on, in place.
     fn relaying(&mut self, mut o: Opening, bot_pending: Vec<u8>, now: Instant) -> Run {
-        let meter = (o.meter.take().expect("a meter per session"))();
+        let meter = o.meter.take().expect("a meter per session").meter();
         let pending = Pending {
             client: o.client_pending,
             bot: bot_pending,

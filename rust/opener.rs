@@ -44,6 +44,9 @@ pub struct Opener {
     waiting: Mutex<Waited>,
     /// The listener's TLS (`None`: plain).
     tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
+    /// Where every opened session's news goes: one for all (a clone is a count, not an
+    /// allocation, per open).
+    tell: open::Tell,
 }
 
 /// A connection waited for: its id and its relay thread.
@@ -97,10 +100,18 @@ impl Opener {
         counters: Arc<Counters>,
         dead_peer_timeout: Duration,
     ) -> Self {
+        let told = shared.clone();
+        let tell: open::Tell = Arc::new(move |news| match news {
+            // Nothing in Python waits for it: kept by the engine, it goes to Python with the
+            // session's outcome, or when the Session API asks for it.
+            News::Opened { .. } => told.opened(news),
+            _ => told.push(Item::Open(news)),
+        });
         Self {
             routes: Mutex::new(Arc::new(HashMap::new())),
             shared,
             counters,
+            tell,
             dead_peer_timeout,
             wait: Mutex::new(Wait {
                 timeout: Duration::ZERO,
@@ -321,20 +332,8 @@ impl Opener {
         let Ok(live) = self.shared.register(id, worker, Some(hold.clone())) else {
             unreachable!("ids are unique");
         };
-        let counters = self.counters.clone();
         let agent = route.agent;
-        let meter = Box::new(move || {
-            counters
-                .meter(agent, Served::Upstream, worker)
-                .showing(live)
-        });
-        let shared = self.shared.clone();
-        let tell: open::Tell = Arc::new(move |news| match news {
-            // Nothing in Python waits for it: kept by the engine, it goes to Python with the
-            // session's outcome, or when the Session API asks for it.
-            News::Opened { .. } => shared.opened(news),
-            _ => shared.push(Item::Open(news)),
-        });
+        let meter = self.counters.later(agent, Served::Upstream, worker, live);
         let o = open::Open {
             route,
             client_key,
@@ -344,7 +343,7 @@ impl Opener {
             peek,
             meter,
             ends: self.counters.ends(agent),
-            tell,
+            tell: self.tell.clone(),
             claimed,
             hold,
             connections: self.shared.connections(),
