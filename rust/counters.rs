@@ -401,6 +401,12 @@ pub struct Later {
 }
 
 impl Later {
+    /// Where the session's dial and end are counted, if it is the engine's own (see
+    /// [`Counters::ends`]).
+    pub fn ends(&self) -> Option<AgentEnds> {
+        self.counters.ends(self.index)
+    }
+
     /// The meter, counting the session from now on.
     pub fn meter(self) -> Meter {
         let m = self.counters.meter(self.index, self.served, self.shard);

@@ -80,9 +80,9 @@ pub const RING_DELAY: Duration = Duration::from_millis(1);
 
 /// How long after a ring the outcome of a session the engine opened waits for its own. Its
 /// place and connection are given back already and its end counted (`open.rs`); Python only
-/// logs it, so it is told with the next ring, or this long after the last one. One at a time, a ring a
-/// millisecond cost more than the sessions: Python's wake-ups took the CPU the next open
-/// needed (benches/README.md, "Session opens, round 8"). When the gateway has stopped
+/// logs it, so it is told with the next ring, or this long after the last one. One at a time,
+/// a ring a millisecond cost more than the sessions: Python's wake-ups took the CPU the next
+/// open needed (benches/README.md, "Session opens, round 8"). When the gateway has stopped
 /// accepting and holds no connection any more, its end is told at once: a drain may be
 /// waiting for that.
 pub const LEISURE_DELAY: Duration = Duration::from_millis(20);

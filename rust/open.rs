@@ -506,8 +506,6 @@ pub struct Open {
     /// Makes the session's meter once it is relayed (counted from then on, as a session the
     /// Python path hands over).
     pub meter: Later,
-    /// Where its dial and its end are counted (`None`: its agent is not).
-    pub ends: Option<AgentEnds>,
     /// Where its news goes.
     pub tell: Tell,
     /// Its token, checked and used up (a `token` agent's session), whose nonce names it.
@@ -590,8 +588,8 @@ impl Fast {
             started,
             failed,
             stop: None,
+            ends: o.meter.ends(),
             meter: Some(o.meter),
-            ends: o.ends,
             opened_at: 0.0,
         };
         Self {

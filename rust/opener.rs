@@ -332,8 +332,9 @@ impl Opener {
         let Ok(live) = self.shared.register(id, worker, Some(hold.clone())) else {
             unreachable!("ids are unique");
         };
-        let agent = route.agent;
-        let meter = self.counters.later(agent, Served::Upstream, worker, live);
+        let meter = self
+            .counters
+            .later(route.agent, Served::Upstream, worker, live);
         let o = open::Open {
             route,
             client_key,
@@ -342,7 +343,6 @@ impl Opener {
             answered,
             peek,
             meter,
-            ends: self.counters.ends(agent),
             tell: self.tell.clone(),
             claimed,
             hold,

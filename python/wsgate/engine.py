@@ -316,8 +316,8 @@ class Relay:
         now_live = self._count()
         # The engine's own sessions are counted by the engine, not here as they open (Python
         # hears of them at their end): the most at once since the last turn.
-        busiest = len(self._live) + self.engine.told_peak()
-        self._peak = peak = max(self._peak, now_live, busiest)
+        busiest = len(self._live) + self.engine.told_peak()  # never fewer than now_live
+        self._peak = peak = max(self._peak, busiest)
         if self._trim_due is None and peak - now_live >= TRIM_DROP and now_live <= peak // 2:
             self._trim_due = self._last_ring = anyio.current_time()
             if self._trim_wanted is not None:

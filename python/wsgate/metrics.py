@@ -356,16 +356,10 @@ class _Ends(Collector):
     def ended(self, agent: str, by: str, code: str, seconds: float) -> None:
         key = (agent, by, code)
         self._closed[key] = self._closed.get(key, 0) + 1
-        durations = self._durations.get(agent)
-        if durations is None:
-            durations = self._durations[agent] = _Histogram(DURATION_BUCKETS)
-        durations.observe(seconds)
+        _histogram_of(self._durations, agent, DURATION_BUCKETS).observe(seconds)
 
     def dialled(self, agent: str, seconds: float) -> None:
-        dials = self._dials.get(agent)
-        if dials is None:
-            dials = self._dials[agent] = _Histogram(DIAL_BUCKETS)
-        dials.observe(seconds)
+        _histogram_of(self._dials, agent, DIAL_BUCKETS).observe(seconds)
 
     def describe(self) -> Iterable[Metric]:
         return self._families({}, {}, {})
@@ -382,11 +376,10 @@ class _Ends(Collector):
                 key = (agent, label, close_code_label(code))
                 closed[key] = closed.get(key, 0) + n
             if c.duration_counts:
-                durations.setdefault(agent, _Histogram(DURATION_BUCKETS)).add(
-                    c.duration_counts, c.duration_sum
-                )
+                lasted = _histogram_of(durations, agent, DURATION_BUCKETS)
+                lasted.add(c.duration_counts, c.duration_sum)
             if c.dial_counts:
-                dials.setdefault(agent, _Histogram(DIAL_BUCKETS)).add(c.dial_counts, c.dial_sum)
+                _histogram_of(dials, agent, DIAL_BUCKETS).add(c.dial_counts, c.dial_sum)
         return self._families(closed, durations, dials)
 
     @staticmethod
@@ -402,21 +395,36 @@ class _Ends(Collector):
         )
         for labels, n in closed.items():
             ends.add_metric(labels, n)
-        lasted = HistogramMetricFamily(
-            "wsgate_session_duration_seconds",
-            "How long ended sessions lasted, from the hand-over to the engine to their end",
-            labels=["agent"],
-        )
-        for agent, h in durations.items():
-            lasted.add_metric([agent], h.buckets(), h.sum)
-        dialled = HistogramMetricFamily(
-            "wsgate_upstream_dial_seconds",
-            "Time to reach an upstream bot and get its 101, of the dials that succeeded",
-            labels=["agent"],
-        )
-        for agent, h in dials.items():
-            dialled.add_metric([agent], h.buckets(), h.sum)
-        return [ends, lasted, dialled]
+        return [
+            ends,
+            _by_agent(
+                "wsgate_session_duration_seconds",
+                "How long ended sessions lasted, from the hand-over to the engine to their end",
+                durations,
+            ),
+            _by_agent(
+                "wsgate_upstream_dial_seconds",
+                "Time to reach an upstream bot and get its 101, of the dials that succeeded",
+                dials,
+            ),
+        ]
+
+
+def _histogram_of(
+    histograms: dict[str, _Histogram], agent: str, bounds: Sequence[float]
+) -> _Histogram:
+    """The agent's histogram in ``histograms``, made (over ``bounds``) if it has none."""
+    histogram = histograms.get(agent)
+    if histogram is None:
+        histogram = histograms[agent] = _Histogram(bounds)
+    return histogram
+
+
+def _by_agent(name: str, doc: str, histograms: dict[str, _Histogram]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=["agent"])
+    for agent, h in histograms.items():
+        family.add_metric([agent], h.buckets(), h.sum)
+    return family
 
 
 class _Live(Collector):
