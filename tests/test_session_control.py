@@ -270,6 +270,32 @@ async def test_a_session_of_another_agent_is_not_found(bot: Bot) -> None:
             await in_thread(ws.close)
 
 
+async def test_an_engine_session_named_under_another_agent_is_not_found_nor_taken(
+    bot: Bot,
+) -> None:
+    # bot.test's sessions are the engine's own (kept by the engine until asked for): asked for
+    # under another agent, one is 404 and stays as it was, stoppable under its own.
+    async with gateway(bot.url) as gw:
+        assert gw._sessions is not None and "bot.test" in gw._sessions.fast
+        ws = await in_thread(open_ws, f"{gw.url}/ws/generic/bot.test")
+        try:
+            sid = session_id(ws)
+            for path, expected in (
+                (f"/v1/agents/echo/sessions/{sid}", 404),
+                (f"/v1/agents/bot/sessions/{uuid.uuid4()}", 404),
+                ("/v1/agents/bot/sessions/not-an-id", 400),
+            ):
+                assert (await call(gw, "DELETE", path, "sk_test"))[0] == expected, path
+            assert gw._sessions.live == {}, "not adopted"
+            ws.send("still here")
+            assert await in_thread(ws.recv, 20) == "still here"
+            status, _ = await call(gw, "DELETE", f"/v1/agents/bot/sessions/{sid}", "sk_test")
+            assert status == 200
+            assert await in_thread(closed_with, ws.recv, 20) == (1000, "session stopped")
+        finally:
+            await in_thread(ws.close)
+
+
 async def test_a_private_key_never_mints_a_token(bot: Bot) -> None:
     async with gateway(bot.url) as gw:
         body = b'{"transport":"websocket"}'
