@@ -26,6 +26,7 @@ pub mod reading;
 pub mod relay;
 pub mod scratch;
 pub mod session;
+pub mod session_line;
 pub mod shard;
 mod sockets;
 pub mod stream;

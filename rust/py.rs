@@ -14,6 +14,7 @@ use pyo3::types::{PyBytes, PyString, PyTuple};
 use crate::inproc::Delivery;
 use crate::py_open::{self, FastRoute};
 use crate::py_tls::{self, TlsConnection};
+use crate::session_line::{self, Told};
 use crate::{body, counters, engine, limits, memory, nonces, session, token};
 
 /// Largest upgrade request line plus headers, in bytes (SPEC §2): exported, so that Python never
@@ -374,6 +375,54 @@ impl Message {
     }
 }
 
+/// The ends of sessions the engine opened that Python never adopted, from one `Engine.drain`:
+/// their log lines made here (`session_line.rs`), or their outcomes for Python to log.
+#[pyclass(module = "wsgate._core", frozen)]
+struct ToldEnds {
+    told: Vec<Told>,
+}
+
+#[pymethods]
+impl ToldEnds {
+    fn __len__(&self) -> usize {
+        self.told.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ToldEnds({} sessions)", self.told.len())
+    }
+
+    /// Each as an `Outcome` whose `opened` is its news.
+    fn outcomes(&self, py: Python<'_>) -> PyResult<Vec<Py<Outcome>>> {
+        self.told
+            .iter()
+            .map(|t| {
+                let opened = py_open::opened(py, &t.news)?;
+                Py::new(
+                    py,
+                    Outcome::new(t.outcome.clone(), t.ended_at, Some(opened)),
+                )
+            })
+            .collect()
+    }
+
+    /// The text lines: `head` (the time and level), the message, `terminator`; in chunks of
+    /// whole lines of at most `limit` bytes.
+    fn text(&self, py: Python<'_>, head: &str, terminator: &str, limit: usize) -> Vec<String> {
+        py.detach(|| {
+            session_line::chunks(&self.told, terminator, limit, |t, out| {
+                out.push_str(head);
+                t.message(out);
+            })
+        })
+    }
+
+    /// The JSON lines, each at `ts`; chunked as `text`.
+    fn json(&self, py: Python<'_>, ts: &str, terminator: &str, limit: usize) -> Vec<String> {
+        py.detach(|| session_line::chunks(&self.told, terminator, limit, |t, out| t.json(ts, out)))
+    }
+}
+
 fn item_to_py(py: Python<'_>, item: engine::Item) -> PyResult<Py<PyAny>> {
     Ok(match item {
         engine::Item::Outcome(o, at, news) => {
@@ -701,9 +750,26 @@ impl Engine {
         self.engine().close(session_id, code, reason)
     }
 
+    /// Everything queued, in order; the ends of sessions the engine opened and Python never
+    /// adopted last, as one `ToldEnds`.
     fn drain(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
         let items = self.engine().drain();
-        items.into_iter().map(|i| item_to_py(py, i)).collect()
+        let mut told = Vec::new();
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                engine::Item::Outcome(outcome, ended_at, Some(news)) => told.push(Told {
+                    outcome,
+                    ended_at,
+                    news,
+                }),
+                item => out.push(item_to_py(py, item)?),
+            }
+        }
+        if !told.is_empty() {
+            out.push(Py::new(py, ToldEnds { told })?.into_any());
+        }
+        Ok(out)
     }
 
     #[pyo3(signature = (session_id, client_fd, client_pending, max_message_size, inbox_limit, send_buffer_limit, time_limit = None, client_tls = None, *, agent = None))]
@@ -764,6 +830,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TOKEN_TTL_SECONDS", token::TOKEN_TTL_SECONDS)?;
     m.add("MAX_TOKEN_BYTES", token::MAX_TOKEN_BYTES)?;
     m.add("TIME_LIMIT_REASON", session::TIME_LIMIT_CLOSE.1)?;
+    m.add("DRAIN_REASON", session_line::DRAIN_REASON)?;
     m.add("DIAL_BUCKETS", PyTuple::new(py, counters::DIAL_BUCKETS)?)?;
     m.add(
         "DURATION_BUCKETS",
@@ -783,6 +850,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(release_memory, m)?)?;
     m.add_class::<Engine>()?;
     m.add_class::<Outcome>()?;
+    m.add_class::<ToldEnds>()?;
     m.add_class::<Message>()?;
     m.add_class::<AgentCounts>()?;
     m.add_class::<SessionCounts>()?;

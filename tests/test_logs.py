@@ -1,4 +1,6 @@
-"""The text log format: its time made once a second reads as ``logging``'s own default."""
+"""The log lines: the text format's time made once a second reads as ``logging``'s own default;
+lines written straight to :func:`wsgate.logs.configure`'s handler, by Python or by the engine,
+read as ``logging`` writes them."""
 
 from __future__ import annotations
 
@@ -6,12 +8,19 @@ import io
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterator
 
+import anyio
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.server import ServerConnection
 
-from wsgate import logs
+from wsgate import Gateway, _core, logs, sessions
 from wsgate.logs import TEXT_FORMAT, JsonFormatter, TextFormatter
+
+from .helpers import Bot, Seen, connect, frame, in_thread, make_config, raw_socket
+from .telephony import opening_messages
 
 
 def record(created: float) -> logging.LogRecord:
@@ -234,3 +243,118 @@ def test_held_lines_go_out_in_writes_a_pipe_keeps_whole(
     assert 1 < len(stream.writes) < 100
     ended = [line.split(" ")[4] for line in stream.getvalue().splitlines()]
     assert ended == [str(n) for n in range(100)]
+
+
+# --------------------------------------------------------------------------------------------
+# The lines the engine makes for the sessions it opened (rust/session_line.rs) read as Python's.
+
+
+class Kept(logging.Handler):
+    """Keeps every record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def closing_with_4001(ws: ServerConnection, seen: Seen) -> None:
+    """A bot that echoes, but closes with 4001 when told ``bye``."""
+    for message in ws:
+        if message == "bye":
+            ws.close(4001, "as told")
+            return
+        ws.send(message)
+
+
+def ended_in_many_ways(port: int) -> int:
+    """Engine sessions of bot.test ending each a different way: how many."""
+    url = f"ws://127.0.0.1:{port}"
+    with connect(f"{url}/ws/generic/bot.test") as ws:  # the client closes, 1000
+        ws.send("hello")
+        assert ws.recv(10) == "hello"
+    with connect(f"{url}/ws/generic/bot.test") as ws:  # the bot closes, 4001
+        ws.send("bye")
+        with pytest.raises(ConnectionClosed):
+            ws.recv(10)
+    with raw_socket(port) as sock:  # over max_message_size: the gateway's 1009
+        sock.sendall(frame(0x2, b"x" * 2000))
+        while sock.recv(4096):
+            pass
+    with raw_socket(port):  # the client leaves without a close: 1006
+        pass
+    with connect(f"{url}/ws/telnyx?serviceHost=bot.test") as ws:  # a provider's call
+        opening = opening_messages("telnyx")
+        for message in opening:  # both first: the gateway reads them before it relays
+            ws.send(message)
+        assert [ws.recv(10) for _ in opening] == opening
+    return 5
+
+
+def held_until_stopped(port: int, opened: threading.Event) -> None:
+    """An engine session open until the gateway stops: its drain's 1001."""
+    with connect(f"ws://127.0.0.1:{port}/ws/generic/bot.test") as ws:
+        opened.set()
+        with pytest.raises(ConnectionClosed):
+            ws.recv(20)
+        assert ws.close_code == 1001
+
+
+@pytest.mark.anyio
+async def test_the_engines_session_lines_read_as_python_writes_them(
+    bot: Bot, configured: Callable[[str], io.StringIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    buffer = configured("text")
+    told: list[_core.ToldEnds] = []
+
+    def keeping(logger: logging.Logger, ends: _core.ToldEnds) -> bool:
+        told.append(ends)
+        return logs.write_session_lines(logger, ends)
+
+    monkeypatch.setattr(sessions, "write_session_lines", keeping)
+    bot.behaviour = closing_with_4001
+    config = make_config(
+        bot.url, engine_opens=True, max_message_size=1000, metrics=False, drain_timeout=0.1
+    )
+    async with anyio.create_task_group() as tg:
+        async with Gateway(config).running() as gw:
+            sessions_run = await in_thread(ended_in_many_ways, gw.port)
+            opened = threading.Event()
+            tg.start_soon(in_thread, held_until_stopped, gw.port, opened)
+            assert await in_thread(opened.wait, 20)
+    ends = [outcome for batch in told for outcome in batch.outcomes()]
+    assert len(ends) == sessions_run + 1
+    written = [line for line in buffer.getvalue().splitlines() if " INFO session " in line]
+
+    # Each line as Python makes it: through logging (a filter on the way), kept.
+    log = logging.getLogger("wsgate")
+    kept = Kept()
+    log.addHandler(kept)
+    log.addFilter(Passing())
+    try:
+        for outcome in ends:
+            assert outcome.opened is not None
+            seconds = max(0.0, outcome.ended_at - outcome.opened.opened_at)
+            sessions.log_outcome(sessions._Unadopted(outcome.opened), outcome, seconds)
+    finally:
+        log.removeHandler(kept)
+        log.filters.clear()
+    created = 1_764_668_581.125
+    python_text = [r.getMessage() for r in kept.records]
+    python_json = [
+        logs._json_line(created, "info", "session_end", r.getMessage(), r.fields)  # type: ignore[attr-defined]
+        for r in kept.records
+    ]
+    engine_text = "".join(c for b in told for c in b.text("", "\n", 1 << 20)).splitlines()
+    engine_json = "".join(
+        c for b in told for c in b.json(logs._timestamp(created), "\n", 1 << 20)
+    ).splitlines()
+    assert engine_text == python_text
+    assert engine_json == python_json
+    ended_by = {json.loads(line)["ended_by"] for line in engine_json}
+    assert {"client", "bot", "gateway_limit", "gateway_drain"} <= ended_by, ended_by
+    assert any(" via telnyx call " in line for line in engine_text), engine_text
+    # And what the gateway wrote is those lines, after the time and level.
+    assert [line[24 + len("INFO ") :] for line in written] == engine_text

@@ -9,6 +9,7 @@ from typing import Any, Literal, final
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DIAL_BUCKETS",
+    "DRAIN_REASON",
     "DURATION_BUCKETS",
     "MAX_BODY_BYTES",
     "MAX_BODY_DEPTH",
@@ -35,6 +36,7 @@ __all__ = [
     "TokenClaims",
     "TokenError",
     "TokenKeys",
+    "ToldEnds",
     "Unopened",
     "check_body_json",
     "decode_body",
@@ -52,6 +54,8 @@ MAX_HEADER_BYTES: int
 DEFAULT_MAX_MESSAGE_SIZE: int
 #: The close reason (with code 1000) a session gets at its time limit, and its outcome's detail.
 TIME_LIMIT_REASON: str
+#: The close reason (with code 1001) of the gateway's drain: an end by it is ``gateway_drain``.
+DRAIN_REASON: str
 #: Upper bounds, in seconds, of the metrics' histogram of bot dials (:class:`AgentCounts`).
 DIAL_BUCKETS: tuple[float, ...]
 #: Upper bounds, in seconds, of the metrics' histogram of session durations.
@@ -190,9 +194,29 @@ class Outcome:
     #: opened by itself may be told to Python later than that (with the next ring, at most
     #: ``LEISURE_DELAY``, 20 ms, after the last): its length is measured to this.
     ended_at: float
-    #: For a session the engine opened by itself and nothing adopted (:meth:`Engine.adopt`):
-    #: its news, which the engine kept while it lived. None for any other session.
+    #: For a session the engine opened by itself and nothing adopted (:meth:`Engine.adopt`),
+    #: from :meth:`ToldEnds.outcomes`: its news, which the engine kept while it lived. None for
+    #: any other session.
     opened: Opened | None
+
+@final
+class ToldEnds:
+    """The ends of the sessions the engine opened by itself that nothing adopted, from one
+    :meth:`Engine.drain`: their log lines, made by the engine (``rust/session_line.rs``), or
+    their outcomes."""
+
+    def __len__(self) -> int: ...
+    def outcomes(self) -> list[Outcome]:
+        """Each end as an :class:`Outcome` whose ``opened`` is its session's news."""
+
+    def text(self, head: str, terminator: str, limit: int) -> list[str]:
+        """Each end's ``session_end`` line as ``sessions.log_outcome`` writes its message, after
+        ``head`` (its time and level) and before ``terminator``; in chunks of whole lines of
+        at most ``limit`` bytes (a longer line alone)."""
+
+    def json(self, ts: str, terminator: str, limit: int) -> list[str]:
+        """Each end's ``session_end`` line as :class:`wsgate.logs.JsonFormatter` writes it, its
+        ``ts`` field ``ts``; chunked as :meth:`text`."""
 
 @final
 class AgentCounts:
@@ -557,9 +581,10 @@ class Engine:
 
     def drain(
         self,
-    ) -> list[Outcome | Message | StoreCalls | Unopened | Handed | AcceptFailed]:
+    ) -> list[Outcome | ToldEnds | Message | StoreCalls | Unopened | Handed | AcceptFailed]:
         """Take everything queued since the last call, in order (a session's messages before
-        its outcome), and clear the doorbell."""
+        its outcome), and clear the doorbell. The ends of sessions this engine opened by itself
+        that nothing adopted come last, together, as one :class:`ToldEnds`."""
 
     def shutdown(self) -> None:
         """Drop every session at once (their sockets are closed) and stop the threads."""

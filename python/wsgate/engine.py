@@ -51,6 +51,7 @@ __all__ = [
 _Item = (
     _core.Message
     | _core.Outcome
+    | _core.ToldEnds
     | _core.StoreCalls
     | _core.Unopened
     | _core.Handed
@@ -206,11 +207,12 @@ class Relay:
     ) -> None:
         self.engine = _core.Engine(threads, dead_peer_timeout)
         self._live: dict[int, RelaySession] = {}
-        #: What the outcome of a session the engine opened by itself (:mod:`wsgate.fastpath`)
-        #: and nothing asked for (by id, in a list, at a drain) goes to, with its news. Until
-        #: then the engine keeps its news (:meth:`adopt`): most end unasked, and cost Python
-        #: nothing but their end (benches/README.md, "Session opens, round 9").
-        self.on_told_end: Callable[[_core.Opened, _core.Outcome], None] | None = None
+        #: What the ends of sessions the engine opened by itself (:mod:`wsgate.fastpath`) and
+        #: nothing asked for (by id, in a list, at a drain) go to: all of one turn at once, with
+        #: their news. Until then the engine keeps their news (:meth:`adopt`): most end unasked,
+        #: and cost Python nothing but a share of a turn (benches/README.md, "Session opens,
+        #: rounds 9 and 10").
+        self.on_told_ends: Callable[[_core.ToldEnds], None] | None = None
         #: Where the engine's news goes, in order with the outcomes: sessions it could not open,
         #: connections it accepted for Python, its failed accepts, its replay store's calls.
         self.on_news: (
@@ -250,7 +252,7 @@ class Relay:
 
     def adopt(self, session_id: int, service_host: str) -> tuple[_core.Opened, RelaySession] | None:
         """A session the engine opened by itself for ``service_host``, now known here like one
-        handed over (its outcome to its :class:`RelaySession`, not to :attr:`on_told_end`);
+        handed over (its outcome to its :class:`RelaySession`, not to :attr:`on_told_ends`);
         None if it is not such a session (adopted already, ended, or another agent's: that one
         is left as it is)."""
         news = self.engine.adopt(session_id, service_host)
@@ -330,17 +332,15 @@ class Relay:
                 if live is not None and live.inbox is not None:
                     live.inbox.deliver(item.data)
                 continue
-            if not isinstance(item, _core.Outcome):
-                if self.on_news is not None:
-                    self.on_news(item)
-                continue
-            session = self._live.pop(item.session_id, None)
-            if session is not None:
-                session._finish(item)
-                continue
-            news = item.opened  # an engine session's, never adopted
-            if news is not None and self.on_told_end is not None:
-                self.on_told_end(news, item)
+            if isinstance(item, _core.Outcome):
+                session = self._live.pop(item.session_id, None)
+                if session is not None:
+                    session._finish(item)
+            elif isinstance(item, _core.ToldEnds):  # engine sessions' ends, never adopted
+                if self.on_told_ends is not None:
+                    self.on_told_ends(item)
+            elif self.on_news is not None:
+                self.on_news(item)
 
     def start(self, handover: Handover) -> RelaySession:
         """Hand a session to the engine: the one way every kind of session starts. The sockets

@@ -472,6 +472,6 @@ async def serve_bot(
                     await bot_done.wait()
             bot_scope.cancel()
     except BaseException:
-        channel.close(1001, "gateway shutting down")
+        channel.close(1001, _core.DRAIN_REASON)
         raise
     return await channel.wait()

@@ -244,10 +244,10 @@ class Listener:
         self.handler.sessions.ended(opened, outcome)
         self._closed()
 
-    def told_ended(self, news: _core.Opened, outcome: _core.Outcome) -> None:
-        """A session the engine opened ended before anything asked for it (the doorbell's).
-        The engine gave its connection back itself."""
-        self.handler.sessions.told_ended(news, outcome)
+    def told_ended(self, ends: _core.ToldEnds) -> None:
+        """Sessions the engine opened ended before anything asked for them (the doorbell's).
+        The engine gave their connections back itself."""
+        self.handler.sessions.told_ended(ends)
         self._poke_if_idle()
 
     def adopted_done(self, opened: Opened, outcome: _core.Outcome) -> None:

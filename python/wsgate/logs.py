@@ -33,6 +33,7 @@ __all__ = [
     "configure",
     "session_fields",
     "write_info",
+    "write_session_lines",
 ]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -176,10 +177,59 @@ def write_info(
     (benches/README.md, "Session opens, round 5"). ``fields``: the event's, made only for JSON.
     The caller checked ``logger.isEnabledFor(logging.INFO)``. False: not for this handler; the
     caller logs it the usual way. A failing stream is reported as ``logging`` reports it."""
-    ours = _ours
+    ours = _ours_alone(logger)
     if ours is None:
         return False
-    handler, formatter, json_lines = ours
+    handler, _, json_lines = ours
+    created = time.time()
+    if json_lines:
+        line = _json_line(created, "info", event, message, fields())
+    else:
+        line = _text_head(created) + message
+    if _held.open:
+        _held.hold(handler, line + handler.terminator)
+    else:
+        _write(handler, line + handler.terminator, lambda: logger.makeRecord(
+            logger.name, logging.INFO, "", 0, message, (), None))  # fmt: skip
+    return True
+
+
+def write_session_lines(logger: logging.Logger, ends: _core.ToldEnds) -> bool:
+    """Write the ``session_end`` lines of sessions the engine opened and Python never adopted,
+    made by the engine (``rust/session_line.rs``: :func:`session_fields`' fields and the
+    message of ``sessions.log_outcome``), where :func:`write_info` would write them, all at
+    one time. False: not for :func:`configure`'s handler; the caller logs each the usual way.
+    The caller checked ``logger.isEnabledFor(logging.INFO)``."""
+    ours = _ours_alone(logger)
+    if ours is None:
+        return False
+    handler, _, json_lines = ours
+    created = time.time()
+    terminator = handler.terminator
+    if json_lines:
+        chunks = ends.json(_timestamp(created), terminator, _HELD_BYTES)
+    else:
+        chunks = ends.text(_text_head(created), terminator, _HELD_BYTES)
+    if _held.open:
+        for chunk in chunks:
+            _held.hold(handler, chunk)
+    else:
+        for chunk in chunks:
+            _write(handler, chunk, lambda: logging.makeLogRecord({
+                "name": logger.name, "levelno": logging.INFO, "levelname": "INFO",
+                "msg": "%d session line(s) not written", "args": (len(ends),)}))  # fmt: skip
+    return True
+
+
+def _ours_alone(
+    logger: logging.Logger,
+) -> tuple[logging.StreamHandler[Any], logging.Formatter, bool] | None:
+    """:func:`configure`'s handler, when an INFO line of ``logger`` would reach it alone, as
+    it is (no other handler, no filter, its formatter unchanged)."""
+    ours = _ours
+    if ours is None:
+        return None
+    handler, formatter, _ = ours
     root = logging.root
     if (
         logger.handlers
@@ -193,20 +243,15 @@ def write_info(
         or handler.level > logging.INFO
         or handler.formatter is not formatter
     ):
-        return False
-    created = time.time()
-    if json_lines:
-        line = _json_line(created, "info", event, message, fields())
-    else:
-        # logging.Formatter's "%(asctime)s %(levelname)s %(message)s", its msecs as LogRecord's.
-        msecs = int((created - int(created)) * 1000)
-        line = f"{_local_second(int(created))},{msecs:03d} INFO {message}"
-    if _held.open:
-        _held.hold(handler, line + handler.terminator)
-    else:
-        _write(handler, line + handler.terminator, lambda: logger.makeRecord(
-            logger.name, logging.INFO, "", 0, message, (), None))  # fmt: skip
-    return True
+        return None
+    return ours
+
+
+def _text_head(created: float) -> str:
+    """What :class:`TextFormatter`'s ``"%(asctime)s %(levelname)s %(message)s"`` puts before
+    an INFO message made at ``created``, its msecs as ``LogRecord``'s."""
+    msecs = int((created - int(created)) * 1000)
+    return f"{_local_second(int(created))},{msecs:03d} INFO "
 
 
 @contextmanager

@@ -67,8 +67,8 @@ STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 DIAL_BUCKETS = _core.DIAL_BUCKETS
 
 # The close reason of a stop (server.py's drain, sessions.py's supervise): a session ended with
-# it was ended by the gateway's drain.
-_DRAIN_REASON = "gateway shutting down"
+# it was ended by the gateway's drain (the engine labels its own sessions' log lines by it).
+_DRAIN_REASON = _core.DRAIN_REASON
 # What upstream.dial's reasons say (after "bot unreachable: "), in the order judged, and the
 # bounded reason each becomes; anything else is "other".
 _DIAL_FAILURES = (

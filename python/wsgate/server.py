@@ -316,7 +316,7 @@ class Gateway:
                 engine=relay.engine if accepts else None,
             )
             relay.on_news = accepted.news
-            relay.on_told_end = accepted.told_ended
+            relay.on_told_ends = accepted.told_ended
             sessions.on_adopted_end = accepted.adopted_done
             relay.engine.set_routes(
                 fast_routes(settings, fast, self.session_time_limit, relay.counted, self.authority)
@@ -393,6 +393,6 @@ class Gateway:
         log.info("closing %d connection(s) with 1001", accepted.count)
         self._pending.cancel_all()
         relay.engine.stop_waiting()
-        relay.close_all(1001, "gateway shutting down")
+        relay.close_all(1001, _core.DRAIN_REASON)
         with anyio.move_on_after(_CLOSE_GRACE):
             await accepted.until_idle()

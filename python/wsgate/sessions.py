@@ -32,7 +32,7 @@ from .engine import Handover, InProcess, Limits, Relay, RelaySession, Upstream
 from .errors import HttpError, OpeningError
 from .handshake import switching_protocols
 from .inprocess import Bot, BotArguments, InProcessWebSocket, SessionChannel, serve_bot
-from .logs import session_fields, write_info
+from .logs import session_fields, write_info, write_session_lines
 from .metrics import Metrics, ended_by
 from .pools import Member, Pools
 from .providers import Opening, OpeningReader
@@ -377,7 +377,7 @@ class Sessions:
                 grace_period=self.settings.bot_grace_period,
             )
         except BaseException:
-            session.close(1001, "gateway shutting down")
+            session.close(1001, _core.DRAIN_REASON)
             raise
         finally:
             self._free(opened)
@@ -440,11 +440,17 @@ class Sessions:
         self.live[opened.session_uuid] = opened
         return opened
 
-    def told_ended(self, news: _core.Opened, outcome: _core.Outcome) -> None:
-        """A session the engine opened ended without being adopted: its end logged as an
-        adopted one's would be (the engine gave its place back and counted its end)."""
-        seconds = max(0.0, outcome.ended_at - news.opened_at)
-        log_outcome(_Unadopted(news), outcome, seconds)
+    def told_ended(self, ends: _core.ToldEnds) -> None:
+        """Sessions the engine opened ended without being adopted: each end logged as an
+        adopted one's would be (the engine gave their places back and counted their ends). To
+        :func:`~wsgate.logs.configure`'s handler, the engine makes the lines."""
+        if not log.isEnabledFor(logging.INFO) or write_session_lines(log, ends):
+            return
+        for outcome in ends.outcomes():
+            news = outcome.opened
+            assert news is not None  # (the engine gives every one its news)
+            seconds = max(0.0, outcome.ended_at - news.opened_at)
+            log_outcome(_Unadopted(news), outcome, seconds)
 
     def ended(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A relayed session ended (its outcome came through the doorbell): free its place
