@@ -301,7 +301,8 @@ impl Engine {
     /// Starts `threads` relay threads (0: [`shard::default_count`]). A peer that vanishes
     /// without a FIN (power cut, NAT timeout) is detected within `dead_peer_timeout` by the
     /// kernel: TCP keepalive probes while the connection is idle, `TCP_USER_TIMEOUT` while data
-    /// waits for its ACK. Either costs nothing per message, unlike pings of our own.
+    /// waits for its ACK. Either costs nothing per message, unlike pings of our own. (Not on a
+    /// bot socket the engine dials to loopback: `sockets::dialled_options`.)
     pub fn new(threads: usize, dead_peer_timeout: Duration) -> io::Result<Self> {
         let n = if threads > 0 {
             threads

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::counters::{Counters, Served};
 use crate::engine::{Item, Shared};
 use crate::open::{self, Client, Fast, News, Route};
-use crate::sockets::{options, prepare};
+use crate::sockets::{dialled_options, prepare};
 use crate::stream::Stream;
 use crate::upgrade;
 
@@ -315,7 +315,7 @@ impl Opener {
         let dialled = connect(route.bot).and_then(|(bot, failed)| {
             // Non-blocking since its creation; the client's options came from the listener
             // when the engine accepted it (`prepared`).
-            options(&socket2::SockRef::from(&bot), dpt)?;
+            dialled_options(&socket2::SockRef::from(&bot), route.bot, dpt)?;
             if !prepared {
                 prepare(client.socket(), dpt)?;
             }

@@ -4,6 +4,7 @@
 //! per message, unlike pings of our own.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::stream::Stream;
@@ -36,6 +37,38 @@ pub(crate) fn prepare(s: &std::net::TcpStream, dead_peer_timeout: Duration) -> i
 /// session.
 pub(crate) fn options(sock: &socket2::SockRef<'_>, dead_peer_timeout: Duration) -> io::Result<()> {
     sock.set_tcp_nodelay(true)?;
+    dead_peer_detection(sock, dead_peer_timeout)
+}
+
+/// The options of a socket the engine dialled to `peer` (see [`options`]), without dead-peer
+/// detection for a peer on loopback: its host is ours, so a process that dies is closed by our
+/// kernel (a FIN or a reset, at once), and no link between can fail silently; a hung process's
+/// kernel answers keepalive probes all the same. That saves five system calls of a session's
+/// open (benches/README.md, "Session opens, round 10").
+pub(crate) fn dialled_options(
+    sock: &socket2::SockRef<'_>,
+    peer: SocketAddr,
+    dead_peer_timeout: Duration,
+) -> io::Result<()> {
+    sock.set_tcp_nodelay(true)?;
+    if needs_dead_peer_detection(peer) {
+        dead_peer_detection(sock, dead_peer_timeout)?;
+    }
+    Ok(())
+}
+
+/// Whether a connection to `peer` can lose it without a word (see [`dialled_options`]).
+fn needs_dead_peer_detection(peer: SocketAddr) -> bool {
+    let ip = match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        ip => ip,
+    };
+    !ip.is_loopback()
+}
+
+/// TCP keepalive while idle and `TCP_USER_TIMEOUT` while data waits for an ACK, both within
+/// `dead_peer_timeout`.
+fn dead_peer_detection(sock: &socket2::SockRef<'_>, dead_peer_timeout: Duration) -> io::Result<()> {
     // Half the budget idle, then three probes spread over the other half.
     let probes = 3;
     let interval = (dead_peer_timeout / 2 / probes).max(Duration::from_secs(1));
@@ -47,4 +80,41 @@ pub(crate) fn options(sock: &socket2::SockRef<'_>, dead_peer_timeout: Duration) 
     #[cfg(target_os = "linux")]
     sock.set_tcp_user_timeout(Some(dead_peer_timeout))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_peer_off_this_host_needs_dead_peer_detection() {
+        for (peer, needs) in [
+            ("127.0.0.1:80", false),
+            ("127.3.2.1:80", false),
+            ("[::1]:80", false),
+            ("[::ffff:127.0.0.1]:80", false),
+            ("10.0.0.2:80", true),
+            ("[2001:db8::1]:80", true),
+            ("[::ffff:10.0.0.2]:80", true),
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            assert_eq!(needs_dead_peer_detection(peer), needs, "{peer}");
+        }
+    }
+
+    #[test]
+    fn a_socket_dialled_off_this_host_gets_keepalive_and_one_on_loopback_does_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let sock = socket2::SockRef::from(&sock);
+        let dpt = Duration::from_secs(60);
+        dialled_options(&sock, listener.local_addr().unwrap(), dpt).unwrap();
+        assert!(sock.tcp_nodelay().unwrap());
+        assert!(!sock.keepalive().unwrap());
+        // The same socket, as if its peer were another host's.
+        dialled_options(&sock, "10.0.0.2:80".parse().unwrap(), dpt).unwrap();
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(dpt));
+    }
 }
