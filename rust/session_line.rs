@@ -78,8 +78,8 @@ impl Told {
             o.ended_by.as_str(),
             o.detail,
             s.seconds,
-            Code(&o.client_close),
-            Code(&o.bot_close),
+            Code(&o.client_close, "-"),
+            Code(&o.bot_close, "-"),
             o.messages_in,
             o.bytes_in,
             o.messages_out,
@@ -111,8 +111,8 @@ impl Told {
              \"messages_client_to_bot\": {}, \"bytes_client_to_bot\": {}, \
              \"messages_bot_to_client\": {}, \"bytes_bot_to_client\": {}",
             CodeLabel(o.code),
-            JsonCode(&o.client_close),
-            JsonCode(&o.bot_close),
+            Code(&o.client_close, "null"),
+            Code(&o.bot_close, "null"),
             Rounded(s.seconds),
             o.messages_in,
             o.bytes_in,
@@ -170,26 +170,14 @@ pub fn ended_by_label(o: &Outcome) -> &'static str {
     }
 }
 
-/// A close's code in the text line, `-` for none.
-struct Code<'a>(&'a Option<(u16, String)>);
+/// A close's code, or what stands for none (`-` in the text line, `null` in JSON).
+struct Code<'a>(&'a Option<(u16, String)>, &'static str);
 
 impl std::fmt::Display for Code<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Some((code, _)) => write!(f, "{code}"),
-            None => f.write_str("-"),
-        }
-    }
-}
-
-/// A close's code in JSON, `null` for none.
-struct JsonCode<'a>(&'a Option<(u16, String)>);
-
-impl std::fmt::Display for JsonCode<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some((code, _)) => write!(f, "{code}"),
-            None => f.write_str("null"),
+            None => f.write_str(self.1),
         }
     }
 }
