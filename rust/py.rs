@@ -407,8 +407,14 @@ impl ToldEnds {
     }
 
     /// The text lines: `head` (the time and level), the message, `terminator`; in chunks of
-    /// whole lines of at most `limit` bytes.
-    fn text(&self, py: Python<'_>, head: &str, terminator: &str, limit: usize) -> Vec<String> {
+    /// whole lines of at most `limit` bytes, each with its count of lines.
+    fn text(
+        &self,
+        py: Python<'_>,
+        head: &str,
+        terminator: &str,
+        limit: usize,
+    ) -> Vec<(String, usize)> {
         py.detach(|| {
             session_line::chunks(&self.told, terminator, limit, |t, out| {
                 out.push_str(head);
@@ -418,7 +424,13 @@ impl ToldEnds {
     }
 
     /// The JSON lines, each at `ts`; chunked as `text`.
-    fn json(&self, py: Python<'_>, ts: &str, terminator: &str, limit: usize) -> Vec<String> {
+    fn json(
+        &self,
+        py: Python<'_>,
+        ts: &str,
+        terminator: &str,
+        limit: usize,
+    ) -> Vec<(String, usize)> {
         py.detach(|| session_line::chunks(&self.told, terminator, limit, |t, out| t.json(ts, out)))
     }
 }

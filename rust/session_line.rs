@@ -131,26 +131,28 @@ impl Told {
 }
 
 /// The lines of `told`, each `line` then `terminator`, in chunks of whole lines of at most
-/// `limit` bytes (a line longer than that alone): one write each stays atomic on a pipe.
+/// `limit` bytes (a line longer than that alone), each with how many lines it holds: one write
+/// each stays atomic on a pipe.
 pub fn chunks(
     told: &[Told],
     terminator: &str,
     limit: usize,
     mut line: impl FnMut(&Told, &mut String),
-) -> Vec<String> {
+) -> Vec<(String, usize)> {
     let mut done = Vec::new();
-    let mut chunk = String::new();
+    let mut chunk = (String::new(), 0);
     let mut one = String::with_capacity(256);
     for t in told {
         one.clear();
         line(t, &mut one);
         one.push_str(terminator);
-        if !chunk.is_empty() && chunk.len() + one.len() > limit {
+        if chunk.1 > 0 && chunk.0.len() + one.len() > limit {
             done.push(std::mem::take(&mut chunk));
         }
-        chunk.push_str(&one);
+        chunk.0.push_str(&one);
+        chunk.1 += 1;
     }
-    if !chunk.is_empty() {
+    if chunk.1 > 0 {
         done.push(chunk);
     }
     done
@@ -338,8 +340,8 @@ mod tests {
         let size = one.len() + 1;
         let two = chunks(&all, "\n", 2 * size, |t, out| t.message(out));
         assert_eq!(
-            two.iter().map(String::len).collect::<Vec<_>>(),
-            [2 * size, 2 * size, size]
+            two.iter().map(|(c, n)| (c.len(), *n)).collect::<Vec<_>>(),
+            [(2 * size, 2), (2 * size, 2), (size, 1)]
         );
         assert_eq!(
             chunks(&all[..1], "\n", 10, |t, out| t.message(out)).len(),

@@ -40,25 +40,27 @@ pub(crate) fn options(sock: &socket2::SockRef<'_>, dead_peer_timeout: Duration) 
     dead_peer_detection(sock, dead_peer_timeout)
 }
 
-/// The options of a socket the engine dialled to `peer` (see [`options`]), without dead-peer
-/// detection for a peer on loopback: its host is ours, so a process that dies is closed by our
-/// kernel (a FIN or a reset, at once), and no link between can fail silently; a hung process's
-/// kernel answers keepalive probes all the same. That saves five system calls of a session's
-/// open (benches/README.md, "Session opens, round 10").
+/// The options of a socket the engine dialled to `peer` (see [`options`]), without keepalive
+/// for a peer on loopback: probes to our own host are answered by our own kernel, whether the
+/// bot process is alive, hung, or a forwarder whose far end is gone, so they detect nothing
+/// there. `TCP_USER_TIMEOUT` stays: a peer that stops reading fills the window, and that is
+/// detected on loopback too. Four system calls fewer on an open (benches/README.md, "Session
+/// opens, round 10"). A loopback address DNAT'ed to another host (`route_localnet`) loses idle
+/// detection: name such a bot by its own address.
 pub(crate) fn dialled_options(
     sock: &socket2::SockRef<'_>,
     peer: SocketAddr,
     dead_peer_timeout: Duration,
 ) -> io::Result<()> {
     sock.set_tcp_nodelay(true)?;
-    if needs_dead_peer_detection(peer) {
-        dead_peer_detection(sock, dead_peer_timeout)?;
+    if probes_can_fail(peer) {
+        keepalive(sock, dead_peer_timeout)?;
     }
-    Ok(())
+    user_timeout(sock, dead_peer_timeout)
 }
 
-/// Whether a connection to `peer` can lose it without a word (see [`dialled_options`]).
-fn needs_dead_peer_detection(peer: SocketAddr) -> bool {
+/// Whether keepalive probes to `peer` can go unanswered (see [`dialled_options`]).
+fn probes_can_fail(peer: SocketAddr) -> bool {
     let ip = match peer.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         ip => ip,
@@ -69,16 +71,27 @@ fn needs_dead_peer_detection(peer: SocketAddr) -> bool {
 /// TCP keepalive while idle and `TCP_USER_TIMEOUT` while data waits for an ACK, both within
 /// `dead_peer_timeout`.
 fn dead_peer_detection(sock: &socket2::SockRef<'_>, dead_peer_timeout: Duration) -> io::Result<()> {
-    // Half the budget idle, then three probes spread over the other half.
+    keepalive(sock, dead_peer_timeout)?;
+    user_timeout(sock, dead_peer_timeout)
+}
+
+/// Probes after half of `dead_peer_timeout` idle, three of them over the other half.
+fn keepalive(sock: &socket2::SockRef<'_>, dead_peer_timeout: Duration) -> io::Result<()> {
     let probes = 3;
     let interval = (dead_peer_timeout / 2 / probes).max(Duration::from_secs(1));
     let keepalive = socket2::TcpKeepalive::new()
         .with_time((dead_peer_timeout / 2).max(Duration::from_secs(1)))
         .with_interval(interval)
         .with_retries(probes);
-    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_keepalive(&keepalive)
+}
+
+/// Unacknowledged data for `dead_peer_timeout` ends the connection (Linux).
+fn user_timeout(sock: &socket2::SockRef<'_>, dead_peer_timeout: Duration) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     sock.set_tcp_user_timeout(Some(dead_peer_timeout))?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = (sock, dead_peer_timeout);
     Ok(())
 }
 
@@ -87,7 +100,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_peer_off_this_host_needs_dead_peer_detection() {
+    fn only_probes_to_another_host_can_go_unanswered() {
         for (peer, needs) in [
             ("127.0.0.1:80", false),
             ("127.3.2.1:80", false),
@@ -98,12 +111,13 @@ mod tests {
             ("[::ffff:10.0.0.2]:80", true),
         ] {
             let peer: SocketAddr = peer.parse().unwrap();
-            assert_eq!(needs_dead_peer_detection(peer), needs, "{peer}");
+            assert_eq!(probes_can_fail(peer), needs, "{peer}");
         }
     }
 
     #[test]
-    fn a_socket_dialled_off_this_host_gets_keepalive_and_one_on_loopback_does_not() {
+    #[cfg(target_os = "linux")]
+    fn a_socket_dialled_on_loopback_gets_no_keepalive_but_keeps_its_user_timeout() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let sock = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let sock = socket2::SockRef::from(&sock);
@@ -111,6 +125,7 @@ mod tests {
         dialled_options(&sock, listener.local_addr().unwrap(), dpt).unwrap();
         assert!(sock.tcp_nodelay().unwrap());
         assert!(!sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(dpt));
         // The same socket, as if its peer were another host's.
         dialled_options(&sock, "10.0.0.2:80".parse().unwrap(), dpt).unwrap();
         assert!(sock.keepalive().unwrap());

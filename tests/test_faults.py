@@ -22,6 +22,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,12 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from .helpers import (
     Bot,
+    RawUpstream,
+    accept_upgrade,
     close_payload,
     closed_with,
     connect,
+    engine_opens,
     frame,
     in_thread,
     serving,
@@ -500,3 +505,46 @@ async def test_a_bot_that_vanishes_without_a_fin_is_detected_and_the_client_gets
     print(f"bot vanished; the client got its close {detected:.2f} s later")
     assert (code, reason) == (1011, "bot lost")
     assert 0.5 <= detected <= DETECTION_BOUND, detected
+
+
+class NotReading(RawUpstream):
+    """A bot on loopback that answers the upgrade, then hangs: it never reads again (a
+    deadlock, a stopped process), so the gateway's writes fill its window."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        super().__init__()
+
+    def session(self, conn: socket.socket) -> None:
+        accept_upgrade(conn)
+        self.release.wait(4 * TIMEOUT)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@engine_opens
+async def test_a_bot_on_loopback_that_stops_reading_is_detected_and_the_client_gets_1011(
+    engine_opens: bool,
+) -> None:
+    # Keepalive is not set towards a loopback bot (its own kernel would answer the probes);
+    # TCP_USER_TIMEOUT is, and it ends a connection whose unread data waits past it.
+    bot = NotReading()
+    settings = {"engine_opens": engine_opens, "dead_peer_timeout": DEAD_PEER_TIMEOUT}
+    try:
+        async with serving(bot.url, **settings) as gw:
+
+            def client() -> tuple[int | None, str | None, float]:
+                with connect(f"{gw.url}/ws/generic/bot.test", ping_interval=None) as ws:
+                    ws.socket.settimeout(DETECTION_BOUND + TIMEOUT)  # a send stuck: an error
+                    started = time.monotonic()
+                    with pytest.raises(ConnectionClosed):
+                        while True:
+                            ws.send(b"x" * 65536)
+                    return ws.close_code, ws.close_reason, time.monotonic() - started
+
+            code, reason, detected = await in_thread(client)
+    finally:
+        bot.release.set()
+    print(f"bot stopped reading; the client got its close {detected:.2f} s after it began")
+    assert (code, reason) == (1011, "bot lost")
+    assert detected <= DETECTION_BOUND, detected

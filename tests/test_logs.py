@@ -304,7 +304,10 @@ def held_until_stopped(port: int, opened: threading.Event) -> None:
 
 @pytest.mark.anyio
 async def test_the_engines_session_lines_read_as_python_writes_them(
-    bot: Bot, configured: Callable[[str], io.StringIO], monkeypatch: pytest.MonkeyPatch
+    bot: Bot,
+    configured: Callable[[str], io.StringIO],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     buffer = configured("text")
     told: list[_core.ToldEnds] = []
@@ -347,9 +350,9 @@ async def test_the_engines_session_lines_read_as_python_writes_them(
         logs._json_line(created, "info", "session_end", r.getMessage(), r.fields)  # type: ignore[attr-defined]
         for r in kept.records
     ]
-    engine_text = "".join(c for b in told for c in b.text("", "\n", 1 << 20)).splitlines()
+    engine_text = "".join(c for b in told for c, _ in b.text("", "\n", 1 << 20)).splitlines()
     engine_json = "".join(
-        c for b in told for c in b.json(logs._timestamp(created), "\n", 1 << 20)
+        c for b in told for c, _ in b.json(logs._timestamp(created), "\n", 1 << 20)
     ).splitlines()
     assert engine_text == python_text
     assert engine_json == python_json
@@ -358,3 +361,16 @@ async def test_the_engines_session_lines_read_as_python_writes_them(
     assert any(" via telnyx call " in line for line in engine_text), engine_text
     # And what the gateway wrote is those lines, after the time and level.
     assert [line[24 + len("INFO ") :] for line in written] == engine_text
+
+    # To a stream that fails, the lines lost are counted, each once, held or not.
+    assert logs._ours is not None
+    logs._ours[0].setStream(Failing())
+    capsys.readouterr()
+    with logs.batched():
+        for batch in told:
+            assert logs.write_session_lines(log, batch)
+    assert re.findall(r"Arguments: \((\d+),\)", capsys.readouterr().err) == [str(len(ends))]
+    for batch in told:
+        assert logs.write_session_lines(log, batch)
+    lost = re.findall(r"Arguments: \((\d+),\)", capsys.readouterr().err)
+    assert sum(map(int, lost)) == len(ends)

@@ -209,12 +209,12 @@ class ToldEnds:
     def outcomes(self) -> list[Outcome]:
         """Each end as an :class:`Outcome` whose ``opened`` is its session's news."""
 
-    def text(self, head: str, terminator: str, limit: int) -> list[str]:
+    def text(self, head: str, terminator: str, limit: int) -> list[tuple[str, int]]:
         """Each end's ``session_end`` line as ``sessions.log_outcome`` writes its message, after
         ``head`` (its time and level) and before ``terminator``; in chunks of whole lines of
-        at most ``limit`` bytes (a longer line alone)."""
+        at most ``limit`` bytes (a longer line alone), each with how many lines it holds."""
 
-    def json(self, ts: str, terminator: str, limit: int) -> list[str]:
+    def json(self, ts: str, terminator: str, limit: int) -> list[tuple[str, int]]:
         """Each end's ``session_end`` line as :class:`wsgate.logs.JsonFormatter` writes it, its
         ``ts`` field ``ts``; chunked as :meth:`text`."""
 

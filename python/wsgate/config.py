@@ -158,6 +158,8 @@ class GatewaySettings:
     bot_grace_period: float = DEFAULT_BOT_GRACE_PERIOD
     #: Seconds within which a peer that vanished without a FIN (power cut, NAT timeout) is
     #: detected, by TCP keepalive and ``TCP_USER_TIMEOUT``; the other side then gets 1011/1001.
+    #: (No keepalive towards a bot on a loopback address, whose probes our own kernel answers;
+    #: ``TCP_USER_TIMEOUT`` still ends a connection whose sent data waits that long.)
     dead_peer_timeout: float = 60.0
     #: Token signing secrets (the first signs, all verify). Only one source: this list,
     #: ``secrets_file``, or the ``WSGATE_SECRETS`` environment variable. Never in a repr.

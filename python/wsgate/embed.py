@@ -67,7 +67,7 @@ class Relayer:
 
     ``threads``: the engine's relay threads (0: ``$WSGATE_RELAY_THREADS``, else half the CPUs,
     at least one). ``dead_peer_timeout``: seconds after which a peer gone without a FIN is
-    noticed (TCP keepalive, at least 1).
+    noticed (TCP keepalive and ``TCP_USER_TIMEOUT``, at least 1).
     """
 
     def __init__(self, *, threads: int = 0, dead_peer_timeout: float = 60.0) -> None:

@@ -213,7 +213,8 @@ class Relay:
         #: and cost Python nothing but a share of a turn (benches/README.md, "Session opens,
         #: rounds 9 and 10").
         self.on_told_ends: Callable[[_core.ToldEnds], None] | None = None
-        #: Where the engine's news goes, in order with the outcomes: sessions it could not open,
+        #: Where the engine's news goes, in order with the outcomes (the ends for
+        #: :attr:`on_told_ends` come after a turn's other items): sessions it could not open,
         #: connections it accepted for Python, its failed accepts, its replay store's calls.
         self.on_news: (
             Callable[[_core.StoreCalls | _core.Unopened | _core.Handed | _core.AcceptFailed], None]

@@ -106,26 +106,35 @@ class _Held(threading.local):
     handler: logging.StreamHandler[Any] | None = None
     lines: list[str]
     size = 0
+    #: How many lines those are (an entry may hold several: the engine's chunks).
+    count = 0
 
     def __init__(self) -> None:
         self.lines = []
 
-    def hold(self, handler: logging.StreamHandler[Any], line: str) -> None:
-        if self.lines and (handler is not self.handler or self.size + len(line) > _HELD_BYTES):
+    def hold(self, handler: logging.StreamHandler[Any], text: str, count: int = 1) -> None:
+        """Holds ``text``: ``count`` whole lines."""
+        if self.lines and (handler is not self.handler or self.size + len(text) > _HELD_BYTES):
             self.write()
         self.handler = handler
-        self.lines.append(line)
-        self.size += len(line)
+        self.lines.append(text)
+        self.size += len(text)
+        self.count += count
 
     def write(self) -> None:
         """Writes what is held, to the handler it is for."""
-        lines, handler = self.lines, self.handler
+        lines, handler, count = self.lines, self.handler, self.count
         if not lines or handler is None:
             return
-        self.lines, self.size = [], 0
-        _write(handler, "".join(lines), lambda: logging.makeLogRecord({
-            "name": "wsgate", "levelno": logging.INFO, "levelname": "INFO",
-            "msg": "%d session line(s) not written", "args": (len(lines),)}))  # fmt: skip
+        self.lines, self.size, self.count = [], 0, 0
+        _write(handler, "".join(lines), lambda: _not_written(count))
+
+
+def _not_written(count: int, name: str = "wsgate") -> logging.LogRecord:
+    """What a failed write of ``count`` session lines reports (not the lines themselves)."""
+    return logging.makeLogRecord({
+        "name": name, "levelno": logging.INFO, "levelname": "INFO",
+        "msg": "%d session line(s) not written", "args": (count,)})  # fmt: skip
 
 
 _held = _Held()
@@ -210,14 +219,11 @@ def write_session_lines(logger: logging.Logger, ends: _core.ToldEnds) -> bool:
         chunks = ends.json(_timestamp(created), terminator, _HELD_BYTES)
     else:
         chunks = ends.text(_text_head(created), terminator, _HELD_BYTES)
-    if _held.open:
-        for chunk in chunks:
-            _held.hold(handler, chunk)
-    else:
-        for chunk in chunks:
-            _write(handler, chunk, lambda: logging.makeLogRecord({
-                "name": logger.name, "levelno": logging.INFO, "levelname": "INFO",
-                "msg": "%d session line(s) not written", "args": (len(ends),)}))  # fmt: skip
+    for chunk, count in chunks:
+        if _held.open:
+            _held.hold(handler, chunk, count)
+        else:
+            _write(handler, chunk, functools.partial(_not_written, count, logger.name))
     return True
 
 
