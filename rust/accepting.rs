@@ -175,8 +175,8 @@ impl Acceptor {
         let opener = &self.opener;
         let task = match upgrade::split_head(read) {
             Ok(None) => match opener.start_waiting(id, worker) {
-                Some((timeout, waiting, victim)) => {
-                    self.evict(victim);
+                Some((timeout, waiting, victims)) => {
+                    self.evict(victims);
                     let reading =
                         Reading::new(client, read, (peer, prepared), (worker, timeout), waiting);
                     Fast::reading(id, reading)
@@ -187,8 +187,8 @@ impl Acceptor {
                 // A /ws/twilio stream: answered now, its opening read on the relay thread while
                 // it is waited for like a request.
                 Some(up) => match opener.start_waiting(id, worker) {
-                    Some((timeout, waiting, victim)) => {
-                        self.evict(victim);
+                    Some((timeout, waiting, victims)) => {
+                        self.evict(victims);
                         let at = (peer, prepared);
                         match Answering::new(client, (read, &up), at, (worker, timeout), waiting) {
                             Some(a) => Fast::answering(id, a),
@@ -206,9 +206,9 @@ impl Acceptor {
         Ok(Taken::Task(id, worker, task))
     }
 
-    /// One too many connections were waited for: the oldest goes.
-    fn evict(&self, victim: Option<Waiter>) {
-        if let Some((id, worker)) = victim {
+    /// Too many connections were waited for: the oldest go.
+    fn evict(&self, victims: Vec<Waiter>) {
+        for (id, worker) in victims {
             self.mailboxes[worker].stop_task(id, EVICTED, String::new());
         }
     }

@@ -56,17 +56,55 @@ pub(crate) type Waiter = (u64, usize);
 /// since settled, skipped when met), and the ids still waited for.
 #[derive(Default)]
 struct Waited {
-    order: VecDeque<Waiter>,
+    /// Each with when it began to be waited for.
+    order: VecDeque<(Waiter, Instant)>,
     live: HashSet<u64>,
 }
+
+/// A connection waited for less than this is not evicted, whatever the count: its request may
+/// be in its socket already, unread while its relay thread accepts a burst (2,000 clients
+/// connecting at once lost half their connections to evictions; benches/README.md, "Session
+/// opens, round 10"). A real client's request follows its connect within a round trip (a TLS
+/// handshake's few); a slow or idle connection (slowloris) outlives this and is evicted as
+/// before. Meanwhile the count may pass `max_pending_upgrades`, bounded by `max_connections`.
+/// Python's own waits keep the same rule (`admission.EVICT_AFTER`).
+pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
 impl Waited {
     /// The oldest still waited for, now no longer counted.
     fn oldest(&mut self) -> Option<Waiter> {
-        while let Some((id, worker)) = self.order.pop_front() {
-            if self.live.remove(&id) {
-                return Some((id, worker));
+        self.oldest_if(|_| true)
+    }
+
+    /// What a newcomer at `now` evicts to make room under `most`: the oldest ones that have
+    /// waited [`EVICT_AFTER`] at least (now no longer counted), as many as are over.
+    fn victims(&mut self, most: usize, now: Instant) -> Vec<Waiter> {
+        let mut victims = Vec::new();
+        let Some(before) = now.checked_sub(EVICT_AFTER) else {
+            return victims;
+        };
+        while self.live.len() >= most {
+            match self.oldest_if(|since| since <= before) {
+                Some(victim) => victims.push(victim),
+                None => break,
             }
+        }
+        victims
+    }
+
+    /// The oldest still waited for, if `old_enough` of when it began, now no longer counted.
+    fn oldest_if(&mut self, old_enough: impl Fn(Instant) -> bool) -> Option<Waiter> {
+        while let Some(&((id, worker), since)) = self.order.front() {
+            if !self.live.contains(&id) {
+                self.order.pop_front(); // settled since
+                continue;
+            }
+            if !old_enough(since) {
+                return None;
+            }
+            self.order.pop_front();
+            self.live.remove(&id);
+            return Some((id, worker));
         }
         None
     }
@@ -76,7 +114,7 @@ impl Waited {
         // Settled ones leave the order when met; past twice the live ones it is rebuilt.
         if self.order.len() > 2 * self.live.len() + 64 {
             let live = &self.live;
-            self.order.retain(|(id, _)| live.contains(id));
+            self.order.retain(|((id, _), _)| live.contains(id));
         }
     }
 }
@@ -154,31 +192,30 @@ impl Opener {
 
     /// Starts waiting for the request of connection `id` on relay thread `worker`, unless no
     /// connection is waited for: the time to wait, its place among those waited for (until the
-    /// guard is dropped) and, when that made one too many, the oldest other one, to evict.
+    /// guard is dropped) and, when that made too many, the oldest others to evict (see
+    /// [`EVICT_AFTER`]).
     pub(crate) fn start_waiting(
         self: &Arc<Self>,
         id: u64,
         worker: usize,
-    ) -> Option<(Duration, Waiting, Option<Waiter>)> {
+    ) -> Option<(Duration, Waiting, Vec<Waiter>)> {
         let wait = *lock(&self.wait);
         if wait.most == 0 {
             return None;
         }
         let mut waited = lock(&self.waiting);
-        // The newcomer is never the victim: it has had no time to send anything yet.
-        let victim = if waited.live.len() >= wait.most {
-            waited.oldest()
-        } else {
-            None
-        };
-        waited.order.push_back((id, worker));
+        // The newcomer is never the victim: it has had no time to send anything yet; nor is
+        // any other so young (see EVICT_AFTER).
+        let now = Instant::now();
+        let victims = waited.victims(wait.most, now);
+        waited.order.push_back(((id, worker), now));
         waited.live.insert(id);
         let waiting = Waiting {
             opener: self.clone(),
             id,
             told: false,
         };
-        Some((wait.timeout, waiting, victim))
+        Some((wait.timeout, waiting, victims))
     }
 
     /// Every connection waited for now (no longer counted), for the caller to evict.
@@ -525,4 +562,37 @@ fn connect(addr: SocketAddr) -> io::Result<(TcpStream, Option<io::Error>)> {
         Err(e) => Some(e),
     };
     Ok((TcpStream::from(sock), failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waited(at: &[Instant]) -> Waited {
+        let mut w = Waited::default();
+        for (id, &since) in at.iter().enumerate() {
+            w.order.push_back(((id as u64, 0), since));
+            w.live.insert(id as u64);
+        }
+        w
+    }
+
+    #[test]
+    fn past_the_most_the_oldest_are_evicted_once_they_have_waited_a_second() {
+        let t0 = Instant::now();
+        let quarter = EVICT_AFTER / 4;
+        let mut w = waited(&[t0, t0 + quarter, t0 + 2 * quarter, t0 + 3 * quarter]);
+        // Under the most, or all too young: nobody.
+        assert_eq!(w.victims(5, t0 + EVICT_AFTER * 2), []);
+        assert_eq!(w.victims(2, t0 + quarter), []);
+        assert_eq!(w.live.len(), 4);
+        // Those that have waited EVICT_AFTER, down to one less than the most (the newcomer's
+        // place), not the younger ones.
+        assert_eq!(w.victims(2, t0 + EVICT_AFTER + quarter), [(0, 0), (1, 0)]);
+        assert_eq!(w.victims(2, t0 + EVICT_AFTER + quarter), []);
+        // One settled meanwhile is skipped.
+        w.settled(2);
+        assert_eq!(w.victims(1, t0 + EVICT_AFTER * 2), [(3, 0)]);
+        assert_eq!(w.victims(0, t0 + EVICT_AFTER * 2), []);
+    }
 }

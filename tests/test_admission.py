@@ -8,7 +8,9 @@ import logging
 import anyio
 import pytest
 
-from wsgate.admission import PendingReads, RateLimiter, client_key
+from wsgate.admission import EVICT_AFTER, PendingReads, RateLimiter, client_key
+
+from .helpers import Clock
 
 
 def test_a_bucket_allows_its_burst_then_refills_at_its_rate() -> None:
@@ -71,7 +73,8 @@ async def test_the_oldest_reading_connection_is_evicted_never_the_newcomer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate")
-    pending = PendingReads(2)
+    clock = Clock()
+    pending = PendingReads(2, clock)
     ended: list[str] = []
     deadline = anyio.current_time() + 60
 
@@ -84,6 +87,7 @@ async def test_the_oldest_reading_connection_is_evicted_never_the_newcomer(
     async with anyio.create_task_group() as tg:
         await tg.start(reader, "first")
         await tg.start(reader, "second")
+        clock.now += EVICT_AFTER
         await tg.start(reader, "third")  # evicts the first, not itself
         await anyio.wait_all_tasks_blocked()
         assert ended == ["first"]
@@ -99,3 +103,31 @@ async def test_the_oldest_reading_connection_is_evicted_never_the_newcomer(
         "evicted 1 connection(s) still sending their request: more than max_pending_upgrades "
         "(2) at once"
     ]
+
+
+@pytest.mark.anyio
+async def test_a_connection_reading_for_less_than_a_second_is_not_evicted() -> None:
+    # A burst of clients connecting at once: their requests may be in their sockets, unread
+    # yet. Past the limit none is evicted until it has had EVICT_AFTER to send its request.
+    clock = Clock()
+    pending = PendingReads(2, clock)
+    ended: list[str] = []
+    deadline = anyio.current_time() + 60
+
+    async def reader(name: str, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with pending.reading(deadline):
+            task_status.started()
+            await anyio.sleep_forever()
+        ended.append(name)
+
+    async with anyio.create_task_group() as tg:
+        for name in ("first", "second", "third", "fourth"):
+            await tg.start(reader, name)
+            clock.now += EVICT_AFTER / 4
+        await anyio.wait_all_tasks_blocked()
+        assert ended == [] and len(pending) == 4 and pending.evicted == 0
+        # The first has read for EVICT_AFTER now, the second not yet.
+        await tg.start(reader, "fifth")
+        await anyio.wait_all_tasks_blocked()
+        assert ended == ["first"] and pending.evicted == 1
+        pending.cancel_all()

@@ -19,6 +19,7 @@ import pytest
 import trustme
 
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig, _core
+from wsgate.admission import EVICT_AFTER
 from wsgate.connection import Connections
 from wsgate.engine import Relay
 from wsgate.listener import Listener
@@ -391,6 +392,7 @@ async def test_past_max_pending_upgrades_the_oldest_connection_is_evicted(
             for n in (1, 2):
                 socks.append(await in_thread(socket.create_connection, ("127.0.0.1", gw.port)))
                 await until(lambda n=n: _pending(gw, n), within=10, what=f"{n} pending")
+            await anyio.sleep(EVICT_AFTER)  # what is under test: the oldest had its second
             socks.append(await in_thread(socket.create_connection, ("127.0.0.1", gw.port)))
             # The oldest is closed unanswered; the two others wait on.
             socks[0].settimeout(20)
@@ -401,6 +403,34 @@ async def test_past_max_pending_upgrades_the_oldest_connection_is_evicted(
             for s in socks:
                 s.close()
     assert not sentinel.dialled()
+
+
+@engine_opens
+async def test_a_burst_past_max_pending_upgrades_is_not_evicted_while_its_requests_come(
+    bot: Bot, engine_opens: bool
+) -> None:
+    # Clients connecting at once: each is accepted before its request is read (a burst keeps
+    # the gateway accepting), so more wait than max_pending_upgrades. None has had a second to
+    # send its request: none is evicted, and every one opens.
+    config = make_config(bot.url, engine_opens=engine_opens, max_pending_upgrades=2)
+    async with Gateway(config).running() as gw:
+        socks = []
+        try:
+            for _ in range(8):
+                socks.append(await in_thread(socket.create_connection, ("127.0.0.1", gw.port)))
+            await until(lambda: _pending(gw, 8), within=10, what="all 8 pending")
+            for sock in socks:
+                await in_thread(sock.sendall, upgrade_request("/ws/generic/bot.test"))
+            for sock in socks:
+                sock.settimeout(20)
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    head += await in_thread(sock.recv, 1)
+                assert head.startswith(b"HTTP/1.1 101 "), head
+            assert gw.evicted_upgrades == 0
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def _tls_files(where: Path) -> tuple[str, str, ssl.SSLContext]:

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig
+from wsgate.admission import EVICT_AFTER
 
 from .helpers import (
     Bot,
@@ -180,6 +181,7 @@ async def test_an_opening_not_whole_in_time_or_evicted_is_closed_1008(
         first, _ = await in_thread(stream, gw.port, connected)
         with first:
             await until(lambda: _pending(gw, 1), within=10, what="its opening waited for")
+            await anyio.sleep(EVICT_AFTER)  # what is under test: the first had its second
             late = await in_thread(socket.create_connection, ("127.0.0.1", gw.port), 20)
             with late:
                 assert await in_thread(closed_with, first) == (1008, "no start message in time")

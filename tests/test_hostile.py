@@ -9,6 +9,7 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
+from wsgate.admission import EVICT_AFTER
 from wsgate.replay import MemoryReplayStore
 from wsgate.tokens import TokenAuthority
 
@@ -40,6 +41,10 @@ async def test_slow_upgrade_requests_do_not_crowd_out_a_real_client(sentinel: Se
         async with AsyncExitStack() as stack:
             # 50 slowloris connections: a request line and no end, for a minute if allowed.
             await open_many(gw.port, 50, b"GET /ws/generic/bot.test HTTP/1.1\r\nX-a: ", stack)
+            assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
+            # Once they have had EVICT_AFTER to finish, the next connection evicts the oldest
+            # down to the limit (the sleep is what is under test).
+            await anyio.sleep(EVICT_AFTER)
             assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
             assert gw.evicted_upgrades >= 30
     assert not sentinel.dialled()

@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 from websockets.sync.server import ServerConnection
 
 from wsgate import Gateway
+from wsgate.admission import EVICT_AFTER
 from wsgate.tokens import TokenAuthority
 
 from .helpers import (
@@ -193,12 +194,16 @@ async def test_connections_flooding_in_evict_no_upgrade_that_is_dialling_its_bot
                 # never finish a request, over max_pending_upgrades.
                 for _ in range(13):
                     assert await in_thread(slow_bot.dialled.acquire, True, 20)
-                flood = await in_thread(open_idle, gw.port, 300, first_bytes)
+                # In two waves: the second's newcomers evict the first's, which have had
+                # EVICT_AFTER to finish (the sleep is what is under test).
+                flood = await in_thread(open_idle, gw.port, 150, first_bytes)
+                await anyio.sleep(EVICT_AFTER)
+                flood += await in_thread(open_idle, gw.port, 150, first_bytes)
         finally:
             for s in flood:
                 s.close()
         assert results == ["legit"] * 13
-        assert gw.evicted_upgrades >= 200 - 13  # the flood was really evicting
+        assert gw.evicted_upgrades >= 150 - 13  # the flood was really evicting (its 1st wave)
     evictions = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
     assert evictions, "evictions are logged"
     assert all("max_pending_upgrades (100)" in line for line in evictions)
@@ -210,12 +215,18 @@ async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
     caplog.set_level(logging.WARNING, logger="wsgate")
     async with token_gateway(sentinel.url, max_pending_upgrades=5) as gw:
         started = anyio.current_time()
-        with Churn(gw.port, keep=2_000, max_connects=2_000) as churn:
-            await in_thread(churn.wait)
-            # Accepted in order: once this answer is back, every churned connection was taken
-            # in (and all but the newest few evicted), while all were still open.
-            livez = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
-            assert (await http_exchange(gw.port, livez))[0] == 200
+        idle = await in_thread(open_idle, gw.port, 1_000, b"")
+        try:
+            await anyio.sleep(EVICT_AFTER)  # those may be evicted now (what is under test)
+            with Churn(gw.port, keep=2_000, max_connects=1_000) as churn:
+                await in_thread(churn.wait)
+                # Accepted in order: once this answer is back, every churned connection was
+                # taken in (the idle ones before them evicted), while all were still open.
+                livez = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+                assert (await http_exchange(gw.port, livez))[0] == 200
+        finally:
+            for s in idle:
+                s.close()
     # Read once the gateway has stopped: late accepts may still evict (and log) until then.
     evicted = gw.evicted_upgrades
     elapsed = anyio.current_time() - started

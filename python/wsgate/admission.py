@@ -12,40 +12,51 @@ request (checked, its token claimed, its bot being dialled) is never evicted: it
 ``dial_timeout`` and ``max_connections`` instead. Evicting one of those would let a client that
 opens idle connections fast cancel other clients' sessions and burn their tokens.
 
-Eviction order: the oldest first, never the connection just accepted. A real client sends its
-request at once, so it leaves the reading state within a round trip; under a flood of idle or
-slow connections arriving at R per second, it survives unless ``max_pending_upgrades`` others
-arrive after it before its request is in (1000 at 1,500/s: 0.6 s). Preferring to evict the idle
-ones would look kinder, but a just-accepted real client *is* idle for its first microseconds,
-so a flood of slow partial requests would then evict the real clients first.
+Eviction order: the oldest first, never the connection just accepted, and none reading for less
+than :data:`EVICT_AFTER` (one second). A real client sends its request at once, so it leaves
+the reading state within a round trip (a TLS handshake's few); under a flood of idle or slow
+connections, those that outlive a second are evicted as newcomers arrive. Preferring to evict
+the idle ones would look kinder, but a just-accepted real client *is* idle for its first
+microseconds, so a flood of slow partial requests would then evict the real clients first. And
+a younger one may be a real client whose request is in its socket, unread while the gateway
+accepts a burst: 2,000 clients connecting at once lost half their connections to evictions
+(benches/README.md, "Session opens, round 10"). So for a moment more than
+``max_pending_upgrades`` may be reading, bounded by ``max_connections``. The engine's own reads
+keep the same rule (``rust/opener.rs``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
 
-__all__ = ["PendingReads", "RateLimiter", "client_key"]
+__all__ = ["EVICT_AFTER", "PendingReads", "RateLimiter", "client_key"]
 
 log = logging.getLogger("wsgate")
 
 # Evictions are logged at most once per this many seconds, with their count.
 _LOG_INTERVAL = 1.0
 
+#: Seconds a connection reads its request before it may be evicted (see the module docs; the
+#: engine's ``EVICT_AFTER``).
+EVICT_AFTER = 1.0
+
 
 class PendingReads:
     """The connections reading their request, at most ``limit`` at once."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float] = anyio.current_time) -> None:
         self.limit = limit
+        #: Ages a reading connection (the event loop's clock; tests give their own).
+        self._clock = clock
         #: Connections evicted so far.
         self.evicted = 0
-        # Insertion-ordered: the oldest first. A value of None: a dict as an ordered set.
-        self._reading: dict[anyio.CancelScope, None] = {}
+        # Insertion-ordered: the oldest first, each with when it began (the event loop's clock).
+        self._reading: dict[anyio.CancelScope, float] = {}
         self._unlogged = 0
         self._last_log = -_LOG_INTERVAL
 
@@ -58,7 +69,7 @@ class PendingReads:
         Over the deadline or evicted, the body is cancelled and the block ends early: the
         caller sees that from its own result (e.g. still None)."""
         with anyio.CancelScope(deadline=deadline) as scope:
-            self._reading[scope] = None
+            self._reading[scope] = self._clock()
             try:
                 self._evict_over_limit(scope)
                 yield
@@ -72,10 +83,12 @@ class PendingReads:
         self._reading.clear()
 
     def _evict_over_limit(self, newcomer: anyio.CancelScope) -> None:
-        # The newcomer itself is never the victim: it has had no time to send anything yet.
+        # The newcomer itself is never the victim: it has had no time to send anything yet;
+        # nor is any other reading for less than EVICT_AFTER.
+        before = self._clock() - EVICT_AFTER
         while len(self) > self.limit:
-            victim = next(iter(self._reading))
-            if victim is newcomer:  # only when limit is 0, which settings refuse
+            victim, since = next(iter(self._reading.items()))
+            if victim is newcomer or since > before:
                 break
             del self._reading[victim]
             victim.cancel()

@@ -137,8 +137,11 @@ class GatewaySettings:
     max_connections: int = 10000
     #: Connections still sending their request (head, ``/start`` body, a Twilio opening) at
     #: once; a new one past it evicts the oldest, so slow or idle connections (slowloris)
-    #: cannot crowd out real clients, which send their request in one round trip. A connection
-    #: past its request (bot being dialled, token claimed) is never evicted.
+    #: cannot crowd out real clients, which send their request in one round trip. None younger
+    #: than a second is evicted (``admission.EVICT_AFTER``: in a burst of clients connecting
+    #: at once their requests may be unread yet), so the count may pass this for a moment,
+    #: within ``max_connections``. A connection past its request (bot being dialled, token
+    #: claimed) is never evicted.
     max_pending_upgrades: int = 1000
     #: Requests per second (upgrades and ``/start``) from one client address (an IPv6 /64), in
     #: bursts of as many; over it, 429. 0: off (the default: telephony providers connect from
