@@ -297,6 +297,8 @@ mod tests {
         let (bot_l, engine) = with_bot(5000, 1);
         let (l, mut first) = silent_client();
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
+        // Once the first has had its time (what is under test), a second evicts it.
+        std::thread::sleep(crate::opener::EVICT_AFTER);
         let (l, mut second) = silent_client();
         assert!(matches!(accept_one(&engine, &l), Accepted::Opening));
         let News::Handed {

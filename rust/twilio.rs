@@ -382,7 +382,9 @@ mod tests {
         let mut first = accepted(&engine, &sent);
         read_head(&mut first);
         assert_eq!(engine.waiting(), 1, "its opening is waited for");
-        // One more connection to wait for: the oldest, the stream, is evicted.
+        // Once it has had its time (what is under test), one more connection to wait for
+        // evicts the oldest, the stream.
+        std::thread::sleep(crate::opener::EVICT_AFTER);
         let _second = accepted(&engine, b"GET /ws/gen");
         let News::Handed {
             client: Some(_),

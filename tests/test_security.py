@@ -43,6 +43,7 @@ from .helpers import (
     start_json,
     token_config,
     token_gateway,
+    until,
     upgrade_refused,
     upgrade_request,
 )
@@ -197,16 +198,26 @@ async def test_connections_flooding_in_evict_no_upgrade_that_is_dialling_its_bot
                 # In two waves: the second's newcomers evict the first's, which have had
                 # EVICT_AFTER to finish (the sleep is what is under test).
                 flood = await in_thread(open_idle, gw.port, 150, first_bytes)
+                await until(lambda: _pending_at_least(gw, 150), within=20, what="wave 1 taken")
                 await anyio.sleep(EVICT_AFTER)
                 flood += await in_thread(open_idle, gw.port, 150, first_bytes)
         finally:
             for s in flood:
                 s.close()
         assert results == ["legit"] * 13
-        assert gw.evicted_upgrades >= 150 - 13  # the flood was really evicting (its 1st wave)
+        # The flood was really evicting (its first wave; counted as Python hears of it).
+        await until(lambda: _evicted_at_least(gw, 150 - 13), within=20, what="the evictions")
     evictions = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
     assert evictions, "evictions are logged"
     assert all("max_pending_upgrades (100)" in line for line in evictions)
+
+
+async def _pending_at_least(gw: Gateway, n: int) -> bool:
+    return gw.pending_upgrades >= n
+
+
+async def _evicted_at_least(gw: Gateway, n: int) -> bool:
+    return gw.evicted_upgrades >= n
 
 
 async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
@@ -217,6 +228,7 @@ async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
         started = anyio.current_time()
         idle = await in_thread(open_idle, gw.port, 1_000, b"")
         try:
+            await until(lambda: _pending_at_least(gw, 1_000), within=20, what="all taken in")
             await anyio.sleep(EVICT_AFTER)  # those may be evicted now (what is under test)
             with Churn(gw.port, keep=2_000, max_connects=1_000) as churn:
                 await in_thread(churn.wait)
