@@ -4,6 +4,7 @@ connection is evicted first."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import anyio
 import pytest
@@ -68,6 +69,21 @@ def test_a_client_is_limited_by_its_address_or_its_ipv6_64(address: object, key:
     assert client_key(address) == key
 
 
+async def reading(
+    pending: PendingReads,
+    ended: list[str],
+    name: str,
+    *,
+    task_status: anyio.abc.TaskStatus[None],
+) -> None:
+    """A connection reading its request for a minute: ``name`` goes into ``ended`` only once
+    its reading phase was cancelled (evicted, or all cancelled)."""
+    with pending.reading(anyio.current_time() + 60):
+        task_status.started()
+        await anyio.sleep_forever()
+    ended.append(name)
+
+
 @pytest.mark.anyio
 async def test_the_oldest_reading_connection_is_evicted_never_the_newcomer(
     caplog: pytest.LogCaptureFixture,
@@ -76,13 +92,7 @@ async def test_the_oldest_reading_connection_is_evicted_never_the_newcomer(
     clock = Clock()
     pending = PendingReads(2, clock)
     ended: list[str] = []
-    deadline = anyio.current_time() + 60
-
-    async def reader(name: str, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        with pending.reading(deadline):
-            task_status.started()
-            await anyio.sleep_forever()
-        ended.append(name)  # only once its reading phase was cancelled
+    reader = partial(reading, pending, ended)
 
     async with anyio.create_task_group() as tg:
         await tg.start(reader, "first")
@@ -112,13 +122,7 @@ async def test_a_connection_reading_for_less_than_a_second_is_not_evicted() -> N
     clock = Clock()
     pending = PendingReads(2, clock)
     ended: list[str] = []
-    deadline = anyio.current_time() + 60
-
-    async def reader(name: str, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        with pending.reading(deadline):
-            task_status.started()
-            await anyio.sleep_forever()
-        ended.append(name)
+    reader = partial(reading, pending, ended)
 
     async with anyio.create_task_group() as tg:
         for name in ("first", "second", "third", "fourth"):

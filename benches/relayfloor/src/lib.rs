@@ -33,7 +33,6 @@ pub fn args() -> Args {
 }
 
 pub fn listener(port: u16) -> TcpListener {
-    
     TcpListener::bind(("127.0.0.1", port)).expect("bind")
 }
 
@@ -47,5 +46,52 @@ pub fn nodelay(fd: i32) {
             &one as *const _ as *const _,
             4,
         );
+    }
+}
+
+/// Pushes every entry of `pending` (submitting as the queue fills) and clears it, then submits
+/// and waits for at least one completion: one `io_uring_enter` a turn when the queue has room.
+pub fn submit_and_wait(ring: &mut io_uring::IoUring, pending: &mut Vec<io_uring::squeue::Entry>) {
+    let mut i = 0;
+    while i < pending.len() {
+        {
+            let mut sq = ring.submission();
+            while i < pending.len() {
+                // SAFETY: every entry's buffers live as long as the relay that queued them.
+                if unsafe { sq.push(&pending[i]) }.is_err() {
+                    break;
+                }
+                i += 1;
+            }
+        }
+        if i < pending.len() {
+            ring.submit().expect("submit");
+        }
+    }
+    pending.clear();
+    match ring.submit_and_wait(1) {
+        Ok(_) => {}
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
+        Err(e) => panic!("submit_and_wait: {e}"),
+    }
+}
+
+/// The upstream's connection for a client just accepted (`client`, Nagle off here): a
+/// blocking connect (setup only, on loopback), then non-blocking if asked (epoll's; io_uring's
+/// stay blocking, as measured); `None` (the client closed) if it cannot be made.
+pub fn upstream_for(client: i32, upstream: SocketAddr, nonblocking: bool) -> Option<i32> {
+    nodelay(client);
+    match std::net::TcpStream::connect(upstream) {
+        Ok(u) => {
+            u.set_nonblocking(nonblocking).unwrap();
+            u.set_nodelay(true).unwrap();
+            Some(std::os::fd::IntoRawFd::into_raw_fd(u))
+        }
+        Err(_) => {
+            // SAFETY: `client` is ours, accepted and not yet handed anywhere.
+            unsafe { libc::close(client) };
+            None
+        }
     }
 }

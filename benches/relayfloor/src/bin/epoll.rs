@@ -1,8 +1,7 @@
 // Lean edge-triggered epoll byte relay: one read per readable edge (short read = drained),
 // write to the peer, keep the rest on partial write and wait for EPOLLOUT.
 use relayfloor::*;
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 
 const BUF: usize = 16384;
 
@@ -114,18 +113,9 @@ fn main() {
                     if c < 0 {
                         break;
                     }
-                    nodelay(c);
-                    // upstream connect: blocking (setup only, loopback), then non-blocking
-                    let u = match TcpStream::connect(a.upstream) {
-                        Ok(u) => u,
-                        Err(_) => {
-                            unsafe { libc::close(c) };
-                            continue;
-                        }
+                    let Some(ufd) = upstream_for(c, a.upstream, true) else {
+                        continue;
                     };
-                    u.set_nonblocking(true).unwrap();
-                    u.set_nodelay(true).unwrap();
-                    let ufd = u.into_raw_fd();
                     let p = Pair {
                         fd: [c, ufd],
                         d: [newdir(), newdir()],

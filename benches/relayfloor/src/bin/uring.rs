@@ -4,8 +4,7 @@
 // --mode plain | coop | defer | sqpoll | defer-fixed (registered files)
 use io_uring::{opcode, squeue, types, IoUring};
 use relayfloor::*;
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 
 const BUF: usize = 16384;
 const ACCEPT: u64 = u64::MAX;
@@ -106,30 +105,7 @@ fn main() {
     let _ = fd_of!(0, 0, 0usize);
 
     loop {
-        // push pending SQEs (SQ may be smaller than pending: submit in chunks)
-        let mut i = 0;
-        while i < pending.len() {
-            {
-                let mut sq = ring.submission();
-                while i < pending.len() {
-                    if unsafe { sq.push(&pending[i]) }.is_err() {
-                        break;
-                    }
-                    i += 1;
-                }
-            }
-            if i < pending.len() {
-                ring.submit().expect("submit");
-            }
-        }
-        pending.clear();
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => panic!("submit_and_wait: {e}"),
-        }
+        submit_and_wait(&mut ring, &mut pending);
         let cqes: Vec<(u64, i32)> = ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
@@ -146,16 +122,9 @@ fn main() {
                     continue;
                 }
                 let c = res;
-                nodelay(c);
-                let u = match TcpStream::connect(a.upstream) {
-                    Ok(u) => u,
-                    Err(_) => {
-                        unsafe { libc::close(c) };
-                        continue;
-                    }
+                let Some(ufd) = upstream_for(c, a.upstream, false) else {
+                    continue;
                 };
-                u.set_nodelay(true).unwrap();
-                let ufd = u.into_raw_fd();
                 let p = Pair {
                     fd: [c, ufd],
                     d: [

@@ -5,8 +5,7 @@
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use relayfloor::*;
 use std::collections::VecDeque;
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 const NB: u16 = 4096; // buffers (power of two)
@@ -130,29 +129,7 @@ fn main() {
     };
 
     loop {
-        let mut i = 0;
-        while i < pending.len() {
-            {
-                let mut sq = ring.submission();
-                while i < pending.len() {
-                    if unsafe { sq.push(&pending[i]) }.is_err() {
-                        break;
-                    }
-                    i += 1;
-                }
-            }
-            if i < pending.len() {
-                ring.submit().expect("submit");
-            }
-        }
-        pending.clear();
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => panic!("submit_and_wait: {e}"),
-        }
+        submit_and_wait(&mut ring, &mut pending);
         let cqes: Vec<(u64, i32, u32)> = ring
             .completion()
             .map(|c| (c.user_data(), c.result(), c.flags()))
@@ -170,16 +147,9 @@ fn main() {
                     continue;
                 }
                 let c = res;
-                nodelay(c);
-                let u = match TcpStream::connect(a.upstream) {
-                    Ok(u) => u,
-                    Err(_) => {
-                        unsafe { libc::close(c) };
-                        continue;
-                    }
+                let Some(ufd) = upstream_for(c, a.upstream, false) else {
+                    continue;
                 };
-                u.set_nodelay(true).unwrap();
-                let ufd = u.into_raw_fd();
                 let nd = || Dir {
                     q: VecDeque::with_capacity(16),
                     sending: false,
