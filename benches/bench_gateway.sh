@@ -1,5 +1,6 @@
-# Sourced by the open benches' scripts (open_instructions.sh, open_threads.sh): the gateway they
-# measure, one `none` agent `echo.bench` relayed to loadgen's echo bot.
+# Sourced by the open benches' scripts (open_instructions.sh, open_threads.sh,
+# open_beside_nginx.sh, relayfloor/rounds.sh): the gateway they measure, one `none` agent
+# `echo.bench` relayed to loadgen's echo bot, and nginx beside it.
 
 # A TCP port free on 127.0.0.1 now.
 free_port() {
@@ -39,4 +40,18 @@ serve_bench() {
     grep -q "serving on" "$1/gw.log" 2>/dev/null && break
     sleep 0.1
   done
+}
+
+# nginx_config DIR PORT BOT_PORT WORKERS: benches/nginx.conf.template filled in as DIR/nginx.conf
+# (its temp paths in DIR), nginx listening on PORT with WORKERS workers, relaying /ws to the bot
+# on BOT_PORT, plain, 4 KiB buffers (load.py's own nginx). Start it with
+# `nginx -p DIR -c DIR/nginx.conf -e DIR/error.log`.
+nginx_config() {
+  mkdir -p "$1"
+  sed -e "s/@@USER_LINE@@//; s/@@WORKERS@@/$4/; s/@@NOFILE@@/4096/; s/@@WORKER_CONNECTIONS@@/4000/" \
+      -e "s|@@PREFIX@@|$1|g; s/@@EXTRA_TEMP_PATHS@@//; s/@@PORT@@/$2/; s/@@LISTEN_SSL@@//" \
+      -e "s/@@SSL_LINES@@//; s/@@UPSTREAM_PORT@@/$3/; s/@@UPSTREAM_SCHEME@@/http/" \
+      -e "s/@@PROXY_SSL_LINES@@//; s/@@BUFFER_SIZE@@/4k/" \
+      -e "s|proxy_temp_path .*|proxy_temp_path $1/p; fastcgi_temp_path $1/f; uwsgi_temp_path $1/u; scgi_temp_path $1/s;|" \
+      "$(dirname "${BASH_SOURCE[0]}")/nginx.conf.template" > "$1/nginx.conf"
 }

@@ -24,13 +24,7 @@ trap 'kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || tr
 . "$here/bench_gateway.sh"
 serve_bench "$tmp" "$pythonpath" "$loadgen"
 ng_port=$(free_port)
-mkdir -p "$tmp/ng"
-sed -e "s/@@USER_LINE@@//; s/@@WORKERS@@/1/; s/@@NOFILE@@/4096/; s/@@WORKER_CONNECTIONS@@/4000/" \
-    -e "s|@@PREFIX@@|$tmp/ng|g; s/@@EXTRA_TEMP_PATHS@@//; s/@@PORT@@/$ng_port/; s/@@LISTEN_SSL@@//" \
-    -e "s/@@SSL_LINES@@//; s/@@UPSTREAM_PORT@@/$bot_port/; s/@@UPSTREAM_SCHEME@@/http/" \
-    -e "s/@@PROXY_SSL_LINES@@//; s/@@BUFFER_SIZE@@/4k/" \
-    -e "s|proxy_temp_path .*|proxy_temp_path $tmp/ng/p; fastcgi_temp_path $tmp/ng/f; uwsgi_temp_path $tmp/ng/u; scgi_temp_path $tmp/ng/s;|" \
-    "$here/nginx.conf.template" > "$tmp/ng/nginx.conf"
+nginx_config "$tmp/ng" "$ng_port" "$bot_port" 1
 nginx -p "$tmp/ng" -c "$tmp/ng/nginx.conf" -e "$tmp/ng/error.log" > "$tmp/ng.out" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do

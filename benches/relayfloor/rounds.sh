@@ -31,13 +31,7 @@ declare -A url relay
 for w in 1 2; do
   p=$(free_port)
   d=$tmp/ng$w
-  mkdir -p "$d"
-  sed -e "s/@@USER_LINE@@//; s/@@WORKERS@@/$w/; s/@@NOFILE@@/4096/; s/@@WORKER_CONNECTIONS@@/4000/" \
-      -e "s|@@PREFIX@@|$d|g; s/@@EXTRA_TEMP_PATHS@@//; s/@@PORT@@/$p/; s/@@LISTEN_SSL@@//" \
-      -e "s/@@SSL_LINES@@//; s/@@UPSTREAM_PORT@@/$bot/; s/@@UPSTREAM_SCHEME@@/http/" \
-      -e "s/@@PROXY_SSL_LINES@@//; s/@@BUFFER_SIZE@@/4k/" \
-      -e "s|proxy_temp_path .*|proxy_temp_path $d/p; fastcgi_temp_path $d/f; uwsgi_temp_path $d/u; scgi_temp_path $d/s;|" \
-      "$benches/nginx.conf.template" > "$d/nginx.conf"
+  nginx_config "$d" "$p" "$bot" "$w"
   nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" > "$d/out" 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do [ -s "$d/nginx.pid" ] && break; sleep 0.1; done
