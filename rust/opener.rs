@@ -61,13 +61,15 @@ struct Waited {
     live: HashSet<u64>,
 }
 
-/// A connection waited for less than this is not evicted, whatever the count: its request may
-/// be in its socket already, unread while its relay thread accepts a burst (2,000 clients
-/// connecting at once lost half their connections to evictions; benches/README.md, "Session
-/// opens, round 10"). A real client's request follows its connect within a round trip (a TLS
-/// handshake's few); a slow or idle connection (slowloris) outlives this and is evicted as
-/// before. Meanwhile the count may pass `max_pending_upgrades`, bounded by `max_connections`.
-/// Python's own waits keep the same rule (`admission.EVICT_AFTER`).
+/// A connection waited for less than this is not evicted while fewer than twice
+/// `max_pending_upgrades` are waited for: its request may be in its socket already, unread
+/// while its relay thread accepts a burst (2,000 clients connecting at once lost half their
+/// connections to evictions; benches/README.md, "Session opens, round 10"). A real client's
+/// request follows its connect within a round trip (a TLS handshake's few); a slow or idle
+/// connection (slowloris) outlives this and is evicted as before. At twice the limit the oldest
+/// goes whatever its age, so idle connections can never fill `max_connections` (then no
+/// newcomer would come to evict them). Python's own waits keep the same rule
+/// (`admission.EVICT_AFTER`).
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
 impl Waited {
@@ -77,14 +79,14 @@ impl Waited {
     }
 
     /// What a newcomer at `now` evicts to make room under `most`: the oldest ones that have
-    /// waited [`EVICT_AFTER`] at least (now no longer counted), as many as are over.
+    /// waited [`EVICT_AFTER`] at least, and any past twice `most` (now no longer counted).
     fn victims(&mut self, most: usize, now: Instant) -> Vec<Waiter> {
         let mut victims = Vec::new();
-        let Some(before) = now.checked_sub(EVICT_AFTER) else {
-            return victims;
-        };
+        let before = now.checked_sub(EVICT_AFTER);
         while self.live.len() >= most {
-            match self.oldest_if(|since| since <= before) {
+            let crowded = self.live.len() >= 2 * most;
+            let old = |since: Instant| crowded || before.is_some_and(|b| since <= b);
+            match self.oldest_if(old) {
                 Some(victim) => victims.push(victim),
                 None => break,
             }
@@ -582,9 +584,9 @@ mod tests {
         let t0 = Instant::now();
         let quarter = EVICT_AFTER / 4;
         let mut w = waited(&[t0, t0 + quarter, t0 + 2 * quarter, t0 + 3 * quarter]);
-        // Under the most, or all too young: nobody.
+        // Under the most, or all too young (and under twice the most): nobody.
         assert_eq!(w.victims(5, t0 + EVICT_AFTER * 2), []);
-        assert_eq!(w.victims(2, t0 + quarter), []);
+        assert_eq!(w.victims(3, t0 + quarter), []);
         assert_eq!(w.live.len(), 4);
         // Those that have waited EVICT_AFTER, down to one less than the most (the newcomer's
         // place), not the younger ones.
@@ -594,5 +596,15 @@ mod tests {
         w.settled(2);
         assert_eq!(w.victims(1, t0 + EVICT_AFTER * 2), [(3, 0)]);
         assert_eq!(w.victims(0, t0 + EVICT_AFTER * 2), []);
+    }
+
+    #[test]
+    fn at_twice_the_most_the_oldest_go_whatever_their_age() {
+        let t0 = Instant::now();
+        let mut w = waited(&[t0, t0, t0, t0, t0]);
+        // All young; five waited for, twice the most (2) is four: down to three.
+        assert_eq!(w.victims(2, t0), [(0, 0), (1, 0)]);
+        assert_eq!(w.live.len(), 3);
+        assert_eq!(w.victims(2, t0), []);
     }
 }

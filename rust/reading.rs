@@ -8,9 +8,9 @@
 //!
 //! The limits are the Python path's: the head is at most [`upgrade::MAX_HEADER_BYTES`] (past it,
 //! Python answers 431), the wait ends `handshake_timeout` after the accept (the connection is
-//! then dropped without an answer, as Python drops one too slow), and at most
-//! `max_pending_upgrades` connections are waited for at once: past that, new ones go to Python
-//! unread, whose own count of pending reads evicts the oldest of its own.
+//! then dropped without an answer, as Python drops one too slow), and past
+//! `max_pending_upgrades` connections waited for at once a newcomer evicts the oldest
+//! (`opener.rs`, `EVICT_AFTER`: not one younger than a second, unless twice the limit wait).
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;

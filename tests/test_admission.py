@@ -135,3 +135,21 @@ async def test_a_connection_reading_for_less_than_a_second_is_not_evicted() -> N
         await anyio.wait_all_tasks_blocked()
         assert ended == ["first"] and pending.evicted == 1
         pending.cancel_all()
+
+
+@pytest.mark.anyio
+async def test_past_twice_the_limit_the_oldest_is_evicted_whatever_its_age() -> None:
+    # Idle connections opened at once must not fill max_connections: a full gateway accepts
+    # no newcomer that would evict them once they are old enough.
+    pending = PendingReads(2, Clock())
+    ended: list[str] = []
+    reader = partial(reading, pending, ended)
+    async with anyio.create_task_group() as tg:
+        for name in ("first", "second", "third", "fourth"):
+            await tg.start(reader, name)
+        await anyio.wait_all_tasks_blocked()
+        assert ended == [] and len(pending) == 4
+        await tg.start(reader, "fifth")
+        await anyio.wait_all_tasks_blocked()
+        assert ended == ["first"] and len(pending) == 4 and pending.evicted == 1
+        pending.cancel_all()

@@ -410,9 +410,9 @@ async def test_a_burst_past_max_pending_upgrades_is_not_evicted_while_its_reques
     bot: Bot, engine_opens: bool
 ) -> None:
     # Clients connecting at once: each is accepted before its request is read (a burst keeps
-    # the gateway accepting), so more wait than max_pending_upgrades. None has had a second to
-    # send its request: none is evicted, and every one opens.
-    config = make_config(bot.url, engine_opens=engine_opens, max_pending_upgrades=2)
+    # the gateway accepting), so more wait than max_pending_upgrades (if fewer than twice as
+    # many). None has had a second to send its request: none is evicted, and every one opens.
+    config = make_config(bot.url, engine_opens=engine_opens, max_pending_upgrades=5)
     async with Gateway(config).running() as gw:
         socks = []
         try:

@@ -4,6 +4,7 @@ not stop legitimate sessions from opening, and cost no bot dial and no replay-st
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from functools import partial
 
 import anyio
 import pytest
@@ -17,6 +18,7 @@ from wsgate.tokens import TokenAuthority
 from .helpers import (
     Sentinel,
     echoed,
+    engine_opens,
     http_exchange,
     in_thread,
     serving,
@@ -44,11 +46,12 @@ async def test_slow_upgrade_requests_do_not_crowd_out_a_real_client(sentinel: Se
             # 50 slowloris connections: a request line and no end, for a minute if allowed.
             await open_many(gw.port, 50, b"GET /ws/generic/bot.test HTTP/1.1\r\nX-a: ", stack)
             assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
-            # Once they have had EVICT_AFTER to finish, the next connection evicts the oldest
-            # down to the limit (the sleep is what is under test).
+            # Once they have had EVICT_AFTER to finish, the next connection still sending its
+            # request evicts the oldest down to the limit (the sleep is what is under test).
             await anyio.sleep(EVICT_AFTER)
-            assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
+            await open_many(gw.port, 1, b"GET /ws/generic/bot.test HTTP/1.1\r\nX-a: ", stack)
             await until(lambda: _evicted_at_least(gw, 30), within=20, what="the evictions")
+            assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
     assert not sentinel.dialled()
 
 
@@ -64,6 +67,27 @@ async def test_idle_connections_that_never_speak_do_not_block_new_sessions(
             await open_many(gw.port, 300, b"", stack)
             for _ in range(3):
                 assert await in_thread(echoed, f"{gw.url}/ws/generic/echo.test", "legit") == "legit"
+    assert not sentinel.dialled()
+
+
+@engine_opens
+async def test_idle_connections_opened_at_once_up_to_max_connections_do_not_lock_out_a_client(
+    sentinel: Sentinel, engine_opens: bool
+) -> None:
+    # All younger than EVICT_AFTER, none is evicted for its age; but past twice
+    # max_pending_upgrades the oldest go, so the gateway never fills up with them (a full one
+    # would accept no newcomer to evict them, and a real client would wait for
+    # handshake_timeout).
+    settings = {"max_pending_upgrades": 5, "max_connections": 20, "handshake_timeout": 30}
+    async with serving(sentinel.url, engine_opens=engine_opens, **settings) as gw:
+        async with AsyncExitStack() as stack:
+            await open_many(gw.port, 20, b"", stack)
+            await until(lambda: _evicted_at_least(gw, 10), within=20, what="the evictions")
+            assert gw.pending_upgrades <= 10
+            legit = await in_thread(
+                partial(echoed, f"{gw.url}/ws/generic/echo.test", "legit", open_timeout=10)
+            )
+            assert legit == "legit"
     assert not sentinel.dialled()
 
 

@@ -21,8 +21,10 @@ microseconds, so a flood of slow partial requests would then evict the real clie
 a younger one may be a real client whose request is in its socket, unread while the gateway
 accepts a burst: 2,000 clients connecting at once lost half their connections to evictions
 (benches/README.md, "Session opens, round 10"). So for a moment more than
-``max_pending_upgrades`` may be reading, bounded by ``max_connections``. The engine's own reads
-keep the same rule (``rust/opener.rs``).
+``max_pending_upgrades`` may be reading, up to twice as many: past that the oldest goes
+whatever its age, so that idle connections opened at once can never fill ``max_connections``
+(a full gateway accepts no newcomer that would evict them). The engine's own reads keep the
+same rule (``rust/opener.rs``).
 """
 
 from __future__ import annotations
@@ -84,11 +86,12 @@ class PendingReads:
 
     def _evict_over_limit(self, newcomer: anyio.CancelScope) -> None:
         # The newcomer itself is never the victim: it has had no time to send anything yet;
-        # nor is any other reading for less than EVICT_AFTER.
+        # nor is any other reading for less than EVICT_AFTER, while at most twice the limit
+        # are reading.
         before = self._clock() - EVICT_AFTER
         while len(self) > self.limit:
             victim, since = next(iter(self._reading.items()))
-            if victim is newcomer or since > before:
+            if victim is newcomer or (since > before and len(self) <= 2 * self.limit):
                 break
             del self._reading[victim]
             victim.cancel()

@@ -139,9 +139,9 @@ class GatewaySettings:
     #: once; a new one past it evicts the oldest, so slow or idle connections (slowloris)
     #: cannot crowd out real clients, which send their request in one round trip. None younger
     #: than a second is evicted (``admission.EVICT_AFTER``: in a burst of clients connecting
-    #: at once their requests may be unread yet), so the count may pass this for a moment,
-    #: within ``max_connections``. A connection past its request (bot being dialled, token
-    #: claimed) is never evicted.
+    #: at once their requests may be unread yet) until twice this many are waiting, so keep
+    #: twice this well under ``max_connections``. A connection past its request (bot being
+    #: dialled, token claimed) is never evicted.
     max_pending_upgrades: int = 1000
     #: Requests per second (upgrades and ``/start``) from one client address (an IPv6 /64), in
     #: bursts of as many; over it, 429. 0: off (the default: telephony providers connect from
