@@ -95,3 +95,35 @@ pub fn upstream_for(client: i32, upstream: SocketAddr, nonblocking: bool) -> Opt
         }
     }
 }
+
+/// Puts `item` in a free slot of `slots` (one `free` names), else a new one: its index.
+pub fn place<T>(slots: &mut Vec<T>, free: &mut Vec<usize>, item: T) -> usize {
+    if let Some(i) = free.pop() {
+        slots[i] = item;
+        i
+    } else {
+        slots.push(item);
+        slots.len() - 1
+    }
+}
+
+/// Closes both sockets of a relayed pair.
+pub fn close_pair(fd: [i32; 2]) {
+    // SAFETY: the pair's descriptors are ours, and closed once (its slot is freed after).
+    unsafe {
+        libc::close(fd[0]);
+        libc::close(fd[1]);
+    }
+}
+
+/// An accept on `listener`, its completion tagged `tag`.
+pub fn accept_entry(listener: i32, tag: u64) -> io_uring::squeue::Entry {
+    use io_uring::{opcode, types};
+    opcode::Accept::new(
+        types::Fd(listener),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    )
+    .build()
+    .user_data(tag)
+}

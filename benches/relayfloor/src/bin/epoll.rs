@@ -121,13 +121,7 @@ fn main() {
                         d: [newdir(), newdir()],
                         live: true,
                     };
-                    let idx = if let Some(i) = free.pop() {
-                        pairs[i] = p;
-                        i
-                    } else {
-                        pairs.push(p);
-                        pairs.len() - 1
-                    };
+                    let idx = place(&mut pairs, &mut free, p);
                     for s in 0..2 {
                         let mut ev = libc::epoll_event {
                             events: (libc::EPOLLIN
@@ -161,10 +155,7 @@ fn main() {
             }
             if !ok {
                 p.live = false;
-                unsafe {
-                    libc::close(p.fd[0]);
-                    libc::close(p.fd[1]);
-                }
+                close_pair(p.fd);
                 closed.push(idx);
             }
         }

@@ -54,11 +54,7 @@ fn main() {
     let mut pairs: Vec<Pair> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut pending: Vec<squeue::Entry> = Vec::with_capacity(1024);
-    pending.push(
-        opcode::Accept::new(types::Fd(lfd), std::ptr::null_mut(), std::ptr::null_mut())
-            .build()
-            .user_data(ACCEPT),
-    );
+    pending.push(accept_entry(lfd, ACCEPT));
 
     macro_rules! fd_of {
         ($p:expr, $s:expr, $idx:expr) => {
@@ -113,11 +109,7 @@ fn main() {
         let mut to_free: Vec<usize> = Vec::new();
         for (ud, res) in cqes {
             if ud == ACCEPT {
-                pending.push(
-                    opcode::Accept::new(types::Fd(lfd), std::ptr::null_mut(), std::ptr::null_mut())
-                        .build()
-                        .user_data(ACCEPT),
-                );
+                pending.push(accept_entry(lfd, ACCEPT));
                 if res < 0 {
                     continue;
                 }
@@ -144,13 +136,7 @@ fn main() {
                     closing: false,
                     live: true,
                 };
-                let idx = if let Some(i) = free.pop() {
-                    pairs[i] = p;
-                    i
-                } else {
-                    pairs.push(p);
-                    pairs.len() - 1
-                };
+                let idx = place(&mut pairs, &mut free, p);
                 if fixed {
                     assert!(((idx * 2 + 1) as u32) < NFIX);
                     ring.submitter()
@@ -197,10 +183,7 @@ fn main() {
                 }
                 if !p.d[0].busy && !p.d[1].busy && p.live {
                     p.live = false;
-                    unsafe {
-                        libc::close(p.fd[0]);
-                        libc::close(p.fd[1]);
-                    }
+                    close_pair(p.fd);
                     to_free.push(idx);
                 }
             }

@@ -95,11 +95,7 @@ fn main() {
     let mut pairs: Vec<Pair> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut pending: Vec<squeue::Entry> = Vec::with_capacity(1024);
-    pending.push(
-        opcode::Accept::new(types::Fd(lfd), std::ptr::null_mut(), std::ptr::null_mut())
-            .build()
-            .user_data(ACCEPT),
-    );
+    pending.push(accept_entry(lfd, ACCEPT));
     let mut enobufs = 0u64;
 
     let recv = |p: &Pair, idx: usize, s: usize| -> squeue::Entry {
@@ -138,11 +134,7 @@ fn main() {
         let mut gave = false;
         for (ud, res, flags) in cqes {
             if ud == ACCEPT {
-                pending.push(
-                    opcode::Accept::new(types::Fd(lfd), std::ptr::null_mut(), std::ptr::null_mut())
-                        .build()
-                        .user_data(ACCEPT),
-                );
+                pending.push(accept_entry(lfd, ACCEPT));
                 if res < 0 {
                     continue;
                 }
@@ -161,13 +153,7 @@ fn main() {
                     closing: false,
                     live: true,
                 };
-                let idx = if let Some(i) = free.pop() {
-                    pairs[i] = p;
-                    i
-                } else {
-                    pairs.push(p);
-                    pairs.len() - 1
-                };
+                let idx = place(&mut pairs, &mut free, p);
                 if fixed {
                     ring.submitter()
                         .register_files_update((idx * 2) as u32, &[c, ufd])
@@ -245,10 +231,7 @@ fn main() {
                             gave = true;
                         }
                     }
-                    unsafe {
-                        libc::close(p.fd[0]);
-                        libc::close(p.fd[1]);
-                    }
+                    close_pair(p.fd);
                     to_free.push(idx);
                 }
             }
