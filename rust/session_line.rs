@@ -216,10 +216,9 @@ impl std::fmt::Display for Rounded {
 /// `s` as a JSON string, escaped as Python's `json.dumps(..., ensure_ascii=False)` does (and
 /// serde_json: `"`, `\`, the short escapes, other control characters as `\u00xx`).
 fn json_str(out: &mut String, s: &str) {
-    // serde_json writes valid UTF-8 into the Vec: a str in, a str out.
-    let mut buf = std::mem::take(out).into_bytes();
-    serde_json::to_writer(&mut buf, s).expect("writing to a Vec does not fail");
-    *out = String::from_utf8(buf).expect("serde_json writes UTF-8");
+    // (Not written into `out`'s bytes: taking them back as a String would check the whole line
+    // again for each field.)
+    out.push_str(&serde_json::to_string(s).expect("a str always serializes"));
 }
 
 #[cfg(test)]
