@@ -273,6 +273,11 @@ impl Connections {
         was.saturating_sub(1)
     }
 
+    /// Whether it holds all it may (a connection just counted may have taken the last).
+    pub(crate) fn full(&self) -> bool {
+        self.count() >= self.limit.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn set_limit(&self, limit: usize) {
         self.limit.store(limit, Ordering::SeqCst);
     }

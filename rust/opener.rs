@@ -61,15 +61,16 @@ struct Waited {
     live: HashSet<u64>,
 }
 
-/// A connection waited for less than this is not evicted while fewer than twice
-/// `max_pending_upgrades` are waited for: its request may be in its socket already, unread
-/// while its relay thread accepts a burst (2,000 clients connecting at once lost half their
-/// connections to evictions; benches/README.md, "Session opens, round 10"). A real client's
-/// request follows its connect within a round trip (a TLS handshake's few); a slow or idle
-/// connection (slowloris) outlives this and is evicted as before. At twice the limit the oldest
-/// goes whatever its age, so idle connections can never fill `max_connections` (then no
-/// newcomer would come to evict them). Python's own waits keep the same rule
-/// (`admission.EVICT_AFTER`).
+/// A connection waited for less than this is not evicted for `max_pending_upgrades`: its
+/// request may be on its way, or in its socket unread while its relay thread accepts a burst
+/// (2,000 clients connecting at once lost half their connections to evictions, benches/README.md
+/// "Session opens, round 10"; 5,000 lost 3,000 while the young were evicted past twice the
+/// limit, round 11). A real client's request follows its connect within a round trip (a TLS
+/// handshake's few); a slow or idle connection (slowloris) outlives this and is evicted as
+/// newcomers come. Only a newcomer that takes the gateway's last connection (`max_connections`)
+/// evicts the oldest whatever its age, so idle connections can never fill the gateway (then no
+/// newcomer would come to evict them) and it keeps accepting under a flood. Python's own waits
+/// keep the same rule (`admission.EVICT_AFTER`).
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
 impl Waited {
@@ -79,17 +80,20 @@ impl Waited {
     }
 
     /// What a newcomer at `now` evicts to make room under `most`: the oldest ones that have
-    /// waited [`EVICT_AFTER`] at least, and any past twice `most` (now no longer counted).
-    fn victims(&mut self, most: usize, now: Instant) -> Vec<Waiter> {
+    /// waited [`EVICT_AFTER`] at least; if none, and the newcomer took the gateway's last
+    /// connection (`full`), the oldest whatever its age (now no longer counted).
+    fn victims(&mut self, most: usize, now: Instant, full: bool) -> Vec<Waiter> {
         let mut victims = Vec::new();
         let before = now.checked_sub(EVICT_AFTER);
+        let old = |since: Instant| before.is_some_and(|b| since <= b);
         while self.live.len() >= most {
-            let crowded = self.live.len() >= 2 * most;
-            let old = |since: Instant| crowded || before.is_some_and(|b| since <= b);
             match self.oldest_if(old) {
                 Some(victim) => victims.push(victim),
                 None => break,
             }
+        }
+        if victims.is_empty() && full {
+            victims.extend(self.oldest());
         }
         victims
     }
@@ -205,11 +209,13 @@ impl Opener {
         if wait.most == 0 {
             return None;
         }
+        // Counted already: it may have taken the last connection.
+        let full = self.shared.connections.get().is_some_and(|c| c.full());
         let mut waited = lock(&self.waiting);
         // The newcomer is never the victim: it has had no time to send anything yet; nor is
-        // any other so young (see EVICT_AFTER).
+        // any other so young, unless the gateway is full (see EVICT_AFTER).
         let now = Instant::now();
-        let victims = waited.victims(wait.most, now);
+        let victims = waited.victims(wait.most, now, full);
         waited.order.push_back(((id, worker), now));
         waited.live.insert(id);
         let waiting = Waiting {
@@ -584,27 +590,41 @@ mod tests {
         let t0 = Instant::now();
         let quarter = EVICT_AFTER / 4;
         let mut w = waited(&[t0, t0 + quarter, t0 + 2 * quarter, t0 + 3 * quarter]);
-        // Under the most, or all too young (and under twice the most): nobody.
-        assert_eq!(w.victims(5, t0 + EVICT_AFTER * 2), []);
-        assert_eq!(w.victims(3, t0 + quarter), []);
+        // Under the most, or all too young: nobody.
+        assert_eq!(w.victims(5, t0 + EVICT_AFTER * 2, false), []);
+        assert_eq!(w.victims(3, t0 + quarter, false), []);
         assert_eq!(w.live.len(), 4);
         // Those that have waited EVICT_AFTER, down to one less than the most (the newcomer's
         // place), not the younger ones.
-        assert_eq!(w.victims(2, t0 + EVICT_AFTER + quarter), [(0, 0), (1, 0)]);
-        assert_eq!(w.victims(2, t0 + EVICT_AFTER + quarter), []);
+        assert_eq!(
+            w.victims(2, t0 + EVICT_AFTER + quarter, false),
+            [(0, 0), (1, 0)]
+        );
+        assert_eq!(w.victims(2, t0 + EVICT_AFTER + quarter, false), []);
         // One settled meanwhile is skipped.
         w.settled(2);
-        assert_eq!(w.victims(1, t0 + EVICT_AFTER * 2), [(3, 0)]);
-        assert_eq!(w.victims(0, t0 + EVICT_AFTER * 2), []);
+        assert_eq!(w.victims(1, t0 + EVICT_AFTER * 2, false), [(3, 0)]);
+        assert_eq!(w.victims(0, t0 + EVICT_AFTER * 2, false), []);
     }
 
     #[test]
-    fn at_twice_the_most_the_oldest_go_whatever_their_age() {
+    fn the_young_are_not_evicted_however_many_until_the_gateway_is_full() {
         let t0 = Instant::now();
-        let mut w = waited(&[t0, t0, t0, t0, t0]);
-        // All young; five waited for, twice the most (2) is four: down to three.
-        assert_eq!(w.victims(2, t0), [(0, 0), (1, 0)]);
-        assert_eq!(w.live.len(), 3);
-        assert_eq!(w.victims(2, t0), []);
+        let mut w = waited(&[t0; 50]);
+        // Fifty young ones waited for, twenty-five times the most: none goes for its age.
+        assert_eq!(w.victims(2, t0, false), []);
+        assert_eq!(w.live.len(), 50);
+        // A newcomer that took the last connection: the oldest, one at a time.
+        assert_eq!(w.victims(2, t0, true), [(0, 0)]);
+        assert_eq!(w.victims(2, t0, true), [(1, 0)]);
+        // Full, with old ones to evict: those only.
+        let later = t0 + EVICT_AFTER;
+        w.order.push_back(((99, 0), later));
+        w.live.insert(99);
+        let old = w.victims(2, later, true);
+        assert_eq!(old.len(), 48);
+        assert_eq!(w.live.iter().collect::<Vec<_>>(), [&99]);
+        assert_eq!(w.victims(1, later, true), [(99, 0)]);
+        assert_eq!(w.victims(1, later, true), []);
     }
 }

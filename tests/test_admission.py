@@ -138,18 +138,23 @@ async def test_a_connection_reading_for_less_than_a_second_is_not_evicted() -> N
 
 
 @pytest.mark.anyio
-async def test_past_twice_the_limit_the_oldest_is_evicted_whatever_its_age() -> None:
-    # Idle connections opened at once must not fill max_connections: a full gateway accepts
-    # no newcomer that would evict them once they are old enough.
-    pending = PendingReads(2, Clock())
+async def test_the_young_are_evicted_only_by_a_newcomer_that_fills_the_gateway() -> None:
+    # However many read at once, none has had a second: none is evicted (a burst's requests
+    # may be on their way), until a newcomer takes the gateway's last connection. Then the
+    # oldest goes, so idle connections opened at once never fill it (a full gateway accepts
+    # no newcomer that would evict them once they are old enough).
+    full = False
+    pending = PendingReads(2, Clock(), full=lambda: full)
     ended: list[str] = []
     reader = partial(reading, pending, ended)
     async with anyio.create_task_group() as tg:
-        for name in ("first", "second", "third", "fourth"):
+        names = [f"reader {n}" for n in range(10)]
+        for name in names:
             await tg.start(reader, name)
         await anyio.wait_all_tasks_blocked()
-        assert ended == [] and len(pending) == 4
-        await tg.start(reader, "fifth")
+        assert ended == [] and len(pending) == 10 and pending.evicted == 0
+        full = True
+        await tg.start(reader, "the last place's")
         await anyio.wait_all_tasks_blocked()
-        assert ended == ["first"] and len(pending) == 4 and pending.evicted == 1
+        assert ended == ["reader 0"] and len(pending) == 10 and pending.evicted == 1
         pending.cancel_all()

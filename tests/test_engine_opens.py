@@ -409,16 +409,17 @@ async def test_past_max_pending_upgrades_the_oldest_connection_is_evicted(
 async def test_a_burst_past_max_pending_upgrades_is_not_evicted_while_its_requests_come(
     bot: Bot, engine_opens: bool
 ) -> None:
-    # Clients connecting at once: each is accepted before its request is read (a burst keeps
-    # the gateway accepting), so more wait than max_pending_upgrades (if fewer than twice as
-    # many). None has had a second to send its request: none is evicted, and every one opens.
+    # Clients connecting at once (a reconnection storm): each is accepted before its request
+    # is read, so many more wait than max_pending_upgrades, past twice as many. None has had a
+    # second to send its request and the gateway has room: none is evicted, and every one
+    # opens.
     config = make_config(bot.url, engine_opens=engine_opens, max_pending_upgrades=5)
     async with Gateway(config).running() as gw:
         socks = []
         try:
-            for _ in range(8):
+            for _ in range(15):
                 socks.append(await in_thread(socket.create_connection, ("127.0.0.1", gw.port)))
-            await until(lambda: _pending(gw, 8), within=10, what="all 8 pending")
+            await until(lambda: _pending(gw, 15), within=10, what="all 15 pending")
             for sock in socks:
                 await in_thread(sock.sendall, upgrade_request("/ws/generic/bot.test"))
             for sock in socks:

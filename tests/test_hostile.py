@@ -71,19 +71,20 @@ async def test_idle_connections_that_never_speak_do_not_block_new_sessions(
 
 
 @engine_opens
-async def test_idle_connections_opened_at_once_up_to_max_connections_do_not_lock_out_a_client(
+async def test_idle_connections_opened_at_once_past_max_connections_do_not_lock_out_a_client(
     sentinel: Sentinel, engine_opens: bool
 ) -> None:
-    # All younger than EVICT_AFTER, none is evicted for its age; but past twice
-    # max_pending_upgrades the oldest go, so the gateway never fills up with them (a full one
-    # would accept no newcomer to evict them, and a real client would wait for
-    # handshake_timeout).
+    # All younger than EVICT_AFTER, none is evicted for its age; but a newcomer that takes
+    # the gateway's last connection evicts the oldest, so the gateway never fills up with
+    # them (a full one would accept no newcomer to evict them, and a real client would wait
+    # for handshake_timeout).
     settings = {"max_pending_upgrades": 5, "max_connections": 20, "handshake_timeout": 30}
     async with serving(sentinel.url, engine_opens=engine_opens, **settings) as gw:
         async with AsyncExitStack() as stack:
-            await open_many(gw.port, 20, b"", stack)
-            await until(lambda: _evicted_at_least(gw, 10), within=20, what="the evictions")
-            assert gw.pending_upgrades <= 10
+            await open_many(gw.port, 30, b"", stack)
+            # The 20th and each after it took the last place: eleven evicted, nineteen left.
+            await until(lambda: _evicted_at_least(gw, 11), within=20, what="the evictions")
+            assert gw.pending_upgrades <= 19
             legit = await in_thread(
                 partial(echoed, f"{gw.url}/ws/generic/echo.test", "legit", open_timeout=10)
             )

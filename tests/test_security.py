@@ -224,13 +224,13 @@ async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
     sentinel: Sentinel, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate")
-    async with token_gateway(sentinel.url, max_pending_upgrades=5) as gw:
+    async with token_gateway(sentinel.url, max_pending_upgrades=5, max_connections=50) as gw:
         started = anyio.current_time()
         with Churn(gw.port, keep=2_000, max_connects=2_000) as churn:
             await in_thread(churn.wait)
             # Accepted in order: once this answer is back, every churned connection was taken
-            # in (and all but the newest few evicted: past twice the limit, whatever their
-            # age), while all were still open.
+            # in (and all but the newest few evicted: each newcomer past the first 49 took the
+            # last place, and evicted the oldest whatever its age), while all were still open.
             livez = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
             assert (await http_exchange(gw.port, livez))[0] == 200
     # Read once the gateway has stopped: late accepts may still evict (and log) until then.

@@ -18,13 +18,15 @@ the reading state within a round trip (a TLS handshake's few); under a flood of 
 connections, those that outlive a second are evicted as newcomers arrive. Preferring to evict
 the idle ones would look kinder, but a just-accepted real client *is* idle for its first
 microseconds, so a flood of slow partial requests would then evict the real clients first. And
-a younger one may be a real client whose request is in its socket, unread while the gateway
-accepts a burst: 2,000 clients connecting at once lost half their connections to evictions
-(benches/README.md, "Session opens, round 10"). So for a moment more than
-``max_pending_upgrades`` may be reading, up to twice as many: past that the oldest goes
-whatever its age, so that idle connections opened at once can never fill ``max_connections``
-(a full gateway accepts no newcomer that would evict them). The engine's own reads keep the
-same rule (``rust/opener.rs``).
+a younger one may be a real client whose request is on its way, or in its socket unread while
+the gateway accepts a burst: 2,000 clients connecting at once lost half their connections to
+evictions (benches/README.md, "Session opens, round 10"), 5,000 lost 3,000 when the young were
+evicted past twice the limit (round 11). So for a moment more than ``max_pending_upgrades``
+may be reading, as many as ``max_connections`` allows: only a newcomer that takes the
+gateway's last connection evicts the oldest whatever its age, so that idle connections opened
+at once can never fill the gateway (a full one accepts no newcomer that would evict them) and
+it keeps accepting under a flood. The engine's own reads keep the same rule
+(``rust/opener.rs``).
 """
 
 from __future__ import annotations
@@ -51,10 +53,17 @@ EVICT_AFTER = 1.0
 class PendingReads:
     """The connections reading their request, at most ``limit`` at once."""
 
-    def __init__(self, limit: int, clock: Callable[[], float] = anyio.current_time) -> None:
+    def __init__(
+        self,
+        limit: int,
+        clock: Callable[[], float] = anyio.current_time,
+        full: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.limit = limit
         #: Ages a reading connection (the event loop's clock; tests give their own).
         self._clock = clock
+        #: Whether the gateway holds all the connections it may (the newcomer counted).
+        self.full = full
         #: Connections evicted so far.
         self.evicted = 0
         # Insertion-ordered: the oldest first, each with when it began (the event loop's clock).
@@ -86,16 +95,23 @@ class PendingReads:
 
     def _evict_over_limit(self, newcomer: anyio.CancelScope) -> None:
         # The newcomer itself is never the victim: it has had no time to send anything yet;
-        # nor is any other reading for less than EVICT_AFTER, while at most twice the limit
-        # are reading.
+        # nor is any other reading for less than EVICT_AFTER, unless the newcomer took the
+        # gateway's last connection (then the oldest goes, whatever its age).
         before = self._clock() - EVICT_AFTER
+        evicted = False
         while len(self) > self.limit:
             victim, since = next(iter(self._reading.items()))
-            if victim is newcomer or (since > before and len(self) <= 2 * self.limit):
+            if victim is newcomer or since > before:
                 break
-            del self._reading[victim]
-            victim.cancel()
-            self.note_eviction()
+            self._evict(victim)
+            evicted = True
+        if not evicted and len(self) > 1 and self.full():
+            self._evict(next(iter(self._reading)))  # the oldest: the newcomer is the newest
+
+    def _evict(self, victim: anyio.CancelScope) -> None:
+        del self._reading[victim]
+        victim.cancel()
+        self.note_eviction()
 
     def note_eviction(self) -> None:
         """Count (and log, at most once a second) a connection evicted: one of these, or one

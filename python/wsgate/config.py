@@ -138,9 +138,10 @@ class GatewaySettings:
     #: Connections still sending their request (head, ``/start`` body, a Twilio opening) at
     #: once; a new one past it evicts the oldest, so slow or idle connections (slowloris)
     #: cannot crowd out real clients, which send their request in one round trip. None younger
-    #: than a second is evicted (``admission.EVICT_AFTER``: in a burst of clients connecting
-    #: at once their requests may be unread yet) until twice this many are waiting, so keep
-    #: twice this well under ``max_connections``. A connection past its request (bot being
+    #: than a second is evicted for it (``admission.EVICT_AFTER``: in a burst of clients
+    #: connecting at once their requests may be on their way, or unread yet), so more may wait
+    #: for that second, as many as ``max_connections`` allows: a newcomer that takes the last
+    #: connection evicts the oldest whatever its age. A connection past its request (bot being
     #: dialled, token claimed) is never evicted.
     max_pending_upgrades: int = 1000
     #: Requests per second (upgrades and ``/start``) from one client address (an IPv6 /64), in
