@@ -10,7 +10,9 @@
 //!   a second 8 at a time, benches/README.md); with more, the others get theirs in turn through
 //!   their mailboxes. The control plane hears of each connection through the doorbell, as
 //!   news. The gateway's `max_connections` is counted here ([`Connections`]): past it the
-//!   backlog waits until one ends.
+//!   backlog waits until one ends, and each connection that comes into it meanwhile makes the
+//!   oldest connection still sending its request give way ([`OnRelay::make_room`]), so that
+//!   idle connections cannot lock the gateway.
 //! - in a call (`Engine::accept`, the Rust tests'): the same batch, returned to the caller.
 
 use std::io::{self, ErrorKind, Read};
@@ -222,6 +224,8 @@ pub struct Connections {
     limit: AtomicUsize,
     /// The listener stopped at the limit: the next connection over resumes it.
     full: AtomicBool,
+    /// A connection was evicted to make room at the limit: none more until one is over.
+    making_room: AtomicBool,
     /// A relay thread accepts (between `Engine::listen` and `Engine::unlisten`).
     listening: AtomicBool,
     /// The accepting thread's mailbox.
@@ -234,6 +238,7 @@ impl Connections {
             count: AtomicUsize::new(0),
             limit: AtomicUsize::new(usize::MAX),
             full: AtomicBool::new(false),
+            making_room: AtomicBool::new(false),
             listening: AtomicBool::new(false),
             resume,
         }
@@ -265,17 +270,13 @@ impl Connections {
                 Some(n.saturating_sub(1))
             })
             .unwrap_or(0);
+        self.making_room.store(false, Ordering::SeqCst);
         if self.full.swap(false, Ordering::SeqCst) {
             if let Some(m) = &self.resume {
                 m.resume();
             }
         }
         was.saturating_sub(1)
-    }
-
-    /// Whether it holds all it may (a connection just counted may have taken the last).
-    pub(crate) fn full(&self) -> bool {
-        self.count() >= self.limit.load(Ordering::SeqCst)
     }
 
     pub(crate) fn set_limit(&self, limit: usize) {
@@ -307,6 +308,36 @@ pub(crate) struct OnRelay {
     pub held: Arc<Connections>,
 }
 
+impl OnRelay {
+    /// The gateway holds all it may: if a connection waits in the backlog, the oldest one still
+    /// sending its request gives way, whatever its age (the engine's own, else one Python reads
+    /// is asked for: [`News::Crowded`]); one at a time, the next once a connection is over and
+    /// the newcomer taken. A gateway full of sessions keeps them: the backlog waits.
+    ///
+    /// Called at each edge of the listener (a connection came) and at each resume while full,
+    /// so each newcomer gets its eviction, and none is made when nobody waits (an honest burst
+    /// that fits `max_connections` exactly loses no one).
+    fn make_room(&self) {
+        let mut waiting = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, ours for the call; a zero timeout only looks.
+        let ready = unsafe { libc::poll(&mut waiting, 1, 0) };
+        if ready <= 0 || waiting.revents & libc::POLLIN == 0 {
+            return;
+        }
+        if self.held.making_room.swap(true, Ordering::SeqCst) {
+            return; // one is on its way out
+        }
+        match self.acceptor.opener.oldest_waiting() {
+            Some(victim) => self.acceptor.evict(vec![victim]),
+            None => self.acceptor.opener.tell(News::Crowded),
+        }
+    }
+}
+
 impl Listening for OnRelay {
     fn fd(&self) -> RawFd {
         self.listener.as_raw_fd()
@@ -315,6 +346,7 @@ impl Listening for OnRelay {
     fn accept(&mut self, worker: usize, here: &mut Vec<(u64, Box<dyn Task>)>) -> shard::Batch {
         let room = self.held.room();
         if room == 0 {
+            self.make_room();
             return shard::Batch::Full;
         }
         let Self { acceptor, held, .. } = &*self;
@@ -379,6 +411,20 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         l
+    }
+
+    /// The next `n` news, as they come (within 5 s).
+    fn all_news(engine: &Engine, n: usize) -> Vec<News> {
+        let mut told = Vec::new();
+        let end = Instant::now() + Duration::from_secs(5);
+        while told.len() < n && Instant::now() < end {
+            told.extend(engine.drain().into_iter().filter_map(|i| match i {
+                Item::Open(news) => Some(news),
+                _ => None,
+            }));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        told
     }
 
     fn client(l: &TcpListener, request: &str) -> TcpStream {
@@ -453,26 +499,73 @@ mod tests {
         let _first = client(&l, "GET / HTTP/1.1\r\n\r\n");
         assert!(matches!(news(&engine), News::Handed { .. }));
         let _second = client(&l, "GET / HTTP/1.1\r\n\r\n");
-        // A bounded look for news that must not come: the second stays in the backlog.
+        // The engine waits for no request of its own: it asks the control plane to make room,
+        // once (none more until a connection is over).
+        assert!(matches!(news(&engine), News::Crowded));
+        let _third = client(&l, "GET / HTTP/1.1\r\n\r\n");
+        // A bounded look for news that must not come: the others stay in the backlog.
         let end = Instant::now() + Duration::from_millis(300);
         while Instant::now() < end {
             let items = engine.drain();
-            assert!(
-                !items.iter().any(|i| matches!(i, Item::Open(_))),
-                "{items:?}"
-            );
+            assert!(items.is_empty(), "{items:?}");
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(engine.held(), 1);
         assert_eq!(engine.closed(), 0); // the first is over: the second is accepted
-        assert!(matches!(
-            news(&engine),
-            News::Handed {
-                client: Some(_),
-                ..
-            }
-        ));
+                                        // Full again with the third waiting: room is asked for again.
+        let told = all_news(&engine, 2);
+        assert!(
+            matches!(
+                told[..],
+                [
+                    News::Handed {
+                        client: Some(_),
+                        ..
+                    },
+                    News::Crowded
+                ]
+            ),
+            "{told:?}"
+        );
         assert_eq!(engine.held(), 1);
+    }
+
+    #[test]
+    fn full_with_a_newcomer_waiting_the_oldest_connection_waited_for_is_evicted() {
+        let bot = TcpListener::bind("127.0.0.1:0").unwrap();
+        let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
+        let addr = bot.local_addr().unwrap();
+        engine
+            .set_routes(vec![route("a.b", addr, 5, 5000)])
+            .unwrap();
+        // Far under max_pending_upgrades, and young: only the full gateway evicts them.
+        engine.set_wait(Wait {
+            timeout: Duration::from_secs(60),
+            most: 1000,
+        });
+        let l = listening();
+        engine.listen(l.as_raw_fd(), 2).unwrap();
+        let _idle = [client(&l, ""), client(&l, "")];
+        let end = Instant::now() + Duration::from_secs(5);
+        while engine.held() < 2 && Instant::now() < end {
+            std::thread::yield_now();
+        }
+        assert_eq!(engine.held(), 2);
+        let _newcomer = client(&l, "");
+        match news(&engine) {
+            News::Handed {
+                client: None,
+                evicted: true,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(engine.closed(), 1); // the control plane counts it out: the newcomer is in
+        let end = Instant::now() + Duration::from_secs(5);
+        while engine.held() < 2 && Instant::now() < end {
+            std::thread::yield_now();
+        }
+        assert_eq!(engine.held(), 2);
     }
 
     #[test]

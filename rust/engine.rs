@@ -146,7 +146,7 @@ pub(crate) struct Shared {
     inproc: Mutex<HashMap<u64, Arc<Handle>>>,
     /// The connections held (set once the relay threads are up: relay thread 0 resumes
     /// accepting through it).
-    pub(crate) connections: OnceLock<Arc<Connections>>,
+    connections: OnceLock<Arc<Connections>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

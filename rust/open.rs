@@ -188,6 +188,10 @@ pub enum Failure {
 /// thread's accepts.
 #[derive(Debug)]
 pub enum News {
+    /// The gateway holds `max_connections` and a connection waits in the backlog, and no
+    /// connection the engine waits for is left to evict: Python evicts the oldest of its own
+    /// still sending their request, if any (`accepting.rs`, `OnRelay::make_room`).
+    Crowded,
     /// Accepting on a relay thread failed with `errno`: again in 100 ms if `paused` (out of
     /// descriptors or memory), else never (the listener is dropped).
     AcceptFailed {

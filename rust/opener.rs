@@ -67,10 +67,10 @@ struct Waited {
 /// "Session opens, round 10"; 5,000 lost 3,000 while the young were evicted past twice the
 /// limit, round 11). A real client's request follows its connect within a round trip (a TLS
 /// handshake's few); a slow or idle connection (slowloris) outlives this and is evicted as
-/// newcomers come. Only a newcomer that takes the gateway's last connection (`max_connections`)
-/// evicts the oldest whatever its age, so idle connections can never fill the gateway (then no
-/// newcomer would come to evict them) and it keeps accepting under a flood. Python's own waits
-/// keep the same rule (`admission.EVICT_AFTER`).
+/// newcomers come. Whatever its age, the oldest gives way when the gateway holds all it may
+/// (`max_connections`) and a connection waits in the backlog (`accepting.rs`, one per
+/// newcomer), so idle connections can never lock the gateway. Python's own waits keep the same
+/// rule (`admission.EVICT_AFTER`).
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
 impl Waited {
@@ -80,9 +80,8 @@ impl Waited {
     }
 
     /// What a newcomer at `now` evicts to make room under `most`: the oldest ones that have
-    /// waited [`EVICT_AFTER`] at least; if none, and the newcomer took the gateway's last
-    /// connection (`full`), the oldest whatever its age (now no longer counted).
-    fn victims(&mut self, most: usize, now: Instant, full: bool) -> Vec<Waiter> {
+    /// waited [`EVICT_AFTER`] at least (now no longer counted).
+    fn victims(&mut self, most: usize, now: Instant) -> Vec<Waiter> {
         let mut victims = Vec::new();
         let before = now.checked_sub(EVICT_AFTER);
         let old = |since: Instant| before.is_some_and(|b| since <= b);
@@ -91,9 +90,6 @@ impl Waited {
                 Some(victim) => victims.push(victim),
                 None => break,
             }
-        }
-        if victims.is_empty() && full {
-            victims.extend(self.oldest());
         }
         victims
     }
@@ -209,13 +205,11 @@ impl Opener {
         if wait.most == 0 {
             return None;
         }
-        // Counted already: it may have taken the last connection.
-        let full = self.shared.connections.get().is_some_and(|c| c.full());
         let mut waited = lock(&self.waiting);
         // The newcomer is never the victim: it has had no time to send anything yet; nor is
-        // any other so young, unless the gateway is full (see EVICT_AFTER).
+        // any other so young (see EVICT_AFTER).
         let now = Instant::now();
-        let victims = waited.victims(wait.most, now, full);
+        let victims = waited.victims(wait.most, now);
         waited.order.push_back(((id, worker), now));
         waited.live.insert(id);
         let waiting = Waiting {
@@ -224,6 +218,12 @@ impl Opener {
             told: false,
         };
         Some((wait.timeout, waiting, victims))
+    }
+
+    /// The connection waited for longest (no longer counted), for the caller to evict: the
+    /// gateway is full and a newcomer waits for room.
+    pub(crate) fn oldest_waiting(&self) -> Option<Waiter> {
+        lock(&self.waiting).oldest()
     }
 
     /// Every connection waited for now (no longer counted), for the caller to evict.
@@ -591,40 +591,32 @@ mod tests {
         let quarter = EVICT_AFTER / 4;
         let mut w = waited(&[t0, t0 + quarter, t0 + 2 * quarter, t0 + 3 * quarter]);
         // Under the most, or all too young: nobody.
-        assert_eq!(w.victims(5, t0 + EVICT_AFTER * 2, false), []);
-        assert_eq!(w.victims(3, t0 + quarter, false), []);
+        assert_eq!(w.victims(5, t0 + EVICT_AFTER * 2), []);
+        assert_eq!(w.victims(3, t0 + quarter), []);
         assert_eq!(w.live.len(), 4);
         // Those that have waited EVICT_AFTER, down to one less than the most (the newcomer's
         // place), not the younger ones.
-        assert_eq!(
-            w.victims(2, t0 + EVICT_AFTER + quarter, false),
-            [(0, 0), (1, 0)]
-        );
-        assert_eq!(w.victims(2, t0 + EVICT_AFTER + quarter, false), []);
+        assert_eq!(w.victims(2, t0 + EVICT_AFTER + quarter), [(0, 0), (1, 0)]);
+        assert_eq!(w.victims(2, t0 + EVICT_AFTER + quarter), []);
         // One settled meanwhile is skipped.
         w.settled(2);
-        assert_eq!(w.victims(1, t0 + EVICT_AFTER * 2, false), [(3, 0)]);
-        assert_eq!(w.victims(0, t0 + EVICT_AFTER * 2, false), []);
+        assert_eq!(w.victims(1, t0 + EVICT_AFTER * 2), [(3, 0)]);
+        assert_eq!(w.victims(0, t0 + EVICT_AFTER * 2), []);
     }
 
     #[test]
-    fn the_young_are_not_evicted_however_many_until_the_gateway_is_full() {
+    fn the_young_are_not_evicted_however_many_wait() {
         let t0 = Instant::now();
         let mut w = waited(&[t0; 50]);
         // Fifty young ones waited for, twenty-five times the most: none goes for its age.
-        assert_eq!(w.victims(2, t0, false), []);
+        assert_eq!(w.victims(2, t0), []);
         assert_eq!(w.live.len(), 50);
-        // A newcomer that took the last connection: the oldest, one at a time.
-        assert_eq!(w.victims(2, t0, true), [(0, 0)]);
-        assert_eq!(w.victims(2, t0, true), [(1, 0)]);
-        // Full, with old ones to evict: those only.
+        // Once they have waited EVICT_AFTER, a newcomer evicts them down to the most.
         let later = t0 + EVICT_AFTER;
         w.order.push_back(((99, 0), later));
         w.live.insert(99);
-        let old = w.victims(2, later, true);
-        assert_eq!(old.len(), 48);
+        assert_eq!(w.victims(2, later).len(), 50);
         assert_eq!(w.live.iter().collect::<Vec<_>>(), [&99]);
-        assert_eq!(w.victims(1, later, true), [(99, 0)]);
-        assert_eq!(w.victims(1, later, true), []);
+        assert_eq!(w.victims(1, later), []);
     }
 }

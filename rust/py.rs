@@ -872,6 +872,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py_open::Unopened>()?;
     m.add_class::<py_open::Handed>()?;
     m.add_class::<py_open::AcceptFailed>()?;
+    m.add_class::<py_open::Crowded>()?;
     // TLS
     py_tls::register(m)?;
     Ok(())

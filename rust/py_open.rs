@@ -238,9 +238,22 @@ impl AcceptFailed {
     }
 }
 
+/// The gateway is full and a connection waits in the backlog (see `Engine.listen`): the
+/// oldest connection Python reads that is still sending its request gives way.
+#[pyclass(module = "wsgate._core", frozen)]
+pub struct Crowded;
+
+#[pymethods]
+impl Crowded {
+    fn __repr__(&self) -> &'static str {
+        "Crowded()"
+    }
+}
+
 /// News as Python reads it.
 pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
     Ok(match news {
+        News::Crowded => Py::new(py, Crowded)?.into_any(),
         News::AcceptFailed { errno, paused } => {
             Py::new(py, AcceptFailed { errno, paused })?.into_any()
         }

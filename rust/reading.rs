@@ -10,7 +10,8 @@
 //! Python answers 431), the wait ends `handshake_timeout` after the accept (the connection is
 //! then dropped without an answer, as Python drops one too slow), and past
 //! `max_pending_upgrades` connections waited for at once a newcomer evicts the oldest
-//! (`opener.rs`, `EVICT_AFTER`: not one younger than a second, unless twice the limit wait).
+//! (`opener.rs`, `EVICT_AFTER`: not one younger than a second), and once the gateway is full
+//! each connection waiting in the backlog evicts the oldest whatever its age (`accepting.rs`).
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;

@@ -111,7 +111,7 @@ async def test_the_oldest_reading_connection_is_evicted_never_the_newcomer(
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
         "evicted 1 connection(s) still sending their request: more than max_pending_upgrades "
-        "(2) at once"
+        "(2) at once, or max_connections held and more waiting"
     ]
 
 
@@ -138,23 +138,22 @@ async def test_a_connection_reading_for_less_than_a_second_is_not_evicted() -> N
 
 
 @pytest.mark.anyio
-async def test_the_young_are_evicted_only_by_a_newcomer_that_fills_the_gateway() -> None:
-    # However many read at once, none has had a second: none is evicted (a burst's requests
-    # may be on their way), until a newcomer takes the gateway's last connection. Then the
-    # oldest goes, so idle connections opened at once never fill it (a full gateway accepts
-    # no newcomer that would evict them once they are old enough).
-    full = False
-    pending = PendingReads(2, Clock(), full=lambda: full)
+async def test_the_young_are_not_evicted_by_newcomers_but_give_way_to_make_room() -> None:
+    # However many read at once, none has had a second: no newcomer evicts one (a burst's
+    # requests may be on their way). Once the gateway is full and a connection waits for room,
+    # the oldest gives way whatever its age, one per call (so idle connections opened at once
+    # cannot lock a full gateway).
+    pending = PendingReads(2, Clock())
     ended: list[str] = []
     reader = partial(reading, pending, ended)
     async with anyio.create_task_group() as tg:
-        names = [f"reader {n}" for n in range(10)]
-        for name in names:
-            await tg.start(reader, name)
+        for n in range(10):
+            await tg.start(reader, f"reader {n}")
         await anyio.wait_all_tasks_blocked()
         assert ended == [] and len(pending) == 10 and pending.evicted == 0
-        full = True
-        await tg.start(reader, "the last place's")
+        assert pending.make_room()
         await anyio.wait_all_tasks_blocked()
-        assert ended == ["reader 0"] and len(pending) == 10 and pending.evicted == 1
+        assert ended == ["reader 0"] and len(pending) == 9 and pending.evicted == 1
         pending.cancel_all()
+    assert not pending.make_room()  # none left to give way
+    assert pending.evicted == 1

@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -406,14 +407,17 @@ async def test_past_max_pending_upgrades_the_oldest_connection_is_evicted(
 
 
 @engine_opens
+@pytest.mark.parametrize("max_connections", [10_000, 15])
 async def test_a_burst_past_max_pending_upgrades_is_not_evicted_while_its_requests_come(
-    bot: Bot, engine_opens: bool
+    bot: Bot, engine_opens: bool, max_connections: int
 ) -> None:
     # Clients connecting at once (a reconnection storm): each is accepted before its request
     # is read, so many more wait than max_pending_upgrades, past twice as many. None has had a
-    # second to send its request and the gateway has room: none is evicted, and every one
-    # opens.
-    config = make_config(bot.url, engine_opens=engine_opens, max_pending_upgrades=5)
+    # second to send its request and nobody waits for room (the burst fits max_connections,
+    # however exactly): none is evicted, and every one opens.
+    config = make_config(
+        bot.url, engine_opens=engine_opens, max_pending_upgrades=5, max_connections=max_connections
+    )
     async with Gateway(config).running() as gw:
         socks = []
         try:
@@ -432,6 +436,47 @@ async def test_a_burst_past_max_pending_upgrades_is_not_evicted_while_its_reques
         finally:
             for sock in socks:
                 sock.close()
+
+
+@engine_opens
+async def test_a_burst_of_tls_clients_that_fills_max_connections_all_open(
+    bot: Bot, engine_opens: bool, tmp_path: Path
+) -> None:
+    # Over TLS without the engine's sessions, Python accepts and does each handshake; with
+    # them, the engine does. Either way a burst that fits max_connections exactly evicts no one.
+    cert, key, context = _tls_files(tmp_path)
+    n = 12
+    settings = {"max_pending_upgrades": 5, "max_connections": n, "tls_cert": cert, "tls_key": key}
+    config = make_config(bot.url, engine_opens=engine_opens, **settings)
+    async with Gateway(config).running() as gw:
+        raws = [
+            await in_thread(partial(socket.create_connection, ("127.0.0.1", gw.port), timeout=20))
+            for _ in range(n)
+        ]
+        try:
+            await until(lambda: _pending(gw, n), within=10, what=f"all {n} pending")
+
+            def upgrade(raw: socket.socket) -> bytes:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    s.sendall(upgrade_request("/ws/generic/bot.test"))
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n") and (byte := s.recv(1)):
+                        head += byte
+                    return head
+
+            async with anyio.create_task_group() as tg:
+                heads: list[bytes] = []
+
+                async def one(raw: socket.socket) -> None:
+                    heads.append(await in_thread(upgrade, raw))
+
+                for raw in raws:
+                    tg.start_soon(one, raw)
+            assert [h[:13] for h in heads] == [b"HTTP/1.1 101 "] * n, heads
+            assert gw.evicted_upgrades == 0
+        finally:
+            for raw in raws:
+                raw.close()
 
 
 def _tls_files(where: Path) -> tuple[str, str, ssl.SSLContext]:

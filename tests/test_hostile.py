@@ -74,22 +74,59 @@ async def test_idle_connections_that_never_speak_do_not_block_new_sessions(
 async def test_idle_connections_opened_at_once_past_max_connections_do_not_lock_out_a_client(
     sentinel: Sentinel, engine_opens: bool
 ) -> None:
-    # All younger than EVICT_AFTER, none is evicted for its age; but a newcomer that takes
-    # the gateway's last connection evicts the oldest, so the gateway never fills up with
-    # them (a full one would accept no newcomer to evict them, and a real client would wait
-    # for handshake_timeout).
+    # All younger than EVICT_AFTER, none is evicted for its age; but once the gateway is full,
+    # each connection waiting in the backlog makes the oldest give way (a full gateway would
+    # otherwise accept no newcomer, and a real client would wait for handshake_timeout).
     settings = {"max_pending_upgrades": 5, "max_connections": 20, "handshake_timeout": 30}
     async with serving(sentinel.url, engine_opens=engine_opens, **settings) as gw:
         async with AsyncExitStack() as stack:
             await open_many(gw.port, 30, b"", stack)
-            # The 20th and each after it took the last place: eleven evicted, nineteen left.
-            await until(lambda: _evicted_at_least(gw, 11), within=20, what="the evictions")
-            assert gw.pending_upgrades <= 19
+            # Twenty taken in, each of the ten after them evicted one.
+            await until(lambda: _evicted_at_least(gw, 10), within=20, what="the evictions")
+            assert gw.pending_upgrades <= 20
             legit = await in_thread(
                 partial(echoed, f"{gw.url}/ws/generic/echo.test", "legit", open_timeout=10)
             )
             assert legit == "legit"
     assert not sentinel.dialled()
+
+
+START_HEAD = (
+    b"POST /v1/public/echo/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pk_test\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+)
+
+
+@engine_opens
+@pytest.mark.parametrize("last", ["session", "start_without_its_body"])
+async def test_idle_connections_and_a_last_place_taken_otherwise_do_not_lock_out_a_client(
+    sentinel: Sentinel, engine_opens: bool, last: str
+) -> None:
+    # Idle connections fill all but the last place, and the last goes to a connection that
+    # never waited among them: a session, or a /start head whose body never comes (read by
+    # Python, alone). A real client that comes next still gets in: the oldest idle one gives
+    # way for it, whoever took the last place.
+    settings = {"max_pending_upgrades": 100, "max_connections": 20, "handshake_timeout": 30}
+    async with serving(sentinel.url, engine_opens=engine_opens, **settings) as gw:
+        async with AsyncExitStack() as stack:
+            await open_many(gw.port, 19, b"", stack)
+            await until(lambda: _pending_at_least(gw, 19), within=10, what="19 pending")
+            if last == "session":
+                session, _ = await upgraded(gw.port, "/ws/generic/echo.test")
+                stack.push_async_callback(session.aclose)
+            else:
+                await open_many(gw.port, 1, START_HEAD, stack)
+                await until(lambda: _pending_at_least(gw, 20), within=10, what="20 pending")
+            legit = await in_thread(
+                partial(echoed, f"{gw.url}/ws/generic/echo.test", "legit", open_timeout=10)
+            )
+            assert legit == "legit"
+            assert gw.evicted_upgrades == 1
+    assert not sentinel.dialled()
+
+
+async def _pending_at_least(gw: Gateway, n: int) -> bool:
+    return gw.pending_upgrades >= n
 
 
 async def test_past_max_connections_new_ones_wait_until_a_session_ends(

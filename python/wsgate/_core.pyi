@@ -20,6 +20,7 @@ __all__ = [
     "AcceptFailed",
     "AgentCounts",
     "BodyError",
+    "Crowded",
     "Engine",
     "FastRoute",
     "Handed",
@@ -386,6 +387,13 @@ class AcceptFailed:
     paused: bool
 
 @final
+class Crowded:
+    """The engine holds its ``limit`` of connections (see :meth:`Engine.listen`), one waits in
+    the backlog, and none the engine waits for is left to give way: the oldest connection the
+    caller reads that is still sending its request should (its :meth:`Engine.closed` lets the
+    newcomer in)."""
+
+@final
 class Engine:
     """The relay: moves frames between sockets on Rust threads, with the GIL released.
 
@@ -531,7 +539,9 @@ class Engine:
     def listen(self, listener: int, limit: int) -> None:
         """Relay thread 0 accepts on the listening socket ``listener`` from now on (a copy of
         it, until :meth:`unlisten`), at most ``limit`` connections held at once (past it, new
-        ones wait in the backlog until one is :meth:`closed`). Each connection is read once at
+        ones wait in the backlog until one is :meth:`closed`; each that comes meanwhile makes
+        the oldest connection still sending its request give way: one the engine waits for, or
+        else a :class:`Crowded` asks the caller for one of its own). Each connection is read once at
         its accept; a request the route table serves is opened by the engine (an
         :class:`Opened` or :class:`Unopened` comes through :meth:`drain`), and so is one whose
         request is not all there yet while :meth:`set_wait` leaves room (a :class:`Handed`
@@ -581,7 +591,9 @@ class Engine:
 
     def drain(
         self,
-    ) -> list[Outcome | ToldEnds | Message | StoreCalls | Unopened | Handed | AcceptFailed]:
+    ) -> list[
+        Outcome | ToldEnds | Message | StoreCalls | Unopened | Handed | AcceptFailed | Crowded
+    ]:
         """Take everything queued since the last call, in order (a session's messages before
         its outcome), and clear the doorbell. The ends of sessions this engine opened by itself
         that nothing adopted come last, together, as one :class:`ToldEnds`."""

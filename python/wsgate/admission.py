@@ -21,12 +21,14 @@ microseconds, so a flood of slow partial requests would then evict the real clie
 a younger one may be a real client whose request is on its way, or in its socket unread while
 the gateway accepts a burst: 2,000 clients connecting at once lost half their connections to
 evictions (benches/README.md, "Session opens, round 10"), 5,000 lost 3,000 when the young were
-evicted past twice the limit (round 11). So for a moment more than ``max_pending_upgrades``
-may be reading, as many as ``max_connections`` allows: only a newcomer that takes the
-gateway's last connection evicts the oldest whatever its age, so that idle connections opened
-at once can never fill the gateway (a full one accepts no newcomer that would evict them) and
-it keeps accepting under a flood. The engine's own reads keep the same rule
-(``rust/opener.rs``).
+evicted past twice the limit (round 11). So in a burst more than ``max_pending_upgrades``
+may be reading for that second, as many as ``max_connections`` allows (each costs its socket and
+a few KiB). Once the gateway holds ``max_connections`` and another connection waits in the
+listener's backlog, the oldest reading connection gives way whatever its age
+(:meth:`PendingReads.make_room`, one per newcomer: the engine's ``accepting.rs``, or
+:class:`~wsgate.listener.Listener` when Python accepts), so idle connections can never lock the
+gateway, and none is evicted while nobody waits (a burst that fits ``max_connections`` exactly
+loses no one). The engine's own reads keep the same rules (``rust/opener.rs``).
 """
 
 from __future__ import annotations
@@ -57,13 +59,10 @@ class PendingReads:
         self,
         limit: int,
         clock: Callable[[], float] = anyio.current_time,
-        full: Callable[[], bool] = lambda: False,
     ) -> None:
         self.limit = limit
         #: Ages a reading connection (the event loop's clock; tests give their own).
         self._clock = clock
-        #: Whether the gateway holds all the connections it may (the newcomer counted).
-        self.full = full
         #: Connections evicted so far.
         self.evicted = 0
         # Insertion-ordered: the oldest first, each with when it began (the event loop's clock).
@@ -93,20 +92,23 @@ class PendingReads:
             scope.cancel()
         self._reading.clear()
 
+    def make_room(self) -> bool:
+        """The gateway holds ``max_connections`` and a connection waits for room: the oldest
+        reading connection gives way, whatever its age. Whether there was one."""
+        if not self._reading:
+            return False
+        self._evict(next(iter(self._reading)))
+        return True
+
     def _evict_over_limit(self, newcomer: anyio.CancelScope) -> None:
         # The newcomer itself is never the victim: it has had no time to send anything yet;
-        # nor is any other reading for less than EVICT_AFTER, unless the newcomer took the
-        # gateway's last connection (then the oldest goes, whatever its age).
+        # nor is any other reading for less than EVICT_AFTER.
         before = self._clock() - EVICT_AFTER
-        evicted = False
         while len(self) > self.limit:
             victim, since = next(iter(self._reading.items()))
             if victim is newcomer or since > before:
                 break
             self._evict(victim)
-            evicted = True
-        if not evicted and len(self) > 1 and self.full():
-            self._evict(next(iter(self._reading)))  # the oldest: the newcomer is the newest
 
     def _evict(self, victim: anyio.CancelScope) -> None:
         del self._reading[victim]
@@ -122,7 +124,7 @@ class PendingReads:
         if now - self._last_log >= _LOG_INTERVAL:
             log.warning(
                 "evicted %d connection(s) still sending their request: more than "
-                "max_pending_upgrades (%d) at once",
+                "max_pending_upgrades (%d) at once, or max_connections held and more waiting",
                 self._unlogged,
                 self.limit,
             )

@@ -56,7 +56,11 @@ _Item = (
     | _core.Unopened
     | _core.Handed
     | _core.AcceptFailed
+    | _core.Crowded
 )
+
+#: News of the engine's opens and accepts (for :attr:`Relay.on_news`).
+News = _core.StoreCalls | _core.Unopened | _core.Handed | _core.AcceptFailed | _core.Crowded
 
 log = logging.getLogger("wsgate")
 
@@ -215,11 +219,9 @@ class Relay:
         self.on_told_ends: Callable[[_core.ToldEnds], None] | None = None
         #: Where the engine's news goes, in order with the outcomes (the ends for
         #: :attr:`on_told_ends` come after a turn's other items): sessions it could not open,
-        #: connections it accepted for Python, its failed accepts, its replay store's calls.
-        self.on_news: (
-            Callable[[_core.StoreCalls | _core.Unopened | _core.Handed | _core.AcceptFailed], None]
-            | None
-        ) = None
+        #: connections it accepted for Python, its failed accepts, its want of room, its replay
+        #: store's calls.
+        self.on_news: Callable[[News], None] | None = None
         self._counted = {agent: self.engine.register_agent(agent) for agent in counted}
         #: The most sessions live at once since memory was last given back.
         self._peak = 0

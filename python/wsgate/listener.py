@@ -1,20 +1,24 @@
 """The listening socket's accept loop and the count of connections the gateway holds.
 
 :class:`Listener` accepts in batches, holds at most ``max_connections`` (past it, new ones wait
-in the kernel's backlog), puts TLS on each new connection when the gateway has a certificate,
-runs it through :meth:`~wsgate.connection.Connections.handle`, and counts it until it is over: a
-refused request at once, an in-process session when its bot is done (its task supervises it), a
-relayed session when the engine reports its end through the doorbell (no task waits on it).
-The gateway's drain waits on :meth:`Listener.until_idle`.
+in the kernel's backlog, each that comes meanwhile making the oldest connection still sending
+its request give way: :meth:`~wsgate.admission.PendingReads.make_room`), puts TLS on each new
+connection when the gateway has a certificate, runs it through
+:meth:`~wsgate.connection.Connections.handle`, and counts it until it is over: a refused request
+at once, an in-process session when its bot is done (its task supervises it), a relayed session
+when the engine reports its end through the doorbell (no task waits on it). The gateway's drain
+waits on :meth:`Listener.until_idle`.
 
 When given one, the engine accepts, on a relay thread (``_core.Engine.listen``: nginx's shape;
 with one relay thread a session the engine opens starts where it was accepted): it reads each
-connection (its TLS handshake too) at once or later on that thread, and opens by itself the sessions
-:mod:`wsgate.fastpath` lets it; the others come here as news, with the bytes read (and their
-TLS). The engine counts what it accepted against ``max_connections`` (past it, new ones wait in
-the backlog) from the accept to the end: of its session, of the answer of one it could not open,
-or of the request served here (:meth:`Listener.news`); :meth:`Listener._closed` tells it of
-all but the sessions the engine opened, which give their connection back themselves.
+connection (its TLS handshake too) at once or later on that thread, and opens by itself the
+sessions :mod:`wsgate.fastpath` lets it; the others come here as news, with the bytes read (and
+their TLS). The engine counts what it accepted against ``max_connections`` (past it, new ones
+wait in the backlog and make room as here: the engine's readers first, else it asks for one of
+ours, :class:`~wsgate._core.Crowded`) from the accept to the end: of its session, of the answer
+of one it could not open, or of the request served here (:meth:`Listener.news`);
+:meth:`Listener._closed` tells it of all but the sessions the engine opened, which give their
+connection back themselves.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import sys
 from collections.abc import Callable
@@ -34,6 +39,7 @@ from anyio.abc import TaskGroup
 from . import _core
 from .admission import client_key
 from .connection import Connections
+from .engine import News
 from .readiness import Readiness
 from .sessions import Opened
 from .tls import TlsSocket
@@ -72,6 +78,8 @@ class Listener:
         self._readiness: Readiness | None = None
         #: Paused at ``limit`` connections (resumed when one ends).
         self._at_limit = False
+        #: A reading connection was evicted to make room at the limit: none more until one ends.
+        self._making_room = False
         #: What each relayed session's end calls: one bound method for all of them.
         self._ended = self.session_done
         self._idle: anyio.Event | None = None
@@ -116,14 +124,19 @@ class Listener:
         if self._accept_stopped is not None:
             self._accept_stopped.set()
 
-    def _full(self) -> bool:
+    def _full(self, listener: socket.socket) -> bool:
         """Accepting here, at the limit: leave new connections in the kernel's backlog until one
-        ends (the engine counts its own: ``accepting.rs``)."""
+        ends (the engine counts its own: ``accepting.rs``). While one waits there, the oldest
+        connection still sending its request gives way, one at a time; while none does, the
+        listener is still watched, so that the next to come gets its eviction."""
         if self.count < self.limit:
             return False
-        assert self._readiness is not None
-        self._readiness.pause()
-        self._at_limit = True
+        if _backlog(listener):
+            if not self._making_room:
+                self._making_room = self.handler.pending.make_room()
+            assert self._readiness is not None
+            self._readiness.pause()
+            self._at_limit = True
         return True
 
     def _pause(self, error: int) -> None:
@@ -139,7 +152,7 @@ class Listener:
     def _accept_here(self, listener: socket.socket, connections: TaskGroup) -> None:
         """One batch accepted here: each connection runs in a task."""
         for _ in range(_ACCEPT_BATCH):
-            if self._full():
+            if self._full(listener):
                 return
             try:
                 sock, address = listener.accept()
@@ -156,17 +169,17 @@ class Listener:
             # Interned: one string per client address, not one per connection (a live
             # session keeps its client's).
             connections.start_soon(self._connection, sock, sys.intern(client_key(address)))
-        self._full()
+        self._full(listener)
 
-    def news(
-        self, news: _core.StoreCalls | _core.Unopened | _core.Handed | _core.AcceptFailed
-    ) -> None:
+    def news(self, news: News) -> None:
         """A session the engine could not open, or a connection it accepted and did not open:
         counted since its accept; one not opened until it is answered, one handed until its
         request is served (one it opened is counted until its end, and the engine gives that
         back itself). Or its accepts failed, or its replay store's calls for a session it
         opened."""
-        if isinstance(news, _core.AcceptFailed):
+        if isinstance(news, _core.Crowded):
+            self.handler.pending.make_room()  # the engine's closed() ends its wait for room
+        elif isinstance(news, _core.AcceptFailed):
             self._accept_failed(news)
         elif isinstance(news, _core.StoreCalls):
             self.handler.sessions.store_called(news)
@@ -265,6 +278,7 @@ class Listener:
             left = self.engine.closed()  # its relay thread accepts again if it was full
         else:
             self._count -= 1
+            self._making_room = False
             left = self._count
             readiness = self._readiness
             if self._at_limit and left < self.limit and readiness is not None:
@@ -284,6 +298,13 @@ class Listener:
         """Wake :meth:`until_idle` to look again."""
         if self._idle is not None:
             self._idle.set()
+
+
+def _backlog(listener: socket.socket) -> bool:
+    """Whether a connection waits in ``listener``'s backlog (a look, no accept)."""
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _adopt(fd: int, address: Any) -> tuple[socket.socket, str]:

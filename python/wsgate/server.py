@@ -315,7 +315,6 @@ class Gateway:
                 lambda: self._certs.listener,
                 engine=relay.engine if accepts else None,
             )
-            self._pending.full = lambda: accepted.count >= accepted.limit
             relay.on_news = accepted.news
             relay.on_told_ends = accepted.told_ended
             sessions.on_adopted_end = accepted.adopted_done
