@@ -11,8 +11,8 @@
 //!   their mailboxes. The control plane hears of each connection through the doorbell, as
 //!   news. The gateway's `max_connections` is counted here ([`Connections`]): past it the
 //!   backlog waits until one ends, and each connection that comes into it meanwhile makes the
-//!   oldest connection still sending its request give way ([`OnRelay::make_room`]), so that
-//!   idle connections cannot lock the gateway.
+//!   oldest connection still sending its request give way, the engine's or Python's
+//!   ([`OnRelay::make_room`]), so that idle connections cannot lock the gateway.
 //! - in a call (`Engine::accept`, the Rust tests'): the same batch, returned to the caller.
 
 use std::io::{self, ErrorKind, Read};
@@ -309,14 +309,15 @@ pub(crate) struct OnRelay {
 }
 
 impl OnRelay {
-    /// The gateway holds all it may: if a connection waits in the backlog, the oldest one still
-    /// sending its request gives way, whatever its age (the engine's own, else one Python reads
-    /// is asked for: [`News::Crowded`]); one at a time, the next once a connection is over and
-    /// the newcomer taken. A gateway full of sessions keeps them: the backlog waits.
+    /// The gateway holds all it may: if a connection waits in the backlog, the control plane is
+    /// told ([`News::Crowded`], with the age of the oldest connection waited for here), and the
+    /// oldest still sending its request gives way whatever its age, the engine's or one Python
+    /// reads; one at a time, the next once a connection is over and the newcomer taken. A
+    /// gateway full of sessions keeps them: the backlog waits.
     ///
     /// Called at each edge of the listener (a connection came) and at each resume while full,
-    /// so each newcomer gets its eviction, and none is made when nobody waits (an honest burst
-    /// that fits `max_connections` exactly loses no one).
+    /// so each newcomer gets its eviction, and none is made while the backlog is empty (an
+    /// honest burst that fits `max_connections` exactly loses no one).
     fn make_room(&self) {
         let mut waiting = libc::pollfd {
             fd: self.listener.as_raw_fd(),
@@ -331,10 +332,10 @@ impl OnRelay {
         if self.held.making_room.swap(true, Ordering::SeqCst) {
             return; // one is on its way out
         }
-        match self.acceptor.opener.oldest_waiting() {
-            Some(victim) => self.acceptor.evict(vec![victim]),
-            None => self.acceptor.opener.tell(News::Crowded),
-        }
+        let waited = self.acceptor.opener.oldest_wait();
+        self.acceptor.opener.tell(News::Crowded {
+            waited: waited.map(|d| d.as_secs_f64()),
+        });
     }
 }
 
@@ -501,7 +502,7 @@ mod tests {
         let _second = client(&l, "GET / HTTP/1.1\r\n\r\n");
         // The engine waits for no request of its own: it asks the control plane to make room,
         // once (none more until a connection is over).
-        assert!(matches!(news(&engine), News::Crowded));
+        assert!(matches!(news(&engine), News::Crowded { waited: None }));
         let _third = client(&l, "GET / HTTP/1.1\r\n\r\n");
         // A bounded look for news that must not come: the others stay in the backlog.
         let end = Instant::now() + Duration::from_millis(300);
@@ -522,7 +523,7 @@ mod tests {
                         client: Some(_),
                         ..
                     },
-                    News::Crowded
+                    News::Crowded { waited: None }
                 ]
             ),
             "{told:?}"
@@ -531,7 +532,7 @@ mod tests {
     }
 
     #[test]
-    fn full_with_a_newcomer_waiting_the_oldest_connection_waited_for_is_evicted() {
+    fn full_with_a_newcomer_waiting_the_control_plane_is_told_how_long_the_oldest_waited() {
         let bot = TcpListener::bind("127.0.0.1:0").unwrap();
         let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
         let addr = bot.local_addr().unwrap();
@@ -545,13 +546,23 @@ mod tests {
         });
         let l = listening();
         engine.listen(l.as_raw_fd(), 2).unwrap();
+        let before = Instant::now();
         let _idle = [client(&l, ""), client(&l, "")];
         let end = Instant::now() + Duration::from_secs(5);
-        while engine.held() < 2 && Instant::now() < end {
+        while engine.waiting() < 2 && Instant::now() < end {
             std::thread::yield_now();
         }
-        assert_eq!(engine.held(), 2);
+        assert_eq!(engine.waiting(), 2);
         let _newcomer = client(&l, "");
+        match news(&engine) {
+            // Since the oldest was accepted, so after `before`.
+            News::Crowded { waited: Some(s) } => {
+                assert!(s > 0.0 && s <= before.elapsed().as_secs_f64(), "{s}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The control plane chooses the engine's: its oldest is evicted.
+        assert!(engine.make_room());
         match news(&engine) {
             News::Handed {
                 client: None,
@@ -562,10 +573,13 @@ mod tests {
         }
         assert_eq!(engine.closed(), 1); // the control plane counts it out: the newcomer is in
         let end = Instant::now() + Duration::from_secs(5);
-        while engine.held() < 2 && Instant::now() < end {
+        while engine.waiting() < 2 && Instant::now() < end {
             std::thread::yield_now();
         }
-        assert_eq!(engine.held(), 2);
+        assert_eq!((engine.held(), engine.waiting()), (2, 2));
+        // Evicted to the last: none left to evict.
+        assert!(engine.make_room() && engine.make_room());
+        assert!(!engine.make_room());
     }
 
     #[test]

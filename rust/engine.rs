@@ -27,7 +27,7 @@ use crate::counters::{Counters, Live, Meter, Served, Snapshot, Tally};
 use crate::inproc::{self, Handle, Message};
 use crate::open::{self, monotonic_now, Hold, News, Places, Route};
 use crate::opener::{Opener, Wait};
-use crate::reading::CLOSING;
+use crate::reading::{CLOSING, EVICTED};
 use crate::relay::Pending;
 use crate::session::{Limits, Outcome};
 use crate::shard::{self, Reports, Shard, Task};
@@ -433,6 +433,19 @@ impl Engine {
     /// Connections whose request a relay thread waits for now.
     pub fn waiting(&self) -> usize {
         self.opener.waiting()
+    }
+
+    /// Evicts the connection whose request a relay thread has waited for longest, to make room
+    /// for one waiting in the backlog (after a [`News::Crowded`](crate::open::News)); false if
+    /// none is waited for now.
+    pub fn make_room(&self) -> bool {
+        let Some((id, worker)) = self.opener.oldest_waiting() else {
+            return false;
+        };
+        if let Some(w) = self.workers.get(worker) {
+            w.stop_task(id, EVICTED, String::new());
+        }
+        true
     }
 
     /// Evicts every connection whose request a relay thread waits for (the gateway is closing).

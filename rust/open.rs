@@ -188,10 +188,14 @@ pub enum Failure {
 /// thread's accepts.
 #[derive(Debug)]
 pub enum News {
-    /// The gateway holds `max_connections` and a connection waits in the backlog, and no
-    /// connection the engine waits for is left to evict: Python evicts the oldest of its own
-    /// still sending their request, if any (`accepting.rs`, `OnRelay::make_room`).
-    Crowded,
+    /// The gateway holds `max_connections` and a connection waits in the backlog: the oldest
+    /// connection still sending its request should give way, the engine's (`Engine::make_room`)
+    /// or one Python reads, whichever has been at it longer (`accepting.rs`,
+    /// `OnRelay::make_room`).
+    Crowded {
+        /// How long the engine's oldest has been waited for, in seconds (`None`: none is).
+        waited: Option<f64>,
+    },
     /// Accepting on a relay thread failed with `errno`: again in 100 ms if `paused` (out of
     /// descriptors or memory), else never (the listener is dropped).
     AcceptFailed {

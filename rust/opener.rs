@@ -220,6 +220,14 @@ impl Opener {
         Some((wait.timeout, waiting, victims))
     }
 
+    /// How long the connection waited for longest has waited (`None`: none is).
+    pub(crate) fn oldest_wait(&self) -> Option<Duration> {
+        let mut waited = lock(&self.waiting);
+        waited.oldest_if(|_| false); // drops the settled ones in front, takes none
+        let since = waited.order.front().map(|&(_, since)| since)?;
+        Some(since.elapsed())
+    }
+
     /// The connection waited for longest (no longer counted), for the caller to evict: the
     /// gateway is full and a newcomer waits for room.
     pub(crate) fn oldest_waiting(&self) -> Option<Waiter> {

@@ -731,6 +731,12 @@ impl Engine {
         self.engine().waiting()
     }
 
+    /// Evicts the connection whose request a relay thread has waited for longest; false if none
+    /// is waited for.
+    fn make_room(&self) -> bool {
+        self.engine().make_room()
+    }
+
     /// Evicts every connection whose request a relay thread waits for.
     fn stop_waiting(&self) {
         self.engine().stop_waiting();

@@ -239,21 +239,24 @@ impl AcceptFailed {
 }
 
 /// The gateway is full and a connection waits in the backlog (see `Engine.listen`): the
-/// oldest connection Python reads that is still sending its request gives way.
-#[pyclass(module = "wsgate._core", frozen)]
-pub struct Crowded;
+/// oldest connection still sending its request gives way, the engine's (`waited`: how long it
+/// has been waited for, `None` if none is) or one Python reads.
+#[pyclass(module = "wsgate._core", frozen, get_all)]
+pub struct Crowded {
+    waited: Option<f64>,
+}
 
 #[pymethods]
 impl Crowded {
-    fn __repr__(&self) -> &'static str {
-        "Crowded()"
+    fn __repr__(&self) -> String {
+        format!("Crowded(waited={:?})", self.waited)
     }
 }
 
 /// News as Python reads it.
 pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
     Ok(match news {
-        News::Crowded => Py::new(py, Crowded)?.into_any(),
+        News::Crowded { waited } => Py::new(py, Crowded { waited })?.into_any(),
         News::AcceptFailed { errno, paused } => {
             Py::new(py, AcceptFailed { errno, paused })?.into_any()
         }

@@ -15,17 +15,20 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
 import pytest
+import trustme
 import websockets.sync.client as ws_client
 import websockets.sync.server as ws_server
 from anyio.abc import SocketStream
@@ -712,3 +715,15 @@ def header(head: bytes, name: str) -> str | None:
 
 #: Run a test with the engine opening sessions and with Python doing it (``engine_opens``).
 engine_opens = pytest.mark.parametrize("engine_opens", [True, False], ids=["engine", "python"])
+
+
+def tls_files(where: Path) -> tuple[str, str, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 from a test CA, its key, and a client context trusting it."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = where / "cert.pem", where / "key.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return str(cert), str(key), context

@@ -143,17 +143,52 @@ async def test_the_young_are_not_evicted_by_newcomers_but_give_way_to_make_room(
     # requests may be on their way). Once the gateway is full and a connection waits for room,
     # the oldest gives way whatever its age, one per call (so idle connections opened at once
     # cannot lock a full gateway).
-    pending = PendingReads(2, Clock())
+    clock = Clock()
+    pending = PendingReads(2, clock)
     ended: list[str] = []
     reader = partial(reading, pending, ended)
     async with anyio.create_task_group() as tg:
         for n in range(10):
             await tg.start(reader, f"reader {n}")
+            clock.now += 0.1
         await anyio.wait_all_tasks_blocked()
         assert ended == [] and len(pending) == 10 and pending.evicted == 0
-        assert pending.make_room()
+        assert pending.oldest_age() == pytest.approx(1.0)
+        pending.make_room()
         await anyio.wait_all_tasks_blocked()
         assert ended == ["reader 0"] and len(pending) == 9 and pending.evicted == 1
+        assert pending.oldest_age() == pytest.approx(0.9)
         pending.cancel_all()
-    assert not pending.make_room()  # none left to give way
-    assert pending.evicted == 1
+    assert pending.oldest_age() is None
+
+
+@pytest.mark.anyio
+async def test_room_asked_for_before_the_readers_begin_is_made_by_the_next_to_begin() -> None:
+    # A batch of accepts fills the gateway and room is asked for at once, before any of their
+    # tasks began reading: the eviction is owed, and the second to begin pays it (the oldest,
+    # never the newcomer), once.
+    pending = PendingReads(100, Clock())
+    ended: list[str] = []
+    reader = partial(reading, pending, ended)
+    pending.make_room()
+    assert pending.evicted == 0
+    async with anyio.create_task_group() as tg:
+        await tg.start(reader, "first")
+        await anyio.wait_all_tasks_blocked()
+        assert ended == []  # alone: the newcomer is never the victim
+        await tg.start(reader, "second")
+        await anyio.wait_all_tasks_blocked()
+        assert ended == ["first"] and pending.evicted == 1
+        await tg.start(reader, "third")
+        await anyio.wait_all_tasks_blocked()
+        assert ended == ["first"] and len(pending) == 2
+        # Owed, then a connection ended (that made the room): nothing is owed any more.
+        pending.cancel_all()
+    pending.make_room()
+    pending.forgive()
+    async with anyio.create_task_group() as tg:
+        await tg.start(reader, "fourth")
+        await tg.start(reader, "fifth")
+        await anyio.wait_all_tasks_blocked()
+        assert len(pending) == 2 and pending.evicted == 1
+        pending.cancel_all()

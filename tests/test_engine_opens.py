@@ -17,7 +17,6 @@ from typing import cast
 
 import anyio
 import pytest
-import trustme
 
 from wsgate import AgentConfig, Config, Gateway, GatewaySettings, OrgConfig, _core
 from wsgate.admission import EVICT_AFTER
@@ -37,6 +36,7 @@ from .helpers import (
     in_thread,
     make_config,
     start_json,
+    tls_files,
     token_gateway,
     until,
     upgrade_request,
@@ -444,7 +444,7 @@ async def test_a_burst_of_tls_clients_that_fills_max_connections_all_open(
 ) -> None:
     # Over TLS without the engine's sessions, Python accepts and does each handshake; with
     # them, the engine does. Either way a burst that fits max_connections exactly evicts no one.
-    cert, key, context = _tls_files(tmp_path)
+    cert, key, context = tls_files(tmp_path)
     n = 12
     settings = {"max_pending_upgrades": 5, "max_connections": n, "tls_cert": cert, "tls_key": key}
     config = make_config(bot.url, engine_opens=engine_opens, **settings)
@@ -479,18 +479,6 @@ async def test_a_burst_of_tls_clients_that_fills_max_connections_all_open(
                 raw.close()
 
 
-def _tls_files(where: Path) -> tuple[str, str, ssl.SSLContext]:
-    """A certificate for 127.0.0.1 from a test CA, its key, and a client context trusting it."""
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    cert, key = where / "cert.pem", where / "key.pem"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return str(cert), str(key), context
-
-
 def _over_tls(port: int, context: ssl.SSLContext, request: bytes, then: bytes = b"") -> bytes:
     """What a wss:// client that sends ``request`` (and ``then`` after the answer's head) reads
     until the gateway closes or 20 s pass."""
@@ -518,7 +506,7 @@ async def test_over_tls_a_session_and_a_failed_dial_are_answered_the_same(
 ) -> None:
     # The engine does the TLS handshake on a relay thread with the request; a dial that fails
     # is answered 502 through the client's TLS, as Python answers it.
-    cert, key, context = _tls_files(tmp_path)
+    cert, key, context = tls_files(tmp_path)
     bot = Answering()
     settings = GatewaySettings(port=0, tls_cert=cert, tls_key=key,
                                engine_opens=engine_opens)  # fmt: skip
@@ -548,7 +536,7 @@ async def test_over_tls_a_session_and_a_failed_dial_are_answered_the_same(
 async def test_plain_text_on_the_tls_port_is_closed_and_logged_at_debug(
     engine_opens: bool, sentinel: Sentinel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cert, key, _ = _tls_files(tmp_path)
+    cert, key, _ = tls_files(tmp_path)
     settings = GatewaySettings(port=0, tls_cert=cert, tls_key=key, engine_opens=engine_opens)
     agents = [AgentConfig("bot", "test", upstream=sentinel.url)]
     caplog.set_level(logging.DEBUG, logger="wsgate")

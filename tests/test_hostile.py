@@ -3,8 +3,10 @@ not stop legitimate sessions from opening, and cost no bot dial and no replay-st
 
 from __future__ import annotations
 
+import socket
 from contextlib import AsyncExitStack
 from functools import partial
+from pathlib import Path
 
 import anyio
 import pytest
@@ -22,6 +24,7 @@ from .helpers import (
     http_exchange,
     in_thread,
     serving,
+    tls_files,
     token_gateway,
     until,
     upgrade_request,
@@ -123,6 +126,76 @@ async def test_idle_connections_and_a_last_place_taken_otherwise_do_not_lock_out
             assert legit == "legit"
             assert gw.evicted_upgrades == 1
     assert not sentinel.dialled()
+
+
+def connect_at_once(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections begun without waiting for each (they reach the backlog together)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        socks.append(s)
+    return socks
+
+
+@engine_opens
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_a_flood_of_idle_connections_at_once_does_not_lock_a_full_gateway(
+    sentinel: Sentinel, engine_opens: bool, tls: bool, tmp_path: Path
+) -> None:
+    # 300 connections at once into max_connections = 20: a batch of accepts fills the gateway
+    # and asks for room before its connections began reading (where Python reads them). The
+    # room is still made, one eviction for each connection left waiting in the backlog, and a
+    # real client then gets in; none waits for handshake_timeout (30 s).
+    settings: dict[str, object] = {
+        "max_pending_upgrades": 1000,
+        "max_connections": 20,
+        "handshake_timeout": 30,
+    }
+    if tls:
+        cert, key, _ = tls_files(tmp_path)
+        settings |= {"tls_cert": cert, "tls_key": key}
+    async with serving(sentinel.url, engine_opens=engine_opens, **settings) as gw:
+        socks = await in_thread(connect_at_once, gw.port, 300)
+        try:
+            await until(lambda: _evicted_at_least(gw, 280), within=20, what="280 evictions")
+            if not tls:
+                legit = await in_thread(
+                    partial(echoed, f"{gw.url}/ws/generic/echo.test", "legit", open_timeout=10)
+                )
+                assert legit == "legit"
+        finally:
+            for s in socks:
+                s.close()
+    assert not sentinel.dialled()
+
+
+async def test_the_oldest_reader_gives_way_whether_the_engine_or_python_reads_it(
+    sentinel: Sentinel,
+) -> None:
+    # Python reads the /start heads (the oldest); the engine reads an idle connection that came
+    # after them. The gateway full, a newcomer evicts the oldest: a /start head, not the
+    # engine's younger one.
+    settings = {"max_pending_upgrades": 1000, "max_connections": 20, "handshake_timeout": 30}
+    async with serving(sentinel.url, engine_opens=True, **settings) as gw:
+        async with AsyncExitStack() as stack:
+            starts = []
+            for _ in range(19):
+                s = await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", gw.port))
+                await s.send(START_HEAD)
+                starts.append(s)
+            await until(lambda: _pending_at_least(gw, 19), within=10, what="19 pending")
+            await open_many(gw.port, 1, b"", stack)  # the engine's, the youngest
+            await until(lambda: _pending_at_least(gw, 20), within=10, what="20 pending")
+            await open_many(gw.port, 1, b"", stack)  # waits in the backlog
+            with anyio.fail_after(10):
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await starts[0].receive()  # evicted: closed unanswered
+            assert gw.evicted_upgrades == 1
 
 
 async def _pending_at_least(gw: Gateway, n: int) -> bool:

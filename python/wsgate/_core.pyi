@@ -388,10 +388,13 @@ class AcceptFailed:
 
 @final
 class Crowded:
-    """The engine holds its ``limit`` of connections (see :meth:`Engine.listen`), one waits in
-    the backlog, and none the engine waits for is left to give way: the oldest connection the
-    caller reads that is still sending its request should (its :meth:`Engine.closed` lets the
-    newcomer in)."""
+    """The engine holds its ``limit`` of connections (see :meth:`Engine.listen`) and one waits
+    in the backlog: the oldest connection still sending its request should give way, the
+    engine's (:meth:`Engine.make_room`; ``waited``: how long it has been waited for, None if
+    none is) or one the caller reads. Its :meth:`Engine.closed` lets the newcomer in; no other
+    comes until a connection is closed."""
+
+    waited: float | None
 
 @final
 class Engine:
@@ -539,9 +542,9 @@ class Engine:
     def listen(self, listener: int, limit: int) -> None:
         """Relay thread 0 accepts on the listening socket ``listener`` from now on (a copy of
         it, until :meth:`unlisten`), at most ``limit`` connections held at once (past it, new
-        ones wait in the backlog until one is :meth:`closed`; each that comes meanwhile makes
-        the oldest connection still sending its request give way: one the engine waits for, or
-        else a :class:`Crowded` asks the caller for one of its own). Each connection is read once at
+        ones wait in the backlog until one is :meth:`closed`; each that comes meanwhile is told
+        as a :class:`Crowded`, for the oldest connection still sending its request to give
+        way). Each connection is read once at
         its accept; a request the route table serves is opened by the engine (an
         :class:`Opened` or :class:`Unopened` comes through :meth:`drain`), and so is one whose
         request is not all there yet while :meth:`set_wait` leaves room (a :class:`Handed`
@@ -582,6 +585,10 @@ class Engine:
 
     def waiting(self) -> int:
         """Connections whose request a relay thread waits for now."""
+
+    def make_room(self) -> bool:
+        """Evict the connection whose request a relay thread has waited for longest (after a
+        :class:`Crowded`); False if none is waited for."""
 
     def stop_waiting(self) -> None:
         """Evict every connection whose request a relay thread waits for."""

@@ -24,10 +24,12 @@ evictions (benches/README.md, "Session opens, round 10"), 5,000 lost 3,000 when 
 evicted past twice the limit (round 11). So in a burst more than ``max_pending_upgrades``
 may be reading for that second, as many as ``max_connections`` allows (each costs its socket and
 a few KiB). Once the gateway holds ``max_connections`` and another connection waits in the
-listener's backlog, the oldest reading connection gives way whatever its age
-(:meth:`PendingReads.make_room`, one per newcomer: the engine's ``accepting.rs``, or
-:class:`~wsgate.listener.Listener` when Python accepts), so idle connections can never lock the
-gateway, and none is evicted while nobody waits (a burst that fits ``max_connections`` exactly
+listener's backlog, the oldest reading connection gives way whatever its age (the engine's or
+one of :class:`PendingReads`, whichever has been at it longer: :meth:`PendingReads.make_room`,
+one per newcomer, asked by the engine's ``accepting.rs`` or by
+:class:`~wsgate.listener.Listener` when Python accepts; owed when the connections just
+accepted have not begun reading yet), so idle connections can never lock the gateway, and none
+is evicted while the backlog is empty (a burst that fits ``max_connections`` exactly
 loses no one). The engine's own reads keep the same rules (``rust/opener.rs``).
 """
 
@@ -67,6 +69,9 @@ class PendingReads:
         self.evicted = 0
         # Insertion-ordered: the oldest first, each with when it began (the event loop's clock).
         self._reading: dict[anyio.CancelScope, float] = {}
+        #: Room was asked for when none was reading: the next to begin makes it (see
+        #: :meth:`make_room`).
+        self._owed = False
         self._unlogged = 0
         self._last_log = -_LOG_INTERVAL
 
@@ -81,6 +86,9 @@ class PendingReads:
         with anyio.CancelScope(deadline=deadline) as scope:
             self._reading[scope] = self._clock()
             try:
+                if self._owed and len(self) > 1:
+                    self._owed = False
+                    self._evict(next(iter(self._reading)))  # the oldest, not the newcomer
                 self._evict_over_limit(scope)
                 yield
             finally:
@@ -92,13 +100,25 @@ class PendingReads:
             scope.cancel()
         self._reading.clear()
 
-    def make_room(self) -> bool:
+    def make_room(self) -> None:
         """The gateway holds ``max_connections`` and a connection waits for room: the oldest
-        reading connection gives way, whatever its age. Whether there was one."""
-        if not self._reading:
-            return False
-        self._evict(next(iter(self._reading)))
-        return True
+        reading connection gives way, whatever its age. If none is reading (those just
+        accepted have not begun yet), the eviction is owed: the second to begin evicts the
+        first, unless a connection ends first (:meth:`forgive`: that made the room)."""
+        if self._reading:
+            self._evict(next(iter(self._reading)))
+        else:
+            self._owed = True
+
+    def forgive(self) -> None:
+        """A connection ended: any eviction owed is made by that."""
+        self._owed = False
+
+    def oldest_age(self) -> float | None:
+        """Seconds the oldest reading connection has been at it (None: none is)."""
+        for since in self._reading.values():
+            return self._clock() - since
+        return None
 
     def _evict_over_limit(self, newcomer: anyio.CancelScope) -> None:
         # The newcomer itself is never the victim: it has had no time to send anything yet;

@@ -78,7 +78,8 @@ class Listener:
         self._readiness: Readiness | None = None
         #: Paused at ``limit`` connections (resumed when one ends).
         self._at_limit = False
-        #: A reading connection was evicted to make room at the limit: none more until one ends.
+        #: A reading connection was evicted (or owed) to make room at the limit: none more until
+        #: one ends.
         self._making_room = False
         #: What each relayed session's end calls: one bound method for all of them.
         self._ended = self.session_done
@@ -124,16 +125,30 @@ class Listener:
         if self._accept_stopped is not None:
             self._accept_stopped.set()
 
+    def _make_room(self, engine_waited: float | None) -> None:
+        """The engine is full with a connection waiting: the oldest still sending its request
+        gives way, the engine's (waited for ``engine_waited`` seconds) or ours. Its close (the
+        engine's ``closed()``) lets the newcomer in."""
+        pending = self.handler.pending
+        ours = pending.oldest_age()
+        engine = self.engine
+        if engine_waited is not None and (ours is None or engine_waited > ours):
+            if engine is not None and engine.make_room():
+                return
+        pending.make_room()
+
     def _full(self, listener: socket.socket) -> bool:
         """Accepting here, at the limit: leave new connections in the kernel's backlog until one
         ends (the engine counts its own: ``accepting.rs``). While one waits there, the oldest
-        connection still sending its request gives way, one at a time; while none does, the
-        listener is still watched, so that the next to come gets its eviction."""
+        connection still sending its request gives way, one at a time (owed, if those just
+        accepted have not begun reading); while none waits, the listener is still watched, so
+        that the next to come gets its eviction."""
         if self.count < self.limit:
             return False
         if _backlog(listener):
             if not self._making_room:
-                self._making_room = self.handler.pending.make_room()
+                self._making_room = True
+                self.handler.pending.make_room()
             assert self._readiness is not None
             self._readiness.pause()
             self._at_limit = True
@@ -178,7 +193,7 @@ class Listener:
         back itself). Or its accepts failed, or its replay store's calls for a session it
         opened."""
         if isinstance(news, _core.Crowded):
-            self.handler.pending.make_room()  # the engine's closed() ends its wait for room
+            self._make_room(news.waited)
         elif isinstance(news, _core.AcceptFailed):
             self._accept_failed(news)
         elif isinstance(news, _core.StoreCalls):
@@ -274,6 +289,7 @@ class Listener:
             self.poke()
 
     def _closed(self) -> None:
+        self.handler.pending.forgive()  # room made: no eviction owed
         if self.engine is not None:
             left = self.engine.closed()  # its relay thread accepts again if it was full
         else:
