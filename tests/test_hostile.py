@@ -174,27 +174,53 @@ async def test_a_flood_of_idle_connections_at_once_does_not_lock_a_full_gateway(
     assert not sentinel.dialled()
 
 
-async def test_the_oldest_reader_gives_way_whether_the_engine_or_python_reads_it(
-    sentinel: Sentinel,
+@engine_opens
+async def test_a_lone_reader_in_the_last_place_gives_way_to_a_connection_waiting(
+    sentinel: Sentinel, engine_opens: bool
 ) -> None:
-    # Python reads the /start heads (the oldest); the engine reads an idle connection that came
-    # after them. The gateway full, a newcomer evicts the oldest: a /start head, not the
-    # engine's younger one.
+    # Sessions hold all places but one; two connections come at once: the first takes the last
+    # place, alone among the readers, the second waits in the backlog. The first gives way (it
+    # is the oldest reader), even where room was asked for before it began reading.
+    settings = {"max_pending_upgrades": 1000, "max_connections": 20, "handshake_timeout": 30}
+    async with serving(sentinel.url, engine_opens=engine_opens, **settings) as gw:
+        async with AsyncExitStack() as stack:
+            for _ in range(19):
+                session, _ = await upgraded(gw.port, "/ws/generic/echo.test")
+                stack.push_async_callback(session.aclose)
+            socks = await in_thread(connect_at_once, gw.port, 2)
+            try:
+                await until(lambda: _evicted_at_least(gw, 1), within=10, what="one eviction")
+                await until(lambda: _pending_at_least(gw, 1), within=10, what="the second in")
+            finally:
+                for s in socks:
+                    s.close()
+
+
+@pytest.mark.parametrize("older", ["python", "engine"])
+async def test_the_oldest_reader_gives_way_whether_the_engine_or_python_reads_it(
+    sentinel: Sentinel, older: str
+) -> None:
+    # Python reads /start heads (their bodies never come); the engine reads an idle connection,
+    # opened before them or after them. The gateway full, a newcomer evicts the oldest of all,
+    # whichever plane reads it.
     settings = {"max_pending_upgrades": 1000, "max_connections": 20, "handshake_timeout": 30}
     async with serving(sentinel.url, engine_opens=True, **settings) as gw:
         async with AsyncExitStack() as stack:
-            starts = []
-            for _ in range(19):
+
+            async def reader(first_bytes: bytes) -> SocketStream:
                 s = await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", gw.port))
-                await s.send(START_HEAD)
-                starts.append(s)
-            await until(lambda: _pending_at_least(gw, 19), within=10, what="19 pending")
-            await open_many(gw.port, 1, b"", stack)  # the engine's, the youngest
-            await until(lambda: _pending_at_least(gw, 20), within=10, what="20 pending")
+                await s.send(first_bytes)
+                await until(lambda: _pending_at_least(gw, n + 1), within=10, what="pending")
+                return s
+
+            readers = []
+            for n in range(20):
+                engine_turn = n == (0 if older == "engine" else 19)
+                readers.append(await reader(b"" if engine_turn else START_HEAD))
             await open_many(gw.port, 1, b"", stack)  # waits in the backlog
             with anyio.fail_after(10):
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                    await starts[0].receive()  # evicted: closed unanswered
+                    await readers[0].receive()  # the oldest, evicted: closed unanswered
             assert gw.evicted_upgrades == 1
 
 

@@ -69,7 +69,7 @@ class PendingReads:
         self.evicted = 0
         # Insertion-ordered: the oldest first, each with when it began (the event loop's clock).
         self._reading: dict[anyio.CancelScope, float] = {}
-        #: Room was asked for when none was reading: the next to begin makes it (see
+        #: Room was asked for when none was reading: the next to begin gives way (see
         #: :meth:`make_room`).
         self._owed = False
         self._unlogged = 0
@@ -86,9 +86,9 @@ class PendingReads:
         with anyio.CancelScope(deadline=deadline) as scope:
             self._reading[scope] = self._clock()
             try:
-                if self._owed and len(self) > 1:
+                if self._owed:  # the oldest gives way, the newcomer itself if alone
                     self._owed = False
-                    self._evict(next(iter(self._reading)))  # the oldest, not the newcomer
+                    self._evict(next(iter(self._reading)))
                 self._evict_over_limit(scope)
                 yield
             finally:
@@ -103,15 +103,16 @@ class PendingReads:
     def make_room(self) -> None:
         """The gateway holds ``max_connections`` and a connection waits for room: the oldest
         reading connection gives way, whatever its age. If none is reading (those just
-        accepted have not begun yet), the eviction is owed: the second to begin evicts the
-        first, unless a connection ends first (:meth:`forgive`: that made the room)."""
+        accepted have not begun yet), the eviction is owed: the first to begin gives way (then
+        the oldest), unless a connection ends first (:meth:`forgive`: that made the room)."""
         if self._reading:
             self._evict(next(iter(self._reading)))
         else:
             self._owed = True
 
     def forgive(self) -> None:
-        """A connection ended: any eviction owed is made by that."""
+        """A connection ended (any: one of Python's, or a session the engine opened): any
+        eviction owed is made by that."""
         self._owed = False
 
     def oldest_age(self) -> float | None:

@@ -14,11 +14,11 @@ with one relay thread a session the engine opens starts where it was accepted): 
 connection (its TLS handshake too) at once or later on that thread, and opens by itself the
 sessions :mod:`wsgate.fastpath` lets it; the others come here as news, with the bytes read (and
 their TLS). The engine counts what it accepted against ``max_connections`` (past it, new ones
-wait in the backlog and make room as here: the engine's readers first, else it asks for one of
-ours, :class:`~wsgate._core.Crowded`) from the accept to the end: of its session, of the answer
-of one it could not open, or of the request served here (:meth:`Listener.news`);
-:meth:`Listener._closed` tells it of all but the sessions the engine opened, which give their
-connection back themselves.
+wait in the backlog and make room as here: a :class:`~wsgate._core.Crowded` says how long the
+engine's oldest reader has waited, and the older of it and ours gives way) from the accept to
+the end: of its session, of the answer of one it could not open, or of the request served here
+(:meth:`Listener.news`); :meth:`Listener._closed` tells it of all but the sessions the engine
+opened, which give their connection back themselves.
 """
 
 from __future__ import annotations
@@ -275,12 +275,14 @@ class Listener:
     def told_ended(self, ends: _core.ToldEnds) -> None:
         """Sessions the engine opened ended before anything asked for them (the doorbell's).
         The engine gave their connections back itself."""
+        self.handler.pending.forgive()  # their places made room: no eviction owed
         self.handler.sessions.told_ended(ends)
         self._poke_if_idle()
 
     def adopted_done(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A session the engine opened, adopted since (asked for by id, in a list), ended.
         The engine gave its connection back itself."""
+        self.handler.pending.forgive()
         self.handler.sessions.ended(opened, outcome)
         self._poke_if_idle()
 
