@@ -224,8 +224,11 @@ pub struct Connections {
     limit: AtomicUsize,
     /// The listener stopped at the limit: the next connection over resumes it.
     full: AtomicBool,
-    /// A connection was evicted to make room at the limit: none more until one is over.
+    /// Room was asked for at the limit: no more asked until one is over.
     making_room: AtomicBool,
+    /// Connections over so far: room asked for is moot once this moved (one ended, so the
+    /// newcomer takes its place).
+    ends: AtomicU64,
     /// A relay thread accepts (between `Engine::listen` and `Engine::unlisten`).
     listening: AtomicBool,
     /// The accepting thread's mailbox.
@@ -239,6 +242,7 @@ impl Connections {
             limit: AtomicUsize::new(usize::MAX),
             full: AtomicBool::new(false),
             making_room: AtomicBool::new(false),
+            ends: AtomicU64::new(0),
             listening: AtomicBool::new(false),
             resume,
         }
@@ -257,6 +261,11 @@ impl Connections {
         self.count.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Connections over so far (see [`News::Crowded`]).
+    pub fn ends(&self) -> u64 {
+        self.ends.load(Ordering::SeqCst)
+    }
+
     /// Connections held now.
     pub fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
@@ -270,6 +279,7 @@ impl Connections {
                 Some(n.saturating_sub(1))
             })
             .unwrap_or(0);
+        self.ends.fetch_add(1, Ordering::SeqCst);
         self.making_room.store(false, Ordering::SeqCst);
         if self.full.swap(false, Ordering::SeqCst) {
             if let Some(m) = &self.resume {
@@ -335,6 +345,7 @@ impl OnRelay {
         let waited = self.acceptor.opener.oldest_wait();
         self.acceptor.opener.tell(News::Crowded {
             waited: waited.map(|d| d.as_secs_f64()),
+            ends: self.held.ends(),
         });
     }
 }
@@ -502,7 +513,13 @@ mod tests {
         let _second = client(&l, "GET / HTTP/1.1\r\n\r\n");
         // The engine waits for no request of its own: it asks the control plane to make room,
         // once (none more until a connection is over).
-        assert!(matches!(news(&engine), News::Crowded { waited: None }));
+        assert!(matches!(
+            news(&engine),
+            News::Crowded {
+                waited: None,
+                ends: 0
+            }
+        ));
         let _third = client(&l, "GET / HTTP/1.1\r\n\r\n");
         // A bounded look for news that must not come: the others stay in the backlog.
         let end = Instant::now() + Duration::from_millis(300);
@@ -512,8 +529,9 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(engine.held(), 1);
-        assert_eq!(engine.closed(), 0); // the first is over: the second is accepted
-                                        // Full again with the third waiting: room is asked for again.
+        // The first is over: the second is accepted; full again with the third waiting, room is
+        // asked for again.
+        assert_eq!(engine.closed(), 0);
         let told = all_news(&engine, 2);
         assert!(
             matches!(
@@ -523,7 +541,10 @@ mod tests {
                         client: Some(_),
                         ..
                     },
-                    News::Crowded { waited: None }
+                    News::Crowded {
+                        waited: None,
+                        ends: 1
+                    }
                 ]
             ),
             "{told:?}"
@@ -556,7 +577,9 @@ mod tests {
         let _newcomer = client(&l, "");
         match news(&engine) {
             // Since the oldest was accepted, so after `before`.
-            News::Crowded { waited: Some(s) } => {
+            News::Crowded {
+                waited: Some(s), ..
+            } => {
                 assert!(s > 0.0 && s <= before.elapsed().as_secs_f64(), "{s}")
             }
             other => panic!("{other:?}"),

@@ -527,6 +527,11 @@ impl Engine {
         self.held.closed()
     }
 
+    /// Connections accepted on the relay thread that are over, so far.
+    pub fn ends(&self) -> u64 {
+        self.held.ends()
+    }
+
     /// The index of agent `name` in the live counters, registered now if it is new. Sessions
     /// started with that index are counted (see [`counters`](Self::counters)).
     pub fn register_agent(&self, name: &str) -> usize {

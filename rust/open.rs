@@ -195,6 +195,8 @@ pub enum News {
     Crowded {
         /// How long the engine's oldest has been waited for, in seconds (`None`: none is).
         waited: Option<f64>,
+        /// Connections over so far (`Engine::ends`): once that moved, the room is made.
+        ends: u64,
     },
     /// Accepting on a relay thread failed with `errno`: again in 100 ms if `paused` (out of
     /// descriptors or memory), else never (the listener is dropped).

@@ -764,6 +764,11 @@ impl Engine {
         self.engine().closed()
     }
 
+    /// Connections accepted on the relay thread that are over, so far.
+    fn ends(&self) -> u64 {
+        self.engine().ends()
+    }
+
     fn close(&self, session_id: u64, code: u16, reason: &str) -> bool {
         self.engine().close(session_id, code, reason)
     }

@@ -240,23 +240,25 @@ impl AcceptFailed {
 
 /// The gateway is full and a connection waits in the backlog (see `Engine.listen`): the
 /// oldest connection still sending its request gives way, the engine's (`waited`: how long it
-/// has been waited for, `None` if none is) or one Python reads.
+/// has been waited for, `None` if none is) or one Python reads; moot once `Engine.ends()` is
+/// past `ends`.
 #[pyclass(module = "wsgate._core", frozen, get_all)]
 pub struct Crowded {
     waited: Option<f64>,
+    ends: u64,
 }
 
 #[pymethods]
 impl Crowded {
     fn __repr__(&self) -> String {
-        format!("Crowded(waited={:?})", self.waited)
+        format!("Crowded(waited={:?}, ends={})", self.waited, self.ends)
     }
 }
 
 /// News as Python reads it.
 pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
     Ok(match news {
-        News::Crowded { waited } => Py::new(py, Crowded { waited })?.into_any(),
+        News::Crowded { waited, ends } => Py::new(py, Crowded { waited, ends })?.into_any(),
         News::AcceptFailed { errno, paused } => {
             Py::new(py, AcceptFailed { errno, paused })?.into_any()
         }

@@ -189,3 +189,13 @@ async def test_room_asked_for_before_the_readers_begin_is_made_by_the_first_to_b
         await anyio.wait_all_tasks_blocked()
         assert len(pending) == 1 and pending.evicted == 1
         pending.cancel_all()
+    # Owed, but no longer by the time one begins (the engine: a session it opened ended there,
+    # and the newcomer took its place): the first to begin stays.
+    still_owed = True
+    pending.make_room(lambda: still_owed)
+    still_owed = False
+    async with anyio.create_task_group() as tg:
+        await tg.start(reader, "fifth")
+        await anyio.wait_all_tasks_blocked()
+        assert len(pending) == 1 and pending.evicted == 1
+        pending.cancel_all()

@@ -392,9 +392,11 @@ class Crowded:
     in the backlog: the oldest connection still sending its request should give way, the
     engine's (:meth:`Engine.make_room`; ``waited``: how long it has been waited for, None if
     none is) or one the caller reads. Its :meth:`Engine.closed` lets the newcomer in; no other
-    comes until a connection is closed."""
+    comes until a connection is closed. Moot once :meth:`Engine.ends` is past ``ends`` (a
+    connection ended: the newcomer takes its place)."""
 
     waited: float | None
+    ends: int
 
 @final
 class Engine:
@@ -585,6 +587,9 @@ class Engine:
 
     def waiting(self) -> int:
         """Connections whose request a relay thread waits for now."""
+
+    def ends(self) -> int:
+        """Connections accepted on the relay thread that are over, so far."""
 
     def make_room(self) -> bool:
         """Evict the connection whose request a relay thread has waited for longest (after a

@@ -69,9 +69,9 @@ class PendingReads:
         self.evicted = 0
         # Insertion-ordered: the oldest first, each with when it began (the event loop's clock).
         self._reading: dict[anyio.CancelScope, float] = {}
-        #: Room was asked for when none was reading: the next to begin gives way (see
-        #: :meth:`make_room`).
-        self._owed = False
+        #: Room was asked for when none was reading: the next to begin gives way if this still
+        #: says so (see :meth:`make_room`).
+        self._owed: Callable[[], bool] | None = None
         self._unlogged = 0
         self._last_log = -_LOG_INTERVAL
 
@@ -86,8 +86,8 @@ class PendingReads:
         with anyio.CancelScope(deadline=deadline) as scope:
             self._reading[scope] = self._clock()
             try:
-                if self._owed:  # the oldest gives way, the newcomer itself if alone
-                    self._owed = False
+                owed, self._owed = self._owed, None
+                if owed is not None and owed():  # the oldest gives way, the newcomer if alone
                     self._evict(next(iter(self._reading)))
                 self._evict_over_limit(scope)
                 yield
@@ -100,20 +100,20 @@ class PendingReads:
             scope.cancel()
         self._reading.clear()
 
-    def make_room(self) -> None:
+    def make_room(self, still_owed: Callable[[], bool] = lambda: True) -> None:
         """The gateway holds ``max_connections`` and a connection waits for room: the oldest
         reading connection gives way, whatever its age. If none is reading (those just
-        accepted have not begun yet), the eviction is owed: the first to begin gives way (then
-        the oldest), unless a connection ends first (:meth:`forgive`: that made the room)."""
+        accepted have not begun yet), the eviction is owed: the first to begin gives way (the
+        oldest then), if ``still_owed()`` (the engine: no connection has ended since it asked)
+        and no connection ended here first (:meth:`forgive`): an end made the room."""
         if self._reading:
             self._evict(next(iter(self._reading)))
         else:
-            self._owed = True
+            self._owed = still_owed
 
     def forgive(self) -> None:
-        """A connection ended (any: one of Python's, or a session the engine opened): any
-        eviction owed is made by that."""
-        self._owed = False
+        """A connection ended: any eviction owed is made by that."""
+        self._owed = None
 
     def oldest_age(self) -> float | None:
         """Seconds the oldest reading connection has been at it (None: none is)."""

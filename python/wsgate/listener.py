@@ -125,17 +125,21 @@ class Listener:
         if self._accept_stopped is not None:
             self._accept_stopped.set()
 
-    def _make_room(self, engine_waited: float | None) -> None:
+    def _make_room(self, crowded: _core.Crowded) -> None:
         """The engine is full with a connection waiting: the oldest still sending its request
-        gives way, the engine's (waited for ``engine_waited`` seconds) or ours. Its close (the
-        engine's ``closed()``) lets the newcomer in."""
+        gives way, the engine's (waited for ``crowded.waited`` seconds) or ours. Its close (the
+        engine's ``closed()``) lets the newcomer in. Owed if none of ours has begun reading,
+        while no connection of the engine has ended since (a session it opened ends there
+        without us: its end let the newcomer in)."""
         pending = self.handler.pending
         ours = pending.oldest_age()
         engine = self.engine
-        if engine_waited is not None and (ours is None or engine_waited > ours):
-            if engine is not None and engine.make_room():
-                return
-        pending.make_room()
+        assert engine is not None  # only the engine says Crowded
+        waited = crowded.waited
+        if waited is not None and (ours is None or waited > ours) and engine.make_room():
+            return
+        ends = crowded.ends
+        pending.make_room(lambda: engine.ends() == ends)
 
     def _full(self, listener: socket.socket) -> bool:
         """Accepting here, at the limit: leave new connections in the kernel's backlog until one
@@ -193,7 +197,7 @@ class Listener:
         back itself). Or its accepts failed, or its replay store's calls for a session it
         opened."""
         if isinstance(news, _core.Crowded):
-            self._make_room(news.waited)
+            self._make_room(news)
         elif isinstance(news, _core.AcceptFailed):
             self._accept_failed(news)
         elif isinstance(news, _core.StoreCalls):
