@@ -320,10 +320,11 @@ pub(crate) struct OnRelay {
 
 impl OnRelay {
     /// The gateway holds all it may: if a connection waits in the backlog, the control plane is
-    /// told ([`News::Crowded`], with the age of the oldest connection waited for here), and the
-    /// oldest still sending its request gives way whatever its age, the engine's or one Python
-    /// reads; one at a time, the next once a connection is over and the newcomer taken. A
-    /// gateway full of sessions keeps them: the backlog waits.
+    /// told ([`News::Crowded`]), and the oldest still sending its request gives way once it has
+    /// been at it [`EVICT_AFTER`](crate::opener::EVICT_AFTER), the engine's
+    /// ([`Engine::make_room`](crate::engine::Engine::make_room)) or one Python reads; one at a
+    /// time, the next once a connection is over and the newcomer taken. A gateway full of
+    /// sessions keeps them: the backlog waits.
     ///
     /// Called at each edge of the listener (a connection came) and at each resume while full,
     /// so each newcomer gets its eviction, and none is made while the backlog is empty (an
@@ -342,9 +343,7 @@ impl OnRelay {
         if self.held.making_room.swap(true, Ordering::SeqCst) {
             return; // one is on its way out
         }
-        let waited = self.acceptor.opener.oldest_wait();
         self.acceptor.opener.tell(News::Crowded {
-            waited: waited.map(|d| d.as_secs_f64()),
             ends: self.held.ends(),
         });
     }
@@ -513,13 +512,7 @@ mod tests {
         let _second = client(&l, "GET / HTTP/1.1\r\n\r\n");
         // The engine waits for no request of its own: it asks the control plane to make room,
         // once (none more until a connection is over).
-        assert!(matches!(
-            news(&engine),
-            News::Crowded {
-                waited: None,
-                ends: 0
-            }
-        ));
+        assert!(matches!(news(&engine), News::Crowded { ends: 0 }));
         let _third = client(&l, "GET / HTTP/1.1\r\n\r\n");
         // A bounded look for news that must not come: the others stay in the backlog.
         let end = Instant::now() + Duration::from_millis(300);
@@ -541,10 +534,7 @@ mod tests {
                         client: Some(_),
                         ..
                     },
-                    News::Crowded {
-                        waited: None,
-                        ends: 1
-                    }
+                    News::Crowded { ends: 1 }
                 ]
             ),
             "{told:?}"
@@ -553,7 +543,7 @@ mod tests {
     }
 
     #[test]
-    fn full_with_a_newcomer_waiting_the_control_plane_is_told_how_long_the_oldest_waited() {
+    fn full_with_a_newcomer_waiting_the_control_plane_is_told_and_evicts_the_oldest_waited_for() {
         let bot = TcpListener::bind("127.0.0.1:0").unwrap();
         let engine = Engine::new(1, Duration::from_secs(60)).unwrap();
         let addr = bot.local_addr().unwrap();
@@ -575,15 +565,13 @@ mod tests {
         }
         assert_eq!(engine.waiting(), 2);
         let _newcomer = client(&l, "");
-        match news(&engine) {
-            // Since the oldest was accepted, so after `before`.
-            News::Crowded {
-                waited: Some(s), ..
-            } => {
-                assert!(s > 0.0 && s <= before.elapsed().as_secs_f64(), "{s}")
-            }
-            other => panic!("{other:?}"),
-        }
+        assert!(matches!(news(&engine), News::Crowded { ends: 0 }));
+        // Since the oldest was accepted, so after `before`.
+        let waited = engine.oldest_wait().unwrap();
+        assert!(
+            !waited.is_zero() && waited <= before.elapsed(),
+            "{waited:?}"
+        );
         // The control plane chooses the engine's: its oldest is evicted.
         assert!(engine.make_room());
         match news(&engine) {

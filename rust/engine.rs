@@ -435,6 +435,12 @@ impl Engine {
         self.opener.waiting()
     }
 
+    /// How long the connection whose request a relay thread has waited for longest has waited
+    /// (`None`: none is waited for).
+    pub fn oldest_wait(&self) -> Option<Duration> {
+        self.opener.oldest_wait()
+    }
+
     /// Evicts the connection whose request a relay thread has waited for longest, to make room
     /// for one waiting in the backlog (after a [`News::Crowded`](crate::open::News)); false if
     /// none is waited for now.

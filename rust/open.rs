@@ -189,12 +189,10 @@ pub enum Failure {
 #[derive(Debug)]
 pub enum News {
     /// The gateway holds `max_connections` and a connection waits in the backlog: the oldest
-    /// connection still sending its request should give way, the engine's (`Engine::make_room`)
-    /// or one Python reads, whichever has been at it longer (`accepting.rs`,
-    /// `OnRelay::make_room`).
+    /// connection still sending its request should give way once it has been at it
+    /// `EVICT_AFTER`, the engine's (`Engine::make_room`, `Engine::oldest_wait`) or one Python
+    /// reads (`accepting.rs`, `OnRelay::make_room`).
     Crowded {
-        /// How long the engine's oldest has been waited for, in seconds (`None`: none is).
-        waited: Option<f64>,
         /// Connections over so far (`Engine::ends`): once that moved, the room is made.
         ends: u64,
     },

@@ -731,6 +731,12 @@ impl Engine {
         self.engine().waiting()
     }
 
+    /// Seconds the connection whose request a relay thread has waited for longest has waited
+    /// (`None`: none is).
+    fn oldest_wait(&self) -> Option<f64> {
+        self.engine().oldest_wait().map(|d| d.as_secs_f64())
+    }
+
     /// Evicts the connection whose request a relay thread has waited for longest; false if none
     /// is waited for.
     fn make_room(&self) -> bool {

@@ -239,26 +239,24 @@ impl AcceptFailed {
 }
 
 /// The gateway is full and a connection waits in the backlog (see `Engine.listen`): the
-/// oldest connection still sending its request gives way, the engine's (`waited`: how long it
-/// has been waited for, `None` if none is) or one Python reads; moot once `Engine.ends()` is
-/// past `ends`.
+/// oldest connection still sending its request gives way once it has been at it a second, the
+/// engine's or one Python reads; moot once `Engine.ends()` is past `ends`.
 #[pyclass(module = "wsgate._core", frozen, get_all)]
 pub struct Crowded {
-    waited: Option<f64>,
     ends: u64,
 }
 
 #[pymethods]
 impl Crowded {
     fn __repr__(&self) -> String {
-        format!("Crowded(waited={:?}, ends={})", self.waited, self.ends)
+        format!("Crowded(ends={})", self.ends)
     }
 }
 
 /// News as Python reads it.
 pub fn news_to_py(py: Python<'_>, news: News) -> PyResult<Py<PyAny>> {
     Ok(match news {
-        News::Crowded { waited, ends } => Py::new(py, Crowded { waited, ends })?.into_any(),
+        News::Crowded { ends } => Py::new(py, Crowded { ends })?.into_any(),
         News::AcceptFailed { errno, paused } => {
             Py::new(py, AcceptFailed { errno, paused })?.into_any()
         }

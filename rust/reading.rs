@@ -11,7 +11,8 @@
 //! then dropped without an answer, as Python drops one too slow), and past
 //! `max_pending_upgrades` connections waited for at once a newcomer evicts the oldest
 //! (`opener.rs`, `EVICT_AFTER`: not one younger than a second), and once the gateway is full
-//! each connection waiting in the backlog evicts the oldest whatever its age (`accepting.rs`).
+//! each connection waiting in the backlog evicts the oldest once it has waited a second too
+//! (`accepting.rs`).
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;

@@ -15,8 +15,8 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -105,53 +105,6 @@ def slow_bot(gated_bot: GatedBot) -> GatedBot:
     return gated_bot
 
 
-class Churn:
-    """An attacker in a thread: opens connections that send ``first_bytes`` (by default
-    nothing) and never more, as fast as it can, keeping ``keep`` open (closing its oldest),
-    until stopped or ``max_connects`` is reached."""
-
-    def __init__(
-        self, port: int, keep: int, max_connects: int = 20_000, first_bytes: bytes = b""
-    ) -> None:
-        self.port, self.keep, self.max_connects = port, keep, max_connects
-        self.first_bytes = first_bytes
-        self.connects = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        open_: deque[socket.socket] = deque()
-        try:
-            while not self._stop.is_set() and self.connects < self.max_connects:
-                s = socket.socket()
-                s.setblocking(False)
-                s.connect_ex(("127.0.0.1", self.port))
-                if self.first_bytes:
-                    try:
-                        s.send(self.first_bytes)
-                    except OSError:
-                        pass  # not connected yet: this one stays idle
-                open_.append(s)
-                self.connects += 1
-                if len(open_) > self.keep:
-                    open_.popleft().close()
-        finally:
-            for s in open_:
-                s.close()
-
-    def wait(self) -> None:
-        """Until the churn has made its ``max_connects`` connections."""
-        self._thread.join(60)
-
-    def __enter__(self) -> Churn:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
 def session(url: str, headers: dict[str, str] | None = None) -> str | bytes:
     return echoed(url, "legit", headers, open_timeout=15)
 
@@ -218,6 +171,10 @@ async def _pending_at_least(gw: Gateway, n: int) -> bool:
     return gw.pending_upgrades >= n
 
 
+async def _taken_in(gw: Gateway, n: int) -> bool:
+    return gw.pending_upgrades + gw.evicted_upgrades >= n
+
+
 async def _evicted_at_least(gw: Gateway, n: int) -> bool:
     return gw.evicted_upgrades >= n
 
@@ -226,15 +183,22 @@ async def test_evictions_are_logged_at_most_once_a_second_with_their_count(
     sentinel: Sentinel, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="wsgate")
-    async with token_gateway(sentinel.url, max_pending_upgrades=5, max_connections=50) as gw:
+    async with token_gateway(sentinel.url, max_pending_upgrades=5) as gw:
         started = anyio.current_time()
-        with Churn(gw.port, keep=2_000, max_connects=2_000) as churn:
-            await in_thread(churn.wait)
-            # Accepted in order: once this answer is back, every churned connection was taken
-            # in (and all but the newest few evicted: each newcomer past the first 49 took the
-            # last place, and evicted the oldest whatever its age), while all were still open.
-            livez = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
-            assert (await http_exchange(gw.port, livez))[0] == 200
+        flood: list[socket.socket] = []
+        try:
+            # Three waves of idle connections a second apart (the sleep is what is under
+            # test): each wave's newcomers evict the waves before, old enough by then, down to
+            # max_pending_upgrades; then a last few evict the third.
+            for wave in range(1, 4):
+                flood += await in_thread(open_idle, gw.port, 100, b"")
+                await until(partial(_taken_in, gw, 100 * wave), within=20, what="wave taken")
+                await anyio.sleep(EVICT_AFTER)
+            flood += await in_thread(open_idle, gw.port, 5, b"")
+            await until(partial(_evicted_at_least, gw, 295), within=20, what="the evictions")
+        finally:
+            for s in flood:
+                s.close()
     # Read once the gateway has stopped: late accepts may still evict (and log) until then.
     evicted = gw.evicted_upgrades
     elapsed = anyio.current_time() - started

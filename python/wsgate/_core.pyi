@@ -390,12 +390,11 @@ class AcceptFailed:
 class Crowded:
     """The engine holds its ``limit`` of connections (see :meth:`Engine.listen`) and one waits
     in the backlog: the oldest connection still sending its request should give way, the
-    engine's (:meth:`Engine.make_room`; ``waited``: how long it has been waited for, None if
-    none is) or one the caller reads. Its :meth:`Engine.closed` lets the newcomer in; no other
+    engine's (:meth:`Engine.make_room`, :meth:`Engine.oldest_wait`) or one the caller reads,
+    once it has been at it a second. Its :meth:`Engine.closed` lets the newcomer in; no other
     comes until a connection is closed. Moot once :meth:`Engine.ends` is past ``ends`` (a
     connection ended: the newcomer takes its place)."""
 
-    waited: float | None
     ends: int
 
 @final
@@ -590,6 +589,10 @@ class Engine:
 
     def ends(self) -> int:
         """Connections accepted on the relay thread that are over, so far."""
+
+    def oldest_wait(self) -> float | None:
+        """Seconds the connection whose request a relay thread has waited for longest has
+        waited (None: none is)."""
 
     def make_room(self) -> bool:
         """Evict the connection whose request a relay thread has waited for longest (after a

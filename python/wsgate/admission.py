@@ -24,13 +24,13 @@ evictions (benches/README.md, "Session opens, round 10"), 5,000 lost 3,000 when 
 evicted past twice the limit (round 11). So in a burst more than ``max_pending_upgrades``
 may be reading for that second, as many as ``max_connections`` allows (each costs its socket and
 a few KiB). Once the gateway holds ``max_connections`` and another connection waits in the
-listener's backlog, the oldest reading connection gives way whatever its age (the engine's or
-one of :class:`PendingReads`, whichever has been at it longer: :meth:`PendingReads.make_room`,
-one per newcomer, asked by the engine's ``accepting.rs`` or by
-:class:`~wsgate.listener.Listener` when Python accepts; owed when the connections just
-accepted have not begun reading yet), so idle connections can never lock the gateway, and none
-is evicted while the backlog is empty (a burst that fits ``max_connections`` exactly
-loses no one). The engine's own reads keep the same rules (``rust/opener.rs``).
+listener's backlog, the oldest reading connection gives way once it has been at it a second
+too (the engine's or one of :class:`PendingReads`, whichever has been at it longer; one per
+newcomer: :meth:`wsgate.listener.Listener._try_room`, told by the engine's ``accepting.rs`` or
+seen when Python accepts). So idle connections hold a full gateway a second at most; an honest
+client's TLS handshake, or its request on its way, gets that second, as above; and none is
+evicted while the backlog is empty (a burst that fits ``max_connections`` exactly loses no
+one). The engine's own reads keep the same rules (``rust/opener.rs``).
 """
 
 from __future__ import annotations
@@ -69,9 +69,6 @@ class PendingReads:
         self.evicted = 0
         # Insertion-ordered: the oldest first, each with when it began (the event loop's clock).
         self._reading: dict[anyio.CancelScope, float] = {}
-        #: Room was asked for when none was reading: the next to begin gives way if this still
-        #: says so (see :meth:`make_room`).
-        self._owed: Callable[[], bool] | None = None
         self._unlogged = 0
         self._last_log = -_LOG_INTERVAL
 
@@ -86,9 +83,6 @@ class PendingReads:
         with anyio.CancelScope(deadline=deadline) as scope:
             self._reading[scope] = self._clock()
             try:
-                owed, self._owed = self._owed, None
-                if owed is not None and owed():  # the oldest gives way, the newcomer if alone
-                    self._evict(next(iter(self._reading)))
                 self._evict_over_limit(scope)
                 yield
             finally:
@@ -100,20 +94,14 @@ class PendingReads:
             scope.cancel()
         self._reading.clear()
 
-    def make_room(self, still_owed: Callable[[], bool] = lambda: True) -> None:
+    def make_room(self) -> bool:
         """The gateway holds ``max_connections`` and a connection waits for room: the oldest
-        reading connection gives way, whatever its age. If none is reading (those just
-        accepted have not begun yet), the eviction is owed: the first to begin gives way (the
-        oldest then), if ``still_owed()`` (the engine: no connection has ended since it asked)
-        and no connection ended here first (:meth:`forgive`): an end made the room."""
-        if self._reading:
-            self._evict(next(iter(self._reading)))
-        else:
-            self._owed = still_owed
-
-    def forgive(self) -> None:
-        """A connection ended: any eviction owed is made by that."""
-        self._owed = None
+        reading connection gives way (the caller checked its age, :meth:`oldest_age`). Whether
+        there was one."""
+        if not self._reading:
+            return False
+        self._evict(next(iter(self._reading)))
+        return True
 
     def oldest_age(self) -> float | None:
         """Seconds the oldest reading connection has been at it (None: none is)."""

@@ -141,8 +141,8 @@ class GatewaySettings:
     #: than a second is evicted for it (``admission.EVICT_AFTER``: in a burst of clients
     #: connecting at once their requests may be on their way, or unread yet), so more may wait
     #: for that second, as many as ``max_connections`` allows; once the gateway is full, each
-    #: connection waiting for room evicts the oldest whatever its age. A connection past its
-    #: request (bot being dialled, token claimed) is never evicted.
+    #: connection waiting for room evicts the oldest once it has had that second. A connection
+    #: past its request (bot being dialled, token claimed) is never evicted.
     max_pending_upgrades: int = 1000
     #: Requests per second (upgrades and ``/start``) from one client address (an IPv6 /64), in
     #: bursts of as many; over it, 429. 0: off (the default: telephony providers connect from

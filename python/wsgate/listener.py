@@ -37,7 +37,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import _core
-from .admission import client_key
+from .admission import EVICT_AFTER, client_key
 from .connection import Connections
 from .engine import News
 from .readiness import Readiness
@@ -78,9 +78,14 @@ class Listener:
         self._readiness: Readiness | None = None
         #: Paused at ``limit`` connections (resumed when one ends).
         self._at_limit = False
-        #: A reading connection was evicted (or owed) to make room at the limit: none more until
-        #: one ends.
+        #: Room was asked for at the limit (Python accepting): no more asked until one ends.
         self._making_room = False
+        #: Whether room is still wanted for a connection in the backlog (None: it is not), and
+        #: whether a later look for it is due (see :meth:`_try_room`).
+        self._room_wanted: Callable[[], bool] | None = None
+        self._room_look_due = False
+        #: The listening socket (in accept()).
+        self._socket: socket.socket | None = None
         #: What each relayed session's end calls: one bound method for all of them.
         self._ended = self.session_done
         self._idle: anyio.Event | None = None
@@ -96,6 +101,7 @@ class Listener:
         asyncio: :mod:`wsgate.readiness`); at ``limit`` connections held, none until one ends.
         With an engine, its relay thread accepts (see the module docs)."""
         self._connections = connections
+        self._socket = listener
         if self.engine is not None:
             await self._accept_in_engine(self.engine, listener)
             return
@@ -125,34 +131,52 @@ class Listener:
         if self._accept_stopped is not None:
             self._accept_stopped.set()
 
-    def _make_room(self, crowded: _core.Crowded) -> None:
-        """The engine is full with a connection waiting: the oldest still sending its request
-        gives way, the engine's (waited for ``crowded.waited`` seconds) or ours. Its close (the
-        engine's ``closed()``) lets the newcomer in. Owed if none of ours has begun reading,
-        while no connection of the engine has ended since (a session it opened ends there
-        without us: its end let the newcomer in)."""
-        pending = self.handler.pending
-        ours = pending.oldest_age()
-        engine = self.engine
-        assert engine is not None  # only the engine says Crowded
-        waited = crowded.waited
-        if waited is not None and (ours is None or waited > ours) and engine.make_room():
+    def _want_room(self, still: Callable[[], bool]) -> None:
+        """At the limit with a connection in the backlog: room is wanted while ``still()``."""
+        self._room_wanted = still
+        self._try_room()
+
+    def _try_room(self) -> None:
+        """Evicts the oldest connection still sending its request, the engine's or ours, if it
+        has been at it :data:`~wsgate.admission.EVICT_AFTER`; else looks again when it will
+        have (a second from now if none reads yet). So idle connections hold a full gateway a
+        second at most, and an honest client's TLS handshake, or its request on its way, gets
+        that second. Room is no longer wanted once the backlog is empty, or once a connection
+        ended (the engine: its count of ends moved; here: :meth:`_closed`)."""
+        still = self._room_wanted
+        if still is None or not still() or self._socket is None or not _backlog(self._socket):
+            self._room_wanted = None
             return
-        ends = crowded.ends
-        pending.make_room(lambda: engine.ends() == ends)
+        engine, pending = self.engine, self.handler.pending
+        ours = pending.oldest_age()
+        theirs = None if engine is None else engine.oldest_wait()
+        oldest = max((age for age in (ours, theirs) if age is not None), default=None)
+        if oldest is not None and oldest >= EVICT_AFTER:
+            engines = theirs is not None and (ours is None or theirs > ours)
+            if (engines and engine is not None and engine.make_room()) or pending.make_room():
+                self._room_wanted = None
+                return
+        if not self._room_look_due and self._connections is not None:
+            self._room_look_due = True
+            later = EVICT_AFTER - (oldest or 0.0)
+            self._connections.start_soon(self._look_for_room_later, max(later, 0.01))
+
+    async def _look_for_room_later(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+        self._room_look_due = False
+        self._try_room()
 
     def _full(self, listener: socket.socket) -> bool:
         """Accepting here, at the limit: leave new connections in the kernel's backlog until one
-        ends (the engine counts its own: ``accepting.rs``). While one waits there, the oldest
-        connection still sending its request gives way, one at a time (owed, if those just
-        accepted have not begun reading); while none waits, the listener is still watched, so
-        that the next to come gets its eviction."""
+        ends (the engine counts its own: ``accepting.rs``). While one waits there, room is
+        made for it (:meth:`_try_room`), one at a time; while none waits, the listener is still
+        watched, so that the next to come gets its room."""
         if self.count < self.limit:
             return False
         if _backlog(listener):
             if not self._making_room:
                 self._making_room = True
-                self.handler.pending.make_room()
+                self._want_room(lambda: self._making_room)
             assert self._readiness is not None
             self._readiness.pause()
             self._at_limit = True
@@ -197,7 +221,9 @@ class Listener:
         back itself). Or its accepts failed, or its replay store's calls for a session it
         opened."""
         if isinstance(news, _core.Crowded):
-            self._make_room(news)
+            engine, ends = self.engine, news.ends
+            assert engine is not None  # only the engine says so
+            self._want_room(lambda: engine.ends() == ends)
         elif isinstance(news, _core.AcceptFailed):
             self._accept_failed(news)
         elif isinstance(news, _core.StoreCalls):
@@ -279,14 +305,12 @@ class Listener:
     def told_ended(self, ends: _core.ToldEnds) -> None:
         """Sessions the engine opened ended before anything asked for them (the doorbell's).
         The engine gave their connections back itself."""
-        self.handler.pending.forgive()  # their places made room: no eviction owed
         self.handler.sessions.told_ended(ends)
         self._poke_if_idle()
 
     def adopted_done(self, opened: Opened, outcome: _core.Outcome) -> None:
         """A session the engine opened, adopted since (asked for by id, in a list), ended.
         The engine gave its connection back itself."""
-        self.handler.pending.forgive()
         self.handler.sessions.ended(opened, outcome)
         self._poke_if_idle()
 
@@ -295,7 +319,6 @@ class Listener:
             self.poke()
 
     def _closed(self) -> None:
-        self.handler.pending.forgive()  # room made: no eviction owed
         if self.engine is not None:
             left = self.engine.closed()  # its relay thread accepts again if it was full
         else:
