@@ -278,6 +278,8 @@ async def test_the_oldest_reader_gives_way_whether_the_engine_or_python_reads_it
             with anyio.fail_after(10):
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                     await readers[0].receive()  # the oldest, evicted: closed unanswered
+            # Counted once Python hears of it (the engine's eviction comes as news): one only.
+            await until(lambda: _evicted_at_least(gw, 1), within=10, what="counted")
             assert gw.evicted_upgrades == 1
 
 
