@@ -727,3 +727,18 @@ def tls_files(where: Path) -> tuple[str, str, ssl.SSLContext]:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     return str(cert), str(key), context
+
+
+def upgrade_over_tls(
+    raw: socket.socket, context: ssl.SSLContext, target: str = "/ws/generic/echo.test"
+) -> tuple[ssl.SSLSocket, bytes]:
+    """A wss:// client on ``raw`` (connected; blocking from now on) that asks to upgrade on
+    ``target``: its TLS socket and the answer's head."""
+    raw.setblocking(True)
+    raw.settimeout(20)
+    s = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    s.sendall(upgrade_request(target))
+    head = b""
+    while not head.endswith(b"\r\n\r\n") and (byte := s.recv(1)):
+        head += byte
+    return s, head

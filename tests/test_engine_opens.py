@@ -39,6 +39,7 @@ from .helpers import (
     tls_files,
     token_gateway,
     until,
+    upgrade_over_tls,
     upgrade_request,
 )
 
@@ -457,12 +458,9 @@ async def test_a_burst_of_tls_clients_that_fills_max_connections_all_open(
             await until(lambda: _pending(gw, n), within=10, what=f"all {n} pending")
 
             def upgrade(raw: socket.socket) -> bytes:
-                with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-                    s.sendall(upgrade_request("/ws/generic/bot.test"))
-                    head = b""
-                    while not head.endswith(b"\r\n\r\n") and (byte := s.recv(1)):
-                        head += byte
-                    return head
+                s, head = upgrade_over_tls(raw, context, "/ws/generic/bot.test")
+                s.close()
+                return head
 
             async with anyio.create_task_group() as tg:
                 heads: list[bytes] = []

@@ -28,6 +28,7 @@ from .helpers import (
     tls_files,
     token_gateway,
     until,
+    upgrade_over_tls,
     upgrade_request,
     upgraded,
 )
@@ -227,18 +228,6 @@ async def test_honest_tls_clients_at_a_gateway_full_of_sessions_wait_their_turn(
         finally:
             for s in held + [c for c, _ in clients] + raws:
                 s.close()
-
-
-def upgrade_over_tls(raw: socket.socket, context: ssl.SSLContext) -> tuple[ssl.SSLSocket, bytes]:
-    """A wss:// client on ``raw`` (connected): its TLS socket and its upgrade's answer head."""
-    raw.setblocking(True)
-    raw.settimeout(20)
-    s = context.wrap_socket(raw, server_hostname="127.0.0.1")
-    s.sendall(upgrade_request("/ws/generic/echo.test"))
-    head = b""
-    while not head.endswith(b"\r\n\r\n") and (byte := s.recv(1)):
-        head += byte
-    return s, head
 
 
 async def upgraded_over_tls(port: int, context: ssl.SSLContext) -> ssl.SSLSocket:
