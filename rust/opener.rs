@@ -67,10 +67,10 @@ struct Waited {
 /// "Session opens, round 10"; 5,000 lost 3,000 while the young were evicted past twice the
 /// limit, round 11). A real client's request follows its connect within a round trip (a TLS
 /// handshake's few); a slow or idle connection (slowloris) outlives this and is evicted as
-/// newcomers come. Whatever its age, the oldest gives way when the gateway holds all it may
-/// (`max_connections`) and a connection waits in the backlog (`accepting.rs`, one per
-/// newcomer), so idle connections can never lock the gateway. Python's own waits keep the same
-/// rule (`admission.EVICT_AFTER`).
+/// newcomers come. When the gateway holds all it may (`max_connections`) and a connection
+/// waits in the backlog, the oldest gives way too once it has waited this long (`accepting.rs`,
+/// `listener.py` `_try_room`: one per newcomer), so idle connections hold a full gateway this
+/// long at most. Python's own waits keep the same rule (`admission.EVICT_AFTER`).
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
 impl Waited {

@@ -57,11 +57,7 @@ EVICT_AFTER = 1.0
 class PendingReads:
     """The connections reading their request, at most ``limit`` at once."""
 
-    def __init__(
-        self,
-        limit: int,
-        clock: Callable[[], float] = anyio.current_time,
-    ) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float] = anyio.current_time) -> None:
         self.limit = limit
         #: Ages a reading connection (the event loop's clock; tests give their own).
         self._clock = clock

@@ -2,7 +2,7 @@
 
 :class:`Listener` accepts in batches, holds at most ``max_connections`` (past it, new ones wait
 in the kernel's backlog, each that comes meanwhile making the oldest connection still sending
-its request give way: :meth:`~wsgate.admission.PendingReads.make_room`), puts TLS on each new
+its request give way once it has had its second: :meth:`Listener._try_room`), puts TLS on each new
 connection when the gateway has a certificate, runs it through
 :meth:`~wsgate.connection.Connections.handle`, and counts it until it is over: a refused request
 at once, an in-process session when its bot is done (its task supervises it), a relayed session
@@ -14,11 +14,11 @@ with one relay thread a session the engine opens starts where it was accepted): 
 connection (its TLS handshake too) at once or later on that thread, and opens by itself the
 sessions :mod:`wsgate.fastpath` lets it; the others come here as news, with the bytes read (and
 their TLS). The engine counts what it accepted against ``max_connections`` (past it, new ones
-wait in the backlog and make room as here: a :class:`~wsgate._core.Crowded` says how long the
-engine's oldest reader has waited, and the older of it and ours gives way) from the accept to
-the end: of its session, of the answer of one it could not open, or of the request served here
-(:meth:`Listener.news`); :meth:`Listener._closed` tells it of all but the sessions the engine
-opened, which give their connection back themselves.
+wait in the backlog and make room as here: a :class:`~wsgate._core.Crowded` says one waits,
+and the oldest reader, the engine's or ours, gives way once it has had its second) from the
+accept to the end: of its session, of the answer of one it could not open, or of the request
+served here (:meth:`Listener.news`); :meth:`Listener._closed` tells it of all but the sessions
+the engine opened, which give their connection back themselves.
 """
 
 from __future__ import annotations
@@ -218,8 +218,8 @@ class Listener:
         """A session the engine could not open, or a connection it accepted and did not open:
         counted since its accept; one not opened until it is answered, one handed until its
         request is served (one it opened is counted until its end, and the engine gives that
-        back itself). Or its accepts failed, or its replay store's calls for a session it
-        opened."""
+        back itself). Or its accepts failed, or it is full with a connection waiting (room is
+        made: :meth:`_try_room`), or its replay store's calls for a session it opened."""
         if isinstance(news, _core.Crowded):
             engine, ends = self.engine, news.ends
             assert engine is not None  # only the engine says so
